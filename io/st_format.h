@@ -1,0 +1,108 @@
+/* The safetensors format: dtypes, tensor entries, header parsing and
+ * validation (as strict as huggingface/safetensors), and opening a file.
+ *
+ * File layout: 8-byte little-endian header length N; N bytes of UTF-8 JSON
+ * (an object: "__metadata__" -> {string: string} or null, and one entry per
+ * tensor {"dtype", "shape", "data_offsets": [begin, end]}); then the data
+ * section, whose offsets are relative to byte 8 + N. */
+#ifndef MS_ST_FORMAT_H
+#define MS_ST_FORMAT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io/ms_error.h"
+
+#define ST_MAX_HEADER_BYTES 100000000ull /* the reference implementation's cap */
+#define ST_MAX_DIMS 16                   /* deeper tensors are rejected (none exist in practice) */
+
+typedef enum st_dtype {
+    ST_BOOL,
+    ST_F4,      /* 4 bits, fp4 e2m1 */
+    ST_F6_E2M3, /* 6 bits */
+    ST_F6_E3M2, /* 6 bits */
+    ST_U8,
+    ST_I8,
+    ST_F8_E5M2,
+    ST_F8_E4M3,
+    ST_F8_E8M0,
+    ST_I16,
+    ST_U16,
+    ST_F16,
+    ST_BF16,
+    ST_I32,
+    ST_U32,
+    ST_F32,
+    ST_F64,
+    ST_I64,
+    ST_U64,
+    ST_C64,
+    ST_DTYPE_COUNT
+} st_dtype;
+
+/* "BF16" etc. as written in headers; NULL for an out-of-range value. */
+const char *st_dtype_name(st_dtype dtype);
+/* Parses a header dtype name; returns false for an unknown one. */
+bool st_dtype_parse(const char *name, st_dtype *out);
+/* Bits per element (1 for... no: BOOL is 8; F4 is 4; F6_* are 6). */
+unsigned st_dtype_bits(st_dtype dtype);
+/* True for F16, BF16, F32: the dtypes the merge kernels read and write. */
+bool st_dtype_is_mergeable_float(st_dtype dtype);
+
+typedef struct st_tensor {
+    char *name;                 /* owned by the header */
+    st_dtype dtype;
+    unsigned ndim;              /* 0 for a scalar */
+    uint64_t shape[ST_MAX_DIMS];
+    uint64_t numel;             /* product of shape (1 for a scalar), overflow-checked */
+    uint64_t begin, end;        /* data_offsets, relative to the data section */
+} st_tensor;
+
+typedef struct st_header {
+    st_tensor *tensors;  /* sorted by begin offset: the on-disk order */
+    size_t n_tensors;
+    char **meta_keys;    /* __metadata__ entries in header order; may be empty */
+    char **meta_values;
+    size_t n_meta;
+    uint64_t header_len; /* N */
+    uint64_t data_len;   /* bytes of the data section (= last tensor's end) */
+} st_header;
+
+/* Parses and validates the N header bytes `json` (not NUL-terminated) of a
+ * file whose total size is file_size (pass UINT64_MAX to skip the
+ * end-of-file rule, e.g. when fuzzing). `where` names the file in errors.
+ * On success fills *out (free with st_header_free) and returns 0; on failure
+ * returns -1 with err set to exit code MS_EXIT_DATA and a message naming the
+ * violated rule; *out is left empty. Never reads outside json[0..len). */
+int st_header_parse(const char *json, size_t len, uint64_t file_size, const char *where,
+                    st_header *out, ms_error *err);
+void st_header_free(st_header *h);
+
+/* Index of the tensor called name in h->tensors, or -1. O(log n) after the
+ * first call (builds a sorted index lazily; not thread-safe on first use, so
+ * st_file_open builds it). */
+long st_header_find(const st_header *h, const char *name);
+
+/* An open, validated safetensors file. */
+typedef struct st_file {
+    char *path;
+    int fd;              /* O_RDONLY, owned */
+    uint64_t file_size;
+    uint64_t data_start; /* 8 + header_len: absolute offset of the data section */
+    st_header header;
+} st_file;
+
+/* Opens and validates path (reads only the header). Returns 0 and *out on
+ * success (close with st_file_close); -1 with err set (MS_EXIT_DATA for an
+ * invalid file, MS_EXIT_RUNTIME for an I/O error) on failure. */
+int st_file_open(const char *path, st_file **out, ms_error *err);
+void st_file_close(st_file *f);
+
+/* Absolute file offset of a tensor's first byte. */
+static inline uint64_t st_file_tensor_offset(const st_file *f, const st_tensor *t)
+{
+    return f->data_start + t->begin;
+}
+
+#endif

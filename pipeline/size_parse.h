@@ -1,0 +1,11 @@
+/* Size arguments: "512M", "4G" (powers of 1024), "5GB" (powers of 1000), "123". */
+#ifndef MS_SIZE_PARSE_H
+#define MS_SIZE_PARSE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Returns 0 and *out, -EINVAL for a malformed size, -ERANGE on overflow. */
+int ms_size_parse(const char *text, uint64_t *out);
+
+#endif
