@@ -1,0 +1,178 @@
+#include "pipeline/method_table.h"
+
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#define P(id) (1u << (id))
+
+/* Parameters every task-vector method takes (mergekit's generalized task
+ * arithmetic: weight per model; int8_mask, normalize, rescale, lambda global). */
+#define TV_PARAMS                                                              \
+    (P(MS_PARAM_WEIGHT) | P(MS_PARAM_LAMBDA) | P(MS_PARAM_NORMALIZE) |         \
+     P(MS_PARAM_RESCALE) | P(MS_PARAM_INT8_MASK))
+
+/* Indexed by ms_method; the defaults (normalize, rescale) are DESIGN.md's. */
+static const ms_method_info k_methods[MS_METHOD_COUNT] = {
+    [MS_METHOD_LINEAR] = {MS_METHOD_LINEAR, "linear", MS_SPARSIFY_NONE, false, false, true, false,
+                          P(MS_PARAM_WEIGHT) | P(MS_PARAM_NORMALIZE)},
+    [MS_METHOD_TASK_ARITHMETIC] = {MS_METHOD_TASK_ARITHMETIC, "task_arithmetic", MS_SPARSIFY_NONE,
+                                   false, true, false, false, TV_PARAMS},
+    [MS_METHOD_TIES] = {MS_METHOD_TIES, "ties", MS_SPARSIFY_MAGNITUDE, true, true, true, false,
+                        TV_PARAMS | P(MS_PARAM_DENSITY)},
+    [MS_METHOD_DARE_TIES] = {MS_METHOD_DARE_TIES, "dare_ties", MS_SPARSIFY_RANDOM, true, true,
+                             false, true, TV_PARAMS | P(MS_PARAM_DENSITY)},
+    [MS_METHOD_DARE_LINEAR] = {MS_METHOD_DARE_LINEAR, "dare_linear", MS_SPARSIFY_RANDOM, false,
+                               true, false, true, TV_PARAMS | P(MS_PARAM_DENSITY)},
+    [MS_METHOD_BREADCRUMBS] = {MS_METHOD_BREADCRUMBS, "breadcrumbs",
+                               MS_SPARSIFY_MAGNITUDE_OUTLIERS, false, true, false, false,
+                               TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA)},
+    [MS_METHOD_BREADCRUMBS_TIES] = {MS_METHOD_BREADCRUMBS_TIES, "breadcrumbs_ties",
+                                    MS_SPARSIFY_MAGNITUDE_OUTLIERS, true, true, false, false,
+                                    TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA)},
+    [MS_METHOD_DELLA] = {MS_METHOD_DELLA, "della", MS_SPARSIFY_DELLA_MAGPRUNE, true, true, true,
+                         true, TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON)},
+    [MS_METHOD_DELLA_LINEAR] = {MS_METHOD_DELLA_LINEAR, "della_linear",
+                                MS_SPARSIFY_DELLA_MAGPRUNE, false, true, false, true,
+                                TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON)},
+};
+
+/* Methods mergekit has (and the Hessian-aware ones on our own roadmap) that
+ * are not implemented yet: naming one is "not supported yet", not "unknown". */
+static const char *const k_unsupported[] = {
+    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "passthrough",
+    "nearswap", "sce", "arcee_fusion", "ram", "core_space",
+    "ties_sparsegpt", "dare_sparsegpt", "regmean",
+};
+
+/* Indexed by ms_param_id. */
+static const ms_param_info k_params[MS_PARAM_COUNT] = {
+    [MS_PARAM_WEIGHT] = {MS_PARAM_WEIGHT, "weight", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_MODEL,
+                         -FLT_MAX, FLT_MAX, false, false, "[-FLT_MAX, FLT_MAX]"},
+    [MS_PARAM_DENSITY] = {MS_PARAM_DENSITY, "density", MS_PARAM_TYPE_NUMBER,
+                          MS_PARAM_SCOPE_MODEL, 0.0, 1.0, true, false, "(0, 1]"},
+    [MS_PARAM_GAMMA] = {MS_PARAM_GAMMA, "gamma", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_MODEL, 0.0,
+                        1.0, false, true, "[0, 1)"},
+    [MS_PARAM_EPSILON] = {MS_PARAM_EPSILON, "epsilon", MS_PARAM_TYPE_NUMBER,
+                          MS_PARAM_SCOPE_MODEL, 0.0, 1.0, false, true, "[0, 1)"},
+    [MS_PARAM_LAMBDA] = {MS_PARAM_LAMBDA, "lambda", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL,
+                         -FLT_MAX, FLT_MAX, false, false, "[-FLT_MAX, FLT_MAX]"},
+    [MS_PARAM_NORMALIZE] = {MS_PARAM_NORMALIZE, "normalize", MS_PARAM_TYPE_BOOL,
+                            MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+    [MS_PARAM_RESCALE] = {MS_PARAM_RESCALE, "rescale", MS_PARAM_TYPE_BOOL, MS_PARAM_SCOPE_GLOBAL,
+                          0.0, 1.0, false, false, NULL},
+    [MS_PARAM_INT8_MASK] = {MS_PARAM_INT8_MASK, "int8_mask", MS_PARAM_TYPE_BOOL,
+                            MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+};
+
+const ms_method_info *ms_method_info_get(ms_method m)
+{
+    if ((unsigned)m >= MS_METHOD_COUNT)
+        return NULL;
+    return &k_methods[m];
+}
+
+const char *ms_method_name(ms_method m)
+{
+    const ms_method_info *mi = ms_method_info_get(m);
+    return mi ? mi->name : "unknown";
+}
+
+ms_method_lookup_result ms_method_lookup(const char *name, ms_method *out)
+{
+    if (!name)
+        return MS_METHOD_UNKNOWN;
+    for (unsigned i = 0; i < MS_METHOD_COUNT; i++) {
+        if (strcmp(name, k_methods[i].name) == 0) {
+            *out = k_methods[i].method;
+            return MS_METHOD_FOUND;
+        }
+    }
+    for (size_t i = 0; i < sizeof k_unsupported / sizeof k_unsupported[0]; i++)
+        if (strcmp(name, k_unsupported[i]) == 0)
+            return MS_METHOD_UNSUPPORTED;
+    return MS_METHOD_UNKNOWN;
+}
+
+const char *ms_method_names(void)
+{
+    return "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
+           "breadcrumbs_ties, della, della_linear";
+}
+
+bool ms_method_takes(ms_method m, ms_param_id p)
+{
+    const ms_method_info *mi = ms_method_info_get(m);
+    if (!mi || (unsigned)p >= MS_PARAM_COUNT)
+        return false;
+    return (mi->params & P(p)) != 0;
+}
+
+bool ms_method_param_default(ms_method m, ms_param_id p, double *out)
+{
+    if (!ms_method_takes(m, p))
+        return false;
+    const ms_method_info *mi = ms_method_info_get(m);
+    switch (p) {
+    case MS_PARAM_WEIGHT:
+        return false; /* required */
+    case MS_PARAM_DENSITY:
+        *out = 1.0;
+        return true;
+    case MS_PARAM_GAMMA:
+        *out = 0.01;
+        return true;
+    case MS_PARAM_EPSILON:
+        *out = 0.15;
+        return true;
+    case MS_PARAM_LAMBDA:
+        *out = 1.0;
+        return true;
+    case MS_PARAM_NORMALIZE:
+        *out = mi->default_normalize ? 1.0 : 0.0;
+        return true;
+    case MS_PARAM_RESCALE:
+        *out = mi->default_rescale ? 1.0 : 0.0;
+        return true;
+    case MS_PARAM_INT8_MASK:
+        *out = 0.0;
+        return true;
+    case MS_PARAM_COUNT:
+        break;
+    }
+    return false;
+}
+
+const ms_param_info *ms_param_info_get(ms_param_id p)
+{
+    if ((unsigned)p >= MS_PARAM_COUNT)
+        return NULL;
+    return &k_params[p];
+}
+
+bool ms_param_lookup(const char *name, ms_param_id *out)
+{
+    if (!name)
+        return false;
+    for (unsigned i = 0; i < MS_PARAM_COUNT; i++) {
+        if (strcmp(name, k_params[i].name) == 0) {
+            *out = k_params[i].id;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool ms_param_in_range(const ms_param_info *p, double v)
+{
+    if (!isfinite(v))
+        return false;
+    if (p->type == MS_PARAM_TYPE_BOOL)
+        return true;
+    if (p->lo_open ? !(v > p->lo) : !(v >= p->lo))
+        return false;
+    if (p->hi_open ? !(v < p->hi) : !(v <= p->hi))
+        return false;
+    return true;
+}

@@ -1,0 +1,1027 @@
+/* Recipe loading: read the file, build a libyaml document, walk it against
+ * the schema in recipe.h and the method table, resolve model paths.
+ * Per-tensor resolution lives in recipe_params.c. */
+#include "pipeline/recipe.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <yaml.h>
+
+#define RECIPE_MAX_BYTES (16u << 20) /* recipes are a few hundred bytes; refuse anything absurd */
+
+typedef struct recipe_parser {
+    const char *path;     /* the recipe, for messages */
+    char *dir;            /* owned: the recipe's folder; NULL when it has none (relative paths stay as written) */
+    yaml_document_t *doc;
+    ms_recipe *r;
+    ms_error *err;
+} recipe_parser;
+
+/* ------------------------------------------------------------------------ */
+/* Messages and node helpers                                                 */
+
+static int rp_fail(const recipe_parser *p, unsigned line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int rp_fail(const recipe_parser *p, unsigned line, const char *fmt, ...)
+{
+    char where[512];
+    char msg[1024];
+    snprintf(where, sizeof where, "%s:%u", p->path, line ? line : 1);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return ms_error_set(p->err, MS_EXIT_USAGE, where, "%s", msg);
+}
+
+static int rp_nomem(const recipe_parser *p)
+{
+    return ms_error_errno(p->err, MS_EXIT_RUNTIME, ENOMEM, p->path, "loading the recipe");
+}
+
+static unsigned node_line(const yaml_node_t *n) { return (unsigned)n->start_mark.line + 1; }
+
+static yaml_node_t *rp_node(const recipe_parser *p, int index)
+{
+    yaml_node_t *n = yaml_document_get_node(p->doc, index);
+    MS_ASSERT(n);
+    return n;
+}
+
+static const char *scalar_text(const yaml_node_t *n) { return (const char *)n->data.scalar.value; }
+
+/* A plain empty, "~" or "null" scalar: YAML's null. */
+static bool node_is_null(const yaml_node_t *n)
+{
+    if (n->type != YAML_SCALAR_NODE || n->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+        return false;
+    const char *s = scalar_text(n);
+    return !*s || strcmp(s, "~") == 0 || strcmp(s, "null") == 0 || strcmp(s, "Null") == 0 ||
+           strcmp(s, "NULL") == 0;
+}
+
+/* A non-null scalar without embedded NUL bytes: *out points into the document. */
+static int rp_string(const recipe_parser *p, const yaml_node_t *n, const char *what,
+                     const char **out)
+{
+    if (n->type != YAML_SCALAR_NODE)
+        return rp_fail(p, node_line(n), "%s must be a string", what);
+    if (node_is_null(n))
+        return rp_fail(p, node_line(n), "%s has no value", what);
+    if (strlen(scalar_text(n)) != n->data.scalar.length)
+        return rp_fail(p, node_line(n), "%s contains a NUL byte", what);
+    *out = scalar_text(n);
+    return 0;
+}
+
+/* Decimal numbers as YAML and Python's float() write them: [+-]digits[.digits][e[+-]digits]
+ * or [+-].digits[...]. No hex, no inf/nan, no underscores. */
+static bool text_is_decimal(const char *s)
+{
+    if (*s == '+' || *s == '-')
+        s++;
+    size_t digits = 0;
+    while (isdigit((unsigned char)*s)) {
+        s++;
+        digits++;
+    }
+    if (*s == '.') {
+        s++;
+        while (isdigit((unsigned char)*s)) {
+            s++;
+            digits++;
+        }
+    }
+    if (digits == 0)
+        return false;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-')
+            s++;
+        if (!isdigit((unsigned char)*s))
+            return false;
+        while (isdigit((unsigned char)*s))
+            s++;
+    }
+    return *s == '\0';
+}
+
+/* PyYAML's (YAML 1.1) booleans. */
+static bool text_bool(const char *s, bool *out)
+{
+    static const char *const k_true[] = {"true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"};
+    static const char *const k_false[] = {"false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"};
+    for (size_t i = 0; i < sizeof k_true / sizeof k_true[0]; i++) {
+        if (strcmp(s, k_true[i]) == 0) {
+            *out = true;
+            return true;
+        }
+        if (strcmp(s, k_false[i]) == 0) {
+            *out = false;
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool path_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Same file or directory (after symlinks), else the same string. */
+static bool same_path(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (stat(a, &sa) != 0 || stat(b, &sb) != 0)
+        return strcmp(a, b) == 0;
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+static bool same_model(const char *path_a, const char *adapter_a, const char *path_b,
+                       const char *adapter_b)
+{
+    if ((adapter_a == NULL) != (adapter_b == NULL))
+        return false;
+    return same_path(path_a, path_b) && (!adapter_a || same_path(adapter_a, adapter_b));
+}
+
+/* Exactly one '/', with text on both sides and no leading '.' or '/'. */
+static bool looks_like_hub_id(const char *s)
+{
+    if (s[0] == '.' || s[0] == '/')
+        return false;
+    const char *slash = strchr(s, '/');
+    return slash && slash != s && slash[1] && !strchr(slash + 1, '/');
+}
+
+/* rel joined to the recipe folder (absolute paths unchanged). NULL on ENOMEM. */
+static char *rp_join(const recipe_parser *p, const char *rel)
+{
+    char *out = NULL;
+    if (rel[0] == '/' || !p->dir)
+        return strdup(rel);
+    if (asprintf(&out, "%s/%s", p->dir, rel) < 0)
+        return NULL;
+    return out;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Paths                                                                     */
+
+static int rp_missing(const recipe_parser *p, unsigned line, const char *what, const char *text)
+{
+    if (looks_like_hub_id(text))
+        return rp_fail(p, line,
+                       "%s '%s' is not a local path; mergestream does not download models "
+                       "(hub ids are not supported)",
+                       what, text);
+    return rp_fail(p, line, "%s path '%s' does not exist", what, text);
+}
+
+/* Resolves one path part; *out owned by the caller. */
+static int rp_existing(const recipe_parser *p, unsigned line, const char *what, const char *text,
+                       char **out)
+{
+    *out = NULL;
+    if (!*text)
+        return rp_fail(p, line, "%s is an empty path", what);
+    char *full = rp_join(p, text);
+    if (!full)
+        return rp_nomem(p);
+    if (!path_exists(full)) {
+        free(full);
+        return rp_missing(p, line, what, text);
+    }
+    *out = full;
+    return 0;
+}
+
+/* A model string: "PATH" or "DIR+ADAPTER" (the latter only when the whole
+ * string is not an existing path and has exactly one '+'). what is the key
+ * for messages ("model", "base_model", "tokenizer_source"). On success the
+ * three outputs are owned by the caller (*adapter NULL without an adapter). */
+static int rp_model_path(const recipe_parser *p, const yaml_node_t *n, const char *what,
+                         bool allow_adapter, char **name, char **path, char **adapter)
+{
+    *name = *path = *adapter = NULL;
+    const char *text = NULL;
+    char *base_part = NULL;
+    unsigned line = node_line(n);
+
+    if (n->type == YAML_MAPPING_NODE)
+        return rp_fail(p, line,
+                       "%s must be a path string (mergekit's nested {model: {path: ...}} "
+                       "forms are not supported)",
+                       what);
+    if (n->type != YAML_SCALAR_NODE)
+        return rp_fail(p, line, "%s must be a path string", what);
+    if (rp_string(p, n, what, &text) < 0)
+        return -1;
+    if (!*text)
+        return rp_fail(p, line, "%s is an empty path", what);
+
+    *name = strdup(text);
+    char *whole = rp_join(p, text);
+    if (!*name || !whole) {
+        free(whole);
+        rp_nomem(p);
+        goto fail;
+    }
+    if (path_exists(whole)) {
+        *path = whole;
+        return 0;
+    }
+    free(whole);
+
+    const char *plus = strchr(text, '+');
+    if (!allow_adapter || !plus || strchr(plus + 1, '+')) {
+        rp_missing(p, line, what, text);
+        goto fail;
+    }
+    base_part = strndup(text, (size_t)(plus - text));
+    if (!base_part) {
+        rp_nomem(p);
+        goto fail;
+    }
+    if (!*base_part || !plus[1]) {
+        rp_fail(p, line, "%s '%s': DIR+ADAPTER needs a directory before and an adapter after '+'",
+                what, text);
+        goto fail;
+    }
+    if (rp_existing(p, line, what, base_part, path) < 0)
+        goto fail;
+    {
+        char *full = rp_join(p, plus + 1);
+        if (!full) {
+            rp_nomem(p);
+            goto fail;
+        }
+        if (!path_exists(full)) {
+            free(full);
+            rp_fail(p, line, "adapter path '%s' (in %s '%s') does not exist", plus + 1, what, text);
+            goto fail;
+        }
+        *adapter = full;
+    }
+    free(base_part);
+    return 0;
+
+fail:
+    free(base_part);
+    free(*name);
+    free(*path);
+    free(*adapter);
+    *name = *path = *adapter = NULL;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Parameter values                                                          */
+
+/* One number or bool literal for parameter pi; where names the map ("parameters"). */
+static int rp_literal(const recipe_parser *p, const yaml_node_t *n, const ms_param_info *pi,
+                      const char *where, double *out)
+{
+    unsigned line = node_line(n);
+    if (n->type != YAML_SCALAR_NODE)
+        return rp_fail(p, line, "'%s' in %s: expected %s", pi->name, where,
+                       pi->type == MS_PARAM_TYPE_BOOL ? "true or false" : "a number");
+    if (node_is_null(n))
+        return rp_fail(p, line, "'%s' in %s has no value", pi->name, where);
+    const char *s = scalar_text(n);
+    if (pi->type == MS_PARAM_TYPE_BOOL) {
+        bool b;
+        if (!text_bool(s, &b))
+            return rp_fail(p, line, "'%s' in %s must be true or false, not '%s'", pi->name, where, s);
+        *out = b ? 1.0 : 0.0;
+        return 0;
+    }
+    if (!text_is_decimal(s))
+        return rp_fail(p, line, "'%s' in %s must be a number, not '%s'", pi->name, where, s);
+    double v = strtod(s, NULL);
+    if (!isfinite(v))
+        return rp_fail(p, line, "'%s' in %s must be a finite number, not '%s'", pi->name, where, s);
+    if (!ms_param_in_range(pi, v))
+        return rp_fail(p, line, "'%s' %s in %s is out of range: it must be in %s", pi->name, s,
+                       where, pi->range);
+    *out = v;
+    return 0;
+}
+
+/* A scalar or a gradient (list of numbers) into v (v->points owned by v). */
+static int rp_value(const recipe_parser *p, const yaml_node_t *n, const ms_param_info *pi,
+                    const char *where, ms_recipe_value *v)
+{
+    v->line = node_line(n);
+    if (n->type == YAML_SCALAR_NODE) {
+        v->points = calloc(1, sizeof *v->points);
+        if (!v->points)
+            return rp_nomem(p);
+        v->n_points = 1;
+        v->is_gradient = false;
+        return rp_literal(p, n, pi, where, &v->points[0]);
+    }
+    if (n->type == YAML_MAPPING_NODE)
+        return rp_fail(p, v->line,
+                       "'%s' in %s must be a scalar, a list of numbers (a gradient) or a list "
+                       "of {filter, value} maps",
+                       pi->name, where);
+    if (pi->type == MS_PARAM_TYPE_BOOL)
+        return rp_fail(p, v->line,
+                       "'%s' in %s takes true or false; gradients (lists of numbers) are only "
+                       "for numeric parameters",
+                       pi->name, where);
+    const yaml_node_item_t *items = n->data.sequence.items.start;
+    size_t count = (size_t)(n->data.sequence.items.top - items);
+    if (count == 0)
+        return rp_fail(p, v->line, "'%s' in %s is an empty list", pi->name, where);
+    if (count > UINT32_MAX / 2)
+        return rp_fail(p, v->line, "'%s' in %s: the gradient is too long", pi->name, where);
+    v->points = calloc(count, sizeof *v->points);
+    if (!v->points)
+        return rp_nomem(p);
+    v->n_points = (unsigned)count;
+    v->is_gradient = true;
+    for (size_t i = 0; i < count; i++) {
+        const yaml_node_t *item = rp_node(p, items[i]);
+        if (item->type != YAML_SCALAR_NODE)
+            return rp_fail(p, node_line(item),
+                           "'%s' in %s: a gradient is a list of numbers; a list of "
+                           "{filter, value} maps must contain only such maps",
+                           pi->name, where);
+        if (rp_literal(p, item, pi, where, &v->points[i]) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* One [{filter, value}] entry. */
+static int rp_cond(const recipe_parser *p, const yaml_node_t *n, const ms_param_info *pi,
+                   const char *where, unsigned index, ms_recipe_cond *c)
+{
+    c->line = node_line(n);
+    if (n->type != YAML_MAPPING_NODE)
+        return rp_fail(p, c->line,
+                       "'%s' in %s: entry %u of a filter list must be a {filter, value} map",
+                       pi->name, where, index);
+    const yaml_node_t *value = NULL;
+    unsigned value_line = 0;
+    bool have_filter = false;
+    for (const yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+         pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        const yaml_node_t *v = rp_node(p, pr->value);
+        const char *key = NULL;
+        if (k->type != YAML_SCALAR_NODE)
+            return rp_fail(p, node_line(k), "keys in %s.%s[%u] must be strings", where, pi->name,
+                           index);
+        key = scalar_text(k);
+        if (strcmp(key, "filter") == 0) {
+            if (have_filter)
+                return rp_fail(p, node_line(k), "duplicate key 'filter' in %s.%s[%u]", where,
+                               pi->name, index);
+            have_filter = true;
+            if (node_is_null(v))
+                continue; /* filter: null -> matches every tensor */
+            const char *f = NULL;
+            if (rp_string(p, v, "filter", &f) < 0)
+                return -1;
+            c->filter = strdup(f);
+            if (!c->filter)
+                return rp_nomem(p);
+        } else if (strcmp(key, "value") == 0) {
+            if (value)
+                return rp_fail(p, node_line(k), "duplicate key 'value' in %s.%s[%u]", where,
+                               pi->name, index);
+            value = v;
+            value_line = node_line(k);
+        } else {
+            return rp_fail(p, node_line(k), "unknown key '%s' in %s.%s[%u]", key, where, pi->name,
+                           index);
+        }
+    }
+    if (!value)
+        return rp_fail(p, c->line, "'%s' in %s: entry %u of the filter list has no 'value'",
+                       pi->name, where, index);
+    if (node_is_null(value))
+        return rp_fail(p, value_line, "'%s' in %s: entry %u of the filter list has no value",
+                       pi->name, where, index);
+    if (value->type == YAML_SEQUENCE_NODE && value->data.sequence.items.top >
+                                                 value->data.sequence.items.start) {
+        const yaml_node_t *first = rp_node(p, value->data.sequence.items.start[0]);
+        if (first->type == YAML_MAPPING_NODE)
+            return rp_fail(p, node_line(first),
+                           "'%s' in %s: filter lists do not nest (a value is a scalar or a "
+                           "gradient)",
+                           pi->name, where);
+    }
+    return rp_value(p, value, pi, where, &c->value);
+}
+
+/* A parameter setting: scalar, gradient, or [{filter, value}] list. */
+static int rp_setting(const recipe_parser *p, const yaml_node_t *n, const ms_param_info *pi,
+                      const char *where, ms_recipe_param *out)
+{
+    if (n->type == YAML_SEQUENCE_NODE && n->data.sequence.items.top > n->data.sequence.items.start &&
+        rp_node(p, n->data.sequence.items.start[0])->type == YAML_MAPPING_NODE) {
+        const yaml_node_item_t *items = n->data.sequence.items.start;
+        size_t count = (size_t)(n->data.sequence.items.top - items);
+        if (count > UINT32_MAX / 2)
+            return rp_fail(p, node_line(n), "'%s' in %s: the filter list is too long", pi->name,
+                           where);
+        out->conds = calloc(count, sizeof *out->conds);
+        if (!out->conds)
+            return rp_nomem(p);
+        out->n_conds = (unsigned)count; /* set first: ms_recipe_free walks them all */
+        for (size_t i = 0; i < count; i++)
+            if (rp_cond(p, rp_node(p, items[i]), pi, where, (unsigned)i, &out->conds[i]) < 0)
+                return -1;
+        return 0;
+    }
+    if (n->type == YAML_MAPPING_NODE)
+        return rp_fail(p, node_line(n),
+                       "'%s' in %s must be a scalar, a list of numbers (a gradient) or a list "
+                       "of {filter, value} maps (write a single {filter, value} map as a "
+                       "one-entry list)",
+                       pi->name, where);
+    return rp_value(p, n, pi, where, &out->value);
+}
+
+/* A parameters map at the top level (model_level false) or in a models entry. */
+static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *where,
+                     bool model_level, ms_recipe_param params[MS_PARAM_COUNT])
+{
+    if (node_is_null(n))
+        return 0;
+    if (n->type != YAML_MAPPING_NODE)
+        return rp_fail(p, node_line(n), "%s must be a map of parameter names to values", where);
+    ms_method method = p->r->method;
+    for (const yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+         pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        const yaml_node_t *v = rp_node(p, pr->value);
+        unsigned line = node_line(k);
+        if (k->type != YAML_SCALAR_NODE)
+            return rp_fail(p, line, "keys in %s must be strings", where);
+        const char *key = scalar_text(k);
+        ms_param_id id;
+        if (!ms_param_lookup(key, &id))
+            return rp_fail(p, line, "unknown key '%s' in %s", key, where);
+        const ms_param_info *pi = ms_param_info_get(id);
+        if (params[id].present)
+            return rp_fail(p, line, "duplicate key '%s' in %s", key, where);
+        /* Strict on purpose: mergekit only warns about parameters a method
+         * ignores, and a silently ignored typo'd recipe is a wrong merge. */
+        if (!ms_method_takes(method, id))
+            return rp_fail(p, line, "parameter '%s' in %s is not used by merge_method '%s'", key,
+                           where, ms_method_name(method));
+        if (model_level && pi->scope == MS_PARAM_SCOPE_GLOBAL)
+            return rp_fail(p, line,
+                           "'%s' in %s is a global parameter: set it in the top-level parameters",
+                           key, where);
+        params[id].present = true;
+        params[id].line = line;
+        if (node_is_null(v)) /* an empty value's mark is wherever the next token is: use the key's */
+            return rp_fail(p, line, "'%s' in %s has no value", key, where);
+        if (rp_setting(p, v, pi, where, &params[id]) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static bool params_any(const ms_recipe_param params[MS_PARAM_COUNT])
+{
+    for (unsigned i = 0; i < MS_PARAM_COUNT; i++)
+        if (params[i].present)
+            return true;
+    return false;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Freeing                                                                   */
+
+static void recipe_value_clear(ms_recipe_value *v)
+{
+    free(v->points);
+    v->points = NULL;
+    v->n_points = 0;
+}
+
+static void recipe_params_clear(ms_recipe_param params[MS_PARAM_COUNT])
+{
+    for (unsigned i = 0; i < MS_PARAM_COUNT; i++) {
+        recipe_value_clear(&params[i].value);
+        for (unsigned c = 0; c < params[i].n_conds; c++) {
+            free(params[i].conds[c].filter);
+            recipe_value_clear(&params[i].conds[c].value);
+        }
+        free(params[i].conds);
+        memset(&params[i], 0, sizeof params[i]);
+    }
+}
+
+static void recipe_model_clear(ms_recipe_model *m)
+{
+    free(m->name);
+    free(m->path);
+    free(m->adapter_path);
+    recipe_params_clear(m->params);
+    memset(m, 0, sizeof *m);
+}
+
+void ms_recipe_free(ms_recipe *r)
+{
+    if (!r)
+        return;
+    for (unsigned i = 0; i < r->n_models; i++)
+        recipe_model_clear(&r->models[i]);
+    free(r->models);
+    recipe_params_clear(r->params);
+    free(r->source_path);
+    free(r->text);
+    free(r->base_name);
+    free(r->base_path);
+    free(r->base_adapter_path);
+    free(r->tokenizer_source);
+    free(r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Top-level keys                                                            */
+
+enum recipe_key {
+    KEY_MERGE_METHOD,
+    KEY_BASE_MODEL,
+    KEY_MODELS,
+    KEY_PARAMETERS,
+    KEY_DTYPE,
+    KEY_OUT_DTYPE,
+    KEY_TOKENIZER_SOURCE,
+    KEY_RANDOM_SEED,
+    KEY_NAME,
+    KEY_CHAT_TEMPLATE,
+    KEY_TOKENIZER, /* mergekit keys we refuse, with a reason */
+    KEY_SLICES,
+    KEY_MODULES,
+    KEY_COUNT
+};
+
+static const char *const k_keys[KEY_COUNT] = {
+    [KEY_MERGE_METHOD] = "merge_method", [KEY_BASE_MODEL] = "base_model",
+    [KEY_MODELS] = "models",             [KEY_PARAMETERS] = "parameters",
+    [KEY_DTYPE] = "dtype",               [KEY_OUT_DTYPE] = "out_dtype",
+    [KEY_TOKENIZER_SOURCE] = "tokenizer_source", [KEY_RANDOM_SEED] = "random_seed",
+    [KEY_NAME] = "name",                 [KEY_CHAT_TEMPLATE] = "chat_template",
+    [KEY_TOKENIZER] = "tokenizer",       [KEY_SLICES] = "slices",
+    [KEY_MODULES] = "modules",
+};
+
+static int rp_method(recipe_parser *p, const yaml_node_t *n)
+{
+    const char *name = NULL;
+    if (rp_string(p, n, "merge_method", &name) < 0)
+        return -1;
+    switch (ms_method_lookup(name, &p->r->method)) {
+    case MS_METHOD_FOUND:
+        return 0;
+    case MS_METHOD_UNSUPPORTED:
+        return rp_fail(p, node_line(n), "merge_method '%s' is not supported yet (supported: %s)",
+                       name, ms_method_names());
+    case MS_METHOD_UNKNOWN:
+        break;
+    }
+    return rp_fail(p, node_line(n), "unknown merge_method '%s' (known: %s)", name,
+                   ms_method_names());
+}
+
+static int rp_dtype(const recipe_parser *p, const yaml_node_t *n, const char *key, st_dtype *out)
+{
+    const char *s = NULL;
+    if (rp_string(p, n, key, &s) < 0)
+        return -1;
+    if (strcmp(s, "bfloat16") == 0)
+        *out = ST_BF16;
+    else if (strcmp(s, "float16") == 0)
+        *out = ST_F16;
+    else if (strcmp(s, "float32") == 0)
+        *out = ST_F32;
+    else
+        return rp_fail(p, node_line(n), "%s '%s' is not supported (use bfloat16, float16 or float32)",
+                       key, s);
+    return 0;
+}
+
+static int rp_seed(const recipe_parser *p, const yaml_node_t *n)
+{
+    const char *s = NULL;
+    if (rp_string(p, n, "random_seed", &s) < 0)
+        return -1;
+    const char *d = s[0] == '+' ? s + 1 : s;
+    if (!*d)
+        return rp_fail(p, node_line(n), "random_seed must be a non-negative integer, not '%s'", s);
+    uint64_t v = 0;
+    for (; *d; d++) {
+        if (!isdigit((unsigned char)*d))
+            return rp_fail(p, node_line(n), "random_seed must be a non-negative integer, not '%s'",
+                           s);
+        unsigned digit = (unsigned)(*d - '0');
+        if (v > (UINT64_MAX - digit) / 10)
+            return rp_fail(p, node_line(n), "random_seed '%s' does not fit in 64 bits", s);
+        v = v * 10 + digit;
+    }
+    p->r->random_seed = v;
+    p->r->has_random_seed = true;
+    return 0;
+}
+
+static int rp_tokenizer_source(recipe_parser *p, const yaml_node_t *n)
+{
+    const char *s = NULL;
+    if (n->type == YAML_SCALAR_NODE) {
+        if (rp_string(p, n, "tokenizer_source", &s) < 0)
+            return -1;
+        if (strcmp(s, "base") == 0)
+            return 0;
+        if (strcmp(s, "union") == 0)
+            return rp_fail(p, node_line(n),
+                           "tokenizer_source 'union' is not supported (use base or a model path)");
+    }
+    char *name = NULL, *adapter = NULL;
+    if (rp_model_path(p, n, "tokenizer_source", false, &name, &p->r->tokenizer_source, &adapter) < 0)
+        return -1;
+    free(name);
+    MS_ASSERT(!adapter);
+    return 0;
+}
+
+/* One models[] entry into m (m->index set by the caller). */
+static int rp_model_entry(recipe_parser *p, const yaml_node_t *n, ms_recipe_model *m,
+                          bool *has_params)
+{
+    char where[64];
+    m->line = node_line(n);
+    *has_params = false;
+    if (n->type != YAML_MAPPING_NODE)
+        return rp_fail(p, m->line, "models[%u] must be a map with 'model' and optional 'parameters'",
+                       m->index);
+    const yaml_node_t *model = NULL, *params = NULL;
+    unsigned model_line = 0;
+    for (const yaml_node_pair_t *pr = n->data.mapping.pairs.start; pr < n->data.mapping.pairs.top;
+         pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        if (k->type != YAML_SCALAR_NODE)
+            return rp_fail(p, node_line(k), "keys in models[%u] must be strings", m->index);
+        const char *key = scalar_text(k);
+        const yaml_node_t **slot = NULL;
+        if (strcmp(key, "model") == 0)
+            slot = &model;
+        else if (strcmp(key, "parameters") == 0)
+            slot = &params;
+        else
+            return rp_fail(p, node_line(k), "unknown key '%s' in models[%u]", key, m->index);
+        if (*slot)
+            return rp_fail(p, node_line(k), "duplicate key '%s' in models[%u]", key, m->index);
+        *slot = rp_node(p, pr->value);
+        if (slot == &model)
+            model_line = node_line(k);
+    }
+    if (!model)
+        return rp_fail(p, m->line, "models[%u] has no 'model'", m->index);
+    if (node_is_null(model)) /* an empty value's mark is wherever the next token is */
+        return rp_fail(p, model_line, "model in models[%u] has no value", m->index);
+    if (rp_model_path(p, model, "model", true, &m->name, &m->path, &m->adapter_path) < 0)
+        return -1;
+    if (params) {
+        snprintf(where, sizeof where, "models[%u].parameters", m->index);
+        if (rp_params(p, params, where, true, m->params) < 0)
+            return -1;
+        *has_params = params_any(m->params);
+    }
+    return 0;
+}
+
+/* key_line: the line of the `models` key (a block list's node starts at its first item). */
+static int rp_models(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
+{
+    ms_recipe *r = p->r;
+    const ms_method_info *mi = ms_method_info_get(r->method);
+    if (n->type != YAML_SEQUENCE_NODE)
+        return rp_fail(p, key_line, "models must be a list of {model, parameters} entries");
+    const yaml_node_item_t *items = n->data.sequence.items.start;
+    size_t count = (size_t)(n->data.sequence.items.top - items);
+    if (count == 0)
+        return rp_fail(p, key_line, "models is empty");
+    /* The base may be listed once on top of the MS_MAX_MODELS merged models. */
+    if (count > MS_MAX_MODELS + 1u)
+        return rp_fail(p, key_line, "models lists %zu models; at most %d can be merged", count,
+                       MS_MAX_MODELS);
+    r->models = calloc(count, sizeof *r->models);
+    if (!r->models)
+        return rp_nomem(p);
+
+    for (size_t i = 0; i < count; i++) {
+        const yaml_node_t *item = rp_node(p, items[i]);
+        ms_recipe_model *m = &r->models[r->n_models];
+        m->index = (unsigned)i;
+        r->n_models++; /* counted before filling, so ms_recipe_free sees partial entries */
+        bool has_params = false;
+        if (rp_model_entry(p, item, m, &has_params) < 0)
+            return -1;
+
+        if (mi->needs_base && r->base_path &&
+            same_model(m->path, m->adapter_path, r->base_path, r->base_adapter_path)) {
+            if (r->base_listed)
+                return rp_fail(p, m->line, "model '%s' (the base) is listed twice in models",
+                               m->name);
+            if (has_params)
+                return rp_fail(p, m->line,
+                               "models[%u] ('%s') is the base model: in merge_method '%s' the base "
+                               "takes no parameters (remove them)",
+                               m->index, m->name, ms_method_name(r->method));
+            r->base_listed = true;
+            recipe_model_clear(m);
+            r->n_models--;
+            continue;
+        }
+        for (unsigned j = 0; j + 1 < r->n_models; j++) {
+            const ms_recipe_model *o = &r->models[j];
+            if (same_model(m->path, m->adapter_path, o->path, o->adapter_path))
+                return rp_fail(p, m->line, "model '%s' is listed twice (models[%u] and models[%u])",
+                               m->name, o->index, m->index);
+        }
+    }
+    if (r->n_models == 0)
+        return rp_fail(p, key_line, "models lists no model to merge besides the base");
+    if (r->n_models > MS_MAX_MODELS)
+        return rp_fail(p, key_line, "models lists %u models; at most %d can be merged",
+                       r->n_models, MS_MAX_MODELS);
+    return 0;
+}
+
+/* Walks the root mapping in a fixed order: merge_method first (everything
+ * else is checked against it), the base before models (to spot it there). */
+static int rp_root(recipe_parser *p, const yaml_node_t *root)
+{
+    ms_recipe *r = p->r;
+    const yaml_node_t *nodes[KEY_COUNT] = {0};
+    unsigned lines[KEY_COUNT] = {0};
+
+    if (root->type != YAML_MAPPING_NODE)
+        return rp_fail(p, node_line(root), "the recipe must be a map of keys (merge_method, models, ...)");
+    for (const yaml_node_pair_t *pr = root->data.mapping.pairs.start;
+         pr < root->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        if (k->type != YAML_SCALAR_NODE)
+            return rp_fail(p, node_line(k), "top-level keys must be strings");
+        const char *key = scalar_text(k);
+        unsigned id = 0;
+        while (id < KEY_COUNT && strcmp(key, k_keys[id]) != 0)
+            id++;
+        if (id == KEY_COUNT)
+            return rp_fail(p, node_line(k), "unknown key '%s' at the top level", key);
+        if (nodes[id])
+            return rp_fail(p, node_line(k), "duplicate key '%s' (first at line %u)", key, lines[id]);
+        if (id == KEY_TOKENIZER)
+            return rp_fail(p, node_line(k),
+                           "key 'tokenizer' is not supported: mergestream does not build merged "
+                           "tokenizers (use tokenizer_source: base or a model path)");
+        if (id == KEY_SLICES || id == KEY_MODULES)
+            return rp_fail(p, node_line(k),
+                           "key '%s' is not supported: list whole models under 'models'", key);
+        nodes[id] = rp_node(p, pr->value);
+        lines[id] = node_line(k);
+    }
+
+    if (!nodes[KEY_MERGE_METHOD] || node_is_null(nodes[KEY_MERGE_METHOD]))
+        return rp_fail(p, lines[KEY_MERGE_METHOD] ? lines[KEY_MERGE_METHOD] : node_line(root),
+                       "missing merge_method (one of: %s)", ms_method_names());
+    r->method_line = lines[KEY_MERGE_METHOD];
+    if (rp_method(p, nodes[KEY_MERGE_METHOD]) < 0)
+        return -1;
+    const ms_method_info *mi = ms_method_info_get(r->method);
+
+    if (nodes[KEY_BASE_MODEL] && !node_is_null(nodes[KEY_BASE_MODEL])) {
+        r->base_line = lines[KEY_BASE_MODEL];
+        if (rp_model_path(p, nodes[KEY_BASE_MODEL], "base_model", true, &r->base_name,
+                          &r->base_path, &r->base_adapter_path) < 0)
+            return -1;
+    } else if (mi->needs_base) {
+        return rp_fail(p, r->method_line, "merge_method '%s' needs a base_model", mi->name);
+    }
+
+    if (nodes[KEY_PARAMETERS] &&
+        rp_params(p, nodes[KEY_PARAMETERS], "parameters", false, r->params) < 0)
+        return -1;
+
+    if (!nodes[KEY_MODELS] || node_is_null(nodes[KEY_MODELS]))
+        return rp_fail(p, lines[KEY_MODELS] ? lines[KEY_MODELS] : node_line(root),
+                       "missing models (a list of {model, parameters} entries)");
+    if (rp_models(p, nodes[KEY_MODELS], lines[KEY_MODELS]) < 0)
+        return -1;
+
+    for (unsigned i = 0; i < r->n_models; i++) {
+        const ms_recipe_model *m = &r->models[i];
+        if (!m->params[MS_PARAM_WEIGHT].present && !r->params[MS_PARAM_WEIGHT].present)
+            return rp_fail(p, m->line,
+                           "models[%u] ('%s') has no weight: set 'weight' in its parameters or "
+                           "in the top-level parameters",
+                           m->index, m->name);
+    }
+
+    if (nodes[KEY_DTYPE] && !node_is_null(nodes[KEY_DTYPE])) {
+        if (rp_dtype(p, nodes[KEY_DTYPE], "dtype", &r->dtype) < 0)
+            return -1;
+        r->has_dtype = true;
+    }
+    if (nodes[KEY_OUT_DTYPE] && !node_is_null(nodes[KEY_OUT_DTYPE])) {
+        if (rp_dtype(p, nodes[KEY_OUT_DTYPE], "out_dtype", &r->out_dtype) < 0)
+            return -1;
+        r->has_out_dtype = true;
+    }
+    if (nodes[KEY_TOKENIZER_SOURCE] && !node_is_null(nodes[KEY_TOKENIZER_SOURCE]) &&
+        rp_tokenizer_source(p, nodes[KEY_TOKENIZER_SOURCE]) < 0)
+        return -1;
+    if (nodes[KEY_RANDOM_SEED] && !node_is_null(nodes[KEY_RANDOM_SEED]) &&
+        rp_seed(p, nodes[KEY_RANDOM_SEED]) < 0)
+        return -1;
+    if (nodes[KEY_CHAT_TEMPLATE] && !node_is_null(nodes[KEY_CHAT_TEMPLATE]))
+        ms_log_warn("%s:%u: chat_template is ignored (the tokenizer files are copied from the "
+                    "base or tokenizer_source)",
+                    p->path, lines[KEY_CHAT_TEMPLATE]);
+    /* `name` is accepted and ignored, whatever its value. */
+
+    return ms_recipe_check_constants(r, p->err);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading and YAML                                                          */
+
+static int recipe_read_file(const char *path, char **text, size_t *len, ms_error *err)
+{
+    *text = NULL;
+    *len = 0;
+    char *buf = NULL;
+    size_t cap = 0, n = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot open the recipe");
+    for (;;) {
+        if (n == cap) {
+            if (cap >= RECIPE_MAX_BYTES) {
+                ms_error_set(err, MS_EXIT_USAGE, path, "the recipe is larger than %u bytes",
+                             RECIPE_MAX_BYTES);
+                goto fail;
+            }
+            size_t ncap = cap ? cap * 2 : 4096;
+            char *nb = realloc(buf, ncap + 1);
+            if (!nb) {
+                ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "reading the recipe");
+                goto fail;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) {
+            if (ferror(f)) {
+                ms_error_errno(err, MS_EXIT_RUNTIME, errno ? errno : EIO, path,
+                               "cannot read the recipe");
+                goto fail;
+            }
+            break;
+        }
+    }
+    fclose(f);
+    if (!buf && !(buf = malloc(1)))
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "reading the recipe");
+    buf[n] = '\0';
+    *text = buf;
+    *len = n;
+    return 0;
+
+fail:
+    fclose(f);
+    free(buf);
+    return -1;
+}
+
+/* The line of a libyaml failure; reader errors carry a byte offset only. */
+static unsigned yaml_error_line(const yaml_parser_t *yp, const char *text, size_t len)
+{
+    if (yp->error != YAML_READER_ERROR)
+        return (unsigned)yp->problem_mark.line + 1;
+    unsigned line = 1;
+    for (size_t i = 0; i < yp->problem_offset && i < len; i++)
+        if (text[i] == '\n')
+            line++;
+    return line;
+}
+
+static int rp_yaml_error(const recipe_parser *p, const yaml_parser_t *yp, const char *text,
+                         size_t len)
+{
+    if (yp->error == YAML_MEMORY_ERROR)
+        return rp_nomem(p);
+    const char *problem = yp->problem ? yp->problem : "malformed document";
+    unsigned line = yaml_error_line(yp, text, len);
+    if (yp->context)
+        return rp_fail(p, line, "YAML error: %s (%s at line %u)", problem, yp->context,
+                       (unsigned)yp->context_mark.line + 1);
+    return rp_fail(p, line, "YAML error: %s", problem);
+}
+
+static char *recipe_dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return NULL;
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+int ms_recipe_load(const char *path, ms_recipe **out, ms_error *err)
+{
+    *out = NULL;
+    yaml_parser_t yp;
+    yaml_document_t doc, extra;
+    bool parser_ready = false, have_doc = false;
+    recipe_parser p = {.path = path, .err = err};
+
+    ms_recipe *r = calloc(1, sizeof *r);
+    if (!r)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "loading the recipe");
+    p.r = r;
+    r->source_path = strdup(path);
+    if (!r->source_path) {
+        rp_nomem(&p);
+        goto fail;
+    }
+    if (strchr(path, '/')) {
+        p.dir = recipe_dir_of(path);
+        if (!p.dir) {
+            rp_nomem(&p);
+            goto fail;
+        }
+    }
+    if (recipe_read_file(path, &r->text, &r->text_len, err) < 0)
+        goto fail;
+
+    if (!yaml_parser_initialize(&yp)) {
+        rp_nomem(&p);
+        goto fail;
+    }
+    parser_ready = true;
+    yaml_parser_set_input_string(&yp, (const unsigned char *)r->text, r->text_len);
+    /* yaml_parser_load frees the document itself when it fails. */
+    if (!yaml_parser_load(&yp, &doc)) {
+        rp_yaml_error(&p, &yp, r->text, r->text_len);
+        goto fail;
+    }
+    have_doc = true;
+    p.doc = &doc;
+    const yaml_node_t *root = yaml_document_get_root_node(&doc);
+    if (!root) {
+        rp_fail(&p, 1, "the recipe is empty (expected merge_method, models, ...)");
+        goto fail;
+    }
+    if (!yaml_parser_load(&yp, &extra)) {
+        rp_yaml_error(&p, &yp, r->text, r->text_len);
+        goto fail;
+    }
+    bool more = yaml_document_get_root_node(&extra) != NULL;
+    unsigned extra_line = (unsigned)extra.start_mark.line + 1;
+    yaml_document_delete(&extra);
+    if (more) {
+        rp_fail(&p, extra_line, "a recipe is one YAML document; found a second one");
+        goto fail;
+    }
+
+    if (rp_root(&p, root) < 0)
+        goto fail;
+
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&yp);
+    free(p.dir);
+    *out = r;
+    return 0;
+
+fail:
+    if (have_doc)
+        yaml_document_delete(&doc);
+    if (parser_ready)
+        yaml_parser_delete(&yp);
+    free(p.dir);
+    ms_recipe_free(r);
+    return -1;
+}

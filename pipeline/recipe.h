@@ -1,0 +1,186 @@
+/* Merge recipes: mergekit-compatible YAML, parsed with libyaml, validated
+ * against the method table, and resolved per tensor into ms_tensor_params.
+ *
+ * Recipe format (mergekit's, the subset and strictness stated here):
+ *
+ *   merge_method: ties              # required; see ms_method_names()
+ *   base_model: ./models/base       # required except for linear
+ *   models:                         # required, 1..MS_MAX_MODELS merged models
+ *     - model: ./models/ft1
+ *       parameters: {weight: 0.5, density: [0.2, 0.8]}
+ *     - model: ./models/ft2+./adapters/lora   # DIR+ADAPTER: base dir + PEFT adapter
+ *       parameters:
+ *         weight:
+ *           - filter: self_attn
+ *             value: 0.7
+ *           - value: 0.3            # no filter: matches every tensor
+ *   parameters: {normalize: true, lambda: 1.0, density: 0.5}
+ *   dtype: bfloat16                 # bfloat16 | float16 | float32
+ *   out_dtype: float16
+ *   tokenizer_source: base          # "base" or a local model path
+ *   random_seed: 42                 # non-negative integer (Philox key)
+ *   name: ...                       # accepted and ignored
+ *   chat_template: ...              # accepted and ignored, with one warning
+ *
+ * Keys. Unknown keys anywhere (top level, a models entry, a parameters map,
+ * a filter entry) are errors naming the key and its line. Duplicate keys are
+ * errors (PyYAML silently keeps the last one). `tokenizer`, `slices` and
+ * `modules` are mergekit keys mergestream does not support: errors.
+ *
+ * Paths. A model is a plain string (mergekit's nested {model: {path: ...}}
+ * forms are rejected with a clear error), relative to the recipe's folder
+ * unless absolute. "DIR+ADAPTER" (exactly one '+', used only when the whole
+ * string is not itself an existing path) is a base directory with a PEFT
+ * adapter; both parts are resolved relative to the recipe folder. Every path
+ * must exist; a missing one that looks like a hub id (exactly one '/', no
+ * leading '.' or '/') gets "not a local path; ... hub ids are not supported".
+ * A model listed twice is an error.
+ *
+ * The base. For task-vector methods (all but linear) base_model is required;
+ * if it also appears in `models` (mergekit's examples list it, usually
+ * without parameters) that entry is dropped from the merged list, and it must
+ * not carry parameters (mergekit ignores them; we refuse rather than ignore).
+ * For linear the base is optional and takes no part in the sum; listing it in
+ * `models` makes it a regular model of the sum.
+ *
+ * Parameters (which method takes which, defaults, ranges: method_table.h).
+ * Per-model parameters come from models[i].parameters, else from the
+ * top-level parameters, else the method default; weight has no default, so it
+ * must be set for every merged model (at load: an error naming the model and
+ * its line). Global parameters (normalize, rescale, lambda, int8_mask) are
+ * allowed only at the top level. A parameter the method does not use is an
+ * error (mergekit warns and ignores it; we are strict on purpose).
+ *
+ * A parameter value is one of
+ *   - a scalar: a number, or a bool (true/false/yes/no/on/off) for booleans;
+ *   - a gradient, a YAML list of numbers: values evenly spaced over t in
+ *     [0, 1], linearly interpolated (mergekit's formula: s = t * (n - 1),
+ *     i0 = floor(s), i1 = min(n - 1, i0 + 1), v = (1 - f) p[i0] + f p[i1] with
+ *     f = s - i0, in fp64, clamped to [min, max] of the two points so rounding
+ *     never leaves the range); a 1-element list is a constant. Only numeric
+ *     parameters take gradients;
+ *   - a list of {filter, value} maps, tried in order: the first entry whose
+ *     filter is a substring of the tensor name wins; an entry without a filter
+ *     (or filter "*") matches every tensor, so it is the fallback when listed
+ *     last (mergekit's evaluation order). `value` is a scalar or a gradient.
+ *     When nothing matches, the lookup falls through to the next level
+ *     (model -> top level -> default), as in mergekit.
+ * t for a tensor: t = N / (num_hidden_layers - 1) for a name containing
+ * "layers.N." (the first such match, "layers" at the start or after a '.'),
+ * clamped to [0, 1]; t = 0 for tensors outside the layers and when
+ * num_hidden_layers <= 1. (mergekit differs in two corners: it plans the final
+ * norm and lm_head with t = 1, and a single-layer model with t = 1.)
+ *
+ * Ranges. Every number literal is checked when the recipe is loaded (density
+ * (0, 1], gamma [0, 1), epsilon [0, 1), all numbers finite); since gradients
+ * interpolate between in-range points, resolved values stay in range. della
+ * needs density - epsilon > 0 and density + epsilon < 1 (DESIGN.md): checked
+ * at load when both values are constants for a model, else per tensor. With
+ * the default density 1 that rule always fails, so a della recipe must set
+ * a density below 1 - epsilon.
+ *
+ * Errors are "RECIPE:LINE: WHAT" with exit code MS_EXIT_USAGE (LINE is
+ * 1-based), e.g. "r.yml:7: unknown key 'densty' in models[1].parameters";
+ * a recipe that cannot be read is MS_EXIT_RUNTIME. YAML syntax errors are
+ * "RECIPE:LINE: YAML error: <libyaml's problem>". */
+#ifndef MS_RECIPE_H
+#define MS_RECIPE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io/ms_error.h"
+#include "io/st_format.h"
+#include "pipeline/merge_params.h"
+#include "pipeline/method_table.h"
+
+/* A value that does not depend on the tensor name: a scalar or a gradient. */
+typedef struct ms_recipe_value {
+    double *points;     /* owned; n_points >= 1; booleans are 0 or 1 */
+    unsigned n_points;
+    bool is_gradient;   /* written as a YAML list */
+    unsigned line;      /* of the scalar or the list */
+} ms_recipe_value;
+
+/* One {filter, value} entry. */
+typedef struct ms_recipe_cond {
+    char *filter;       /* owned; NULL (no filter) or "*" matches every tensor */
+    ms_recipe_value value;
+    unsigned line;      /* of the entry */
+} ms_recipe_cond;
+
+/* One parameter as written at one level (a model's or the top level). */
+typedef struct ms_recipe_param {
+    bool present;
+    unsigned line;          /* of the key */
+    unsigned n_conds;       /* 0: `value` holds the setting */
+    ms_recipe_value value;
+    ms_recipe_cond *conds;  /* owned; n_conds entries of a [{filter, value}] list */
+} ms_recipe_param;
+
+typedef struct ms_recipe_model {
+    char *name;         /* the model string as written in the recipe */
+    char *path;         /* resolved (recipe folder joined); the base directory or file */
+    char *adapter_path; /* resolved PEFT adapter directory; NULL unless "DIR+ADAPTER" */
+    unsigned index;     /* position in the recipe's models list, 0-based: "models[index]" */
+    unsigned line;      /* of the entry */
+    ms_recipe_param params[MS_PARAM_COUNT]; /* per-model parameters (MS_PARAM_SCOPE_MODEL only) */
+} ms_recipe_model;
+
+typedef struct ms_recipe {
+    char *source_path;      /* the recipe file, as given to ms_recipe_load */
+    char *text;             /* the file's bytes, NUL-terminated (for the manifest) */
+    size_t text_len;
+    ms_method method;
+    unsigned method_line;   /* of the merge_method key */
+    char *base_name;        /* as written; NULL when there is no base_model (linear only) */
+    char *base_path;        /* resolved; NULL when there is no base_model */
+    char *base_adapter_path; /* NULL unless base_model is "DIR+ADAPTER" */
+    unsigned base_line;
+    bool base_listed;       /* task-vector methods: the base appeared in models (and was dropped) */
+    ms_recipe_model *models; /* the merged models: parameter slots 1..n_models, recipe order */
+    unsigned n_models;      /* 1..MS_MAX_MODELS */
+    st_dtype dtype, out_dtype; /* ST_BF16, ST_F16 or ST_F32 */
+    bool has_dtype, has_out_dtype;
+    char *tokenizer_source; /* resolved path; NULL = the base's tokenizer */
+    uint64_t random_seed;
+    bool has_random_seed;
+    ms_recipe_param params[MS_PARAM_COUNT]; /* the top-level parameters */
+} ms_recipe;
+
+/* Reads, parses and validates the recipe at path (model paths must exist;
+ * nothing else about the models is opened). Returns 0 and *out (free with
+ * ms_recipe_free), or -1 with err set: MS_EXIT_RUNTIME when the file cannot
+ * be read, MS_EXIT_USAGE for anything wrong in it ("RECIPE:LINE: ...").
+ * May log one warning (an ignored chat_template); touches no other global
+ * state, so separate recipes may be loaded from separate threads. */
+int ms_recipe_load(const char *path, ms_recipe **out, ms_error *err);
+
+/* Frees r and everything it owns. NULL is a no-op. */
+void ms_recipe_free(ms_recipe *r);
+
+/* Checks the rules that tie parameters together and do not depend on the
+ * tensor: della's density +- epsilon for every model whose density and
+ * epsilon are constants (scalars, one-point gradients or defaults).
+ * ms_recipe_load calls it; values that vary per tensor are checked by
+ * ms_recipe_tensor_params. Returns 0, or -1 with err set (MS_EXIT_USAGE). */
+int ms_recipe_check_constants(const ms_recipe *r, ms_error *err);
+
+/* The gradient position of a tensor, as described above: in [0, 1]. */
+double ms_recipe_tensor_t(const char *tensor_name, unsigned num_hidden_layers);
+
+/* Resolves every recipe parameter for one tensor into *out: method, sparsify,
+ * consensus, normalize, rescale, has_base (false for linear: its kernel never
+ * reads slot 0), n_models, weight/density/gamma/epsilon[1..n] (density 1,
+ * gamma 0, epsilon 0 where the method does not use them) and lambda (1 where
+ * unused). Every other field is zeroed: the caller fills dtypes, sizes and
+ * the Philox key. Returns 0, or -1 with err set (MS_EXIT_USAGE) naming the
+ * recipe, the key's line, the model and the tensor: a value out of range
+ * for this tensor (della's density +- epsilon), or a weight whose filters
+ * match nothing for this tensor with no fallback; *out is then unspecified.
+ * Thread-safe (reads r only); tensor_name must not be NULL. */
+int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
+                            unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err);
+
+#endif

@@ -1,0 +1,1346 @@
+/* Recipes (pipeline/recipe.h, method_table.h): every key, parameter
+ * resolution (scalars, gradients, filters, precedence) against hand-computed
+ * values and a float64 reference on fresh random gradients, per-method
+ * defaults against an independent table, and every error with its exit code,
+ * the key it names and its line.
+ *
+ * Recipes are written into a mkdtemp folder holding empty model directories,
+ * one YAML line per C line below so line numbers can be read off the source. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <float.h>
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pipeline/recipe.h"
+
+#define Y(line) line "\n"
+
+/* ---------------------------------------------------------------- fixtures */
+
+static char g_dir[64];     /* the mkdtemp folder */
+static unsigned g_counter; /* recipe file names */
+static uint64_t g_rng;
+
+static uint64_t rnd(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return g_rng * 0x2545F4914F6CDD1Dull;
+}
+
+static double rnd_unit(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
+
+static void make_dir(const char *rel)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", g_dir, rel);
+    assert_int_equal(mkdir(path, 0755), 0);
+}
+
+static int group_setup(void **state)
+{
+    strcpy(g_dir, "/tmp/ms_recipe_XXXXXX");
+    if (!mkdtemp(g_dir))
+        return -1;
+    make_dir("models");
+    make_dir("models/base");
+    for (int i = 1; i <= 17; i++) {
+        char rel[64];
+        snprintf(rel, sizeof rel, "models/ft%d", i);
+        make_dir(rel);
+    }
+    make_dir("adapters");
+    make_dir("adapters/lora1");
+    make_dir("sub");
+    g_rng = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull | 1;
+    print_message("recipe test folder %s, rng seed %llu\n", g_dir, (unsigned long long)g_rng);
+    return 0;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+static int group_teardown(void **state)
+{
+    return nftw(g_dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Writes text to a fresh recipe file in g_dir (or g_dir/sub when in_sub);
+ * returns its malloc'd path. */
+static char *write_recipe_in(const char *text, bool in_sub)
+{
+    char *path = NULL;
+    assert_true(asprintf(&path, "%s%s/r%u.yml", g_dir, in_sub ? "/sub" : "", g_counter++) > 0);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    assert_int_equal(fwrite(text, 1, strlen(text), f), strlen(text));
+    assert_int_equal(fclose(f), 0);
+    return path;
+}
+
+static char *write_recipe(const char *text) { return write_recipe_in(text, false); }
+
+static ms_recipe *load_ok_at(const char *text, int src_line)
+{
+    char *path = write_recipe(text);
+    ms_recipe *r = NULL;
+    ms_error err = {0};
+    int rc = ms_recipe_load(path, &r, &err);
+    if (rc != 0)
+        fail_msg("test line %d: unexpected error: %s", src_line, err.msg);
+    assert_non_null(r);
+    assert_string_equal(r->source_path, path);
+    free(path);
+    return r;
+}
+#define load_ok(text) load_ok_at(text, __LINE__)
+
+/* The error message starts with "PATH:LINE: " and contains both needles. */
+static void check_error(const ms_error *err, const char *path, int code, unsigned line,
+                        const char *needle1, const char *needle2, int src_line)
+{
+    char prefix[256];
+    snprintf(prefix, sizeof prefix, "%s:%u: ", path, line);
+    if (err->exit_code != code)
+        fail_msg("test line %d: exit code %d, expected %d (%s)", src_line, err->exit_code, code,
+                 err->msg);
+    if (strncmp(err->msg, prefix, strlen(prefix)) != 0)
+        fail_msg("test line %d: message '%s' does not start with '%s'", src_line, err->msg, prefix);
+    if (needle1 && !strstr(err->msg, needle1))
+        fail_msg("test line %d: message '%s' lacks '%s'", src_line, err->msg, needle1);
+    if (needle2 && !strstr(err->msg, needle2))
+        fail_msg("test line %d: message '%s' lacks '%s'", src_line, err->msg, needle2);
+}
+
+static void expect_fail_at(const char *text, unsigned line, const char *needle1,
+                           const char *needle2, int src_line)
+{
+    char *path = write_recipe(text);
+    ms_recipe *r = (ms_recipe *)0x1;
+    ms_error err = {0};
+    int rc = ms_recipe_load(path, &r, &err);
+    if (rc != -1)
+        fail_msg("test line %d: recipe loaded but should fail", src_line);
+    assert_null(r);
+    check_error(&err, path, MS_EXIT_USAGE, line, needle1, needle2, src_line);
+    free(path);
+}
+#define expect_fail(text, line, n1, n2) expect_fail_at(text, line, n1, n2, __LINE__)
+
+static ms_tensor_params params_ok_at(const ms_recipe *r, const char *tensor, unsigned layers,
+                                     int src_line)
+{
+    ms_tensor_params tp;
+    memset(&tp, 0xA5, sizeof tp); /* everything not resolved must come back zeroed */
+    ms_error err = {0};
+    if (ms_recipe_tensor_params(r, tensor, layers, &tp, &err) != 0)
+        fail_msg("test line %d: tensor '%s': %s", src_line, tensor, err.msg);
+    return tp;
+}
+#define params_ok(r, tensor, layers) params_ok_at(r, tensor, layers, __LINE__)
+
+static void expect_tensor_fail_at(const ms_recipe *r, const char *tensor, unsigned layers,
+                                  unsigned line, const char *n1, const char *n2, int src_line)
+{
+    ms_tensor_params tp;
+    ms_error err = {0};
+    if (ms_recipe_tensor_params(r, tensor, layers, &tp, &err) != -1)
+        fail_msg("test line %d: tensor '%s' resolved but should fail", src_line, tensor);
+    check_error(&err, r->source_path, MS_EXIT_USAGE, line, n1, n2, src_line);
+    if (!strstr(err.msg, tensor))
+        fail_msg("test line %d: message '%s' does not name the tensor", src_line, err.msg);
+}
+#define expect_tensor_fail(r, t, layers, line, n1, n2)                                            \
+    expect_tensor_fail_at(r, t, layers, line, n1, n2, __LINE__)
+
+static char *joined(const char *rel)
+{
+    char *p = NULL;
+    assert_true(asprintf(&p, "%s/%s", g_dir, rel) > 0);
+    return p;
+}
+
+static void assert_path(const char *got, const char *rel)
+{
+    char *want = joined(rel);
+    assert_non_null(got);
+    assert_string_equal(got, want);
+    free(want);
+}
+
+static void assert_zero_bytes(const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(b[i], 0);
+}
+
+/* Fields ms_recipe_tensor_params must leave zeroed. */
+static void assert_rest_zero(const ms_tensor_params *tp)
+{
+    assert_zero_bytes(tp->philox_key, sizeof tp->philox_key);
+    assert_zero_bytes(tp->in_dtype, sizeof tp->in_dtype);
+    assert_zero_bytes(&tp->out_dtype, sizeof tp->out_dtype);
+    assert_true(tp->numel == 0 && tp->rows == 0 && tp->cols == 0);
+    assert_zero_bytes(tp->model_rows, sizeof tp->model_rows);
+    for (unsigned i = tp->n_models + 1; i <= MS_MAX_MODELS; i++) {
+        assert_true(tp->weight[i] == 0.0f && tp->density[i] == 0.0);
+        assert_true(tp->gamma[i] == 0.0 && tp->epsilon[i] == 0.0);
+    }
+    assert_true(tp->weight[0] == 0.0f && tp->density[0] == 0.0);
+}
+
+/* ------------------------------------------------------------ every key */
+
+static void test_all_keys(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("name: everything")                          /* 1 */
+        Y("merge_method: ties")                        /* 2 */
+        Y("base_model: ./models/base")                 /* 3 */
+        Y("models:")                                   /* 4 */
+        Y("  - model: ./models/base")                  /* 5 */
+        Y("  - model: ./models/ft1")                   /* 6 */
+        Y("    parameters:")                           /* 7 */
+        Y("      weight: 0.6")                         /* 8 */
+        Y("      density: 0.4")                        /* 9 */
+        Y("  - model: models/ft2")                     /* 10 */
+        Y("parameters:")                               /* 11 */
+        Y("  weight: 0.25")                            /* 12 */
+        Y("  density: 0.7")                            /* 13 */
+        Y("  normalize: false")                        /* 14 */
+        Y("  rescale: yes")                            /* 15 */
+        Y("  lambda: 0.5")                             /* 16 */
+        Y("  int8_mask: true")                         /* 17 */
+        Y("dtype: bfloat16")                           /* 18 */
+        Y("out_dtype: float16")                        /* 19 */
+        Y("tokenizer_source: ./models/ft1")            /* 20 */
+        Y("random_seed: 18446744073709551615")         /* 21 */
+        Y("chat_template: chatml"));                   /* 22 */
+
+    assert_int_equal(r->method, MS_METHOD_TIES);
+    assert_int_equal(r->method_line, 2);
+    assert_string_equal(r->base_name, "./models/base");
+    assert_path(r->base_path, "./models/base");
+    assert_null(r->base_adapter_path);
+    assert_int_equal(r->base_line, 3);
+    assert_true(r->base_listed);
+    assert_int_equal(r->n_models, 2);
+    assert_string_equal(r->models[0].name, "./models/ft1");
+    assert_path(r->models[0].path, "./models/ft1");
+    assert_null(r->models[0].adapter_path);
+    assert_int_equal(r->models[0].index, 1);
+    assert_int_equal(r->models[0].line, 6);
+    assert_string_equal(r->models[1].name, "models/ft2");
+    assert_path(r->models[1].path, "models/ft2");
+    assert_int_equal(r->models[1].index, 2);
+    assert_int_equal(r->models[1].line, 10);
+    assert_true(r->models[0].params[MS_PARAM_WEIGHT].present);
+    assert_int_equal(r->models[0].params[MS_PARAM_WEIGHT].line, 8);
+    assert_false(r->models[1].params[MS_PARAM_WEIGHT].present);
+    assert_true(r->has_dtype && r->dtype == ST_BF16);
+    assert_true(r->has_out_dtype && r->out_dtype == ST_F16);
+    assert_path(r->tokenizer_source, "./models/ft1");
+    assert_true(r->has_random_seed);
+    assert_true(r->random_seed == UINT64_MAX);
+    assert_non_null(strstr(r->text, "chat_template: chatml"));
+    assert_int_equal(r->text_len, strlen(r->text));
+
+    ms_tensor_params tp = params_ok(r, "model.layers.0.mlp.up_proj.weight", 4);
+    assert_int_equal(tp.method, MS_METHOD_TIES);
+    assert_int_equal(tp.sparsify, MS_SPARSIFY_MAGNITUDE);
+    assert_true(tp.consensus);
+    assert_false(tp.normalize);
+    assert_true(tp.rescale);
+    assert_true(tp.has_base);
+    assert_int_equal(tp.n_models, 2);
+    assert_true(tp.weight[1] == 0.6f && tp.weight[2] == 0.25f);
+    assert_true(tp.density[1] == 0.4 && tp.density[2] == 0.7);
+    assert_true(tp.gamma[1] == 0.0 && tp.epsilon[1] == 0.0);
+    assert_true(tp.lambda == 0.5f);
+    assert_rest_zero(&tp);
+    ms_recipe_free(r);
+}
+
+static void test_optional_keys_absent(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: task_arithmetic")
+        Y("base_model: models/base")
+        Y("dtype:")
+        Y("tokenizer_source: base")
+        Y("models:")
+        Y("  - model: models/ft1")
+        Y("    parameters: {weight: 1.0}")
+        Y("  - model: models/ft2")
+        Y("    parameters:")
+        Y("      weight: -0.5"));
+    assert_false(r->has_dtype);
+    assert_false(r->has_out_dtype);
+    assert_null(r->tokenizer_source);
+    assert_false(r->has_random_seed);
+    assert_false(r->base_listed);
+    ms_tensor_params tp = params_ok(r, "lm_head.weight", 32);
+    assert_true(tp.weight[1] == 1.0f && tp.weight[2] == -0.5f);
+    assert_true(tp.lambda == 1.0f);
+    ms_recipe_free(r);
+
+    /* out_dtype float32 and dtype float32 */
+    r = load_ok(Y("merge_method: linear")
+                Y("dtype: float32")
+                Y("out_dtype: float32")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}"));
+    assert_true(r->dtype == ST_F32 && r->out_dtype == ST_F32);
+    assert_null(r->base_path);
+    assert_null(r->base_name);
+    ms_recipe_free(r);
+}
+
+/* Paths are relative to the recipe's folder, not the working directory. */
+static void test_paths_relative_to_recipe(void **state)
+{
+    char *path = write_recipe_in(Y("merge_method: linear")
+                                 Y("base_model: ../models/base")
+                                 Y("models:")
+                                 Y("  - model: ../models/ft1+../adapters/lora1")
+                                 Y("    parameters: {weight: 1}"),
+                                 true);
+    ms_recipe *r = NULL;
+    ms_error err = {0};
+    assert_int_equal(ms_recipe_load(path, &r, &err), 0);
+    assert_path(r->base_path, "sub/../models/base");
+    assert_path(r->models[0].path, "sub/../models/ft1");
+    assert_path(r->models[0].adapter_path, "sub/../adapters/lora1");
+    assert_string_equal(r->models[0].name, "../models/ft1+../adapters/lora1");
+    ms_recipe_free(r);
+    free(path);
+
+    /* absolute paths stay as written; DIR+ADAPTER on the base too */
+    char *abs_ft = joined("models/ft3");
+    char *text = NULL;
+    assert_true(asprintf(&text,
+                         Y("merge_method: dare_linear")
+                         Y("base_model: models/base+adapters/lora1")
+                         Y("models:")
+                         Y("  - model: %s")
+                         Y("    parameters: {weight: 1, density: 0.5}"),
+                         abs_ft) > 0);
+    r = load_ok(text);
+    assert_string_equal(r->models[0].path, abs_ft);
+    assert_path(r->base_path, "models/base");
+    assert_path(r->base_adapter_path, "adapters/lora1");
+    ms_recipe_free(r);
+    free(text);
+    free(abs_ft);
+}
+
+/* ------------------------------------------------------- method defaults */
+
+/* An independent copy of DESIGN.md's table, so a wrong method table fails. */
+static const struct {
+    const char *name;
+    ms_method method;
+    ms_sparsify sparsify;
+    bool consensus, normalize, rescale, has_base;
+    bool density, gamma, epsilon, lambda;
+} k_expect[] = {
+    {"linear", MS_METHOD_LINEAR, MS_SPARSIFY_NONE, false, true, false, false, false, false, false, false},
+    {"task_arithmetic", MS_METHOD_TASK_ARITHMETIC, MS_SPARSIFY_NONE, false, false, false, true, false, false, false, true},
+    {"ties", MS_METHOD_TIES, MS_SPARSIFY_MAGNITUDE, true, true, false, true, true, false, false, true},
+    {"dare_ties", MS_METHOD_DARE_TIES, MS_SPARSIFY_RANDOM, true, false, true, true, true, false, false, true},
+    {"dare_linear", MS_METHOD_DARE_LINEAR, MS_SPARSIFY_RANDOM, false, false, true, true, true, false, false, true},
+    {"breadcrumbs", MS_METHOD_BREADCRUMBS, MS_SPARSIFY_MAGNITUDE_OUTLIERS, false, false, false, true, true, true, false, true},
+    {"breadcrumbs_ties", MS_METHOD_BREADCRUMBS_TIES, MS_SPARSIFY_MAGNITUDE_OUTLIERS, true, false, false, true, true, true, false, true},
+    {"della", MS_METHOD_DELLA, MS_SPARSIFY_DELLA_MAGPRUNE, true, true, true, true, true, false, true, true},
+    {"della_linear", MS_METHOD_DELLA_LINEAR, MS_SPARSIFY_DELLA_MAGPRUNE, false, false, true, true, true, false, true, true},
+};
+
+static void test_method_defaults(void **state)
+{
+    assert_int_equal(sizeof k_expect / sizeof k_expect[0], MS_METHOD_COUNT);
+    for (size_t i = 0; i < sizeof k_expect / sizeof k_expect[0]; i++) {
+        char *text = NULL;
+        bool della = k_expect[i].epsilon;
+        assert_true(asprintf(&text,
+                             "merge_method: %s\n"
+                             "base_model: models/base\n"
+                             "models:\n"
+                             "  - model: models/ft1\n"
+                             "    parameters: {weight: 0.75%s}\n"
+                             "  - model: models/ft2\n"
+                             "    parameters: {weight: 0.5%s}\n",
+                             k_expect[i].name, della ? ", density: 0.5" : "",
+                             della ? ", density: 0.3" : "") > 0);
+        ms_recipe *r = load_ok(text);
+        free(text);
+        assert_int_equal(r->method, k_expect[i].method);
+        assert_string_equal(ms_method_name(r->method), k_expect[i].name);
+        /* linear: the base is optional and never listed; task-vector: required */
+        assert_int_equal(r->n_models, 2);
+        ms_tensor_params tp = params_ok(r, "model.layers.1.self_attn.q_proj.weight", 3);
+        assert_int_equal(tp.method, k_expect[i].method);
+        assert_int_equal(tp.sparsify, k_expect[i].sparsify);
+        assert_int_equal(tp.consensus, k_expect[i].consensus);
+        assert_int_equal(tp.normalize, k_expect[i].normalize);
+        assert_int_equal(tp.rescale, k_expect[i].rescale);
+        assert_int_equal(tp.has_base, k_expect[i].has_base);
+        assert_true(tp.weight[1] == 0.75f && tp.weight[2] == 0.5f);
+        assert_true(tp.density[1] == (della ? 0.5 : 1.0));
+        assert_true(tp.density[2] == (della ? 0.3 : 1.0));
+        assert_true(tp.gamma[1] == (k_expect[i].gamma ? 0.01 : 0.0));
+        assert_true(tp.epsilon[2] == (k_expect[i].epsilon ? 0.15 : 0.0));
+        assert_true(tp.lambda == 1.0f);
+        assert_rest_zero(&tp);
+        for (ms_param_id p = 0; p < MS_PARAM_COUNT; p++) {
+            bool want = p == MS_PARAM_WEIGHT || p == MS_PARAM_NORMALIZE ||
+                        (p == MS_PARAM_DENSITY && k_expect[i].density) ||
+                        (p == MS_PARAM_GAMMA && k_expect[i].gamma) ||
+                        (p == MS_PARAM_EPSILON && k_expect[i].epsilon) ||
+                        ((p == MS_PARAM_LAMBDA || p == MS_PARAM_RESCALE ||
+                          p == MS_PARAM_INT8_MASK) && k_expect[i].lambda);
+            assert_int_equal(ms_method_takes(k_expect[i].method, p), want);
+        }
+        ms_recipe_free(r);
+    }
+
+    /* table helpers */
+    ms_method m;
+    assert_int_equal(ms_method_lookup("della_linear", &m), MS_METHOD_FOUND);
+    assert_int_equal(m, MS_METHOD_DELLA_LINEAR);
+    assert_int_equal(ms_method_lookup("slerp", &m), MS_METHOD_UNSUPPORTED);
+    assert_int_equal(ms_method_lookup("TIES", &m), MS_METHOD_UNKNOWN);
+    assert_string_equal(ms_method_name(MS_METHOD_COUNT), "unknown");
+    assert_null(ms_method_info_get(MS_METHOD_COUNT));
+    double d;
+    assert_false(ms_method_param_default(MS_METHOD_TIES, MS_PARAM_WEIGHT, &d));
+    assert_false(ms_method_param_default(MS_METHOD_TIES, MS_PARAM_GAMMA, &d));
+    assert_true(ms_method_param_default(MS_METHOD_LINEAR, MS_PARAM_NORMALIZE, &d) && d == 1.0);
+    const ms_param_info *den = ms_param_info_get(MS_PARAM_DENSITY);
+    assert_false(ms_param_in_range(den, 0.0));
+    assert_true(ms_param_in_range(den, 1e-300));
+    assert_true(ms_param_in_range(den, 1.0));
+    assert_false(ms_param_in_range(den, nextafter(1.0, 2.0)));
+    const ms_param_info *gam = ms_param_info_get(MS_PARAM_GAMMA);
+    assert_true(ms_param_in_range(gam, 0.0));
+    assert_false(ms_param_in_range(gam, -1e-300));
+    assert_false(ms_param_in_range(gam, 1.0));
+    assert_true(ms_param_in_range(gam, nextafter(1.0, 0.0)));
+    assert_false(ms_param_in_range(ms_param_info_get(MS_PARAM_WEIGHT), NAN));
+    assert_true(ms_param_in_range(ms_param_info_get(MS_PARAM_WEIGHT), FLT_MAX));
+    assert_false(ms_param_in_range(ms_param_info_get(MS_PARAM_WEIGHT), 1e39));
+}
+
+/* -------------------------------------------------- gradients and filters */
+
+static void test_layer_t(void **state)
+{
+    assert_true(ms_recipe_tensor_t("model.layers.3.mlp.up_proj.weight", 5) == 0.75);
+    assert_true(ms_recipe_tensor_t("model.layers.0.mlp.up_proj.weight", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.4.mlp.up_proj.weight", 5) == 1.0);
+    assert_true(ms_recipe_tensor_t("model.layers.1.input_layernorm.weight", 4) == 1.0 / 3.0);
+    assert_true(ms_recipe_tensor_t("layers.2.attention.wq.weight", 5) == 0.5);
+    assert_true(ms_recipe_tensor_t("model.layers.7.x", 5) == 1.0); /* past the last: clamped */
+    assert_true(ms_recipe_tensor_t("model.layers.99999999999999999999999.x", 5) == 1.0);
+    assert_true(ms_recipe_tensor_t("model.embed_tokens.weight", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("lm_head.weight", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.norm.weight", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.xlayers.3.w", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.3", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.x3.w", 5) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.3.w", 1) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.3.w", 0) == 0.0);
+    assert_true(ms_recipe_tensor_t("model.layers.1.w", 2) == 1.0);
+    /* the first "layers.N." wins */
+    assert_true(ms_recipe_tensor_t("model.layers.1.sub.layers.3.w", 5) == 0.25);
+}
+
+static void test_gradients_hand_computed(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: dare_ties")
+        Y("base_model: models/base")
+        Y("models:")
+        Y("  - model: models/ft1")
+        Y("    parameters:")
+        Y("      weight: [1.0, 0.0]")
+        Y("      density: [0.2, 0.4, 1.0]")
+        Y("  - model: models/ft2")
+        Y("    parameters:")
+        Y("      weight: [0.5]")
+        Y("parameters:")
+        Y("  density:")
+        Y("    - 0.9")
+        Y("    - 0.1")
+        Y("  lambda: [2, 4]"));
+    static const struct {
+        const char *tensor;
+        unsigned layers;
+        double w1, d1, d2, lambda;
+    } k_cases[] = {
+        {"model.layers.0.mlp.down_proj.weight", 5, 1.0, 0.2, 0.9, 2.0},
+        {"model.layers.1.mlp.down_proj.weight", 5, 0.75, 0.3, 0.7, 2.5},
+        {"model.layers.2.mlp.down_proj.weight", 5, 0.5, 0.4, 0.5, 3.0},
+        {"model.layers.3.mlp.down_proj.weight", 5, 0.25, 0.7, 0.3, 3.5},
+        {"model.layers.4.mlp.down_proj.weight", 5, 0.0, 1.0, 0.1, 4.0},
+        {"model.embed_tokens.weight", 5, 1.0, 0.2, 0.9, 2.0},
+        {"lm_head.weight", 5, 1.0, 0.2, 0.9, 2.0},
+        {"model.layers.0.mlp.down_proj.weight", 1, 1.0, 0.2, 0.9, 2.0},
+        {"model.layers.1.mlp.down_proj.weight", 2, 0.0, 1.0, 0.1, 4.0},
+    };
+    for (size_t i = 0; i < sizeof k_cases / sizeof k_cases[0]; i++) {
+        ms_tensor_params tp = params_ok(r, k_cases[i].tensor, k_cases[i].layers);
+        if (fabs(tp.weight[1] - k_cases[i].w1) > 1e-7 || fabs(tp.density[1] - k_cases[i].d1) > 1e-15 ||
+            fabs(tp.density[2] - k_cases[i].d2) > 1e-15 || fabs(tp.lambda - k_cases[i].lambda) > 1e-6)
+            fail_msg("case %zu (%s, %u layers): w1 %g d1 %.17g d2 %.17g lambda %g", i,
+                     k_cases[i].tensor, k_cases[i].layers, tp.weight[1], tp.density[1],
+                     tp.density[2], tp.lambda);
+        assert_true(tp.weight[2] == 0.5f);
+        assert_true(tp.density[1] > 0.0 && tp.density[1] <= 1.0);
+    }
+    assert_true(r->models[0].params[MS_PARAM_DENSITY].value.is_gradient);
+    assert_int_equal(r->models[0].params[MS_PARAM_DENSITY].value.n_points, 3);
+    assert_true(r->models[1].params[MS_PARAM_WEIGHT].value.is_gradient);
+    ms_recipe_free(r);
+}
+
+/* The obviously-correct reference: walk the segments. */
+static double ref_gradient(const double *pts, unsigned n, unsigned layer, unsigned layers)
+{
+    if (n == 1)
+        return pts[0];
+    double t = layers <= 1 ? 0.0 : (double)layer / (double)(layers - 1);
+    double x = t * (double)(n - 1);
+    for (unsigned j = 0; j + 1 < n; j++)
+        if (x <= (double)(j + 1))
+            return pts[j] + (pts[j + 1] - pts[j]) * (x - (double)j);
+    return pts[n - 1];
+}
+
+static void test_gradients_random(void **state)
+{
+    for (int iter = 0; iter < 60; iter++) {
+        unsigned nw = 1 + (unsigned)(rnd() % 7), nd = 1 + (unsigned)(rnd() % 7);
+        unsigned layers = 1 + (unsigned)(rnd() % 90);
+        double w[8], dens[8];
+        char wtxt[512] = "", dtxt[512] = "";
+        for (unsigned i = 0; i < nw; i++) {
+            w[i] = rnd_unit() * 4.0 - 2.0;
+            snprintf(wtxt + strlen(wtxt), sizeof wtxt - strlen(wtxt), "%s%.17g", i ? ", " : "", w[i]);
+        }
+        for (unsigned i = 0; i < nd; i++) {
+            dens[i] = 0.001 + 0.999 * rnd_unit();
+            snprintf(dtxt + strlen(dtxt), sizeof dtxt - strlen(dtxt), "%s%.17g", i ? ", " : "", dens[i]);
+        }
+        char *text = NULL;
+        assert_true(asprintf(&text,
+                             "merge_method: ties\n"
+                             "base_model: models/base\n"
+                             "models:\n"
+                             "  - model: models/ft1\n"
+                             "    parameters:\n"
+                             "      weight: [%s]\n"
+                             "      density: [%s]\n",
+                             wtxt, dtxt) > 0);
+        ms_recipe *r = load_ok(text);
+        free(text);
+        for (unsigned layer = 0; layer < layers; layer++) {
+            char name[96];
+            snprintf(name, sizeof name, "model.layers.%u.self_attn.o_proj.weight", layer);
+            ms_tensor_params tp = params_ok(r, name, layers);
+            double rw = ref_gradient(w, nw, layer, layers);
+            double rd = ref_gradient(dens, nd, layer, layers);
+            if (fabs((double)tp.weight[1] - rw) > 1e-6 * fmax(1.0, fabs(rw)) ||
+                fabs(tp.density[1] - rd) > 1e-12)
+                fail_msg("iter %d layer %u/%u: weight %.9g vs %.9g, density %.17g vs %.17g", iter,
+                         layer, layers, tp.weight[1], rw, tp.density[1], rd);
+            assert_true(tp.density[1] > 0.0 && tp.density[1] <= 1.0);
+        }
+        /* outside the layers: the first point */
+        ms_tensor_params tp = params_ok(r, "model.norm.weight", layers);
+        assert_true(tp.density[1] == dens[0]);
+        assert_true(tp.weight[1] == (float)w[0]);
+        ms_recipe_free(r);
+    }
+}
+
+static void test_filters(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: breadcrumbs_ties")             /* 1 */
+        Y("base_model: models/base")                    /* 2 */
+        Y("models:")                                    /* 3 */
+        Y("  - model: models/ft1")                      /* 4 */
+        Y("    parameters:")                            /* 5 */
+        Y("      weight:")                              /* 6 */
+        Y("        - filter: self_attn")                /* 7 */
+        Y("          value: 0.7")                       /* 8 */
+        Y("        - filter: mlp")                      /* 9 */
+        Y("          value: [0.1, 0.3]")                /* 10 */
+        Y("        - value: 0.2")                       /* 11 */
+        Y("      density:")                             /* 12 */
+        Y("        - {filter: up_proj, value: 0.3}")    /* 13 */
+        Y("  - model: models/ft2")                      /* 14 */
+        Y("    parameters:")                            /* 15 */
+        Y("      weight:")                              /* 16 */
+        Y("        - {value: 0.9}")                     /* 17 */
+        Y("        - {filter: mlp, value: 0.1}")        /* 18 */
+        Y("      gamma:")                               /* 19 */
+        Y("        - {filter: \"*\", value: 0.05}")     /* 20 */
+        Y("parameters:")                                /* 21 */
+        Y("  density: 0.8")                             /* 22 */
+        Y("  gamma:")                                   /* 23 */
+        Y("    - {filter: embed, value: 0.0}")          /* 24 */
+        Y("  normalize:")                               /* 25 */
+        Y("    - {filter: lm_head, value: true}")       /* 26 */
+        Y("    - {filter: null, value: false}"));       /* 27 */
+
+    ms_tensor_params tp = params_ok(r, "model.layers.0.self_attn.q_proj.weight", 3);
+    assert_true(tp.weight[1] == 0.7f);
+    assert_true(tp.density[1] == 0.8); /* model filter misses: falls to the top level */
+    assert_true(tp.gamma[1] == 0.01);  /* top-level filter misses: the default */
+    assert_true(tp.weight[2] == 0.9f); /* a fallback listed first wins (mergekit's order) */
+    assert_true(tp.gamma[2] == 0.05);
+    assert_false(tp.normalize);
+
+    tp = params_ok(r, "model.layers.1.mlp.up_proj.weight", 3);
+    assert_true(fabs(tp.weight[1] - 0.2) < 1e-7); /* gradient inside a filter: t = 0.5 */
+    assert_true(tp.density[1] == 0.3);
+    tp = params_ok(r, "model.layers.2.mlp.down_proj.weight", 3);
+    assert_true(tp.weight[1] == 0.3f);
+    assert_true(tp.density[1] == 0.8);
+
+    tp = params_ok(r, "model.embed_tokens.weight", 3);
+    assert_true(tp.weight[1] == 0.2f);
+    assert_true(tp.gamma[1] == 0.0);
+    assert_true(tp.gamma[2] == 0.05); /* model level beats the top level */
+    assert_false(tp.normalize);
+    tp = params_ok(r, "lm_head.weight", 3);
+    assert_true(tp.normalize);
+
+    const ms_recipe_param *wp = &r->models[0].params[MS_PARAM_WEIGHT];
+    assert_int_equal(wp->n_conds, 3);
+    assert_string_equal(wp->conds[0].filter, "self_attn");
+    assert_null(wp->conds[2].filter);
+    assert_int_equal(wp->conds[1].line, 9);
+    assert_int_equal(wp->conds[1].value.line, 10);
+    assert_null(r->params[MS_PARAM_NORMALIZE].conds[1].filter);
+    ms_recipe_free(r);
+}
+
+static void test_model_over_global(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: della_linear")
+        Y("base_model: models/base")
+        Y("models:")
+        Y("  - model: models/ft1")
+        Y("    parameters: {weight: 2, density: 0.5, epsilon: 0.1}")
+        Y("  - model: models/ft2")
+        Y("parameters: {weight: 3, density: 0.6, epsilon: 0.2, rescale: off, lambda: 1.5}"));
+    ms_tensor_params tp = params_ok(r, "model.layers.0.mlp.gate_proj.weight", 2);
+    assert_true(tp.weight[1] == 2.0f && tp.weight[2] == 3.0f);
+    assert_true(tp.density[1] == 0.5 && tp.density[2] == 0.6);
+    assert_true(tp.epsilon[1] == 0.1 && tp.epsilon[2] == 0.2);
+    assert_false(tp.rescale);
+    assert_true(tp.lambda == 1.5f);
+    ms_recipe_free(r);
+}
+
+/* ------------------------------------------------------------- the base */
+
+static void test_base_in_models(void **state)
+{
+    /* task-vector: the base entry is dropped, slots are the others in order */
+    ms_recipe *r = load_ok(
+        Y("merge_method: ties")
+        Y("base_model: models/base")
+        Y("models:")
+        Y("  - model: models/ft2")
+        Y("    parameters: {weight: 0.2}")
+        Y("  - model: ./models/../models/base")
+        Y("    parameters:")
+        Y("  - model: models/ft1")
+        Y("    parameters: {weight: 0.1}"));
+    assert_true(r->base_listed);
+    assert_int_equal(r->n_models, 2);
+    assert_string_equal(r->models[0].name, "models/ft2");
+    assert_string_equal(r->models[1].name, "models/ft1");
+    assert_int_equal(r->models[1].index, 2);
+    ms_tensor_params tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.weight[1] == 0.2f && tp.weight[2] == 0.1f);
+    ms_recipe_free(r);
+
+    /* linear: the base listed with a weight is a regular model of the sum */
+    r = load_ok(Y("merge_method: linear")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/base")
+                Y("    parameters: {weight: 0.3}")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 0.7}")
+                Y("parameters: {normalize: false}"));
+    assert_false(r->base_listed);
+    assert_int_equal(r->n_models, 2);
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_false(tp.has_base);
+    assert_false(tp.normalize);
+    assert_true(tp.weight[1] == 0.3f && tp.weight[2] == 0.7f);
+    ms_recipe_free(r);
+
+    /* the base with parameters in a task-vector method */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 0.1}")
+                Y("  - model: models/base")
+                Y("    parameters: {weight: 1.0}"),
+                6, "base model", "models[1]");
+    /* the base alone */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/base"),
+                3, "models", "besides the base");
+    /* base needed */
+    expect_fail(Y("parameters: {weight: 1}")
+                Y("merge_method: task_arithmetic")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                2, "merge_method 'task_arithmetic'", "base_model");
+}
+
+static void test_model_count_limit(void **state)
+{
+    char text[4096];
+    for (int n = MS_MAX_MODELS; n <= MS_MAX_MODELS + 1; n++) {
+        int len = snprintf(text, sizeof text,
+                           "merge_method: task_arithmetic\nbase_model: models/base\n"
+                           "parameters: {weight: 0.1}\nmodels:\n  - model: models/base\n");
+        for (int i = 1; i <= n; i++)
+            len += snprintf(text + len, sizeof text - (size_t)len, "  - model: models/ft%d\n", i);
+        if (n == MS_MAX_MODELS) {
+            ms_recipe *r = load_ok(text);
+            assert_int_equal(r->n_models, MS_MAX_MODELS);
+            ms_tensor_params tp = params_ok(r, "lm_head.weight", 4);
+            assert_int_equal(tp.n_models, MS_MAX_MODELS);
+            assert_true(tp.weight[MS_MAX_MODELS] == 0.1f);
+            ms_recipe_free(r);
+        } else {
+            expect_fail(text, 4, "models", "at most 16");
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ errors */
+
+static void test_error_unknown_keys(void **state)
+{
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("modles:")
+                Y("  - model: models/ft1"),
+                3, "unknown key 'modles'", "top level");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2")
+                Y("    paramters: {weight: 1}"),
+                7, "unknown key 'paramters'", "models[1]");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      densty: 0.5"),
+                9, "unknown key 'densty' in models[1].parameters", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weigth: 1")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                4, "unknown key 'weigth' in parameters", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight:")
+                Y("        - filter: mlp")
+                Y("          valeu: 1"),
+                8, "unknown key 'valeu'", "weight");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight:")
+                Y("        - filter: mlp"),
+                7, "weight", "no 'value'");
+    expect_fail(Y("merge_method: ties")
+                Y("merge_method: ties"),
+                2, "duplicate key 'merge_method'", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      weight: 2"),
+                7, "duplicate key 'weight'", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("tokenizer:")
+                Y("  source: union"),
+                2, "'tokenizer'", "not supported");
+    expect_fail(Y("merge_method: linear")
+                Y("slices: []"),
+                2, "'slices'", "not supported");
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    model: models/ft2"),
+                4, "duplicate key 'model'", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - parameters: {weight: 1}"),
+                3, "models[0]", "no 'model'");
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - models/ft1"),
+                3, "models[0]", "'model'");
+}
+
+static void test_error_methods(void **state)
+{
+    expect_fail(Y("# a comment")
+                Y("merge_method: tie")
+                Y("models: []"),
+                2, "unknown merge_method 'tie'", "dare_ties, dare_linear");
+    expect_fail(Y("merge_method: slerp"),
+                1, "merge_method 'slerp'", "not supported yet");
+    expect_fail(Y("models:")
+                Y("  - model: models/ft1"),
+                1, "missing merge_method", NULL);
+    expect_fail(Y("merge_method: linear"),
+                1, "missing models", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models: []"),
+                2, "models is empty", NULL);
+    expect_fail(Y("merge_method: [ties]"),
+                1, "merge_method", "string");
+}
+
+static void test_error_missing_weight(void **state)
+{
+    expect_fail(Y("merge_method: dare_ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2")
+                Y("    parameters: {density: 0.5}")
+                Y("parameters: {density: 0.4}"),
+                6, "models[1] ('models/ft2') has no weight", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                3, "models[0]", "no weight");
+
+    /* only filters that miss this tensor: an error at resolution, naming the tensor */
+    ms_recipe *r = load_ok(Y("merge_method: linear")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: {weight: [{filter: mlp, value: 1}]}"));
+    ms_tensor_params tp = params_ok(r, "model.layers.0.mlp.up_proj.weight", 2);
+    assert_true(tp.weight[1] == 1.0f);
+    assert_true(tp.normalize);
+    expect_tensor_fail(r, "model.layers.0.self_attn.k_proj.weight", 2, 3, "no weight",
+                       "models[0]");
+    ms_recipe_free(r);
+}
+
+static void test_error_ranges(void **state)
+{
+    static const char *const k_bad[] = {"0", "1.5", "-1", "0.0", "1.0000001", ".nan", "nan",
+                                        "1e999", "abc", "true", "0x1p-1"};
+    for (size_t i = 0; i < sizeof k_bad / sizeof k_bad[0]; i++) {
+        char *text = NULL;
+        assert_true(asprintf(&text,
+                             Y("merge_method: ties")
+                             Y("base_model: models/base")
+                             Y("models:")
+                             Y("  - model: models/ft1")
+                             Y("    parameters:")
+                             Y("      weight: 1")
+                             Y("      density: %s"),
+                             k_bad[i]) > 0);
+        expect_fail(text, 7, "'density'", "models[0].parameters");
+        free(text);
+        /* the same value inside a gradient and at the top level */
+        assert_true(asprintf(&text,
+                             Y("merge_method: ties")
+                             Y("base_model: models/base")
+                             Y("models:")
+                             Y("  - model: models/ft1")
+                             Y("parameters:")
+                             Y("  weight: 1")
+                             Y("  density:")
+                             Y("    - 0.5")
+                             Y("    - %s"),
+                             k_bad[i]) > 0);
+        expect_fail(text, 9, "'density'", "in parameters");
+        free(text);
+    }
+    /* both sides of each boundary */
+    ms_recipe *r = load_ok(Y("merge_method: breadcrumbs")
+                           Y("base_model: models/base")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: {weight: 1, density: 1, gamma: 0}")
+                           Y("  - model: models/ft2")
+                           Y("    parameters: {weight: 1, density: 1e-9, gamma: 0.999999}"));
+    ms_tensor_params tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.density[1] == 1.0 && tp.gamma[1] == 0.0);
+    assert_true(tp.density[2] == 1e-9 && tp.gamma[2] == 0.999999);
+    ms_recipe_free(r);
+    expect_fail(Y("merge_method: breadcrumbs")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1, gamma: 1}"),
+                5, "'gamma' 1", "[0, 1)");
+    expect_fail(Y("merge_method: breadcrumbs")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1, gamma: -0.01}"),
+                5, "'gamma'", "out of range");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters: {weight: 1, normalize: maybe}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                3, "'normalize'", "true or false");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters: {weight: 1, normalize: [true, false]}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                3, "'normalize'", "gradients");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight: {filter: mlp, value: 1}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                4, "'weight'", "one-entry list");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight: []")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                4, "'weight'", "empty list");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight:")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                4, "'weight'", "no value");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight: 1e39")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                4, "'weight'", "out of range");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight:")
+                Y("    - 1")
+                Y("    - {filter: mlp, value: 1}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                6, "'weight'", "list of numbers");
+}
+
+static void test_error_della(void **state)
+{
+    /* the default density 1 can never satisfy d + eps < 1 */
+    expect_fail(Y("merge_method: della")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}"),
+                4, "density + epsilon < 1", "(default)");
+    /* d - eps <= 0, line of the density */
+    expect_fail(Y("merge_method: della")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight: 1")
+                Y("  density: 0.15")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                5, "density - epsilon > 0", "models[0]");
+    /* d + eps >= 1 from an explicit epsilon; both sides of the boundary */
+    expect_fail(Y("merge_method: della_linear")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1, density: 0.5}")
+                Y("  - model: models/ft2")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      density: 0.75")
+                Y("      epsilon: 0.25"),
+                9, "epsilon 0.25", "models[1]");
+    ms_recipe *r = load_ok(Y("merge_method: della_linear")
+                           Y("base_model: models/base")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: {weight: 1, density: 0.74, epsilon: 0.25}"));
+    ms_tensor_params tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.density[1] == 0.74 && tp.epsilon[1] == 0.25);
+    ms_recipe_free(r);
+
+    /* a gradient density: fine at the last layer, rejected at layer 0 */
+    r = load_ok(Y("merge_method: della")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      density: [0.1, 0.5]"));
+    tp = params_ok(r, "model.layers.3.mlp.up_proj.weight", 4);
+    assert_true(tp.density[1] == 0.5 && tp.epsilon[1] == 0.15);
+    expect_tensor_fail(r, "model.layers.0.mlp.up_proj.weight", 4, 7, "density - epsilon > 0",
+                       "epsilon 0.15 (default)");
+    ms_recipe_free(r);
+}
+
+static void test_error_unused_parameter(void **state)
+{
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1, gamma: 0.1}"),
+                5, "'gamma'", "not used by merge_method 'ties'");
+    expect_fail(Y("merge_method: task_arithmetic")
+                Y("base_model: models/base")
+                Y("parameters:")
+                Y("  weight: 1")
+                Y("  density: 0.5")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                5, "'density'", "task_arithmetic");
+    expect_fail(Y("merge_method: linear")
+                Y("parameters: {weight: 1, lambda: 2}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                2, "'lambda'", "linear");
+    expect_fail(Y("merge_method: dare_ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      epsilon: 0.1"),
+                7, "'epsilon'", "dare_ties");
+    expect_fail(Y("merge_method: dare_ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      weight: 1")
+                Y("      lambda: 0.1"),
+                7, "'lambda' in models[0].parameters", "global parameter");
+}
+
+static void test_error_paths(void **state)
+{
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/x/nope")
+                Y("    parameters: {weight: 1}"),
+                4, "model path 'models/x/nope' does not exist", NULL);
+    /* one '/' and missing: looks like a hub id */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/nope")
+                Y("    parameters: {weight: 1}"),
+                4, "model 'models/nope' is not a local path", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: meta-llama/Llama-3.1-8B")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                2, "base_model 'meta-llama/Llama-3.1-8B' is not a local path",
+                "hub ids are not supported");
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: org/name")
+                Y("    parameters: {weight: 1}"),
+                5, "model 'org/name' is not a local path", NULL);
+    /* ./org/name and /abs paths are never hub ids */
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: ./org/name"),
+                3, "model path './org/name' does not exist", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: models/ft1+adapters/nope"),
+                3, "adapter path 'adapters/nope'", "does not exist");
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: ./models/nope+adapters/lora1"),
+                3, "model path './models/nope' does not exist", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: models/ft1+"),
+                3, "DIR+ADAPTER", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: a+b+c"),
+                3, "model path 'a+b+c' does not exist", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model:")
+                Y("      model:")
+                Y("        path: models/ft1"),
+                4, "model must be a path string", "nested");
+    expect_fail(Y("merge_method: linear")
+                Y("models:")
+                Y("  - model: \"\""),
+                3, "model is an empty path", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("parameters: {weight: 1}")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: ./models/ft1/"),
+                5, "listed twice", "models[0]");
+    expect_fail(Y("merge_method: linear")
+                Y("parameters: {weight: 1}")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("tokenizer_source: ./models/nope"),
+                5, "tokenizer_source path './models/nope'", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("parameters: {weight: 1}")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("tokenizer_source: union"),
+                5, "tokenizer_source 'union'", "not supported");
+}
+
+static void test_error_scalars(void **state)
+{
+    static const char *const k_bad_dtypes[] = {"fp16", "bf16", "float64", "Float16", "[bfloat16]"};
+    for (size_t i = 0; i < sizeof k_bad_dtypes / sizeof k_bad_dtypes[0]; i++) {
+        char *text = NULL;
+        assert_true(asprintf(&text,
+                             Y("merge_method: linear")
+                             Y("parameters: {weight: 1}")
+                             Y("models:")
+                             Y("  - model: models/ft1")
+                             Y("%s: %s"),
+                             i % 2 ? "out_dtype" : "dtype", k_bad_dtypes[i]) > 0);
+        expect_fail(text, 5, i % 2 ? "out_dtype" : "dtype",
+                    i == 4 ? "must be a string" : "bfloat16, float16 or float32");
+        free(text);
+    }
+    static const char *const k_bad_seeds[] = {"-1", "1.5", "18446744073709551616", "abc", "0x10"};
+    for (size_t i = 0; i < sizeof k_bad_seeds / sizeof k_bad_seeds[0]; i++) {
+        char *text = NULL;
+        assert_true(asprintf(&text,
+                             Y("merge_method: linear")
+                             Y("random_seed: %s")
+                             Y("parameters: {weight: 1}")
+                             Y("models:")
+                             Y("  - model: models/ft1"),
+                             k_bad_seeds[i]) > 0);
+        expect_fail(text, 2, "random_seed", k_bad_seeds[i]);
+        free(text);
+    }
+    ms_recipe *r = load_ok(Y("merge_method: linear")
+                           Y("random_seed: 0")
+                           Y("parameters: {weight: 1}")
+                           Y("models:")
+                           Y("  - model: models/ft1"));
+    assert_true(r->has_random_seed && r->random_seed == 0);
+    ms_recipe_free(r);
+}
+
+static void test_error_yaml(void **state)
+{
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models: [")
+                Y("  {model: models/ft1"),
+                5, "YAML error", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("     parameters: {weight: 1}"),
+                5, "YAML error: mapping values are not allowed", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("  bad: indentation"),
+                2, "YAML error", NULL);
+    expect_fail(Y("merge_method: \"ties")
+                Y("base_model: x"),
+                3, "YAML error", NULL);
+    expect_fail(Y("merge_method: *nope"),
+                1, "YAML error", "undefined alias");
+    expect_fail("merge_method: linear\n\xff\xfe bad utf8\n", 2, "YAML error", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("---")
+                Y("merge_method: ties"),
+                2, "one YAML document", NULL);
+    expect_fail("", 1, "empty", NULL);
+    expect_fail(Y("# only a comment"), 1, "empty", NULL);
+    expect_fail(Y("- merge_method: linear"), 1, "must be a map", NULL);
+    expect_fail(Y("? [a, b]")
+                Y(": c"),
+                1, "keys must be strings", NULL);
+}
+
+static void test_error_unreadable(void **state)
+{
+    char *path = joined("does-not-exist.yml");
+    ms_recipe *r = (ms_recipe *)0x1;
+    ms_error err = {0};
+    assert_int_equal(ms_recipe_load(path, &r, &err), -1);
+    assert_null(r);
+    assert_int_equal(err.exit_code, MS_EXIT_RUNTIME);
+    assert_non_null(strstr(err.msg, path));
+    free(path);
+    /* a directory is not a recipe either */
+    err = (ms_error){0};
+    assert_int_equal(ms_recipe_load(g_dir, &r, &err), -1);
+    assert_int_equal(err.exit_code, MS_EXIT_RUNTIME);
+}
+
+/* Anchors and aliases are plain YAML: a shared parameter block works. */
+static void test_yaml_aliases_and_styles(void **state)
+{
+    ms_recipe *r = load_ok(Y("merge_method: \"dare_linear\"")
+                           Y("base_model: 'models/base'")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: &p {weight: '0.5', density: .25}")
+                           Y("  - model: models/ft2")
+                           Y("    parameters: *p")
+                           Y("name: [anything, {goes: here}]"));
+    ms_tensor_params tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.weight[1] == 0.5f && tp.weight[2] == 0.5f);
+    assert_true(tp.density[1] == 0.25 && tp.density[2] == 0.25);
+    assert_false(tp.normalize);
+    assert_true(tp.rescale);
+    ms_recipe_free(r);
+    ms_recipe_free(NULL);
+}
+
+/* The shipped examples (examples/NAME.yml) load against a models/{base,ft1,ft2} folder
+ * (MS_SRC is set by ctest; skipped when run by hand without it). */
+static void test_examples_load(void **state)
+{
+    const char *src = getenv("MS_SRC");
+    if (!src)
+        skip();
+    static const struct {
+        const char *file;
+        ms_method method;
+    } k_examples[] = {
+        {"ties.yml", MS_METHOD_TIES},
+        {"dare_ties.yml", MS_METHOD_DARE_TIES},
+        {"linear.yml", MS_METHOD_LINEAR},
+        {"task_arithmetic.yml", MS_METHOD_TASK_ARITHMETIC},
+        {"breadcrumbs_ties.yml", MS_METHOD_BREADCRUMBS_TIES},
+        {"della.yml", MS_METHOD_DELLA},
+    };
+    for (size_t i = 0; i < sizeof k_examples / sizeof k_examples[0]; i++) {
+        char *path = NULL;
+        assert_true(asprintf(&path, "%s/examples/%s", src, k_examples[i].file) > 0);
+        FILE *f = fopen(path, "rb");
+        if (!f)
+            fail_msg("cannot open %s", path);
+        char text[8192];
+        size_t n = fread(text, 1, sizeof text - 1, f);
+        fclose(f);
+        text[n] = '\0';
+        ms_recipe *r = load_ok(text); /* written next to this test's models/ */
+        assert_int_equal(r->method, k_examples[i].method);
+        assert_int_equal(r->n_models, 2);
+        assert_true(r->has_dtype && r->dtype == ST_BF16);
+        if (r->base_path)
+            assert_path(r->base_path, "./models/base");
+        assert_path(r->models[0].path, "./models/ft1");
+        assert_path(r->models[1].path, "./models/ft2");
+        for (unsigned layer = 0; layer < 4; layer++) {
+            char name[64];
+            snprintf(name, sizeof name, "model.layers.%u.self_attn.q_proj.weight", layer);
+            ms_tensor_params tp = params_ok(r, name, 4);
+            assert_int_equal(tp.n_models, 2);
+        }
+        ms_recipe_free(r);
+        free(path);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_all_keys),
+        cmocka_unit_test(test_optional_keys_absent),
+        cmocka_unit_test(test_paths_relative_to_recipe),
+        cmocka_unit_test(test_method_defaults),
+        cmocka_unit_test(test_layer_t),
+        cmocka_unit_test(test_gradients_hand_computed),
+        cmocka_unit_test(test_gradients_random),
+        cmocka_unit_test(test_filters),
+        cmocka_unit_test(test_model_over_global),
+        cmocka_unit_test(test_base_in_models),
+        cmocka_unit_test(test_model_count_limit),
+        cmocka_unit_test(test_error_unknown_keys),
+        cmocka_unit_test(test_error_methods),
+        cmocka_unit_test(test_error_missing_weight),
+        cmocka_unit_test(test_error_ranges),
+        cmocka_unit_test(test_error_della),
+        cmocka_unit_test(test_error_unused_parameter),
+        cmocka_unit_test(test_error_paths),
+        cmocka_unit_test(test_error_scalars),
+        cmocka_unit_test(test_error_yaml),
+        cmocka_unit_test(test_error_unreadable),
+        cmocka_unit_test(test_yaml_aliases_and_styles),
+        cmocka_unit_test(test_examples_load),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
