@@ -43,12 +43,25 @@ typedef enum st_dtype {
 
 /* "BF16" etc. as written in headers; NULL for an out-of-range value. */
 const char *st_dtype_name(st_dtype dtype);
-/* Parses a header dtype name; returns false for an unknown one. */
+/* Parses a header dtype name (exact, case-sensitive); returns false for an
+ * unknown one and leaves *out untouched. */
 bool st_dtype_parse(const char *name, st_dtype *out);
-/* Bits per element (1 for... no: BOOL is 8; F4 is 4; F6_* are 6). */
+/* Bits per element: 4 for F4, 6 for F6_E2M3 and F6_E3M2, 8 for BOOL and the
+ * other one-byte types, up to 64 (F64, I64, U64, C64). 0 for an out-of-range
+ * value. */
 unsigned st_dtype_bits(st_dtype dtype);
 /* True for F16, BF16, F32: the dtypes the merge kernels read and write. */
 bool st_dtype_is_mergeable_float(st_dtype dtype);
+
+/* Product of shape[0..ndim) into *out (1 for ndim = 0), multiplied left to
+ * right as the reference does. Returns 0, or -EOVERFLOW (and leaves *out
+ * untouched) when a partial product does not fit in 64 bits. */
+int st_shape_numel(const uint64_t *shape, unsigned ndim, uint64_t *out);
+/* Bytes taken by numel elements of dtype into *out. Returns 0; -EOVERFLOW
+ * when numel * bits does not fit in 64 bits; -EINVAL when numel * bits is not
+ * a multiple of 8 (a sub-byte dtype that does not fill whole bytes). An
+ * out-of-range dtype is a broken invariant (MS_ASSERT). */
+int st_dtype_nbytes(st_dtype dtype, uint64_t numel, uint64_t *out);
 
 typedef struct st_tensor {
     char *name;                 /* owned by the header */
@@ -60,8 +73,11 @@ typedef struct st_tensor {
 } st_tensor;
 
 typedef struct st_header {
-    st_tensor *tensors;  /* sorted by begin offset: the on-disk order */
+    st_tensor *tensors;  /* sorted by (begin, end), ties in header order: the on-disk order */
     size_t n_tensors;
+    size_t *name_order;  /* n_tensors indices into tensors, sorted by name
+                            (strcmp): st_header_find's index. Built by
+                            st_header_parse; NULL in a hand-built header. */
     char **meta_keys;    /* __metadata__ entries in header order; may be empty */
     char **meta_values;
     size_t n_meta;
@@ -69,19 +85,38 @@ typedef struct st_header {
     uint64_t data_len;   /* bytes of the data section (= last tensor's end) */
 } st_header;
 
+/* Bytes of a validated tensor's data. */
+static inline uint64_t st_tensor_nbytes(const st_tensor *t)
+{
+    return t->end - t->begin;
+}
+
 /* Parses and validates the N header bytes `json` (not NUL-terminated) of a
  * file whose total size is file_size (pass UINT64_MAX to skip the
  * end-of-file rule, e.g. when fuzzing). `where` names the file in errors.
  * On success fills *out (free with st_header_free) and returns 0; on failure
  * returns -1 with err set to exit code MS_EXIT_DATA and a message naming the
- * violated rule; *out is left empty. Never reads outside json[0..len). */
+ * violated rule (MS_EXIT_RUNTIME if memory runs out); *out is left empty.
+ * Never reads outside json[0..len). Stricter than the reference in a few
+ * places, each documented in st_format.c: the header must start with '{';
+ * every number, even in ignored keys, must be an integer <= 2^53; repeated
+ * keys are errors; names and values may not contain \u0000. */
 int st_header_parse(const char *json, size_t len, uint64_t file_size, const char *where,
                     st_header *out, ms_error *err);
+/* Frees what h owns and empties it; st_header_free(NULL) is a no-op. */
 void st_header_free(st_header *h);
 
-/* Index of the tensor called name in h->tensors, or -1. O(log n) after the
- * first call (builds a sorted index lazily; not thread-safe on first use, so
- * st_file_open builds it). */
+/* Parses a whole file image held in memory (the 8-byte length, the header,
+ * the data section): applies the header-length rules of st_file_open, then
+ * st_header_parse on data[8 .. 8 + N) with file_size = size. Same return and
+ * ownership as st_header_parse. Never reads outside data[0..size). */
+int st_image_parse(const void *data, size_t size, const char *where, st_header *out,
+                   ms_error *err);
+
+/* Index of the tensor called name in h->tensors, or -1. O(log n) through
+ * h->name_order, which st_header_parse builds, so concurrent calls on a
+ * parsed header are safe (read only). A header without name_order is
+ * searched linearly. */
 long st_header_find(const st_header *h, const char *name);
 
 /* An open, validated safetensors file. */
@@ -93,10 +128,14 @@ typedef struct st_file {
     st_header header;
 } st_file;
 
-/* Opens and validates path (reads only the header). Returns 0 and *out on
- * success (close with st_file_close); -1 with err set (MS_EXIT_DATA for an
- * invalid file, MS_EXIT_RUNTIME for an I/O error) on failure. */
+/* Opens and validates path (reads only the header, with pread; blocks on
+ * I/O). Returns 0 and *out on success (close with st_file_close); -1 with
+ * err set and *out = NULL on failure: MS_EXIT_DATA for an invalid file (also
+ * a directory, a non-regular file or a PyTorch .bin/.pt checkpoint),
+ * MS_EXIT_RUNTIME for an I/O error or out of memory (the message ends with
+ * strerror). Reads go through the fault seam (MS_FAULT_READ). */
 int st_file_open(const char *path, st_file **out, ms_error *err);
+/* Closes the descriptor and frees everything; st_file_close(NULL) is a no-op. */
 void st_file_close(st_file *f);
 
 /* Absolute file offset of a tensor's first byte. */
