@@ -1,0 +1,20 @@
+/* The command line: one function per subcommand, each taking argc/argv past
+ * the subcommand name and returning the process exit code (ms_exit_code).
+ * Errors are printed by the subcommand as one line:
+ * "mergestream: error: WHERE: WHAT". */
+#ifndef MS_CLI_H
+#define MS_CLI_H
+
+#include "io/ms_error.h"
+
+int ms_cmd_inspect(int argc, char **argv);
+int ms_cmd_verify(int argc, char **argv);
+int ms_cmd_merge(int argc, char **argv);
+
+/* Prints err's one-line message and returns its exit code (1 if unset). */
+int ms_cli_fail(const ms_error *err);
+
+/* Prints "mergestream: error: usage: MSG" plus a hint to --help; returns 2. */
+int ms_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif

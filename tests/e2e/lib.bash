@@ -1,0 +1,31 @@
+# Shared helpers for the e2e scripts (sourced, not run). ctest sets MS_BIN
+# (the mergestream binary), MS_GEN (gen_model) and MS_SRC (the source tree).
+set -euo pipefail
+: "${MS_BIN:?run through ctest}" "${MS_GEN:?run through ctest}" "${MS_SRC:?run through ctest}"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ms-e2e.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# expect_fail CODE PATTERN CMD...: CMD must exit with CODE and print exactly
+# one stderr line "mergestream: error: ..." matching PATTERN (grep -E).
+expect_fail() {
+  local code=$1 pattern=$2; shift 2
+  local rc=0
+  "$@" >"$WORK/out.txt" 2>"$WORK/err.txt" || rc=$?
+  [ "$rc" -eq "$code" ] || { cat "$WORK/err.txt" >&2; fail "expected exit $code, got $rc: $*"; }
+  local errs
+  errs=$(grep -c '^mergestream: error: ' "$WORK/err.txt" || true)
+  [ "$errs" -eq 1 ] || { cat "$WORK/err.txt" >&2; fail "expected one error line, got $errs: $*"; }
+  grep -qE -- "$pattern" "$WORK/err.txt" || { cat "$WORK/err.txt" >&2; fail "error does not match /$pattern/: $*"; }
+}
+
+# same_bytes DIR1 DIR2: every *.safetensors file of DIR1 is identical in DIR2.
+same_bytes() {
+  local f n=0
+  for f in "$1"/*.safetensors; do
+    cmp -s "$f" "$2/$(basename "$f")" || fail "$(basename "$f") differs between $1 and $2"
+    n=$((n + 1))
+  done
+  [ "$n" -gt 0 ] || fail "no safetensors files in $1"
+}
