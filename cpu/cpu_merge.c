@@ -1,0 +1,977 @@
+/* The CPU merge kernels (see cpu_merge.h; the semantics are in
+ * pipeline/merge_passes.h and pipeline/merge_math.h).
+ *
+ * Structure: a chunk is cut into windows; each window is processed like a
+ * chunk of its own (so the carried state - open L1 block, eq_seen - is updated
+ * per window). Inside a window the elements are cut into tasks of whole
+ * 65,536-element blocks (global alignment), so every L1 block is summed by
+ * one task, in order; della's row work is cut into tasks of whole rows. Each
+ * task walks its range in tiles of CPU_TILE elements (one row for della),
+ * with separate, vectorisable loops per step. */
+#include "cpu/cpu_merge.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/merge_math.h"
+
+#define CPU_TILE 1024u                       /* elements per tile */
+#define CPU_TASKS_PER_WORKER 4u              /* load balance */
+#define CPU_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* element windows: 2^24 */
+#define CPU_DELLA_WINDOW_ELEMS (1ull << 22)  /* della L1 windows (whole rows): mask bytes */
+#define CPU_ALIGN 64u
+
+/* Window sizes; only cpu_merge_set_windows_for_tests changes them (before any
+ * pass runs, from the one test thread). */
+static uint64_t g_window_elems = CPU_WINDOW_ELEMS;
+static uint64_t g_della_window_elems = CPU_DELLA_WINDOW_ELEMS;
+
+void cpu_merge_set_windows_for_tests(uint64_t elems, uint64_t della_elems)
+{
+    g_window_elems = elems ? elems : CPU_WINDOW_ELEMS;
+    g_della_window_elems = della_elems ? della_elems : CPU_DELLA_WINDOW_ELEMS;
+}
+
+/* A broken invariant: cpu/ cannot link io/'s MS_ASSERT, so it has its own. */
+#define CPU_ASSERT(cond)                                                                                   \
+    do {                                                                                                   \
+        if (!(cond))                                                                                       \
+            cpu_assert_fail(__FILE__, __LINE__, #cond);                                                    \
+    } while (0)
+
+_Noreturn static void cpu_assert_fail(const char *file, int line, const char *what)
+{
+    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
+    abort();
+}
+
+/* ============================================================ scratch */
+
+/* One worker's private buffers. span >= CPU_TILE, and >= cols for della. */
+typedef struct cpu_scratch {
+    size_t span;
+    float *base;    /* [span] base values */
+    float *x;       /* [span] an input, then its delta */
+    float *out;     /* [span] merged values */
+    float *t0, *t1, *t2, *t3; /* [span] combine temporaries */
+    float *W;       /* [n_models][span]: model i's row is W + (i - 1) * span */
+    uint32_t *key;  /* [span] */
+    uint32_t *rnd;  /* [span] philox words */
+    uint8_t *keep;  /* [span] */
+    uint64_t *hist; /* [2 * MS_MERGE_LO_BINS] (histogram passes) */
+    uint64_t *sort_a, *sort_b, *thr; /* [cols] (della) */
+} cpu_scratch;
+
+/* Sizes of everything one cpu_merge_run_pass allocates. */
+typedef struct cpu_layout {
+    size_t span;
+    bool hist, della;
+    uint64_t cols;
+    unsigned n_models, n_workers;
+    uint64_t worker_bytes; /* per worker, CPU_ALIGN multiple */
+    uint64_t max_tasks;    /* per window */
+    uint64_t max_blocks;   /* blocks a window touches */
+    uint64_t mask_bytes;   /* della L1 mask */
+    uint64_t total;        /* everything, the cpu_scratch array included */
+} cpu_layout;
+
+static uint64_t align_up(uint64_t v)
+{
+    return (v + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN;
+}
+
+/* Adds n items of size bytes to *acc; false on overflow. */
+static bool layout_add(uint64_t *acc, uint64_t n, uint64_t size)
+{
+    uint64_t bytes;
+    if (__builtin_mul_overflow(n, size, &bytes) || bytes > UINT64_MAX - CPU_ALIGN)
+        return false;
+    return !__builtin_add_overflow(*acc, align_up(bytes), acc);
+}
+
+/* Fills lay for p and chunks of at most max_elems elements. False when the
+ * sizes overflow. */
+static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, unsigned n_workers, uint64_t max_elems,
+                           cpu_layout *lay)
+{
+    memset(lay, 0, sizeof *lay);
+    lay->hist = hist;
+    lay->della = della;
+    lay->cols = p->cols;
+    lay->n_models = p->n_models;
+    lay->n_workers = n_workers;
+    uint64_t span = CPU_TILE;
+    if (della && p->cols > span)
+        span = p->cols;
+    if (span > SIZE_MAX / 64)
+        return false;
+    lay->span = (size_t)span;
+    /* the arrays ctx_alloc carves, one by one (each aligned) */
+    uint64_t w = 0;
+    bool ok = true;
+    for (int k = 0; k < 7; k++) /* base, x, out, t0..t3 */
+        ok = ok && layout_add(&w, span, sizeof(float));
+    ok = ok && layout_add(&w, (uint64_t)p->n_models * span, sizeof(float)) && /* W */
+         layout_add(&w, span, sizeof(uint32_t)) && layout_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
+         layout_add(&w, span, 1); /* keep */
+    if (hist)
+        ok = ok && layout_add(&w, 2 * MS_MERGE_LO_BINS, sizeof(uint64_t));
+    for (int k = 0; k < 3 && della; k++) /* sort_a, sort_b, thr */
+        ok = ok && layout_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
+    if (!ok)
+        return false;
+    lay->worker_bytes = w;
+    /* element windows: at most CPU_WINDOW_ELEMS; della windows: whole rows */
+    uint64_t win = g_window_elems;
+    if (della) {
+        win = g_della_window_elems > p->cols ? g_della_window_elems : p->cols;
+        lay->mask_bytes = win < max_elems ? win : max_elems;
+    }
+    if (win > max_elems)
+        win = max_elems ? max_elems : 1;
+    lay->max_blocks = win / MS_MERGE_BLOCK + 2;
+    lay->max_tasks = (uint64_t)n_workers * CPU_TASKS_PER_WORKER; /* bound of part_elems and part_rows */
+    uint64_t total = 0;
+    ok = layout_add(&total, n_workers, sizeof(cpu_scratch)) && layout_add(&total, n_workers, w) &&
+         layout_add(&total, lay->max_tasks * (MS_MAX_MODELS + 1) * 2, sizeof(uint64_t)) &&
+         layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
+         layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
+         layout_add(&total, lay->mask_bytes, 1);
+    lay->total = total;
+    return ok;
+}
+
+/* ============================================================ context */
+
+typedef struct cpu_ctx {
+    const ms_tensor_params *p;
+    ms_merge_state *st;
+    const ms_chunk *c;
+    cpu_layout lay;
+    void *mem;             /* owns everything below */
+    cpu_scratch *scratch;  /* [n_workers] */
+    uint64_t *eq;          /* [max_tasks][MS_MAX_MODELS + 1][2]: counts, then start positions */
+    double *blk_delta;     /* [MS_MAX_MODELS + 1][max_blocks] */
+    double *blk_tau;       /* [MS_MAX_MODELS + 1][max_blocks] */
+    uint8_t *mask;         /* [mask_bytes] della L1: keep flags of one model for the window */
+    float plain_div;       /* without consensus: fixed sum_i w_i */
+    float wsum;            /* linear: sum_i w_i */
+    /* the current window and its partition */
+    uint64_t e0, e1;       /* element range [e0, e1), flat indices */
+    uint64_t bpt;          /* element tasks: blocks per task */
+    uint64_t r0, r1, rpt;  /* row tasks: rows [r0, r1), rows per task */
+    unsigned n_tasks;
+    unsigned model;        /* per-model runs: the model (1-based) */
+    bool l1_models[MS_MAX_MODELS + 1]; /* L1 sums run: models summed */
+    bool l1_use_mask;      /* L1 sums: keep flags come from mask (della) */
+} cpu_ctx;
+
+static uint64_t *ctx_eq(const cpu_ctx *x, unsigned task, unsigned model)
+{
+    return &x->eq[((uint64_t)task * (MS_MAX_MODELS + 1) + model) * 2];
+}
+
+static double *ctx_blk(double *base, const cpu_ctx *x, unsigned model)
+{
+    return base + (uint64_t)model * x->lay.max_blocks;
+}
+
+static int ctx_alloc(cpu_ctx *x)
+{
+    const cpu_layout *lay = &x->lay;
+    unsigned char *mem = aligned_alloc(CPU_ALIGN, (size_t)lay->total);
+    if (!mem)
+        return -ENOMEM;
+    x->mem = mem;
+    uint64_t off = 0;
+    x->scratch = (cpu_scratch *)(mem + off);
+    off += align_up((uint64_t)lay->n_workers * sizeof(cpu_scratch));
+    for (unsigned w = 0; w < lay->n_workers; w++) {
+        cpu_scratch *s = &x->scratch[w];
+        unsigned char *q = mem + off;
+        size_t span = lay->span;
+        uint64_t o = 0;
+#define CARVE(ptr, type, count)                                                                            \
+    do {                                                                                                   \
+        ptr = (type *)(q + o);                                                                             \
+        o += align_up((uint64_t)(count) * sizeof(type));                                                   \
+    } while (0)
+        s->span = span;
+        CARVE(s->base, float, span);
+        CARVE(s->x, float, span);
+        CARVE(s->out, float, span);
+        CARVE(s->t0, float, span);
+        CARVE(s->t1, float, span);
+        CARVE(s->t2, float, span);
+        CARVE(s->t3, float, span);
+        CARVE(s->W, float, (uint64_t)lay->n_models * span);
+        CARVE(s->key, uint32_t, span);
+        CARVE(s->rnd, uint32_t, span);
+        CARVE(s->keep, uint8_t, span);
+        s->hist = NULL;
+        s->sort_a = s->sort_b = s->thr = NULL;
+        if (lay->hist)
+            CARVE(s->hist, uint64_t, 2 * MS_MERGE_LO_BINS);
+        if (lay->della) {
+            uint64_t cols = lay->cols ? lay->cols : 1;
+            CARVE(s->sort_a, uint64_t, cols);
+            CARVE(s->sort_b, uint64_t, cols);
+            CARVE(s->thr, uint64_t, cols);
+        }
+#undef CARVE
+        CPU_ASSERT(o <= lay->worker_bytes);
+        off += lay->worker_bytes;
+    }
+    x->eq = (uint64_t *)(mem + off);
+    off += align_up(lay->max_tasks * (MS_MAX_MODELS + 1) * 2 * sizeof(uint64_t));
+    x->blk_delta = (double *)(mem + off);
+    off += align_up((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
+    x->blk_tau = (double *)(mem + off);
+    off += align_up((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
+    x->mask = lay->mask_bytes ? mem + off : NULL;
+    off += align_up(lay->mask_bytes);
+    CPU_ASSERT(off <= lay->total);
+    return 0;
+}
+
+/* ========================================================= load / store */
+
+/* dst[j] = element off + j of src (dtype dt) widened to fp32. */
+static void load_f32(float *dst, const void *src, st_dtype dt, uint64_t off, size_t n)
+{
+    switch (dt) {
+    case ST_F32:
+        memcpy(dst, (const unsigned char *)src + off * 4, n * sizeof(float));
+        break;
+    case ST_BF16: {
+        const unsigned char *s = (const unsigned char *)src + off * 2;
+        for (size_t j = 0; j < n; j++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * j, 2);
+            dst[j] = ms_bf16_to_f32(h);
+        }
+        break;
+    }
+    case ST_F16: {
+        const unsigned char *s = (const unsigned char *)src + off * 2;
+        for (size_t j = 0; j < n; j++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * j, 2);
+            dst[j] = ms_f16_to_f32(h);
+        }
+        break;
+    }
+    default:
+        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
+    }
+}
+
+/* Rounds src[0..n) once to dt (NaN canonical) into element off.. of dst. */
+static void store_out(void *dst, st_dtype dt, uint64_t off, const float *src, size_t n)
+{
+    switch (dt) {
+    case ST_F32: {
+        unsigned char *d = (unsigned char *)dst + off * 4;
+        for (size_t j = 0; j < n; j++) {
+            uint32_t u = ms_merge_store_f32(src[j]);
+            memcpy(d + 4 * j, &u, 4);
+        }
+        break;
+    }
+    case ST_BF16: {
+        unsigned char *d = (unsigned char *)dst + off * 2;
+        for (size_t j = 0; j < n; j++) {
+            uint16_t h = ms_merge_store_bf16(src[j]);
+            memcpy(d + 2 * j, &h, 2);
+        }
+        break;
+    }
+    case ST_F16: {
+        unsigned char *d = (unsigned char *)dst + off * 2;
+        for (size_t j = 0; j < n; j++) {
+            uint16_t h = ms_merge_store_f16(src[j]);
+            memcpy(d + 2 * j, &h, 2);
+        }
+        break;
+    }
+    default:
+        CPU_ASSERT(!"output dtype is not F16, BF16 or F32");
+    }
+}
+
+/* Loads the base and model i's delta for flat elements [e, e + n) into
+ * s->base and d. */
+static void load_delta(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const float *base, float *d)
+{
+    uint64_t off = e - x->c->elem0;
+    load_f32(d, x->c->in[i], x->p->in_dtype[i], off, n);
+    for (size_t j = 0; j < n; j++)
+        d[j] = ms_merge_delta(d[j], base[j]);
+}
+
+static void load_base(const cpu_ctx *x, uint64_t e, size_t n, float *base)
+{
+    load_f32(base, x->c->in[0], x->p->in_dtype[0], e - x->c->elem0, n);
+}
+
+/* ============================================================= keep */
+
+/* u[j] = model's philox word of element e0 + j. */
+static void philox_fill(const uint32_t key[2], uint32_t model, uint64_t e0, size_t n, uint32_t *u)
+{
+    size_t j = 0;
+    uint64_t e = e0;
+    while (j < n) {
+        uint32_t ctr[4] = {(uint32_t)(e >> 2), (uint32_t)(e >> 34), model, 0u};
+        uint32_t out[4];
+        ms_philox4x32_10(ctr, key, out);
+        for (unsigned w = (unsigned)(e & 3u); w < 4 && j < n; w++, j++, e++)
+            u[j] = out[w];
+    }
+}
+
+/* keep[j] for model i's elements [e, e + n) with deltas d (not DELLA).
+ * pos[b]: eq_pos of the first element for split bounds; advanced past the
+ * tile. */
+static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n, const float *d,
+                      uint64_t pos[2])
+{
+    const ms_merge_model *m = &x->st->model[i];
+    uint8_t *keep = s->keep;
+    uint32_t *key = s->key;
+    switch (m->sel) {
+    case MS_MERGE_SEL_ALL:
+        memset(keep, 1, n);
+        break;
+    case MS_MERGE_SEL_NONE:
+        memset(keep, 0, n);
+        break;
+    case MS_MERGE_SEL_RANDOM: {
+        uint64_t thr = m->random_threshold;
+        philox_fill(x->p->philox_key, i - 1, e, n, s->rnd);
+        for (size_t j = 0; j < n; j++)
+            keep[j] = ms_merge_random_keep(s->rnd[j], thr);
+        break;
+    }
+    case MS_MERGE_SEL_TOP: {
+        const ms_merge_bound *b = &m->bound[0];
+        uint32_t t = b->key;
+        uint64_t take = b->take;
+        for (size_t j = 0; j < n; j++)
+            key[j] = ms_merge_key(d[j]);
+        if (!b->split) {
+            for (size_t j = 0; j < n; j++)
+                keep[j] = ms_merge_sel_upper(key[j], 0, t, take);
+        } else {
+            uint64_t q = pos[0];
+            for (size_t j = 0; j < n; j++) {
+                keep[j] = ms_merge_sel_upper(key[j], q, t, take);
+                q += key[j] == t;
+            }
+            pos[0] = q;
+        }
+        break;
+    }
+    case MS_MERGE_SEL_BAND: {
+        const ms_merge_bound *lo = &m->bound[0], *hi = &m->bound[1];
+        for (size_t j = 0; j < n; j++)
+            key[j] = ms_merge_key(d[j]);
+        if (!lo->split && !hi->split) {
+            for (size_t j = 0; j < n; j++)
+                keep[j] = !ms_merge_sel_lower(key[j], 0, lo->key, lo->take) &&
+                          ms_merge_sel_lower(key[j], 0, hi->key, hi->take);
+        } else {
+            uint64_t q0 = lo->split ? pos[0] : 0, q1 = hi->split ? pos[1] : 0;
+            for (size_t j = 0; j < n; j++) {
+                keep[j] = !ms_merge_sel_lower(key[j], q0, lo->key, lo->take) &&
+                          ms_merge_sel_lower(key[j], q1, hi->key, hi->take);
+                if (lo->split)
+                    q0 += key[j] == lo->key;
+                if (hi->split)
+                    q1 += key[j] == hi->key;
+            }
+            pos[0] = lo->split ? q0 : pos[0];
+            pos[1] = hi->split ? q1 : pos[1];
+        }
+        break;
+    }
+    case MS_MERGE_SEL_DELLA:
+        CPU_ASSERT(!"della keeps are computed per row");
+    }
+}
+
+/* Stable LSD radix sort of a[0..n) on its low `bits` bits, 11 bits a pass.
+ * Returns the buffer (a or tmp) holding the sorted values. */
+static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned bits)
+{
+    size_t count[2048];
+    for (unsigned shift = 0; shift < bits; shift += 11) {
+        memset(count, 0, sizeof count);
+        for (size_t j = 0; j < n; j++)
+            count[(a[j] >> shift) & 2047u]++;
+        if (count[(a[0] >> shift) & 2047u] == n)
+            continue; /* one digit value: this pass would not move anything */
+        size_t sum = 0;
+        for (unsigned k = 0; k < 2048; k++) {
+            size_t c = count[k];
+            count[k] = sum;
+            sum += c;
+        }
+        for (size_t j = 0; j < n; j++)
+            tmp[count[(a[j] >> shift) & 2047u]++] = a[j];
+        uint64_t *swap = a;
+        a = tmp;
+        tmp = swap;
+    }
+    return a;
+}
+
+/* della_magprune's keep flags for model i's row `row` (cols deltas d). */
+static void della_row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t row, const float *d)
+{
+    const ms_tensor_params *p = x->p;
+    uint64_t cols = p->cols;
+    unsigned cbits = 0;
+    while (cbits < 64 && (cols - 1) >> cbits)
+        cbits++;
+    CPU_ASSERT(cbits <= 32);
+    uint64_t cmask = cbits ? (((uint64_t)1 << cbits) - 1) : 0;
+    /* ascending by key, ties by column: the key above the column bits */
+    for (uint64_t col = 0; col < cols; col++)
+        s->sort_a[col] = ((uint64_t)ms_merge_key(d[col]) << cbits) | col;
+    const uint64_t *sorted = radix_sort(s->sort_a, s->sort_b, (size_t)cols, 31 + cbits);
+    double dens = p->density[i], eps = p->epsilon[i];
+    for (uint64_t r = 0; r < cols; r++)
+        s->thr[sorted[r] & cmask] = ms_merge_della_threshold(dens, eps, r, cols);
+    philox_fill(p->philox_key, i - 1, row * cols, (size_t)cols, s->rnd);
+    for (uint64_t col = 0; col < cols; col++)
+        s->keep[col] = ms_merge_random_keep(s->rnd[col], s->thr[col]);
+}
+
+/* Model i's keep flags for a della row (any sel). */
+static void row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t row, const float *d)
+{
+    const ms_merge_model *m = &x->st->model[i];
+    if (m->sel == MS_MERGE_SEL_DELLA) {
+        della_row_keep(x, s, i, row, d);
+    } else {
+        uint64_t pos[2] = {0, 0};
+        tile_keep(x, s, i, row * x->p->cols, (size_t)x->p->cols, d, pos);
+    }
+}
+
+/* ========================================================== combining */
+
+/* W_i = w_i * tau over n elements, in place (W_i holds the deltas). */
+static void tile_weigh(const cpu_ctx *x, const cpu_scratch *s, unsigned i, float *Wi, size_t n)
+{
+    float w = x->p->weight[i], f = x->st->model[i].factor;
+    const uint8_t *keep = s->keep;
+    for (size_t j = 0; j < n; j++)
+        Wi[j] = w * ms_merge_tau(Wi[j], keep[j], f);
+}
+
+/* s->out[j] from s->base and the W rows: ms_merge_combine, model-outer so the
+ * element loops vectorise; the operations and their order are the same. */
+static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n)
+{
+    const ms_tensor_params *p = x->p;
+    const float *w = &p->weight[1];
+    unsigned nm = p->n_models;
+    size_t span = s->span;
+    const float *W = s->W, *base = s->base;
+    float *out = s->out, *mixed = s->t2;
+    bool normalize = p->normalize;
+    float lambda = p->lambda;
+    if (p->consensus) {
+        float *S = s->t0, *maj = s->t1, *div = s->t3;
+        for (size_t j = 0; j < n; j++)
+            S[j] = W[j];
+        for (unsigned i = 1; i < nm; i++) {
+            const float *Wi = W + i * span;
+            for (size_t j = 0; j < n; j++)
+                S[j] = S[j] + Wi[j];
+        }
+        for (size_t j = 0; j < n; j++)
+            maj[j] = ms_merge_majority(S[j]);
+        float w0 = w[0];
+        for (size_t j = 0; j < n; j++) {
+            float m = ms_merge_match(W[j], maj[j]);
+            mixed[j] = m * W[j];
+            div[j] = m * w0;
+        }
+        for (unsigned i = 1; i < nm; i++) {
+            const float *Wi = W + i * span;
+            float wi = w[i];
+            for (size_t j = 0; j < n; j++) {
+                float m = ms_merge_match(Wi[j], maj[j]);
+                mixed[j] = mixed[j] + m * Wi[j];
+                div[j] = div[j] + m * wi;
+            }
+        }
+        for (size_t j = 0; j < n; j++)
+            out[j] = ms_merge_finish(base[j], mixed[j], ms_merge_fix_consensus_divisor(div[j]), normalize, lambda);
+    } else {
+        for (size_t j = 0; j < n; j++)
+            mixed[j] = W[j];
+        for (unsigned i = 1; i < nm; i++) {
+            const float *Wi = W + i * span;
+            for (size_t j = 0; j < n; j++)
+                mixed[j] = mixed[j] + Wi[j];
+        }
+        float div = x->plain_div;
+        for (size_t j = 0; j < n; j++)
+            out[j] = ms_merge_finish(base[j], mixed[j], div, normalize, lambda);
+    }
+}
+
+/* Linear: s->out[j] = ms_merge_linear over the W rows (holding X_i). */
+static void tile_linear(const cpu_ctx *x, cpu_scratch *s, size_t n)
+{
+    const ms_tensor_params *p = x->p;
+    const float *w = &p->weight[1];
+    size_t span = s->span;
+    float *acc = s->out;
+    float w0 = w[0];
+    for (size_t j = 0; j < n; j++)
+        acc[j] = w0 * s->W[j];
+    for (unsigned i = 1; i < p->n_models; i++) {
+        const float *Xi = s->W + i * span;
+        float wi = w[i];
+        for (size_t j = 0; j < n; j++)
+            acc[j] = acc[j] + wi * Xi[j];
+    }
+    if (p->normalize) {
+        float wsum = x->wsum;
+        for (size_t j = 0; j < n; j++)
+            acc[j] = acc[j] / wsum;
+    }
+}
+
+/* ========================================================= partitions */
+
+/* Element tasks over [e0, e1) (e1 > e0): whole global blocks per task. */
+static void part_elems(cpu_ctx *x, uint64_t e0, uint64_t e1)
+{
+    x->e0 = e0;
+    x->e1 = e1;
+    uint64_t j0 = e0 / MS_MERGE_BLOCK, nb = (e1 - 1) / MS_MERGE_BLOCK - j0 + 1;
+    uint64_t want = (uint64_t)x->lay.n_workers * CPU_TASKS_PER_WORKER;
+    x->bpt = (nb + want - 1) / want;
+    x->n_tasks = (unsigned)((nb + x->bpt - 1) / x->bpt);
+    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks && nb <= x->lay.max_blocks);
+}
+
+static void part_elem_range(const cpu_ctx *x, unsigned task, uint64_t *a, uint64_t *b)
+{
+    uint64_t j0 = x->e0 / MS_MERGE_BLOCK;
+    uint64_t lo = (j0 + task * x->bpt) * MS_MERGE_BLOCK, hi = (j0 + (task + 1) * x->bpt) * MS_MERGE_BLOCK;
+    *a = lo > x->e0 ? lo : x->e0;
+    *b = hi < x->e1 ? hi : x->e1;
+}
+
+/* Row tasks over rows [r0, r1). */
+static void part_rows(cpu_ctx *x, uint64_t r0, uint64_t r1)
+{
+    x->r0 = r0;
+    x->r1 = r1;
+    x->e0 = r0 * x->p->cols;
+    x->e1 = r1 * x->p->cols;
+    uint64_t want = (uint64_t)x->lay.n_workers * CPU_TASKS_PER_WORKER;
+    uint64_t nr = r1 - r0;
+    x->rpt = (nr + want - 1) / want;
+    x->n_tasks = (unsigned)((nr + x->rpt - 1) / x->rpt);
+    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
+}
+
+/* ============================================================== tasks */
+
+/* HIST_HI: histogram of key >> 16 of x->model into the worker's hist. */
+static void task_hist_hi(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    uint64_t a, b;
+    part_elem_range(x, task, &a, &b);
+    uint64_t *hist = s->hist;
+    for (uint64_t e = a; e < b; e += CPU_TILE) {
+        size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
+        load_base(x, e, n, s->base);
+        load_delta(x, x->model, e, n, s->base, s->x);
+        for (size_t j = 0; j < n; j++)
+            hist[ms_merge_key(s->x[j]) >> 16]++;
+    }
+}
+
+/* HIST_LO: per searched bound, histogram of key & 0xffff inside its bin. */
+static void task_hist_lo(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    const ms_merge_model *m = &x->st->model[x->model];
+    uint64_t a, b;
+    part_elem_range(x, task, &a, &b);
+    for (uint64_t e = a; e < b; e += CPU_TILE) {
+        size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
+        load_base(x, e, n, s->base);
+        load_delta(x, x->model, e, n, s->base, s->x);
+        for (size_t j = 0; j < n; j++)
+            s->key[j] = ms_merge_key(s->x[j]);
+        for (unsigned bd = 0; bd < 2; bd++) {
+            if (!m->bound[bd].search)
+                continue;
+            uint32_t bin = m->bound[bd].bin;
+            uint64_t *hist = s->hist + (uint64_t)bd * MS_MERGE_LO_BINS;
+            for (size_t j = 0; j < n; j++)
+                if ((s->key[j] >> 16) == bin)
+                    hist[s->key[j] & 0xffffu]++;
+        }
+    }
+}
+
+/* Counts of key == t of every split bound in the task's range. */
+static void task_count_eq(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    uint64_t a, b;
+    part_elem_range(x, task, &a, &b);
+    for (unsigned i = 1; i <= x->p->n_models; i++) {
+        uint64_t *cnt = ctx_eq(x, task, i);
+        cnt[0] = cnt[1] = 0;
+    }
+    for (uint64_t e = a; e < b; e += CPU_TILE) {
+        size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
+        load_base(x, e, n, s->base);
+        for (unsigned i = 1; i <= x->p->n_models; i++) {
+            const ms_merge_model *m = &x->st->model[i];
+            if (!m->bound[0].split && !m->bound[1].split)
+                continue;
+            load_delta(x, i, e, n, s->base, s->x);
+            uint64_t *cnt = ctx_eq(x, task, i);
+            for (unsigned bd = 0; bd < 2; bd++) {
+                if (!m->bound[bd].split)
+                    continue;
+                uint32_t t = m->bound[bd].key;
+                uint64_t k = 0;
+                for (size_t j = 0; j < n; j++)
+                    k += ms_merge_key(s->x[j]) == t;
+                cnt[bd] += k;
+            }
+        }
+    }
+}
+
+/* L1: per model in x->l1_models, the sequential fp64 sums of |delta| and of
+ * |delta| over kept elements, per block. */
+static void task_l1(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    const ms_tensor_params *p = x->p;
+    uint64_t a, b;
+    part_elem_range(x, task, &a, &b);
+    uint64_t jw0 = x->e0 / MS_MERGE_BLOCK;
+    uint64_t pos[MS_MAX_MODELS + 1][2];
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        const uint64_t *start = ctx_eq(x, task, i);
+        pos[i][0] = x->st->any_split ? start[0] : 0;
+        pos[i][1] = x->st->any_split ? start[1] : 0;
+    }
+    double sd[MS_MAX_MODELS + 1], stau[MS_MAX_MODELS + 1];
+    for (uint64_t j = a / MS_MERGE_BLOCK; j * MS_MERGE_BLOCK < b; j++) {
+        uint64_t sa = j * MS_MERGE_BLOCK > a ? j * MS_MERGE_BLOCK : a;
+        uint64_t sb = (j + 1) * MS_MERGE_BLOCK < b ? (j + 1) * MS_MERGE_BLOCK : b;
+        for (unsigned i = 1; i <= p->n_models; i++) {
+            /* the window's first block continues the carried open block (0 when none) */
+            sd[i] = j == jw0 ? x->st->model[i].blk_delta : 0.0;
+            stau[i] = j == jw0 ? x->st->model[i].blk_tau : 0.0;
+        }
+        for (uint64_t e = sa; e < sb; e += CPU_TILE) {
+            size_t n = sb - e < CPU_TILE ? (size_t)(sb - e) : CPU_TILE;
+            load_base(x, e, n, s->base);
+            for (unsigned i = 1; i <= p->n_models; i++) {
+                if (!x->l1_models[i])
+                    continue;
+                load_delta(x, i, e, n, s->base, s->x);
+                const uint8_t *keep = s->keep;
+                if (x->l1_use_mask)
+                    keep = x->mask + (e - x->e0);
+                else
+                    tile_keep(x, s, i, e, n, s->x, pos[i]);
+                double d_sum = sd[i], t_sum = stau[i];
+                for (size_t k = 0; k < n; k++) {
+                    double ad = fabs((double)s->x[k]);
+                    d_sum = d_sum + ad;
+                    if (keep[k])
+                        t_sum = t_sum + ad;
+                }
+                sd[i] = d_sum;
+                stau[i] = t_sum;
+            }
+        }
+        for (unsigned i = 1; i <= p->n_models; i++) {
+            if (!x->l1_models[i])
+                continue;
+            ctx_blk(x->blk_delta, x, i)[j - jw0] = sd[i];
+            ctx_blk(x->blk_tau, x, i)[j - jw0] = stau[i];
+        }
+    }
+}
+
+/* della L1: model x->model's keep flags for the task's rows into x->mask. */
+static void task_della_mask(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    uint64_t cols = x->p->cols;
+    uint64_t ra = x->r0 + (uint64_t)task * x->rpt, rb = ra + x->rpt < x->r1 ? ra + x->rpt : x->r1;
+    for (uint64_t r = ra; r < rb; r++) {
+        uint64_t e = r * cols;
+        load_base(x, e, (size_t)cols, s->base);
+        load_delta(x, x->model, e, (size_t)cols, s->base, s->x);
+        row_keep(x, s, x->model, r, s->x);
+        memcpy(x->mask + (e - x->e0), s->keep, (size_t)cols);
+    }
+}
+
+/* APPLY over element tiles. */
+static void task_apply(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    const ms_tensor_params *p = x->p;
+    bool linear = p->method == MS_METHOD_LINEAR;
+    uint64_t a, b;
+    part_elem_range(x, task, &a, &b);
+    uint64_t pos[MS_MAX_MODELS + 1][2];
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        const uint64_t *start = ctx_eq(x, task, i);
+        pos[i][0] = x->st->any_split ? start[0] : 0;
+        pos[i][1] = x->st->any_split ? start[1] : 0;
+    }
+    for (uint64_t e = a; e < b; e += CPU_TILE) {
+        size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
+        uint64_t off = e - x->c->elem0;
+        if (linear) {
+            for (unsigned i = 1; i <= p->n_models; i++)
+                load_f32(s->W + (i - 1) * s->span, x->c->in[i], p->in_dtype[i], off, n);
+            tile_linear(x, s, n);
+        } else {
+            load_base(x, e, n, s->base);
+            for (unsigned i = 1; i <= p->n_models; i++) {
+                float *Wi = s->W + (i - 1) * s->span;
+                load_delta(x, i, e, n, s->base, Wi);
+                tile_keep(x, s, i, e, n, Wi, pos[i]);
+                tile_weigh(x, s, i, Wi, n);
+            }
+            tile_combine(x, s, n);
+        }
+        store_out(x->c->out, p->out_dtype, off, s->out, n);
+    }
+}
+
+/* APPLY over whole rows (della). */
+static void task_apply_rows(void *vx, unsigned task, unsigned worker)
+{
+    cpu_ctx *x = vx;
+    cpu_scratch *s = &x->scratch[worker];
+    const ms_tensor_params *p = x->p;
+    uint64_t cols = p->cols;
+    uint64_t ra = x->r0 + (uint64_t)task * x->rpt, rb = ra + x->rpt < x->r1 ? ra + x->rpt : x->r1;
+    for (uint64_t r = ra; r < rb; r++) {
+        uint64_t e = r * cols;
+        load_base(x, e, (size_t)cols, s->base);
+        for (unsigned i = 1; i <= p->n_models; i++) {
+            float *Wi = s->W + (i - 1) * s->span;
+            load_delta(x, i, e, (size_t)cols, s->base, Wi);
+            row_keep(x, s, i, r, Wi);
+            tile_weigh(x, s, i, Wi, (size_t)cols);
+        }
+        tile_combine(x, s, (size_t)cols);
+        store_out(x->c->out, p->out_dtype, e - x->c->elem0, s->out, (size_t)cols);
+    }
+}
+
+/* ============================================================= passes */
+
+static bool ctx_della_rows(const ms_tensor_params *p, const ms_merge_state *st)
+{
+    if (p->method == MS_METHOD_LINEAR || p->sparsify != MS_SPARSIFY_DELLA_MAGPRUNE)
+        return false;
+    for (unsigned i = 1; i <= p->n_models; i++)
+        if (st->model[i].sel == MS_MERGE_SEL_DELLA)
+            return true;
+    return false;
+}
+
+/* Counts key == t per task for split bounds, turns them into start
+ * positions, and advances eq_seen past the window. */
+static void run_eq_positions(cpu_ctx *x, cpu_pool *pool)
+{
+    if (!x->st->any_split)
+        return;
+    cpu_pool_run(pool, x->n_tasks, task_count_eq, x);
+    for (unsigned i = 1; i <= x->p->n_models; i++) {
+        for (unsigned bd = 0; bd < 2; bd++) {
+            ms_merge_bound *b = &x->st->model[i].bound[bd];
+            uint64_t run = b->eq_seen;
+            for (unsigned t = 0; t < x->n_tasks; t++) {
+                uint64_t *slot = &ctx_eq(x, t, i)[bd];
+                uint64_t count = b->split ? *slot : 0;
+                *slot = run;
+                run += count;
+            }
+            b->eq_seen = run;
+        }
+    }
+}
+
+static void run_hist(cpu_ctx *x, cpu_pool *pool, bool hi)
+{
+    for (unsigned i = 1; i <= x->p->n_models; i++) {
+        ms_merge_model *m = &x->st->model[i];
+        if (!m->bound[0].search && !m->bound[1].search)
+            continue;
+        x->model = i;
+        size_t words = hi ? MS_MERGE_HI_BINS : 2 * MS_MERGE_LO_BINS;
+        for (unsigned w = 0; w < x->lay.n_workers; w++)
+            memset(x->scratch[w].hist, 0, words * sizeof(uint64_t));
+        cpu_pool_run(pool, x->n_tasks, hi ? task_hist_hi : task_hist_lo, x);
+        for (unsigned w = 0; w < x->lay.n_workers; w++) {
+            const uint64_t *h = x->scratch[w].hist;
+            if (hi) {
+                for (size_t k = 0; k < MS_MERGE_HI_BINS; k++)
+                    m->hist_hi[k] += h[k];
+            } else {
+                for (unsigned bd = 0; bd < 2; bd++)
+                    if (m->bound[bd].search)
+                        for (size_t k = 0; k < MS_MERGE_LO_BINS; k++)
+                            m->bound[bd].hist_lo[k] += h[bd * MS_MERGE_LO_BINS + k];
+            }
+        }
+    }
+}
+
+static void run_l1_fold(cpu_ctx *x)
+{
+    for (unsigned i = 1; i <= x->p->n_models; i++)
+        if (x->l1_models[i])
+            ms_merge_l1_fold(&x->st->model[i], x->e0, x->e1 - x->e0, ctx_blk(x->blk_delta, x, i),
+                             ctx_blk(x->blk_tau, x, i));
+}
+
+/* One element window [e0, e1) of a non-row pass. */
+static void run_elem_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, uint64_t e0, uint64_t e1)
+{
+    part_elems(x, e0, e1);
+    switch (kind) {
+    case MS_MERGE_PASS_HIST_HI:
+        run_hist(x, pool, true);
+        break;
+    case MS_MERGE_PASS_HIST_LO:
+        run_hist(x, pool, false);
+        break;
+    case MS_MERGE_PASS_L1:
+        run_eq_positions(x, pool);
+        x->l1_use_mask = false;
+        for (unsigned i = 1; i <= x->p->n_models; i++)
+            x->l1_models[i] = x->st->model[i].rescale;
+        cpu_pool_run(pool, x->n_tasks, task_l1, x);
+        run_l1_fold(x);
+        break;
+    case MS_MERGE_PASS_APPLY:
+        run_eq_positions(x, pool);
+        cpu_pool_run(pool, x->n_tasks, task_apply, x);
+        break;
+    }
+}
+
+/* One row window [r0, r1) of a della tensor's L1 or APPLY pass. */
+static void run_row_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, uint64_t r0, uint64_t r1)
+{
+    if (kind == MS_MERGE_PASS_APPLY) {
+        part_rows(x, r0, r1);
+        cpu_pool_run(pool, x->n_tasks, task_apply_rows, x);
+        return;
+    }
+    CPU_ASSERT(kind == MS_MERGE_PASS_L1);
+    for (unsigned i = 1; i <= x->p->n_models; i++) {
+        if (!x->st->model[i].rescale)
+            continue;
+        x->model = i;
+        part_rows(x, r0, r1);
+        cpu_pool_run(pool, x->n_tasks, task_della_mask, x);
+        part_elems(x, r0 * x->p->cols, r1 * x->p->cols);
+        memset(x->l1_models, 0, sizeof x->l1_models);
+        x->l1_models[i] = true;
+        x->l1_use_mask = true;
+        cpu_pool_run(pool, x->n_tasks, task_l1, x);
+        run_l1_fold(x);
+    }
+}
+
+int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned pass, const ms_chunk *c,
+                       cpu_pool *pool)
+{
+    CPU_ASSERT(pass < st->n_passes);
+    CPU_ASSERT(c->elem0 == st->next_elem);
+    CPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
+    CPU_ASSERT(c->elem0 + c->n_elems <= p->numel);
+    CPU_ASSERT(p->method == MS_METHOD_LINEAR || c->in[0]);
+    ms_merge_pass_kind kind = st->pass[pass];
+    if (c->n_elems == 0)
+        return 0;
+    cpu_ctx x;
+    memset(&x, 0, sizeof x);
+    x.p = p;
+    x.st = st;
+    x.c = c;
+    bool della = ctx_della_rows(p, st) && (kind == MS_MERGE_PASS_L1 || kind == MS_MERGE_PASS_APPLY);
+    bool hist = kind == MS_MERGE_PASS_HIST_HI || kind == MS_MERGE_PASS_HIST_LO;
+    if (!layout_compute(p, hist, della, cpu_pool_size(pool), c->n_elems, &x.lay))
+        return -ENOMEM;
+    if (ctx_alloc(&x) != 0)
+        return -ENOMEM;
+    x.plain_div = ms_merge_fix_plain_divisor(ms_merge_weight_sum(&p->weight[1], p->n_models));
+    x.wsum = ms_merge_weight_sum(&p->weight[1], p->n_models);
+    uint64_t end = c->elem0 + c->n_elems;
+    if (della) {
+        uint64_t cols = p->cols;
+        uint64_t rows_per_win = g_della_window_elems / cols ? g_della_window_elems / cols : 1;
+        for (uint64_t r = c->row0; r < c->row0 + c->n_rows; r += rows_per_win) {
+            uint64_t r1 = r + rows_per_win < c->row0 + c->n_rows ? r + rows_per_win : c->row0 + c->n_rows;
+            run_row_window(&x, pool, kind, r, r1);
+        }
+    } else {
+        for (uint64_t e = c->elem0; e < end;) {
+            uint64_t we = (e / g_window_elems + 1) * g_window_elems;
+            if (we > end)
+                we = end;
+            run_elem_window(&x, pool, kind, e, we);
+            e = we;
+        }
+    }
+    st->next_elem = end;
+    free(x.mem);
+    return 0;
+}
+
+uint64_t cpu_merge_scratch_bytes(const ms_tensor_params *p, uint64_t n_rows, unsigned n_threads)
+{
+    if (n_threads == 0)
+        n_threads = 1;
+    uint64_t max_elems;
+    if (__builtin_mul_overflow(n_rows ? n_rows : 1, p->cols ? p->cols : 1, &max_elems))
+        max_elems = UINT64_MAX;
+    bool hist = p->method != MS_METHOD_LINEAR &&
+                (p->sparsify == MS_SPARSIFY_MAGNITUDE || p->sparsify == MS_SPARSIFY_MAGNITUDE_OUTLIERS);
+    bool della = p->method != MS_METHOD_LINEAR && p->sparsify == MS_SPARSIFY_DELLA_MAGPRUNE;
+    cpu_layout lay;
+    if (!layout_compute(p, hist, della, n_threads, max_elems, &lay))
+        return UINT64_MAX;
+    return lay.total + CPU_ALIGN;
+}

@@ -1,0 +1,586 @@
+/* Tests for the CPU merge kernels (cpu/cpu_merge.c), the pass plan
+ * (pipeline/merge_passes.c) and the thread pool (cpu/cpu_pool.c).
+ *
+ * Every method runs on fresh random tensors against the float64 reference in
+ * merge_reference.h, byte for byte: 1-D and 2-D shapes, numel above 65,536
+ * (L1 blocks straddle chunks and windows), every input/output dtype, 1-8
+ * models, negative and zero weights, lambda != 1, normalize and rescale on
+ * and off, densities giving k = 0, k = 1, k = numel - 1 and d = 1, quantised
+ * deltas (many exact ties in |delta|), NaN/Inf inputs. Each case then runs
+ * again cut into random row chunks (different per pass) with 2 and 3
+ * threads and small windows: the bytes must not change. The seed is printed;
+ * set MS_TEST_SEED to replay. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "cpu/cpu_merge.h"
+#include "cpu/cpu_pool.h"
+#include "merge_reference.h"
+#include "pipeline/merge_passes.h"
+
+static uint64_t g_rng;
+static cpu_pool *g_pool[4]; /* [t]: t threads (1..3) */
+
+static uint64_t rng_next(void) /* splitmix64 */
+{
+    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+static double rng_unit(void) /* [0, 1) */
+{
+    return (double)(rng_next() >> 11) / 9007199254740992.0;
+}
+
+static double rng_gauss(void)
+{
+    double s = 0;
+    for (int k = 0; k < 4; k++)
+        s += rng_unit();
+    return (s - 2.0) * 1.7320508075688772;
+}
+
+/* ================================================================ cases */
+
+typedef struct method_def {
+    const char *name;
+    ms_method method;
+    ms_sparsify sparsify;
+    bool consensus, normalize, rescale; /* DESIGN.md's per-method defaults */
+} method_def;
+
+static const method_def k_methods[] = {
+    {"linear", MS_METHOD_LINEAR, MS_SPARSIFY_NONE, false, true, false},
+    {"task_arithmetic", MS_METHOD_TASK_ARITHMETIC, MS_SPARSIFY_NONE, false, false, false},
+    {"ties", MS_METHOD_TIES, MS_SPARSIFY_MAGNITUDE, true, true, false},
+    {"dare_ties", MS_METHOD_DARE_TIES, MS_SPARSIFY_RANDOM, true, false, true},
+    {"dare_linear", MS_METHOD_DARE_LINEAR, MS_SPARSIFY_RANDOM, false, false, true},
+    {"breadcrumbs", MS_METHOD_BREADCRUMBS, MS_SPARSIFY_MAGNITUDE_OUTLIERS, false, false, false},
+    {"breadcrumbs_ties", MS_METHOD_BREADCRUMBS_TIES, MS_SPARSIFY_MAGNITUDE_OUTLIERS, true, false, false},
+    {"della", MS_METHOD_DELLA, MS_SPARSIFY_DELLA_MAGPRUNE, true, true, true},
+    {"della_linear", MS_METHOD_DELLA_LINEAR, MS_SPARSIFY_DELLA_MAGPRUNE, false, false, true},
+};
+#define N_METHODS (sizeof k_methods / sizeof k_methods[0])
+
+typedef struct tcase {
+    const method_def *def;
+    ms_tensor_params p;
+    void *in[MS_MAX_MODELS + 1];
+    bool ties, specials;
+} tcase;
+
+static const st_dtype k_dtypes[3] = {ST_F32, ST_F16, ST_BF16};
+
+static void store_value(void *buf, st_dtype dt, uint64_t e, float v)
+{
+    unsigned char *b = buf;
+    if (dt == ST_F32) {
+        memcpy(b + 4 * e, &v, 4);
+    } else {
+        uint16_t h = dt == ST_F16 ? ref_float_to_half(v) : ref_float_to_bf16(v);
+        memcpy(b + 2 * e, &h, 2);
+    }
+}
+
+/* A special value: NaNs of both signs with payloads, infinities. */
+static float special_value(void)
+{
+    static const uint32_t bits[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xffa5a5a5u, 0x7f800000u, 0xff800000u};
+    return ref_float(bits[rng_next() % 6]);
+}
+
+static double pick_density(uint64_t numel)
+{
+    switch (rng_next() % 7) {
+    case 0:
+        return 1.0;
+    case 1:
+        return 0.5 / (double)numel; /* k = 0 */
+    case 2:
+        return 1.5 / (double)numel; /* k = 1 */
+    case 3:
+        return ((double)numel - 0.5) / (double)numel; /* k = numel - 1 */
+    default:
+        return 0.02 + 0.96 * rng_unit();
+    }
+}
+
+static void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t cols, unsigned n_models)
+{
+    memset(tc, 0, sizeof *tc);
+    tc->def = def;
+    ms_tensor_params *p = &tc->p;
+    p->method = def->method;
+    p->sparsify = def->sparsify;
+    p->consensus = def->consensus;
+    p->normalize = def->normalize;
+    p->rescale = def->rescale;
+    if (def->method != MS_METHOD_LINEAR) {
+        if (rng_next() % 3 == 0)
+            p->normalize = !p->normalize;
+        if (rng_next() % 3 == 0)
+            p->rescale = !p->rescale;
+    }
+    p->has_base = def->method != MS_METHOD_LINEAR;
+    p->n_models = n_models;
+    p->rows = rows;
+    p->cols = cols;
+    p->numel = rows * cols;
+    p->lambda = rng_next() % 2 ? 1.0f : (float)(0.5 + rng_unit());
+    p->philox_key[0] = (uint32_t)rng_next();
+    p->philox_key[1] = (uint32_t)rng_next();
+    p->out_dtype = k_dtypes[rng_next() % 3];
+    for (unsigned i = 0; i <= n_models; i++) {
+        p->in_dtype[i] = k_dtypes[rng_next() % 3];
+        p->model_rows[i] = rows;
+    }
+    float wsum = 0;
+    for (unsigned i = 1; i <= n_models; i++) {
+        unsigned r = (unsigned)(rng_next() % 8);
+        p->weight[i] = r == 0 ? 0.0f : r == 1 ? (float)-rng_unit() : (float)(0.1 + 1.4 * rng_unit());
+        wsum += p->weight[i];
+        p->density[i] = pick_density(p->numel);
+        static const double gammas[] = {0.0, 0.01, 0.1, 0.7};
+        p->gamma[i] = rng_next() % 5 == 0 ? rng_unit() * 0.3 : gammas[rng_next() % 4];
+        if (def->sparsify == MS_SPARSIFY_DELLA_MAGPRUNE) {
+            double eps = 0.02 + 0.2 * rng_unit();
+            p->epsilon[i] = eps;
+            p->density[i] = rng_next() % 6 == 0 ? 1.0 : eps + 1e-3 + (1.0 - 2 * eps - 2e-3) * rng_unit();
+        }
+    }
+    if (def->method == MS_METHOD_LINEAR && fabsf(wsum) < 0.1f)
+        p->weight[1] += 1.0f; /* the recipe rejects a zero sum */
+    tc->ties = rng_next() % 2;
+    tc->specials = rng_next() % 4 == 0;
+    /* inputs: base values, then models = base + a delta (quantised in ties mode) */
+    uint64_t n = p->numel;
+    float *base = malloc(n * sizeof(float) + 4);
+    for (uint64_t e = 0; e < n; e++)
+        base[e] = tc->ties ? (float)ldexp((double)((int64_t)(rng_next() % 201) - 100), -6)
+                           : (float)(0.05 * rng_gauss());
+    for (uint64_t e = 0; e < n; e++)
+        if (base[e] == 0.0f && (rng_next() & 1))
+            base[e] = -0.0f; /* B + (+0) and B + (-0) differ only here */
+    for (unsigned i = 0; i <= n_models; i++) {
+        tc->in[i] = malloc(n * ref_dtype_size(p->in_dtype[i]) + 4);
+        double scale = 0.002 + 0.02 * rng_unit();
+        for (uint64_t e = 0; e < n; e++) {
+            float v = base[e];
+            if (i > 0)
+                v = tc->ties ? v + (float)ldexp((double)((int64_t)(rng_next() % 9) - 4), -8)
+                             : v + (float)(scale * rng_gauss());
+            store_value(tc->in[i], p->in_dtype[i], e, v);
+        }
+        if (tc->specials)
+            for (unsigned k = 0; k < 1 + n / 500; k++)
+                store_value(tc->in[i], p->in_dtype[i], rng_next() % n, special_value());
+    }
+    free(base);
+    if (def->method == MS_METHOD_LINEAR) {
+        free(tc->in[0]);
+        tc->in[0] = NULL;
+    }
+}
+
+static void case_free(tcase *tc)
+{
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+        free(tc->in[i]);
+}
+
+static void case_describe(const tcase *tc, char *buf, size_t len)
+{
+    const ms_tensor_params *p = &tc->p;
+    int o = snprintf(buf, len,
+                     "%s rows=%" PRIu64 " cols=%" PRIu64 " n=%u out=%d cons=%d norm=%d resc=%d lambda=%g ties=%d "
+                     "specials=%d:",
+                     tc->def->name, p->rows, p->cols, p->n_models, (int)p->out_dtype, p->consensus, p->normalize,
+                     p->rescale, (double)p->lambda, tc->ties, tc->specials);
+    for (unsigned i = 1; i <= p->n_models && o > 0 && (size_t)o < len; i++)
+        o += snprintf(buf + o, len - (size_t)o, " [w=%g d=%.9g g=%g eps=%g in=%d]", (double)p->weight[i],
+                      p->density[i], p->gamma[i], p->epsilon[i], (int)p->in_dtype[i]);
+}
+
+/* ============================================================== running */
+
+/* Runs every pass; chunked: random row counts, different in each pass. When
+ * l1 is not NULL it receives each rescaled model's L1 sums after the L1
+ * pass (the others are left alone). */
+static void run_cpu(const tcase *tc, void *out, cpu_pool *pool, bool chunked, double (*l1)[2])
+{
+    const ms_tensor_params *p = &tc->p;
+    ms_merge_state *st = NULL;
+    assert_int_equal(ms_merge_state_open(p, &st), 0);
+    unsigned passes = ms_merge_pass_count(p);
+    assert_int_equal(passes, st->n_passes);
+    size_t osz = ref_dtype_size(p->out_dtype);
+    for (unsigned pass = 0; pass < passes; pass++) {
+        uint64_t r = 0;
+        do {
+            uint64_t nr = p->rows - r;
+            if (chunked && nr > 1) {
+                uint64_t cap = rng_next() % 2 ? nr : 1 + p->rows / 4;
+                nr = 1 + rng_next() % (cap < nr ? cap : nr);
+            }
+            ms_chunk c = {.row0 = r, .n_rows = nr, .elem0 = r * p->cols, .n_elems = nr * p->cols};
+            for (unsigned i = 0; i <= p->n_models; i++)
+                c.in[i] = tc->in[i] ? (const unsigned char *)tc->in[i] + c.elem0 * ref_dtype_size(p->in_dtype[i])
+                                    : NULL;
+            c.out = (unsigned char *)out + c.elem0 * osz;
+            assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, pool), 0);
+            r += nr;
+        } while (r < p->rows);
+        ms_merge_pass_finish(st, p, pass);
+        if (l1 && st->pass[pass] == MS_MERGE_PASS_L1)
+            for (unsigned i = 1; i <= p->n_models; i++)
+                if (st->model[i].rescale) {
+                    l1[i][0] = st->model[i].l1_delta;
+                    l1[i][1] = st->model[i].l1_tau;
+                }
+    }
+    ms_merge_state_close(st);
+}
+
+static void expect_same(const tcase *tc, const void *got, const void *want, const char *what)
+{
+    const ms_tensor_params *p = &tc->p;
+    size_t osz = ref_dtype_size(p->out_dtype);
+    if (memcmp(got, want, p->numel * osz) == 0)
+        return;
+    uint64_t e = 0;
+    while (memcmp((const char *)got + e * osz, (const char *)want + e * osz, osz) == 0)
+        e++;
+    uint32_t g = 0, w = 0;
+    memcpy(&g, (const char *)got + e * osz, osz);
+    memcpy(&w, (const char *)want + e * osz, osz);
+    char desc[2048];
+    case_describe(tc, desc, sizeof desc);
+    fail_msg("%s: element %" PRIu64 " is 0x%08" PRIx32 ", expected 0x%08" PRIx32 "; %s", what, e, g, w, desc);
+}
+
+#define L1_UNSET (-12345.0) /* not computed */
+
+/* The fp64 L1 sums must be the reference's bits: an error in the blocked
+ * order would rarely survive to the fp32 factor. Models the kernels do not
+ * rescale (nothing or everything kept: the factor is 1 either way) are
+ * skipped; the reference computes their sums too. */
+static void expect_same_l1(const tcase *tc, double (*got)[2], double (*want)[2], const char *what)
+{
+    for (unsigned i = 1; i <= tc->p.n_models; i++) {
+        for (int k = 0; k < 2; k++) {
+            if (got[i][k] == L1_UNSET || memcmp(&got[i][k], &want[i][k], sizeof(double)) == 0)
+                continue;
+            char desc[2048];
+            case_describe(tc, desc, sizeof desc);
+            fail_msg("%s: model %u L1 sum %d is %.17g, expected %.17g; %s", what, i, k, got[i][k], want[i][k],
+                     desc);
+        }
+    }
+}
+
+/* The reference, then whole-tensor on 1 thread, then random chunks on 2
+ * threads (windows of 1.5 blocks) and 3 threads (windows of 1 block). */
+static void check_case(tcase *tc)
+{
+    const ms_tensor_params *p = &tc->p;
+    size_t bytes = p->numel * ref_dtype_size(p->out_dtype) + 8;
+    unsigned char *want = malloc(bytes), *got = malloc(bytes);
+    double want_l1[MS_MAX_MODELS + 1][2], got_l1[MS_MAX_MODELS + 1][2];
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+        want_l1[i][0] = want_l1[i][1] = got_l1[i][0] = got_l1[i][1] = L1_UNSET;
+    memset(want, 0, bytes);
+    ref_merge(p, (const void *const *)tc->in, want, want_l1);
+    memset(got, 0xa5, bytes);
+    run_cpu(tc, got, g_pool[1], false, got_l1);
+    expect_same(tc, got, want, "whole tensor, 1 thread");
+    expect_same_l1(tc, got_l1, want_l1, "whole tensor, 1 thread");
+    assert_int_equal(got[bytes - 8], 0xa5); /* nothing written past the end */
+    for (unsigned t = 2; t <= 3; t++) {
+        if (t == 2)
+            cpu_merge_set_windows_for_tests(3 * MS_MERGE_BLOCK / 2, 3000);
+        else
+            cpu_merge_set_windows_for_tests(MS_MERGE_BLOCK, 20000);
+        memset(got, 0x5a, bytes);
+        for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+            got_l1[i][0] = got_l1[i][1] = L1_UNSET;
+        run_cpu(tc, got, g_pool[t], true, got_l1);
+        expect_same(tc, got, want, t == 2 ? "chunked, 2 threads" : "chunked, 3 threads");
+        expect_same_l1(tc, got_l1, want_l1, t == 2 ? "chunked, 2 threads" : "chunked, 3 threads");
+    }
+    cpu_merge_set_windows_for_tests(0, 0);
+    free(got);
+    free(want);
+}
+
+static void check_method(const method_def *def)
+{
+    static const uint64_t shapes[][2] = {{1, 1},   {1, 7},    {5, 2},   {1, 1000}, {37, 129},
+                                         {64, 64}, {200, 33}, {3, 5000}, {1, 2},    {9, 1}};
+    for (int k = 0; k < 13; k++) {
+        uint64_t rows, cols;
+        unsigned n_models;
+        if (k == 10) { /* > 3 blocks, row boundaries inside blocks */
+            rows = 23, cols = 9001, n_models = 1 + (unsigned)(rng_next() % 3);
+        } else if (k == 12) { /* chunks often end exactly on a block boundary */
+            rows = 40, cols = 4096, n_models = 1 + (unsigned)(rng_next() % 2);
+        } else if (k == 11) { /* rows longer than a block */
+            rows = 2, cols = 70001, n_models = 1 + (unsigned)(rng_next() % 2);
+        } else {
+            rows = shapes[k % 10][0], cols = shapes[k % 10][1];
+            n_models = 1 + (unsigned)(rng_next() % 8);
+        }
+        tcase tc;
+        case_make(&tc, def, rows, cols, n_models);
+        check_case(&tc);
+        case_free(&tc);
+    }
+}
+
+#define METHOD_TEST(fn, idx)                                                                               \
+    static void fn(void **state)                                                                           \
+    {                                                                                                      \
+        (void)state;                                                                                       \
+        check_method(&k_methods[idx]);                                                                     \
+    }
+METHOD_TEST(test_linear, 0)
+METHOD_TEST(test_task_arithmetic, 1)
+METHOD_TEST(test_ties, 2)
+METHOD_TEST(test_dare_ties, 3)
+METHOD_TEST(test_dare_linear, 4)
+METHOD_TEST(test_breadcrumbs, 5)
+METHOD_TEST(test_breadcrumbs_ties, 6)
+METHOD_TEST(test_della, 7)
+METHOD_TEST(test_della_linear, 8)
+
+/* Selections whose outcome is known without the reference: the top-1 of a
+ * tensor of equal |delta| is the first element; breadcrumbs drops the ends. */
+static void test_selection_by_hand(void **state)
+{
+    (void)state;
+    tcase tc;
+    case_make(&tc, &k_methods[2], 4, 5, 1); /* ties, 20 elements */
+    ms_tensor_params *p = &tc.p;
+    p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
+    p->normalize = false;
+    p->rescale = false;
+    p->lambda = 1.0f;
+    p->weight[1] = 1.0f;
+    free(tc.in[0]);
+    free(tc.in[1]);
+    tc.in[0] = calloc(20, 4);
+    tc.in[1] = malloc(20 * 4);
+    for (int e = 0; e < 20; e++)
+        ((float *)tc.in[1])[e] = (e % 2) ? 0.5f : -0.5f; /* all |delta| equal */
+    float out[20];
+    p->density[1] = 3.5 / 20; /* k = 3: elements 0, 1, 2 */
+    run_cpu(&tc, out, g_pool[2], true, NULL);
+    for (int e = 0; e < 20; e++)
+        assert_true(out[e] == (e < 3 ? ((float *)tc.in[1])[e] : 0.0f));
+    ((float *)tc.in[1])[17] = 2.0f; /* now the largest: kept first */
+    run_cpu(&tc, out, g_pool[3], true, NULL);
+    for (int e = 0; e < 20; e++)
+        assert_true(out[e] == (e < 2 || e == 17 ? ((float *)tc.in[1])[e] : 0.0f));
+    /* breadcrumbs, d = 0.5, top = 2: ranks [8, 18) of 20 kept; all ties but e = 17 */
+    p->method = MS_METHOD_BREADCRUMBS;
+    p->sparsify = MS_SPARSIFY_MAGNITUDE_OUTLIERS;
+    p->consensus = false;
+    p->density[1] = 0.5;
+    p->gamma[1] = 2.5 / 20; /* top = 2, bottom = 8 */
+    run_cpu(&tc, out, g_pool[1], true, NULL);
+    /* ascending: equal keys by index (e != 17: ranks 0..18), then 17 (rank 19) */
+    for (int e = 0; e < 20; e++) {
+        int rank = e == 17 ? 19 : e < 17 ? e : e - 1;
+        bool kept = rank >= 8 && rank < 18;
+        assert_true(out[e] == (kept ? ((float *)tc.in[1])[e] : 0.0f));
+    }
+    case_free(&tc);
+}
+
+/* ======================================================== plan, pool */
+
+static void test_pass_plans(void **state)
+{
+    (void)state;
+    ms_tensor_params p;
+    memset(&p, 0, sizeof p);
+    p.n_models = 2;
+    p.rows = 10;
+    p.cols = 100;
+    p.numel = 1000;
+    p.density[1] = p.density[2] = 0.3;
+    p.epsilon[1] = p.epsilon[2] = 0.1;
+    p.method = MS_METHOD_LINEAR;
+    assert_int_equal(ms_merge_pass_count(&p), 1);
+    p.method = MS_METHOD_TIES;
+    p.sparsify = MS_SPARSIFY_MAGNITUDE;
+    assert_int_equal(ms_merge_pass_count(&p), 3);
+    p.rescale = true;
+    assert_int_equal(ms_merge_pass_count(&p), 4);
+    assert_true(ms_merge_state_bytes(&p) >= 2 * (MS_MERGE_HI_BINS + MS_MERGE_LO_BINS) * 8);
+    p.density[1] = p.density[2] = 1.0; /* nothing to select or rescale */
+    assert_int_equal(ms_merge_pass_count(&p), 1);
+    p.density[2] = 0.0001; /* k = 0: nothing kept, nothing searched */
+    assert_int_equal(ms_merge_pass_count(&p), 1);
+    p.method = MS_METHOD_DARE_TIES;
+    p.sparsify = MS_SPARSIFY_RANDOM;
+    p.density[1] = 0.5;
+    assert_int_equal(ms_merge_pass_count(&p), 2);
+    p.rescale = false;
+    assert_int_equal(ms_merge_pass_count(&p), 1);
+    p.method = MS_METHOD_DELLA;
+    p.sparsify = MS_SPARSIFY_DELLA_MAGPRUNE;
+    p.rescale = true;
+    assert_int_equal(ms_merge_pass_count(&p), 2);
+    assert_true(cpu_merge_scratch_bytes(&p, 1, 4) > cpu_merge_scratch_bytes(&p, 1, 1));
+    p.cols = 1000000;
+    p.numel = 10000000;
+    assert_true(cpu_merge_scratch_bytes(&p, 10, 2) > 2 * 1000000 * 24);
+    assert_true(cpu_merge_scratch_bytes(&p, 10, 2) < 2 * 1000000 * 100 + (64u << 20));
+    /* a tensor of no elements: one pass, nothing touched */
+    p.method = MS_METHOD_TIES;
+    p.sparsify = MS_SPARSIFY_MAGNITUDE;
+    p.density[1] = 0.5;
+    p.rows = 1;
+    p.cols = 0;
+    p.numel = 0;
+    assert_int_equal(ms_merge_pass_count(&p), 1);
+    ms_merge_state *st;
+    assert_int_equal(ms_merge_state_open(&p, &st), 0);
+    unsigned char dummy = 0x77;
+    ms_chunk c = {.row0 = 0, .n_rows = 1, .elem0 = 0, .n_elems = 0, .in = {&dummy, &dummy, &dummy}, .out = &dummy};
+    assert_int_equal(cpu_merge_run_pass(&p, st, 0, &c, g_pool[2]), 0);
+    assert_int_equal(dummy, 0x77);
+    ms_merge_state_close(st);
+    ms_merge_state_close(NULL);
+}
+
+static void test_philox_key(void **state)
+{
+    (void)state;
+    const char *name = "model.layers.3.mlp.down_proj.weight";
+    uint32_t key[2];
+    ms_merge_philox_key(name, 42, key);
+    uint64_t h = XXH3_64bits_withSeed(name, strlen(name), 42);
+    assert_int_equal(key[0], (uint32_t)h);
+    assert_int_equal(key[1], (uint32_t)(h >> 32));
+    uint32_t other[2];
+    ms_merge_philox_key(name, 43, other);
+    assert_true(other[0] != key[0] || other[1] != key[1]);
+}
+
+typedef struct pool_check {
+    unsigned runs[1000];
+    unsigned workers;
+    unsigned bad_worker;
+} pool_check;
+
+static void pool_task(void *ctx, unsigned task, unsigned worker)
+{
+    pool_check *pc = ctx;
+    __atomic_fetch_add(&pc->runs[task], 1, __ATOMIC_RELAXED);
+    if (worker >= pc->workers)
+        __atomic_fetch_add(&pc->bad_worker, 1, __ATOMIC_RELAXED);
+}
+
+static void test_pool(void **state)
+{
+    (void)state;
+    for (unsigned t = 0; t <= 5; t++) {
+        cpu_pool *pool;
+        assert_int_equal(cpu_pool_open(t, &pool), 0);
+        assert_int_equal(cpu_pool_size(pool), t ? t : 1);
+        for (unsigned rep = 0; rep < 200; rep++) {
+            pool_check pc;
+            memset(&pc, 0, sizeof pc);
+            pc.workers = cpu_pool_size(pool);
+            unsigned n = (unsigned)(rng_next() % 40);
+            if (rep == 0)
+                n = 1000;
+            cpu_pool_run(pool, n, pool_task, &pc);
+            for (unsigned k = 0; k < 1000; k++)
+                assert_int_equal(pc.runs[k], k < n ? 1 : 0);
+            assert_int_equal(pc.bad_worker, 0);
+        }
+        cpu_pool_close(pool);
+    }
+    cpu_pool_close(NULL);
+}
+
+/* MERGESTREAM_FAULT=host_alloc:2 (set in main): the state's histogram
+ * allocation fails once, cleanly. Must run first. */
+static void test_state_open_fault(void **state)
+{
+    (void)state;
+    ms_tensor_params p;
+    memset(&p, 0, sizeof p);
+    p.method = MS_METHOD_TIES;
+    p.sparsify = MS_SPARSIFY_MAGNITUDE;
+    p.n_models = 1;
+    p.rows = 1;
+    p.cols = p.numel = 100;
+    p.density[1] = 0.5;
+    ms_merge_state *st = (ms_merge_state *)&p;
+    assert_int_equal(ms_merge_state_open(&p, &st), -ENOMEM);
+    assert_null(st);
+    assert_int_equal(ms_merge_state_open(&p, &st), 0);
+    assert_non_null(st->model[1].hist_hi);
+    ms_merge_state_close(st);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    for (unsigned t = 1; t <= 3; t++)
+        if (cpu_pool_open(t, &g_pool[t]) != 0)
+            return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    for (unsigned t = 1; t <= 3; t++)
+        cpu_pool_close(g_pool[t]);
+    return 0;
+}
+
+int main(void)
+{
+    setenv("MERGESTREAM_FAULT", "host_alloc:2", 1);
+    const char *seed_env = getenv("MS_TEST_SEED");
+    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
+    printf("test_cpu_merge: seed %" PRIu64 "\n", seed);
+    g_rng = seed;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_state_open_fault),
+        cmocka_unit_test(test_pass_plans),
+        cmocka_unit_test(test_philox_key),
+        cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_selection_by_hand),
+        cmocka_unit_test(test_linear),
+        cmocka_unit_test(test_task_arithmetic),
+        cmocka_unit_test(test_ties),
+        cmocka_unit_test(test_dare_ties),
+        cmocka_unit_test(test_dare_linear),
+        cmocka_unit_test(test_breadcrumbs),
+        cmocka_unit_test(test_breadcrumbs_ties),
+        cmocka_unit_test(test_della),
+        cmocka_unit_test(test_della_linear),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
