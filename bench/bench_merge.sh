@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Merge throughput against a copy of the same bytes, hot and cold page cache.
+#
+#   bench/bench_merge.sh [--size 400M] [--method ties] [--max-memory 1G] [--dir DIR]
+#
+# Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
+# reuse), then for each cache state runs the copy baseline (bench_copy: read
+# every input once, write one output-sized file, fsync) and the merge (TIES,
+# density 0.2, two fine-tunes), and prints one line each with seconds, GB/s,
+# the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
+# busy fractions. "cold" drops the page cache (needs root); otherwise "hot"
+# only. Needs a release build in build/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=400M method=ties maxmem=1G dir=/tmp/ms-bench extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size) size=$2; shift 2 ;;
+    --method) method=$2; shift 2 ;;
+    --max-memory) maxmem=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+b=${MS_BUILD:-build}
+bin=$b/pipeline/mergestream gen=$b/bench/gen_model copy=$b/bench/bench_copy
+mkdir -p "$dir"
+m="$dir/$size"
+[ -f "$m/base/config.json" ] || $gen base "$m/base" --preset "sized:$size" --dtype bf16 --seed 1
+[ -f "$m/ft1/config.json" ] || $gen finetune "$m/base" "$m/ft1" --seed 2
+[ -f "$m/ft2/config.json" ] || $gen finetune "$m/base" "$m/ft2" --seed 3
+cat > "$m/recipe.yml" <<EOR
+merge_method: $method
+base_model: ./base
+models:
+  - model: ./ft1
+    parameters: {weight: 0.5, density: 0.2}
+  - model: ./ft2
+    parameters: {weight: 0.5, density: 0.2}
+dtype: bfloat16
+EOR
+inputs=("$m"/base/*.safetensors "$m"/ft1/*.safetensors "$m"/ft2/*.safetensors)
+in_bytes=$(cat "${inputs[@]}" | wc -c)
+out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
+
+drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
+states=(hot)
+if [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "inputs: 3 x $(numfmt --to=iec $((in_bytes / 3))) bf16 ($method, density 0.2), max-memory $maxmem"
+for state in "${states[@]}"; do
+  if [ "$state" = cold ]; then drop; else cat "${inputs[@]}" > /dev/null; fi
+  c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
+  rm -f "$dir/copy.out"
+  if [ "$state" = cold ]; then drop; else cat "${inputs[@]}" > /dev/null; fi
+  rm -rf "$dir/out"
+  /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
+    > "$dir/merge.json" 2> "$dir/time.txt"
+  wall=$(grep -o '"wall_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  cpu_s=$(awk -F': ' '/User time/ {u=$2} /System time/ {s=$2} END {print u + s}' "$dir/time.txt")
+  rss=$(awk -F': ' '/Maximum resident/ {print $2}' "$dir/time.txt")
+  rb=$(grep -o '"read_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  cb=$(grep -o '"compute_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  wb=$(grep -o '"write_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  awk -v s="$state" -v c="$c" -v w="$wall" -v b="$in_bytes" -v cpu="$cpu_s" -v rss="$rss" -v rb="$rb" -v cb="$cb" -v wb="$wb" 'BEGIN {
+    printf "cache=%s copy_s=%.2f copy_GBps=%.2f merge_s=%.2f merge_GBps=%.2f ratio=%.2f cpu_s_per_GB=%.2f peak_rss_MiB=%.0f busy(read/compute/write)=%.2f/%.2f/%.2f\n",
+      s, c, b / c / 1e9, w, b / w / 1e9, w / c, cpu / (b / 1e9), rss / 1024, rb / w, cb / w, wb / w }'
+done

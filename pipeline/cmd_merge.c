@@ -1,0 +1,282 @@
+/* mergestream merge RECIPE -o DIR: plan, run the three stages, commit. */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "cpu/cpu_pool.h"
+#include "io/io_engine.h"
+#include "io/st_writer.h"
+#include "pipeline/cli.h"
+#include "pipeline/manifest.h"
+#include "pipeline/merge_plan.h"
+#include "pipeline/merge_run.h"
+#include "pipeline/output_dir.h"
+#include "pipeline/progress.h"
+#include "pipeline/size_parse.h"
+#include "pipeline/staging_pool.h"
+
+static const char k_help[] =
+    "usage: mergestream merge RECIPE -o DIR [OPTIONS]\n"
+    "\n"
+    "Merges the models named by RECIPE (mergekit-style YAML: merge_method, base_model,\n"
+    "models, parameters, dtype, out_dtype, tokenizer_source, random_seed) into DIR,\n"
+    "streaming tensor by tensor through a staging pool of --max-memory bytes.\n"
+    "Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,\n"
+    "breadcrumbs_ties, della, della_linear.\n"
+    "\n"
+    "  -o, --output DIR          output directory (created; must be empty unless --force)\n"
+    "      --force               overwrite a previous merge in DIR\n"
+    "      --max-memory SIZE     staging memory; peak RSS stays under SIZE + 64 MiB\n"
+    "                            (default: a quarter of RAM, at most 8G)\n"
+    "      --threads N           compute threads (default: all cores)\n"
+    "      --io auto|uring|pread I/O engine (default auto: io_uring, else pread)\n"
+    "      --out-shard-size SIZE cut output shards at SIZE (default 5GB)\n"
+    "      --random-seed N       seed for DARE/DELLA masks (overrides the recipe)\n"
+    "      --device auto|cpu|cuda where to compute (this build: cpu only)\n"
+    "      --gpu-memory-limit SIZE  cap on GPU memory (GPU builds)\n"
+    "      --json                print the summary as JSON on stdout\n"
+    "      --quiet               no progress or summary on stderr\n"
+    "  -h, --help                this text\n"
+    "\n"
+    "Sizes: K/M/G/T are powers of 1024 (512M, 4G), KB/MB/GB/TB powers of 1000 (5GB).\n"
+    "Same recipe + seed = same output bytes, whatever the thread count or memory budget.\n"
+    "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
+
+typedef struct merge_options {
+    const char *recipe, *out_dir;
+    bool force, json;
+    uint64_t max_memory, shard_size;
+    unsigned threads;
+    io_engine_kind io;
+    bool has_seed;
+    uint64_t seed;
+} merge_options;
+
+static uint64_t default_max_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t ram = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 4ull << 30;
+    uint64_t quarter = ram / 4;
+    return quarter < (8ull << 30) ? quarter : 8ull << 30;
+}
+
+static int parse_options(int argc, char **argv, merge_options *o)
+{
+    enum { OPT_FORCE = 256, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
+    static const struct option k_opts[] = {
+        {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
+        {"max-memory", required_argument, NULL, OPT_MAXMEM}, {"threads", required_argument, NULL, OPT_THREADS},
+        {"io", required_argument, NULL, OPT_IO}, {"out-shard-size", required_argument, NULL, OPT_SHARD},
+        {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
+        {"gpu-memory-limit", required_argument, NULL, OPT_GPULIM}, {"json", no_argument, NULL, OPT_JSON},
+        {"quiet", no_argument, NULL, OPT_QUIET}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
+    };
+    memset(o, 0, sizeof *o);
+    o->max_memory = default_max_memory();
+    o->shard_size = ST_DEFAULT_SHARD_BYTES;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    o->threads = ncpu > 0 ? (unsigned)ncpu : 1;
+    o->io = IO_ENGINE_AUTO;
+    int c;
+    uint64_t v;
+    char *end;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:h", k_opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': o->out_dir = optarg; break;
+        case OPT_FORCE: o->force = true; break;
+        case OPT_MAXMEM:
+            if (ms_size_parse(optarg, &o->max_memory) != 0 || o->max_memory == 0)
+                return ms_cli_usage_error("merge", "--max-memory: bad size '%s'", optarg);
+            break;
+        case OPT_SHARD:
+            if (ms_size_parse(optarg, &o->shard_size) != 0 || o->shard_size == 0)
+                return ms_cli_usage_error("merge", "--out-shard-size: bad size '%s'", optarg);
+            break;
+        case OPT_THREADS:
+            v = strtoull(optarg, &end, 10);
+            if (*end || v == 0 || v > 1024)
+                return ms_cli_usage_error("merge", "--threads: expected 1..1024, got '%s'", optarg);
+            o->threads = (unsigned)v;
+            break;
+        case OPT_IO:
+            if (strcmp(optarg, "auto") == 0) o->io = IO_ENGINE_AUTO;
+            else if (strcmp(optarg, "uring") == 0) o->io = IO_ENGINE_URING;
+            else if (strcmp(optarg, "pread") == 0) o->io = IO_ENGINE_PREAD;
+            else return ms_cli_usage_error("merge", "--io: expected auto, uring or pread, got '%s'", optarg);
+            break;
+        case OPT_SEED:
+            o->seed = strtoull(optarg, &end, 10);
+            if (*end || optarg[0] == '-' || !optarg[0])
+                return ms_cli_usage_error("merge", "--random-seed: expected a non-negative integer, got '%s'", optarg);
+            o->has_seed = true;
+            break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cuda") == 0) {
+                fprintf(stderr, "mergestream: error: --device cuda: this build has no GPU backend "
+                                "(rebuild with CUDA, or use --device cpu)\n");
+                return MS_EXIT_USAGE;
+            }
+            if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "cpu") != 0)
+                return ms_cli_usage_error("merge", "--device: expected auto, cpu or cuda, got '%s'", optarg);
+            break;
+        case OPT_GPULIM:
+            if (ms_size_parse(optarg, &v) != 0)
+                return ms_cli_usage_error("merge", "--gpu-memory-limit: bad size '%s'", optarg);
+            break;
+        case OPT_JSON: o->json = true; break;
+        case OPT_QUIET: ms_log_set_quiet(true); break;
+        case 'h': fputs(k_help, stdout); return -1;
+        default: return ms_cli_usage_error("merge", "unknown option");
+        }
+    }
+    if (optind != argc - 1)
+        return ms_cli_usage_error("merge", "expected exactly one RECIPE");
+    if (!o->out_dir)
+        return ms_cli_usage_error("merge", "-o DIR is required");
+    o->recipe = argv[optind];
+    return 0;
+}
+
+/* The output layout: the plan's jobs, in order, cut into shards. */
+static int build_layout(const ms_plan *plan, uint64_t shard_size, st_plan **out, ms_error *err)
+{
+    if (st_plan_create(shard_size, out, err) != 0)
+        return -1;
+    for (size_t j = 0; j < plan->n_jobs; j++) {
+        const ms_job *job = &plan->jobs[j];
+        size_t idx;
+        if (st_plan_add_tensor(*out, job->name, job->out_dtype, job->out_ndim, job->out_shape, &idx, err) != 0)
+            return -1;
+        MS_ASSERT(idx == j);
+    }
+    return st_plan_layout(*out, err);
+}
+
+static void print_summary(const merge_options *o, const ms_plan *plan, const ms_run_stats *s, const char *engine)
+{
+    double gbps = s->wall_s > 0 ? (double)s->bytes_read / s->wall_s / 1e9 : 0;
+    uint64_t rss = ms_peak_rss_bytes();
+    if (o->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "output", o->out_dir);
+        cJSON_AddStringToObject(j, "merge_method", ms_method_name(plan->recipe->method));
+        cJSON_AddNumberToObject(j, "tensors", (double)plan->n_jobs);
+        cJSON_AddNumberToObject(j, "tensors_cpu", (double)s->tensors_cpu);
+        cJSON_AddNumberToObject(j, "tensors_copied", (double)s->tensors_copied);
+        cJSON_AddNumberToObject(j, "tensors_chunked", (double)s->chunked_tensors);
+        cJSON_AddNumberToObject(j, "gpu_fallbacks", 0);
+        cJSON_AddNumberToObject(j, "bytes_read", (double)s->bytes_read);
+        cJSON_AddNumberToObject(j, "bytes_written", (double)s->bytes_written);
+        cJSON_AddNumberToObject(j, "nonfinite_values", (double)s->nonfinite_values);
+        cJSON_AddNumberToObject(j, "wall_seconds", s->wall_s);
+        cJSON_AddNumberToObject(j, "read_busy_seconds", s->busy_read_s);
+        cJSON_AddNumberToObject(j, "compute_busy_seconds", s->busy_compute_s);
+        cJSON_AddNumberToObject(j, "write_busy_seconds", s->busy_write_s);
+        cJSON_AddNumberToObject(j, "gb_per_second", gbps);
+        cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)rss);
+        cJSON_AddStringToObject(j, "io_engine", engine);
+        char *text = cJSON_Print(j);
+        if (text)
+            puts(text);
+        free(text);
+        cJSON_Delete(j);
+    }
+    if (ms_log_is_quiet())
+        return;
+    fprintf(stderr,
+            "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " copied, 0 GPU fallbacks"
+            "%s; read %.2f GB, wrote %.2f GB in %.2f s (%.2f GB/s, %s); peak RSS %.0f MiB\n",
+            plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_copied,
+            s->chunked_tensors ? " (some in row chunks)" : "", (double)s->bytes_read / 1e9,
+            (double)s->bytes_written / 1e9, s->wall_s, gbps, engine, (double)rss / 1048576.0);
+    if (s->nonfinite_values)
+        ms_log_warn("%" PRIu64 " NaN/Inf values in %" PRIu64 " output tensors (see mergestream.json)",
+                    s->nonfinite_values, s->nonfinite_tensors);
+}
+
+int ms_cmd_merge(int argc, char **argv)
+{
+    merge_options o;
+    int prc = parse_options(argc, argv, &o);
+    if (prc != 0)
+        return prc < 0 ? MS_EXIT_OK : prc;
+
+    ms_error err = {0};
+    int rc = MS_EXIT_RUNTIME;
+    ms_pool *pool = NULL;
+    ms_plan *plan = NULL;
+    st_plan *layout = NULL;
+    st_writer *writer = NULL;
+    cpu_pool *cpu = NULL;
+    io_engine *engine = NULL;
+    ms_run_stats stats = {0};
+    ms_side_files side = {0};
+    bool created_dir = false;
+
+    uint64_t budget = ms_pool_capacity_for(o.max_memory);
+    ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
+    if (ms_plan_build(o.recipe, &popt, &plan, &err) != 0)
+        goto fail;
+    /* A small model needs no large pool: every chunk fits a quarter of the
+     * budget, so four of the largest (or 64 MiB) keep the stages overlapped
+     * without mapping, pinning and registering memory nothing will use. */
+    uint64_t want = 4 * plan->max_item_bytes > (64ull << 20) ? 4 * plan->max_item_bytes : 64ull << 20;
+    if (ms_pool_open(want < budget ? want : budget, &pool, &err) != 0)
+        goto fail;
+    if (build_layout(plan, o.shard_size, &layout, &err) != 0)
+        goto fail;
+    if (ms_output_dir_prepare(o.out_dir, o.force, &created_dir, &err) != 0)
+        goto fail;
+    if (st_writer_open(layout, o.out_dir, &writer, &err) != 0)
+        goto fail;
+    struct iovec region = {ms_pool_base(pool), ms_pool_capacity(pool)};
+    io_engine_config ecfg = {.kind = o.io, .queue_depth = 32, .max_piece_bytes = 4u << 20,
+                             .regions = &region, .n_regions = 1};
+    if (io_engine_open(&ecfg, &engine, &err) != 0)
+        goto fail;
+    if (cpu_pool_open(o.threads, &cpu) != 0) {
+        ms_error_set(&err, MS_EXIT_RUNTIME, "merge", "cannot start %u compute threads", o.threads);
+        goto fail;
+    }
+    ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u threads, %.0f MiB staging, %s",
+                plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
+                o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
+    ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine};
+    if (ms_merge_run(&env, &stats, &err) != 0)
+        goto fail;
+    if (ms_output_dir_copy_side_files(o.out_dir, plan, &side, &err) != 0)
+        goto fail;
+    if (st_writer_finish(writer, &err) != 0)
+        goto fail;
+    if (ms_manifest_write(o.out_dir, plan, layout, writer, &stats, &err) != 0)
+        goto fail;
+    print_summary(&o, plan, &stats, io_engine_name(engine));
+    st_writer_close(writer);
+    writer = NULL;
+    ms_side_files_free(&side);
+    rc = MS_EXIT_OK;
+    goto done;
+fail:
+    rc = ms_cli_fail(&err);
+    st_writer_abort(writer);
+    writer = NULL;
+    ms_side_files_remove(&side);
+    if (created_dir)
+        rmdir(o.out_dir); /* only if empty: a failed run leaves no new directory behind */
+done:
+    ms_run_stats_free(&stats);
+    io_engine_close(engine);
+    cpu_pool_close(cpu);
+    st_writer_close(writer);
+    st_plan_free(layout);
+    ms_plan_free(plan);
+    ms_pool_close(pool);
+    return rc;
+}

@@ -1,0 +1,265 @@
+#include "pipeline/merge_plan.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu_merge.h"
+#include "pipeline/merge_passes.h"
+
+/* The staging pool holds at least this many chunks at once, so reads,
+ * compute and writes can overlap. */
+#define PLAN_CHUNKS_IN_POOL 4
+
+static void shape_text(const st_tensor *t, char *buf, size_t n)
+{
+    size_t used = (size_t)snprintf(buf, n, "[");
+    for (unsigned d = 0; d < t->ndim && used < n; d++)
+        used += (size_t)snprintf(buf + used, n - used, d ? ", %" PRIu64 : "%" PRIu64, t->shape[d]);
+    if (used < n)
+        snprintf(buf + used, n - used, "]");
+}
+
+static bool same_shape(const st_tensor *a, const st_tensor *b)
+{
+    if (a->ndim != b->ndim)
+        return false;
+    for (unsigned d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d])
+            return false;
+    return true;
+}
+
+/* DESIGN.md: a model whose embed_tokens or lm_head has more rows than the
+ * base (added tokens) contributes its first rows only. */
+static bool is_extra_rows_ok(const st_tensor *base, const st_tensor *model)
+{
+    if (base->ndim != 2 || model->ndim != 2 || base->shape[1] != model->shape[1])
+        return false;
+    if (model->shape[0] <= base->shape[0])
+        return false;
+    return strstr(base->name, "embed_tokens") || strstr(base->name, "lm_head");
+}
+
+/* Rows and columns as the kernels see them: a 1-D tensor is one row. */
+static void tensor_rows_cols(const st_tensor *t, uint64_t *rows, uint64_t *cols)
+{
+    if (t->ndim < 2) {
+        *rows = 1;
+        *cols = t->numel;
+    } else {
+        *rows = t->shape[0];
+        *cols = t->shape[0] ? t->numel / t->shape[0] : 0;
+    }
+}
+
+/* The largest layer index in names "model.layers.N." plus one, for models
+ * without config.json. */
+static unsigned infer_num_layers(const ms_model *m)
+{
+    unsigned n = 0;
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const char *p = strstr(m->tensors[i].info->name, "layers.");
+        unsigned long idx;
+        char *end;
+        if (p && (idx = strtoul(p + 7, &end, 10), end != p + 7 && *end == '.') && idx + 1 > n)
+            n = (unsigned)idx + 1;
+    }
+    return n;
+}
+
+static int plan_open_model(const char *path, const char *adapter, const ms_recipe *r, unsigned line,
+                           ms_model **out, ms_error *err)
+{
+    if (adapter)
+        return ms_error_set(err, MS_EXIT_USAGE, r->source_path,
+                            "%u: '%s+%s': LoRA adapters as merge inputs are not supported yet", line, path,
+                            adapter);
+    return ms_model_open(path, out, err);
+}
+
+/* Cuts a job into row chunks that fit the pool. */
+static int plan_chunking(ms_job *job, const ms_plan_options *opt, ms_error *err)
+{
+    uint64_t rows = job->params.rows ? job->params.rows : 1;
+    uint64_t per_row = job->out_row_bytes;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        per_row += job->in[i].row_bytes;
+    uint64_t scratch = job->kind == MS_JOB_MERGE ? cpu_merge_scratch_bytes(&job->params, 1, opt->threads) : 0;
+    /* two allocations per chunk, each rounded up to a page */
+    uint64_t slack = 2 * 4096;
+    uint64_t budget = opt->pool_bytes / PLAN_CHUNKS_IN_POOL;
+    uint64_t one_row = per_row + scratch + slack;
+    if (one_row > opt->pool_bytes)
+        return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
+                            "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
+                            "; raise --max-memory",
+                            one_row, opt->pool_bytes);
+    uint64_t fit = budget > scratch + slack ? (budget - scratch - slack) / (per_row ? per_row : 1) : 0;
+    if (fit == 0)
+        fit = 1;
+    job->rows_per_chunk = fit >= rows ? rows : fit;
+    job->n_chunks = (rows + job->rows_per_chunk - 1) / job->rows_per_chunk;
+    uint64_t in_bytes = 0;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        in_bytes += job->in[i].row_bytes * job->params.rows;
+    job->read_bytes = job->n_chunks == 1 ? in_bytes : in_bytes * job->n_passes;
+    return 0;
+}
+
+/* Staging bytes of a job's largest chunk: its inputs and its output, each
+ * rounded up to the pool's page granularity. */
+static uint64_t job_max_item_bytes(const ms_job *job)
+{
+    uint64_t in = 0;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        in += job->in[i].row_bytes * job->rows_per_chunk;
+    uint64_t out = job->kind == MS_JOB_COPY ? 0 : job->out_row_bytes * job->rows_per_chunk;
+    return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096;
+}
+
+static int plan_merge_job(ms_plan *plan, ms_job *job, const st_tensor *lt, ms_error *err)
+{
+    const ms_recipe *r = plan->recipe;
+    if (ms_recipe_tensor_params(r, lt->name, plan->num_layers, &job->params, err) != 0)
+        return -1;
+    ms_tensor_params *p = &job->params;
+    job->kind = MS_JOB_MERGE;
+    tensor_rows_cols(lt, &p->rows, &p->cols);
+    p->numel = lt->numel;
+    p->out_dtype = job->out_dtype;
+    ms_merge_philox_key(lt->name, plan->seed, p->philox_key);
+    job->n_inputs = 1 + p->n_models;
+    if (p->has_base) {
+        MS_ASSERT(plan->base);
+        long bi = ms_model_find(plan->base, lt->name);
+        MS_ASSERT(bi >= 0); /* the layout is the base */
+        const st_file *f = ms_model_tensor_file(plan->base, (size_t)bi);
+        job->in[0] = (ms_job_input){f, st_file_tensor_offset(f, lt), (uint64_t)st_dtype_bits(lt->dtype) / 8 * p->cols};
+        p->in_dtype[0] = lt->dtype;
+        p->model_rows[0] = p->rows;
+    }
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        const ms_model *m = plan->models[i];
+        long ti = ms_model_find(m, lt->name);
+        if (ti < 0)
+            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is missing (it is in %s)", lt->name,
+                                plan->layout->path);
+        const st_tensor *mt = m->tensors[ti].info;
+        if (!st_dtype_is_mergeable_float(mt->dtype))
+            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is %s, expected F16, BF16 or F32",
+                                lt->name, st_dtype_name(mt->dtype));
+        char want[256], got[256];
+        if (!same_shape(lt, mt)) {
+            shape_text(lt, want, sizeof want);
+            shape_text(mt, got, sizeof got);
+            if (!is_extra_rows_ok(lt, mt))
+                return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' has shape %s but %s has %s",
+                                    lt->name, got, plan->layout->path, want);
+            ms_log_warn("%s: tensor '%s' has shape %s, more rows than the base's %s (added tokens): "
+                        "merging its first %" PRIu64 " rows only",
+                        m->path, lt->name, got, want, lt->shape[0]);
+        }
+        const st_file *f = ms_model_tensor_file(m, (size_t)ti);
+        job->in[i] = (ms_job_input){f, st_file_tensor_offset(f, mt), (uint64_t)st_dtype_bits(mt->dtype) / 8 * p->cols};
+        p->in_dtype[i] = mt->dtype;
+        p->model_rows[i] = mt->ndim >= 2 ? mt->shape[0] : 1;
+    }
+    /* without a base (linear) slot 0 stays empty: the kernels read 1..n */
+    job->n_passes = ms_merge_pass_count(p);
+    return 0;
+}
+
+int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan **out, ms_error *err)
+{
+    *out = NULL;
+    ms_plan *plan = calloc(1, sizeof *plan);
+    if (!plan)
+        return ms_error_set(err, MS_EXIT_RUNTIME, recipe_path, "out of memory");
+    if (ms_recipe_load(recipe_path, &plan->recipe, err) != 0)
+        goto fail;
+    const ms_recipe *r = plan->recipe;
+    if (r->base_path &&
+        plan_open_model(r->base_path, r->base_adapter_path, r, r->base_line, &plan->base, err) != 0)
+        goto fail;
+    plan->n_models = r->n_models;
+    for (unsigned i = 1; i <= r->n_models; i++) {
+        const ms_recipe_model *rm = &r->models[i - 1];
+        if (plan_open_model(rm->path, rm->adapter_path, r, rm->line, &plan->models[i], err) != 0)
+            goto fail;
+        if (plan->models[i]->kind == MS_MODEL_KIND_ADAPTER) {
+            ms_error_set(err, MS_EXIT_USAGE, r->source_path,
+                         "%u: '%s' is a PEFT adapter; name it as BASE_DIR+ADAPTER_DIR", rm->line, rm->name);
+            goto fail;
+        }
+    }
+    plan->layout = plan->base ? plan->base : plan->models[1];
+    long layers = ms_model_config_int(plan->layout, "num_hidden_layers", -1);
+    plan->num_layers = layers > 0 ? (unsigned)layers : infer_num_layers(plan->layout);
+    plan->seed = opt->has_seed ? opt->seed : r->has_random_seed ? r->random_seed : 0;
+
+    const ms_model *lay = plan->layout;
+    plan->jobs = calloc(lay->n_tensors ? lay->n_tensors : 1, sizeof *plan->jobs);
+    if (!plan->jobs) {
+        ms_error_set(err, MS_EXIT_RUNTIME, recipe_path, "out of memory");
+        goto fail;
+    }
+    for (size_t t = 0; t < lay->n_tensors; t++) {
+        const st_tensor *lt = lay->tensors[t].info;
+        ms_job *job = &plan->jobs[plan->n_jobs++];
+        job->name = lt->name;
+        job->out_ndim = lt->ndim;
+        memcpy(job->out_shape, lt->shape, sizeof job->out_shape);
+        bool is_float = st_dtype_is_mergeable_float(lt->dtype);
+        job->out_dtype = !is_float ? lt->dtype
+                         : r->has_out_dtype ? r->out_dtype
+                         : r->has_dtype   ? r->dtype
+                                          : lt->dtype;
+        if (is_float && lt->numel > 0) {
+            if (plan_merge_job(plan, job, lt, err) != 0)
+                goto fail;
+        } else {
+            /* non-float (or empty) tensors are copied from the layout model */
+            job->kind = MS_JOB_COPY;
+            const st_file *f = ms_model_tensor_file(lay, t);
+            job->n_inputs = 1;
+            job->n_passes = 1;
+            /* a copy is a byte stream: one "row" per byte, so any tensor
+             * (sub-byte dtypes included) chunks cleanly */
+            uint64_t bytes = lt->end - lt->begin;
+            job->params.numel = lt->numel;
+            job->params.rows = bytes;
+            job->params.cols = 1;
+            job->params.in_dtype[0] = job->params.out_dtype = lt->dtype;
+            job->in[0] = (ms_job_input){f, st_file_tensor_offset(f, lt), 1};
+        }
+        job->out_row_bytes = job->kind == MS_JOB_COPY ? 0 : (uint64_t)st_dtype_bits(job->out_dtype) / 8 * job->params.cols;
+        job->out_bytes = job->kind == MS_JOB_COPY ? lt->end - lt->begin : job->out_row_bytes * job->params.rows;
+        if (plan_chunking(job, opt, err) != 0)
+            goto fail;
+        plan->total_read_bytes += job->read_bytes;
+        uint64_t item = job_max_item_bytes(job);
+        if (item > plan->max_item_bytes)
+            plan->max_item_bytes = item;
+        plan->total_out_bytes += job->out_bytes;
+    }
+    *out = plan;
+    return 0;
+fail:
+    ms_plan_free(plan);
+    return -1;
+}
+
+void ms_plan_free(ms_plan *plan)
+{
+    if (!plan)
+        return;
+    free(plan->jobs);
+    for (unsigned i = 1; i <= plan->n_models; i++)
+        ms_model_close(plan->models[i]);
+    ms_model_close(plan->base);
+    ms_recipe_free(plan->recipe);
+    free(plan);
+}

@@ -1,0 +1,74 @@
+/* Planning a merge, before any tensor data is read (DESIGN.md, Data flow 1):
+ * open every input's headers, check names, shapes and dtypes against the
+ * base, resolve each output tensor's parameters, decide how each tensor is
+ * cut into row chunks for the staging pool, and list the output tensors in
+ * the base's on-disk order so the writer can lay the output out up front. */
+#ifndef MS_MERGE_PLAN_H
+#define MS_MERGE_PLAN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "io/model_dir.h"
+#include "pipeline/merge_params.h"
+#include "pipeline/recipe.h"
+
+typedef enum ms_job_kind {
+    MS_JOB_MERGE, /* a float tensor computed by the method */
+    MS_JOB_COPY,  /* a non-float tensor: copied byte for byte from the layout model */
+} ms_job_kind;
+
+/* Where one input of a job lives on disk. */
+typedef struct ms_job_input {
+    const st_file *file;
+    uint64_t offset;    /* absolute file offset of row 0 */
+    uint64_t row_bytes; /* bytes of one row in this input's dtype */
+} ms_job_input;
+
+typedef struct ms_job {
+    const char *name;          /* points into the layout model's header */
+    ms_job_kind kind;
+    ms_tensor_params params;   /* MS_JOB_MERGE only; dtypes and sizes filled for both kinds */
+    unsigned n_inputs;         /* slots used in in[]: 1 + n_models (MERGE) or 1 (COPY) */
+    ms_job_input in[MS_MAX_MODELS + 1]; /* slot 0: the base (unused by linear without one) */
+    uint64_t out_row_bytes;
+    uint64_t out_bytes;
+    st_dtype out_dtype;
+    unsigned out_ndim;
+    uint64_t out_shape[ST_MAX_DIMS];
+    uint64_t rows_per_chunk;   /* whole tensor when n_chunks == 1 */
+    uint64_t n_chunks;
+    unsigned n_passes;         /* ms_merge_pass_count (1 for COPY) */
+    uint64_t read_bytes;       /* input bytes all passes read */
+} ms_job;
+
+typedef struct ms_plan {
+    ms_recipe *recipe;         /* owned */
+    ms_model *base;            /* owned; NULL for linear without base_model */
+    ms_model *models[MS_MAX_MODELS + 1]; /* owned; [1..n_models] */
+    unsigned n_models;
+    const ms_model *layout;    /* base, else models[1]: tensor order, config, tokenizer */
+    unsigned num_layers;       /* config.json num_hidden_layers (or inferred from names) */
+    uint64_t seed;
+    ms_job *jobs;              /* output order */
+    size_t n_jobs;
+    uint64_t total_read_bytes;
+    uint64_t total_out_bytes;
+    uint64_t max_item_bytes;   /* the largest chunk's staging bytes (inputs + output) */
+} ms_plan;
+
+typedef struct ms_plan_options {
+    uint64_t pool_bytes;     /* the staging pool's capacity: bounds every chunk */
+    unsigned threads;        /* compute threads (for scratch estimates) */
+    bool has_seed;           /* --random-seed overrides the recipe */
+    uint64_t seed;
+} ms_plan_options;
+
+/* Loads the recipe at recipe_path, opens every model and builds the plan.
+ * Returns 0 and *out (free with ms_plan_free), or -1 with err set:
+ * MS_EXIT_USAGE for recipe errors, MS_EXIT_DATA for inputs that do not fit
+ * together (naming both files and the tensor), MS_EXIT_RUNTIME for I/O. */
+int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan **out, ms_error *err);
+void ms_plan_free(ms_plan *plan);
+
+#endif

@@ -1,0 +1,488 @@
+#include "pipeline/merge_run.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu_merge.h"
+#include "io/checksum.h"
+#include "pipeline/bounded_queue.h"
+#include "pipeline/merge_passes.h"
+#include "pipeline/progress.h"
+
+#define RUN_QUEUE_DEPTH 64 /* items between two stages; the pool bounds the bytes */
+
+/* One chunk of one job, for one or more passes. Owned by whichever stage
+ * holds it: the reader creates it, the writer (or compute, for chunks that
+ * write nothing) frees it. */
+typedef struct run_item {
+    size_t job_index;
+    uint64_t chunk;
+    unsigned pass_first, pass_last;
+    uint64_t row0, n_rows;
+    bool writes_output;
+    bool last_of_job;                     /* the job's final item */
+    void *in_buf;                         /* pool: inputs (MERGE jobs) */
+    void *out_buf;                        /* pool: output (COPY jobs read into it) */
+    uint64_t in_off[MS_MAX_MODELS + 1];   /* each input's offset inside in_buf */
+    io_request req[MS_MAX_MODELS + 1];
+    unsigned reqs_pending;                /* reader thread only */
+    struct run_item *next;                /* reader's in-flight FIFO */
+} run_item;
+
+typedef struct run_ctx {
+    const ms_run_env *env;
+    ms_queue compute_q, write_q;
+    ms_progress progress;
+    atomic_bool failed;
+    pthread_mutex_t err_lock;
+    ms_error err;            /* first failure; guarded by err_lock */
+    /* Each field below is written by one stage only and read by the caller
+     * after every thread was joined. */
+    double busy_read_s;      /* reader */
+    double busy_compute_s;   /* compute */
+    double busy_write_s;     /* writer */
+    uint64_t bytes_read;     /* reader */
+    uint64_t bytes_written;  /* writer */
+    ms_tensor_result *results; /* writer (nonfinite), compute (backend) */
+} run_ctx;
+
+/* ================================================================ failure */
+
+static void run_fail(run_ctx *ctx, const ms_error *err)
+{
+    pthread_mutex_lock(&ctx->err_lock);
+    if (!atomic_load(&ctx->failed)) {
+        ctx->err = *err;
+        atomic_store(&ctx->failed, true);
+    }
+    pthread_mutex_unlock(&ctx->err_lock);
+    ms_pool_shutdown(ctx->env->pool);
+    ms_queue_close(&ctx->compute_q);
+    ms_queue_close(&ctx->write_q);
+}
+
+static void item_free(run_ctx *ctx, run_item *it)
+{
+    if (!it)
+        return;
+    ms_pool_free(ctx->env->pool, it->in_buf);
+    ms_pool_free(ctx->env->pool, it->out_buf);
+    free(it);
+}
+
+/* ================================================================= reader */
+
+typedef struct reader_state {
+    run_ctx *ctx;
+    run_item *head, *tail; /* in flight, plan order */
+} reader_state;
+
+static uint64_t job_in_bytes(const ms_job *job, uint64_t n_rows)
+{
+    uint64_t b = 0;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        b += job->in[i].row_bytes * n_rows;
+    return b;
+}
+
+/* Pushes the finished items at the head of the FIFO to compute, in order. */
+static int reader_push_ready(reader_state *rs)
+{
+    while (rs->head && rs->head->reqs_pending == 0) {
+        run_item *it = rs->head;
+        rs->head = it->next;
+        if (!rs->head)
+            rs->tail = NULL;
+        it->next = NULL;
+        if (ms_queue_push(&rs->ctx->compute_q, it) != 0) {
+            item_free(rs->ctx, it);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Reaps completions (waiting for one when wait is set) and pushes what is ready. */
+static int reader_reap(reader_state *rs, bool wait)
+{
+    io_request *done[64];
+    int n = io_engine_reap(rs->ctx->env->engine, done, 64, wait);
+    if (n < 0) {
+        ms_error e;
+        ms_error_errno(&e, MS_EXIT_RUNTIME, -n, "I/O engine", "reap failed");
+        run_fail(rs->ctx, &e);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        run_item *it = done[i]->user;
+        if (done[i]->result != 0) {
+            const ms_job *job = &rs->ctx->env->plan->jobs[it->job_index];
+            ms_error e;
+            if (done[i]->result == -ENODATA)
+                ms_error_set(&e, MS_EXIT_DATA, "input", "tensor '%s': the file ended early (was it changed "
+                             "during the merge?)", job->name);
+            else
+                ms_error_errno(&e, MS_EXIT_RUNTIME, -done[i]->result, "input", "reading tensor '%s' failed",
+                               job->name);
+            /* name the file when we can find it */
+            for (unsigned k = 0; k < job->n_inputs; k++)
+                if (&it->req[k] == done[i] && job->in[k].file) {
+                    char msg[sizeof e.msg];
+                    snprintf(msg, sizeof msg, "%s", e.msg + strlen("input: "));
+                    ms_error_set(&e, e.exit_code, job->in[k].file->path, "%s", msg);
+                }
+            run_fail(rs->ctx, &e);
+        }
+        it->reqs_pending--;
+    }
+    if (atomic_load(&rs->ctx->failed))
+        return -1;
+    return reader_push_ready(rs);
+}
+
+/* Takes `bytes` from the pool without deadlocking: while the pool is full,
+ * finished reads are handed on (compute frees memory only once it gets them). */
+static void *reader_alloc(reader_state *rs, uint64_t bytes)
+{
+    ms_pool *pool = rs->ctx->env->pool;
+    for (;;) {
+        void *buf = ms_pool_try_alloc(pool, bytes);
+        if (buf)
+            return buf;
+        if (atomic_load(&rs->ctx->failed))
+            return NULL;
+        if (io_engine_outstanding(rs->ctx->env->engine) == 0) {
+            if (reader_push_ready(rs) != 0)
+                return NULL;
+            return ms_pool_alloc(pool, bytes); /* nothing in flight: compute will free */
+        }
+        if (reader_reap(rs, true) != 0)
+            return NULL;
+    }
+}
+
+static int reader_submit_item(reader_state *rs, run_item *it)
+{
+    run_ctx *ctx = rs->ctx;
+    const ms_job *job = &ctx->env->plan->jobs[it->job_index];
+    uint64_t in_bytes = job->kind == MS_JOB_MERGE ? job_in_bytes(job, it->n_rows) : 0;
+    uint64_t out_bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * it->n_rows
+                                                  : (it->writes_output ? job->out_row_bytes * it->n_rows : 0);
+    if (in_bytes && !(it->in_buf = reader_alloc(rs, in_bytes)))
+        return -1;
+    if (out_bytes && !(it->out_buf = reader_alloc(rs, out_bytes)))
+        return -1;
+    double t0 = ms_now_seconds();
+    uint64_t off = 0;
+    for (unsigned i = 0; i < job->n_inputs; i++) {
+        const ms_job_input *in = &job->in[i];
+        uint64_t len = in->row_bytes * it->n_rows;
+        if (!in->file || len == 0)
+            continue;
+        io_request *r = &it->req[i];
+        memset(r, 0, sizeof *r);
+        r->op = IO_OP_READ;
+        r->fd = in->file->fd;
+        r->offset = in->offset + in->row_bytes * it->row0;
+        r->len = len;
+        r->buf = job->kind == MS_JOB_COPY ? it->out_buf : (uint8_t *)it->in_buf + off;
+        r->user = it;
+        it->in_off[i] = off;
+        off += len;
+        it->reqs_pending++;
+        int rc = io_engine_submit(ctx->env->engine, r);
+        if (rc != 0) {
+            it->reqs_pending--;
+            ms_error e;
+            ms_error_errno(&e, MS_EXIT_RUNTIME, -rc, in->file->path, "cannot queue a read");
+            run_fail(ctx, &e);
+            return -1;
+        }
+        ctx->bytes_read += len;
+    }
+    ctx->busy_read_s += ms_now_seconds() - t0;
+    if (rs->tail)
+        rs->tail->next = it;
+    else
+        rs->head = it;
+    rs->tail = it;
+    return reader_reap(rs, false);
+}
+
+static void *reader_main(void *arg)
+{
+    reader_state rs = {.ctx = arg};
+    run_ctx *ctx = rs.ctx;
+    const ms_plan *plan = ctx->env->plan;
+    for (size_t j = 0; j < plan->n_jobs && !atomic_load(&ctx->failed); j++) {
+        const ms_job *job = &plan->jobs[j];
+        /* one item with every pass when the tensor fits; else each pass
+         * re-reads every chunk in row order */
+        unsigned blocks = job->n_chunks == 1 ? 1 : job->n_passes;
+        for (unsigned b = 0; b < blocks && !atomic_load(&ctx->failed); b++) {
+            for (uint64_t c = 0; c < job->n_chunks && !atomic_load(&ctx->failed); c++) {
+                run_item *it = calloc(1, sizeof *it);
+                if (!it) {
+                    ms_error e;
+                    ms_error_set(&e, MS_EXIT_RUNTIME, job->name, "out of memory");
+                    run_fail(ctx, &e);
+                    break;
+                }
+                it->job_index = j;
+                it->chunk = c;
+                it->pass_first = job->n_chunks == 1 ? 0 : b;
+                it->pass_last = job->n_chunks == 1 ? job->n_passes - 1 : b;
+                it->row0 = c * job->rows_per_chunk;
+                uint64_t rows = job->params.rows;
+                it->n_rows = rows - it->row0 < job->rows_per_chunk ? rows - it->row0 : job->rows_per_chunk;
+                it->writes_output = it->pass_last == job->n_passes - 1;
+                it->last_of_job = it->writes_output && c == job->n_chunks - 1;
+                if (reader_submit_item(&rs, it) != 0) {
+                    if (!rs.tail || rs.tail != it)
+                        item_free(ctx, it); /* not yet in the FIFO */
+                    break;
+                }
+            }
+        }
+    }
+    /* drain: every request must finish before its buffer can go */
+    while (io_engine_outstanding(ctx->env->engine) > 0)
+        if (reader_reap(&rs, true) != 0 && io_engine_outstanding(ctx->env->engine) > 0)
+            io_engine_reap(ctx->env->engine, (io_request *[64]){0}, 64, true);
+    if (!atomic_load(&ctx->failed))
+        reader_push_ready(&rs);
+    while (rs.head) {
+        run_item *it = rs.head;
+        rs.head = it->next;
+        item_free(ctx, it);
+    }
+    ms_queue_close(&ctx->compute_q);
+    return NULL;
+}
+
+/* ================================================================ compute */
+
+static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
+{
+    const ms_job *job = &ctx->env->plan->jobs[it->job_index];
+    if (job->kind == MS_JOB_COPY) {
+        ctx->results[it->job_index].backend = "copy";
+        return 0;
+    }
+    ms_error e;
+    if (it->chunk == 0 && it->pass_first == 0) {
+        MS_ASSERT(*state == NULL);
+        if (ms_merge_state_open(&job->params, state) != 0)
+            return ms_error_set(&e, MS_EXIT_RUNTIME, job->name, "out of memory for merge statistics"),
+                   run_fail(ctx, &e), -1;
+    }
+    ms_chunk chunk = {.row0 = it->row0, .n_rows = it->n_rows, .out = it->out_buf};
+    chunk.elem0 = it->row0 * job->params.cols;
+    chunk.n_elems = it->n_rows * job->params.cols;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        chunk.in[i] = job->in[i].file ? (const uint8_t *)it->in_buf + it->in_off[i] : NULL;
+    for (unsigned p = it->pass_first; p <= it->pass_last; p++) {
+        int rc = cpu_merge_run_pass(&job->params, *state, p, &chunk, ctx->env->cpu);
+        if (rc != 0)
+            return ms_error_errno(&e, MS_EXIT_RUNTIME, -rc, job->name, "merge kernel failed"), run_fail(ctx, &e), -1;
+        bool pass_complete = job->n_chunks == 1 || it->chunk == job->n_chunks - 1;
+        if (p + 1 < job->n_passes && pass_complete)
+            ms_merge_pass_finish(*state, &job->params, p);
+    }
+    ctx->results[it->job_index].backend = "cpu";
+    if (it->last_of_job) {
+        ms_merge_state_close(*state);
+        *state = NULL;
+    }
+    return 0;
+}
+
+static void compute_main(run_ctx *ctx)
+{
+    ms_merge_state *state = NULL;
+    void *p;
+    while (ms_queue_pop(&ctx->compute_q, &p) == 0) {
+        run_item *it = p;
+        if (atomic_load(&ctx->failed)) {
+            item_free(ctx, it);
+            continue;
+        }
+        double t0 = ms_now_seconds();
+        int rc = compute_item(ctx, it, &state);
+        ms_pool_free(ctx->env->pool, it->in_buf);
+        it->in_buf = NULL;
+        ctx->busy_compute_s += ms_now_seconds() - t0;
+        if (rc != 0 || !it->writes_output) {
+            item_free(ctx, it);
+            continue;
+        }
+        if (ms_queue_push(&ctx->write_q, it) != 0)
+            item_free(ctx, it);
+    }
+    ms_merge_state_close(state);
+    ms_queue_close(&ctx->write_q);
+}
+
+/* ================================================================= writer */
+
+/* NaN or Inf values among n elements of dtype (all exponent bits set). */
+static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
+{
+    uint64_t count = 0;
+    if (dtype == ST_F32) {
+        const uint32_t *v = buf;
+        for (uint64_t i = 0; i < n; i++)
+            count += (v[i] & 0x7f800000u) == 0x7f800000u;
+    } else if (dtype == ST_BF16) {
+        const uint16_t *v = buf;
+        for (uint64_t i = 0; i < n; i++)
+            count += (v[i] & 0x7f80u) == 0x7f80u;
+    } else if (dtype == ST_F16) {
+        const uint16_t *v = buf;
+        for (uint64_t i = 0; i < n; i++)
+            count += (v[i] & 0x7c00u) == 0x7c00u;
+    }
+    return count;
+}
+
+static void *writer_main(void *arg)
+{
+    run_ctx *ctx = arg;
+    const ms_run_env *env = ctx->env;
+    ms_hasher hasher = {0};
+    if (ms_hasher_init(&hasher) != 0) {
+        ms_error e;
+        ms_error_set(&e, MS_EXIT_RUNTIME, "writer", "out of memory");
+        run_fail(ctx, &e);
+    }
+    void *p;
+    while (ms_queue_pop(&ctx->write_q, &p) == 0) {
+        run_item *it = p;
+        if (atomic_load(&ctx->failed)) {
+            item_free(ctx, it);
+            continue;
+        }
+        double t0 = ms_now_seconds();
+        const ms_job *job = &env->plan->jobs[it->job_index];
+        uint64_t row_bytes = job->kind == MS_JOB_COPY ? 1 : job->out_row_bytes;
+        uint64_t off = it->row0 * row_bytes, len = it->n_rows * row_bytes;
+        if (it->chunk == 0)
+            ms_hasher_reset(&hasher);
+        ms_hasher_update(&hasher, it->out_buf, len);
+        if (job->kind == MS_JOB_MERGE)
+            ctx->results[it->job_index].nonfinite +=
+                count_nonfinite(it->out_buf, job->out_dtype, it->n_rows * job->params.cols);
+        ms_error e;
+        if (st_writer_write(env->writer, it->job_index, off, it->out_buf, len, &e) != 0) {
+            run_fail(ctx, &e);
+            item_free(ctx, it);
+            continue;
+        }
+        ctx->bytes_written += len;
+        if (it->last_of_job) {
+            st_writer_set_tensor_hash(env->writer, it->job_index, ms_hasher_digest(&hasher));
+            ms_progress_step(&ctx->progress, job->name, ctx->results[it->job_index].backend, job->read_bytes);
+        }
+        ctx->busy_write_s += ms_now_seconds() - t0;
+        item_free(ctx, it);
+    }
+    ms_hasher_free(&hasher);
+    return NULL;
+}
+
+/* ================================================================ driver */
+
+/* Zero-byte tensors never pass through the stages: they are complete as planned. */
+static int run_empty_tensors(run_ctx *ctx, ms_error *err)
+{
+    const ms_plan *plan = ctx->env->plan;
+    for (size_t j = 0; j < plan->n_jobs; j++) {
+        if (plan->jobs[j].out_bytes != 0)
+            continue;
+        ctx->results[j].backend = "copy";
+        st_writer_set_tensor_hash(ctx->env->writer, j, ms_hash64(NULL, 0));
+    }
+    (void)err;
+    return 0;
+}
+
+int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
+{
+    memset(stats, 0, sizeof *stats);
+    run_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx)
+        return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
+    ctx->env = env;
+    ctx->results = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->results);
+    if (!ctx->results || ms_queue_init(&ctx->compute_q, RUN_QUEUE_DEPTH) != 0 ||
+        ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) != 0) {
+        ms_queue_destroy(&ctx->compute_q);
+        free(ctx->results);
+        free(ctx);
+        return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
+    }
+    pthread_mutex_init(&ctx->err_lock, NULL);
+    size_t n_items = 0;
+    for (size_t j = 0; j < env->plan->n_jobs; j++)
+        n_items += env->plan->jobs[j].out_bytes != 0;
+    ms_progress_init(&ctx->progress, n_items, env->plan->total_read_bytes);
+    double t0 = ms_now_seconds();
+    run_empty_tensors(ctx, err);
+
+    pthread_t reader, writer;
+    bool reader_up = pthread_create(&reader, NULL, reader_main, ctx) == 0;
+    bool writer_up = reader_up && pthread_create(&writer, NULL, writer_main, ctx) == 0;
+    if (!reader_up || !writer_up) {
+        ms_error e;
+        ms_error_set(&e, MS_EXIT_RUNTIME, "merge", "cannot start the pipeline threads");
+        run_fail(ctx, &e);
+    }
+    if (reader_up && writer_up)
+        compute_main(ctx);
+    if (reader_up)
+        pthread_join(reader, NULL);
+    if (writer_up)
+        pthread_join(writer, NULL);
+    ms_progress_finish(&ctx->progress);
+
+    int rc = 0;
+    if (atomic_load(&ctx->failed)) {
+        *err = ctx->err;
+        rc = -1;
+        free(ctx->results);
+    } else {
+        stats->tensors = ctx->results;
+        for (size_t j = 0; j < env->plan->n_jobs; j++) {
+            const ms_job *job = &env->plan->jobs[j];
+            if (job->kind == MS_JOB_MERGE)
+                stats->tensors_cpu++;
+            else
+                stats->tensors_copied++;
+            stats->chunked_tensors += job->n_chunks > 1;
+            stats->nonfinite_values += ctx->results[j].nonfinite;
+            stats->nonfinite_tensors += ctx->results[j].nonfinite != 0;
+        }
+    }
+    stats->bytes_read = ctx->bytes_read;
+    stats->bytes_written = ctx->bytes_written;
+    stats->busy_read_s = ctx->busy_read_s;
+    stats->busy_compute_s = ctx->busy_compute_s;
+    stats->busy_write_s = ctx->busy_write_s;
+    stats->wall_s = ms_now_seconds() - t0;
+    ms_progress_destroy(&ctx->progress);
+    ms_queue_destroy(&ctx->compute_q);
+    ms_queue_destroy(&ctx->write_q);
+    pthread_mutex_destroy(&ctx->err_lock);
+    free(ctx);
+    return rc;
+}
+
+void ms_run_stats_free(ms_run_stats *stats)
+{
+    free(stats->tensors);
+    stats->tensors = NULL;
+}

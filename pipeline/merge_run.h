@@ -1,0 +1,58 @@
+/* Running a planned merge: the three overlapping stages (DESIGN.md, Data
+ * flow 2-4).
+ *
+ *   reader thread --(compute queue)--> compute (calling thread) --(write queue)--> writer thread
+ *
+ * The reader takes staging buffers from the pool in plan order and reads each
+ * chunk's inputs through the I/O engine; the pool's size is the back-pressure
+ * that bounds memory. Compute runs each chunk's passes on the CPU kernels
+ * (all threads of the cpu pool on one chunk at a time, so the chunks of a
+ * tensor are seen in row order, as the statistics passes require). The writer
+ * hashes each tensor's bytes in order, counts non-finite values and writes
+ * them at their planned offsets; shards are committed as they complete.
+ *
+ * The first failure in any stage stops all three: the pool and both queues
+ * are shut down, every thread is joined, and the error is returned. */
+#ifndef MS_MERGE_RUN_H
+#define MS_MERGE_RUN_H
+
+#include <stdint.h>
+
+#include "cpu/cpu_pool.h"
+#include "io/io_engine.h"
+#include "io/st_writer.h"
+#include "pipeline/merge_plan.h"
+#include "pipeline/staging_pool.h"
+
+typedef struct ms_tensor_result {
+    const char *backend;  /* "cpu" or "copy" */
+    uint64_t nonfinite;   /* NaN or Inf values in the output tensor */
+} ms_tensor_result;
+
+typedef struct ms_run_stats {
+    uint64_t tensors_cpu, tensors_copied;
+    uint64_t bytes_read, bytes_written;
+    uint64_t nonfinite_values, nonfinite_tensors;
+    uint64_t chunked_tensors;
+    double wall_s;
+    double busy_read_s, busy_compute_s, busy_write_s; /* per-stage busy time */
+    ms_tensor_result *tensors; /* one per job, owned by the caller (ms_run_stats_free) */
+} ms_run_stats;
+
+typedef struct ms_run_env {
+    ms_plan *plan;
+    const st_plan *layout; /* output tensor i = plan job i */
+    st_writer *writer;
+    ms_pool *pool;
+    cpu_pool *cpu;
+    io_engine *engine;
+} ms_run_env;
+
+/* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set
+ * (the first failure of any stage). The writer is not finished or aborted
+ * here: the caller does that. */
+int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err);
+
+void ms_run_stats_free(ms_run_stats *stats);
+
+#endif

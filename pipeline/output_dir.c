@@ -1,0 +1,170 @@
+#include "pipeline/output_dir.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "io/atomic_file.h"
+#include "io/st_writer.h"
+#include "pipeline/manifest.h"
+
+static bool is_merge_output_name(const char *name)
+{
+    return strncmp(name, "model", 5) == 0 && strstr(name, ".safetensors") != NULL;
+}
+
+int ms_output_dir_prepare(const char *dir, bool force, bool *created, ms_error *err)
+{
+    *created = false;
+    if (mkdir(dir, 0755) == 0) {
+        *created = true;
+        return 0;
+    }
+    if (errno != EEXIST)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot create the output directory");
+    DIR *d = opendir(dir);
+    if (!d)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
+    int rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        if (!force) {
+            rc = ms_error_set(err, MS_EXIT_USAGE, dir,
+                              "output directory is not empty (holds '%s'); use --force to overwrite", e->d_name);
+            break;
+        }
+        if (is_merge_output_name(e->d_name) || strcmp(e->d_name, MS_MANIFEST_NAME) == 0) {
+            char path[PATH_MAX];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if (unlink(path) != 0 && errno != ENOENT) {
+                rc = ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot remove");
+                break;
+            }
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
+static int side_files_add(ms_side_files *w, const char *path)
+{
+    char **grown = realloc(w->paths, (w->n + 1) * sizeof *grown);
+    if (!grown)
+        return -1;
+    w->paths = grown;
+    if (!(w->paths[w->n] = strdup(path)))
+        return -1;
+    w->n++;
+    return 0;
+}
+
+static const char *dtype_torch_name(st_dtype d)
+{
+    switch (d) {
+    case ST_BF16: return "bfloat16";
+    case ST_F16: return "float16";
+    case ST_F32: return "float32";
+    default: return NULL;
+    }
+}
+
+/* The directory a model path lives in (a model dir itself, or a file's dir). */
+static void model_dir_of(const ms_model *m, char *out, size_t n)
+{
+    if (m->kind == MS_MODEL_KIND_FILE) {
+        snprintf(out, n, "%s", m->path);
+        char *slash = strrchr(out, '/');
+        if (slash)
+            *slash = '\0';
+        else
+            snprintf(out, n, ".");
+    } else {
+        snprintf(out, n, "%s", m->path);
+    }
+}
+
+static int write_config(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err)
+{
+    if (!plan->layout->config || plan->layout->kind != MS_MODEL_KIND_DIR)
+        return 0;
+    cJSON *cfg = cJSON_Duplicate(plan->layout->config, true);
+    const ms_recipe *r = plan->recipe;
+    const char *dt = r->has_out_dtype ? dtype_torch_name(r->out_dtype)
+                     : r->has_dtype   ? dtype_torch_name(r->dtype)
+                                      : NULL;
+    if (cfg && dt) {
+        cJSON_DeleteItemFromObjectCaseSensitive(cfg, "torch_dtype");
+        cJSON_AddStringToObject(cfg, "torch_dtype", dt);
+    }
+    char *text = cfg ? cJSON_Print(cfg) : NULL;
+    cJSON_Delete(cfg);
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (!text)
+        return ms_error_set(err, MS_EXIT_RUNTIME, path, "out of memory");
+    int rc = ms_atomic_write_file(path, text, strlen(text), err);
+    free(text);
+    if (rc == 0 && side_files_add(written, path) != 0)
+        rc = ms_error_set(err, MS_EXIT_RUNTIME, path, "out of memory");
+    return rc;
+}
+
+static int copy_if_present(const char *src_dir, const char *dir, const char *name, ms_side_files *written,
+                           ms_error *err)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    snprintf(src, sizeof src, "%s/%s", src_dir, name);
+    snprintf(dst, sizeof dst, "%s/%s", dir, name);
+    struct stat st;
+    if (stat(src, &st) != 0 || !S_ISREG(st.st_mode))
+        return 0;
+    if (ms_copy_file_atomic(src, dst, err) != 0)
+        return -1;
+    if (side_files_add(written, dst) != 0)
+        return ms_error_set(err, MS_EXIT_RUNTIME, dst, "out of memory");
+    return 0;
+}
+
+int ms_output_dir_copy_side_files(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err)
+{
+    static const char *const k_tokenizer_files[] = {
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    };
+    if (write_config(dir, plan, written, err) != 0)
+        return -1;
+    char layout_dir[PATH_MAX];
+    model_dir_of(plan->layout, layout_dir, sizeof layout_dir);
+    if (copy_if_present(layout_dir, dir, "generation_config.json", written, err) != 0)
+        return -1;
+    const char *tok_dir = plan->recipe->tokenizer_source ? plan->recipe->tokenizer_source : layout_dir;
+    for (size_t i = 0; i < sizeof k_tokenizer_files / sizeof k_tokenizer_files[0]; i++)
+        if (copy_if_present(tok_dir, dir, k_tokenizer_files[i], written, err) != 0)
+            return -1;
+    return 0;
+}
+
+void ms_side_files_remove(ms_side_files *written)
+{
+    for (unsigned i = 0; i < written->n; i++)
+        unlink(written->paths[i]);
+    ms_side_files_free(written);
+}
+
+void ms_side_files_free(ms_side_files *written)
+{
+    for (unsigned i = 0; i < written->n; i++)
+        free(written->paths[i]);
+    free(written->paths);
+    written->paths = NULL;
+    written->n = 0;
+}

@@ -1,0 +1,34 @@
+/* The output directory around the shards: refusing to overwrite, the files
+ * copied from the base (config.json with torch_dtype updated,
+ * generation_config.json, tokenizer files) and their removal on failure. */
+#ifndef MS_OUTPUT_DIR_H
+#define MS_OUTPUT_DIR_H
+
+#include <stdbool.h>
+
+#include "io/ms_error.h"
+#include "pipeline/merge_plan.h"
+
+/* Creates dir if missing (*created says whether it did). An existing
+ * non-empty dir is refused (MS_EXIT_USAGE) unless force, which first removes
+ * the files a merge writes (model*.safetensors*, the index,
+ * mergestream.json). Returns 0 or -1. */
+int ms_output_dir_prepare(const char *dir, bool force, bool *created, ms_error *err);
+
+/* Side files written by ms_output_dir_copy_side_files, to remove on failure. */
+typedef struct ms_side_files {
+    char **paths;
+    unsigned n;
+} ms_side_files;
+
+/* Writes config.json (torch_dtype set to the recipe's output dtype when it
+ * names one), generation_config.json and the tokenizer files of
+ * plan->recipe->tokenizer_source (else the layout model) into dir, each
+ * atomically. Files the source lacks are skipped. Returns 0 or -1. */
+int ms_output_dir_copy_side_files(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err);
+
+/* Unlinks every file in written (best effort) and frees the list. */
+void ms_side_files_remove(ms_side_files *written);
+void ms_side_files_free(ms_side_files *written);
+
+#endif

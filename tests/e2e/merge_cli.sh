@@ -1,0 +1,105 @@
+# merge as a user runs it: every method on generated bf16 models, verify,
+# reproducibility across reruns, threads, memory budgets and I/O engines,
+# and the recipe and input errors a user meets.
+source "$(dirname "$0")/lib.bash"
+
+M="$WORK/models"
+"$MS_GEN" base "$M/base" --preset tiny --dtype bf16 --seed 1
+"$MS_GEN" finetune "$M/base" "$M/ft1" --seed 2
+"$MS_GEN" finetune "$M/base" "$M/ft2" --seed 3 --dtype f16
+"$MS_GEN" finetune "$M/base" "$M/ft3" --seed 4 --dtype f32
+
+recipe() { # recipe FILE METHOD EXTRA_MODEL_PARAMS EXTRA_TOP
+  cat > "$1" <<EOR
+merge_method: $2
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.5 $3}
+  - model: ./models/ft2
+    parameters: {weight: [0.2, 0.7] $3}
+  - model: ./models/ft3
+    parameters: {weight: -0.3 $3}
+$4
+random_seed: 7
+EOR
+}
+
+recipe "$WORK/ties.yml" ties ", density: 0.3" "dtype: bfloat16"
+recipe "$WORK/dare_ties.yml" dare_ties ", density: 0.4" "out_dtype: float32"
+recipe "$WORK/dare_linear.yml" dare_linear ", density: 0.5" "parameters: {lambda: 0.8}"
+recipe "$WORK/task_arithmetic.yml" task_arithmetic "" "dtype: float16"
+recipe "$WORK/breadcrumbs.yml" breadcrumbs ", density: 0.6, gamma: 0.05" ""
+recipe "$WORK/breadcrumbs_ties.yml" breadcrumbs_ties ", density: 0.6, gamma: 0.05" ""
+recipe "$WORK/della.yml" della ", density: 0.5, epsilon: 0.1" ""
+recipe "$WORK/della_linear.yml" della_linear ", density: 0.5, epsilon: 0.1" ""
+cat > "$WORK/linear.yml" <<EOR
+merge_method: linear
+models:
+  - model: ./models/ft1
+    parameters: {weight: 1.0}
+  - model: ./models/ft2
+    parameters: {weight: 3.0}
+dtype: bfloat16
+EOR
+
+for m in ties dare_ties dare_linear task_arithmetic breadcrumbs breadcrumbs_ties della della_linear linear; do
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/out_$m" --quiet
+  "$MS_BIN" verify "$WORK/out_$m" --quiet
+  [ -f "$WORK/out_$m/config.json" ] && [ -f "$WORK/out_$m/tokenizer.json" ] || fail "$m: side files missing"
+  grep -qE '"merge_method":[[:space:]]*"'$m'"' "$WORK/out_$m/mergestream.json" || fail "$m: manifest"
+done
+grep -qE '"torch_dtype":[[:space:]]*"float32"' "$WORK/out_dare_ties/config.json" || fail "config.json torch_dtype not updated"
+
+# same bytes: a rerun, 1 vs 2 threads, a budget small enough to chunk, pread vs io_uring, sharded output
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/rerun" --quiet
+same_bytes "$WORK/out_ties" "$WORK/rerun"
+for m in ties dare_ties breadcrumbs della; do
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --quiet
+  same_bytes "$WORK/out_$m" "$WORK/t1_$m"
+done
+# chunked == whole-tensor bytes: "small" models (512 KB embeddings) through a
+# 4 MiB staging pool (28M less the fixed allowance) must be cut into chunks
+S="$WORK/small"
+"$MS_GEN" base "$S/models/base" --preset small --dtype bf16 --seed 11
+"$MS_GEN" finetune "$S/models/base" "$S/models/ft1" --seed 12
+"$MS_GEN" finetune "$S/models/base" "$S/models/ft2" --seed 13 --dtype f16
+"$MS_GEN" finetune "$S/models/base" "$S/models/ft3" --seed 14 --dtype f32
+for m in ties dare_ties breadcrumbs_ties della; do
+  cp "$WORK/$m.yml" "$S/$m.yml"
+  "$MS_BIN" merge "$S/$m.yml" -o "$S/whole_$m" --quiet
+  "$MS_BIN" merge "$S/$m.yml" -o "$S/chunked_$m" --max-memory 28M --threads 2 --json --quiet > "$S/chunked.json"
+  grep -qE '"tensors_chunked":[[:space:]]*0,' "$S/chunked.json" && fail "$m: --max-memory 28M chunked nothing"
+  same_bytes "$S/whole_$m" "$S/chunked_$m"
+done
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
+[ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
+"$MS_BIN" verify "$WORK/sharded" --quiet
+# the seed changes DARE's mask
+"$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seed8" --random-seed 8 --quiet
+cmp -s "$WORK/out_dare_ties/model.safetensors" "$WORK/seed8/model.safetensors" && fail "--random-seed had no effect"
+
+# output directory rules
+expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties"
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --force --quiet
+
+# recipe errors: exit 2 naming the key and line
+printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1, densty: 0.2}\n' > "$WORK/typo.yml"
+expect_fail 2 "typo.yml:5: .*densty" "$MS_BIN" merge "$WORK/typo.yml" -o "$WORK/o1"
+printf 'merge_method: tiez\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n' > "$WORK/method.yml"
+expect_fail 2 "method.yml:1: .*tiez" "$MS_BIN" merge "$WORK/method.yml" -o "$WORK/o2"
+printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: meta-llama/Llama-3.2-1B\n    parameters: {weight: 1}\n' > "$WORK/hub.yml"
+expect_fail 2 "hub.yml:4: .*does not download" "$MS_BIN" merge "$WORK/hub.yml" -o "$WORK/o3"
+[ ! -e "$WORK/o1" ] && [ ! -e "$WORK/o2" ] && [ ! -e "$WORK/o3" ] || fail "a failed merge left an output directory"
+
+# input errors: exit 3 naming the file and the tensor
+"$MS_GEN" base "$M/other" --preset tiny --dtype bf16 --seed 9 --hidden 32
+printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/other\n    parameters: {weight: 1, density: 0.5}\n' > "$WORK/shape.yml"
+expect_fail 3 "models/other: tensor 'model.embed_tokens.weight' has shape" "$MS_BIN" merge "$WORK/shape.yml" -o "$WORK/o4"
+ls "$WORK/o4" 2>/dev/null | grep -q safetensors && fail "a failed merge left a shard"
+
+# usage errors
+expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
+expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
+"$MS_BIN" merge --help | grep -q "usage: mergestream merge" || fail "merge --help"
+echo "merge_cli: ok"

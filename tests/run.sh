@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds mergestream and runs the whole test suite (unit, e2e, gpu, slow).
+#   tests/run.sh              release build in build/, every test
+#   tests/run.sh --sanitize   ASan+UBSan build in build-asan/, every test
+# GPU tests exit 77 (skipped) where no GPU is present. Extra arguments after
+# the options go to ctest (e.g. -L unit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=build
+cmake_args=()
+if [ "${1:-}" = "--sanitize" ]; then
+  shift
+  build=build-asan
+  # CUDA stays out of the sanitizer build: ASan and the CUDA runtime do not mix.
+  cmake_args+=(-DMERGESTREAM_SANITIZE=address,undefined -DMERGESTREAM_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug)
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+fi
+gen=()
+command -v ninja >/dev/null && gen=(-G Ninja)
+cmake -S . -B "$build" "${gen[@]}" "${cmake_args[@]}" >/dev/null
+cmake --build "$build" -j "$(nproc)"
+ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "$@"
