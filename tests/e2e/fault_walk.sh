@@ -17,7 +17,8 @@ models:
   - model: ./models/ft2
     parameters: {weight: 0.5, density: 0.5}
 EOR
-run() { "$MS_BIN" merge "$WORK/r.yml" -o "$1" --out-shard-size 80KB --max-memory 26M --quiet "${@:2}"; }
+# --threads 2: chunk sizes (and so the number of reads) depend on the thread count
+run() { "$MS_BIN" merge "$WORK/r.yml" -o "$1" --out-shard-size 80KB --max-memory 26M --threads 2 --quiet "${@:2}"; }
 run "$WORK/ref"
 
 for site in read write fsync rename host_alloc; do
