@@ -319,17 +319,36 @@ static void load_base(const cpu_ctx *x, uint64_t e, size_t n, float *base)
 
 /* ============================================================= keep */
 
-/* u[j] = model's philox word of element e0 + j. */
+#define PHILOX_LANES 16u /* counters computed side by side: the lane loops vectorise */
+
+/* u[j] = model's philox word of element e0 + j (ms_merge_philox_word). */
 static void philox_fill(const uint32_t key[2], uint32_t model, uint64_t e0, size_t n, uint32_t *u)
 {
-    size_t j = 0;
-    uint64_t e = e0;
-    while (j < n) {
-        uint32_t ctr[4] = {(uint32_t)(e >> 2), (uint32_t)(e >> 34), model, 0u};
-        uint32_t out[4];
-        ms_philox4x32_10(ctr, key, out);
-        for (unsigned w = (unsigned)(e & 3u); w < 4 && j < n; w++, j++, e++)
-            u[j] = out[w];
+    if (n == 0)
+        return;
+    uint32_t rk0[10], rk1[10];
+    for (int r = 0; r < 10; r++)
+        ms_philox4x32_round_key(key, r, &rk0[r], &rk1[r]);
+    uint64_t g = e0 >> 2, g_end = ((e0 + n - 1) >> 2) + 1; /* counter groups of 4 elements */
+    for (; g < g_end; g += PHILOX_LANES) {
+        uint32_t c0[PHILOX_LANES], c1[PHILOX_LANES], c2[PHILOX_LANES], c3[PHILOX_LANES];
+        for (unsigned l = 0; l < PHILOX_LANES; l++) { /* lanes independent: vectorises */
+            uint32_t a0 = (uint32_t)(g + l), a1 = (uint32_t)((g + l) >> 32), a2 = model, a3 = 0;
+            for (int r = 0; r < 10; r++)
+                ms_philox4x32_round(&a0, &a1, &a2, &a3, rk0[r], rk1[r]);
+            c0[l] = a0;
+            c1[l] = a1;
+            c2[l] = a2;
+            c3[l] = a3;
+        }
+        const uint32_t *words[4] = {c0, c1, c2, c3};
+        for (unsigned l = 0; l < PHILOX_LANES && g + l < g_end; l++) {
+            for (unsigned w = 0; w < 4; w++) {
+                uint64_t e = (g + l) * 4 + w;
+                if (e >= e0 && e < e0 + n)
+                    u[e - e0] = words[w][l];
+            }
+        }
     }
 }
 
@@ -350,52 +369,75 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
         memset(keep, 0, n);
         break;
     case MS_MERGE_SEL_RANDOM: {
-        uint64_t thr = m->random_threshold;
+        /* d < 1: the threshold fits 32 bits, so the compare can be 32-bit (it vectorises) */
+        CPU_ASSERT(m->random_threshold <= UINT32_MAX);
+        uint32_t thr = (uint32_t)m->random_threshold;
+        const uint32_t *rnd = s->rnd;
         philox_fill(x->p->philox_key, i - 1, e, n, s->rnd);
         for (size_t j = 0; j < n; j++)
-            keep[j] = ms_merge_random_keep(s->rnd[j], thr);
+            keep[j] = rnd[j] < thr; /* ms_merge_random_keep */
         break;
     }
     case MS_MERGE_SEL_TOP: {
+        CPU_ASSERT(n <= CPU_TILE);
         const ms_merge_bound *b = &m->bound[0];
         uint32_t t = b->key;
         uint64_t take = b->take;
         for (size_t j = 0; j < n; j++)
             key[j] = ms_merge_key(d[j]);
-        if (!b->split) {
+        uint64_t q = b->split ? pos[0] : 0;
+        uint32_t eq = 0; /* n <= CPU_TILE */
+        if (b->split)
             for (size_t j = 0; j < n; j++)
-                keep[j] = ms_merge_sel_upper(key[j], 0, t, take);
+                eq += key[j] == t;
+        if (!b->split || q >= take || q + eq <= take) {
+            /* eq_pos is on one side of take for the whole tile */
+            uint64_t q_any = q < take ? 0 : take;
+            for (size_t j = 0; j < n; j++)
+                keep[j] = ms_merge_sel_upper(key[j], q_any, t, take);
         } else {
-            uint64_t q = pos[0];
             for (size_t j = 0; j < n; j++) {
                 keep[j] = ms_merge_sel_upper(key[j], q, t, take);
                 q += key[j] == t;
             }
-            pos[0] = q;
         }
+        if (b->split)
+            pos[0] += eq;
         break;
     }
     case MS_MERGE_SEL_BAND: {
+        CPU_ASSERT(n <= CPU_TILE);
         const ms_merge_bound *lo = &m->bound[0], *hi = &m->bound[1];
         for (size_t j = 0; j < n; j++)
             key[j] = ms_merge_key(d[j]);
-        if (!lo->split && !hi->split) {
+        uint32_t t0 = lo->key, t1 = hi->key;
+        uint64_t take0 = lo->take, take1 = hi->take;
+        uint64_t q0 = lo->split ? pos[0] : 0, q1 = hi->split ? pos[1] : 0;
+        uint32_t eq0 = 0, eq1 = 0; /* n <= CPU_TILE */
+        if (lo->split)
             for (size_t j = 0; j < n; j++)
-                keep[j] = !ms_merge_sel_lower(key[j], 0, lo->key, lo->take) &&
-                          ms_merge_sel_lower(key[j], 0, hi->key, hi->take);
+                eq0 += key[j] == t0;
+        if (hi->split)
+            for (size_t j = 0; j < n; j++)
+                eq1 += key[j] == t1;
+        bool uniform0 = !lo->split || q0 >= take0 || q0 + eq0 <= take0;
+        bool uniform1 = !hi->split || q1 >= take1 || q1 + eq1 <= take1;
+        if (uniform0 && uniform1) {
+            /* eq_pos is on one side of take for the whole tile, for both edges */
+            uint64_t a0 = q0 < take0 ? 0 : take0, a1 = q1 < take1 ? 0 : take1;
+            for (size_t j = 0; j < n; j++)
+                keep[j] = !ms_merge_sel_lower(key[j], a0, t0, take0) && ms_merge_sel_lower(key[j], a1, t1, take1);
         } else {
-            uint64_t q0 = lo->split ? pos[0] : 0, q1 = hi->split ? pos[1] : 0;
             for (size_t j = 0; j < n; j++) {
-                keep[j] = !ms_merge_sel_lower(key[j], q0, lo->key, lo->take) &&
-                          ms_merge_sel_lower(key[j], q1, hi->key, hi->take);
-                if (lo->split)
-                    q0 += key[j] == lo->key;
-                if (hi->split)
-                    q1 += key[j] == hi->key;
+                keep[j] = !ms_merge_sel_lower(key[j], q0, t0, take0) && ms_merge_sel_lower(key[j], q1, t1, take1);
+                q0 += lo->split && key[j] == t0;
+                q1 += hi->split && key[j] == t1;
             }
-            pos[0] = lo->split ? q0 : pos[0];
-            pos[1] = hi->split ? q1 : pos[1];
         }
+        if (lo->split)
+            pos[0] += eq0;
+        if (hi->split)
+            pos[1] += eq1;
         break;
     }
     case MS_MERGE_SEL_DELLA:
@@ -403,12 +445,12 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
     }
 }
 
-/* Stable LSD radix sort of a[0..n) on its low `bits` bits, 11 bits a pass.
- * Returns the buffer (a or tmp) holding the sorted values. */
-static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned bits)
+/* Stable LSD radix sort of a[0..n) on bits [lo_bit, hi_bit), 11 bits a
+ * pass. Returns the buffer (a or tmp) holding the sorted values. */
+static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned lo_bit, unsigned hi_bit)
 {
     size_t count[2048];
-    for (unsigned shift = 0; shift < bits; shift += 11) {
+    for (unsigned shift = lo_bit; shift < hi_bit; shift += 11) {
         memset(count, 0, sizeof count);
         for (size_t j = 0; j < n; j++)
             count[(a[j] >> shift) & 2047u]++;
@@ -439,10 +481,12 @@ static void della_row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_
         cbits++;
     CPU_ASSERT(cbits <= 32);
     uint64_t cmask = cbits ? (((uint64_t)1 << cbits) - 1) : 0;
-    /* ascending by key, ties by column: the key above the column bits */
+    /* ascending by key, ties by column: the values start in column order and
+     * the sort is stable, so sorting on the key bits (above the column bits)
+     * alone is enough */
     for (uint64_t col = 0; col < cols; col++)
         s->sort_a[col] = ((uint64_t)ms_merge_key(d[col]) << cbits) | col;
-    const uint64_t *sorted = radix_sort(s->sort_a, s->sort_b, (size_t)cols, 31 + cbits);
+    const uint64_t *sorted = radix_sort(s->sort_a, s->sort_b, (size_t)cols, cbits, cbits + 31);
     double dens = p->density[i], eps = p->epsilon[i];
     for (uint64_t r = 0; r < cols; r++)
         s->thr[sorted[r] & cmask] = ms_merge_della_threshold(dens, eps, r, cols);

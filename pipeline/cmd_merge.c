@@ -228,7 +228,7 @@ int ms_cmd_merge(int argc, char **argv)
      * budget, so four of the largest (or 64 MiB) keep the stages overlapped
      * without mapping, pinning and registering memory nothing will use. */
     uint64_t want = 4 * plan->max_item_bytes > (64ull << 20) ? 4 * plan->max_item_bytes : 64ull << 20;
-    if (ms_pool_open(want < budget ? want : budget, &pool, &err) != 0)
+    if (ms_pool_open(want < plan->pool_bytes ? want : plan->pool_bytes, &pool, &err) != 0)
         goto fail;
     if (build_layout(plan, o.shard_size, &layout, &err) != 0)
         goto fail;

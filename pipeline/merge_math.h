@@ -84,57 +84,49 @@ MS_HD static inline float ms_bf16_to_f32(uint16_t h)
 MS_HD static inline uint16_t ms_f32_to_bf16(float f)
 {
     uint32_t u = ms_f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t is_nan = 0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u); /* masks, not branches: loops vectorise */
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x0040u;
+    return (uint16_t)((nan & is_nan) | (rounded & ~is_nan));
 }
 
-/* f16 -> f32 is exact (subnormals included); a signalling NaN is quieted. */
+/* f16 -> f32 is exact (subnormals included); a signalling NaN is quieted.
+ * All cases are computed and selected (no branches: loops vectorise). */
 MS_HD static inline float ms_f16_to_f32(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
     uint32_t man = h & 0x3ffu;
-    uint32_t u;
-    if (exp == 0x1fu)
-        u = sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u);
-    else if (exp != 0)
-        u = sign | ((exp + 112u) << 23) | (man << 13);
-    else /* zero or subnormal: man * 2^-24, exact in f32 (and a normal f32) */
-        u = sign | ms_f32_bits((float)man * 5.9604644775390625e-8f);
-    return ms_f32_from_bits(u);
+    uint32_t special = 0x7f800000u | (man << 13) | ((0u - (uint32_t)(man != 0)) & 0x00400000u); /* Inf, qNaN */
+    uint32_t normal = ((exp + 112u) << 23) | (man << 13);
+    uint32_t small = ms_f32_bits((float)man * 5.9604644775390625e-8f); /* zero, subnormal: man * 2^-24, exact */
+    uint32_t is_special = 0u - (uint32_t)(exp == 0x1fu), is_small = 0u - (uint32_t)(exp == 0);
+    uint32_t u = (special & is_special) | (small & is_small) | (normal & ~(is_special | is_small));
+    return ms_f32_from_bits(sign | u);
 }
 
 /* f32 -> f16, round to nearest even: values from 65520 up become Inf, values
  * below 2^-14 become subnormals (2^-25 exactly rounds to 0), NaN stays NaN
- * (sign and the top 9 payload bits kept, quiet bit set). */
+ * (sign and the top 9 payload bits kept, quiet bit set). All cases are
+ * computed and selected (no branches: loops vectorise). */
 MS_HD static inline uint16_t ms_f32_to_f16(float f)
 {
     uint32_t u = ms_f32_bits(f);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t sign = (u >> 16) & 0x8000u;
     uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u)
-        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
-    if (a >= 0x477ff000u) /* 65520 = halfway between 65504 and 2^16: ties to Inf (65504 is odd) */
-        return (uint16_t)(sign | 0x7c00u);
-    if (a >= 0x38800000u) { /* normal: rebias the exponent by 127 - 15, then round 13 bits off */
-        uint32_t r = a - 0x38000000u;
-        r += 0xfffu + ((r >> 13) & 1u);
-        return (uint16_t)(sign | (r >> 13));
-    }
-    if (a < 0x33000000u) /* below 2^-25: rounds to zero */
-        return sign;
-    /* subnormal: value / 2^-24 = m * 2^(e - 126), shift s in [14, 24] */
-    uint32_t e = a >> 23;
-    uint32_t m = (a & 0x7fffffu) | 0x800000u;
-    uint32_t s = 126u - e;
-    uint32_t q = m >> s;
-    uint32_t rem = m & ((1u << s) - 1u);
-    uint32_t half = 1u << (s - 1u);
-    if (rem > half || (rem == half && (q & 1u)))
-        q++;
-    return (uint16_t)(sign | q);
+    /* normal: rebias the exponent by 127 - 15, round 13 bits off to even */
+    uint32_t r = a - 0x38000000u;
+    uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
+    /* below 2^-14: adding 0.5 (ulp 2^-24, as f16's subnormals) rounds |f| to
+     * a multiple of 2^-24, to nearest even, in the f32 add itself */
+    uint32_t small = ms_f32_bits(ms_f32_from_bits(a) + 0.5f) - 0x3f000000u;
+    uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+    uint32_t is_nan = 0u - (uint32_t)(a > 0x7f800000u);
+    uint32_t is_inf = ~is_nan & (0u - (uint32_t)(a >= 0x477ff000u)); /* 65520 (halfway above 65504, odd) and up */
+    uint32_t is_normal = ~(is_nan | is_inf) & (0u - (uint32_t)(a >= 0x38800000u));
+    uint32_t is_small = ~(is_nan | is_inf | is_normal);
+    uint32_t h = (nan & is_nan) | (0x7c00u & is_inf) | (normal & is_normal) | (small & is_small);
+    return (uint16_t)(sign | h);
 }
 
 /* =========================================================== philox */
@@ -144,25 +136,37 @@ MS_HD static inline uint16_t ms_f32_to_f16(float f)
 #define MS_PHILOX_W0 0x9E3779B9u
 #define MS_PHILOX_W1 0xBB67AE85u
 
+/* One Philox4x32 round on the counter words with round key (k0, k1). Exposed
+ * so a backend can run many counters side by side (the CPU's batches). */
+MS_HD static inline void ms_philox4x32_round(uint32_t *c0, uint32_t *c1, uint32_t *c2, uint32_t *c3, uint32_t k0,
+                                             uint32_t k1)
+{
+    uint64_t p0 = (uint64_t)MS_PHILOX_M0 * *c0;
+    uint64_t p1 = (uint64_t)MS_PHILOX_M1 * *c2;
+    uint32_t n0 = (uint32_t)(p1 >> 32) ^ *c1 ^ k0;
+    uint32_t n2 = (uint32_t)(p0 >> 32) ^ *c3 ^ k1;
+    *c1 = (uint32_t)p1;
+    *c3 = (uint32_t)p0;
+    *c0 = n0;
+    *c2 = n2;
+}
+
+/* Round r's key (0-based): the key bumped r times by the Weyl constants. */
+MS_HD static inline void ms_philox4x32_round_key(const uint32_t key[2], int r, uint32_t *k0, uint32_t *k1)
+{
+    *k0 = key[0] + (uint32_t)r * MS_PHILOX_W0;
+    *k1 = key[1] + (uint32_t)r * MS_PHILOX_W1;
+}
+
 /* Philox4x32-10 (Salmon et al. 2011) with Random123's constants: 10 rounds,
  * the key bumped by the Weyl constants before every round but the first. */
 MS_HD static inline void ms_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4])
 {
     uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
-    uint32_t k0 = key[0], k1 = key[1];
-    for (int round = 0; round < 10; round++) {
-        if (round > 0) {
-            k0 += MS_PHILOX_W0;
-            k1 += MS_PHILOX_W1;
-        }
-        uint64_t p0 = (uint64_t)MS_PHILOX_M0 * c0;
-        uint64_t p1 = (uint64_t)MS_PHILOX_M1 * c2;
-        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
-        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
-        c1 = (uint32_t)p1;
-        c3 = (uint32_t)p0;
-        c0 = n0;
-        c2 = n2;
+    for (int r = 0; r < 10; r++) {
+        uint32_t k0, k1;
+        ms_philox4x32_round_key(key, r, &k0, &k1);
+        ms_philox4x32_round(&c0, &c1, &c2, &c3, k0, k1);
     }
     out[0] = c0;
     out[1] = c1;
@@ -263,10 +267,12 @@ MS_HD static inline float ms_merge_rescale_factor(double sum_abs_delta, double s
 }
 
 /* tau: the kept value times the rescale factor (1 without rescale); a dropped
- * element is exactly +0. */
+ * element is exactly +0 (whatever delta * factor is: Inf, NaN, -0). Masked
+ * bits instead of a branch, so element loops vectorise. */
 MS_HD static inline float ms_merge_tau(float delta, bool keep, float factor)
 {
-    return keep ? delta * factor : 0.0f;
+    uint32_t mask = 0u - (uint32_t)keep;
+    return ms_f32_from_bits(ms_f32_bits(delta * factor) & mask);
 }
 
 /* ========================================================= combining */
@@ -278,11 +284,13 @@ MS_HD static inline float ms_merge_majority(float s)
     return s >= 0.0f ? 1.0f : -1.0f;
 }
 
-/* m_i as 1.0f or 0.0f: W has the majority's sign. Zeros and NaN never match. */
+/* m_i as 1.0f or 0.0f: W has the majority's sign. Zeros and NaN never match.
+ * Written without branches so element loops vectorise. */
 MS_HD static inline float ms_merge_match(float w_tau, float majority)
 {
-    bool m = majority > 0.0f ? w_tau > 0.0f : w_tau < 0.0f;
-    return m ? 1.0f : 0.0f;
+    int up = majority > 0.0f;
+    int m = (up & (w_tau > 0.0f)) | ((up ^ 1) & (w_tau < 0.0f));
+    return (float)m;
 }
 
 /* Consensus divisor: sum m_i w_i, with 0 (either sign) replaced by 1. */
@@ -369,14 +377,15 @@ MS_HD static inline uint32_t ms_merge_store_f32(float v)
     return ms_f32_bits(ms_merge_canon(v));
 }
 
+/* (the canonical f32 NaN converts to the canonical bf16 / f16 NaN) */
 MS_HD static inline uint16_t ms_merge_store_bf16(float v)
 {
-    return v != v ? (uint16_t)MS_BF16_CANON_NAN : ms_f32_to_bf16(v);
+    return ms_f32_to_bf16(ms_merge_canon(v));
 }
 
 MS_HD static inline uint16_t ms_merge_store_f16(float v)
 {
-    return v != v ? (uint16_t)MS_F16_CANON_NAN : ms_f32_to_f16(v);
+    return ms_f32_to_f16(ms_merge_canon(v));
 }
 
 #endif

@@ -80,24 +80,24 @@ static int plan_open_model(const char *path, const char *adapter, const ms_recip
     return ms_model_open(path, out, err);
 }
 
-/* Cuts a job into row chunks that fit the pool. */
-static int plan_chunking(ms_job *job, const ms_plan_options *opt, ms_error *err)
+/* Cuts a job into row chunks that fit the pool: a chunk (its inputs and its
+ * output) takes at most a quarter of the pool, so reading, computing and
+ * writing can overlap. Kernel scratch and merge statistics live outside the
+ * pool (ms_plan's extra_bytes). */
+static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
 {
     uint64_t rows = job->params.rows ? job->params.rows : 1;
     uint64_t per_row = job->out_row_bytes;
     for (unsigned i = 0; i < job->n_inputs; i++)
         per_row += job->in[i].row_bytes;
-    uint64_t scratch = job->kind == MS_JOB_MERGE ? cpu_merge_scratch_bytes(&job->params, 1, opt->threads) : 0;
-    /* two allocations per chunk, each rounded up to a page */
-    uint64_t slack = 2 * 4096;
-    uint64_t budget = opt->pool_bytes / PLAN_CHUNKS_IN_POOL;
-    uint64_t one_row = per_row + scratch + slack;
-    if (one_row > opt->pool_bytes)
+    uint64_t slack = 2 * 4096; /* two allocations per chunk, each rounded up to a page */
+    if (per_row + slack > pool_bytes)
         return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
                             "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
                             "; raise --max-memory",
-                            one_row, opt->pool_bytes);
-    uint64_t fit = budget > scratch + slack ? (budget - scratch - slack) / (per_row ? per_row : 1) : 0;
+                            per_row + slack, pool_bytes);
+    uint64_t budget = pool_bytes / PLAN_CHUNKS_IN_POOL;
+    uint64_t fit = budget > slack ? (budget - slack) / (per_row ? per_row : 1) : 0;
     if (fit == 0)
         fit = 1;
     job->rows_per_chunk = fit >= rows ? rows : fit;
@@ -237,7 +237,24 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         }
         job->out_row_bytes = job->kind == MS_JOB_COPY ? 0 : (uint64_t)st_dtype_bits(job->out_dtype) / 8 * job->params.cols;
         job->out_bytes = job->kind == MS_JOB_COPY ? lt->end - lt->begin : job->out_row_bytes * job->params.rows;
-        if (plan_chunking(job, opt, err) != 0)
+        if (job->kind == MS_JOB_MERGE) {
+            /* scratch is nearly independent of the row count: bound it with all rows */
+            uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, opt->threads) +
+                             ms_merge_state_bytes(&job->params);
+            if (extra > plan->extra_bytes)
+                plan->extra_bytes = extra;
+        }
+    }
+    if (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES > opt->pool_bytes) {
+        ms_error_set(err, MS_EXIT_RUNTIME, recipe_path,
+                     "--max-memory is too small: the merge statistics and kernel scratch alone need %.1f MiB",
+                     (double)plan->extra_bytes / 1048576.0);
+        goto fail;
+    }
+    plan->pool_bytes = opt->pool_bytes - plan->extra_bytes;
+    for (size_t j = 0; j < plan->n_jobs; j++) {
+        ms_job *job = &plan->jobs[j];
+        if (plan_chunking(job, plan->pool_bytes, err) != 0)
             goto fail;
         plan->total_read_bytes += job->read_bytes;
         uint64_t item = job_max_item_bytes(job);

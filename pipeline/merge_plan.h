@@ -55,10 +55,14 @@ typedef struct ms_plan {
     uint64_t total_read_bytes;
     uint64_t total_out_bytes;
     uint64_t max_item_bytes;   /* the largest chunk's staging bytes (inputs + output) */
+    uint64_t extra_bytes;      /* host memory outside the pool: the largest job's kernel scratch and statistics */
+    uint64_t pool_bytes;       /* the staging budget chunks were cut for: pool_bytes option less extra_bytes */
 } ms_plan;
 
+#define MS_PLAN_MIN_POOL_BYTES (1ull << 20)
+
 typedef struct ms_plan_options {
-    uint64_t pool_bytes;     /* the staging pool's capacity: bounds every chunk */
+    uint64_t pool_bytes;     /* memory for the staging pool plus kernel scratch and statistics */
     unsigned threads;        /* compute threads (for scratch estimates) */
     bool has_seed;           /* --random-seed overrides the recipe */
     uint64_t seed;

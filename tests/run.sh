@@ -2,6 +2,7 @@
 # Builds mergestream and runs the whole test suite (unit, e2e, gpu, slow).
 #   tests/run.sh              release build in build/, every test
 #   tests/run.sh --sanitize   ASan+UBSan build in build-asan/, every test
+#   tests/run.sh --fuzz       clang build with the libFuzzer targets in build-fuzz/
 # GPU tests exit 77 (skipped) where no GPU is present. Extra arguments after
 # the options go to ctest (e.g. -L unit).
 set -euo pipefail
@@ -14,6 +15,10 @@ if [ "${1:-}" = "--sanitize" ]; then
   # CUDA stays out of the sanitizer build: ASan and the CUDA runtime do not mix.
   cmake_args+=(-DMERGESTREAM_SANITIZE=address,undefined -DMERGESTREAM_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug)
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+elif [ "${1:-}" = "--fuzz" ]; then
+  shift
+  build=build-fuzz
+  cmake_args+=(-DCMAKE_C_COMPILER=clang -DMERGESTREAM_FUZZ=ON -DMERGESTREAM_CUDA=OFF)
 fi
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)

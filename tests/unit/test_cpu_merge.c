@@ -6,7 +6,9 @@
  * (L1 blocks straddle chunks and windows), every input/output dtype, 1-8
  * models, negative and zero weights, lambda != 1, normalize and rescale on
  * and off, densities giving k = 0, k = 1, k = numel - 1 and d = 1, quantised
- * deltas (many exact ties in |delta|), NaN/Inf inputs. Each case then runs
+ * deltas (many exact ties in |delta|), deltas of wildly different magnitudes
+ * (so the fp64 L1 sums round and their order shows), -0 bases, NaN/Inf
+ * inputs. Each case then runs
  * again cut into random row chunks (different per pass) with 2 and 3
  * threads and small windows: the bytes must not change. The seed is printed;
  * set MS_TEST_SEED to replay. */
@@ -81,7 +83,7 @@ typedef struct tcase {
     const method_def *def;
     ms_tensor_params p;
     void *in[MS_MAX_MODELS + 1];
-    bool ties, specials;
+    bool ties, wide, specials;
 } tcase;
 
 static const st_dtype k_dtypes[3] = {ST_F32, ST_F16, ST_BF16};
@@ -166,6 +168,7 @@ static void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t 
     if (def->method == MS_METHOD_LINEAR && fabsf(wsum) < 0.1f)
         p->weight[1] += 1.0f; /* the recipe rejects a zero sum */
     tc->ties = rng_next() % 2;
+    tc->wide = !tc->ties && rng_next() % 3 == 0;
     tc->specials = rng_next() % 4 == 0;
     /* inputs: base values, then models = base + a delta (quantised in ties mode) */
     uint64_t n = p->numel;
@@ -181,7 +184,9 @@ static void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t 
         double scale = 0.002 + 0.02 * rng_unit();
         for (uint64_t e = 0; e < n; e++) {
             float v = base[e];
-            if (i > 0)
+            if (i > 0 && tc->wide) /* magnitudes 2^-40..2^8: fp64 sums that round */
+                v = v + (float)ldexp(rng_gauss(), (int)(rng_next() % 49) - 40);
+            else if (i > 0)
                 v = tc->ties ? v + (float)ldexp((double)((int64_t)(rng_next() % 9) - 4), -8)
                              : v + (float)(scale * rng_gauss());
             store_value(tc->in[i], p->in_dtype[i], e, v);
@@ -208,9 +213,9 @@ static void case_describe(const tcase *tc, char *buf, size_t len)
     const ms_tensor_params *p = &tc->p;
     int o = snprintf(buf, len,
                      "%s rows=%" PRIu64 " cols=%" PRIu64 " n=%u out=%d cons=%d norm=%d resc=%d lambda=%g ties=%d "
-                     "specials=%d:",
+                     "wide=%d specials=%d:",
                      tc->def->name, p->rows, p->cols, p->n_models, (int)p->out_dtype, p->consensus, p->normalize,
-                     p->rescale, (double)p->lambda, tc->ties, tc->specials);
+                     p->rescale, (double)p->lambda, tc->ties, tc->wide, tc->specials);
     for (unsigned i = 1; i <= p->n_models && o > 0 && (size_t)o < len; i++)
         o += snprintf(buf + o, len - (size_t)o, " [w=%g d=%.9g g=%g eps=%g in=%d]", (double)p->weight[i],
                       p->density[i], p->gamma[i], p->epsilon[i], (int)p->in_dtype[i]);
@@ -411,6 +416,41 @@ static void test_selection_by_hand(void **state)
     case_free(&tc);
 }
 
+/* dare's keep test on both sides of its boundary: density u / 2^32 gives the
+ * threshold u exactly, so the element whose word is u is dropped; one more
+ * keeps it. */
+static void test_random_boundary(void **state)
+{
+    (void)state;
+    tcase tc;
+    case_make(&tc, &k_methods[4], 1, 8, 2); /* dare_linear */
+    ms_tensor_params *p = &tc.p;
+    for (unsigned i = 0; i <= 2; i++)
+        p->in_dtype[i] = ST_F32;
+    p->out_dtype = ST_F32;
+    p->rescale = false;
+    p->normalize = false;
+    p->lambda = 1.0f;
+    p->weight[1] = p->weight[2] = 1.0f;
+    for (unsigned i = 0; i <= 2; i++) {
+        free(tc.in[i]);
+        tc.in[i] = malloc(8 * 4);
+        for (int e = 0; e < 8; e++)
+            ((float *)tc.in[i])[e] = i == 0 ? 0.0f : (float)(1 + e) * (i == 1 ? 1.0f : 16.0f);
+    }
+    const uint64_t e = 5;
+    for (int side = 0; side < 2; side++) {
+        uint32_t u = ref_random_word(p->philox_key, e, 1); /* model 2 */
+        p->density[1] = 1.0;
+        p->density[2] = ldexp((double)u + side, -32);
+        float out[8];
+        run_cpu(&tc, out, g_pool[2], false, NULL);
+        float want = 6.0f + (side ? 96.0f : 0.0f);
+        assert_true(out[e] == want);
+    }
+    case_free(&tc);
+}
+
 /* ======================================================== plan, pool */
 
 static void test_pass_plans(void **state)
@@ -572,6 +612,7 @@ int main(void)
         cmocka_unit_test(test_philox_key),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_selection_by_hand),
+        cmocka_unit_test(test_random_boundary),
         cmocka_unit_test(test_linear),
         cmocka_unit_test(test_task_arithmetic),
         cmocka_unit_test(test_ties),

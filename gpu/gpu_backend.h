@@ -1,0 +1,69 @@
+/* The CUDA backend as the rest of mergestream sees it: plain C, no CUDA
+ * types, so pipeline/ can call it through the backend registry without
+ * including CUDA headers.
+ *
+ * It runs the same passes as cpu/cpu_merge.h (pipeline/merge_passes.h's
+ * plan) on the GPU and produces byte-identical outputs and state updates.
+ *
+ * Failure contract (DESIGN.md, Data flow 3): a device allocation that fails
+ * (cudaErrorMemoryAllocation, or the fault seam's gpu_alloc site) returns
+ * GPU_OOM after clearing the error and trimming the pool; the merge state is
+ * then exactly as it was before the call (results are folded into the host
+ * state only after the chunk's device work succeeded), so the caller can run
+ * the same pass on the same chunk on the CPU. A sticky CUDA error (illegal
+ * address, launch failure...) returns GPU_FATAL: the backend is unusable
+ * afterwards (close it); the state is again untouched. */
+#ifndef MS_GPU_BACKEND_H
+#define MS_GPU_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pipeline/merge_params.h"
+#include "pipeline/merge_passes.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum gpu_status { GPU_OK = 0, GPU_OOM = 1, GPU_FATAL = 2 } gpu_status;
+
+typedef struct gpu_backend gpu_backend;
+
+/* Opens device `device` with at most memory_limit bytes for this backend (0:
+ * no cap besides the device's free memory less a reserve). Returns 0 and
+ * *out, or -1 with a one-line reason in why (no device, driver too old...). */
+int gpu_backend_open(int device, uint64_t memory_limit, gpu_backend **out, char *why, size_t why_len);
+void gpu_backend_close(gpu_backend *b); /* NULL is a no-op */
+
+/* The live free-memory estimate: cudaMemGetInfo's free bytes at open, less
+ * what the backend's pool holds now, less a reserve, capped by memory_limit. */
+uint64_t gpu_backend_free_estimate(gpu_backend *b);
+
+/* Device bytes a chunk of n_rows rows of p needs (inputs, output, scratch). */
+uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
+
+/* Runs pass `pass` of st's plan over chunk c on the GPU (same contract as
+ * cpu_merge_run_pass). Blocks until the results are in host memory. On
+ * GPU_OOM / GPU_FATAL, msg receives one line ("needs X MiB, Y MiB free" /
+ * the CUDA error). */
+gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
+                              const ms_chunk *c, char *msg, size_t msg_len);
+
+/* Frees cached device memory the pool holds but does not use. */
+void gpu_backend_trim(gpu_backend *b);
+
+/* Registers [p, p + len) as pinned host memory (cudaHostRegister). Returns
+ * false (and leaves the memory pageable) on failure. */
+bool gpu_host_register(void *p, size_t len);
+void gpu_host_unregister(void *p);
+
+/* Name of the device ("NVIDIA H100 80GB HBM3"). */
+const char *gpu_backend_device_name(const gpu_backend *b);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
