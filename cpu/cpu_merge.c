@@ -140,6 +140,8 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
          layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
          layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
          layout_add(&total, lay->mask_bytes, 1);
+    if (della) /* per-rank thresholds */
+        ok = ok && layout_add(&total, (uint64_t)p->n_models * (p->cols ? p->cols : 1), sizeof(uint64_t));
     lay->total = total;
     return ok;
 }
@@ -157,6 +159,7 @@ typedef struct cpu_ctx {
     double *blk_delta;     /* [MS_MAX_MODELS + 1][max_blocks] */
     double *blk_tau;       /* [MS_MAX_MODELS + 1][max_blocks] */
     uint8_t *mask;         /* [mask_bytes] della L1: keep flags of one model for the window */
+    uint64_t *della_thr;   /* [n_models][cols] della: threshold by 0-based rank (model i: row i - 1) */
     float plain_div;       /* without consensus: fixed sum_i w_i */
     float wsum;            /* linear: sum_i w_i */
     /* the current window and its partition */
@@ -172,6 +175,11 @@ typedef struct cpu_ctx {
 static uint64_t *ctx_eq(const cpu_ctx *x, unsigned task, unsigned model)
 {
     return &x->eq[((uint64_t)task * (MS_MAX_MODELS + 1) + model) * 2];
+}
+
+static const uint64_t *ctx_della_thr(const cpu_ctx *x, unsigned model)
+{
+    return x->della_thr + (uint64_t)(model - 1) * x->lay.cols;
 }
 
 static double *ctx_blk(double *base, const cpu_ctx *x, unsigned model)
@@ -233,6 +241,11 @@ static int ctx_alloc(cpu_ctx *x)
     off += align_up((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
     x->mask = lay->mask_bytes ? mem + off : NULL;
     off += align_up(lay->mask_bytes);
+    x->della_thr = NULL;
+    if (lay->della) {
+        x->della_thr = (uint64_t *)(mem + off);
+        off += align_up((uint64_t)lay->n_models * (lay->cols ? lay->cols : 1) * sizeof(uint64_t));
+    }
     CPU_ASSERT(off <= lay->total);
     return 0;
 }
@@ -445,25 +458,35 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
     }
 }
 
-/* Stable LSD radix sort of a[0..n) on bits [lo_bit, hi_bit), 11 bits a
- * pass. Returns the buffer (a or tmp) holding the sorted values. */
-static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned lo_bit, unsigned hi_bit)
+#define RADIX_BITS 11u
+#define RADIX_PASSES 3u /* 31 key bits */
+
+/* Stable LSD radix sort of a[0..n) (n >= 1) on the 31 bits from lo_bit, 11
+ * bits a pass; all digit histograms in one sweep. Returns the buffer (a or
+ * tmp) holding the sorted values. */
+static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned lo_bit)
 {
-    size_t count[2048];
-    for (unsigned shift = lo_bit; shift < hi_bit; shift += 11) {
-        memset(count, 0, sizeof count);
-        for (size_t j = 0; j < n; j++)
-            count[(a[j] >> shift) & 2047u]++;
-        if (count[(a[0] >> shift) & 2047u] == n)
+    uint32_t count[RADIX_PASSES][1u << RADIX_BITS];
+    memset(count, 0, sizeof count);
+    for (size_t j = 0; j < n; j++) {
+        uint64_t v = a[j] >> lo_bit;
+        count[0][v & 2047u]++;
+        count[1][(v >> 11) & 2047u]++;
+        count[2][(v >> 22) & 2047u]++;
+    }
+    for (unsigned pass = 0; pass < RADIX_PASSES; pass++) {
+        unsigned shift = lo_bit + pass * RADIX_BITS;
+        uint32_t *c = count[pass];
+        if (c[(a[0] >> shift) & 2047u] == n)
             continue; /* one digit value: this pass would not move anything */
-        size_t sum = 0;
-        for (unsigned k = 0; k < 2048; k++) {
-            size_t c = count[k];
-            count[k] = sum;
-            sum += c;
+        uint32_t sum = 0;
+        for (unsigned k = 0; k < (1u << RADIX_BITS); k++) {
+            uint32_t v = c[k];
+            c[k] = sum;
+            sum += v;
         }
         for (size_t j = 0; j < n; j++)
-            tmp[count[(a[j] >> shift) & 2047u]++] = a[j];
+            tmp[c[(a[j] >> shift) & 2047u]++] = a[j];
         uint64_t *swap = a;
         a = tmp;
         tmp = swap;
@@ -479,17 +502,17 @@ static void della_row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_
     unsigned cbits = 0;
     while (cbits < 64 && (cols - 1) >> cbits)
         cbits++;
-    CPU_ASSERT(cbits <= 32);
+    CPU_ASSERT(cbits <= 32 && cols <= UINT32_MAX);
     uint64_t cmask = cbits ? (((uint64_t)1 << cbits) - 1) : 0;
     /* ascending by key, ties by column: the values start in column order and
      * the sort is stable, so sorting on the key bits (above the column bits)
      * alone is enough */
     for (uint64_t col = 0; col < cols; col++)
         s->sort_a[col] = ((uint64_t)ms_merge_key(d[col]) << cbits) | col;
-    const uint64_t *sorted = radix_sort(s->sort_a, s->sort_b, (size_t)cols, cbits, cbits + 31);
-    double dens = p->density[i], eps = p->epsilon[i];
+    const uint64_t *sorted = radix_sort(s->sort_a, s->sort_b, (size_t)cols, cbits);
+    const uint64_t *by_rank = ctx_della_thr(x, i);
     for (uint64_t r = 0; r < cols; r++)
-        s->thr[sorted[r] & cmask] = ms_merge_della_threshold(dens, eps, r, cols);
+        s->thr[sorted[r] & cmask] = by_rank[r];
     philox_fill(p->philox_key, i - 1, row * cols, (size_t)cols, s->rnd);
     for (uint64_t col = 0; col < cols; col++)
         s->keep[col] = ms_merge_random_keep(s->rnd[col], s->thr[col]);
@@ -749,9 +772,14 @@ static void task_l1(void *vx, unsigned task, unsigned worker)
                 double d_sum = sd[i], t_sum = stau[i];
                 for (size_t k = 0; k < n; k++) {
                     double ad = fabs((double)s->x[k]);
+                    /* a dropped element adds +0.0: exact, as the sum is +0, positive or NaN */
+                    uint64_t bits, mask = 0u - (uint64_t)keep[k];
+                    memcpy(&bits, &ad, sizeof bits);
+                    bits &= mask;
+                    double kept;
+                    memcpy(&kept, &bits, sizeof kept);
                     d_sum = d_sum + ad;
-                    if (keep[k])
-                        t_sum = t_sum + ad;
+                    t_sum = t_sum + kept;
                 }
                 sd[i] = d_sum;
                 stau[i] = t_sum;
@@ -985,6 +1013,13 @@ int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned p
     uint64_t end = c->elem0 + c->n_elems;
     if (della) {
         uint64_t cols = p->cols;
+        for (unsigned i = 1; i <= p->n_models; i++) {
+            if (st->model[i].sel != MS_MERGE_SEL_DELLA)
+                continue;
+            uint64_t *t = x.della_thr + (uint64_t)(i - 1) * cols;
+            for (uint64_t r = 0; r < cols; r++)
+                t[r] = ms_merge_della_threshold(p->density[i], p->epsilon[i], r, cols);
+        }
         uint64_t rows_per_win = g_della_window_elems / cols ? g_della_window_elems / cols : 1;
         for (uint64_t r = c->row0; r < c->row0 + c->n_rows; r += rows_per_win) {
             uint64_t r1 = r + rows_per_win < c->row0 + c->n_rows ? r + rows_per_win : c->row0 + c->n_rows;

@@ -62,6 +62,15 @@ void gpu_host_unregister(void *p);
 /* Name of the device ("NVIDIA H100 80GB HBM3"). */
 const char *gpu_backend_device_name(const gpu_backend *b);
 
+/* Device bytes the pool holds now (blocks in use and cached). */
+uint64_t gpu_backend_pool_held(const gpu_backend *b);
+
+/* Tests only (the sticky-error path on demand): the next gpu_merge_run_pass
+ * launches a kernel that writes to an illegal address before its own work,
+ * so it returns GPU_FATAL and the CUDA context is unusable afterwards. Run
+ * it in a process of its own. */
+void gpu_backend_fail_next_for_tests(gpu_backend *b);
+
 #ifdef __cplusplus
 }
 #endif

@@ -100,13 +100,17 @@ static void piece_complete(io_engine *e, io_piece *p, int64_t res)
         MS_ASSERT((uint64_t)res <= p->len);
         r->done_bytes += (uint64_t)res;
         e->stats.bytes += (uint64_t)res;
-        if ((uint64_t)res < p->len && may_retry) {
-            p->offset += (uint64_t)res;
-            p->buf += res;
-            p->len -= (uint64_t)res;
-            e->stats.requeued_pieces++;
-            piece_issue(e, p);
-            return;
+        if ((uint64_t)res < p->len) {
+            if (may_retry) {
+                p->offset += (uint64_t)res;
+                p->buf += res;
+                p->len -= (uint64_t)res;
+                e->stats.requeued_pieces++;
+                piece_issue(e, p);
+                return;
+            }
+            if (r->result == 0) /* cannot finish it: the engine broke */
+                r->result = e->broken;
         }
     } else if (res == 0) {
         /* A read of 0 bytes before the end: the file got shorter. A write

@@ -956,6 +956,7 @@ int st_file_open(const char *path, st_file **out, ms_error *err)
         goto fail;
     }
     f->file_size = (uint64_t)st.st_size;
+    f->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
     if (f->file_size < ST_LEN_FIELD_BYTES) {
         file_too_small(f->file_size, path, err);
         goto fail;
@@ -1016,4 +1017,20 @@ void st_file_close(st_file *f)
     free(f->path);
     st_header_free(&f->header);
     free(f);
+}
+
+int st_file_check_unchanged(const st_file *f, ms_error *err)
+{
+    struct stat now, by_path;
+    if (fstat(f->fd, &now) != 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, f->path, "cannot stat");
+    int64_t mtime = (int64_t)now.st_mtim.tv_sec * 1000000000 + now.st_mtim.tv_nsec;
+    if ((uint64_t)now.st_size != f->file_size || mtime != f->mtime_ns)
+        return ms_error_set(err, MS_EXIT_DATA, f->path,
+                            "the file changed during the merge (size or modification time); the output is not trusted");
+    /* replaced by rename: our descriptor still reads the old file, which is
+     * fine for the bytes we read, but the user's model is no longer what we merged */
+    if (stat(f->path, &by_path) == 0 && (by_path.st_ino != now.st_ino || by_path.st_dev != now.st_dev))
+        return ms_error_set(err, MS_EXIT_DATA, f->path, "the file was replaced during the merge");
+    return 0;
 }

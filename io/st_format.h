@@ -124,6 +124,7 @@ typedef struct st_file {
     char *path;
     int fd;              /* O_RDONLY, owned */
     uint64_t file_size;
+    int64_t mtime_ns;    /* st_mtim at open, to notice a file replaced during a merge */
     uint64_t data_start; /* 8 + header_len: absolute offset of the data section */
     st_header header;
 } st_file;
@@ -137,6 +138,11 @@ typedef struct st_file {
 int st_file_open(const char *path, st_file **out, ms_error *err);
 /* Closes the descriptor and frees everything; st_file_close(NULL) is a no-op. */
 void st_file_close(st_file *f);
+
+/* Checks that f still has the size and modification time it had when opened
+ * (a file truncated, rewritten or replaced under a running merge). Returns 0,
+ * or -1 with err set (MS_EXIT_DATA naming the file). */
+int st_file_check_unchanged(const st_file *f, ms_error *err);
 
 /* Absolute file offset of a tensor's first byte. */
 static inline uint64_t st_file_tensor_offset(const st_file *f, const st_tensor *t)

@@ -20,6 +20,7 @@
 #include "pipeline/progress.h"
 #include "pipeline/size_parse.h"
 #include "pipeline/staging_pool.h"
+#include "pipeline/verify_output.h"
 
 static const char k_help[] =
     "usage: mergestream merge RECIPE -o DIR [OPTIONS]\n"
@@ -40,6 +41,7 @@ static const char k_help[] =
     "      --random-seed N       seed for DARE/DELLA masks (overrides the recipe)\n"
     "      --device auto|cpu|cuda where to compute (this build: cpu only)\n"
     "      --gpu-memory-limit SIZE  cap on GPU memory (GPU builds)\n"
+    "      --no-verify           skip re-reading the output to check every hash at the end\n"
     "      --json                print the summary as JSON on stdout\n"
     "      --quiet               no progress or summary on stderr\n"
     "  -h, --help                this text\n"
@@ -50,7 +52,7 @@ static const char k_help[] =
 
 typedef struct merge_options {
     const char *recipe, *out_dir;
-    bool force, json;
+    bool force, json, no_verify;
     uint64_t max_memory, shard_size;
     unsigned threads;
     io_engine_kind io;
@@ -68,9 +70,10 @@ static uint64_t default_max_memory(void)
 
 static int parse_options(int argc, char **argv, merge_options *o)
 {
-    enum { OPT_FORCE = 256, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
+    enum { OPT_FORCE = 256, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
     static const struct option k_opts[] = {
         {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
+        {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
         {"max-memory", required_argument, NULL, OPT_MAXMEM}, {"threads", required_argument, NULL, OPT_THREADS},
         {"io", required_argument, NULL, OPT_IO}, {"out-shard-size", required_argument, NULL, OPT_SHARD},
         {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
@@ -91,6 +94,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
         switch (c) {
         case 'o': o->out_dir = optarg; break;
         case OPT_FORCE: o->force = true; break;
+        case OPT_NO_VERIFY: o->no_verify = true; break;
         case OPT_MAXMEM:
             if (ms_size_parse(optarg, &o->max_memory) != 0 || o->max_memory == 0)
                 return ms_cli_usage_error("merge", "--max-memory: bad size '%s'", optarg);
@@ -141,6 +145,19 @@ static int parse_options(int argc, char **argv, merge_options *o)
     if (!o->out_dir)
         return ms_cli_usage_error("merge", "-o DIR is required");
     o->recipe = argv[optind];
+    return 0;
+}
+
+/* A file truncated, rewritten or replaced during the merge makes the output
+ * untrustworthy even when every read returned data. */
+static int plan_check_inputs_unchanged(const ms_plan *plan, ms_error *err)
+{
+    for (unsigned i = 0; i <= plan->n_models; i++) {
+        const ms_model *m = i == 0 ? plan->base : plan->models[i];
+        for (unsigned s = 0; m && s < m->n_shards; s++)
+            if (st_file_check_unchanged(m->shards[s], err) != 0)
+                return -1;
+    }
     return 0;
 }
 
@@ -218,7 +235,7 @@ int ms_cmd_merge(int argc, char **argv)
     io_engine *engine = NULL;
     ms_run_stats stats = {0};
     ms_side_files side = {0};
-    bool created_dir = false;
+    bool created_dir = false, manifest_written = false;
 
     uint64_t budget = ms_pool_capacity_for(o.max_memory);
     ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
@@ -236,6 +253,10 @@ int ms_cmd_merge(int argc, char **argv)
         goto fail;
     if (st_writer_open(layout, o.out_dir, &writer, &err) != 0)
         goto fail;
+    /* every shard's space is reserved before any work: a full disk fails now */
+    for (size_t s = 0; s < st_plan_n_shards(layout); s++)
+        if (st_writer_shard_open(writer, s, &err) != 0)
+            goto fail;
     struct iovec region = {ms_pool_base(pool), ms_pool_capacity(pool)};
     io_engine_config ecfg = {.kind = o.io, .queue_depth = 32, .max_piece_bytes = 4u << 20,
                              .regions = &region, .n_regions = 1};
@@ -251,12 +272,24 @@ int ms_cmd_merge(int argc, char **argv)
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine};
     if (ms_merge_run(&env, &stats, &err) != 0)
         goto fail;
+    if (plan_check_inputs_unchanged(plan, &err) != 0)
+        goto fail;
     if (ms_output_dir_copy_side_files(o.out_dir, plan, &side, &err) != 0)
         goto fail;
     if (st_writer_finish(writer, &err) != 0)
         goto fail;
     if (ms_manifest_write(o.out_dir, plan, layout, writer, &stats, &err) != 0)
         goto fail;
+    /* Re-read everything against the manifest; on a mismatch (or a read
+     * error) the whole output goes, as for any failed run. */
+    manifest_written = true;
+    if (!o.no_verify) {
+        ms_verify_result vr;
+        if (ms_verify_output(o.out_dir, &vr, &err) != 0)
+            goto fail;
+    }
+    if (stats.tensors_cpu > 0 && stats.tensors_equal_to_base == stats.tensors_cpu)
+        ms_log_warn("the output equals the base model: every merged tensor came out identical to the base's");
     print_summary(&o, plan, &stats, io_engine_name(engine));
     st_writer_close(writer);
     writer = NULL;
@@ -268,6 +301,11 @@ fail:
     st_writer_abort(writer);
     writer = NULL;
     ms_side_files_remove(&side);
+    if (manifest_written) {
+        char manifest[4096];
+        snprintf(manifest, sizeof manifest, "%s/%s", o.out_dir, MS_MANIFEST_NAME);
+        unlink(manifest);
+    }
     if (created_dir)
         rmdir(o.out_dir); /* only if empty: a failed run leaves no new directory behind */
 done:

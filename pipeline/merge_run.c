@@ -294,6 +294,13 @@ static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
             ms_merge_pass_finish(*state, &job->params, p);
     }
     ctx->results[it->job_index].backend = "cpu";
+    /* a merge that changes nothing is worth a warning (see the summary) */
+    uint64_t out_bytes = it->n_rows * job->out_row_bytes;
+    if (it->writes_output && job->params.has_base && job->params.in_dtype[0] == job->out_dtype &&
+        memcmp(chunk.out, chunk.in[0], out_bytes) != 0)
+        ctx->results[it->job_index].differs_from_base = true;
+    else if (it->writes_output && (!job->params.has_base || job->params.in_dtype[0] != job->out_dtype))
+        ctx->results[it->job_index].differs_from_base = true;
     if (it->last_of_job) {
         ms_merge_state_close(*state);
         *state = NULL;
@@ -463,6 +470,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
             else
                 stats->tensors_copied++;
             stats->chunked_tensors += job->n_chunks > 1;
+            stats->tensors_equal_to_base += job->kind == MS_JOB_MERGE && !ctx->results[j].differs_from_base;
             stats->nonfinite_values += ctx->results[j].nonfinite;
             stats->nonfinite_tensors += ctx->results[j].nonfinite != 0;
         }

@@ -27,6 +27,7 @@
 typedef struct ms_tensor_result {
     const char *backend;  /* "cpu" or "copy" */
     uint64_t nonfinite;   /* NaN or Inf values in the output tensor */
+    bool differs_from_base; /* some output byte differs from the base's (merged tensors) */
 } ms_tensor_result;
 
 typedef struct ms_run_stats {
@@ -34,6 +35,7 @@ typedef struct ms_run_stats {
     uint64_t bytes_read, bytes_written;
     uint64_t nonfinite_values, nonfinite_tensors;
     uint64_t chunked_tensors;
+    uint64_t tensors_equal_to_base; /* merged tensors whose output bytes equal the base's */
     double wall_s;
     double busy_read_s, busy_compute_s, busy_write_s; /* per-stage busy time */
     ms_tensor_result *tensors; /* one per job, owned by the caller (ms_run_stats_free) */

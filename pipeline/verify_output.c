@@ -1,0 +1,149 @@
+/* Re-checking a merge output (pipeline/verify_output.h). */
+#include <inttypes.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "io/checksum.h"
+#include "io/model_dir.h"
+#include "io/range_hash.h"
+#include "io/small_file.h"
+#include "pipeline/verify_output.h"
+
+#define MANIFEST_NAME "mergestream.json"
+#define MANIFEST_MAX_BYTES (256u << 20)
+
+
+static const char *base_name(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+static int manifest_hash(const cJSON *obj, const char *where, uint64_t *out, ms_error *err)
+{
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(obj, "xxh3");
+    if (!cJSON_IsString(h) || !ms_hash_from_hex(h->valuestring, out))
+        return ms_error_set(err, MS_EXIT_DATA, where, "manifest entry has no valid \"xxh3\"");
+    return 0;
+}
+
+/* Recomputes shard s's tensor hashes and shard hash and compares them. */
+static int verify_shard(const ms_model *m, unsigned s, const cJSON *tensors, const cJSON *shard_entry,
+                        const char *manifest_path, ms_error *err)
+{
+    const st_file *f = m->shards[s];
+    size_t n = f->header.n_tensors;
+    uint64_t *hashes = calloc(n ? n : 1, sizeof *hashes);
+    uint8_t *header = malloc(f->data_start);
+    int rc = -1;
+    if (!hashes || !header) {
+        ms_error_set(err, MS_EXIT_RUNTIME, f->path, "out of memory");
+        goto done;
+    }
+    for (size_t t = 0; t < n; t++) {
+        const st_tensor *ti = &f->header.tensors[t];
+        const cJSON *entry = cJSON_GetObjectItemCaseSensitive(tensors, ti->name);
+        if (!entry) {
+            ms_error_set(err, MS_EXIT_DATA, f->path, "tensor '%s' is not in %s", ti->name, manifest_path);
+            goto done;
+        }
+        uint64_t want;
+        if (manifest_hash(entry, manifest_path, &want, err) != 0)
+            goto done;
+        if (ms_range_hash(f->fd, st_file_tensor_offset(f, ti), ti->end - ti->begin, f->path, &hashes[t], err) != 0)
+            goto done;
+        if (hashes[t] != want) {
+            ms_error_set(err, MS_EXIT_DATA, f->path, "tensor '%s' has XXH3 %016" PRIx64 ", the manifest says %016" PRIx64,
+                         ti->name, hashes[t], want);
+            goto done;
+        }
+    }
+    ssize_t got = pread(f->fd, header, f->data_start, 0);
+    if (got != (ssize_t)f->data_start) {
+        ms_error_set(err, MS_EXIT_RUNTIME, f->path, "cannot re-read the header");
+        goto done;
+    }
+    uint64_t want;
+    if (manifest_hash(shard_entry, manifest_path, &want, err) != 0)
+        goto done;
+    uint64_t have = ms_shard_hash(header, f->data_start, hashes, n);
+    if (have != want) {
+        ms_error_set(err, MS_EXIT_DATA, f->path, "shard XXH3 %016" PRIx64 " does not match the manifest's %016" PRIx64,
+                     have, want);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(hashes);
+    free(header);
+    return rc;
+}
+
+static int verify_against_manifest(const ms_model *m, const char *manifest_path, ms_error *err)
+{
+    char *text = NULL;
+    size_t len = 0;
+    if (ms_small_file_read(manifest_path, MANIFEST_MAX_BYTES, &text, &len, err) != 0)
+        return -1;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    int rc = -1;
+    const cJSON *tensors = cJSON_GetObjectItemCaseSensitive(root, "tensors");
+    const cJSON *shards = cJSON_GetObjectItemCaseSensitive(root, "shards");
+    if (!root || !cJSON_IsObject(tensors) || !cJSON_IsArray(shards)) {
+        ms_error_set(err, MS_EXIT_DATA, manifest_path, "not a mergestream manifest (no \"tensors\" and \"shards\")");
+        goto done;
+    }
+    if ((size_t)cJSON_GetArraySize(tensors) != m->n_tensors) {
+        ms_error_set(err, MS_EXIT_DATA, manifest_path, "lists %d tensors but the output holds %zu",
+                     cJSON_GetArraySize(tensors), m->n_tensors);
+        goto done;
+    }
+    if ((unsigned)cJSON_GetArraySize(shards) != m->n_shards) {
+        ms_error_set(err, MS_EXIT_DATA, manifest_path, "lists %d shards but the output holds %u",
+                     cJSON_GetArraySize(shards), m->n_shards);
+        goto done;
+    }
+    for (unsigned s = 0; s < m->n_shards; s++) {
+        const cJSON *entry = NULL, *e;
+        cJSON_ArrayForEach(e, shards) {
+            const cJSON *file = cJSON_GetObjectItemCaseSensitive(e, "file");
+            if (cJSON_IsString(file) && strcmp(file->valuestring, base_name(m->shards[s]->path)) == 0)
+                entry = e;
+        }
+        if (!entry) {
+            ms_error_set(err, MS_EXIT_DATA, m->shards[s]->path, "shard is not listed in %s", manifest_path);
+            goto done;
+        }
+        if (verify_shard(m, s, tensors, entry, manifest_path, err) != 0)
+            goto done;
+    }
+    rc = 0;
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
+int ms_verify_output(const char *dir, ms_verify_result *res, ms_error *err)
+{
+    memset(res, 0, sizeof *res);
+    ms_model *m = NULL;
+    if (ms_model_open(dir, &m, err) != 0)
+        return -1;
+    char manifest[PATH_MAX];
+    snprintf(manifest, sizeof manifest, "%s/%s", m->path, MANIFEST_NAME);
+    struct stat st;
+    res->have_manifest = m->kind == MS_MODEL_KIND_DIR && stat(manifest, &st) == 0;
+    res->n_tensors = m->n_tensors;
+    res->n_shards = m->n_shards;
+    int rc = res->have_manifest ? verify_against_manifest(m, manifest, err) : 0;
+    ms_model_close(m);
+    return rc;
+}
