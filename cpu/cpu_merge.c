@@ -494,7 +494,8 @@ static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, size_t n, unsigned lo_bi
     return a;
 }
 
-/* della_magprune's keep flags for model i's row `row` (cols deltas d). */
+/* della_magprune's keep flags for model i's row `row` (cols deltas d) into
+ * s->keep, thresholds from the per-rank table. */
 static void della_row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t row, const float *d)
 {
     const ms_tensor_params *p = x->p;

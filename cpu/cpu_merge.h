@@ -28,9 +28,11 @@ int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned p
 
 /* An upper bound of the host memory cpu_merge_run_pass allocates for a chunk
  * of at most n_rows rows of p with a pool of n_threads threads: per-thread
- * tiles and histograms (about 1.2 MiB per thread when the method selects by
- * magnitude), della's per-row sort buffers (about (40 + 4 * n_models) bytes
- * per column per thread) and window arrays. Nearly independent of n_rows. */
+ * tiles and histograms (about 1.1 MiB per thread when the method selects by
+ * magnitude), della's per-row buffers (about 61 + 4 * n_models bytes per
+ * column per thread, plus a per-rank threshold table of 8 * n_models bytes
+ * per column) and window arrays (della's L1 keep mask: up to 4 MiB). Nearly
+ * independent of n_rows. Never fails (UINT64_MAX when the sizes overflow). */
 uint64_t cpu_merge_scratch_bytes(const ms_tensor_params *p, uint64_t n_rows, unsigned n_threads);
 
 /* Tests only: element windows of `elems` elements and della windows of

@@ -71,6 +71,11 @@ uint64_t gpu_backend_pool_held(const gpu_backend *b);
  * it in a process of its own. */
 void gpu_backend_fail_next_for_tests(gpu_backend *b);
 
+/* Tests only: della's rows are ranked in windows of about `elems` elements
+ * of whole rows (0 restores the default, 2^22), so that small tensors cross
+ * window boundaries. Not thread-safe: call before any pass runs. */
+void gpu_merge_set_della_window_for_tests(uint64_t elems);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "io/atomic_file.h"
@@ -457,6 +458,7 @@ typedef struct shard_state {
     uint64_t missing;   /* data bytes not yet landed */
     bool created;       /* the partial file exists (and is ours) */
     bool final;         /* renamed to final_path */
+    bool adopted;       /* final file of an earlier, interrupted run, kept (st_writer_adopt_shard) */
     uint64_t hash;      /* after finish */
 } shard_state;
 
@@ -804,6 +806,31 @@ int st_writer_finish(st_writer *w, ms_error *err)
     return 0;
 }
 
+int st_writer_adopt_shard(st_writer *w, size_t s, const uint64_t *tensor_hashes, ms_error *err)
+{
+    if (writer_check_usable(w, err) < 0)
+        return -1;
+    MS_ASSERT(s < w->plan->n_shards);
+    shard_state *ss = &w->shards[s];
+    const st_plan_shard *sh = &w->plan->shards[s];
+    MS_ASSERT(!ss->created && !ss->final && ss->missing == sh->data_bytes);
+    struct stat st;
+    if (stat(ss->final_path, &st) != 0 || (uint64_t)st.st_size != sh->file_size)
+        return ms_error_set(err, MS_EXIT_DATA, ss->final_path, "cannot adopt: missing or not %" PRIu64 " bytes",
+                            sh->file_size);
+    for (size_t i = sh->first_tensor; i < sh->first_tensor + sh->n_tensors; i++) {
+        tensor_state *ts = &w->tensors[i];
+        MS_ASSERT(ts->written == 0);
+        ts->written = w->plan->tensors[i].nbytes;
+        ts->hash = tensor_hashes[i - sh->first_tensor];
+        ts->has_hash = true;
+    }
+    ss->missing = 0;
+    ss->final = true;
+    ss->adopted = true;
+    return 0;
+}
+
 uint64_t st_writer_tensor_hash(const st_writer *w, size_t tensor)
 {
     MS_ASSERT(tensor < w->plan->n_tensors && w->tensors[tensor].has_hash);
@@ -847,7 +874,7 @@ void st_writer_abort(st_writer *w)
             if (ss->fd >= 0)
                 close(ss->fd);
             ss->fd = -1;
-            if (ss->final)
+            if (ss->final && !ss->adopted)
                 removed |= unlink(ss->final_path) == 0;
             else if (ss->created)
                 removed |= unlink(ss->partial_path) == 0;

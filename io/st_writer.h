@@ -190,6 +190,14 @@ int st_writer_tensor_target(st_writer *w, size_t tensor, int *fd, uint64_t *file
 int st_writer_tensor_landed(st_writer *w, size_t tensor, uint64_t offset, uint64_t len,
                             ms_error *err);
 
+/* Resume: takes shard s's final file, left by an earlier run of the same
+ * plan, as already written, with tensor_hashes (its n_tensors tensor hashes,
+ * in order) as its tensors' hashes; the caller checked them. The file is not
+ * created by this writer, so abort leaves it in place. Only before any byte of
+ * the shard was written. Returns 0, or -1 with err set (MS_EXIT_DATA when the
+ * final file is missing or has the wrong size). */
+int st_writer_adopt_shard(st_writer *w, size_t s, const uint64_t *tensor_hashes, ms_error *err);
+
 /* Bytes of shard s not yet written, and whether it was renamed to its final
  * name. For progress and tests. */
 uint64_t st_writer_shard_missing(const st_writer *w, size_t s);

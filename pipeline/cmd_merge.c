@@ -1,4 +1,5 @@
 /* mergestream merge RECIPE -o DIR: plan, run the three stages, commit. */
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdbool.h>
@@ -13,7 +14,10 @@
 #include "io/io_engine.h"
 #include "io/st_writer.h"
 #include "pipeline/cli.h"
+#include "io/range_hash.h"
+#include "io/checksum.h"
 #include "pipeline/manifest.h"
+#include "pipeline/merge_journal.h"
 #include "pipeline/merge_plan.h"
 #include "pipeline/merge_run.h"
 #include "pipeline/output_dir.h"
@@ -33,6 +37,8 @@ static const char k_help[] =
     "\n"
     "  -o, --output DIR          output directory (created; must be empty unless --force)\n"
     "      --force               overwrite a previous merge in DIR\n"
+    "      --resume              continue a merge into DIR that was killed or crashed: keep\n"
+    "                            every finished shard whose hashes still match, redo the rest\n"
     "      --max-memory SIZE     staging memory; peak RSS stays under SIZE + 64 MiB\n"
     "                            (default: a quarter of RAM, at most 8G)\n"
     "      --threads N           compute threads (default: all cores)\n"
@@ -52,7 +58,7 @@ static const char k_help[] =
 
 typedef struct merge_options {
     const char *recipe, *out_dir;
-    bool force, json, no_verify;
+    bool force, json, no_verify, resume;
     uint64_t max_memory, shard_size;
     unsigned threads;
     io_engine_kind io;
@@ -70,10 +76,10 @@ static uint64_t default_max_memory(void)
 
 static int parse_options(int argc, char **argv, merge_options *o)
 {
-    enum { OPT_FORCE = 256, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
+    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
     static const struct option k_opts[] = {
         {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
-        {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
+        {"no-verify", no_argument, NULL, OPT_NO_VERIFY}, {"resume", no_argument, NULL, OPT_RESUME},
         {"max-memory", required_argument, NULL, OPT_MAXMEM}, {"threads", required_argument, NULL, OPT_THREADS},
         {"io", required_argument, NULL, OPT_IO}, {"out-shard-size", required_argument, NULL, OPT_SHARD},
         {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
@@ -95,6 +101,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
         case 'o': o->out_dir = optarg; break;
         case OPT_FORCE: o->force = true; break;
         case OPT_NO_VERIFY: o->no_verify = true; break;
+        case OPT_RESUME: o->resume = true; break;
         case OPT_MAXMEM:
             if (ms_size_parse(optarg, &o->max_memory) != 0 || o->max_memory == 0)
                 return ms_cli_usage_error("merge", "--max-memory: bad size '%s'", optarg);
@@ -144,6 +151,8 @@ static int parse_options(int argc, char **argv, merge_options *o)
         return ms_cli_usage_error("merge", "expected exactly one RECIPE");
     if (!o->out_dir)
         return ms_cli_usage_error("merge", "-o DIR is required");
+    if (o->resume && o->force)
+        return ms_cli_usage_error("merge", "--resume and --force exclude each other");
     o->recipe = argv[optind];
     return 0;
 }
@@ -158,6 +167,52 @@ static int plan_check_inputs_unchanged(const ms_plan *plan, ms_error *err)
             if (st_file_check_unchanged(m->shards[s], err) != 0)
                 return -1;
     }
+    return 0;
+}
+
+/* --resume: keeps every shard the journal lists whose file still has the
+ * recorded bytes (every tensor re-hashed), marks its jobs to skip, and
+ * returns how many shards were kept. A shard that changed is removed and
+ * redone. */
+static int resume_adopt(const char *dir, uint64_t fingerprint, const st_plan *layout, st_writer *w,
+                        bool *skip_job, ms_journal_shard **kept, size_t *n_kept, ms_error *err)
+{
+    ms_journal_shard *recs = NULL;
+    size_t n = 0;
+    *kept = NULL;
+    *n_kept = 0;
+    if (ms_journal_load(dir, fingerprint, layout, &recs, &n, err) != 0)
+        return -1;
+    size_t good = 0;
+    for (size_t r = 0; r < n; r++) {
+        const st_plan_shard *sh = st_plan_shard_at(layout, recs[r].index);
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, sh->file_name);
+        bool ok = access(path, F_OK) == 0;
+        int fd = ok ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+        for (size_t i = 0; ok && i < sh->n_tensors; i++) {
+            const st_plan_tensor *pt = st_plan_tensor_at(layout, sh->first_tensor + i);
+            uint64_t h;
+            ms_error ignored;
+            ok = fd >= 0 && ms_range_hash(fd, pt->offset, pt->nbytes, path, &h, &ignored) == 0 &&
+                 h == recs[r].tensor_hashes[i];
+        }
+        if (fd >= 0)
+            close(fd);
+        ok = ok && ms_shard_hash(sh->header, sh->header_bytes, recs[r].tensor_hashes, sh->n_tensors) == recs[r].shard_hash &&
+             st_writer_adopt_shard(w, recs[r].index, recs[r].tensor_hashes, err) == 0;
+        if (!ok) {
+            ms_log_warn("%s: does not match the journal any more: redoing it", path);
+            unlink(path);
+            free(recs[r].tensor_hashes);
+            continue;
+        }
+        for (size_t i = 0; i < sh->n_tensors; i++)
+            skip_job[sh->first_tensor + i] = true;
+        recs[good++] = recs[r];
+    }
+    *kept = recs;
+    *n_kept = good;
     return 0;
 }
 
@@ -187,6 +242,7 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "tensors", (double)plan->n_jobs);
         cJSON_AddNumberToObject(j, "tensors_cpu", (double)s->tensors_cpu);
         cJSON_AddNumberToObject(j, "tensors_copied", (double)s->tensors_copied);
+        cJSON_AddNumberToObject(j, "tensors_kept", (double)s->tensors_kept);
         cJSON_AddNumberToObject(j, "tensors_chunked", (double)s->chunked_tensors);
         cJSON_AddNumberToObject(j, "gpu_fallbacks", 0);
         cJSON_AddNumberToObject(j, "bytes_read", (double)s->bytes_read);
@@ -208,9 +264,9 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
     if (ms_log_is_quiet())
         return;
     fprintf(stderr,
-            "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " copied, 0 GPU fallbacks"
+            "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " copied, %" PRIu64 " kept, 0 GPU fallbacks"
             "%s; read %.2f GB, wrote %.2f GB in %.2f s (%.2f GB/s, %s); peak RSS %.0f MiB\n",
-            plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_copied,
+            plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_copied, s->tensors_kept,
             s->chunked_tensors ? " (some in row chunks)" : "", (double)s->bytes_read / 1e9,
             (double)s->bytes_written / 1e9, s->wall_s, gbps, engine, (double)rss / 1048576.0);
     if (s->nonfinite_values)
@@ -236,6 +292,10 @@ int ms_cmd_merge(int argc, char **argv)
     ms_run_stats stats = {0};
     ms_side_files side = {0};
     bool created_dir = false, manifest_written = false;
+    bool *skip_job = NULL;
+    ms_journal *journal = NULL;
+    ms_journal_shard *kept = NULL;
+    size_t n_kept = 0;
 
     uint64_t budget = ms_pool_capacity_for(o.max_memory);
     ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
@@ -249,13 +309,28 @@ int ms_cmd_merge(int argc, char **argv)
         goto fail;
     if (build_layout(plan, o.shard_size, &layout, &err) != 0)
         goto fail;
-    if (ms_output_dir_prepare(o.out_dir, o.force, &created_dir, &err) != 0)
+    if (ms_output_dir_prepare(o.out_dir, o.force || o.resume, !o.resume, &created_dir, &err) != 0)
         goto fail;
     if (st_writer_open(layout, o.out_dir, &writer, &err) != 0)
         goto fail;
+    skip_job = calloc(plan->n_jobs ? plan->n_jobs : 1, sizeof *skip_job);
+    if (!skip_job) {
+        ms_error_set(&err, MS_EXIT_RUNTIME, o.out_dir, "out of memory");
+        goto fail;
+    }
+    uint64_t fingerprint = ms_journal_fingerprint(plan, layout, o.shard_size);
+    if (o.resume && resume_adopt(o.out_dir, fingerprint, layout, writer, skip_job, &kept, &n_kept, &err) != 0)
+        goto fail;
+    if (ms_journal_create(o.out_dir, fingerprint, &journal, &err) != 0)
+        goto fail;
+    for (size_t k = 0; k < n_kept; k++)
+        if (ms_journal_record(journal, layout, kept[k].index, kept[k].shard_hash, kept[k].tensor_hashes, &err) != 0)
+            goto fail;
+    if (n_kept)
+        ms_log_info("resuming: kept %zu of %zu shards from the interrupted run", n_kept, st_plan_n_shards(layout));
     /* every shard's space is reserved before any work: a full disk fails now */
     for (size_t s = 0; s < st_plan_n_shards(layout); s++)
-        if (st_writer_shard_open(writer, s, &err) != 0)
+        if (!st_writer_shard_is_final(writer, s) && st_writer_shard_open(writer, s, &err) != 0)
             goto fail;
     struct iovec region = {ms_pool_base(pool), ms_pool_capacity(pool)};
     io_engine_config ecfg = {.kind = o.io, .queue_depth = 32, .max_piece_bytes = 4u << 20,
@@ -269,7 +344,8 @@ int ms_cmd_merge(int argc, char **argv)
     ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u threads, %.0f MiB staging, %s",
                 plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
-    ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine};
+    ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
+                      .journal = journal, .skip_job = skip_job};
     if (ms_merge_run(&env, &stats, &err) != 0)
         goto fail;
     if (plan_check_inputs_unchanged(plan, &err) != 0)
@@ -294,10 +370,16 @@ int ms_cmd_merge(int argc, char **argv)
     st_writer_close(writer);
     writer = NULL;
     ms_side_files_free(&side);
+    ms_journal_close(journal, 1); /* complete: nothing to resume */
+    journal = NULL;
     rc = MS_EXIT_OK;
     goto done;
 fail:
     rc = ms_cli_fail(&err);
+    /* A failure removes what this run wrote; shards kept from an earlier run
+     * stay, and so does their journal, for another --resume. */
+    ms_journal_close(journal, n_kept == 0);
+    journal = NULL;
     st_writer_abort(writer);
     writer = NULL;
     ms_side_files_remove(&side);
@@ -309,6 +391,9 @@ fail:
     if (created_dir)
         rmdir(o.out_dir); /* only if empty: a failed run leaves no new directory behind */
 done:
+    ms_journal_close(journal, 0);
+    ms_journal_shards_free(kept, n_kept);
+    free(skip_job);
     ms_run_stats_free(&stats);
     io_engine_close(engine);
     cpu_pool_close(cpu);

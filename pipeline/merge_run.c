@@ -48,6 +48,7 @@ typedef struct run_ctx {
     uint64_t bytes_read;     /* reader */
     uint64_t bytes_written;  /* writer */
     ms_tensor_result *results; /* writer (nonfinite), compute (backend) */
+    bool *shard_recorded;    /* writer: shards already in the journal */
 } run_ctx;
 
 /* ================================================================ failure */
@@ -220,6 +221,8 @@ static void *reader_main(void *arg)
     const ms_plan *plan = ctx->env->plan;
     for (size_t j = 0; j < plan->n_jobs && !atomic_load(&ctx->failed); j++) {
         const ms_job *job = &plan->jobs[j];
+        if (job->out_bytes == 0 || (ctx->env->skip_job && ctx->env->skip_job[j]))
+            continue;
         /* one item with every pass when the tensor fits; else each pass
          * re-reads every chunk in row order */
         unsigned blocks = job->n_chunks == 1 ? 1 : job->n_passes;
@@ -356,6 +359,28 @@ static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
     return count;
 }
 
+/* Once shard s is final (renamed), records it in the journal so a resumed
+ * run can keep it. Every tensor of a final shard has its hash by then: the
+ * shard became final on its last byte, written just before this tensor's
+ * hash was set, and the others finished earlier. */
+static int writer_record_shard(run_ctx *ctx, size_t s, ms_error *err)
+{
+    const ms_run_env *env = ctx->env;
+    if (!env->journal || ctx->shard_recorded[s] || !st_writer_shard_is_final(env->writer, s))
+        return 0;
+    const st_plan_shard *sh = st_plan_shard_at(env->layout, s);
+    uint64_t *hashes = calloc(sh->n_tensors ? sh->n_tensors : 1, sizeof *hashes);
+    if (!hashes)
+        return ms_error_set(err, MS_EXIT_RUNTIME, sh->file_name, "out of memory");
+    for (size_t i = 0; i < sh->n_tensors; i++)
+        hashes[i] = st_writer_tensor_hash(env->writer, sh->first_tensor + i);
+    uint64_t shard_hash = ms_shard_hash(sh->header, sh->header_bytes, hashes, sh->n_tensors);
+    int rc = ms_journal_record(env->journal, env->layout, s, shard_hash, hashes, err);
+    free(hashes);
+    ctx->shard_recorded[s] = rc == 0;
+    return rc;
+}
+
 static void *writer_main(void *arg)
 {
     run_ctx *ctx = arg;
@@ -393,6 +418,11 @@ static void *writer_main(void *arg)
         if (it->last_of_job) {
             st_writer_set_tensor_hash(env->writer, it->job_index, ms_hasher_digest(&hasher));
             ms_progress_step(&ctx->progress, job->name, ctx->results[it->job_index].backend, job->read_bytes);
+            if (writer_record_shard(ctx, st_plan_tensor_at(env->layout, it->job_index)->shard, &e) != 0) {
+                run_fail(ctx, &e);
+                item_free(ctx, it);
+                continue;
+            }
         }
         ctx->busy_write_s += ms_now_seconds() - t0;
         item_free(ctx, it);
@@ -408,7 +438,7 @@ static int run_empty_tensors(run_ctx *ctx, ms_error *err)
 {
     const ms_plan *plan = ctx->env->plan;
     for (size_t j = 0; j < plan->n_jobs; j++) {
-        if (plan->jobs[j].out_bytes != 0)
+        if (plan->jobs[j].out_bytes != 0 || (ctx->env->skip_job && ctx->env->skip_job[j]))
             continue;
         ctx->results[j].backend = "copy";
         st_writer_set_tensor_hash(ctx->env->writer, j, ms_hash64(NULL, 0));
@@ -425,18 +455,26 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
     ctx->env = env;
     ctx->results = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->results);
-    if (!ctx->results || ms_queue_init(&ctx->compute_q, RUN_QUEUE_DEPTH) != 0 ||
+    ctx->shard_recorded = calloc(st_plan_n_shards(env->layout), sizeof *ctx->shard_recorded);
+    if (!ctx->results || !ctx->shard_recorded || ms_queue_init(&ctx->compute_q, RUN_QUEUE_DEPTH) != 0 ||
         ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) != 0) {
         ms_queue_destroy(&ctx->compute_q);
         free(ctx->results);
+        free(ctx->shard_recorded);
         free(ctx);
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
     }
     pthread_mutex_init(&ctx->err_lock, NULL);
     size_t n_items = 0;
-    for (size_t j = 0; j < env->plan->n_jobs; j++)
-        n_items += env->plan->jobs[j].out_bytes != 0;
-    ms_progress_init(&ctx->progress, n_items, env->plan->total_read_bytes);
+    uint64_t to_read = 0;
+    for (size_t j = 0; j < env->plan->n_jobs; j++) {
+        bool skip = env->skip_job && env->skip_job[j];
+        n_items += env->plan->jobs[j].out_bytes != 0 && !skip;
+        to_read += skip ? 0 : env->plan->jobs[j].read_bytes;
+        if (skip)
+            ctx->results[j].backend = "kept";
+    }
+    ms_progress_init(&ctx->progress, n_items, to_read);
     double t0 = ms_now_seconds();
     run_empty_tensors(ctx, err);
 
@@ -465,12 +503,15 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
         stats->tensors = ctx->results;
         for (size_t j = 0; j < env->plan->n_jobs; j++) {
             const ms_job *job = &env->plan->jobs[j];
-            if (job->kind == MS_JOB_MERGE)
+            if (env->skip_job && env->skip_job[j])
+                stats->tensors_kept++;
+            else if (job->kind == MS_JOB_MERGE)
                 stats->tensors_cpu++;
             else
                 stats->tensors_copied++;
             stats->chunked_tensors += job->n_chunks > 1;
-            stats->tensors_equal_to_base += job->kind == MS_JOB_MERGE && !ctx->results[j].differs_from_base;
+            stats->tensors_equal_to_base += job->kind == MS_JOB_MERGE && !ctx->results[j].differs_from_base &&
+                                            !(env->skip_job && env->skip_job[j]);
             stats->nonfinite_values += ctx->results[j].nonfinite;
             stats->nonfinite_tensors += ctx->results[j].nonfinite != 0;
         }
@@ -485,6 +526,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     ms_queue_destroy(&ctx->compute_q);
     ms_queue_destroy(&ctx->write_q);
     pthread_mutex_destroy(&ctx->err_lock);
+    free(ctx->shard_recorded);
     free(ctx);
     return rc;
 }

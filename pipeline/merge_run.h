@@ -21,6 +21,7 @@
 #include "cpu/cpu_pool.h"
 #include "io/io_engine.h"
 #include "io/st_writer.h"
+#include "pipeline/merge_journal.h"
 #include "pipeline/merge_plan.h"
 #include "pipeline/staging_pool.h"
 
@@ -31,7 +32,7 @@ typedef struct ms_tensor_result {
 } ms_tensor_result;
 
 typedef struct ms_run_stats {
-    uint64_t tensors_cpu, tensors_copied;
+    uint64_t tensors_cpu, tensors_copied, tensors_kept; /* kept: from an earlier run (--resume) */
     uint64_t bytes_read, bytes_written;
     uint64_t nonfinite_values, nonfinite_tensors;
     uint64_t chunked_tensors;
@@ -48,6 +49,8 @@ typedef struct ms_run_env {
     ms_pool *pool;
     cpu_pool *cpu;
     io_engine *engine;
+    ms_journal *journal;   /* finished shards are recorded here (may be NULL) */
+    const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
 } ms_run_env;
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set

@@ -20,7 +20,7 @@ static bool is_merge_output_name(const char *name)
     return strncmp(name, "model", 5) == 0 && strstr(name, ".safetensors") != NULL;
 }
 
-int ms_output_dir_prepare(const char *dir, bool force, bool *created, ms_error *err)
+int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err)
 {
     *created = false;
     if (mkdir(dir, 0755) == 0) {
@@ -37,12 +37,13 @@ int ms_output_dir_prepare(const char *dir, bool force, bool *created, ms_error *
     while ((e = readdir(d)) != NULL) {
         if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
             continue;
-        if (!force) {
+        if (!allow_existing) {
             rc = ms_error_set(err, MS_EXIT_USAGE, dir,
-                              "output directory is not empty (holds '%s'); use --force to overwrite", e->d_name);
+                              "output directory is not empty (holds '%s'); use --force to overwrite it, "
+                              "or --resume to continue an interrupted merge", e->d_name);
             break;
         }
-        if (is_merge_output_name(e->d_name) || strcmp(e->d_name, MS_MANIFEST_NAME) == 0) {
+        if (clear && (is_merge_output_name(e->d_name) || strcmp(e->d_name, MS_MANIFEST_NAME) == 0)) {
             char path[PATH_MAX];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             if (unlink(path) != 0 && errno != ENOENT) {

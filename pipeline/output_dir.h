@@ -10,10 +10,11 @@
 #include "pipeline/merge_plan.h"
 
 /* Creates dir if missing (*created says whether it did). An existing
- * non-empty dir is refused (MS_EXIT_USAGE) unless force, which first removes
- * the files a merge writes (model*.safetensors*, the index,
- * mergestream.json). Returns 0 or -1. */
-int ms_output_dir_prepare(const char *dir, bool force, bool *created, ms_error *err);
+ * non-empty dir is refused (MS_EXIT_USAGE, suggesting --force) unless
+ * allow_existing; with clear, the files a merge writes (model*.safetensors*,
+ * the index, mergestream.json) are removed first (--force; --resume keeps
+ * them). Returns 0 or -1. */
+int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err);
 
 /* Side files written by ms_output_dir_copy_side_files, to remove on failure. */
 typedef struct ms_side_files {
