@@ -3,12 +3,11 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu/dtype_convert.h"
-#include "io/ms_error.h"
-#include "io/ms_fault.h"
 
 #define LORA_RB 4                 /* rows of a register tile */
 #define LORA_CB 64                /* columns of a register tile */
@@ -24,6 +23,19 @@
 #else
 #define LORA_CLONES
 #endif
+
+/* A broken invariant (a caller bug): cpu/ does not link io/'s MS_ASSERT. */
+#define LORA_ASSERT(cond)                                                                                  \
+    do {                                                                                                   \
+        if (!(cond))                                                                                       \
+            lora_assert_fail(__FILE__, __LINE__, #cond);                                                   \
+    } while (0)
+
+_Noreturn static void lora_assert_fail(const char *file, int line, const char *what)
+{
+    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
+    abort();
+}
 
 struct cpu_lora {
     ms_lora_kind kind;
@@ -59,7 +71,7 @@ static void widen(const void *src, st_dtype dt, float *dst, uint64_t n) { cpu_co
 
 static unsigned dtype_bytes(st_dtype dt)
 {
-    MS_ASSERT(st_dtype_is_mergeable_float(dt));
+    LORA_ASSERT(dt == ST_F32 || dt == ST_BF16 || dt == ST_F16);
     return dt == ST_F32 ? 4u : 2u;
 }
 
@@ -93,8 +105,6 @@ void cpu_lora_close(cpu_lora *l)
 int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const void *magnitude, cpu_lora **out)
 {
     *out = NULL;
-    if (ms_fault_hit(MS_FAULT_HOST_ALLOC))
-        return -ENOMEM;
     cpu_lora *l = calloc(1, sizeof *l);
     if (!l)
         return -ENOMEM;
@@ -105,8 +115,8 @@ int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const v
         *out = l;
         return 0;
     }
-    MS_ASSERT(a && b && t->A && t->B && t->rank >= 1);
-    MS_ASSERT(!t->magnitude == !magnitude);
+    LORA_ASSERT(a && b && t->A && t->B && t->rank >= 1);
+    LORA_ASSERT(!t->magnitude == !magnitude);
     l->rank = t->rank;
     l->scale = t->scale;
     l->transposed = t->transposed;
@@ -126,7 +136,7 @@ int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const v
         /* A [rank, rows]: L[i][k] = A[k][i]; B [cols, rank]: R[k][j] = B[j][k] */
         const unsigned char *pa = a, *pb = b;
         unsigned ea = dtype_bytes(t->A->dtype), eb = dtype_bytes(t->B->dtype);
-        float *row = alloc_floats(l->rows > l->cols ? l->rows : l->cols, sizeof(float));
+        float *row = alloc_floats(l->rows > r ? l->rows : r, sizeof(float)); /* one row of A, or of B */
         if (!row)
             goto oom;
         for (uint64_t k = 0; k < r; k++) {
@@ -143,7 +153,7 @@ int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const v
     }
     if (l->dora) {
         uint64_t nf = l->transposed ? l->cols : l->rows;
-        MS_ASSERT(t->magnitude->numel == nf);
+        LORA_ASSERT(t->magnitude->numel == nf);
         if (!(l->magnitude = alloc_floats(nf, sizeof(float))))
             goto oom;
         widen(magnitude, t->magnitude->dtype, l->magnitude, nf);
@@ -302,8 +312,8 @@ static uint64_t items_per_task(uint64_t n, unsigned threads, uint64_t min_items,
 void cpu_lora_rows(const cpu_lora *l, const void *base_rows, st_dtype base_dtype, uint64_t row0, uint64_t n_rows,
                    float *out, cpu_pool *pool)
 {
-    MS_ASSERT(row0 <= l->rows && n_rows <= l->rows - row0);
-    MS_ASSERT(!cpu_lora_needs_stats(l) || l->stats_rows == l->rows);
+    LORA_ASSERT(row0 <= l->rows && n_rows <= l->rows - row0);
+    LORA_ASSERT(!cpu_lora_needs_stats(l) || l->stats_rows == l->rows);
     if (n_rows == 0)
         return;
     unsigned threads = pool ? cpu_pool_size(pool) : 1;
@@ -314,7 +324,7 @@ void cpu_lora_rows(const cpu_lora *l, const void *base_rows, st_dtype base_dtype
         rows_compute(l, base_rows, base_dtype, row0, n_rows, out);
         return;
     }
-    MS_ASSERT(n_tasks <= UINT32_MAX);
+    LORA_ASSERT(n_tasks <= UINT32_MAX);
     cpu_pool_run(pool, (unsigned)n_tasks, rows_task, &j);
 }
 
@@ -382,8 +392,8 @@ static void stats_task(void *ctx, unsigned task, unsigned worker)
 void cpu_lora_stats_rows(cpu_lora *l, const void *base_rows, st_dtype base_dtype, uint64_t row0, uint64_t n_rows,
                          cpu_pool *pool)
 {
-    MS_ASSERT(cpu_lora_needs_stats(l));
-    MS_ASSERT(row0 == l->stats_rows && n_rows <= l->rows - row0);
+    LORA_ASSERT(cpu_lora_needs_stats(l));
+    LORA_ASSERT(row0 == l->stats_rows && n_rows <= l->rows - row0);
     unsigned threads = pool ? cpu_pool_size(pool) : 1;
     stats_job s = {l, base_rows, base_dtype, dtype_bytes(base_dtype), row0, n_rows, 0};
     s.cols_per_task = items_per_task(l->cols, threads, COLS_PER_TASK_MIN, LORA_CB);

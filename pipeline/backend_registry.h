@@ -1,10 +1,16 @@
-/* Which compute backends this build has and which are usable now. The only
- * file with #ifdef for CUDA (STYLE.md habit 7). */
+/* Which compute backends this build has and which are usable now, and the
+ * GPU backend behind an opaque handle. The only file with #ifdef for CUDA
+ * (STYLE.md habit 7): in a build without CUDA every GPU call reports "built
+ * without CUDA" and the CPU does all the work. */
 #ifndef MS_BACKEND_REGISTRY_H
 #define MS_BACKEND_REGISTRY_H
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#include "pipeline/merge_params.h"
+#include "pipeline/merge_passes.h"
 
 /* True when this binary was built with the CUDA backend. */
 bool ms_backend_cuda_built(void);
@@ -13,5 +19,35 @@ bool ms_backend_cuda_built(void);
  * ("built without CUDA", "no CUDA device", a driver error). name receives
  * device 0's name when there is one. */
 int ms_backend_gpu_count(const char **why, char *name, size_t name_len);
+
+typedef struct ms_gpu ms_gpu;
+
+typedef enum ms_gpu_result {
+    MS_GPU_OK = 0,
+    MS_GPU_OOM = 1,   /* not sticky: run this pass of this chunk on the CPU, try the GPU again later */
+    MS_GPU_FATAL = 2, /* sticky: stop using the GPU for the rest of the run */
+} ms_gpu_result;
+
+/* Opens GPU 0 with at most memory_limit bytes (0: no cap). Returns 0 and
+ * *out, or -1 with a one-line reason in why. */
+int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len);
+void ms_gpu_close(ms_gpu *g); /* NULL is a no-op */
+const char *ms_gpu_name(const ms_gpu *g);
+
+/* The live free-memory estimate and what a chunk of n_rows rows needs. */
+uint64_t ms_gpu_free_estimate(ms_gpu *g);
+uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
+
+/* True when the GPU backend implements p's method. */
+bool ms_gpu_supports(const ms_tensor_params *p);
+
+/* One pass over one chunk (cpu_merge_run_pass's contract). On MS_GPU_OOM or
+ * MS_GPU_FATAL the state is untouched and msg holds one line. */
+ms_gpu_result ms_gpu_run_pass(ms_gpu *g, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
+                              const ms_chunk *c, char *msg, size_t msg_len);
+
+/* Pins host memory for faster copies; false (memory stays pageable) on failure. */
+bool ms_gpu_host_register(void *p, size_t len);
+void ms_gpu_host_unregister(void *p);
 
 #endif

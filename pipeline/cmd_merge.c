@@ -13,6 +13,7 @@
 #include "cpu/cpu_pool.h"
 #include "io/io_engine.h"
 #include "io/st_writer.h"
+#include "pipeline/backend_registry.h"
 #include "pipeline/cli.h"
 #include "io/range_hash.h"
 #include "io/checksum.h"
@@ -45,8 +46,9 @@ static const char k_help[] =
     "      --io auto|uring|pread I/O engine (default auto: io_uring, else pread)\n"
     "      --out-shard-size SIZE cut output shards at SIZE (default 5GB)\n"
     "      --random-seed N       seed for DARE/DELLA masks (overrides the recipe)\n"
-    "      --device auto|cpu|cuda where to compute (this build: cpu only)\n"
-    "      --gpu-memory-limit SIZE  cap on GPU memory (GPU builds)\n"
+    "      --device auto|cpu|cuda where to compute (default auto: the GPU when one is usable,\n"
+    "                            tensor by tensor, with the CPU for what does not fit)\n"
+    "      --gpu-memory-limit SIZE  most GPU memory this merge may hold (shared GPUs)\n"
     "      --no-verify           skip re-reading the output to check every hash at the end\n"
     "      --json                print the summary as JSON on stdout\n"
     "      --quiet               no progress or summary on stderr\n"
@@ -56,6 +58,8 @@ static const char k_help[] =
     "Same recipe + seed = same output bytes, whatever the thread count or memory budget.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
 
+typedef enum merge_device { DEVICE_AUTO, DEVICE_CPU, DEVICE_CUDA } merge_device;
+
 typedef struct merge_options {
     const char *recipe, *out_dir;
     bool force, json, no_verify, resume;
@@ -64,6 +68,8 @@ typedef struct merge_options {
     io_engine_kind io;
     bool has_seed;
     uint64_t seed;
+    merge_device device;
+    uint64_t gpu_memory_limit; /* 0: no cap */
 } merge_options;
 
 static uint64_t default_max_memory(void)
@@ -129,16 +135,13 @@ static int parse_options(int argc, char **argv, merge_options *o)
             o->has_seed = true;
             break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cuda") == 0) {
-                fprintf(stderr, "mergestream: error: --device cuda: this build has no GPU backend "
-                                "(rebuild with CUDA, or use --device cpu)\n");
-                return MS_EXIT_USAGE;
-            }
-            if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "cpu") != 0)
-                return ms_cli_usage_error("merge", "--device: expected auto, cpu or cuda, got '%s'", optarg);
+            if (strcmp(optarg, "auto") == 0) o->device = DEVICE_AUTO;
+            else if (strcmp(optarg, "cpu") == 0) o->device = DEVICE_CPU;
+            else if (strcmp(optarg, "cuda") == 0) o->device = DEVICE_CUDA;
+            else return ms_cli_usage_error("merge", "--device: expected auto, cpu or cuda, got '%s'", optarg);
             break;
         case OPT_GPULIM:
-            if (ms_size_parse(optarg, &v) != 0)
+            if (ms_size_parse(optarg, &o->gpu_memory_limit) != 0 || o->gpu_memory_limit == 0)
                 return ms_cli_usage_error("merge", "--gpu-memory-limit: bad size '%s'", optarg);
             break;
         case OPT_JSON: o->json = true; break;
@@ -244,7 +247,10 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "tensors_copied", (double)s->tensors_copied);
         cJSON_AddNumberToObject(j, "tensors_kept", (double)s->tensors_kept);
         cJSON_AddNumberToObject(j, "tensors_chunked", (double)s->chunked_tensors);
-        cJSON_AddNumberToObject(j, "gpu_fallbacks", 0);
+        cJSON_AddNumberToObject(j, "tensors_gpu", (double)s->tensors_gpu);
+        cJSON_AddNumberToObject(j, "tensors_gpu_and_cpu", (double)s->tensors_mixed);
+        cJSON_AddNumberToObject(j, "gpu_fallbacks", (double)s->gpu_fallbacks);
+        cJSON_AddBoolToObject(j, "gpu_disabled", s->gpu_disabled);
         cJSON_AddNumberToObject(j, "bytes_read", (double)s->bytes_read);
         cJSON_AddNumberToObject(j, "bytes_written", (double)s->bytes_written);
         cJSON_AddNumberToObject(j, "nonfinite_values", (double)s->nonfinite_values);
@@ -264,9 +270,11 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
     if (ms_log_is_quiet())
         return;
     fprintf(stderr,
-            "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " copied, %" PRIu64 " kept, 0 GPU fallbacks"
+            "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " on cuda, %" PRIu64
+            " on both, %" PRIu64 " copied, %" PRIu64 " kept, %" PRIu64 " GPU fallbacks"
             "%s; read %.2f GB, wrote %.2f GB in %.2f s (%.2f GB/s, %s); peak RSS %.0f MiB\n",
-            plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_copied, s->tensors_kept,
+            plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_gpu, s->tensors_mixed, s->tensors_copied,
+            s->tensors_kept, s->gpu_fallbacks,
             s->chunked_tensors ? " (some in row chunks)" : "", (double)s->bytes_read / 1e9,
             (double)s->bytes_written / 1e9, s->wall_s, gbps, engine, (double)rss / 1048576.0);
     if (s->nonfinite_values)
@@ -296,6 +304,8 @@ int ms_cmd_merge(int argc, char **argv)
     ms_journal *journal = NULL;
     ms_journal_shard *kept = NULL;
     size_t n_kept = 0;
+    ms_gpu *gpu = NULL;
+    bool pool_pinned = false;
 
     uint64_t budget = ms_pool_capacity_for(o.max_memory);
     ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
@@ -341,11 +351,26 @@ int ms_cmd_merge(int argc, char **argv)
         ms_error_set(&err, MS_EXIT_RUNTIME, "merge", "cannot start %u compute threads", o.threads);
         goto fail;
     }
+    if (o.device != DEVICE_CPU) {
+        char why[256] = "";
+        if (ms_gpu_open(o.gpu_memory_limit, &gpu, why, sizeof why) != 0) {
+            if (o.device == DEVICE_CUDA) {
+                ms_error_set(&err, MS_EXIT_RUNTIME, "--device cuda", "no usable GPU: %s", why);
+                goto fail;
+            }
+            ms_log_info("no usable GPU (%s): computing on the CPU", why);
+        } else {
+            pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
+            if (!pool_pinned)
+                ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");
+            ms_log_info("GPU: %s", ms_gpu_name(gpu));
+        }
+    }
     ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u threads, %.0f MiB staging, %s",
                 plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
-                      .journal = journal, .skip_job = skip_job};
+                      .journal = journal, .skip_job = skip_job, .gpu = gpu};
     if (ms_merge_run(&env, &stats, &err) != 0)
         goto fail;
     if (plan_check_inputs_unchanged(plan, &err) != 0)
@@ -364,7 +389,8 @@ int ms_cmd_merge(int argc, char **argv)
         if (ms_verify_output(o.out_dir, &vr, &err) != 0)
             goto fail;
     }
-    if (stats.tensors_cpu > 0 && stats.tensors_equal_to_base == stats.tensors_cpu)
+    uint64_t merged = stats.tensors_cpu + stats.tensors_gpu + stats.tensors_mixed;
+    if (merged > 0 && stats.tensors_equal_to_base == merged)
         ms_log_warn("the output equals the base model: every merged tensor came out identical to the base's");
     print_summary(&o, plan, &stats, io_engine_name(engine));
     st_writer_close(writer);
@@ -396,6 +422,9 @@ done:
     free(skip_job);
     ms_run_stats_free(&stats);
     io_engine_close(engine);
+    if (pool_pinned)
+        ms_gpu_host_unregister(ms_pool_base(pool));
+    ms_gpu_close(gpu);
     cpu_pool_close(cpu);
     st_writer_close(writer);
     st_plan_free(layout);

@@ -42,6 +42,8 @@ typedef struct run_ctx {
     ms_error err;            /* first failure; guarded by err_lock */
     /* Each field below is written by one stage only and read by the caller
      * after every thread was joined. */
+    bool gpu_disabled;       /* compute: a sticky GPU error happened */
+    uint64_t gpu_fallbacks;  /* compute */
     double busy_read_s;      /* reader */
     double busy_compute_s;   /* compute */
     double busy_write_s;     /* writer */
@@ -269,6 +271,38 @@ static void *reader_main(void *arg)
 
 /* ================================================================ compute */
 
+/* Placement (DESIGN.md, Data flow 3): the GPU takes a pass of a chunk when
+ * it implements the method and the chunk's working set fits the live
+ * free-memory estimate. Out of memory there is not sticky: one warning line,
+ * this pass on the CPU, later ones try the GPU again. A sticky error turns the
+ * GPU off for the rest of the run. Either way the state is untouched by the
+ * failed attempt, so the CPU produces the same bytes. Returns true when the
+ * GPU did the pass. */
+static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state *st, unsigned pass,
+                                const ms_chunk *chunk, uint64_t n_rows)
+{
+    ms_gpu *gpu = ctx->env->gpu;
+    if (!gpu || ctx->gpu_disabled || !ms_gpu_supports(&job->params))
+        return false;
+    uint64_t need = ms_gpu_chunk_bytes(&job->params, n_rows);
+    if (need > ms_gpu_free_estimate(gpu))
+        return false;
+    char msg[256] = "";
+    switch (ms_gpu_run_pass(gpu, &job->params, st, pass, chunk, msg, sizeof msg)) {
+    case MS_GPU_OK:
+        return true;
+    case MS_GPU_OOM:
+        ctx->gpu_fallbacks++;
+        ms_log_warn("GPU out of memory on %s (%s): using CPU", job->name, msg);
+        return false;
+    case MS_GPU_FATAL:
+    default:
+        ctx->gpu_disabled = true;
+        ms_log_warn("GPU error on %s (%s): the CPU finishes the merge", job->name, msg);
+        return false;
+    }
+}
+
 static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
 {
     const ms_job *job = &ctx->env->plan->jobs[it->job_index];
@@ -288,15 +322,21 @@ static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
     chunk.n_elems = it->n_rows * job->params.cols;
     for (unsigned i = 0; i < job->n_inputs; i++)
         chunk.in[i] = job->in[i].file ? (const uint8_t *)it->in_buf + it->in_off[i] : NULL;
+    ms_tensor_result *res = &ctx->results[it->job_index];
     for (unsigned p = it->pass_first; p <= it->pass_last; p++) {
-        int rc = cpu_merge_run_pass(&job->params, *state, p, &chunk, ctx->env->cpu);
-        if (rc != 0)
-            return ms_error_errno(&e, MS_EXIT_RUNTIME, -rc, job->name, "merge kernel failed"), run_fail(ctx, &e), -1;
+        if (!compute_pass_on_gpu(ctx, job, *state, p, &chunk, it->n_rows)) {
+            int rc = cpu_merge_run_pass(&job->params, *state, p, &chunk, ctx->env->cpu);
+            if (rc != 0)
+                return ms_error_errno(&e, MS_EXIT_RUNTIME, -rc, job->name, "merge kernel failed"), run_fail(ctx, &e), -1;
+            res->used_cpu = true;
+        } else {
+            res->used_gpu = true;
+        }
         bool pass_complete = job->n_chunks == 1 || it->chunk == job->n_chunks - 1;
         if (p + 1 < job->n_passes && pass_complete)
             ms_merge_pass_finish(*state, &job->params, p);
     }
-    ctx->results[it->job_index].backend = "cpu";
+    res->backend = res->used_gpu ? (res->used_cpu ? "cuda+cpu" : "cuda") : "cpu";
     /* a merge that changes nothing is worth a warning (see the summary) */
     uint64_t out_bytes = it->n_rows * job->out_row_bytes;
     if (it->writes_output && job->params.has_base && job->params.in_dtype[0] == job->out_dtype &&
@@ -503,12 +543,17 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
         stats->tensors = ctx->results;
         for (size_t j = 0; j < env->plan->n_jobs; j++) {
             const ms_job *job = &env->plan->jobs[j];
+            const ms_tensor_result *r = &ctx->results[j];
             if (env->skip_job && env->skip_job[j])
                 stats->tensors_kept++;
-            else if (job->kind == MS_JOB_MERGE)
-                stats->tensors_cpu++;
-            else
+            else if (job->kind != MS_JOB_MERGE)
                 stats->tensors_copied++;
+            else if (r->used_gpu && r->used_cpu)
+                stats->tensors_mixed++;
+            else if (r->used_gpu)
+                stats->tensors_gpu++;
+            else
+                stats->tensors_cpu++;
             stats->chunked_tensors += job->n_chunks > 1;
             stats->tensors_equal_to_base += job->kind == MS_JOB_MERGE && !ctx->results[j].differs_from_base &&
                                             !(env->skip_job && env->skip_job[j]);
@@ -516,6 +561,8 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
             stats->nonfinite_tensors += ctx->results[j].nonfinite != 0;
         }
     }
+    stats->gpu_fallbacks = ctx->gpu_fallbacks;
+    stats->gpu_disabled = ctx->gpu_disabled;
     stats->bytes_read = ctx->bytes_read;
     stats->bytes_written = ctx->bytes_written;
     stats->busy_read_s = ctx->busy_read_s;

@@ -21,18 +21,22 @@
 #include "cpu/cpu_pool.h"
 #include "io/io_engine.h"
 #include "io/st_writer.h"
+#include "pipeline/backend_registry.h"
 #include "pipeline/merge_journal.h"
 #include "pipeline/merge_plan.h"
 #include "pipeline/staging_pool.h"
 
 typedef struct ms_tensor_result {
-    const char *backend;  /* "cpu" or "copy" */
+    const char *backend;  /* "cpu", "cuda", "cuda+cpu", "copy" or "kept" */
+    bool used_cpu, used_gpu;
     uint64_t nonfinite;   /* NaN or Inf values in the output tensor */
     bool differs_from_base; /* some output byte differs from the base's (merged tensors) */
 } ms_tensor_result;
 
 typedef struct ms_run_stats {
-    uint64_t tensors_cpu, tensors_copied, tensors_kept; /* kept: from an earlier run (--resume) */
+    uint64_t tensors_cpu, tensors_gpu, tensors_mixed, tensors_copied, tensors_kept; /* kept: from an earlier run (--resume); mixed: some chunks on each */
+    uint64_t gpu_fallbacks;  /* passes that ran on the CPU after a GPU out-of-memory */
+    bool gpu_disabled;       /* a sticky GPU error stopped GPU use mid-run */
     uint64_t bytes_read, bytes_written;
     uint64_t nonfinite_values, nonfinite_tensors;
     uint64_t chunked_tensors;
@@ -51,6 +55,7 @@ typedef struct ms_run_env {
     io_engine *engine;
     ms_journal *journal;   /* finished shards are recorded here (may be NULL) */
     const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
+    ms_gpu *gpu;           /* the GPU backend, or NULL: CPU only */
 } ms_run_env;
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set

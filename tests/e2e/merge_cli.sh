@@ -98,6 +98,12 @@ printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./mod
 expect_fail 3 "models/other: tensor 'model.embed_tokens.weight' has shape" "$MS_BIN" merge "$WORK/shape.yml" -o "$WORK/o4"
 ls "$WORK/o4" 2>/dev/null | grep -q safetensors && fail "a failed merge left a shard"
 
+# --device cuda where no GPU is usable: one line, exit 1 (skipped on a GPU machine)
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  expect_fail 1 "--device cuda: no usable GPU" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o6" --device cuda
+  [ ! -e "$WORK/o6" ] || fail "a failed --device cuda merge left its output directory"
+fi
+
 # usage errors
 expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q

@@ -23,7 +23,7 @@
 
 static uint64_t g_rng;
 
-static uint64_t rng_next(void) /* splitmix64 */
+static inline uint64_t rng_next(void) /* splitmix64 */
 {
     uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
     z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
@@ -31,12 +31,12 @@ static uint64_t rng_next(void) /* splitmix64 */
     return z ^ (z >> 31);
 }
 
-static double rng_unit(void) /* [0, 1) */
+static inline double rng_unit(void) /* [0, 1) */
 {
     return (double)(rng_next() >> 11) / 9007199254740992.0;
 }
 
-static double rng_gauss(void)
+static inline double rng_gauss(void)
 {
     double s = 0;
     for (int k = 0; k < 4; k++)
@@ -66,7 +66,7 @@ static const method_def k_methods[] = {
 };
 #define N_METHODS (sizeof k_methods / sizeof k_methods[0])
 
-static const method_def *method_by_name(const char *name)
+static inline const method_def *method_by_name(const char *name)
 {
     for (size_t k = 0; k < N_METHODS; k++)
         if (strcmp(k_methods[k].name, name) == 0)
@@ -83,12 +83,12 @@ typedef struct tcase {
 
 static const st_dtype k_dtypes[3] = {ST_F32, ST_F16, ST_BF16};
 
-static const char *dtype_name(st_dtype dt)
+static inline const char *dtype_name(st_dtype dt)
 {
     return dt == ST_F32 ? "F32" : dt == ST_F16 ? "F16" : dt == ST_BF16 ? "BF16" : "?";
 }
 
-static void store_value(void *buf, st_dtype dt, uint64_t e, float v)
+static inline void store_value(void *buf, st_dtype dt, uint64_t e, float v)
 {
     unsigned char *b = buf;
     if (dt == ST_F32) {
@@ -100,13 +100,13 @@ static void store_value(void *buf, st_dtype dt, uint64_t e, float v)
 }
 
 /* NaNs of both signs with payloads, infinities. */
-static float special_value(void)
+static inline float special_value(void)
 {
     static const uint32_t bits[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xffa5a5a5u, 0x7f800000u, 0xff800000u};
     return ref_float(bits[rng_next() % 6]);
 }
 
-static double pick_density(uint64_t numel)
+static inline double pick_density(uint64_t numel)
 {
     switch (rng_next() % 7) {
     case 0:
@@ -125,7 +125,7 @@ static double pick_density(uint64_t numel)
 /* A random case of def's method. ties_mode: 1 = quantised inputs (many exact
  * ties in |delta|), 0 = continuous, -1 = either. out_dtype: ST_DTYPE_COUNT =
  * random. Each input's dtype is random. */
-static void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t cols, unsigned n_models, int ties_mode,
+static inline void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t cols, unsigned n_models, int ties_mode,
                       st_dtype out_dtype)
 {
     memset(tc, 0, sizeof *tc);
@@ -205,7 +205,7 @@ static void case_make(tcase *tc, const method_def *def, uint64_t rows, uint64_t 
     }
 }
 
-static void case_free(tcase *tc)
+static inline void case_free(tcase *tc)
 {
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++) {
         free(tc->in[i]);
@@ -213,7 +213,7 @@ static void case_free(tcase *tc)
     }
 }
 
-static void case_describe(const tcase *tc, char *buf, size_t len)
+static inline void case_describe(const tcase *tc, char *buf, size_t len)
 {
     const ms_tensor_params *p = &tc->p;
     int o = snprintf(buf, len,
@@ -229,7 +229,7 @@ static void case_describe(const tcase *tc, char *buf, size_t len)
 
 /* The chunk of rows [row0, row0 + n_rows) with output into out (the whole
  * tensor's output buffer). */
-static ms_chunk case_chunk(const tcase *tc, uint64_t row0, uint64_t n_rows, void *out)
+static inline ms_chunk case_chunk(const tcase *tc, uint64_t row0, uint64_t n_rows, void *out)
 {
     const ms_tensor_params *p = &tc->p;
     ms_chunk c;
@@ -247,7 +247,7 @@ static ms_chunk case_chunk(const tcase *tc, uint64_t row0, uint64_t n_rows, void
 /* Rows of the next chunk starting at row r: everything left, or a random
  * count (often small, so chunks start and end inside 65,536-element blocks
  * and eq_pos segments). */
-static uint64_t pick_rows(const tcase *tc, uint64_t r, bool chunked)
+static inline uint64_t pick_rows(const tcase *tc, uint64_t r, bool chunked)
 {
     uint64_t left = tc->p.rows - r;
     if (!chunked || left <= 1)
@@ -256,7 +256,7 @@ static uint64_t pick_rows(const tcase *tc, uint64_t r, bool chunked)
     return 1 + rng_next() % (cap < left ? cap : left);
 }
 
-static const char *pass_kind_name(ms_merge_pass_kind k)
+static inline const char *pass_kind_name(ms_merge_pass_kind k)
 {
     switch (k) {
     case MS_MERGE_PASS_HIST_HI:
@@ -271,14 +271,14 @@ static const char *pass_kind_name(ms_merge_pass_kind k)
     return "?";
 }
 
-static const char *sel_name(ms_merge_sel s)
+static inline const char *sel_name(ms_merge_sel s)
 {
     static const char *const names[] = {"ALL", "NONE", "RANDOM", "TOP", "BAND", "DELLA"};
     return (unsigned)s < 6 ? names[s] : "?";
 }
 
 /* The whole tensor on the CPU, every pass (chunked: random row chunks). */
-static bool run_cpu_only(const tcase *tc, void *out, cpu_pool *pool, bool chunked)
+static inline bool run_cpu_only(const tcase *tc, void *out, cpu_pool *pool, bool chunked)
 {
     const ms_tensor_params *p = &tc->p;
     ms_merge_state *st = NULL;
@@ -302,19 +302,19 @@ static bool run_cpu_only(const tcase *tc, void *out, cpu_pool *pool, bool chunke
 
 /* ========================================================= comparisons */
 
-static bool same_double(double a, double b)
+static inline bool same_double(double a, double b)
 {
     return memcmp(&a, &b, sizeof a) == 0;
 }
 
-static bool same_float(float a, float b)
+static inline bool same_float(float a, float b)
 {
     return memcmp(&a, &b, sizeof a) == 0;
 }
 
 /* First difference between two states (want: the CPU's) into why; false
  * when they are equal. */
-static bool state_diff(const ms_merge_state *want, const ms_merge_state *got, const ms_tensor_params *p, char *why,
+static inline bool state_diff(const ms_merge_state *want, const ms_merge_state *got, const ms_tensor_params *p, char *why,
                        size_t len)
 {
 #define SD_U64(field, what, ...)                                                                           \
@@ -377,7 +377,7 @@ static bool state_diff(const ms_merge_state *want, const ms_merge_state *got, co
 
 /* First differing element of two output ranges of n elements of dtype dt
  * (element numbers counted from first); false when equal. */
-static bool output_diff(const void *want, const void *got, st_dtype dt, uint64_t first, uint64_t n, char *why,
+static inline bool output_diff(const void *want, const void *got, st_dtype dt, uint64_t first, uint64_t n, char *why,
                         size_t len)
 {
     size_t osz = ref_dtype_size(dt);
@@ -405,7 +405,7 @@ typedef struct state_snap {
     uint64_t words;
 } state_snap;
 
-static bool snap_take(state_snap *s, const ms_merge_state *st, const ms_tensor_params *p)
+static inline bool snap_take(state_snap *s, const ms_merge_state *st, const ms_tensor_params *p)
 {
     memcpy(&s->st, st, sizeof *st); /* padding included: snap_equal compares bytes */
     s->words = (ms_merge_state_bytes(p) - sizeof(ms_merge_state)) / sizeof(uint64_t);
@@ -419,14 +419,14 @@ static bool snap_take(state_snap *s, const ms_merge_state *st, const ms_tensor_p
     return true;
 }
 
-static bool snap_equal(const state_snap *s, const ms_merge_state *st)
+static inline bool snap_equal(const state_snap *s, const ms_merge_state *st)
 {
     if (memcmp(&s->st, st, sizeof *st) != 0)
         return false;
     return s->words == 0 || memcmp(s->hist, st->hist_mem, s->words * sizeof(uint64_t)) == 0;
 }
 
-static void snap_free(state_snap *s)
+static inline void snap_free(state_snap *s)
 {
     free(s->hist);
     s->hist = NULL;

@@ -1,0 +1,66 @@
+# The GPU through the real binary: every method gives the CPU's bytes with
+# --device cuda, under a --gpu-memory-limit that sends the large tensors to
+# the CPU, and with every gpu_alloc fault walked (each fallback logged, the
+# bytes unchanged). Exit 77 where no GPU is usable.
+source "$(dirname "$0")/../e2e/lib.bash"
+
+M="$WORK/models"
+"$MS_GEN" base "$M/base" --preset small --dtype bf16 --seed 1
+"$MS_GEN" finetune "$M/base" "$M/ft1" --seed 2 --dtype f16
+"$MS_GEN" finetune "$M/base" "$M/ft2" --seed 3
+probe=$(printf 'merge_method: linear\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n')
+echo "$probe" > "$WORK/probe.yml"
+if ! "$MS_BIN" merge "$WORK/probe.yml" -o "$WORK/probe" --device cuda --quiet 2> "$WORK/probe.err"; then
+  echo "SKIP: $(cat "$WORK/probe.err")"
+  exit 77
+fi
+
+recipe() { # FILE METHOD PARAMS
+  cat > "$1" <<EOR
+merge_method: $2
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.6 $3}
+  - model: ./models/ft2
+    parameters: {weight: [0.2, 0.5] $3}
+random_seed: 11
+EOR
+}
+recipe "$WORK/ties.yml" ties ", density: 0.3"
+recipe "$WORK/dare_ties.yml" dare_ties ", density: 0.4"
+recipe "$WORK/dare_linear.yml" dare_linear ", density: 0.5"
+recipe "$WORK/task_arithmetic.yml" task_arithmetic ""
+recipe "$WORK/breadcrumbs.yml" breadcrumbs ", density: 0.7, gamma: 0.05"
+recipe "$WORK/breadcrumbs_ties.yml" breadcrumbs_ties ", density: 0.6, gamma: 0.1"
+recipe "$WORK/della.yml" della ", density: 0.5, epsilon: 0.1"
+recipe "$WORK/della_linear.yml" della_linear ", density: 0.4, epsilon: 0.2"
+
+for m in ties dare_ties dare_linear task_arithmetic breadcrumbs breadcrumbs_ties della della_linear; do
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"
+  grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "$m: nothing ran on the GPU"
+  same_bytes "$WORK/cpu_$m" "$WORK/gpu_$m"
+  # chunked on both sides of the PCIe bus
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory 34M --quiet
+  same_bytes "$WORK/cpu_$m" "$WORK/gpuc_$m"
+  echo "$m: GPU bytes == CPU bytes"
+done
+
+# a GPU memory cap small enough that the big tensors stay on the CPU
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/capped" --device cuda --gpu-memory-limit 2M --json --quiet > "$WORK/capped.json"
+grep -qE '"tensors_cpu":[[:space:]]*[1-9]' "$WORK/capped.json" || fail "--gpu-memory-limit 2M kept everything on the GPU"
+same_bytes "$WORK/cpu_ties" "$WORK/capped"
+
+# walk gpu_alloc faults: each run falls back (one warning line) and keeps the bytes
+for n in $(seq 1 60); do
+  rc=0
+  MERGESTREAM_FAULT="gpu_alloc:$n" "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/f$n" --device cuda --json \
+    > "$WORK/f.json" 2> "$WORK/f.err" || rc=$?
+  [ "$rc" -eq 0 ] || { cat "$WORK/f.err"; fail "gpu_alloc:$n failed the merge"; }
+  same_bytes "$WORK/cpu_dare_ties" "$WORK/f$n"
+  rm -rf "$WORK/f$n"
+  if grep -qE '"gpu_fallbacks":[[:space:]]*0' "$WORK/f.json"; then echo "gpu_alloc walk: no fallback from N=$n on"; break; fi
+  grep -q "GPU out of memory on .*: using CPU" "$WORK/f.err" || { cat "$WORK/f.err"; fail "gpu_alloc:$n: no fallback line"; }
+done
+echo "test_gpu_merge_cli: ok"
