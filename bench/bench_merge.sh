@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
-#   bench/bench_merge.sh [--size 400M] [--method ties] [--max-memory 1G] [--dir DIR]
+#   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties] [--max-memory 1G] [--dir DIR] [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
@@ -12,10 +12,11 @@
 # only. Needs a release build in build/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=400M method=ties maxmem=1G dir=/tmp/ms-bench extra=()
+size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
+    --preset) preset=$2; shift 2 ;;
     --method) method=$2; shift 2 ;;
     --max-memory) maxmem=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
@@ -26,8 +27,9 @@ done
 b=${MS_BUILD:-build}
 bin=$b/pipeline/mergestream gen=$b/bench/gen_model copy=$b/bench/bench_copy
 mkdir -p "$dir"
-m="$dir/$size"
-[ -f "$m/base/config.json" ] || $gen base "$m/base" --preset "sized:$size" --dtype bf16 --seed 1
+gen_preset=${preset:-sized:$size}
+m="$dir/${preset:-$size}"
+[ -f "$m/base/config.json" ] || $gen base "$m/base" --preset "$gen_preset" --dtype bf16 --seed 1
 [ -f "$m/ft1/config.json" ] || $gen finetune "$m/base" "$m/ft1" --seed 2
 [ -f "$m/ft2/config.json" ] || $gen finetune "$m/base" "$m/ft2" --seed 3
 cat > "$m/recipe.yml" <<EOR

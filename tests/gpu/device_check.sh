@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
 # The GPU machine check: one call on a machine with an NVIDIA GPU (the
-# `device` tool), done in a few minutes. Builds with CUDA, runs every test
-# (gpu-labelled ones must pass, not skip), and a short bench; writes
-# $OUT/summary.txt and the full log to $OUT/device_check.log.
-#
-# The device image has CMake, ninja and nvcc but not this project's C
-# libraries: carry their Debian packages in .devdeps/ (see README, "GPU
-# machine") and this script unpacks them first.
-#
-# Stages this script will grow into as the GPU backend lands (issue 4):
-# GPU-vs-CPU byte identity for every method, a merge with a small
-# --gpu-memory-limit and with gpu_alloc faults, a merge beside another
-# process holding most GPU memory, and GPU/CPU/copy throughput.
+# `device` tool), a few minutes on an H100. Writes $OUT/summary.txt (the
+# figures for bench/RESULTS.md) and the logs beside it.
+#   1. configure and build with CUDA (Release)
+#   2. every test but the slow ones, gpu-labelled included: GPU-vs-CPU byte
+#      identity for every method (test_gpu_merge, test_gpu_merge_cli), the
+#      gpu_alloc fault walk and --gpu-memory-limit fallbacks
+#   3. a merge while another process holds nearly all GPU memory
+#   4. bench: TIES on a Llama-3.2-1B-shaped bf16 model: copy, CPU, GPU
+# The device image has CMake, ninja, nvcc and PyTorch but not this project's
+# C libraries: carry their Debian packages in .devdeps/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/device_check}
@@ -21,9 +19,8 @@ summary="$OUT/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 t0=$(date +%s)
-
 note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
-note "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+note "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); commit $(git rev-parse --short HEAD 2>/dev/null)"
 if [ -d .devdeps ]; then
   for f in .devdeps/*.deb; do dpkg -x "$f" /; done
   ldconfig
@@ -31,20 +28,47 @@ fi
 
 cmake -S . -B build-gpu -G Ninja -DMERGESTREAM_CUDA=ON -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 \
   || { note "configure: FAILED"; tail -30 "$OUT/cmake.log"; exit 1; }
-if cmake --build build-gpu -j "$(nproc)" > "$OUT/build.log" 2>&1; then
-  note "build (CUDA ON): ok"
-else
-  note "build (CUDA ON): FAILED"; grep -E "error" "$OUT/build.log" | head -20; exit 1
-fi
+if cmake --build build-gpu -j "$(nproc)" > "$OUT/build.log" 2>&1; then note "build (CUDA ON): ok"; else
+  note "build (CUDA ON): FAILED"; grep -E "error" "$OUT/build.log" | head -20 | tee -a "$summary"; exit 1; fi
 
 ctest --test-dir build-gpu -j 8 --output-on-failure -LE slow > "$OUT/ctest.log" 2>&1
 note "tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
 grep -E "^\s+[0-9]+ - .*\((Failed|Skipped|Timeout)" "$OUT/ctest.log" | sed 's/^/  /' | tee -a "$summary"
-ctest --test-dir build-gpu -L gpu --output-on-failure > "$OUT/ctest_gpu.log" 2>&1
-if grep -q "Skipped" "$OUT/ctest_gpu.log"; then note "gpu tests: SKIPPED (no usable device?)"; else
-  note "gpu tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest_gpu.log" | tail -1)"; fi
-grep -h "GPU(s)" build-gpu/Testing/Temporary/LastTest*.log 2>/dev/null | head -1 | sed 's/^/  /' | tee -a "$summary"
+for t in test_gpu_device test_gpu_merge test_gpu_fallback gpu_test_gpu_merge_cli; do
+  line=$(grep -E "Test +#[0-9]+: $t " "$OUT/ctest.log" | head -1 | sed 's/.*\.\.\.\s*//')
+  note "  $t: ${line:-not run}"
+done
 
-note "bench (CPU backend on this machine's $(nproc) cores, TIES density 0.2, 3 x 1G bf16):"
-MS_BUILD=build-gpu bash bench/bench_merge.sh --size 1G --max-memory 2G --dir /tmp/ms-bench 2>&1 | sed 's/^/  /' | tee -a "$summary"
+bin=build-gpu/pipeline/mergestream gen=build-gpu/bench/gen_model
+B=/tmp/ms-bench/llama-1b  # shared with bench_merge.sh --preset llama-1b
+mkdir -p $B
+[ -f $B/base/config.json ] || $gen base $B/base --preset llama-1b --dtype bf16 --seed 1
+[ -f $B/ft1/config.json ] || $gen finetune $B/base $B/ft1 --seed 2
+[ -f $B/ft2/config.json ] || $gen finetune $B/base $B/ft2 --seed 3
+printf 'merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {weight: 0.5, density: 0.2}\n  - model: ./ft2\n    parameters: {weight: 0.5, density: 0.2}\ndtype: bfloat16\n' > $B/r.yml
+$bin merge $B/r.yml -o $B/cpu --device cpu --max-memory 8G --quiet --force
+# another process holds all but ~1.5 GiB of the GPU: the merge must still finish, same bytes
+python3 - > "$OUT/hog.log" 2>&1 <<'EOPY' &
+import time, torch
+free, total = torch.cuda.mem_get_info()
+hog = torch.empty(max(free - (1536 << 20), 0), dtype=torch.uint8, device="cuda")
+print(f"holding {hog.numel() >> 20} MiB of {total >> 20} MiB", flush=True)
+time.sleep(90)
+EOPY
+hog=$!
+sleep 8
+$bin merge $B/r.yml -o $B/hogged --device cuda --max-memory 8G --json --force > "$OUT/hogged.json" 2> "$OUT/hogged.err"
+rc=$?
+kill $hog 2>/dev/null; wait $hog 2>/dev/null
+note "merge beside a GPU memory hog ($(head -1 "$OUT/hog.log")): exit $rc, $(grep -oE '"(tensors_gpu|tensors_cpu|gpu_fallbacks)":[^,]*' "$OUT/hogged.json" | tr -d '\t\n ' )"
+if [ $rc -eq 0 ] && cmp -s $B/cpu/model.safetensors $B/hogged/model.safetensors; then note "  bytes == CPU-only merge"; else
+  note "  BYTES DIFFER or merge failed"; tail -5 "$OUT/hogged.err" | tee -a "$summary"; fi
+$bin merge $B/r.yml -o $B/gpu --device cuda --max-memory 8G --json --quiet --force > "$OUT/gpu.json"
+if cmp -s $B/cpu/model.safetensors $B/gpu/model.safetensors; then note "llama-1b TIES: GPU bytes == CPU bytes"; else note "llama-1b TIES: GPU BYTES DIFFER"; fi
+
+note "bench (TIES density 0.2, Llama-3.2-1B shapes, 3 x 2.47 GB bf16, --max-memory 8G):"
+for dev in cpu cuda; do
+  MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench -- --device $dev 2>&1 \
+    | grep -E "cache=" | sed "s/^/  device=$dev /" | tee -a "$summary"
+done
 note "elapsed: $(( $(date +%s) - t0 )) s"
