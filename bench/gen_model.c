@@ -670,6 +670,9 @@ typedef struct gen_options {
     double alpha;
     bool have_alpha;
     const char *targets;
+    bool rslora, dora, lora_embeddings;
+    const char *modules_to_save;            /* comma-separated module paths */
+    const char *rank_pattern, *alpha_pattern; /* "v_proj=4,o_proj=2" */
 } gen_options;
 
 static int config_from_options(const gen_options *o, llama_config *c, ms_error *err)
@@ -1070,6 +1073,76 @@ static int parse_targets(const char *text, bool chosen[N_LINEAR], ms_error *err)
     return rc;
 }
 
+/* --rank-pattern / --alpha-pattern "NAME=V,...": per k_linear_modules entry,
+ * the value or `none`. */
+static int parse_module_values(const char *flag, const char *text, bool integer, double out[N_LINEAR], double none,
+                               ms_error *err)
+{
+    for (size_t k = 0; k < N_LINEAR; k++)
+        out[k] = none;
+    if (!text)
+        return 0;
+    char *copy = strdup(text), *save = NULL;
+    if (!copy)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, flag, "cannot parse");
+    int rc = 0;
+    for (char *t = strtok_r(copy, ",", &save); t && rc == 0; t = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(t, '=');
+        size_t k = 0;
+        if (eq) {
+            *eq = '\0';
+            while (k < N_LINEAR && strcmp(k_linear_modules[k], t))
+                k++;
+        }
+        double v = 0;
+        if (!eq || k == N_LINEAR) {
+            rc = ms_error_set(err, MS_EXIT_USAGE, flag, "expected NAME=VALUE with NAME one of q_proj, k_proj, "
+                                                         "v_proj, o_proj, gate_proj, up_proj, down_proj");
+        } else if (integer) {
+            uint64_t r = 0;
+            rc = parse_u64(flag, eq + 1, 1, 1u << 16, &r, err);
+            v = (double)r;
+        } else {
+            rc = parse_f64(flag, eq + 1, 1e-6, 1e6, &v, err);
+        }
+        if (rc == 0)
+            out[k] = v;
+    }
+    free(copy);
+    return rc < 0 ? -1 : 0;
+}
+
+/* Adds the LoRA factors A [rank, in] ~ N(0, LORA_A_STD), B [out, rank] ~
+ * N(0, LORA_B_STD) and, with DoRA, the magnitude [n_features] ~ 1 + N(0,
+ * LORA_B_STD) of one module under PEFT's names. */
+static int lora_jobs_add(job_list *jobs, const char *module, bool embedding, st_dtype dtype, uint64_t rank,
+                         uint64_t in, uint64_t out, bool dora, uint64_t seed, ms_error *err)
+{
+    char name[320];
+    uint64_t a_shape[2] = {rank, in}, b_shape[2] = {out, rank}, m_shape[1] = {out};
+    snprintf(name, sizeof name, "base_model.model.%s.%s", module, embedding ? "lora_embedding_A" : "lora_A.weight");
+    job *ja = job_add(jobs, name, JOB_NORMAL, dtype, 2, a_shape, err);
+    if (!ja)
+        return -1;
+    ja->scale = LORA_A_STD;
+    ja->key = tensor_key(name, seed, DOMAIN_BASE);
+    snprintf(name, sizeof name, "base_model.model.%s.%s", module, embedding ? "lora_embedding_B" : "lora_B.weight");
+    job *jb = job_add(jobs, name, JOB_NORMAL, dtype, 2, b_shape, err);
+    if (!jb)
+        return -1;
+    jb->scale = LORA_B_STD;
+    jb->key = tensor_key(name, seed, DOMAIN_BASE);
+    if (dora) {
+        snprintf(name, sizeof name, "base_model.model.%s.lora_magnitude_vector", module);
+        job *jm = job_add(jobs, name, JOB_NORM, dtype, 1, m_shape, err);
+        if (!jm)
+            return -1;
+        jm->scale = LORA_B_STD;
+        jm->key = tensor_key(name, seed, DOMAIN_BASE);
+    }
+    return 0;
+}
+
 static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o, ms_error *err)
 {
     double t0 = now_s();
@@ -1079,24 +1152,45 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
     st_writer *w = NULL;
     side_files sf = {0};
     bool chosen[N_LINEAR];
+    double rank_for[N_LINEAR], alpha_for[N_LINEAR];
+    char *save_list = NULL;
     if (!o->have_seed || o->rank == 0) {
         usage_error(err, !o->have_seed ? "--seed" : "--rank", "lora needs --seed and --rank");
         goto fail;
     }
-    if (parse_targets(o->targets ? o->targets : "q_proj,v_proj", chosen, err) < 0)
+    if (parse_targets(o->targets ? o->targets : "q_proj,v_proj", chosen, err) < 0 ||
+        parse_module_values("--rank-pattern", o->rank_pattern, true, rank_for, 0, err) < 0 ||
+        parse_module_values("--alpha-pattern", o->alpha_pattern, false, alpha_for, NAN, err) < 0)
         goto fail;
     if (ms_model_open(base_dir, &m, err) < 0)
         goto fail;
     if (outdir_prepare(dir, o->force, err) < 0)
         goto fail;
     st_dtype dtype = ST_DTYPE_COUNT;
+    if (o->lora_embeddings) {
+        long ei = ms_model_find(m, "model.embed_tokens.weight");
+        if (ei < 0) {
+            ms_error_set(err, MS_EXIT_DATA, base_dir, "--embeddings: no model.embed_tokens.weight");
+            goto fail;
+        }
+        const st_tensor *et = m->tensors[ei].info;
+        if (et->ndim != 2 || !st_dtype_is_mergeable_float(et->dtype)) {
+            ms_error_set(err, MS_EXIT_DATA, et->name, "expected a 2-D F16/BF16/F32 weight");
+            goto fail;
+        }
+        dtype = o->dtype ? o->dtype->dtype : et->dtype;
+        /* lora_embedding_A [r, vocab], lora_embedding_B [dim, r]; DoRA features: dim */
+        if (lora_jobs_add(&jobs, "model.embed_tokens", true, dtype, o->rank, et->shape[0], et->shape[1], o->dora,
+                          o->seed, err) < 0)
+            goto fail;
+    }
     for (uint64_t l = 0;; l++) {
         size_t found = 0;
         for (size_t k = 0; k < N_LINEAR; k++) {
             const char *group = k < 4 ? "self_attn" : "mlp";
-            char base_name[160], name[200];
-            snprintf(base_name, sizeof base_name, "model.layers.%" PRIu64 ".%s.%s.weight", l, group,
-                     k_linear_modules[k]);
+            char base_name[200], module[160];
+            snprintf(module, sizeof module, "model.layers.%" PRIu64 ".%s.%s", l, group, k_linear_modules[k]);
+            snprintf(base_name, sizeof base_name, "%s.weight", module);
             long bi = ms_model_find(m, base_name);
             if (bi < 0)
                 continue;
@@ -1111,21 +1205,10 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
             if (dtype == ST_DTYPE_COUNT)
                 dtype = o->dtype ? o->dtype->dtype : bt->dtype;
             /* PEFT's names: the module path under base_model.model. */
-            uint64_t a_shape[2] = {o->rank, bt->shape[1]}, b_shape[2] = {bt->shape[0], o->rank};
-            snprintf(name, sizeof name, "base_model.model.model.layers.%" PRIu64 ".%s.%s.lora_A.weight", l, group,
-                     k_linear_modules[k]);
-            job *ja = job_add(&jobs, name, JOB_NORMAL, dtype, 2, a_shape, err);
-            if (!ja)
+            uint64_t rank = rank_for[k] > 0 ? (uint64_t)rank_for[k] : o->rank;
+            if (lora_jobs_add(&jobs, module, false, dtype, rank, bt->shape[1], bt->shape[0], o->dora, o->seed,
+                              err) < 0)
                 goto fail;
-            ja->scale = LORA_A_STD;
-            ja->key = tensor_key(name, o->seed, DOMAIN_BASE);
-            snprintf(name, sizeof name, "base_model.model.model.layers.%" PRIu64 ".%s.%s.lora_B.weight", l, group,
-                     k_linear_modules[k]);
-            job *jb = job_add(&jobs, name, JOB_NORMAL, dtype, 2, b_shape, err);
-            if (!jb)
-                goto fail;
-            jb->scale = LORA_B_STD;
-            jb->key = tensor_key(name, o->seed, DOMAIN_BASE);
         }
         if (found == 0)
             break;
@@ -1133,6 +1216,35 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
     if (jobs.n == 0) {
         ms_error_set(err, MS_EXIT_DATA, base_dir, "no model.layers.N.* weight matches --targets");
         goto fail;
+    }
+    if (o->modules_to_save) {
+        /* full replacement tensors: base_model.model.MODULE.weight */
+        if (!(save_list = strdup(o->modules_to_save))) {
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "--modules-to-save", "cannot parse");
+            goto fail;
+        }
+        char *save = NULL;
+        for (char *t = strtok_r(save_list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+            char base_name[200], name[260];
+            snprintf(base_name, sizeof base_name, "%s.weight", t);
+            long bi = ms_model_find(m, base_name);
+            if (bi < 0) {
+                ms_error_set(err, MS_EXIT_USAGE, "--modules-to-save", "the base has no tensor '%s'", base_name);
+                goto fail;
+            }
+            const st_tensor *bt = m->tensors[bi].info;
+            if (!st_dtype_is_mergeable_float(bt->dtype)) {
+                ms_error_set(err, MS_EXIT_DATA, base_name, "expected an F16/BF16/F32 tensor");
+                goto fail;
+            }
+            snprintf(name, sizeof name, "base_model.model.%s", base_name);
+            job *j = job_add(&jobs, name, bt->ndim == 1 ? JOB_NORM : JOB_NORMAL, o->dtype ? o->dtype->dtype : bt->dtype,
+                             bt->ndim, bt->shape, err);
+            if (!j)
+                goto fail;
+            j->scale = BASE_STD;
+            j->key = tensor_key(name, o->seed, DOMAIN_BASE);
+        }
     }
     if (o->sorted)
         qsort(jobs.jobs, jobs.n, sizeof *jobs.jobs, cmp_job_name);
@@ -1142,7 +1254,15 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
 
     cJSON *cfg = cJSON_CreateObject();
     if (cfg) {
-        cJSON_AddNullToObject(cfg, "alpha_pattern");
+        double alpha = o->have_alpha ? o->alpha : 2.0 * (double)o->rank;
+        if (o->alpha_pattern) {
+            cJSON *alpha_pattern = cJSON_AddObjectToObject(cfg, "alpha_pattern");
+            for (size_t k = 0; k < N_LINEAR; k++)
+                if (!isnan(alpha_for[k]))
+                    cJSON_AddNumberToObject(alpha_pattern, k_linear_modules[k], alpha_for[k]);
+        } else {
+            cJSON_AddNullToObject(cfg, "alpha_pattern");
+        }
         cJSON_AddNullToObject(cfg, "auto_mapping");
         cJSON_AddStringToObject(cfg, "base_model_name_or_path", base_dir);
         cJSON_AddStringToObject(cfg, "bias", "none");
@@ -1151,19 +1271,38 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
         cJSON_AddTrueToObject(cfg, "init_lora_weights");
         cJSON_AddNullToObject(cfg, "layers_pattern");
         cJSON_AddNullToObject(cfg, "layers_to_transform");
-        cJSON_AddNumberToObject(cfg, "lora_alpha", o->have_alpha ? o->alpha : 2.0 * (double)o->rank);
+        cJSON_AddNumberToObject(cfg, "lora_alpha", alpha);
         cJSON_AddNumberToObject(cfg, "lora_dropout", 0.0);
-        cJSON_AddNullToObject(cfg, "modules_to_save");
+        if (o->modules_to_save) {
+            /* PEFT lists module names; the last path component matches */
+            cJSON *mts = cJSON_AddArrayToObject(cfg, "modules_to_save");
+            char *copy = strdup(o->modules_to_save), *save = NULL;
+            for (char *t = copy ? strtok_r(copy, ",", &save) : NULL; t; t = strtok_r(NULL, ",", &save)) {
+                const char *last = strrchr(t, '.');
+                cJSON_AddItemToArray(mts, cJSON_CreateString(last ? last + 1 : t));
+            }
+            free(copy);
+        } else {
+            cJSON_AddNullToObject(cfg, "modules_to_save");
+        }
         cJSON_AddStringToObject(cfg, "peft_type", "LORA");
         cJSON_AddNumberToObject(cfg, "r", (double)o->rank);
+        if (o->rank_pattern) {
+            cJSON *rank_pattern = cJSON_AddObjectToObject(cfg, "rank_pattern");
+            for (size_t k = 0; k < N_LINEAR; k++)
+                if (rank_for[k] > 0)
+                    cJSON_AddNumberToObject(rank_pattern, k_linear_modules[k], rank_for[k]);
+        }
         cJSON_AddNullToObject(cfg, "revision");
         cJSON *targets = cJSON_AddArrayToObject(cfg, "target_modules");
+        if (o->lora_embeddings)
+            cJSON_AddItemToArray(targets, cJSON_CreateString("embed_tokens"));
         for (size_t k = 0; k < N_LINEAR; k++)
             if (chosen[k])
                 cJSON_AddItemToArray(targets, cJSON_CreateString(k_linear_modules[k]));
         cJSON_AddStringToObject(cfg, "task_type", "CAUSAL_LM");
-        cJSON_AddFalseToObject(cfg, "use_dora");
-        cJSON_AddFalseToObject(cfg, "use_rslora");
+        cJSON_AddBoolToObject(cfg, "use_dora", o->dora);
+        cJSON_AddBoolToObject(cfg, "use_rslora", o->rslora);
     }
     const char *names[] = {"adapter_config.json"};
     if (side_jsons(&sf, dir, names, &cfg, 1, err) < 0)
@@ -1174,6 +1313,7 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
     st_plan_free(plan);
     job_list_free(&jobs);
     ms_model_close(m);
+    free(save_list);
     return 0;
 fail:
     side_files_end(&sf, true);
@@ -1181,6 +1321,7 @@ fail:
     st_plan_free(plan);
     job_list_free(&jobs);
     ms_model_close(m);
+    free(save_list);
     return -1;
 }
 
@@ -1198,6 +1339,8 @@ static void print_help(void)
         "            [--extra-vocab N] [--shard-size SIZE]\n"
         "  gen_model lora BASEDIR OUTDIR --seed N --rank R [--alpha A]\n"
         "            [--targets q_proj,k_proj,...|all-linear] [--dtype ...]\n"
+        "            [--rslora] [--dora] [--embeddings] [--modules-to-save M,...]\n"
+        "            [--rank-pattern NAME=R,...] [--alpha-pattern NAME=A,...]\n"
         "\n"
         "Deterministic Llama-shaped random models (LlamaForCausalLM tensor names):\n"
         "the same command writes the same bytes on any machine.\n"
@@ -1223,6 +1366,13 @@ static void print_help(void)
         "lora: a PEFT adapter (adapter_config.json, adapter_model.safetensors) for\n"
         "  BASEDIR: lora_A [R, in] ~ N(0, 0.02), lora_B [out, R] ~ N(0, 0.01) per\n"
         "  target module (default q_proj,v_proj); --alpha defaults to 2 * R.\n"
+        "  --rslora sets use_rslora (scale alpha / sqrt(r)). --dora adds each module's\n"
+        "  lora_magnitude_vector ~ 1 + N(0, 0.01) and sets use_dora. --embeddings adds\n"
+        "  lora_embedding_A [R, vocab], lora_embedding_B [hidden, R] for\n"
+        "  model.embed_tokens. --modules-to-save lm_head,model.norm writes full\n"
+        "  replacement tensors (N(0, 0.02), norms 1 + N(0, 0.02)) for those modules.\n"
+        "  --rank-pattern v_proj=4 / --alpha-pattern v_proj=3 set those modules' rank /\n"
+        "  alpha (written to rank_pattern / alpha_pattern).\n"
         "\n"
         "Common options:\n"
         "  --shard-size SIZE  cut the weights into shards of at most SIZE data bytes\n"
@@ -1243,7 +1393,7 @@ static bool takes_a_value(const char *opt)
     static const char *const k_value_options[] = {
         "--preset", "--dtype", "--seed", "--shard-size", "--layers", "--hidden", "--intermediate", "--heads",
         "--kv-heads", "--vocab", "--delta-scale", "--touched-fraction", "--outlier-fraction", "--extra-vocab",
-        "--rank", "--alpha", "--targets",
+        "--rank", "--alpha", "--targets", "--modules-to-save", "--rank-pattern", "--alpha-pattern",
     };
     for (size_t k = 0; k < sizeof k_value_options / sizeof k_value_options[0]; k++)
         if (!strcmp(opt, k_value_options[k]))
@@ -1270,6 +1420,10 @@ static int parse_options(int argc, char **argv, int first, gen_options *o, ms_er
             takes_value = false;
         } else if (!strcmp(a, "--sorted-order")) {
             o->sorted = true;
+            takes_value = false;
+        } else if (!strcmp(a, "--rslora") || !strcmp(a, "--dora") || !strcmp(a, "--embeddings")) {
+            bool *flag = a[2] == 'r' ? &o->rslora : a[2] == 'd' ? &o->dora : &o->lora_embeddings;
+            *flag = true;
             takes_value = false;
         } else if (!takes_a_value(a)) {
             return usage_error(err, a, "unknown option");
@@ -1312,6 +1466,12 @@ static int parse_options(int argc, char **argv, int first, gen_options *o, ms_er
         } else if (!strcmp(a, "--alpha")) {
             rc = parse_f64(a, v, 1e-6, 1e6, &o->alpha, err);
             o->have_alpha = true;
+        } else if (!strcmp(a, "--modules-to-save")) {
+            o->modules_to_save = v;
+        } else if (!strcmp(a, "--rank-pattern")) {
+            o->rank_pattern = v;
+        } else if (!strcmp(a, "--alpha-pattern")) {
+            o->alpha_pattern = v;
         } else {
             MS_ASSERT(!strcmp(a, "--targets"));
             o->targets = v;

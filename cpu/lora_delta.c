@@ -47,7 +47,11 @@ struct cpu_lora {
     float *L;         /* [rows, rank]: B, or A^T when transposed */
     float *R;         /* [rank, cols]: A, or B^T when transposed */
     float *magnitude; /* DoRA: [rows] (plain) or [cols] (transposed) */
-    /* transposed DoRA: the column statistics (written by the statistics pass only) */
+    /* Transposed DoRA: the column statistics. col_block / col_total are
+     * written during cpu_lora_stats_rows by its pool tasks, each task its own
+     * column range (no element is shared); col_factor and stats_rows are
+     * written by the thread calling cpu_lora_stats_rows and only read
+     * afterwards, by any thread calling cpu_lora_rows. */
     double *col_block; /* [cols] sum of v^2 over the current 65,536-row block */
     double *col_total; /* [cols] sum of the finished block sums */
     float *col_factor; /* [cols] m / sqrt(S), once every row was fed */

@@ -887,11 +887,12 @@ static int key_classify(const st_tensor *t, const char *where, char **adapter_na
         ms_error_set(err, MS_EXIT_RUNTIME, where, "out of memory");
         goto done;
     }
+    if (at != n_parts && note_adapter_name(adapter_name, adapter, where, key, err) < 0) {
+        free(module);
+        goto done;
+    }
     rec->module = module;
     rec->t = t;
-    if (rec->role != ROLE_REPLACE || at != n_parts)
-        if (note_adapter_name(adapter_name, adapter, where, key, err) < 0)
-            goto done;
     rc = 0;
 done:
     free(parts);
@@ -1197,7 +1198,7 @@ static int check_selection(const char *where, const ms_model *base, const peft_c
     } else {
         for (size_t k = 0; k < cfg->target.n_names; k++)
             if (!entry_used[k])
-                ms_log_warn("%s: target_modules entry '%s' matches no module of %s", where, cfg->target.names[k],
+                ms_log_warn("%s: target_modules entry '%s' selects no module of %s", where, cfg->target.names[k],
                             base->path);
         if (without_weights)
             ms_log_warn("%s: %zu module(s) selected by target_modules have no LoRA weights in the adapter "
@@ -1300,6 +1301,10 @@ int ms_peft_open(const char *adapter_dir, const ms_model *base, ms_peft **out, m
     if (a->model->kind != MS_MODEL_KIND_ADAPTER) {
         ms_error_set(err, MS_EXIT_DATA, a->path, "not a PEFT adapter (a %s without adapter_config.json)",
                      ms_model_kind_name(a->model->kind));
+        goto fail;
+    }
+    if (base->kind == MS_MODEL_KIND_ADAPTER) {
+        ms_error_set(err, MS_EXIT_USAGE, a->path, "the base %s is itself a PEFT adapter", base->path);
         goto fail;
     }
     if (config_parse(a->model->config, &cfg, a->path, err) < 0)

@@ -104,9 +104,11 @@ typedef struct ms_lora_target {
     const st_tensor *A;         /* LINEAR: lora_A [rank, in]; EMBEDDING: lora_embedding_A [rank, vocab]; else NULL */
     const st_tensor *B;         /* LINEAR: lora_B [out, rank]; EMBEDDING: lora_embedding_B [dim, rank]; else NULL */
     const st_tensor *magnitude; /* DoRA: lora_magnitude_vector [n_features], else NULL */
-    const st_tensor *source;    /* REPLACE: the replacing tensor. LINEAR / EMBEDDING: NULL, or the
-                                   module's base weight saved in the adapter (.base_layer.weight):
-                                   read the "base" rows from here instead of the base model */
+    const st_tensor *source;    /* REPLACE: the replacing tensor (F16/BF16/F32 when the base tensor's
+                                   dtype is one of those, else exactly the base's dtype: copy it).
+                                   LINEAR / EMBEDDING: NULL, or the module's base weight saved in the
+                                   adapter (.base_layer.weight): read the "base" rows from here
+                                   instead of the base model */
     uint64_t rows, cols;        /* the 2-D shape of the result: the base tensor's, or source's when set
                                    (REPLACE: rows may exceed the base's for embed_tokens / lm_head,
                                    DESIGN.md's added-tokens rule; other dims always equal) */
@@ -121,8 +123,8 @@ typedef struct ms_peft ms_peft;
 
 /* Opens the PEFT adapter directory adapter_dir (adapter_config.json plus
  * adapter_model.safetensors) and validates it against base (a model
- * directory or file; it must outlive the adapter: targets point into its
- * header). Reads headers and the config only; blocks on that I/O. Returns 0
+ * directory or file, not an adapter; it must outlive the adapter: targets
+ * point into its header). Reads headers and the config only; blocks on that I/O. Returns 0
  * and *out (close with ms_peft_close), or -1 with err set ("ADAPTER_DIR:
  * what", naming the module, tensors and shapes) and *out = NULL; exit codes
  * as listed at the top of this file, MS_EXIT_RUNTIME for I/O errors and out

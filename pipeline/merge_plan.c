@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cpu/cpu_merge.h"
+#include "cpu/lora_delta.h"
 #include "pipeline/merge_passes.h"
 
 /* The staging pool holds at least this many chunks at once, so reads,
@@ -70,14 +71,65 @@ static unsigned infer_num_layers(const ms_model *m)
     return n;
 }
 
-static int plan_open_model(const char *path, const char *adapter, const ms_recipe *r, unsigned line,
-                           ms_model **out, ms_error *err)
+/* Opens a recipe's model: a directory or file, and with "DIR+ADAPTER" the
+ * PEFT adapter validated against that directory's tensors. */
+static int plan_open_model(const char *path, const char *adapter, ms_model **out, ms_peft **peft, ms_error *err)
 {
-    if (adapter)
-        return ms_error_set(err, MS_EXIT_USAGE, r->source_path,
-                            "%u: '%s+%s': LoRA adapters as merge inputs are not supported yet", line, path,
-                            adapter);
-    return ms_model_open(path, out, err);
+    *peft = NULL;
+    if (ms_model_open(path, out, err) != 0)
+        return -1;
+    if (adapter && ms_peft_open(adapter, *out, peft, err) != 0)
+        return -1;
+    return 0;
+}
+
+/* Fills job->in[i] (0: the base) for layout tensor lt: the model's own
+ * tensor, an adapter's replacement (modules_to_save), or the model's rows
+ * plus a LoRA delta. Checks names, dtypes and shapes against the layout. */
+static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tensor *lt, ms_error *err)
+{
+    ms_tensor_params *p = &job->params;
+    const ms_model *m = i == 0 ? plan->base : plan->models[i];
+    const ms_peft *peft = plan->adapters[i];
+    const ms_lora_target *lora = peft ? ms_peft_target(peft, lt->name) : NULL;
+    const char *who = peft ? ms_peft_path(peft) : m->path;
+    const st_file *f;
+    const st_tensor *mt;
+    if (lora && (lora->kind == MS_LORA_REPLACE || lora->source)) {
+        f = lora->file;
+        mt = lora->source;
+    } else {
+        long ti = ms_model_find(m, lt->name);
+        if (ti < 0)
+            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is missing (it is in %s)", lt->name,
+                                plan->layout->path);
+        f = ms_model_tensor_file(m, (size_t)ti);
+        mt = m->tensors[ti].info;
+    }
+    if (!st_dtype_is_mergeable_float(mt->dtype))
+        return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' is %s, expected F16, BF16 or F32", lt->name,
+                            st_dtype_name(mt->dtype));
+    if (!same_shape(lt, mt)) {
+        char want[256], got[256];
+        shape_text(lt, want, sizeof want);
+        shape_text(mt, got, sizeof got);
+        if (!is_extra_rows_ok(lt, mt))
+            return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' has shape %s but %s has %s", lt->name, got,
+                                plan->layout->path, want);
+        ms_log_warn("%s: tensor '%s' has shape %s, more rows than the base's %s (added tokens): "
+                    "merging its first %" PRIu64 " rows only",
+                    who, lt->name, got, want, lt->shape[0]);
+    }
+    job->in[i] = (ms_job_input){f, st_file_tensor_offset(f, mt), (uint64_t)st_dtype_bits(mt->dtype) / 8 * p->cols,
+                                mt->dtype, NULL, NULL};
+    p->in_dtype[i] = mt->dtype;
+    p->model_rows[i] = mt->ndim >= 2 ? mt->shape[0] : 1;
+    if (lora && lora->kind != MS_LORA_REPLACE) {
+        job->in[i].lora = lora;
+        job->in[i].peft = peft;
+        p->in_dtype[i] = ST_F32; /* the kernels see base + delta, materialised in fp32 */
+    }
+    return 0;
 }
 
 /* Cuts a job into row chunks that fit the pool: a chunk (its inputs and its
@@ -89,7 +141,7 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
     uint64_t rows = job->params.rows ? job->params.rows : 1;
     uint64_t per_row = job->out_row_bytes;
     for (unsigned i = 0; i < job->n_inputs; i++)
-        per_row += job->in[i].row_bytes;
+        per_row += ms_job_input_stage_row_bytes(&job->in[i], job->params.cols);
     uint64_t slack = 2 * 4096; /* two allocations per chunk, each rounded up to a page */
     if (per_row + slack > pool_bytes)
         return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
@@ -115,7 +167,7 @@ static uint64_t job_max_item_bytes(const ms_job *job)
 {
     uint64_t in = 0;
     for (unsigned i = 0; i < job->n_inputs; i++)
-        in += job->in[i].row_bytes * job->rows_per_chunk;
+        in += ms_job_input_stage_row_bytes(&job->in[i], job->params.cols) * job->rows_per_chunk;
     uint64_t out = job->kind == MS_JOB_COPY ? 0 : job->out_row_bytes * job->rows_per_chunk;
     return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096;
 }
@@ -132,41 +184,9 @@ static int plan_merge_job(ms_plan *plan, ms_job *job, const st_tensor *lt, ms_er
     p->out_dtype = job->out_dtype;
     ms_merge_philox_key(lt->name, plan->seed, p->philox_key);
     job->n_inputs = 1 + p->n_models;
-    if (p->has_base) {
-        MS_ASSERT(plan->base);
-        long bi = ms_model_find(plan->base, lt->name);
-        MS_ASSERT(bi >= 0); /* the layout is the base */
-        const st_file *f = ms_model_tensor_file(plan->base, (size_t)bi);
-        job->in[0] = (ms_job_input){f, st_file_tensor_offset(f, lt), (uint64_t)st_dtype_bits(lt->dtype) / 8 * p->cols};
-        p->in_dtype[0] = lt->dtype;
-        p->model_rows[0] = p->rows;
-    }
-    for (unsigned i = 1; i <= p->n_models; i++) {
-        const ms_model *m = plan->models[i];
-        long ti = ms_model_find(m, lt->name);
-        if (ti < 0)
-            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is missing (it is in %s)", lt->name,
-                                plan->layout->path);
-        const st_tensor *mt = m->tensors[ti].info;
-        if (!st_dtype_is_mergeable_float(mt->dtype))
-            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is %s, expected F16, BF16 or F32",
-                                lt->name, st_dtype_name(mt->dtype));
-        char want[256], got[256];
-        if (!same_shape(lt, mt)) {
-            shape_text(lt, want, sizeof want);
-            shape_text(mt, got, sizeof got);
-            if (!is_extra_rows_ok(lt, mt))
-                return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' has shape %s but %s has %s",
-                                    lt->name, got, plan->layout->path, want);
-            ms_log_warn("%s: tensor '%s' has shape %s, more rows than the base's %s (added tokens): "
-                        "merging its first %" PRIu64 " rows only",
-                        m->path, lt->name, got, want, lt->shape[0]);
-        }
-        const st_file *f = ms_model_tensor_file(m, (size_t)ti);
-        job->in[i] = (ms_job_input){f, st_file_tensor_offset(f, mt), (uint64_t)st_dtype_bits(mt->dtype) / 8 * p->cols};
-        p->in_dtype[i] = mt->dtype;
-        p->model_rows[i] = mt->ndim >= 2 ? mt->shape[0] : 1;
-    }
+    for (unsigned i = p->has_base ? 0 : 1; i <= p->n_models; i++)
+        if (plan_job_input(plan, job, i, lt, err) != 0)
+            return -1;
     /* without a base (linear) slot 0 stays empty: the kernels read 1..n */
     job->n_passes = ms_merge_pass_count(p);
     return 0;
@@ -181,13 +201,12 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
     if (ms_recipe_load(recipe_path, &plan->recipe, err) != 0)
         goto fail;
     const ms_recipe *r = plan->recipe;
-    if (r->base_path &&
-        plan_open_model(r->base_path, r->base_adapter_path, r, r->base_line, &plan->base, err) != 0)
+    if (r->base_path && plan_open_model(r->base_path, r->base_adapter_path, &plan->base, &plan->adapters[0], err) != 0)
         goto fail;
     plan->n_models = r->n_models;
     for (unsigned i = 1; i <= r->n_models; i++) {
         const ms_recipe_model *rm = &r->models[i - 1];
-        if (plan_open_model(rm->path, rm->adapter_path, r, rm->line, &plan->models[i], err) != 0)
+        if (plan_open_model(rm->path, rm->adapter_path, &plan->models[i], &plan->adapters[i], err) != 0)
             goto fail;
         if (plan->models[i]->kind == MS_MODEL_KIND_ADAPTER) {
             ms_error_set(err, MS_EXIT_USAGE, r->source_path,
@@ -233,7 +252,7 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
             job->params.rows = bytes;
             job->params.cols = 1;
             job->params.in_dtype[0] = job->params.out_dtype = lt->dtype;
-            job->in[0] = (ms_job_input){f, st_file_tensor_offset(f, lt), 1};
+            job->in[0] = (ms_job_input){.file = f, .offset = st_file_tensor_offset(f, lt), .row_bytes = 1, .read_dtype = lt->dtype};
         }
         job->out_row_bytes = job->kind == MS_JOB_COPY ? 0 : (uint64_t)st_dtype_bits(job->out_dtype) / 8 * job->params.cols;
         job->out_bytes = job->kind == MS_JOB_COPY ? lt->end - lt->begin : job->out_row_bytes * job->params.rows;
@@ -241,6 +260,8 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
             /* scratch is nearly independent of the row count: bound it with all rows */
             uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, opt->threads) +
                              ms_merge_state_bytes(&job->params);
+            for (unsigned i = 0; i < job->n_inputs; i++)
+                extra += job->in[i].lora ? cpu_lora_host_bytes(job->in[i].lora) : 0;
             if (extra > plan->extra_bytes)
                 plan->extra_bytes = extra;
         }
@@ -274,6 +295,8 @@ void ms_plan_free(ms_plan *plan)
     if (!plan)
         return;
     free(plan->jobs);
+    for (unsigned i = 0; i <= plan->n_models; i++)
+        ms_peft_close(plan->adapters[i]); /* before the models they point into */
     for (unsigned i = 1; i <= plan->n_models; i++)
         ms_model_close(plan->models[i]);
     ms_model_close(plan->base);

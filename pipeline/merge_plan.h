@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "io/model_dir.h"
+#include "io/peft_adapter.h"
 #include "pipeline/merge_params.h"
 #include "pipeline/recipe.h"
 
@@ -18,12 +19,25 @@ typedef enum ms_job_kind {
     MS_JOB_COPY,  /* a non-float tensor: copied byte for byte from the layout model */
 } ms_job_kind;
 
-/* Where one input of a job lives on disk. */
+/* Where one input of a job lives on disk. With a LoRA target the rows read
+ * are the "base" rows of that model, and the compute stage turns them into
+ * base + adapter delta in fp32 (params.in_dtype is then F32) in a second
+ * staging area of cols * 4 bytes per row. */
 typedef struct ms_job_input {
     const st_file *file;
-    uint64_t offset;    /* absolute file offset of row 0 */
-    uint64_t row_bytes; /* bytes of one row in this input's dtype */
+    uint64_t offset;            /* absolute file offset of row 0 */
+    uint64_t row_bytes;         /* bytes of one row as read */
+    st_dtype read_dtype;        /* dtype of the rows as read */
+    const ms_lora_target *lora; /* LINEAR/EMBEDDING adapter target, or NULL */
+    const ms_peft *peft;        /* its adapter */
 } ms_job_input;
+
+/* Staging bytes one row of input `in` takes: what is read, plus the fp32
+ * rows of base + delta for a LoRA input. */
+static inline uint64_t ms_job_input_stage_row_bytes(const ms_job_input *in, uint64_t cols)
+{
+    return in->row_bytes + (in->lora ? cols * 4 : 0);
+}
 
 typedef struct ms_job {
     const char *name;          /* points into the layout model's header */
@@ -46,6 +60,7 @@ typedef struct ms_plan {
     ms_recipe *recipe;         /* owned */
     ms_model *base;            /* owned; NULL for linear without base_model */
     ms_model *models[MS_MAX_MODELS + 1]; /* owned; [1..n_models] */
+    ms_peft *adapters[MS_MAX_MODELS + 1]; /* owned; [i] is models[i]'s PEFT adapter ("DIR+ADAPTER"), or NULL; [0]: the base's */
     unsigned n_models;
     const ms_model *layout;    /* base, else models[1]: tensor order, config, tokenizer */
     unsigned num_layers;       /* config.json num_hidden_layers (or inferred from names) */

@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "cpu/cpu_merge.h"
+#include "cpu/lora_delta.h"
+#include "io/ms_fault.h"
 #include "io/checksum.h"
 #include "pipeline/bounded_queue.h"
 #include "pipeline/merge_passes.h"
@@ -27,7 +29,8 @@ typedef struct run_item {
     bool last_of_job;                     /* the job's final item */
     void *in_buf;                         /* pool: inputs (MERGE jobs) */
     void *out_buf;                        /* pool: output (COPY jobs read into it) */
-    uint64_t in_off[MS_MAX_MODELS + 1];   /* each input's offset inside in_buf */
+    uint64_t in_off[MS_MAX_MODELS + 1];   /* each input's rows as read, inside in_buf */
+    uint64_t mat_off[MS_MAX_MODELS + 1];  /* LoRA inputs: their fp32 base + delta rows, inside in_buf */
     io_request req[MS_MAX_MODELS + 1];
     unsigned reqs_pending;                /* reader thread only */
     struct run_item *next;                /* reader's in-flight FIFO */
@@ -84,12 +87,26 @@ typedef struct reader_state {
     run_item *head, *tail; /* in flight, plan order */
 } reader_state;
 
-static uint64_t job_in_bytes(const ms_job *job, uint64_t n_rows)
+/* Lays a chunk's inputs out in one staging buffer: for each input the rows
+ * as read, then (LoRA inputs) their fp32 materialisation; every area starts
+ * 64-byte aligned. Returns the buffer's size; fills the offsets when given. */
+static uint64_t stage_layout(const ms_job *job, uint64_t n_rows, uint64_t *in_off, uint64_t *mat_off)
 {
-    uint64_t b = 0;
-    for (unsigned i = 0; i < job->n_inputs; i++)
-        b += job->in[i].row_bytes * n_rows;
-    return b;
+    uint64_t off = 0;
+    for (unsigned i = 0; i < job->n_inputs; i++) {
+        const ms_job_input *in = &job->in[i];
+        if (!in->file)
+            continue;
+        if (in_off)
+            in_off[i] = off;
+        off = (off + in->row_bytes * n_rows + 63) / 64 * 64;
+        if (in->lora) {
+            if (mat_off)
+                mat_off[i] = off;
+            off = (off + job->params.cols * 4 * n_rows + 63) / 64 * 64;
+        }
+    }
+    return off;
 }
 
 /* Pushes the finished items at the head of the FIFO to compute, in order. */
@@ -172,7 +189,7 @@ static int reader_submit_item(reader_state *rs, run_item *it)
 {
     run_ctx *ctx = rs->ctx;
     const ms_job *job = &ctx->env->plan->jobs[it->job_index];
-    uint64_t in_bytes = job->kind == MS_JOB_MERGE ? job_in_bytes(job, it->n_rows) : 0;
+    uint64_t in_bytes = job->kind == MS_JOB_MERGE ? stage_layout(job, it->n_rows, it->in_off, it->mat_off) : 0;
     uint64_t out_bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * it->n_rows
                                                   : (it->writes_output ? job->out_row_bytes * it->n_rows : 0);
     if (in_bytes && !(it->in_buf = reader_alloc(rs, in_bytes)))
@@ -180,7 +197,6 @@ static int reader_submit_item(reader_state *rs, run_item *it)
     if (out_bytes && !(it->out_buf = reader_alloc(rs, out_bytes)))
         return -1;
     double t0 = ms_now_seconds();
-    uint64_t off = 0;
     for (unsigned i = 0; i < job->n_inputs; i++) {
         const ms_job_input *in = &job->in[i];
         uint64_t len = in->row_bytes * it->n_rows;
@@ -192,10 +208,8 @@ static int reader_submit_item(reader_state *rs, run_item *it)
         r->fd = in->file->fd;
         r->offset = in->offset + in->row_bytes * it->row0;
         r->len = len;
-        r->buf = job->kind == MS_JOB_COPY ? it->out_buf : (uint8_t *)it->in_buf + off;
+        r->buf = job->kind == MS_JOB_COPY ? it->out_buf : (uint8_t *)it->in_buf + it->in_off[i];
         r->user = it;
-        it->in_off[i] = off;
-        off += len;
         it->reqs_pending++;
         int rc = io_engine_submit(ctx->env->engine, r);
         if (rc != 0) {
@@ -303,7 +317,72 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
     }
 }
 
-static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
+/* What the compute stage holds for the tensor in progress. */
+typedef struct job_state {
+    ms_merge_state *merge;
+    cpu_lora *lora[MS_MAX_MODELS + 1]; /* LoRA inputs' prepared factors */
+} job_state;
+
+static void job_state_close(job_state *js)
+{
+    ms_merge_state_close(js->merge);
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+        cpu_lora_close(js->lora[i]);
+    memset(js, 0, sizeof *js);
+}
+
+/* Reads input i's adapter factors and prepares them (once per tensor). */
+static int lora_prepare(const ms_job *job, unsigned i, cpu_lora **out, ms_error *err)
+{
+    const ms_lora_target *t = job->in[i].lora;
+    const ms_peft *peft = job->in[i].peft;
+    const st_tensor *parts[3] = {t->A, t->B, t->magnitude};
+    void *buf[3] = {NULL, NULL, NULL};
+    int rc = -1;
+    for (int k = 0; k < 3; k++) {
+        if (!parts[k])
+            continue;
+        if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(buf[k] = malloc(parts[k]->end - parts[k]->begin + 1))) {
+            ms_error_set(err, MS_EXIT_RUNTIME, ms_peft_path(peft), "out of memory for the LoRA factors of %s", job->name);
+            goto done;
+        }
+        if (ms_peft_read_tensor(peft, parts[k], buf[k], err) != 0)
+            goto done;
+    }
+    if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || cpu_lora_open(t, buf[0], buf[1], buf[2], out) != 0) {
+        ms_error_set(err, MS_EXIT_RUNTIME, ms_peft_path(peft), "out of memory for the LoRA factors of %s", job->name);
+        goto done;
+    }
+    if (cpu_lora_needs_stats(*out) && job->n_chunks > 1) {
+        ms_error_set(err, MS_EXIT_RUNTIME, job->name,
+                     "DoRA over columns (fan_in_fan_out or embeddings) needs the whole tensor in the staging pool; "
+                     "raise --max-memory");
+        goto done;
+    }
+    rc = 0;
+done:
+    for (int k = 0; k < 3; k++)
+        free(buf[k]);
+    return rc;
+}
+
+/* Turns each LoRA input's rows into base + delta (fp32) for this chunk. The
+ * CPU does it for both backends, so they see the same inputs. */
+static void lora_materialise(run_ctx *ctx, const ms_job *job, const run_item *it, job_state *js, ms_chunk *chunk)
+{
+    for (unsigned i = 0; i < job->n_inputs; i++) {
+        if (!job->in[i].lora)
+            continue;
+        const void *rows = (const uint8_t *)it->in_buf + it->in_off[i];
+        float *mat = (float *)((uint8_t *)it->in_buf + it->mat_off[i]);
+        if (cpu_lora_needs_stats(js->lora[i]) && it->chunk == 0 && it->pass_first == 0)
+            cpu_lora_stats_rows(js->lora[i], rows, job->in[i].read_dtype, it->row0, it->n_rows, ctx->env->cpu);
+        cpu_lora_rows(js->lora[i], rows, job->in[i].read_dtype, it->row0, it->n_rows, mat, ctx->env->cpu);
+        chunk->in[i] = mat;
+    }
+}
+
+static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
 {
     const ms_job *job = &ctx->env->plan->jobs[it->job_index];
     if (job->kind == MS_JOB_COPY) {
@@ -312,16 +391,21 @@ static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
     }
     ms_error e;
     if (it->chunk == 0 && it->pass_first == 0) {
-        MS_ASSERT(*state == NULL);
-        if (ms_merge_state_open(&job->params, state) != 0)
+        MS_ASSERT(js->merge == NULL);
+        if (ms_merge_state_open(&job->params, &js->merge) != 0)
             return ms_error_set(&e, MS_EXIT_RUNTIME, job->name, "out of memory for merge statistics"),
                    run_fail(ctx, &e), -1;
+        for (unsigned i = 0; i < job->n_inputs; i++)
+            if (job->in[i].lora && lora_prepare(job, i, &js->lora[i], &e) != 0)
+                return run_fail(ctx, &e), -1;
     }
+    ms_merge_state **state = &js->merge;
     ms_chunk chunk = {.row0 = it->row0, .n_rows = it->n_rows, .out = it->out_buf};
     chunk.elem0 = it->row0 * job->params.cols;
     chunk.n_elems = it->n_rows * job->params.cols;
     for (unsigned i = 0; i < job->n_inputs; i++)
         chunk.in[i] = job->in[i].file ? (const uint8_t *)it->in_buf + it->in_off[i] : NULL;
+    lora_materialise(ctx, job, it, js, &chunk);
     ms_tensor_result *res = &ctx->results[it->job_index];
     for (unsigned p = it->pass_first; p <= it->pass_last; p++) {
         if (!compute_pass_on_gpu(ctx, job, *state, p, &chunk, it->n_rows)) {
@@ -344,16 +428,14 @@ static int compute_item(run_ctx *ctx, run_item *it, ms_merge_state **state)
         ctx->results[it->job_index].differs_from_base = true;
     else if (it->writes_output && (!job->params.has_base || job->params.in_dtype[0] != job->out_dtype))
         ctx->results[it->job_index].differs_from_base = true;
-    if (it->last_of_job) {
-        ms_merge_state_close(*state);
-        *state = NULL;
-    }
+    if (it->last_of_job)
+        job_state_close(js);
     return 0;
 }
 
 static void compute_main(run_ctx *ctx)
 {
-    ms_merge_state *state = NULL;
+    job_state js = {0};
     void *p;
     while (ms_queue_pop(&ctx->compute_q, &p) == 0) {
         run_item *it = p;
@@ -362,7 +444,7 @@ static void compute_main(run_ctx *ctx)
             continue;
         }
         double t0 = ms_now_seconds();
-        int rc = compute_item(ctx, it, &state);
+        int rc = compute_item(ctx, it, &js);
         ms_pool_free(ctx->env->pool, it->in_buf);
         it->in_buf = NULL;
         ctx->busy_compute_s += ms_now_seconds() - t0;
@@ -373,7 +455,7 @@ static void compute_main(run_ctx *ctx)
         if (ms_queue_push(&ctx->write_q, it) != 0)
             item_free(ctx, it);
     }
-    ms_merge_state_close(state);
+    job_state_close(&js);
     ms_queue_close(&ctx->write_q);
 }
 

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -776,8 +777,8 @@ static void test_target_selection(void **state)
         "\"target_modules\": [\"q_proj\", \"v_proj\", \"nonexistent_proj\"]",
         "\"target_modules\": [\"self_attn.q_proj\", \"model.layers.0.self_attn.v_proj\", \"v_proj\"]",
         "\"target_modules\": [\"q_proj\", \"v_proj\", \"k_proj\"], \"exclude_modules\": [\"k_proj\"]",
-        "\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 1, 2], \"layers_pattern\": "
-        "\"layers\"",
+        ("\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 1, 2], \"layers_pattern\": "
+         "\"layers\""),
         "\"target_modules\": null",
     };
     for (size_t k = 0; k < sizeof k_ok_qv / sizeof k_ok_qv[0]; k++) {
@@ -987,6 +988,16 @@ static void test_bad_files_and_json(void **state)
     expect_error(missing, g_base_model, MS_EXIT_DATA, "no_such_adapter", NULL, NULL);
     tset_free(&ad);
 
+    /* an adapter as the base */
+    dir = adapter_write("as_base", &ad, "\"r\": 4, \"target_modules\": [\"q_proj\"]");
+    ms_model *adapter_model = NULL;
+    ms_error err = {0};
+    assert_int_equal(ms_model_open(dir, &adapter_model, &err), 0);
+    expect_error(dir, adapter_model, MS_EXIT_USAGE, "itself a PEFT adapter", NULL, NULL);
+    ms_model_close(adapter_model);
+    free(dir);
+    tset_free(&ad);
+
     /* keys: no PEFT prefix; two adapter names in one file */
     tset_add(&ad, "model.layers.0.self_attn.q_proj.lora_A.weight", ST_F32, 2, 4, H);
     error_case("no_prefix", &ad, "\"r\": 4", MS_EXIT_DATA, "base_model.model.", "model.layers.0.self_attn.q_proj.lora_A",
@@ -997,6 +1008,124 @@ static void test_bad_files_and_json(void **state)
     error_case("two_names", &ad, "\"r\": 4, \"target_modules\": [\"q_proj\", \"v_proj\"]", MS_EXIT_DATA,
                "more than one adapter", "'default'", "'other'");
     tset_free(&ad);
+}
+
+/* ------------------------------------------------------------ gen_model */
+
+/* Runs the fixture generator (MS_GEN) with the given arguments; its exit status. */
+static int run_gen(const char *gen, const char *const *args)
+{
+    const char *argv[40];
+    int n = 0;
+    argv[n++] = gen;
+    for (; *args && n < 39; args++)
+        argv[n++] = *args;
+    argv[n] = NULL;
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(gen, (char *const *)argv);
+        _exit(121);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+/* Loads every tensor of a one-file model into a set. */
+static void tset_load(const ms_model *m, tset *out)
+{
+    for (size_t i = 0; i < m->n_tensors; i++) {
+        const st_tensor *t = m->tensors[i].info;
+        const st_file *f = ms_model_tensor_file(m, i);
+        assert_true(out->n < sizeof out->t / sizeof out->t[0]);
+        assert_true(st_dtype_is_mergeable_float(t->dtype) && t->ndim <= 2);
+        ttensor *x = &out->t[out->n++];
+        memset(x, 0, sizeof *x);
+        snprintf(x->name, sizeof x->name, "%s", t->name);
+        x->dt = t->dtype;
+        x->ndim = t->ndim;
+        x->shape[0] = t->shape[0];
+        x->shape[1] = t->ndim > 1 ? t->shape[1] : 0;
+        x->numel = t->numel;
+        x->raw = malloc(st_tensor_nbytes(t) + 1);
+        x->val = malloc(t->numel * sizeof(double) + 1);
+        assert_true(x->raw && x->val);
+        assert_int_equal(pread(f->fd, x->raw, st_tensor_nbytes(t), (off_t)st_file_tensor_offset(f, t)),
+                         (ssize_t)st_tensor_nbytes(t));
+        for (uint64_t e = 0; e < t->numel; e++)
+            x->val[e] = widen_one(x->raw, t->dtype, e);
+    }
+}
+
+/* The generator's adapters (bench/gen_model.c lora) open and compute: plain
+ * and with every option (rsLoRA, DoRA, embeddings, modules_to_save,
+ * rank / alpha patterns). Skipped without MS_GEN. */
+static void test_gen_model_adapters(void **state)
+{
+    (void)state;
+    const char *gen = getenv("MS_GEN");
+    if (!gen || !*gen) {
+        fprintf(stderr, "MS_GEN is not set to the gen_model binary: skipped\n");
+        skip();
+    }
+    char *bdir = subdir("gen_base"), *plain = subdir("gen_plain"), *full = subdir("gen_full");
+    const char *base_args[] = {"base", bdir, "--force", "--seed", "11", "--dtype", "bf16", NULL};
+    assert_int_equal(run_gen(gen, base_args), 0);
+    const char *plain_args[] = {"lora", bdir, plain, "--force", "--seed", "12", "--rank", "4", NULL};
+    assert_int_equal(run_gen(gen, plain_args), 0);
+    const char *full_args[] = {"lora", bdir, full, "--force", "--seed", "13", "--rank", "4", "--alpha", "8",
+                               "--targets", "q_proj,v_proj,down_proj", "--rslora", "--dora", "--embeddings",
+                               "--modules-to-save", "lm_head,model.norm", "--rank-pattern", "v_proj=2",
+                               "--alpha-pattern", "v_proj=3", "--dtype", "f32", NULL};
+    assert_int_equal(run_gen(gen, full_args), 0);
+
+    ms_error err = {0};
+    ms_model *m = NULL;
+    assert_int_equal(ms_model_open(bdir, &m, &err), 0);
+    long layers = ms_model_config_int(m, "num_hidden_layers", -1);
+    assert_true(layers >= 1);
+    tset base = {0};
+    tset_load(m, &base);
+
+    ms_peft *a = open_ok(plain, m);
+    assert_int_equal(ms_peft_n_targets(a), 2 * (size_t)layers); /* q_proj, v_proj */
+    tset ad = {0};
+    tset_load(ms_peft_model(a), &ad);
+    for (size_t i = 0; i < ms_peft_n_targets(a); i++)
+        check_numeric(a, ms_peft_target_at(a, i), &base, &ad, 2.0); /* alpha 2r */
+    ms_peft_close(a);
+    tset_free(&ad);
+
+    a = open_ok(full, m);
+    assert_int_equal(ms_peft_n_targets(a), 3 * (size_t)layers + 3);
+    tset_load(ms_peft_model(a), &ad);
+    for (size_t i = 0; i < ms_peft_n_targets(a); i++) {
+        const ms_lora_target *t = ms_peft_target_at(a, i);
+        double scale = 0.0;
+        if (t->kind == MS_LORA_REPLACE) {
+            assert_true(!strcmp(t->base_name, "lm_head.weight") || !strcmp(t->base_name, "model.norm.weight"));
+        } else if (strstr(t->base_name, "v_proj")) {
+            assert_int_equal(t->rank, 2);
+            scale = 3.0 / sqrt(2.0);
+        } else {
+            assert_int_equal(t->kind, strstr(t->base_name, "embed") ? MS_LORA_EMBEDDING : MS_LORA_LINEAR);
+            assert_int_equal(t->rank, 4);
+            scale = 4.0; /* 8 / sqrt(4) */
+        }
+        if (t->kind != MS_LORA_REPLACE)
+            assert_non_null(t->magnitude);
+        check_numeric(a, t, &base, &ad, scale);
+    }
+    ms_peft_close(a);
+    tset_free(&ad);
+    tset_free(&base);
+    ms_model_close(m);
+    free(bdir);
+    free(plain);
+    free(full);
 }
 
 /* ------------------------------------------------------------ main */
@@ -1040,6 +1169,7 @@ int main(void)
         cmocka_unit_test(test_dora_errors),
         cmocka_unit_test(test_unsupported_configs),
         cmocka_unit_test(test_bad_files_and_json),
+        cmocka_unit_test(test_gen_model_adapters),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
