@@ -3,8 +3,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <unistd.h>
-#include <xxhash.h>
 
+#include "io/checksum.h"
 #include "io/ms_fault.h"
 
 #define RANGE_HASH_BUF (8u << 20)
@@ -13,12 +13,11 @@ int ms_range_hash(int fd, uint64_t offset, uint64_t len, const char *where, uint
 {
     int rc = -1;
     uint8_t *buf = malloc(RANGE_HASH_BUF);
-    XXH3_state_t *st = XXH3_createState();
-    if (!buf || !st) {
+    ms_hasher h = {0};
+    if (!buf || ms_hasher_init(&h) != 0) {
         ms_error_set(err, MS_EXIT_RUNTIME, where, "out of memory");
         goto done;
     }
-    XXH3_64bits_reset(st);
     uint64_t done_bytes = 0;
     while (done_bytes < len) {
         size_t want = len - done_bytes < RANGE_HASH_BUF ? (size_t)(len - done_bytes) : RANGE_HASH_BUF;
@@ -35,13 +34,13 @@ int ms_range_hash(int fd, uint64_t offset, uint64_t len, const char *where, uint
                          (unsigned long long)(offset + done_bytes), (unsigned long long)(offset + len));
             goto done;
         }
-        XXH3_64bits_update(st, buf, (size_t)n);
+        ms_hasher_update(&h, buf, (size_t)n);
         done_bytes += (uint64_t)n;
     }
-    *out = XXH3_64bits_digest(st);
+    *out = ms_hasher_digest(&h);
     rc = 0;
 done:
-    XXH3_freeState(st);
+    ms_hasher_free(&h);
     free(buf);
     return rc;
 }

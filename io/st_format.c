@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1033,4 +1034,15 @@ int st_file_check_unchanged(const st_file *f, ms_error *err)
     if (stat(f->path, &by_path) == 0 && (by_path.st_ino != now.st_ino || by_path.st_dev != now.st_dev))
         return ms_error_set(err, MS_EXIT_DATA, f->path, "the file was replaced during the merge");
     return 0;
+}
+
+void st_shape_format(const st_tensor *t, char *buf, size_t n)
+{
+    if (n == 0)
+        return;
+    size_t used = (size_t)snprintf(buf, n, "[");
+    for (unsigned d = 0; d < t->ndim && used < n; d++)
+        used += (size_t)snprintf(buf + used, n - used, d ? ", %" PRIu64 : "%" PRIu64, t->shape[d]);
+    if (used < n)
+        snprintf(buf + used, n - used, "]");
 }

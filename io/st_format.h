@@ -144,6 +144,10 @@ void st_file_close(st_file *f);
  * or -1 with err set (MS_EXIT_DATA naming the file). */
 int st_file_check_unchanged(const st_file *f, ms_error *err);
 
+/* Writes the shape as "[2048, 8192]" ("[]" for a scalar) into buf,
+ * truncating to n bytes. */
+void st_shape_format(const st_tensor *t, char *buf, size_t n);
+
 /* Absolute file offset of a tensor's first byte. */
 static inline uint64_t st_file_tensor_offset(const st_file *f, const st_tensor *t)
 {

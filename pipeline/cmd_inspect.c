@@ -34,15 +34,6 @@ static const char *shard_label(const ms_model *m, unsigned shard)
     return slash ? slash + 1 : p;
 }
 
-static void shape_text(const st_tensor *t, char *buf, size_t n)
-{
-    size_t used = (size_t)snprintf(buf, n, "[");
-    for (unsigned d = 0; d < t->ndim && used < n; d++)
-        used += (size_t)snprintf(buf + used, n - used, d ? ", %" PRIu64 : "%" PRIu64, t->shape[d]);
-    if (used < n)
-        snprintf(buf + used, n - used, "]");
-}
-
 static int inspect_hash(const ms_model *m, size_t i, uint64_t *out, ms_error *err)
 {
     const st_file *f = ms_model_tensor_file(m, i);
@@ -104,7 +95,7 @@ static int inspect_print_table(const ms_model *m, bool hash, ms_error *err)
     for (size_t i = 0; i < m->n_tensors; i++) {
         const st_tensor *t = m->tensors[i].info;
         char shape[256];
-        shape_text(t, shape, sizeof shape);
+        st_shape_format(t, shape, sizeof shape);
         printf("%-60s %-8s %-22s %14" PRIu64 "  %s", t->name, st_dtype_name(t->dtype), shape,
                t->end - t->begin, shard_label(m, m->tensors[i].shard));
         if (hash) {

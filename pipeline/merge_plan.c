@@ -14,15 +14,6 @@
  * compute and writes can overlap. */
 #define PLAN_CHUNKS_IN_POOL 4
 
-static void shape_text(const st_tensor *t, char *buf, size_t n)
-{
-    size_t used = (size_t)snprintf(buf, n, "[");
-    for (unsigned d = 0; d < t->ndim && used < n; d++)
-        used += (size_t)snprintf(buf + used, n - used, d ? ", %" PRIu64 : "%" PRIu64, t->shape[d]);
-    if (used < n)
-        snprintf(buf + used, n - used, "]");
-}
-
 static bool same_shape(const st_tensor *a, const st_tensor *b)
 {
     if (a->ndim != b->ndim)
@@ -111,8 +102,8 @@ static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tenso
                             st_dtype_name(mt->dtype));
     if (!same_shape(lt, mt)) {
         char want[256], got[256];
-        shape_text(lt, want, sizeof want);
-        shape_text(mt, got, sizeof got);
+        st_shape_format(lt, want, sizeof want);
+        st_shape_format(mt, got, sizeof got);
         if (!is_extra_rows_ok(lt, mt))
             return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' has shape %s but %s has %s", lt->name, got,
                                 plan->layout->path, want);
