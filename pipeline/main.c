@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "pipeline/cli.h"
+#include "pipeline/cli_hessian.h"
 
 static const char k_usage[] =
     "usage: mergestream COMMAND [OPTIONS]\n"
@@ -16,6 +17,11 @@ static const char k_usage[] =
     "  inspect PATH          list the tensors of a .safetensors file, a model\n"
     "                        directory or a PEFT adapter directory\n"
     "  verify DIR            re-check a merge output: shards, index and hashes\n"
+    "  hessian MODEL --calib FILE -o DIR\n"
+    "                        per-layer input statistics (H = 2/N sum x x^T) from\n"
+    "                        calibration forward passes, for Hessian-aware merges\n"
+    "  perplexity MODEL --calib FILE\n"
+    "                        mean token NLL and perplexity on calibration tokens\n"
     "\n"
     "Run 'mergestream COMMAND --help' for a command's options.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
@@ -58,6 +64,10 @@ int main(int argc, char **argv)
         return ms_cmd_verify(argc - 1, argv + 1);
     if (strcmp(cmd, "merge") == 0)
         return ms_cmd_merge(argc - 1, argv + 1);
+    if (strcmp(cmd, "hessian") == 0)
+        return ms_cmd_hessian(argc - 1, argv + 1);
+    if (strcmp(cmd, "perplexity") == 0)
+        return ms_cmd_perplexity(argc - 1, argv + 1);
     fprintf(stderr, "mergestream: error: unknown command '%s' (see 'mergestream --help')\n", cmd);
     return MS_EXIT_USAGE;
 }

@@ -1,0 +1,80 @@
+/* bench_sgemm: the fp32 GEMM rate of this machine through the same seam the
+ * forward pass uses (cpu_llama_gemm_blas: OpenBLAS sgemm), for the
+ * "fraction of GEMM peak" figure of bench/bench_hessian.sh.
+ *
+ *   bench_sgemm [--threads N] [--rows M] [--seconds S]
+ *
+ * Times C[M, N] = A[M, K] * B[N, K]^T for the linear-layer shapes of
+ * Llama-3.2-1B (N x K = 2048 x 2048, 8192 x 2048, 2048 x 8192) with M rows
+ * (default 2048: one batch of tokens), repeating each for about S seconds
+ * (default 2), and prints one line per shape and a last line
+ *   sgemm_peak_gflops X
+ * with the best rate seen (2 * M * N * K flops per call). Exit 0, or 2 for a
+ * usage error. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/llama_forward.h"
+#include "pipeline/progress.h"
+
+static int usage(void)
+{
+    fputs("usage: bench_sgemm [--threads N] [--rows M] [--seconds S]\n", stderr);
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    unsigned threads = 0;
+    uint64_t rows = 2048;
+    double seconds = 2.0;
+    for (int i = 1; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--threads") && v)
+            threads = (unsigned)strtoul(v, NULL, 10), i++;
+        else if (!strcmp(argv[i], "--rows") && v)
+            rows = strtoull(v, NULL, 10), i++;
+        else if (!strcmp(argv[i], "--seconds") && v)
+            seconds = strtod(v, NULL), i++;
+        else
+            return usage();
+    }
+    if (rows == 0 || rows > 65536 || !(seconds > 0))
+        return usage();
+    if (threads)
+        cpu_llama_blas_set_threads(threads);
+    static const uint64_t k_shapes[][2] = {{2048, 2048}, {8192, 2048}, {2048, 8192}};
+    cpu_llama_gemm g = cpu_llama_gemm_blas();
+    double best = 0;
+    for (size_t s = 0; s < sizeof k_shapes / sizeof k_shapes[0]; s++) {
+        uint64_t n = k_shapes[s][0], k = k_shapes[s][1];
+        float *a = malloc(rows * k * sizeof(float)), *b = malloc(n * k * sizeof(float)),
+              *c = malloc(rows * n * sizeof(float));
+        if (!a || !b || !c) {
+            fprintf(stderr, "bench_sgemm: out of memory\n");
+            return 1;
+        }
+        for (uint64_t i = 0; i < rows * k; i++)
+            a[i] = (float)((i * 7919u) % 1000) * 1e-3f - 0.5f;
+        for (uint64_t i = 0; i < n * k; i++)
+            b[i] = (float)((i * 104729u) % 1000) * 1e-3f - 0.5f;
+        g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n); /* warm up */
+        double shape_best = 0, t_end = ms_now_seconds() + seconds;
+        do {
+            double t0 = ms_now_seconds();
+            g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
+            double dt = ms_now_seconds() - t0;
+            double rate = 2.0 * (double)rows * (double)n * (double)k / dt / 1e9;
+            shape_best = rate > shape_best ? rate : shape_best;
+        } while (ms_now_seconds() < t_end);
+        printf("sgemm %" PRIu64 "x%" PRIu64 "x%" PRIu64 ": %.1f GFLOP/s\n", rows, n, k, shape_best);
+        best = shape_best > best ? shape_best : best;
+        free(a);
+        free(b);
+        free(c);
+    }
+    printf("sgemm_peak_gflops %.1f\n", best);
+    return 0;
+}

@@ -1,0 +1,154 @@
+#include "cpu/hessian_accum.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <stdio.h>
+
+/* A broken invariant (a caller bug): cpu/ does not link io/'s HESS_ASSERT. */
+#define HESS_ASSERT(cond)                                                                                  \
+    do {                                                                                                   \
+        if (!(cond))                                                                                       \
+            hess_assert_fail(__FILE__, __LINE__, #cond);                                                   \
+    } while (0)
+
+_Noreturn static void hess_assert_fail(const char *file, int line, const char *what)
+{
+    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
+    abort();
+}
+
+struct cpu_hessian {
+    uint64_t dim;
+    uint64_t flush_rows;
+    float *h32;      /* dim x dim, upper triangle: the rows since the last flush */
+    double *h64;     /* dim x dim, upper triangle: flushed blocks; NULL until the first flush */
+    uint64_t rows;   /* all rows added */
+    uint64_t block;  /* rows in h32 */
+};
+
+void cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
+{
+    (void)ctx;
+    HESS_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx <= INT32_MAX && ldx >= dim);
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)dim, (blasint)n_rows, 1.0f, x, (blasint)ldx, 1.0f, c,
+                (blasint)dim);
+}
+
+uint64_t cpu_hessian_host_bytes(uint64_t dim, bool with_fp64)
+{
+    return dim * dim * (with_fp64 ? 12u : 4u);
+}
+
+static void *hessian_alloc(uint64_t bytes) { return calloc(1, (size_t)bytes); }
+
+int cpu_hessian_open(uint64_t dim, uint64_t flush_rows, cpu_hessian **out)
+{
+    *out = NULL;
+    HESS_ASSERT(dim > 0);
+    if (dim > (1u << 20) || dim * dim > SIZE_MAX / 8)
+        return -EOVERFLOW;
+    cpu_hessian *h = calloc(1, sizeof *h);
+    if (!h)
+        return -ENOMEM;
+    h->dim = dim;
+    h->flush_rows = flush_rows ? flush_rows : CPU_HESSIAN_FLUSH_ROWS;
+    h->h32 = hessian_alloc(dim * dim * sizeof(float));
+    if (!h->h32) {
+        free(h);
+        return -ENOMEM;
+    }
+    *out = h;
+    return 0;
+}
+
+void cpu_hessian_close(cpu_hessian *h)
+{
+    if (!h)
+        return;
+    free(h->h32);
+    free(h->h64);
+    free(h);
+}
+
+void cpu_hessian_reset(cpu_hessian *h)
+{
+    memset(h->h32, 0, (size_t)(h->dim * h->dim) * sizeof *h->h32);
+    if (h->h64)
+        memset(h->h64, 0, (size_t)(h->dim * h->dim) * sizeof *h->h64);
+    h->rows = h->block = 0;
+}
+
+/* h64 += h32 (upper triangle), h32 = 0. */
+static int hessian_flush(cpu_hessian *h)
+{
+    if (!h->h64) {
+        h->h64 = hessian_alloc(h->dim * h->dim * sizeof(double));
+        if (!h->h64)
+            return -ENOMEM;
+    }
+    uint64_t d = h->dim;
+    for (uint64_t i = 0; i < d; i++) {
+        double *dst = h->h64 + i * d;
+        float *src = h->h32 + i * d;
+        for (uint64_t j = i; j < d; j++)
+            dst[j] += (double)src[j];
+        memset(src + i, 0, (size_t)(d - i) * sizeof *src);
+    }
+    h->block = 0;
+    return 0;
+}
+
+int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ldx, cpu_gram_fn gram, void *gram_ctx)
+{
+    HESS_ASSERT(ldx >= h->dim);
+    while (n_rows > 0) {
+        if (h->block == h->flush_rows) {
+            int rc = hessian_flush(h);
+            if (rc < 0)
+                return rc;
+        }
+        uint64_t take = h->flush_rows - h->block;
+        if (take > n_rows)
+            take = n_rows;
+        gram(gram_ctx, x, take, h->dim, ldx, h->h32);
+        h->block += take;
+        h->rows += take;
+        x += take * ldx;
+        n_rows -= take;
+    }
+    return 0;
+}
+
+uint64_t cpu_hessian_rows(const cpu_hessian *h) { return h->rows; }
+uint64_t cpu_hessian_dim(const cpu_hessian *h) { return h->dim; }
+
+/* Element (i, j) with i <= j of the accumulated sum, in fp64. */
+static inline double hessian_upper(const cpu_hessian *h, uint64_t i, uint64_t j)
+{
+    uint64_t k = i * h->dim + j;
+    return h->h64 ? h->h64[k] + (double)h->h32[k] : (double)h->h32[k];
+}
+
+void cpu_hessian_rows_out(const cpu_hessian *h, double scale, uint64_t row0, uint64_t n_rows, float *out)
+{
+    uint64_t d = h->dim;
+    HESS_ASSERT(row0 <= d && n_rows <= d - row0);
+    /* On and above the diagonal: row i of the upper triangle, contiguous. */
+    for (uint64_t r = 0; r < n_rows; r++) {
+        uint64_t i = row0 + r;
+        for (uint64_t j = i; j < d; j++)
+            out[r * d + j] = (float)(scale * hessian_upper(h, i, j));
+    }
+    /* Below: element (i, j), j < i, is the upper triangle's (j, i). Walking j
+     * outermost reads row j of the upper triangle contiguously and writes one
+     * column of the n_rows output rows. */
+    uint64_t last = row0 + n_rows;
+    for (uint64_t j = 0; j + 1 < last; j++) {
+        uint64_t first_i = j + 1 > row0 ? j + 1 : row0;
+        for (uint64_t i = first_i; i < last; i++)
+            out[(i - row0) * d + j] = (float)(scale * hessian_upper(h, j, i));
+    }
+}

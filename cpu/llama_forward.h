@@ -1,0 +1,220 @@
+/* The decoder forward pass of LlamaForCausalLM, MistralForCausalLM and
+ * Qwen2ForCausalLM on the CPU, one layer at a time, as transformers computes
+ * it in float32 (facts from transformers' modeling_llama / modeling_mistral /
+ * modeling_qwen2 and modeling_rope_utils; no code taken from there):
+ *
+ *   embedding rows (the caller reads them: cpu/ reads no files)
+ *   per layer:  xn = RMSNorm(x) * attn_norm     RMSNorm(x) = x / sqrt(mean(x^2) + eps)
+ *               q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)
+ *               q, k = RoPE(q), RoPE(k)          rotate-half layout, per head
+ *               a = softmax(q k^T / sqrt(head_dim) + mask) v   per head; GQA:
+ *                   query head h reads kv head h / (n_heads / n_kv_heads)
+ *               x = x + (a Wo^T (+bo))
+ *               xn = RMSNorm(x) * mlp_norm
+ *               x = x + (silu(xn Wg^T) * (xn Wu^T)) Wd^T    (+ MLP biases if any)
+ *   final:      RMSNorm(x) * norm, logits = that times lm_head^T (or the
+ *               embedding matrix when the embeddings are tied)
+ *
+ * RoPE: inv_freq[i] = 1 / theta^(2i / head_dim), i < head_dim / 2, rounded to
+ * fp32; rope_scaling "linear" divides it by factor; "llama3" divides the low
+ * frequencies (wavelength 2 pi / inv_freq > original_max_position_embeddings /
+ * low_freq_factor) by factor, keeps the high ones (wavelength <
+ * original_max / high_freq_factor) and blends in between with smooth =
+ * (original_max / wavelength - low_freq_factor) / (high_freq_factor -
+ * low_freq_factor): (1 - smooth) * inv_freq / factor + smooth * inv_freq.
+ * The angle of position p is the fp32 product p * inv_freq[i] (transformers'
+ * fp32 matmul of inv_freq and the position ids); cos and sin of that fp32
+ * angle are rounded to fp32. out[i] = v[i] cos - v[i + half] sin,
+ * out[i + half] = v[i + half] cos + v[i] sin.
+ *
+ * Padding and the mask. The rows a layer sees are the real (unpadded)
+ * tokens of each sequence, packed: padding never enters a GEMM, a Hessian or
+ * an attention sum. A token keeps the position it had in the padded sample
+ * (transformers' default position_ids = 0..seq-1), which drives RoPE; packed
+ * rows of a sequence are in increasing position order, so "key position <=
+ * query position" (causal AND padding mask) is "key row <= query row". For
+ * real tokens this is exactly what transformers computes with an attention
+ * mask; what it computes at padding positions is never used by real tokens.
+ * Mistral's sliding window (config sliding_window W > 0) further limits the
+ * keys to positions > query position - W.
+ *
+ * Arithmetic: fp32 throughout, with fp64 only for the RMSNorm mean of squares
+ * and the log-sum-exp of the NLL; exp is a vectorised polynomial accurate to
+ * about 2 ulp (softmax, SiLU). The GEMMs (linear layers, attention scores and
+ * values, Gram matrices) go through cpu_llama_gemm, the seam where a GPU
+ * GEMM can replace OpenBLAS; everything else runs on the cpu_pool.
+ *
+ * Threading: one thread at a time calls a cpu_llama (the pool and OpenBLAS
+ * provide the parallelism inside each call). */
+#ifndef MS_LLAMA_FORWARD_H
+#define MS_LLAMA_FORWARD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cpu/cpu_pool.h"
+#include "cpu/hessian_accum.h"
+
+/* ============================================================ the model */
+
+typedef enum cpu_rope_kind {
+    CPU_ROPE_DEFAULT,
+    CPU_ROPE_LINEAR, /* rope_factor */
+    CPU_ROPE_LLAMA3, /* rope_factor, low/high_freq_factor, original_max_pos */
+} cpu_rope_kind;
+
+/* The shape and constants of one model (pipeline/model_config.h fills it
+ * from config.json). Invariants (cpu_llama_open asserts them): every size >=
+ * 1, n_heads a multiple of n_kv_heads, head_dim even. */
+typedef struct cpu_llama_config {
+    uint64_t hidden;       /* hidden_size */
+    uint64_t intermediate; /* intermediate_size */
+    uint64_t n_layers;     /* num_hidden_layers */
+    uint64_t n_heads;      /* num_attention_heads */
+    uint64_t n_kv_heads;   /* num_key_value_heads */
+    uint64_t head_dim;     /* head_dim, else hidden / n_heads */
+    uint64_t vocab;        /* vocab_size */
+    double rms_eps;        /* rms_norm_eps */
+    double rope_theta;
+    cpu_rope_kind rope_kind;
+    double rope_factor;
+    double rope_low_freq_factor, rope_high_freq_factor;
+    double rope_original_max_pos; /* original_max_position_embeddings */
+    uint64_t sliding_window;      /* 0: none */
+    bool qkv_bias;       /* q/k/v_proj have biases (Qwen2; Llama attention_bias) */
+    bool o_bias;         /* o_proj has a bias (Llama attention_bias) */
+    bool mlp_bias;       /* gate/up/down_proj have biases (Llama mlp_bias) */
+    bool tie_embeddings; /* lm_head is embed_tokens */
+} cpu_llama_config;
+
+static inline uint64_t cpu_llama_q_dim(const cpu_llama_config *c) { return c->n_heads * c->head_dim; }
+static inline uint64_t cpu_llama_kv_dim(const cpu_llama_config *c) { return c->n_kv_heads * c->head_dim; }
+/* Rows of the fused q/k/v weight: q_dim + 2 * kv_dim. */
+static inline uint64_t cpu_llama_qkv_rows(const cpu_llama_config *c)
+{
+    return cpu_llama_q_dim(c) + 2 * cpu_llama_kv_dim(c);
+}
+
+/* One decoder layer's weights in fp32, row-major as stored ([out, in]).
+ * q/k/v and gate/up are fused so each pair or triple is one GEMM. */
+typedef struct cpu_llama_layer {
+    float *attn_norm; /* (hidden)                     input_layernorm */
+    float *w_qkv;     /* (q_dim + 2 kv_dim, hidden)   q_proj rows, then k_proj, then v_proj */
+    float *b_qkv;     /* (q_dim + 2 kv_dim) or NULL   their biases, same order */
+    float *w_o;       /* (hidden, q_dim)              o_proj */
+    float *b_o;       /* (hidden) or NULL */
+    float *mlp_norm;  /* (hidden)                     post_attention_layernorm */
+    float *w_gate_up; /* (2 intermediate, hidden)     gate_proj rows, then up_proj */
+    float *b_gate_up; /* (2 intermediate) or NULL */
+    float *w_down;    /* (hidden, intermediate)       down_proj */
+    float *b_down;    /* (hidden) or NULL */
+    void *block;      /* the one allocation every pointer above lies in */
+} cpu_llama_layer;
+
+/* Bytes cpu_llama_layer_alloc takes for cfg (UINT64_MAX on overflow). */
+uint64_t cpu_llama_layer_bytes(const cpu_llama_config *cfg);
+/* Allocates every array of one layer in one block (biases only where cfg
+ * has them; uninitialised). Returns 0, -ENOMEM or -EOVERFLOW; *w is zeroed
+ * on failure. Free with cpu_llama_layer_free. */
+int cpu_llama_layer_alloc(const cpu_llama_config *cfg, cpu_llama_layer *w);
+/* Frees and zeroes *w; a zeroed layer is a no-op. */
+void cpu_llama_layer_free(cpu_llama_layer *w);
+
+/* ============================================================ the GEMM seam */
+
+/* C[m, n] = alpha * A[m, k] * op(B) + beta * C, row-major with leading
+ * dimensions lda, ldb, ldc; op(B) = B^T with B stored [n, k] when trans_b,
+ * else B stored [k, n]. beta = 0 ignores C's old contents (NaN included). */
+typedef void (*cpu_gemm_fn)(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha,
+                            const float *a, uint64_t lda, const float *b, uint64_t ldb, float beta, float *c,
+                            uint64_t ldc);
+
+typedef struct cpu_llama_gemm {
+    void *ctx;        /* passed to both functions */
+    cpu_gemm_fn gemm; /* linear layers, attention, logits */
+    cpu_gram_fn gram; /* Hessian statistics (cpu/hessian_accum.h) */
+} cpu_llama_gemm;
+
+/* The CPU implementation: cblas_sgemm and cblas_ssyrk. */
+cpu_llama_gemm cpu_llama_gemm_blas(void);
+/* Sets OpenBLAS's thread count (>= 1). */
+void cpu_llama_blas_set_threads(unsigned n);
+
+/* ============================================================ batches */
+
+/* The rows of one batch: the real tokens of n_seqs sequences, packed.
+ * Sequence s owns rows [seq_start[s], seq_start[s + 1]); pos[r] is row r's
+ * position in its padded sample, strictly increasing within a sequence and
+ * below the max_pos given to cpu_llama_open. */
+typedef struct cpu_llama_batch {
+    uint64_t n_tokens;
+    uint64_t n_seqs;
+    const uint64_t *seq_start; /* n_seqs + 1 entries, seq_start[0] = 0, seq_start[n_seqs] = n_tokens */
+    const uint32_t *pos;       /* n_tokens entries */
+} cpu_llama_batch;
+
+/* Where a layer's linear inputs are accumulated (NULL: not collected). The
+ * q/k/v projections share one input and gate/up another, so each is
+ * accumulated once. Widths: hidden, q_dim, hidden, intermediate. */
+typedef struct cpu_llama_taps {
+    cpu_hessian *qkv_in;     /* RMSNorm output feeding q/k/v_proj */
+    cpu_hessian *o_in;       /* attention output feeding o_proj */
+    cpu_hessian *gate_up_in; /* RMSNorm output feeding gate/up_proj */
+    cpu_hessian *down_in;    /* silu(gate) * up feeding down_proj */
+} cpu_llama_taps;
+
+/* ============================================================ the pass */
+
+typedef struct cpu_llama cpu_llama;
+
+/* Scratch bytes cpu_llama_open allocates (UINT64_MAX on overflow): per batch
+ * row 4 * (2 hidden + q_dim + 2 kv_dim + q_dim + 2 intermediate), attention
+ * blocks of up to 512 query rows per kv head times max_seq_tokens keys, and
+ * the RoPE table (max_pos x head_dim / 2 cos/sin pairs). */
+uint64_t cpu_llama_scratch_bytes(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t max_seq_tokens,
+                                 uint64_t max_pos);
+
+/* Prepares the pass for batches of at most max_tokens rows, sequences of at
+ * most max_seq_tokens rows and positions below max_pos. cfg and *gemm are
+ * copied; pool (may be NULL: the calling thread alone) must outlive the
+ * object. Returns 0 and *out (close with cpu_llama_close), -ENOMEM or
+ * -EOVERFLOW. */
+int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t max_seq_tokens, uint64_t max_pos,
+                   cpu_pool *pool, const cpu_llama_gemm *gemm, cpu_llama **out);
+/* NULL is a no-op. */
+void cpu_llama_close(cpu_llama *m);
+
+/* Runs one decoder layer on the batch: x (n_tokens x hidden, the residual
+ * stream) is read and overwritten. Adds the layer's linear inputs to the
+ * taps' accumulators. Returns 0, or -ENOMEM when an accumulator could not
+ * grow (x is then partly updated: abandon the run). Blocks. */
+int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x,
+                            const cpu_llama_taps *taps);
+
+/* out[r] = RMSNorm(x[r]) * weight for n rows of width hidden (the final
+ * norm). out may be x. */
+void cpu_llama_rms_norm(cpu_llama *m, const float *x, const float *weight, uint64_t n, float *out);
+
+/* out (n x n_rows) = xn (n x hidden) times w_rows^T (n_rows x hidden): a
+ * slice of the logits, for vocabulary rows given by the caller. */
+void cpu_llama_logits(cpu_llama *m, const float *xn, uint64_t n, const float *w_rows, uint64_t n_rows, float *out);
+
+/* Running log-sum-exp over vocabulary slices, one entry per token. */
+typedef struct cpu_llama_nll {
+    float *max;    /* largest logit so far (-INFINITY before the first slice) */
+    double *sum;   /* sum of exp(logit - max) so far */
+    float *target; /* the target's logit, once its slice was seen */
+} cpu_llama_nll;
+
+/* Folds a slice of logits (n tokens x n_cols, vocabulary ids [v0, v0 +
+ * n_cols)) into the running state of tokens [0, n) of st (pointers already
+ * offset by the caller); targets[t] is token t's next-token id, or -1 for a
+ * token with no target (its state is still updated). After the last slice,
+ * NLL = max + log(sum) - target. */
+void cpu_llama_nll_update(cpu_llama *m, const float *logits, uint64_t n, uint64_t n_cols, uint64_t v0,
+                          const int64_t *targets, const cpu_llama_nll *st);
+
+/* exp(x) as the kernels compute it (tests compare against it). */
+float cpu_llama_expf(float x);
+
+#endif

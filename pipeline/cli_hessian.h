@@ -1,0 +1,48 @@
+/* The calibration commands (pipeline/cmd_hessian.c, pipeline/cmd_perplexity.c)
+ * and the option handling they share. main.c dispatches "hessian" and
+ * "perplexity" to the two entry points, which follow pipeline/cli.h's
+ * convention: argc/argv past the subcommand name in, the exit code out. */
+#ifndef MS_CLI_HESSIAN_H
+#define MS_CLI_HESSIAN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cpu/cpu_pool.h"
+#include "io/calib_input.h"
+#include "io/ms_error.h"
+#include "pipeline/llama_run.h"
+
+int ms_cmd_hessian(int argc, char **argv);
+int ms_cmd_perplexity(int argc, char **argv);
+
+/* ============================================================ shared */
+
+/* The options both commands take (see their --help). */
+typedef struct ms_fwd_cli {
+    const char *model;
+    const char *calib;
+    const char *out_dir;        /* hessian only */
+    ms_calib_options calib_opt; /* --max-samples, --seq-len */
+    uint64_t batch_size;        /* 0: auto (about 2048 tokens per batch) */
+    unsigned threads;
+    uint64_t max_memory;
+    uint64_t shard_size; /* hessian only */
+    bool force;          /* hessian only */
+    bool json;
+} ms_fwd_cli;
+
+/* Parses argv for command cmd ("hessian" or "perplexity"; with_output
+ * enables -o/--force/--out-shard-size). Returns 0, -1 after printing help
+ * (exit 0), or MS_EXIT_USAGE after printing the usage error. */
+int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int argc, char **argv, ms_fwd_cli *o);
+
+/* Opens the session (need_head: perplexity), the pool and OpenBLAS's
+ * threads, and fills the run options every command shares: batch size,
+ * activation budget (--max-memory minus what one layer holds; a warning when
+ * that alone exceeds it), progress label. Returns 0, or -1 with err set
+ * (nothing left open). */
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
+                     cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
+
+#endif

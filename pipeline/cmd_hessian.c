@@ -1,0 +1,460 @@
+/* mergestream hessian MODEL --calib FILE -o DIR: per-layer input statistics
+ * (H = 2/N sum x x^T over the real tokens) from a streamed forward pass, for
+ * the Hessian-aware merge methods. Also the options the calibration commands
+ * share (pipeline/cli_hessian.h). */
+#include <dirent.h>
+#include <errno.h>
+#include <fnmatch.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "cpu/llama_forward.h"
+#include "io/checksum.h"
+#include "io/st_writer.h"
+#include "pipeline/cli.h"
+#include "pipeline/cli_hessian.h"
+#include "pipeline/progress.h"
+#include "pipeline/size_parse.h"
+
+#define HESSIAN_STEM "hessians"
+#define WRITE_CHUNK_BYTES (4u << 20)
+#define AUTO_BATCH_TOKENS 2048u
+
+static const char k_help[] =
+    "usage: mergestream hessian MODEL --calib FILE -o DIR [OPTIONS]\n"
+    "\n"
+    "Runs the calibration tokens through MODEL (a LlamaForCausalLM, MistralForCausalLM\n"
+    "or Qwen2ForCausalLM directory), one layer at a time for all samples, and writes\n"
+    "for every linear layer's input H = 2/N * sum of x x^T over the N real (unpadded)\n"
+    "tokens, as F32 tensors in DIR/hessians.safetensors (sharded past\n"
+    "--out-shard-size). Inputs shared by q/k/v_proj and by gate/up_proj are stored\n"
+    "once; the metadata's \"hessian_map\" maps every module to its tensor:\n"
+    "  model.layers.L.self_attn.qkv_input  q_proj, k_proj, v_proj  [hidden, hidden]\n"
+    "  model.layers.L.self_attn.o_proj     o_proj                  [q_dim, q_dim]\n"
+    "  model.layers.L.mlp.gate_up_input    gate_proj, up_proj      [hidden, hidden]\n"
+    "  model.layers.L.mlp.down_proj        down_proj               [inter, inter]\n"
+    "  lm_head                             lm_head                 [hidden, hidden]\n"
+    "\n"
+    "  --calib FILE          token ids: a safetensors file (input_ids [n, seq], optional\n"
+    "                        attention_mask) or a text file, one sample per line\n"
+    "  -o, --output DIR      output directory (created if missing)\n"
+    "  --max-samples N       use the first N samples\n"
+    "  --seq-len N           pad or truncate every sample to N positions\n"
+    "  --batch-size N        samples per batch (default: about 2048 tokens)\n"
+    "  --max-memory SIZE     memory for weights, statistics and activations; activations\n"
+    "                        beyond it go to a temporary file in DIR (default: a quarter\n"
+    "                        of RAM, at most 8G)\n"
+    "  --threads N           compute threads (default: all cores)\n"
+    "  --device auto|cpu     where to compute (the CPU in this version)\n"
+    "  --out-shard-size SIZE cut output shards at SIZE (default 5GB)\n"
+    "  --force               replace hessians already in DIR\n"
+    "  --json                print the summary as JSON on stdout\n"
+    "  --quiet               no progress or summary on stderr\n"
+    "  -h, --help            this text\n"
+    "\n"
+    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model,\n"
+    "3 invalid input data (a token id beyond the vocabulary, a malformed file).\n";
+
+/* ============================================================ shared options */
+
+static uint64_t default_max_memory(void)
+{
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t ram = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 4ull << 30;
+    uint64_t quarter = ram / 4;
+    return quarter < (8ull << 30) ? quarter : 8ull << 30;
+}
+
+static int parse_count(const char *cmd, const char *flag, const char *text, uint64_t max, uint64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (!*text || *end || errno || text[0] == '-' || v == 0 || v > max)
+        return ms_cli_usage_error(cmd, "%s: expected an integer in [1, %" PRIu64 "], got '%s'", flag, max, text);
+    *out = v;
+    return 0;
+}
+
+int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int argc, char **argv, ms_fwd_cli *o)
+{
+    enum { OPT_CALIB = 256, OPT_MAXS, OPT_SEQ, OPT_BATCH, OPT_MAXMEM, OPT_THREADS, OPT_DEVICE, OPT_SHARD,
+           OPT_FORCE, OPT_JSON, OPT_QUIET };
+    static const struct option k_opts[] = {
+        {"calib", required_argument, NULL, OPT_CALIB}, {"output", required_argument, NULL, 'o'},
+        {"max-samples", required_argument, NULL, OPT_MAXS}, {"seq-len", required_argument, NULL, OPT_SEQ},
+        {"batch-size", required_argument, NULL, OPT_BATCH}, {"max-memory", required_argument, NULL, OPT_MAXMEM},
+        {"threads", required_argument, NULL, OPT_THREADS}, {"device", required_argument, NULL, OPT_DEVICE},
+        {"out-shard-size", required_argument, NULL, OPT_SHARD}, {"force", no_argument, NULL, OPT_FORCE},
+        {"json", no_argument, NULL, OPT_JSON}, {"quiet", no_argument, NULL, OPT_QUIET},
+        {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
+    };
+    memset(o, 0, sizeof *o);
+    o->max_memory = default_max_memory();
+    o->shard_size = ST_DEFAULT_SHARD_BYTES;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    o->threads = ncpu > 0 ? (unsigned)ncpu : 1;
+    uint64_t v;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, with_output ? "o:h" : "h", k_opts, NULL)) != -1) {
+        bool output_only = c == 'o' || c == OPT_SHARD || c == OPT_FORCE;
+        if (output_only && !with_output)
+            return ms_cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
+        switch (c) {
+        case OPT_CALIB: o->calib = optarg; break;
+        case 'o': o->out_dir = optarg; break;
+        case OPT_MAXS:
+            if (parse_count(cmd, "--max-samples", optarg, UINT32_MAX, &o->calib_opt.max_samples) != 0)
+                return MS_EXIT_USAGE;
+            break;
+        case OPT_SEQ:
+            if (parse_count(cmd, "--seq-len", optarg, 1u << 24, &o->calib_opt.seq_len) != 0)
+                return MS_EXIT_USAGE;
+            break;
+        case OPT_BATCH:
+            if (parse_count(cmd, "--batch-size", optarg, 1u << 20, &o->batch_size) != 0)
+                return MS_EXIT_USAGE;
+            break;
+        case OPT_THREADS:
+            if (parse_count(cmd, "--threads", optarg, 1024, &v) != 0)
+                return MS_EXIT_USAGE;
+            o->threads = (unsigned)v;
+            break;
+        case OPT_MAXMEM:
+            if (ms_size_parse(optarg, &o->max_memory) != 0 || o->max_memory == 0)
+                return ms_cli_usage_error(cmd, "--max-memory: bad size '%s'", optarg);
+            break;
+        case OPT_SHARD:
+            if (ms_size_parse(optarg, &o->shard_size) != 0 || o->shard_size == 0)
+                return ms_cli_usage_error(cmd, "--out-shard-size: bad size '%s'", optarg);
+            break;
+        case OPT_DEVICE:
+            if (strcmp(optarg, "cuda") == 0)
+                return ms_cli_usage_error(cmd, "--device cuda: the forward pass runs on the CPU in this version");
+            if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "cpu") != 0)
+                return ms_cli_usage_error(cmd, "--device: expected auto or cpu, got '%s'", optarg);
+            break;
+        case OPT_FORCE: o->force = true; break;
+        case OPT_JSON: o->json = true; break;
+        case OPT_QUIET: ms_log_set_quiet(true); break;
+        case 'h': fputs(help, stdout); return -1;
+        default: return ms_cli_usage_error(cmd, "unknown option");
+        }
+    }
+    if (optind != argc - 1)
+        return ms_cli_usage_error(cmd, "expected exactly one MODEL");
+    o->model = argv[optind];
+    if (!o->calib)
+        return ms_cli_usage_error(cmd, "--calib FILE is required");
+    if (with_output && !o->out_dir)
+        return ms_cli_usage_error(cmd, "-o DIR is required");
+    return 0;
+}
+
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
+                     cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
+{
+    *pool = NULL;
+    if (ms_llama_session_open(o->model, o->calib, &o->calib_opt, need_head, s, err) < 0)
+        return -1;
+    const cpu_llama_config *c = &s->config.llama;
+    const ms_calib *cal = s->calib;
+    int rc = cpu_pool_open(o->threads, pool);
+    if (rc < 0) {
+        ms_llama_session_close(s);
+        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, "threads", "cannot start %u threads", o->threads);
+    }
+    cpu_llama_blas_set_threads(o->threads);
+    if (s->config.max_position_embeddings && cal->seq_len > s->config.max_position_embeddings)
+        ms_log_warn("%s: samples of %" PRIu64 " positions exceed max_position_embeddings (%" PRIu64 ")", o->calib,
+                    cal->seq_len, s->config.max_position_embeddings);
+    if (cal->n_truncated)
+        ms_log_info("%s: %" PRIu64 " sample(s) truncated to %" PRIu64 " positions", o->calib, cal->n_truncated,
+                    cal->seq_len);
+    uint64_t batch = o->batch_size ? o->batch_size : AUTO_BATCH_TOKENS / cal->seq_len;
+    batch = batch < 1 ? 1 : batch > cal->n_samples ? cal->n_samples : batch;
+    uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;
+    uint64_t seq = cal->seq_len < rows ? cal->seq_len : rows;
+    uint64_t fixed = ms_llama_fixed_bytes(c, stats, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
+    uint64_t act = cal->n_real * c->hidden * 4;
+    if (fixed >= o->max_memory)
+        ms_log_warn("one layer's weights, statistics and batch scratch take %.2f GB, more than --max-memory "
+                    "(%.2f GB): activations go to a temporary file",
+                    (double)fixed / 1e9, (double)o->max_memory / 1e9);
+    *ro = (ms_llama_run_opts){.batch_size = batch, .act_budget = fixed < o->max_memory ? o->max_memory - fixed : 0,
+                              .label = label};
+    ms_log_info("%s: %s (%s, %" PRIu64 " layers), %" PRIu64 " samples x %" PRIu64 " positions, %" PRIu64
+                " tokens, batches of %" PRIu64 " samples; memory: %.2f GB per layer + %.2f GB activations%s",
+                label, o->model, ms_arch_name(s->config.arch), c->n_layers, cal->n_samples, cal->seq_len,
+                cal->n_real, batch, (double)fixed / 1e9, (double)act / 1e9,
+                act > ro->act_budget ? " (spilled)" : "");
+    return 0;
+}
+
+/* ============================================================ the output */
+
+/* Files of an earlier hessian run in dir. */
+static bool is_hessian_file(const char *name)
+{
+    return fnmatch(HESSIAN_STEM ".safetensors*", name, 0) == 0 ||
+           fnmatch(HESSIAN_STEM "-*-of-*.safetensors*", name, 0) == 0;
+}
+
+/* Checks dir: missing (to be created) or without hessian files unless force.
+ * With force, removes them. *exists says whether dir exists. */
+static int outdir_check(const char *dir, bool force, bool *exists, ms_error *err)
+{
+    struct stat st;
+    *exists = stat(dir, &st) == 0;
+    if (!*exists)
+        return errno == ENOENT ? 0 : ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot access");
+    if (!S_ISDIR(st.st_mode))
+        return ms_error_set(err, MS_EXIT_USAGE, dir, "exists and is not a directory");
+    DIR *d = opendir(dir);
+    if (!d)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(d))) {
+        if (!is_hessian_file(e->d_name))
+            continue;
+        if (!force) {
+            rc = ms_error_set(err, MS_EXIT_USAGE, dir, "already holds %s (--force replaces it)", e->d_name);
+            break;
+        }
+        char *p = NULL;
+        if (asprintf(&p, "%s/%s", dir, e->d_name) < 0 || unlink(p) != 0)
+            rc = ms_error_errno(err, MS_EXIT_RUNTIME, p ? errno : ENOMEM, p ? p : dir, "cannot remove");
+        free(p);
+    }
+    closedir(d);
+    return rc;
+}
+
+typedef struct hess_sink {
+    st_writer *w;
+    const st_plan *plan;
+    uint64_t n_layers;
+    float *buf;
+    uint64_t buf_floats;
+    ms_hasher hasher;
+    uint64_t bytes_written;
+} hess_sink;
+
+/* on_stats: each statistic, scaled by 2 / N, written in row chunks. */
+static int sink_stats(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err)
+{
+    hess_sink *s = ctx;
+    for (unsigned k = 0; k < n; k++) {
+        size_t idx = layer < s->n_layers ? (size_t)(layer * MS_LLAMA_STAT_COUNT + k)
+                                         : (size_t)(s->n_layers * MS_LLAMA_STAT_COUNT);
+        const st_plan_tensor *pt = st_plan_tensor_at(s->plan, idx);
+        uint64_t d = cpu_hessian_dim(stats[k]);
+        MS_ASSERT(pt->shape[0] == d && pt->shape[1] == d);
+        double scale = 2.0 / (double)cpu_hessian_rows(stats[k]);
+        uint64_t per = s->buf_floats / d;
+        MS_ASSERT(per >= 1);
+        ms_hasher_reset(&s->hasher);
+        for (uint64_t r0 = 0; r0 < d; r0 += per) {
+            uint64_t nr = d - r0 < per ? d - r0 : per;
+            cpu_hessian_rows_out(stats[k], scale, r0, nr, s->buf);
+            ms_hasher_update(&s->hasher, s->buf, (size_t)(nr * d * 4));
+            if (st_writer_write(s->w, idx, r0 * d * 4, s->buf, nr * d * 4, err) < 0)
+                return -1;
+        }
+        st_writer_set_tensor_hash(s->w, idx, ms_hasher_digest(&s->hasher));
+        s->bytes_written += d * d * 4;
+    }
+    return 0;
+}
+
+/* The plan: every statistic in order, metadata first. */
+static int build_plan(const ms_fwd_cli *o, const ms_llama_session *s, st_plan **out, ms_error *err)
+{
+    const cpu_llama_config *c = &s->config.llama;
+    st_plan *p = NULL;
+    cJSON *map = cJSON_CreateObject();
+    char *map_text = NULL;
+    char name[128], num[32];
+    if (!map) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, o->out_dir, "cannot plan the output");
+        goto fail;
+    }
+    if (st_plan_create(o->shard_size, &p, err) < 0 || st_plan_set_stem(p, HESSIAN_STEM, err) < 0)
+        goto fail;
+    for (uint64_t l = 0; l < c->n_layers; l++) {
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            uint64_t d = ms_llama_stat_dim(c, (ms_llama_stat)k), shape[2] = {d, d};
+            ms_llama_stat_name(l, (ms_llama_stat)k, name, sizeof name);
+            if (st_plan_add_tensor(p, name, ST_F32, 2, shape, NULL, err) < 0)
+                goto fail;
+            for (const char *const *mod = ms_llama_stat_modules((ms_llama_stat)k); *mod; mod++) {
+                char key[160];
+                snprintf(key, sizeof key, "model.layers.%" PRIu64 ".%s", l, *mod);
+                cJSON_AddStringToObject(map, key, name);
+            }
+        }
+    }
+    uint64_t head[2] = {c->hidden, c->hidden};
+    if (st_plan_add_tensor(p, MS_LLAMA_HEAD_STAT, ST_F32, 2, head, NULL, err) < 0)
+        goto fail;
+    cJSON_AddStringToObject(map, "lm_head", MS_LLAMA_HEAD_STAT);
+    map_text = cJSON_PrintUnformatted(map);
+    if (!map_text) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, o->out_dir, "cannot plan the output");
+        goto fail;
+    }
+    snprintf(num, sizeof num, "%" PRIu64, s->calib->n_samples);
+    if (st_plan_add_metadata(p, "n_samples", num, err) < 0)
+        goto fail;
+    snprintf(num, sizeof num, "%" PRIu64, s->calib->n_real);
+    if (st_plan_add_metadata(p, "n_tokens", num, err) < 0)
+        goto fail;
+    snprintf(num, sizeof num, "%" PRIu64, s->calib->seq_len);
+    if (st_plan_add_metadata(p, "model", o->model, err) < 0 ||
+        st_plan_add_metadata(p, "architecture", ms_arch_name(s->config.arch), err) < 0 ||
+        st_plan_add_metadata(p, "calibration", o->calib, err) < 0 || st_plan_add_metadata(p, "seq_len", num, err) < 0 ||
+        st_plan_add_metadata(p, "statistic",
+                             "H = 2/n_tokens * sum of x x^T over each linear layer's real (unpadded) input rows; "
+                             "fp32 blocks summed in fp64",
+                             err) < 0 ||
+        st_plan_add_metadata(p, "hessian_map", map_text, err) < 0)
+        goto fail;
+    if (st_plan_layout(p, err) < 0)
+        goto fail;
+    free(map_text);
+    cJSON_Delete(map);
+    *out = p;
+    return 0;
+fail:
+    free(map_text);
+    cJSON_Delete(map);
+    st_plan_free(p);
+    return -1;
+}
+
+/* ============================================================ the command */
+
+/* finish_s: the st_writer_finish after the run (its directory fsync and
+ * index), counted with the run's output time. */
+static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const ms_llama_result *r,
+                          const st_plan *plan, double finish_s)
+{
+    double tok_s = r->seconds > 0 ? (double)r->n_tokens / r->seconds : 0;
+    double gflops = r->seconds > 0 ? r->flops / r->seconds / 1e9 : 0;
+    if (o->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "command", "hessian");
+        cJSON_AddStringToObject(j, "model", o->model);
+        cJSON_AddStringToObject(j, "architecture", ms_arch_name(s->config.arch));
+        cJSON_AddStringToObject(j, "output", o->out_dir);
+        cJSON_AddNumberToObject(j, "n_samples", (double)r->n_samples);
+        cJSON_AddNumberToObject(j, "n_tokens", (double)r->n_tokens);
+        cJSON_AddNumberToObject(j, "n_tensors", (double)st_plan_n_tensors(plan));
+        cJSON_AddNumberToObject(j, "n_shards", (double)st_plan_n_shards(plan));
+        cJSON_AddNumberToObject(j, "bytes_written", (double)st_plan_total_bytes(plan));
+        cJSON_AddNumberToObject(j, "seconds", r->seconds);
+        cJSON_AddNumberToObject(j, "output_seconds", r->output_seconds + finish_s);
+        cJSON_AddNumberToObject(j, "tokens_per_second", tok_s);
+        cJSON_AddNumberToObject(j, "gflop", r->flops / 1e9);
+        cJSON_AddNumberToObject(j, "gflops_per_second", gflops);
+        cJSON_AddBoolToObject(j, "activations_spilled", r->spilled);
+        cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)ms_peak_rss_bytes());
+        char *text = cJSON_Print(j);
+        if (text)
+            puts(text);
+        free(text);
+        cJSON_Delete(j);
+    }
+    ms_log_info("hessian: %" PRIu64 " samples, %" PRIu64 " tokens, %zu tensors (%.2f GB) in %s; %.1f s, %.0f "
+                "tokens/s, %.1f GFLOP/s, peak RSS %.2f GB",
+                r->n_samples, r->n_tokens, st_plan_n_tensors(plan), (double)st_plan_total_bytes(plan) / 1e9,
+                o->out_dir, r->seconds, tok_s, gflops, (double)ms_peak_rss_bytes() / 1e9);
+}
+
+int ms_cmd_hessian(int argc, char **argv)
+{
+    ms_fwd_cli o;
+    int prc = ms_fwd_cli_parse("hessian", k_help, true, argc, argv, &o);
+    if (prc != 0)
+        return prc < 0 ? MS_EXIT_OK : prc;
+    ms_error err = {0};
+    ms_llama_session s = {0};
+    cpu_pool *pool = NULL;
+    st_plan *plan = NULL;
+    st_writer *w = NULL;
+    hess_sink sink = {0};
+    bool existed = false, created = false;
+    ms_llama_run_opts ro;
+    ms_llama_result res;
+    if (outdir_check(o.out_dir, o.force, &existed, &err) < 0)
+        goto fail;
+    if (ms_fwd_cli_setup(&o, "hessian", false, true, &s, &pool, &ro, &err) < 0)
+        goto fail;
+    if (build_plan(&o, &s, &plan, &err) < 0)
+        goto fail;
+    if (!existed) {
+        if (mkdir(o.out_dir, 0755) != 0) {
+            ms_error_errno(&err, MS_EXIT_RUNTIME, errno, o.out_dir, "cannot create the output directory");
+            goto fail;
+        }
+        created = true;
+    }
+    if (st_writer_open(plan, o.out_dir, &w, &err) < 0)
+        goto fail;
+    for (size_t sh = 0; sh < st_plan_n_shards(plan); sh++) /* a full disk fails now, not after the run */
+        if (st_writer_shard_open(w, sh, &err) < 0)
+            goto fail;
+    uint64_t widest = s.config.llama.hidden;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        uint64_t d = ms_llama_stat_dim(&s.config.llama, (ms_llama_stat)k);
+        widest = d > widest ? d : widest;
+    }
+    sink = (hess_sink){.w = w, .plan = plan, .n_layers = s.config.llama.n_layers};
+    sink.buf_floats = WRITE_CHUNK_BYTES / 4 > widest ? WRITE_CHUNK_BYTES / 4 : widest;
+    sink.buf = malloc((size_t)sink.buf_floats * sizeof(float));
+    if (!sink.buf || ms_hasher_init(&sink.hasher) < 0) {
+        ms_error_errno(&err, MS_EXIT_RUNTIME, ENOMEM, o.out_dir, "cannot allocate the write buffer");
+        goto fail;
+    }
+    ro.on_stats = sink_stats;
+    ro.stats_ctx = &sink;
+    ro.head_stats = true;
+    ro.spill_dir = o.out_dir;
+    if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, NULL, &res, &err) < 0)
+        goto fail;
+    for (unsigned sh = 0; sh < s.model->n_shards; sh++)
+        if (st_file_check_unchanged(s.model->shards[sh], &err) < 0)
+            goto fail;
+    double t_finish = ms_now_seconds();
+    if (st_writer_finish(w, &err) < 0)
+        goto fail;
+    st_writer_close(w);
+    double finish_s = ms_now_seconds() - t_finish;
+    res.seconds += finish_s;
+    print_summary(&o, &s, &res, plan, finish_s);
+    free(sink.buf);
+    ms_hasher_free(&sink.hasher);
+    st_plan_free(plan);
+    cpu_pool_close(pool);
+    ms_llama_session_close(&s);
+    return MS_EXIT_OK;
+fail:
+    st_writer_abort(w);
+    if (created)
+        rmdir(o.out_dir); /* only if nothing else landed in it */
+    free(sink.buf);
+    ms_hasher_free(&sink.hasher);
+    st_plan_free(plan);
+    cpu_pool_close(pool);
+    ms_llama_session_close(&s);
+    return ms_cli_fail(&err);
+}

@@ -1,0 +1,846 @@
+#include "pipeline/llama_run.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cpu/dtype_convert.h"
+#include "io/atomic_file.h"
+#include "io/ms_fault.h"
+#include "pipeline/progress.h"
+
+#define SRC_STAGE_BYTES (8u << 20)        /* model source: raw bytes per pread */
+#define HEAD_SLICE_BYTES (256ull << 20)   /* default lm_head slice and logits buffer, each */
+#define PROGRESS_TTY_S 0.2
+#define PROGRESS_LOG_S 5.0
+
+/* ============================================================ pread helpers */
+
+/* Reads len bytes at off into buf, through the fault seam. Returns 0 or -1. */
+static int pread_exact(int fd, const char *path, uint64_t off, void *buf, uint64_t len, ms_error *err)
+{
+    unsigned char *p = buf;
+    while (len > 0) {
+        if (ms_fault_hit(MS_FAULT_READ))
+            return ms_error_errno(err, MS_EXIT_RUNTIME, EIO, path, "read failed");
+        ssize_t n = pread(fd, p, (size_t)len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "read failed");
+        if (n == 0)
+            return ms_error_set(err, MS_EXIT_DATA, path, "file ended early (changed while reading?)");
+        p += n;
+        off += (uint64_t)n;
+        len -= (uint64_t)n;
+    }
+    return 0;
+}
+
+/* ============================================================ model source */
+
+typedef struct model_src {
+    const ms_model *m;
+    unsigned char *stage; /* SRC_STAGE_BYTES */
+} model_src;
+
+static const st_tensor *model_tensor(const model_src *s, const char *name, const st_file **file)
+{
+    long i = ms_model_find(s->m, name);
+    if (i < 0)
+        return NULL;
+    *file = ms_model_tensor_file(s->m, (size_t)i);
+    return s->m->tensors[i].info;
+}
+
+static int model_find(void *ctx, const char *name, unsigned *ndim, uint64_t shape[2], ms_error *err)
+{
+    const st_file *f;
+    const st_tensor *t = model_tensor(ctx, name, &f);
+    if (!t)
+        return 0;
+    if (!st_dtype_is_mergeable_float(t->dtype))
+        return ms_error_set(err, MS_EXIT_DATA, name, "dtype %s in %s: the forward pass reads F32, F16 or BF16",
+                            st_dtype_name(t->dtype), f->path);
+    if (t->ndim < 1 || t->ndim > 2)
+        return ms_error_set(err, MS_EXIT_DATA, name, "%u dimensions in %s, expected 1 or 2", t->ndim, f->path);
+    *ndim = t->ndim;
+    shape[0] = t->shape[0];
+    shape[1] = t->ndim == 2 ? t->shape[1] : 0;
+    return 1;
+}
+
+static int model_read_rows(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err)
+{
+    model_src *s = ctx;
+    const st_file *f;
+    const st_tensor *t = model_tensor(s, name, &f);
+    MS_ASSERT(t && st_dtype_is_mergeable_float(t->dtype) && (t->ndim == 1 || t->ndim == 2));
+    uint64_t rows = t->ndim == 2 ? t->shape[0] : 1, cols = t->shape[t->ndim - 1];
+    MS_ASSERT(row0 <= rows && n_rows <= rows - row0);
+    unsigned esz = st_dtype_bits(t->dtype) / 8;
+    uint64_t off = st_file_tensor_offset(f, t) + row0 * cols * esz, n = n_rows * cols;
+    if (t->dtype == ST_F32)
+        return pread_exact(f->fd, f->path, off, out, n * 4, err);
+    uint64_t per = SRC_STAGE_BYTES / esz;
+    for (uint64_t done = 0; done < n; done += per) {
+        uint64_t k = n - done < per ? n - done : per;
+        if (pread_exact(f->fd, f->path, off + done * esz, s->stage, k * esz, err) < 0)
+            return -1;
+        cpu_convert(s->stage, t->dtype, out + done, ST_F32, k);
+    }
+    return 0;
+}
+
+static void model_close(void *ctx)
+{
+    model_src *s = ctx;
+    if (s)
+        free(s->stage);
+    free(s);
+}
+
+int ms_llama_source_model(const ms_model *m, ms_llama_source *out, ms_error *err)
+{
+    *out = (ms_llama_source){0};
+    model_src *s = calloc(1, sizeof *s);
+    if (s)
+        s->stage = malloc(SRC_STAGE_BYTES);
+    if (!s || !s->stage) {
+        model_close(s);
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, m->path, "cannot allocate the read buffer");
+    }
+    s->m = m;
+    *out = (ms_llama_source){.ctx = s, .where = m->path, .find = model_find, .read_rows = model_read_rows,
+                             .close = model_close};
+    return 0;
+}
+
+void ms_llama_source_close(ms_llama_source *s)
+{
+    if (s && s->close)
+        s->close(s->ctx);
+    if (s)
+        *s = (ms_llama_source){0};
+}
+
+/* ============================================================ checks and loads */
+
+static int expect(const ms_llama_source *src, const char *name, unsigned ndim, uint64_t d0, uint64_t d1,
+                  ms_error *err)
+{
+    unsigned got_ndim = 0;
+    uint64_t shape[2] = {0, 0};
+    int rc = src->find(src->ctx, name, &got_ndim, shape, err);
+    if (rc < 0)
+        return -1;
+    if (rc == 0)
+        return ms_error_set(err, MS_EXIT_DATA, src->where, "tensor '%s' is missing", name);
+    if (got_ndim != ndim || shape[0] != d0 || (ndim == 2 && shape[1] != d1)) {
+        char want[64], got[64];
+        if (ndim == 2)
+            snprintf(want, sizeof want, "[%" PRIu64 ", %" PRIu64 "]", d0, d1);
+        else
+            snprintf(want, sizeof want, "[%" PRIu64 "]", d0);
+        if (got_ndim == 2)
+            snprintf(got, sizeof got, "[%" PRIu64 ", %" PRIu64 "]", shape[0], shape[1]);
+        else
+            snprintf(got, sizeof got, "[%" PRIu64 "]", shape[0]);
+        return ms_error_set(err, MS_EXIT_DATA, src->where, "tensor '%s' has shape %s, config.json implies %s", name,
+                            got, want);
+    }
+    return 0;
+}
+
+typedef struct layer_tensor {
+    const char *suffix; /* after "model.layers.L." */
+    unsigned ndim;
+    uint64_t d0, d1;
+    float *dst;
+} layer_tensor;
+
+/* The tensors of layer l and where each goes in w (w may be zeroed: only the
+ * names and shapes are used then). Returns how many. */
+static unsigned layer_tensors(const cpu_llama_config *c, const cpu_llama_layer *w, layer_tensor out[16])
+{
+    uint64_t H = c->hidden, Q = cpu_llama_q_dim(c), KV = cpu_llama_kv_dim(c), I = c->intermediate;
+    unsigned n = 0;
+    out[n++] = (layer_tensor){"input_layernorm.weight", 1, H, 0, w->attn_norm};
+    out[n++] = (layer_tensor){"self_attn.q_proj.weight", 2, Q, H, w->w_qkv};
+    out[n++] = (layer_tensor){"self_attn.k_proj.weight", 2, KV, H, w->w_qkv ? w->w_qkv + Q * H : NULL};
+    out[n++] = (layer_tensor){"self_attn.v_proj.weight", 2, KV, H, w->w_qkv ? w->w_qkv + (Q + KV) * H : NULL};
+    if (c->qkv_bias) {
+        out[n++] = (layer_tensor){"self_attn.q_proj.bias", 1, Q, 0, w->b_qkv};
+        out[n++] = (layer_tensor){"self_attn.k_proj.bias", 1, KV, 0, w->b_qkv ? w->b_qkv + Q : NULL};
+        out[n++] = (layer_tensor){"self_attn.v_proj.bias", 1, KV, 0, w->b_qkv ? w->b_qkv + Q + KV : NULL};
+    }
+    out[n++] = (layer_tensor){"self_attn.o_proj.weight", 2, H, Q, w->w_o};
+    if (c->o_bias)
+        out[n++] = (layer_tensor){"self_attn.o_proj.bias", 1, H, 0, w->b_o};
+    out[n++] = (layer_tensor){"post_attention_layernorm.weight", 1, H, 0, w->mlp_norm};
+    out[n++] = (layer_tensor){"mlp.gate_proj.weight", 2, I, H, w->w_gate_up};
+    out[n++] = (layer_tensor){"mlp.up_proj.weight", 2, I, H, w->w_gate_up ? w->w_gate_up + I * H : NULL};
+    out[n++] = (layer_tensor){"mlp.down_proj.weight", 2, H, I, w->w_down};
+    if (c->mlp_bias) {
+        out[n++] = (layer_tensor){"mlp.gate_proj.bias", 1, I, 0, w->b_gate_up};
+        out[n++] = (layer_tensor){"mlp.up_proj.bias", 1, I, 0, w->b_gate_up ? w->b_gate_up + I : NULL};
+        out[n++] = (layer_tensor){"mlp.down_proj.bias", 1, H, 0, w->b_down};
+    }
+    return n;
+}
+
+static const char *head_name(const cpu_llama_config *c)
+{
+    return c->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+}
+
+int ms_llama_check(const ms_llama_source *src, const cpu_llama_config *cfg, bool need_head, ms_error *err)
+{
+    if (expect(src, "model.embed_tokens.weight", 2, cfg->vocab, cfg->hidden, err) < 0 ||
+        expect(src, "model.norm.weight", 1, cfg->hidden, 0, err) < 0)
+        return -1;
+    if (need_head && !cfg->tie_embeddings && expect(src, "lm_head.weight", 2, cfg->vocab, cfg->hidden, err) < 0)
+        return -1;
+    cpu_llama_layer none = {0};
+    layer_tensor lt[16];
+    unsigned n = layer_tensors(cfg, &none, lt);
+    for (uint64_t l = 0; l < cfg->n_layers; l++) {
+        for (unsigned k = 0; k < n; k++) {
+            char name[256];
+            snprintf(name, sizeof name, "model.layers.%" PRIu64 ".%s", l, lt[k].suffix);
+            if (expect(src, name, lt[k].ndim, lt[k].d0, lt[k].d1, err) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+int ms_llama_layer_load(const ms_llama_source *src, const cpu_llama_config *cfg, uint64_t layer,
+                        cpu_llama_layer *w, ms_error *err)
+{
+    layer_tensor lt[16];
+    unsigned n = layer_tensors(cfg, w, lt);
+    for (unsigned k = 0; k < n; k++) {
+        char name[256];
+        snprintf(name, sizeof name, "model.layers.%" PRIu64 ".%s", layer, lt[k].suffix);
+        MS_ASSERT(lt[k].dst);
+        if (src->read_rows(src->ctx, name, 0, lt[k].ndim == 2 ? lt[k].d0 : 1, lt[k].dst, err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ============================================================ statistics */
+
+void ms_llama_stat_name(uint64_t layer, ms_llama_stat which, char *buf, size_t n)
+{
+    static const char *const k_names[] = {"self_attn.qkv_input", "self_attn.o_proj", "mlp.gate_up_input",
+                                          "mlp.down_proj"};
+    MS_ASSERT(which < MS_LLAMA_STAT_COUNT);
+    snprintf(buf, n, "model.layers.%" PRIu64 ".%s", layer, k_names[which]);
+}
+
+uint64_t ms_llama_stat_dim(const cpu_llama_config *c, ms_llama_stat which)
+{
+    switch (which) {
+    case MS_LLAMA_STAT_QKV: return c->hidden;
+    case MS_LLAMA_STAT_O: return cpu_llama_q_dim(c);
+    case MS_LLAMA_STAT_GATE_UP: return c->hidden;
+    case MS_LLAMA_STAT_DOWN: return c->intermediate;
+    default: MS_ASSERT(!"bad statistic"); return 0;
+    }
+}
+
+const char *const *ms_llama_stat_modules(ms_llama_stat which)
+{
+    static const char *const qkv[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", NULL};
+    static const char *const o[] = {"self_attn.o_proj", NULL};
+    static const char *const gate_up[] = {"mlp.gate_proj", "mlp.up_proj", NULL};
+    static const char *const down[] = {"mlp.down_proj", NULL};
+    static const char *const *const k_all[] = {qkv, o, gate_up, down};
+    MS_ASSERT(which < MS_LLAMA_STAT_COUNT);
+    return k_all[which];
+}
+
+/* ============================================================ tokens */
+
+static void tokens_free(ms_llama_tokens *t)
+{
+    free(t->tok_start);
+    free(t->pos);
+    free(t->id);
+    free(t->target);
+    *t = (ms_llama_tokens){0};
+}
+
+static int tokens_pack(const ms_calib *c, ms_llama_tokens *t, ms_error *err)
+{
+    *t = (ms_llama_tokens){.n_samples = c->n_samples, .n = c->n_real};
+    t->tok_start = malloc((size_t)(c->n_samples + 1) * sizeof *t->tok_start);
+    t->pos = malloc((size_t)c->n_real * sizeof *t->pos);
+    t->id = malloc((size_t)c->n_real * sizeof *t->id);
+    t->target = malloc((size_t)c->n_real * sizeof *t->target);
+    if (!t->tok_start || !t->pos || !t->id || !t->target) {
+        tokens_free(t);
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, c->path, "cannot pack the calibration tokens");
+    }
+    uint64_t k = 0;
+    for (uint64_t s = 0; s < c->n_samples; s++) {
+        t->tok_start[s] = k;
+        for (uint64_t p = 0; p < c->seq_len; p++) {
+            uint64_t cell = s * c->seq_len + p;
+            if (!c->mask[cell])
+                continue;
+            t->pos[k] = (uint32_t)p;
+            t->id[k] = c->ids[cell];
+            bool next_real = p + 1 < c->seq_len && c->mask[cell + 1];
+            t->target[k] = next_real ? c->ids[cell + 1] : -1;
+            k++;
+        }
+    }
+    MS_ASSERT(k == c->n_real);
+    t->tok_start[c->n_samples] = k;
+    return 0;
+}
+
+/* ============================================================ residual stream */
+
+/* rows x width fp32: in RAM, or in an unlinked file with one batch in RAM. */
+typedef struct act_store {
+    uint64_t rows, width;
+    float *ram; /* all rows, or NULL when spilled */
+    int fd;     /* spill file, or -1 */
+    float *buf; /* spilled: one batch (max_rows rows) */
+    uint64_t max_rows;
+    char *where; /* the spill directory, for messages */
+} act_store;
+
+static int spill_open(const char *dir, ms_error *err)
+{
+    int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0)
+        return fd;
+    char *tmpl = NULL;
+    if (asprintf(&tmpl, "%s/mergestream-act.XXXXXX", dir) < 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot create a spill file");
+    fd = mkostemp(tmpl, O_CLOEXEC);
+    if (fd < 0) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot create a spill file");
+        free(tmpl);
+        return -1;
+    }
+    unlink(tmpl);
+    free(tmpl);
+    return fd;
+}
+
+static int act_open(act_store *a, uint64_t rows, uint64_t width, uint64_t max_rows, uint64_t budget,
+                    const char *dir, ms_error *err)
+{
+    *a = (act_store){.rows = rows, .width = width, .fd = -1, .max_rows = max_rows};
+    uint64_t bytes = rows * width * 4;
+    if (bytes <= budget) {
+        a->ram = malloc((size_t)bytes);
+        if (!a->ram)
+            return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "activations", "cannot hold %" PRIu64 " bytes",
+                                  bytes);
+        return 0;
+    }
+    if (!dir)
+        dir = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    a->where = strdup(dir);
+    a->buf = malloc((size_t)(max_rows * width * 4));
+    if (!a->where || !a->buf)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "activations", "cannot allocate the batch buffer");
+    a->fd = spill_open(dir, err);
+    return a->fd < 0 ? -1 : 0;
+}
+
+static void act_close(act_store *a)
+{
+    free(a->ram);
+    free(a->buf);
+    free(a->where);
+    if (a->fd >= 0)
+        close(a->fd);
+    *a = (act_store){.fd = -1};
+}
+
+/* Rows [t0, t0 + n): a pointer into RAM, or the batch buffer (filled from the
+ * spill file when load). NULL with err set on a read failure. */
+static float *act_rows(act_store *a, uint64_t t0, uint64_t n, bool load, ms_error *err)
+{
+    if (a->ram)
+        return a->ram + t0 * a->width;
+    MS_ASSERT(n <= a->max_rows);
+    if (load && pread_exact(a->fd, a->where, t0 * a->width * 4, a->buf, n * a->width * 4, err) < 0)
+        return NULL;
+    return a->buf;
+}
+
+/* Writes the batch buffer back (spilled store; a no-op in RAM). */
+static int act_put(act_store *a, uint64_t t0, uint64_t n, ms_error *err)
+{
+    if (a->ram || n == 0)
+        return 0;
+    int rc = ms_pwrite_all(a->fd, a->buf, (size_t)(n * a->width * 4), t0 * a->width * 4);
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, a->where, "cannot write the spill file") : 0;
+}
+
+/* ============================================================ progress */
+
+typedef struct run_progress {
+    const char *label;
+    bool tty;
+    double start, last;
+    double total, done; /* token-passes: tokens x (layers + head) */
+    uint64_t n_samples, n_tokens, passes;
+    bool drew;
+} run_progress;
+
+static void progress_step(run_progress *p, double units, const char *what)
+{
+    p->done += units;
+    if (!p->label || ms_log_is_quiet())
+        return;
+    double now = ms_now_seconds();
+    if (now - p->last < (p->tty ? PROGRESS_TTY_S : PROGRESS_LOG_S) && p->done < p->total)
+        return;
+    p->last = now;
+    double el = now - p->start, frac = p->total > 0 ? p->done / p->total : 1;
+    /* samples (tokens) through the whole model per second */
+    double tok_s = el > 0 ? p->done / (double)p->passes / el : 0;
+    double smp_s = p->n_tokens ? tok_s * (double)p->n_samples / (double)p->n_tokens : 0;
+    double eta = frac > 0 ? el * (1 - frac) / frac : -1;
+    char eta_s[32];
+    if (eta < 0)
+        snprintf(eta_s, sizeof eta_s, "?");
+    else if (eta < 100)
+        snprintf(eta_s, sizeof eta_s, "%.0fs", eta);
+    else
+        snprintf(eta_s, sizeof eta_s, "%dm%02ds", (int)eta / 60, (int)eta % 60);
+    fprintf(stderr, "%s%s: %-28s %5.1f%%  %.2f samples/s  %.0f tok/s  ETA %s%s", p->tty ? "\r\033[K" : "",
+            p->label, what, 100 * frac, smp_s, tok_s, eta_s, p->tty ? "" : "\n");
+    p->drew = p->tty;
+}
+
+static void progress_end(run_progress *p)
+{
+    if (p->drew)
+        fputc('\n', stderr);
+    p->drew = false;
+}
+
+/* ============================================================ the run */
+
+typedef struct run_state {
+    const ms_llama_source *src;
+    const cpu_llama_config *cfg;
+    const ms_llama_run_opts *opt;
+    ms_llama_tokens tok;
+    uint64_t n_batches;
+    uint64_t *seq_rel; /* batch_size + 1 */
+    act_store act;
+    cpu_llama *fw;
+    cpu_llama_gemm gemm;
+    run_progress prog;
+    ms_llama_result *res;
+} run_state;
+
+static uint64_t batch_first_sample(const run_state *s, uint64_t b) { return b * s->opt->batch_size; }
+
+static uint64_t batch_end_sample(const run_state *s, uint64_t b)
+{
+    uint64_t e = (b + 1) * s->opt->batch_size;
+    return e < s->tok.n_samples ? e : s->tok.n_samples;
+}
+
+/* The batch's token range and its cpu_llama_batch (pointing at s->seq_rel). */
+static void batch_of(run_state *s, uint64_t b, uint64_t *t0, cpu_llama_batch *out)
+{
+    uint64_t s0 = batch_first_sample(s, b), s1 = batch_end_sample(s, b);
+    *t0 = s->tok.tok_start[s0];
+    for (uint64_t k = s0; k <= s1; k++)
+        s->seq_rel[k - s0] = s->tok.tok_start[k] - *t0;
+    *out = (cpu_llama_batch){.n_tokens = s->tok.tok_start[s1] - *t0, .n_seqs = s1 - s0, .seq_start = s->seq_rel,
+                             .pos = s->tok.pos + *t0};
+}
+
+static int run_embed(run_state *s, ms_error *err)
+{
+    uint64_t H = s->cfg->hidden;
+    for (uint64_t b = 0; b < s->n_batches; b++) {
+        uint64_t t0;
+        cpu_llama_batch bt;
+        batch_of(s, b, &t0, &bt);
+        float *x = act_rows(&s->act, t0, bt.n_tokens, false, err);
+        if (!x)
+            return -1;
+        for (uint64_t t = 0; t < bt.n_tokens; t++)
+            if (s->src->read_rows(s->src->ctx, "model.embed_tokens.weight", (uint64_t)s->tok.id[t0 + t], 1,
+                                  x + t * H, err) < 0)
+                return -1;
+        if (act_put(&s->act, t0, bt.n_tokens, err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void close_stats(cpu_hessian **h, unsigned n)
+{
+    for (unsigned k = 0; k < n; k++) {
+        cpu_hessian_close(h[k]);
+        h[k] = NULL;
+    }
+}
+
+static int open_stat(uint64_t dim, uint64_t flush, cpu_hessian **h, const char *name, ms_error *err)
+{
+    int rc = ms_fault_hit(MS_FAULT_HOST_ALLOC) ? -ENOMEM : cpu_hessian_open(dim, flush, h);
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot allocate the statistics") : 0;
+}
+
+static int run_layers(run_state *s, ms_error *err)
+{
+    const cpu_llama_config *c = s->cfg;
+    cpu_llama_layer w = {0};
+    cpu_hessian *h[MS_LLAMA_STAT_COUNT] = {0};
+    int rc = cpu_llama_layer_alloc(c, &w);
+    if (rc < 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, s->src->where, "cannot hold one layer's weights (%" PRIu64
+                              " bytes)", cpu_llama_layer_bytes(c));
+    /* One set of accumulators, reset between layers: the memory is reused. */
+    for (unsigned k = 0; s->opt->on_stats && k < MS_LLAMA_STAT_COUNT; k++) {
+        char name[128];
+        ms_llama_stat_name(0, (ms_llama_stat)k, name, sizeof name);
+        if (open_stat(ms_llama_stat_dim(c, (ms_llama_stat)k), s->opt->flush_rows, &h[k], name, err) < 0)
+            goto fail;
+    }
+    for (uint64_t l = 0; l < c->n_layers; l++) {
+        if (ms_llama_layer_load(s->src, c, l, &w, err) < 0)
+            goto fail;
+        for (unsigned k = 0; s->opt->on_stats && l > 0 && k < MS_LLAMA_STAT_COUNT; k++)
+            cpu_hessian_reset(h[k]);
+        cpu_llama_taps taps = {h[0], h[1], h[2], h[3]};
+        char what[64];
+        snprintf(what, sizeof what, "layer %" PRIu64 "/%" PRIu64, l + 1, c->n_layers);
+        for (uint64_t b = 0; b < s->n_batches; b++) {
+            uint64_t t0;
+            cpu_llama_batch bt;
+            batch_of(s, b, &t0, &bt);
+            float *x = act_rows(&s->act, t0, bt.n_tokens, true, err);
+            if (!x)
+                goto fail;
+            rc = cpu_llama_layer_forward(s->fw, &w, &bt, x, &taps);
+            if (rc < 0) {
+                ms_error_errno(err, MS_EXIT_RUNTIME, -rc, "statistics", "cannot grow the fp64 accumulator");
+                goto fail;
+            }
+            if (act_put(&s->act, t0, bt.n_tokens, err) < 0)
+                goto fail;
+            progress_step(&s->prog, (double)bt.n_tokens, what);
+        }
+        if (s->opt->on_stats) {
+            double t0 = ms_now_seconds();
+            if (s->opt->on_stats(s->opt->stats_ctx, l, h, MS_LLAMA_STAT_COUNT, err) < 0)
+                goto fail;
+            s->res->output_seconds += ms_now_seconds() - t0;
+        }
+    }
+    close_stats(h, MS_LLAMA_STAT_COUNT);
+    cpu_llama_layer_free(&w);
+    return 0;
+fail:
+    close_stats(h, MS_LLAMA_STAT_COUNT);
+    cpu_llama_layer_free(&w);
+    return -1;
+}
+
+/* Final norm in place over the residual stream, and the head's statistics. */
+static int run_final_norm(run_state *s, ms_error *err)
+{
+    const cpu_llama_config *c = s->cfg;
+    float *norm = malloc((size_t)c->hidden * sizeof *norm);
+    cpu_hessian *h = NULL;
+    if (!norm)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "model.norm.weight", "cannot allocate");
+    if (s->src->read_rows(s->src->ctx, "model.norm.weight", 0, 1, norm, err) < 0)
+        goto fail;
+    if (s->opt->on_stats && s->opt->head_stats &&
+        open_stat(c->hidden, s->opt->flush_rows, &h, MS_LLAMA_HEAD_STAT, err) < 0)
+        goto fail;
+    for (uint64_t b = 0; b < s->n_batches; b++) {
+        uint64_t t0;
+        cpu_llama_batch bt;
+        batch_of(s, b, &t0, &bt);
+        float *x = act_rows(&s->act, t0, bt.n_tokens, true, err);
+        if (!x)
+            goto fail;
+        cpu_llama_rms_norm(s->fw, x, norm, bt.n_tokens, x);
+        if (h && bt.n_tokens && cpu_hessian_add(h, x, bt.n_tokens, c->hidden, s->gemm.gram, s->gemm.ctx) < 0) {
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, MS_LLAMA_HEAD_STAT, "cannot grow the fp64 accumulator");
+            goto fail;
+        }
+        if (act_put(&s->act, t0, bt.n_tokens, err) < 0)
+            goto fail;
+        if (!s->opt->nll)
+            progress_step(&s->prog, (double)bt.n_tokens, "final norm");
+    }
+    double t_out = ms_now_seconds();
+    if (h && s->opt->on_stats(s->opt->stats_ctx, c->n_layers, &h, 1, err) < 0)
+        goto fail;
+    s->res->output_seconds += ms_now_seconds() - t_out;
+    cpu_hessian_close(h);
+    free(norm);
+    return 0;
+fail:
+    cpu_hessian_close(h);
+    free(norm);
+    return -1;
+}
+
+/* Rows of lm_head per slice: vocab_chunk, else about HEAD_SLICE_BYTES of
+ * weights and as much of logits for the largest batch. */
+static uint64_t head_slice_rows(const cpu_llama_config *c, uint64_t vocab_chunk, uint64_t max_tokens)
+{
+    uint64_t v = vocab_chunk;
+    if (!v) {
+        uint64_t by_w = HEAD_SLICE_BYTES / (4 * c->hidden), by_l = HEAD_SLICE_BYTES / (4 * max_tokens);
+        v = by_w < by_l ? by_w : by_l;
+    }
+    v = v < 1 ? 1 : v;
+    return v < c->vocab ? v : c->vocab;
+}
+
+/* The head over the normalised residual stream: every lm_head slice once,
+ * against every batch, folded into a running log-sum-exp per token. */
+static int run_head(run_state *s, uint64_t max_tokens, ms_error *err)
+{
+    const cpu_llama_config *c = s->cfg;
+    uint64_t N = s->tok.n, rows = head_slice_rows(c, s->opt->vocab_chunk, max_tokens);
+    float *w = malloc((size_t)(rows * c->hidden * 4)), *logits = malloc((size_t)(rows * max_tokens * 4));
+    cpu_llama_nll st = {malloc((size_t)N * sizeof(float)), malloc((size_t)N * sizeof(double)),
+                        malloc((size_t)N * sizeof(float))};
+    int rc = -1;
+    if (!w || !logits || !st.max || !st.sum || !st.target) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, head_name(c), "cannot allocate the head's buffers");
+        goto done;
+    }
+    for (uint64_t t = 0; t < N; t++) {
+        st.max[t] = -INFINITY;
+        st.sum[t] = 0;
+        st.target[t] = NAN;
+    }
+    uint64_t n_slices = (c->vocab + rows - 1) / rows;
+    for (uint64_t v0 = 0; v0 < c->vocab; v0 += rows) {
+        uint64_t nv = c->vocab - v0 < rows ? c->vocab - v0 : rows;
+        if (s->src->read_rows(s->src->ctx, head_name(c), v0, nv, w, err) < 0)
+            goto done;
+        char what[64];
+        snprintf(what, sizeof what, "head %" PRIu64 "/%" PRIu64, v0 / rows + 1, n_slices);
+        for (uint64_t b = 0; b < s->n_batches; b++) {
+            uint64_t t0;
+            cpu_llama_batch bt;
+            batch_of(s, b, &t0, &bt);
+            if (bt.n_tokens == 0)
+                continue;
+            float *x = act_rows(&s->act, t0, bt.n_tokens, true, err);
+            if (!x)
+                goto done;
+            cpu_llama_logits(s->fw, x, bt.n_tokens, w, nv, logits);
+            if (s->opt->on_logits)
+                s->opt->on_logits(s->opt->logits_ctx, &s->tok, t0, bt.n_tokens, v0, nv, logits);
+            cpu_llama_nll sub = {st.max + t0, st.sum + t0, st.target + t0};
+            cpu_llama_nll_update(s->fw, logits, bt.n_tokens, nv, v0, s->tok.target + t0, &sub);
+            progress_step(&s->prog, (double)bt.n_tokens / (double)n_slices, what);
+        }
+    }
+    double sum = 0;
+    uint64_t n = 0;
+    for (uint64_t t = 0; t < N; t++) {
+        if (s->tok.target[t] < 0)
+            continue;
+        sum += (double)st.max[t] + log(st.sum[t]) - (double)st.target[t];
+        n++;
+    }
+    s->res->nll_sum = sum;
+    s->res->n_predicted = n;
+    rc = 0;
+done:
+    free(w);
+    free(logits);
+    free(st.max);
+    free(st.sum);
+    free(st.target);
+    return rc;
+}
+
+/* Useful floating-point operations of the run (ms_llama_result.flops). */
+static double run_flops(const run_state *s)
+{
+    const cpu_llama_config *c = s->cfg;
+    double H = (double)c->hidden, Q = (double)cpu_llama_q_dim(c), KV = (double)cpu_llama_kv_dim(c),
+           I = (double)c->intermediate, N = (double)s->tok.n, L = (double)c->n_layers;
+    double linear = 2 * (H * (Q + 2 * KV) + Q * H + 2 * I * H + I * H);
+    double keys = 0; /* keys seen, summed over every query */
+    for (uint64_t smp = 0; smp < s->tok.n_samples; smp++) {
+        uint64_t a = s->tok.tok_start[smp], e = s->tok.tok_start[smp + 1];
+        uint64_t lo = a;
+        for (uint64_t i = a; i < e; i++) {
+            if (c->sliding_window)
+                while (s->tok.pos[i] - s->tok.pos[lo] >= c->sliding_window)
+                    lo++;
+            keys += (double)(i - lo + 1);
+        }
+    }
+    double attn = 4 * (double)c->head_dim * (double)c->n_heads * keys;
+    double gram = s->opt->on_stats ? H * (H + 1) + Q * (Q + 1) + H * (H + 1) + I * (I + 1) : 0;
+    double f = L * (N * (linear + gram) + attn);
+    if (s->opt->on_stats && s->opt->head_stats)
+        f += N * H * (H + 1);
+    if (s->opt->nll)
+        f += 2 * N * (double)c->vocab * H;
+    return f;
+}
+
+int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const ms_calib *calib,
+                 const ms_llama_run_opts *opt, cpu_pool *pool, const cpu_llama_gemm *gemm, ms_llama_result *res,
+                 ms_error *err)
+{
+    MS_ASSERT(opt->batch_size >= 1 && (!opt->on_logits || opt->nll));
+    *res = (ms_llama_result){0};
+    double t_start = ms_now_seconds();
+    run_state s = {.src = src, .cfg = cfg, .opt = opt, .act = {.fd = -1}, .res = res};
+    s.gemm = gemm ? *gemm : cpu_llama_gemm_blas();
+    int rc = -1;
+    if (tokens_pack(calib, &s.tok, err) < 0)
+        return -1;
+    s.n_batches = (s.tok.n_samples + opt->batch_size - 1) / opt->batch_size;
+    uint64_t max_tokens = 1, max_seq = 1, max_pos = 1;
+    for (uint64_t b = 0; b < s.n_batches; b++) {
+        uint64_t t = s.tok.tok_start[batch_end_sample(&s, b)] - s.tok.tok_start[batch_first_sample(&s, b)];
+        max_tokens = t > max_tokens ? t : max_tokens;
+    }
+    for (uint64_t i = 0; i < s.tok.n_samples; i++) {
+        uint64_t t = s.tok.tok_start[i + 1] - s.tok.tok_start[i];
+        max_seq = t > max_seq ? t : max_seq;
+    }
+    for (uint64_t t = 0; t < s.tok.n; t++)
+        max_pos = s.tok.pos[t] + 1u > max_pos ? s.tok.pos[t] + 1u : max_pos;
+    s.seq_rel = malloc((size_t)(opt->batch_size + 1) * sizeof *s.seq_rel);
+    if (!s.seq_rel) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "batches", "cannot allocate");
+        goto done;
+    }
+    int orc = cpu_llama_open(cfg, max_tokens, max_seq, max_pos, pool, &s.gemm, &s.fw);
+    if (orc < 0) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, -orc, "forward pass",
+                       "cannot allocate the scratch of a batch (%" PRIu64 " bytes; try a smaller --batch-size)",
+                       cpu_llama_scratch_bytes(cfg, max_tokens, max_seq, max_pos));
+        goto done;
+    }
+    if (act_open(&s.act, s.tok.n, cfg->hidden, max_tokens, opt->act_budget, opt->spill_dir, err) < 0)
+        goto done;
+    res->spilled = s.act.ram == NULL;
+    res->act_bytes = s.tok.n * cfg->hidden * 4;
+    if (res->spilled && opt->label)
+        ms_log_info("%s: the residual stream (%.2f GB) exceeds the memory budget: spilling it to a temporary file "
+                    "in %s",
+                    opt->label, (double)res->act_bytes / 1e9, s.act.where);
+
+    s.prog = (run_progress){.label = opt->label, .tty = isatty(STDERR_FILENO), .start = t_start, .last = t_start,
+                            .n_samples = s.tok.n_samples, .n_tokens = s.tok.n, .passes = cfg->n_layers + 1};
+    s.prog.total = (double)s.tok.n * (double)s.prog.passes;
+    if (run_embed(&s, err) < 0 || run_layers(&s, err) < 0)
+        goto done;
+    if ((opt->nll || (opt->on_stats && opt->head_stats)) && run_final_norm(&s, err) < 0)
+        goto done;
+    if (opt->nll && run_head(&s, max_tokens, err) < 0)
+        goto done;
+    progress_end(&s.prog);
+    res->n_samples = s.tok.n_samples;
+    res->n_tokens = s.tok.n;
+    res->batches = s.n_batches;
+    res->flops = run_flops(&s);
+    res->seconds = ms_now_seconds() - t_start;
+    rc = 0;
+done:
+    progress_end(&s.prog);
+    act_close(&s.act);
+    cpu_llama_close(s.fw);
+    free(s.seq_rel);
+    tokens_free(&s.tok);
+    return rc;
+}
+
+/* ============================================================ a session */
+
+int ms_llama_session_open(const char *model_path, const char *calib_path, const ms_calib_options *co,
+                          bool need_head, ms_llama_session *s, ms_error *err)
+{
+    *s = (ms_llama_session){0};
+    if (strchr(model_path, '+') && access(model_path, F_OK) != 0)
+        return ms_error_set(err, MS_EXIT_USAGE, model_path,
+                            "BASE+ADAPTER is not supported by the forward pass yet: merge the adapter first");
+    if (ms_model_open(model_path, &s->model, err) < 0)
+        goto fail;
+    if (s->model->kind == MS_MODEL_KIND_ADAPTER) {
+        ms_error_set(err, MS_EXIT_USAGE, model_path, "is a PEFT adapter, not a model");
+        goto fail;
+    }
+    if (s->model->kind != MS_MODEL_KIND_DIR) {
+        ms_error_set(err, MS_EXIT_DATA, model_path,
+                     "a lone .safetensors file has no config.json: pass the model directory");
+        goto fail;
+    }
+    char where[4096];
+    snprintf(where, sizeof where, "%s/config.json", model_path);
+    if (ms_model_config_parse(s->model->config, where, &s->config, err) < 0)
+        goto fail;
+    if (ms_llama_source_model(s->model, &s->src, err) < 0 ||
+        ms_llama_check(&s->src, &s->config.llama, need_head, err) < 0)
+        goto fail;
+    if (ms_calib_load(calib_path, co, &s->calib, err) < 0 ||
+        ms_calib_check_vocab(s->calib, s->config.llama.vocab, err) < 0)
+        goto fail;
+    return 0;
+fail:
+    ms_llama_session_close(s);
+    return -1;
+}
+
+void ms_llama_session_close(ms_llama_session *s)
+{
+    ms_calib_free(s->calib);
+    ms_llama_source_close(&s->src);
+    ms_model_close(s->model);
+    *s = (ms_llama_session){0};
+}
+
+uint64_t ms_llama_fixed_bytes(const cpu_llama_config *cfg, bool stats, bool head, uint64_t n_tokens,
+                              uint64_t flush_rows, uint64_t max_tokens, uint64_t max_seq, uint64_t max_pos)
+{
+    uint64_t total = cpu_llama_layer_bytes(cfg), scratch = cpu_llama_scratch_bytes(cfg, max_tokens, max_seq, max_pos);
+    if (total == UINT64_MAX || scratch == UINT64_MAX || __builtin_add_overflow(total, scratch, &total))
+        return UINT64_MAX;
+    if (stats) {
+        bool fp64 = n_tokens > (flush_rows ? flush_rows : CPU_HESSIAN_FLUSH_ROWS);
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            uint64_t d = ms_llama_stat_dim(cfg, (ms_llama_stat)k);
+            if (__builtin_add_overflow(total, cpu_hessian_host_bytes(d, fp64), &total))
+                return UINT64_MAX;
+        }
+    }
+    if (head) { /* one lm_head slice, its logits, the per-token log-sum-exp state */
+        uint64_t rows = head_slice_rows(cfg, 0, max_tokens);
+        uint64_t extra = 4 * rows * (cfg->hidden + max_tokens) + 16 * n_tokens;
+        if (__builtin_add_overflow(total, extra, &total))
+            return UINT64_MAX;
+    }
+    return total;
+}

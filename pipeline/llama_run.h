@@ -1,0 +1,186 @@
+/* Calibration forward passes over a streamed model: the driver behind
+ * `mergestream hessian` (per-layer input statistics) and `mergestream
+ * perplexity` (mean next-token NLL), on cpu/llama_forward.h.
+ *
+ * Streaming: layer by layer. Every sample goes through layer l before layer
+ * l + 1 is read, so at any time the process holds one layer's weights (fp32,
+ * cpu_llama_layer_bytes), that layer's statistics (cpu/hessian_accum.h), the
+ * scratch of one batch (cpu_llama_scratch_bytes) and the residual stream of
+ * the calibration set: n_tokens x hidden fp32 in RAM when that fits
+ * act_budget, else in an unlinked temporary file (pread/pwrite) with one
+ * batch of it in RAM. The head (perplexity) reads lm_head in slices of
+ * vocab_chunk rows, each slice once, against every batch.
+ *
+ * Weights enter the pass in one place, ms_llama_layer_load (and the
+ * embedding / norm / head reads of the driver), through an ms_llama_source.
+ * ms_llama_source_model reads a model directory with pread; it is the hook
+ * for LoRA: a BASE+ADAPTER source wraps it and passes the rows of every
+ * adapted tensor through cpu_lora_rows (cpu/lora_delta.h), which turns base
+ * rows into adapted rows chunk by chunk, exactly what read_rows returns.
+ * Tests feed in-memory weights through the same interface.
+ *
+ * Threading: one thread calls the driver; the pool and OpenBLAS work inside. */
+#ifndef MS_LLAMA_RUN_H
+#define MS_LLAMA_RUN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cpu/cpu_pool.h"
+#include "cpu/hessian_accum.h"
+#include "cpu/llama_forward.h"
+#include "io/calib_input.h"
+#include "io/model_dir.h"
+#include "io/ms_error.h"
+#include "pipeline/model_config.h"
+
+/* ============================================================ weights */
+
+typedef struct ms_llama_source {
+    void *ctx;
+    const char *where; /* names the model in messages */
+    /* Looks a tensor up. Returns 1 with its shape (ndim 1 or 2) when present
+     * with dtype F32, F16 or BF16; 0 when absent; -1 with err set
+     * (MS_EXIT_DATA) for another dtype or more dimensions. */
+    int (*find)(void *ctx, const char *name, unsigned *ndim, uint64_t shape[2], ms_error *err);
+    /* Rows [row0, row0 + n_rows) of a tensor found by find (a 1-D tensor is
+     * one row), widened to fp32 into out (n_rows x columns). Returns 0 or -1
+     * with err set. Blocks on I/O. */
+    int (*read_rows)(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err);
+    void (*close)(void *ctx); /* frees ctx; NULL when nothing to free */
+} ms_llama_source;
+
+/* A source reading m (which must outlive it) with pread, MS_FAULT_READ
+ * before each read, converting with cpu_convert. Returns 0 and *out (close
+ * with ms_llama_source_close), or -1 with err set (MS_EXIT_RUNTIME). */
+int ms_llama_source_model(const ms_model *m, ms_llama_source *out, ms_error *err);
+/* Frees what the source owns; a zeroed source is a no-op. */
+void ms_llama_source_close(ms_llama_source *s);
+
+/* Checks, before any data is read, that src has every tensor the pass needs
+ * with the shape cfg implies (model.embed_tokens.weight, every layer's norms,
+ * projections and the biases cfg names, model.norm.weight, and lm_head.weight
+ * when need_head and the embeddings are not tied). Returns 0, or -1 with err
+ * set (MS_EXIT_DATA naming the tensor and both shapes). */
+int ms_llama_check(const ms_llama_source *src, const cpu_llama_config *cfg, bool need_head, ms_error *err);
+
+/* Reads decoder layer `layer` into w (cpu_llama_layer_alloc'd for cfg): q/k/v
+ * and gate/up fused as cpu_llama_layer describes. The one place a layer's
+ * weights enter the pass. Returns 0 or -1 with err set. */
+int ms_llama_layer_load(const ms_llama_source *src, const cpu_llama_config *cfg, uint64_t layer,
+                        cpu_llama_layer *w, ms_error *err);
+
+/* ============================================================ statistics */
+
+/* The statistics of one decoder layer, in the order the driver hands them
+ * out. Each is shared by the modules ms_llama_stat_modules lists. */
+typedef enum ms_llama_stat {
+    MS_LLAMA_STAT_QKV,     /* "model.layers.L.self_attn.qkv_input": q_proj, k_proj, v_proj (width hidden) */
+    MS_LLAMA_STAT_O,       /* "model.layers.L.self_attn.o_proj": o_proj (width q_dim) */
+    MS_LLAMA_STAT_GATE_UP, /* "model.layers.L.mlp.gate_up_input": gate_proj, up_proj (width hidden) */
+    MS_LLAMA_STAT_DOWN,    /* "model.layers.L.mlp.down_proj": down_proj (width intermediate) */
+    MS_LLAMA_STAT_COUNT
+} ms_llama_stat;
+
+#define MS_LLAMA_HEAD_STAT "lm_head" /* the final norm's output: lm_head's input (width hidden) */
+
+/* Writes the statistic's tensor name for layer into buf ("..." above). */
+void ms_llama_stat_name(uint64_t layer, ms_llama_stat which, char *buf, size_t n);
+/* Its width (the matrix is width x width). */
+uint64_t ms_llama_stat_dim(const cpu_llama_config *cfg, ms_llama_stat which);
+/* NULL-terminated module suffixes ("self_attn.q_proj", ...) it serves. */
+const char *const *ms_llama_stat_modules(ms_llama_stat which);
+
+/* ============================================================ the run */
+
+/* The calibration tokens, packed: the real tokens of every sample in order. */
+typedef struct ms_llama_tokens {
+    uint64_t n_samples;
+    uint64_t n;           /* real tokens */
+    uint64_t *tok_start;  /* n_samples + 1: sample s owns tokens [tok_start[s], tok_start[s + 1]) */
+    uint32_t *pos;        /* n: position in the padded sample */
+    int64_t *id;          /* n: token id */
+    int64_t *target;      /* n: the next token's id when it is real and adjacent, else -1 */
+} ms_llama_tokens;
+
+typedef struct ms_llama_run_opts {
+    uint64_t batch_size;  /* samples per batch, >= 1 */
+    uint64_t act_budget;  /* bytes of residual stream kept in RAM; beyond it: a spill file */
+    const char *spill_dir; /* directory of the spill file; NULL: $TMPDIR, else /tmp */
+    uint64_t vocab_chunk; /* lm_head rows per slice; 0: about 256 MiB of fp32 per slice and logits */
+    uint64_t flush_rows;  /* Hessian rows per fp32 block; 0: CPU_HESSIAN_FLUSH_ROWS */
+    const char *label;    /* progress prefix ("hessian"); NULL: no progress lines */
+    /* Statistics (NULL: none). Called after each decoder layer with its
+     * MS_LLAMA_STAT_COUNT accumulators (layer < n_layers), and, when
+     * head_stats, once more with layer = n_layers and the head's one. The
+     * accumulators are the driver's; they are reset or freed after the call.
+     * Returns 0 or -1 with err set (stops the run). */
+    int (*on_stats)(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err);
+    void *stats_ctx;
+    bool head_stats;
+    bool nll; /* run the head and sum the next-token NLL */
+    /* Tests: every slice of logits (rows = tokens [t0, t0 + n) of tok, columns
+     * = vocabulary ids [v0, v0 + nv)). Needs nll. */
+    void (*on_logits)(void *ctx, const ms_llama_tokens *tok, uint64_t t0, uint64_t n, uint64_t v0, uint64_t nv,
+                      const float *logits);
+    void *logits_ctx;
+} ms_llama_run_opts;
+
+typedef struct ms_llama_result {
+    uint64_t n_samples;   /* samples read (empty ones included) */
+    uint64_t n_tokens;    /* real tokens: the N of H = 2/N sum x x^T */
+    uint64_t n_predicted; /* tokens with a target (nll) */
+    double nll_sum;       /* sum of -log p(target) over them, fp64 in token order */
+    double seconds;       /* wall time of the run */
+    double flops;         /* useful floating-point operations: linear layers (2 per
+                             multiply-add), causal attention (scores and values of
+                             the keys each query sees), Gram updates (k(k+1) per row
+                             of width k) and the head */
+    double output_seconds; /* of which inside on_stats (writing the statistics out) */
+    bool spilled;         /* the residual stream lived in a spill file */
+    uint64_t act_bytes;   /* its size */
+    uint64_t batches;
+} ms_llama_result;
+
+/* Runs the calibration set through the model described by cfg (checked with
+ * ms_llama_check beforehand; calib's ids checked against cfg->vocab). gemm
+ * (NULL: cpu_llama_gemm_blas) and pool (NULL: no pool) do the work.
+ * Returns 0 and *res, or -1 with err set (I/O, memory: MS_EXIT_RUNTIME;
+ * whatever on_stats reports). */
+int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const ms_calib *calib,
+                 const ms_llama_run_opts *opt, cpu_pool *pool, const cpu_llama_gemm *gemm, ms_llama_result *res,
+                 ms_error *err);
+
+/* ============================================================ a session */
+
+/* What both commands open before a run: the model directory, its config,
+ * a source over it, and the calibration tokens (checked against the
+ * vocabulary). */
+typedef struct ms_llama_session {
+    ms_model *model;
+    ms_model_config config;
+    ms_llama_source src;
+    ms_calib *calib;
+} ms_llama_session;
+
+/* Opens model_path (a model directory; "BASE+ADAPTER" and a lone adapter
+ * are refused with MS_EXIT_USAGE until adapters are wired in through the
+ * source, see above), parses its config.json, checks its tensors
+ * (ms_llama_check with need_head), then loads calib_path with co and checks
+ * its ids. Returns 0 and *s (close with ms_llama_session_close), or -1 with
+ * err set and *s empty. Blocks on I/O. */
+int ms_llama_session_open(const char *model_path, const char *calib_path, const ms_calib_options *co,
+                          bool need_head, ms_llama_session *s, ms_error *err);
+/* Frees everything; an empty session is a no-op. */
+void ms_llama_session_close(ms_llama_session *s);
+
+/* Host bytes one run holds besides the residual stream: one layer's fp32
+ * weights, its statistics (with fp64 matrices when n_tokens > flush_rows;
+ * none without stats), the batch scratch for batches of at most max_tokens
+ * rows and, with head, one lm_head slice with its logits and the NLL state
+ * (default vocab_chunk). UINT64_MAX on overflow. */
+uint64_t ms_llama_fixed_bytes(const cpu_llama_config *cfg, bool stats, bool head, uint64_t n_tokens,
+                              uint64_t flush_rows, uint64_t max_tokens, uint64_t max_seq, uint64_t max_pos);
+
+#endif

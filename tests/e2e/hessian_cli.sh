@@ -1,0 +1,128 @@
+# hessian and perplexity as a user runs them: a generated tiny model, text
+# calibration files, the output inspected; the spill file and batching give
+# the statistics a run in RAM gives; bad inputs fail with one line and the
+# documented exit code, leaving nothing behind.
+source "$(dirname "$0")/lib.bash"
+
+# Until main.c dispatches the calibration commands, there is nothing to test.
+probe=$("$MS_BIN" hessian --help 2>&1 || true)
+if echo "$probe" | grep -q "unknown command"; then
+  echo "hessian_cli: mergestream has no hessian command in this build: skipped"
+  exit 77
+fi
+
+"$MS_GEN" base "$WORK/m" --preset tiny --dtype bf16 --seed 3 # vocab 256, hidden 64, 2 layers
+
+# 9 samples of 3..30 random ids (deterministic), plus a blank line
+RANDOM=42
+tokens=0
+for i in $(seq 1 9); do
+  n=$((3 + RANDOM % 28)); line=""
+  for j in $(seq 1 $n); do line="$line $((RANDOM % 256))"; done
+  echo "$line"
+  tokens=$((tokens + n))
+  [ "$i" -eq 4 ] && echo ""
+done > "$WORK/calib.txt"
+
+# hessian: 9 tensors (4 per layer + lm_head), metadata with the counts
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h" --batch-size 2 --quiet
+[ -f "$WORK/h/hessians.safetensors" ] || fail "no hessians.safetensors"
+"$MS_BIN" inspect "$WORK/h/hessians.safetensors" > "$WORK/inspect.txt"
+grep -q "9 tensors" "$WORK/inspect.txt" || fail "expected 9 tensors"
+grep -qE "^model.layers.1.mlp.down_proj +F32 +\[128, 128\]" "$WORK/inspect.txt" || fail "down_proj statistic"
+grep -qE "^model.layers.0.self_attn.qkv_input +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "qkv statistic"
+grep -qE "^lm_head +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "lm_head statistic"
+header=$(head -c 4096 "$WORK/h/hessians.safetensors" | tr -d '\0')
+echo "$header" | grep -q "\"n_tokens\":\"$tokens\"" || fail "n_tokens is not $tokens"
+echo "$header" | grep -q '"n_samples":"9"' || fail "n_samples is not 9"
+echo "$header" | grep -q 'model.layers.0.self_attn.k_proj\\":\\"model.layers.0.self_attn.qkv_input' ||
+  fail "hessian_map does not map k_proj"
+
+# the same statistics whatever the memory budget (activations spilled to a
+# file in DIR), in shards, with --json
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h_spill" --batch-size 2 --max-memory 1K \
+  --quiet 2>/dev/null
+cmp -s "$WORK/h/hessians.safetensors" "$WORK/h_spill/hessians.safetensors" || fail "spilled run differs"
+[ "$(ls -A "$WORK/h_spill" | wc -l)" -eq 1 ] || fail "the spill file was left behind"
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h_shard" --out-shard-size 40K --json --quiet \
+  > "$WORK/h.json"
+grep -q '"n_tokens":	'"$tokens" "$WORK/h.json" || fail "--json n_tokens"
+[ -f "$WORK/h_shard/hessians.safetensors.index.json" ] || fail "no index for a sharded output"
+for f in "$WORK"/h_shard/hessians-*.safetensors; do "$MS_BIN" inspect "$f" >/dev/null || fail "bad shard $f"; done
+
+# a second run into the same DIR needs --force
+expect_fail 2 "already holds hessians.safetensors" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h"
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h" --batch-size 2 --force --quiet
+cmp -s "$WORK/h/hessians.safetensors" "$WORK/h_spill/hessians.safetensors" || fail "--force rerun differs"
+
+# perplexity: a number above 1, the same with --json; --seq-len and --max-samples
+"$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl.txt"
+grep -qE "^perplexity [0-9]+\.[0-9]+ " "$WORK/ppl.txt" || fail "perplexity output: $(cat "$WORK/ppl.txt")"
+"$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --json --quiet --max-samples 3 --seq-len 8 \
+  > "$WORK/ppl.json"
+grep -q '"n_samples":	3' "$WORK/ppl.json" || fail "--max-samples"
+grep -q '"perplexity":' "$WORK/ppl.json" || fail "perplexity --json"
+
+# MistralForCausalLM is the same network for this model
+cp -r "$WORK/m" "$WORK/mistral"
+sed -i 's/LlamaForCausalLM/MistralForCausalLM/; s/"model_type": *"llama"/"model_type": "mistral"/' \
+  "$WORK/mistral/config.json"
+"$MS_BIN" perplexity "$WORK/mistral" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl_mistral.txt"
+cmp -s "$WORK/ppl.txt" "$WORK/ppl_mistral.txt" || fail "Mistral and Llama disagree on the same weights"
+
+# bad inputs: one line, exit 2 (usage, unsupported) or 3 (invalid data), nothing left behind
+expect_fail 3 "calib-missing.txt: cannot open the calibration file" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib-missing.txt" -o "$WORK/bad"
+echo "1 2 3 256 4" > "$WORK/oov.txt"
+expect_fail 3 "sample 0, position 3: token id 256 is not below the vocabulary size 256" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/oov.txt" -o "$WORK/bad"
+echo "1 2 x3" > "$WORK/junk.txt"
+expect_fail 3 "line 1, token 2: 'x3'" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/junk.txt"
+expect_fail 2 "--seq-len: expected an integer" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/bad" --seq-len 0
+expect_fail 2 "--seq-len: expected an integer" \
+  "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --seq-len 12abc
+expect_fail 2 "--batch-size" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --batch-size -1
+expect_fail 2 "--calib FILE is required" "$MS_BIN" hessian "$WORK/m" -o "$WORK/bad"
+expect_fail 2 "-o DIR is required" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt"
+expect_fail 2 "--device cuda" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --device cuda
+cp -r "$WORK/m" "$WORK/gpt2"
+sed -i 's/LlamaForCausalLM/GPT2LMHeadModel/' "$WORK/gpt2/config.json"
+expect_fail 2 "architecture 'GPT2LMHeadModel' is not supported" \
+  "$MS_BIN" hessian "$WORK/gpt2" --calib "$WORK/calib.txt" -o "$WORK/bad"
+cp -r "$WORK/m" "$WORK/qwen"
+sed -i 's/LlamaForCausalLM/Qwen2ForCausalLM/' "$WORK/qwen/config.json"
+expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.bias' is missing" \
+  "$MS_BIN" perplexity "$WORK/qwen" --calib "$WORK/calib.txt"
+expect_fail 3 "no config.json" "$MS_BIN" perplexity "$WORK/m/model.safetensors" --calib "$WORK/calib.txt"
+expect_fail 3 "does-not-exist" "$MS_BIN" perplexity "$WORK/does-not-exist" --calib "$WORK/calib.txt"
+expect_fail 2 "BASE\+ADAPTER" "$MS_BIN" perplexity "$WORK/m+$WORK/adapter" --calib "$WORK/calib.txt"
+[ ! -e "$WORK/bad" ] || fail "a failed run left $WORK/bad behind"
+
+# a failed write removes every file the run created
+rc=0
+MERGESTREAM_FAULT=write:2 "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/faulty" --quiet \
+  2>"$WORK/err.txt" || rc=$?
+[ "$rc" -eq 1 ] || fail "an injected write fault gave exit $rc"
+[ ! -e "$WORK/faulty" ] || [ -z "$(ls -A "$WORK/faulty")" ] || fail "a failed run left files: $(ls "$WORK/faulty")"
+
+# every injected failure: exit 1 with nothing left, or the reference bytes
+for site in read write fsync rename host_alloc; do
+  for n in 1 2 3 5 8 13 21 34 55 89; do
+    rm -rf "$WORK/fw"; rc=0
+    MERGESTREAM_FAULT=$site:$n "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/fw" \
+      --batch-size 2 --quiet 2>"$WORK/err.txt" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+      cmp -s "$WORK/fw/hessians.safetensors" "$WORK/h/hessians.safetensors" || fail "$site:$n: different bytes"
+    else
+      [ "$rc" -eq 1 ] || fail "$site:$n: exit $rc: $(cat "$WORK/err.txt")"
+      [ "$(grep -c '^mergestream: error: ' "$WORK/err.txt")" -eq 1 ] || fail "$site:$n: not one error line"
+      [ ! -e "$WORK/fw" ] || [ -z "$(ls -A "$WORK/fw")" ] || fail "$site:$n: left $(ls "$WORK/fw")"
+    fi
+  done
+done
+
+"$MS_BIN" hessian --help | grep -q "usage: mergestream hessian" || fail "hessian --help"
+"$MS_BIN" perplexity --help | grep -q "usage: mergestream perplexity" || fail "perplexity --help"
+echo "hessian_cli: ok"
