@@ -16,7 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_merge_interp.h"
 #include "pipeline/merge_math.h"
+#include "pipeline/merge_passes_interp.h"
 
 #define CPU_TILE 1024u                       /* elements per tile */
 #define CPU_TASKS_PER_WORKER 4u              /* load balance */
@@ -960,6 +962,8 @@ static void run_elem_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind,
         run_eq_positions(x, pool);
         cpu_pool_run(pool, x->n_tasks, task_apply, x);
         break;
+    default:
+        CPU_ASSERT(!"an interpolation pass in the task-vector kernels");
     }
 }
 
@@ -990,6 +994,8 @@ static void run_row_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, 
 int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned pass, const ms_chunk *c,
                        cpu_pool *pool)
 {
+    if (ms_merge_interp_method(p->method)) /* cpu_merge_interp.c */
+        return cpu_merge_interp_run_pass(p, st, pass, c, pool);
     CPU_ASSERT(pass < st->n_passes);
     CPU_ASSERT(c->elem0 == st->next_elem);
     CPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
@@ -1044,6 +1050,8 @@ uint64_t cpu_merge_scratch_bytes(const ms_tensor_params *p, uint64_t n_rows, uns
 {
     if (n_threads == 0)
         n_threads = 1;
+    if (ms_merge_interp_method(p->method))
+        return cpu_merge_interp_scratch_bytes(p, n_threads);
     uint64_t max_elems;
     if (__builtin_mul_overflow(n_rows ? n_rows : 1, p->cols ? p->cols : 1, &max_elems))
         max_elems = UINT64_MAX;

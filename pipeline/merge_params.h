@@ -23,6 +23,17 @@ typedef enum ms_method {
     MS_METHOD_BREADCRUMBS_TIES,
     MS_METHOD_DELLA,
     MS_METHOD_DELLA_LINEAR,
+    /* interpolation and model-soup methods (pipeline/merge_passes_interp.h) */
+    MS_METHOD_SLERP,
+    MS_METHOD_NUSLERP,
+    MS_METHOD_MULTISLERP,
+    MS_METHOD_KARCHER,
+    MS_METHOD_MODEL_STOCK,
+    MS_METHOD_NEARSWAP,
+    MS_METHOD_SCE,
+    MS_METHOD_RAM,
+    MS_METHOD_RAMPLUS_TL,
+    MS_METHOD_ARCEE_FUSION,
     MS_METHOD_COUNT
 } ms_method;
 
@@ -56,6 +67,20 @@ typedef struct ms_tensor_params {
     uint64_t numel;
     uint64_t rows, cols; /* rows * cols = numel; a 1-D tensor is one row */
     uint64_t model_rows[MS_MAX_MODELS + 1]; /* a model with extra embedding rows: its row count (>= rows) */
+    /* The interpolation and model-soup methods' parameters (zero for the
+     * task-vector methods; semantics in pipeline/merge_passes_interp.h).
+     * For nuslerp, multislerp and karcher has_base says whether the recipe
+     * named a base_model. epsilon[1..n] above is also ram's epsilon. */
+    double t;               /* slerp: in [0, 1]; nearswap: the threshold, > 0 */
+    bool filter_wise;       /* model_stock: one t per row */
+    bool nuslerp_flatten;   /* nuslerp: the whole tensor is one vector (default) */
+    bool nuslerp_row_wise;  /* nuslerp without flatten: vectors are columns (mergekit's dim 0), else rows */
+    bool normalize_weights; /* multislerp: weights divided by their sum */
+    double eps;             /* multislerp: norm epsilon */
+    double select_topk;     /* sce: fraction of the highest-variance elements kept, (0, 1] */
+    double ram_r, ram_alpha; /* ramplus_tl: r, alpha */
+    unsigned max_iter;      /* karcher */
+    double tol;             /* karcher */
 } ms_tensor_params;
 
 /* One contiguous range of whole rows of a tensor, with its input and output

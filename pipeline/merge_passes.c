@@ -9,6 +9,7 @@
 
 #include "io/ms_error.h"
 #include "io/ms_fault.h"
+#include "pipeline/merge_passes_interp.h"
 
 /* =============================================================== plan */
 
@@ -127,6 +128,8 @@ static void plan_state(const ms_tensor_params *p, ms_merge_state *st)
     if (rescale)
         st->pass[st->n_passes++] = MS_MERGE_PASS_L1;
     st->pass[st->n_passes++] = MS_MERGE_PASS_APPLY;
+    if (ms_merge_interp_method(p->method)) /* their own plans (the models above select ALL) */
+        ms_merge_interp_plan(p, st);
 }
 
 /* Histogram words the plan needs. */
@@ -156,7 +159,8 @@ uint64_t ms_merge_state_bytes(const ms_tensor_params *p)
 {
     ms_merge_state st;
     plan_state(p, &st);
-    return sizeof st + plan_hist_words(&st) * sizeof(uint64_t);
+    uint64_t interp = ms_merge_interp_method(p->method) ? ms_merge_interp_state_bytes(p) : 0;
+    return sizeof st + plan_hist_words(&st) * sizeof(uint64_t) + interp;
 }
 
 int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
@@ -190,6 +194,8 @@ int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
             }
         }
     }
+    if (ms_merge_interp_method(p->method) && ms_merge_interp_state_open(p, st) != 0)
+        goto fail;
     *out = st;
     return 0;
 fail:
@@ -202,6 +208,7 @@ void ms_merge_state_close(ms_merge_state *st)
     if (!st)
         return;
     free(st->hist_mem);
+    ms_merge_interp_state_close(st->interp);
     free(st);
 }
 
@@ -266,6 +273,10 @@ void ms_merge_pass_finish(ms_merge_state *st, const ms_tensor_params *p, unsigne
         return;
     MS_ASSERT(st->next_elem == p->numel); /* every chunk, once, in order */
     st->next_elem = 0;
+    if (st->interp) {
+        ms_merge_interp_finish(st, p, pass);
+        return;
+    }
     switch (st->pass[pass]) {
     case MS_MERGE_PASS_HIST_HI:
         for (unsigned i = 1; i <= st->n_models; i++)
@@ -298,6 +309,9 @@ void ms_merge_pass_finish(ms_merge_state *st, const ms_tensor_params *p, unsigne
         break;
     case MS_MERGE_PASS_APPLY:
         MS_ASSERT(!"APPLY is the last pass");
+        break;
+    default:
+        MS_ASSERT(!"an interpolation pass without its state");
         break;
     }
     reset_eq_seen(st);

@@ -72,6 +72,14 @@ typedef enum ms_merge_pass_kind {
     MS_MERGE_PASS_HIST_LO,
     MS_MERGE_PASS_L1,
     MS_MERGE_PASS_APPLY,
+    /* the interpolation and model-soup methods' statistics passes
+     * (pipeline/merge_passes_interp.h) */
+    MS_MERGE_PASS_GRAM,      /* fp64 blocked sums of products of pairs of vectors */
+    MS_MERGE_PASS_LINE_GRAM, /* the same per row or per column (nuslerp without flatten) */
+    MS_MERGE_PASS_KEY_HI,    /* selection on a derived key: histogram of key >> 16 */
+    MS_MERGE_PASS_KEY_LO,    /* histogram of key & 0xffff inside the selected bins */
+    MS_MERGE_PASS_SUMSQ,     /* sce: sums of squares of the masked task vectors */
+    MS_MERGE_PASS_COUNT,     /* ramplus_tl: shared and unique element counts */
 } ms_merge_pass_kind;
 
 typedef enum ms_merge_sel {
@@ -120,6 +128,10 @@ typedef struct ms_merge_state {
     uint64_t next_elem;        /* the flat index the current pass's next chunk starts at */
     ms_merge_model model[MS_MAX_MODELS + 1]; /* [1..n_models]; [0] unused */
     uint64_t *hist_mem;        /* owns every histogram */
+    /* The interpolation and model-soup methods' statistics and coefficients
+     * (pipeline/merge_passes_interp.h); NULL for the task-vector methods.
+     * Owned by the state. */
+    struct ms_interp_state *interp;
 } ms_merge_state;
 
 /* Allocates and plans the state for tensor p. Returns 0 and *out (close with

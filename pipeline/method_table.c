@@ -16,34 +16,57 @@
 /* Indexed by ms_method; the defaults (normalize, rescale) are DESIGN.md's. */
 static const ms_method_info k_methods[MS_METHOD_COUNT] = {
     [MS_METHOD_LINEAR] = {MS_METHOD_LINEAR, "linear", MS_SPARSIFY_NONE, false, false, true, false,
-                          P(MS_PARAM_WEIGHT) | P(MS_PARAM_NORMALIZE)},
+                          P(MS_PARAM_WEIGHT) | P(MS_PARAM_NORMALIZE), false, 0, 0, 0},
     [MS_METHOD_TASK_ARITHMETIC] = {MS_METHOD_TASK_ARITHMETIC, "task_arithmetic", MS_SPARSIFY_NONE,
-                                   false, true, false, false, TV_PARAMS},
+                                   false, true, false, false, TV_PARAMS, false, 0, 0, 0},
     [MS_METHOD_TIES] = {MS_METHOD_TIES, "ties", MS_SPARSIFY_MAGNITUDE, true, true, true, false,
-                        TV_PARAMS | P(MS_PARAM_DENSITY)},
+                        TV_PARAMS | P(MS_PARAM_DENSITY), false, 0, 0, 0},
     [MS_METHOD_DARE_TIES] = {MS_METHOD_DARE_TIES, "dare_ties", MS_SPARSIFY_RANDOM, true, true,
-                             false, true, TV_PARAMS | P(MS_PARAM_DENSITY)},
+                             false, true, TV_PARAMS | P(MS_PARAM_DENSITY), false, 0, 0, 0},
     [MS_METHOD_DARE_LINEAR] = {MS_METHOD_DARE_LINEAR, "dare_linear", MS_SPARSIFY_RANDOM, false,
-                               true, false, true, TV_PARAMS | P(MS_PARAM_DENSITY)},
+                               true, false, true, TV_PARAMS | P(MS_PARAM_DENSITY), false, 0, 0, 0},
     [MS_METHOD_BREADCRUMBS] = {MS_METHOD_BREADCRUMBS, "breadcrumbs",
                                MS_SPARSIFY_MAGNITUDE_OUTLIERS, false, true, false, false,
-                               TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA)},
+                               TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA), false, 0, 0, 0},
     [MS_METHOD_BREADCRUMBS_TIES] = {MS_METHOD_BREADCRUMBS_TIES, "breadcrumbs_ties",
                                     MS_SPARSIFY_MAGNITUDE_OUTLIERS, true, true, false, false,
-                                    TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA)},
+                                    TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_GAMMA), false, 0, 0, 0},
     [MS_METHOD_DELLA] = {MS_METHOD_DELLA, "della", MS_SPARSIFY_DELLA_MAGPRUNE, true, true, true,
-                         true, TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON)},
+                         true, TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON), false, 0, 0, 0},
     [MS_METHOD_DELLA_LINEAR] = {MS_METHOD_DELLA_LINEAR, "della_linear",
                                 MS_SPARSIFY_DELLA_MAGPRUNE, false, true, false, true,
-                                TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON)},
+                                TV_PARAMS | P(MS_PARAM_DENSITY) | P(MS_PARAM_EPSILON), false, 0, 0, 0},
+    /* interpolation and model-soup methods (pipeline/merge_passes_interp.h):
+     * name, base policy, accepted and required parameters, model counts
+     * (besides the base). mergekit's names and defaults. */
+    [MS_METHOD_SLERP] = {MS_METHOD_SLERP, "slerp", MS_SPARSIFY_NONE, false, true, false, false,
+                         P(MS_PARAM_T), false, 1, 1, P(MS_PARAM_T)},
+    [MS_METHOD_NUSLERP] = {MS_METHOD_NUSLERP, "nuslerp", MS_SPARSIFY_NONE, false, false, false, false,
+                           P(MS_PARAM_WEIGHT) | P(MS_PARAM_NUSLERP_FLATTEN) | P(MS_PARAM_NUSLERP_ROW_WISE),
+                           true, 2, 2, 0},
+    [MS_METHOD_MULTISLERP] = {MS_METHOD_MULTISLERP, "multislerp", MS_SPARSIFY_NONE, false, false, false,
+                              false, P(MS_PARAM_WEIGHT) | P(MS_PARAM_NORMALIZE_WEIGHTS) | P(MS_PARAM_EPS),
+                              true, 1, 0, 0},
+    [MS_METHOD_KARCHER] = {MS_METHOD_KARCHER, "karcher", MS_SPARSIFY_NONE, false, false, false, false,
+                           P(MS_PARAM_MAX_ITER) | P(MS_PARAM_TOL), true, 1, 0, 0},
+    [MS_METHOD_MODEL_STOCK] = {MS_METHOD_MODEL_STOCK, "model_stock", MS_SPARSIFY_NONE, false, true, false,
+                               false, P(MS_PARAM_FILTER_WISE), false, 2, 0, 0},
+    [MS_METHOD_NEARSWAP] = {MS_METHOD_NEARSWAP, "nearswap", MS_SPARSIFY_NONE, false, true, false, false,
+                            P(MS_PARAM_T), false, 1, 1, P(MS_PARAM_T)},
+    [MS_METHOD_SCE] = {MS_METHOD_SCE, "sce", MS_SPARSIFY_NONE, false, true, false, false,
+                       P(MS_PARAM_SELECT_TOPK) | P(MS_PARAM_INT8_MASK), false, 1, 0, 0},
+    [MS_METHOD_RAM] = {MS_METHOD_RAM, "ram", MS_SPARSIFY_NONE, false, true, false, false, P(MS_PARAM_EPSILON),
+                       false, 1, 0, 0},
+    [MS_METHOD_RAMPLUS_TL] = {MS_METHOD_RAMPLUS_TL, "ramplus_tl", MS_SPARSIFY_NONE, false, true, false, false,
+                              P(MS_PARAM_EPSILON) | P(MS_PARAM_R) | P(MS_PARAM_ALPHA), false, 1, 0, 0},
+    [MS_METHOD_ARCEE_FUSION] = {MS_METHOD_ARCEE_FUSION, "arcee_fusion", MS_SPARSIFY_NONE, false, true, false,
+                                false, 0, false, 1, 1, 0},
 };
 
 /* Methods mergekit has (and the Hessian-aware ones on our own roadmap) that
  * are not implemented yet: naming one is "not supported yet", not "unknown". */
 static const char *const k_unsupported[] = {
-    "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "passthrough",
-    "nearswap", "sce", "arcee_fusion", "ram", "core_space",
-    "ties_sparsegpt", "dare_sparsegpt", "regmean",
+    "passthrough", "core_space", "ties_sparsegpt", "dare_sparsegpt", "regmean",
 };
 
 /* Indexed by ms_param_id. */
@@ -64,7 +87,34 @@ static const ms_param_info k_params[MS_PARAM_COUNT] = {
                           0.0, 1.0, false, false, NULL},
     [MS_PARAM_INT8_MASK] = {MS_PARAM_INT8_MASK, "int8_mask", MS_PARAM_TYPE_BOOL,
                             MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+    [MS_PARAM_T] = {MS_PARAM_T, "t", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false,
+                    "[0, 1]"},
+    [MS_PARAM_FILTER_WISE] = {MS_PARAM_FILTER_WISE, "filter_wise", MS_PARAM_TYPE_BOOL, MS_PARAM_SCOPE_GLOBAL,
+                              0.0, 1.0, false, false, NULL},
+    [MS_PARAM_NUSLERP_FLATTEN] = {MS_PARAM_NUSLERP_FLATTEN, "nuslerp_flatten", MS_PARAM_TYPE_BOOL,
+                                  MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+    [MS_PARAM_NUSLERP_ROW_WISE] = {MS_PARAM_NUSLERP_ROW_WISE, "nuslerp_row_wise", MS_PARAM_TYPE_BOOL,
+                                   MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+    [MS_PARAM_NORMALIZE_WEIGHTS] = {MS_PARAM_NORMALIZE_WEIGHTS, "normalize_weights", MS_PARAM_TYPE_BOOL,
+                                    MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, false, NULL},
+    [MS_PARAM_EPS] = {MS_PARAM_EPS, "eps", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, true, true,
+                      "(0, 1)"},
+    [MS_PARAM_SELECT_TOPK] = {MS_PARAM_SELECT_TOPK, "select_topk", MS_PARAM_TYPE_NUMBER,
+                              MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, true, false, "(0, 1]"},
+    [MS_PARAM_R] = {MS_PARAM_R, "r", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, FLT_MAX, false, false,
+                    "[0, FLT_MAX]"},
+    [MS_PARAM_ALPHA] = {MS_PARAM_ALPHA, "alpha", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, FLT_MAX,
+                        false, false, "[0, FLT_MAX]"},
+    [MS_PARAM_MAX_ITER] = {MS_PARAM_MAX_ITER, "max_iter", MS_PARAM_TYPE_INT, MS_PARAM_SCOPE_GLOBAL, 0.0,
+                           100000.0, false, false, "[0, 100000]"},
+    [MS_PARAM_TOL] = {MS_PARAM_TOL, "tol", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, true,
+                      "[0, 1)"},
 };
+
+/* Ranges that differ by method: nearswap's t is a positive threshold
+ * (mergekit: "Threshold cannot be <= zero"), not an interpolation weight. */
+static const ms_param_info k_nearswap_t = {MS_PARAM_T, "t", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0,
+                                           FLT_MAX, true, false, "(0, FLT_MAX]"};
 
 const ms_method_info *ms_method_info_get(ms_method m)
 {
@@ -98,7 +148,8 @@ ms_method_lookup_result ms_method_lookup(const char *name, ms_method *out)
 const char *ms_method_names(void)
 {
     return "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
-           "breadcrumbs_ties, della, della_linear";
+           "breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher, "
+           "model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion";
 }
 
 bool ms_method_takes(ms_method m, ms_param_id p)
@@ -123,8 +174,8 @@ bool ms_method_param_default(ms_method m, ms_param_id p, double *out)
     case MS_PARAM_GAMMA:
         *out = 0.01;
         return true;
-    case MS_PARAM_EPSILON:
-        *out = 0.15;
+    case MS_PARAM_EPSILON: /* della's eps; ram's nonzero threshold */
+        *out = m == MS_METHOD_RAM || m == MS_METHOD_RAMPLUS_TL ? 1e-5 : 0.15;
         return true;
     case MS_PARAM_LAMBDA:
         *out = 1.0;
@@ -136,7 +187,31 @@ bool ms_method_param_default(ms_method m, ms_param_id p, double *out)
         *out = mi->default_rescale ? 1.0 : 0.0;
         return true;
     case MS_PARAM_INT8_MASK:
+    case MS_PARAM_FILTER_WISE:
+    case MS_PARAM_NUSLERP_ROW_WISE:
         *out = 0.0;
+        return true;
+    case MS_PARAM_T:
+        return false; /* required */
+    case MS_PARAM_NUSLERP_FLATTEN:
+    case MS_PARAM_NORMALIZE_WEIGHTS:
+    case MS_PARAM_SELECT_TOPK:
+        *out = 1.0;
+        return true;
+    case MS_PARAM_EPS:
+        *out = 1e-8;
+        return true;
+    case MS_PARAM_R:
+        *out = 0.1;
+        return true;
+    case MS_PARAM_ALPHA:
+        *out = 0.2;
+        return true;
+    case MS_PARAM_MAX_ITER:
+        *out = 10.0;
+        return true;
+    case MS_PARAM_TOL:
+        *out = 1e-5;
         return true;
     case MS_PARAM_COUNT:
         break;
@@ -149,6 +224,39 @@ const ms_param_info *ms_param_info_get(ms_param_id p)
     if ((unsigned)p >= MS_PARAM_COUNT)
         return NULL;
     return &k_params[p];
+}
+
+const ms_param_info *ms_method_param_info(ms_method m, ms_param_id p)
+{
+    if (m == MS_METHOD_NEARSWAP && p == MS_PARAM_T)
+        return &k_nearswap_t;
+    return ms_param_info_get(p);
+}
+
+bool ms_method_ignores_unused(ms_method m)
+{
+    switch (m) {
+    case MS_METHOD_SLERP:
+    case MS_METHOD_NUSLERP:
+    case MS_METHOD_MULTISLERP:
+    case MS_METHOD_KARCHER:
+    case MS_METHOD_MODEL_STOCK:
+    case MS_METHOD_NEARSWAP:
+    case MS_METHOD_SCE:
+    case MS_METHOD_RAM:
+    case MS_METHOD_RAMPLUS_TL:
+    case MS_METHOD_ARCEE_FUSION:
+        return true;
+    default:
+        return false;
+    }
+}
+
+void ms_method_model_count(ms_method m, unsigned *lo, unsigned *hi)
+{
+    const ms_method_info *mi = ms_method_info_get(m);
+    *lo = mi && mi->min_models ? mi->min_models : 1;
+    *hi = mi && mi->max_models ? mi->max_models : MS_MAX_MODELS;
 }
 
 bool ms_param_lookup(const char *name, ms_param_id *out)
@@ -174,5 +282,5 @@ bool ms_param_in_range(const ms_param_info *p, double v)
         return false;
     if (p->hi_open ? !(v < p->hi) : !(v <= p->hi))
         return false;
-    return true;
+    return p->type != MS_PARAM_TYPE_INT || floor(v) == v;
 }

@@ -16,10 +16,25 @@
  *   global only (top-level parameters):
  *     normalize, rescale   booleans, per-method defaults
  *     lambda               task-vector methods, default 1, finite within float range
- *     int8_mask            task-vector methods, boolean, accepted and ignored
+ *     int8_mask            task-vector methods and sce, boolean, accepted and ignored
+ *   the interpolation and model-soup methods (global only unless noted):
+ *     t                    slerp (required, [0, 1]); nearswap (required, > 0)
+ *     filter_wise          model_stock, boolean, default false
+ *     nuslerp_flatten      nuslerp, boolean, default true
+ *     nuslerp_row_wise     nuslerp, boolean, default false
+ *     normalize_weights    multislerp, boolean, default true
+ *     eps                  multislerp, default 1e-8, in (0, 1)
+ *     select_topk          sce, default 1, in (0, 1]
+ *     epsilon              ram and ramplus_tl (per model), default 1e-5, in [0, 1)
+ *     r, alpha             ramplus_tl, defaults 0.1 and 0.2, in [0, FLT_MAX]
+ *     max_iter             karcher, an integer, default 10, in [0, 100000]
+ *     tol                  karcher, default 1e-5, in [0, 1)
+ *     weight               also nuslerp and multislerp (per model, required);
+ *                          the other interpolation methods take none
  * A parameter a method does not use is rejected by the recipe parser
  * (mergekit only warns; a typo'd or misplaced parameter silently changing
- * nothing is worse than an error). */
+ * nothing is worse than an error), except by the interpolation and
+ * model-soup methods, which warn and ignore it (ms_method_ignores_unused). */
 #ifndef MS_METHOD_TABLE_H
 #define MS_METHOD_TABLE_H
 
@@ -36,12 +51,24 @@ typedef enum ms_param_id {
     MS_PARAM_NORMALIZE,
     MS_PARAM_RESCALE,
     MS_PARAM_INT8_MASK,
+    MS_PARAM_T,
+    MS_PARAM_FILTER_WISE,
+    MS_PARAM_NUSLERP_FLATTEN,
+    MS_PARAM_NUSLERP_ROW_WISE,
+    MS_PARAM_NORMALIZE_WEIGHTS,
+    MS_PARAM_EPS,
+    MS_PARAM_SELECT_TOPK,
+    MS_PARAM_R,
+    MS_PARAM_ALPHA,
+    MS_PARAM_MAX_ITER,
+    MS_PARAM_TOL,
     MS_PARAM_COUNT
 } ms_param_id;
 
 typedef enum ms_param_type {
     MS_PARAM_TYPE_NUMBER, /* a finite number, possibly a gradient */
     MS_PARAM_TYPE_BOOL,   /* true/false (YAML 1.1 spellings); never a gradient */
+    MS_PARAM_TYPE_INT,    /* an integer literal; never a gradient */
 } ms_param_type;
 
 typedef enum ms_param_scope {
@@ -70,6 +97,12 @@ typedef struct ms_method_info {
     bool default_normalize;
     bool default_rescale;
     unsigned params;         /* accepted parameters: bit (1u << ms_param_id) each */
+    /* appended for the interpolation and model-soup methods (zero: the
+     * task-vector methods' rules) */
+    bool optional_base;      /* base_model optional; when named, it is the base (dropped from models) */
+    unsigned min_models;     /* merged models besides the base: at least (0: 1) */
+    unsigned max_models;     /* ... and at most (0: MS_MAX_MODELS) */
+    unsigned required;       /* parameters without a default that the top level must set (bits) */
 } ms_method_info;
 
 /* The table row of m; NULL when m is not a valid ms_method. */
@@ -102,11 +135,29 @@ bool ms_method_param_default(ms_method m, ms_param_id p, double *out);
 /* The description of p; NULL when p is not a valid ms_param_id. */
 const ms_param_info *ms_param_info_get(ms_param_id p);
 
+/* The description of p as method m uses it: ms_param_info_get(p) except
+ * where m gives p another range (nearswap's t: > 0). NULL when p is not a
+ * valid ms_param_id. */
+const ms_param_info *ms_method_param_info(ms_method m, ms_param_id p);
+
+/* True when the recipe parser ignores (with a warning) a known parameter
+ * that method m does not use, and the parameters of the base listed among
+ * the models, as mergekit does: the interpolation and model-soup methods,
+ * whose published recipes often carry leftovers (weight, normalize,
+ * int8_mask). The task-vector methods reject them (a misplaced density
+ * silently changing nothing is a wrong merge). Unknown names are errors
+ * for every method. */
+bool ms_method_ignores_unused(ms_method m);
+
+/* Merged models (besides the base) method m accepts: [*lo, *hi]. */
+void ms_method_model_count(ms_method m, unsigned *lo, unsigned *hi);
+
 /* Looks a parameter up by its recipe name. Returns false for an unknown name. */
 bool ms_param_lookup(const char *name, ms_param_id *out);
 
 /* True when v is finite and inside p's interval (any finite v for BOOL
- * parameters, which the parser stores as 0/1). */
+ * parameters, which the parser stores as 0/1; INT values must also be
+ * integers). */
 bool ms_param_in_range(const ms_param_info *p, double v);
 
 #endif

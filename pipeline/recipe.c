@@ -113,6 +113,18 @@ static bool text_is_decimal(const char *s)
     return *s == '\0';
 }
 
+/* [+-]digits: an integer literal (no exponent, no fraction). */
+static bool text_is_integer(const char *s)
+{
+    if (*s == '+' || *s == '-')
+        s++;
+    if (!isdigit((unsigned char)*s))
+        return false;
+    while (isdigit((unsigned char)*s))
+        s++;
+    return *s == '\0';
+}
+
 /* PyYAML's (YAML 1.1) booleans. */
 static bool text_bool(const char *s, bool *out)
 {
@@ -305,6 +317,8 @@ static int rp_literal(const recipe_parser *p, const yaml_node_t *n, const ms_par
         *out = b ? 1.0 : 0.0;
         return 0;
     }
+    if (pi->type == MS_PARAM_TYPE_INT && !text_is_integer(s))
+        return rp_fail(p, line, "'%s' in %s must be an integer, not '%s'", pi->name, where, s);
     if (!text_is_decimal(s))
         return rp_fail(p, line, "'%s' in %s must be a number, not '%s'", pi->name, where, s);
     double v = strtod(s, NULL);
@@ -335,11 +349,11 @@ static int rp_value(const recipe_parser *p, const yaml_node_t *n, const ms_param
                        "'%s' in %s must be a scalar, a list of numbers (a gradient) or a list "
                        "of {filter, value} maps",
                        pi->name, where);
-    if (pi->type == MS_PARAM_TYPE_BOOL)
+    if (pi->type != MS_PARAM_TYPE_NUMBER)
         return rp_fail(p, v->line,
-                       "'%s' in %s takes true or false; gradients (lists of numbers) are only "
+                       "'%s' in %s takes %s; gradients (lists of numbers) are only "
                        "for numeric parameters",
-                       pi->name, where);
+                       pi->name, where, pi->type == MS_PARAM_TYPE_BOOL ? "true or false" : "an integer");
     const yaml_node_item_t *items = n->data.sequence.items.start;
     size_t count = (size_t)(n->data.sequence.items.top - items);
     if (count == 0)
@@ -476,14 +490,21 @@ static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *w
         ms_param_id id;
         if (!ms_param_lookup(key, &id))
             return rp_fail(p, line, "unknown key '%s' in %s", key, where);
-        const ms_param_info *pi = ms_param_info_get(id);
+        const ms_param_info *pi = ms_method_param_info(method, id);
         if (params[id].present)
             return rp_fail(p, line, "duplicate key '%s' in %s", key, where);
         /* Strict on purpose: mergekit only warns about parameters a method
          * ignores, and a silently ignored typo'd recipe is a wrong merge. */
-        if (!ms_method_takes(method, id))
-            return rp_fail(p, line, "parameter '%s' in %s is not used by merge_method '%s'", key,
-                           where, ms_method_name(method));
+        if (!ms_method_takes(method, id)) {
+            if (!ms_method_ignores_unused(method))
+                return rp_fail(p, line, "parameter '%s' in %s is not used by merge_method '%s'", key,
+                               where, ms_method_name(method));
+            /* published slerp / model_stock / nuslerp recipes often carry
+             * leftovers (weight, normalize, int8_mask): mergekit ignores them */
+            ms_log_warn("%s:%u: parameter '%s' in %s is not used by merge_method '%s': ignored", p->path,
+                        line, key, where, ms_method_name(method));
+            continue;
+        }
         if (model_level && pi->scope == MS_PARAM_SCOPE_GLOBAL)
             return rp_fail(p, line,
                            "'%s' in %s is a global parameter: set it in the top-level parameters",
@@ -737,16 +758,20 @@ static int rp_models(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         if (rp_model_entry(p, item, m, &has_params) < 0)
             return -1;
 
-        if (mi->needs_base && r->base_path &&
+        if ((mi->needs_base || mi->optional_base) && r->base_path &&
             same_model(m->path, m->adapter_path, r->base_path, r->base_adapter_path)) {
             if (r->base_listed)
                 return rp_fail(p, m->line, "model '%s' (the base) is listed twice in models",
                                m->name);
-            if (has_params)
+            if (has_params && !ms_method_ignores_unused(r->method))
                 return rp_fail(p, m->line,
                                "models[%u] ('%s') is the base model: in merge_method '%s' the base "
                                "takes no parameters (remove them)",
                                m->index, m->name, ms_method_name(r->method));
+            if (has_params)
+                ms_log_warn("%s:%u: models[%u] ('%s') is the base model: merge_method '%s' ignores its "
+                            "parameters",
+                            p->path, m->line, m->index, m->name, ms_method_name(r->method));
             r->base_listed = true;
             recipe_model_clear(m);
             r->n_models--;
@@ -765,6 +790,32 @@ static int rp_models(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         return rp_fail(p, key_line, "models lists %u models; at most %d can be merged",
                        r->n_models, MS_MAX_MODELS);
     return 0;
+}
+
+/* The number of merged models (the base excluded) the method accepts;
+ * key_line is the line of the models key. */
+static int rp_model_count(const recipe_parser *p, unsigned key_line)
+{
+    const ms_recipe *r = p->r;
+    const ms_method_info *mi = ms_method_info_get(r->method);
+    unsigned lo, hi;
+    ms_method_model_count(r->method, &lo, &hi);
+    if (r->n_models >= lo && r->n_models <= hi)
+        return 0;
+    const char *besides = mi->needs_base ? " besides the base_model"
+                          : r->base_path ? " besides the base_model"
+                                         : "";
+    if (lo == hi && lo == 1 && mi->needs_base)
+        return rp_fail(p, key_line,
+                       "merge_method '%s' merges exactly two models, one of them the base_model: models "
+                       "lists %u%s",
+                       mi->name, r->n_models, besides);
+    if (lo == hi)
+        return rp_fail(p, key_line, "merge_method '%s' merges exactly %u models%s%s: models lists %u%s", mi->name,
+                       lo, mi->optional_base ? " (plus an optional base_model that is not one of them)" : "",
+                       "", r->n_models, besides);
+    return rp_fail(p, key_line, "merge_method '%s' needs at least %u models%s: models lists %u%s", mi->name, lo,
+                   mi->needs_base ? " besides the base_model" : "", r->n_models, besides);
 }
 
 /* Walks the root mapping in a fixed order: merge_method first (everything
@@ -828,7 +879,14 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
     if (rp_models(p, nodes[KEY_MODELS], lines[KEY_MODELS]) < 0)
         return -1;
 
-    for (unsigned i = 0; i < r->n_models; i++) {
+    if (rp_model_count(p, lines[KEY_MODELS]) < 0)
+        return -1;
+    for (unsigned id = 0; id < MS_PARAM_COUNT; id++)
+        if ((mi->required & (1u << id)) && !r->params[id].present)
+            return rp_fail(p, r->method_line,
+                           "merge_method '%s' needs parameter '%s' in the top-level parameters", mi->name,
+                           ms_param_info_get((ms_param_id)id)->name);
+    for (unsigned i = 0; i < r->n_models && ms_method_takes(r->method, MS_PARAM_WEIGHT); i++) {
         const ms_recipe_model *m = &r->models[i];
         if (!m->params[MS_PARAM_WEIGHT].present && !r->params[MS_PARAM_WEIGHT].present)
             return rp_fail(p, m->line,

@@ -41,14 +41,28 @@
  * without parameters) that entry is dropped from the merged list, and it must
  * not carry parameters (mergekit ignores them; we refuse rather than ignore).
  * For linear the base is optional and takes no part in the sum; listing it in
- * `models` makes it a regular model of the sum.
+ * `models` makes it a regular model of the sum. nuslerp, multislerp and
+ * karcher take an optional base (method_table.h's optional_base): when
+ * base_model is named it is the base, dropped from `models` like a
+ * task-vector method's (nuslerp and multislerp then work on task vectors;
+ * karcher averages it with the models), and tp.has_base is set.
+ *
+ * Model counts. Each method accepts a number of merged models besides the
+ * base (ms_method_model_count): slerp, nearswap and arcee_fusion exactly one
+ * (mergekit's "exactly two models, one of them the base"), nuslerp exactly
+ * two, model_stock at least two; otherwise an error at the `models` line.
  *
  * Parameters (which method takes which, defaults, ranges: method_table.h).
  * Per-model parameters come from models[i].parameters, else from the
  * top-level parameters, else the method default; weight has no default, so it
- * must be set for every merged model (at load: an error naming the model and
- * its line). Global parameters (normalize, rescale, lambda, int8_mask) are
- * allowed only at the top level. A parameter the method does not use is an
+ * must be set for every merged model of a method that takes it (at load: an
+ * error naming the model and its line; slerp, karcher, model_stock, nearswap,
+ * sce, ram, ramplus_tl and arcee_fusion take no weight). A method's required
+ * global parameters (slerp's and nearswap's t) must be set in the top-level
+ * parameters (an error at the merge_method line); when a tensor's filters
+ * for one match nothing, resolution fails naming the key's line and the
+ * tensor. Global parameters (normalize, rescale, lambda, int8_mask, t, ...)
+ * are allowed only at the top level. A parameter the method does not use is an
  * error (mergekit warns and ignores it; we are strict on purpose).
  *
  * A parameter value is one of
@@ -72,7 +86,8 @@
  * norm and lm_head with t = 1, and a single-layer model with t = 1.)
  *
  * Ranges. Every number literal is checked when the recipe is loaded (density
- * (0, 1], gamma [0, 1), epsilon [0, 1), all numbers finite); since gradients
+ * (0, 1], gamma [0, 1), epsilon [0, 1), slerp's t [0, 1], nearswap's t > 0,
+ * max_iter an integer, ...: method_table.h; all numbers finite); since gradients
  * interpolate between in-range points, resolved values stay in range. della
  * needs density - epsilon > 0 and density + epsilon < 1 (DESIGN.md): checked
  * at load when both values are constants for a model, else per tensor. With
@@ -153,7 +168,8 @@ typedef struct ms_recipe {
  * nothing else about the models is opened). Returns 0 and *out (free with
  * ms_recipe_free), or -1 with err set: MS_EXIT_RUNTIME when the file cannot
  * be read, MS_EXIT_USAGE for anything wrong in it ("RECIPE:LINE: ...").
- * May log one warning (an ignored chat_template); touches no other global
+ * May log warnings (an ignored chat_template; parameters an interpolation
+ * method ignores, see ms_method_ignores_unused); touches no other global
  * state, so separate recipes may be loaded from separate threads. */
 int ms_recipe_load(const char *path, ms_recipe **out, ms_error *err);
 
@@ -172,13 +188,19 @@ double ms_recipe_tensor_t(const char *tensor_name, unsigned num_hidden_layers);
 
 /* Resolves every recipe parameter for one tensor into *out: method, sparsify,
  * consensus, normalize, rescale, has_base (false for linear: its kernel never
- * reads slot 0), n_models, weight/density/gamma/epsilon[1..n] (density 1,
- * gamma 0, epsilon 0 where the method does not use them) and lambda (1 where
- * unused). Every other field is zeroed: the caller fills dtypes, sizes and
- * the Philox key. Returns 0, or -1 with err set (MS_EXIT_USAGE) naming the
+ * reads slot 0; for nuslerp, multislerp and karcher: whether base_model is
+ * named), n_models, weight/density/gamma/epsilon[1..n] (density 1, gamma 0,
+ * epsilon 0 where the method does not use them; weight 1 for methods that
+ * take none), lambda (1 where unused) and the interpolation methods' fields
+ * (t, filter_wise, nuslerp_flatten, nuslerp_row_wise, normalize_weights,
+ * eps, select_topk, ram_r, ram_alpha, max_iter, tol: 0/false where unused).
+ * Every other field is zeroed: the caller fills dtypes, sizes and the
+ * Philox key. Returns 0, or -1 with err set (MS_EXIT_USAGE) naming the
  * recipe, the key's line, the model and the tensor: a value out of range
- * for this tensor (della's density +- epsilon), or a weight whose filters
- * match nothing for this tensor with no fallback; *out is then unspecified.
+ * for this tensor (della's density +- epsilon), a weight or a required
+ * parameter (t) whose filters match nothing for this tensor with no
+ * fallback, or multislerp weights summing to 0 with normalize_weights;
+ * *out is then unspecified.
  * Thread-safe (reads r only); tensor_name must not be NULL. */
 int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                             unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err);

@@ -4,6 +4,7 @@
 #include "pipeline/recipe.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -143,7 +144,7 @@ static int recipe_check_range(const ms_recipe *r, const ms_recipe_model *m, ms_p
                               const char *tensor_name, double v, recipe_source src,
                               ms_error *err)
 {
-    const ms_param_info *pi = ms_param_info_get(id);
+    const ms_param_info *pi = ms_method_param_info(r->method, id);
     if (ms_param_in_range(pi, v))
         return 0;
     char who[600] = "";
@@ -207,6 +208,69 @@ static int recipe_resolve_checked(const ms_recipe *r, const ms_recipe_model *m, 
     return recipe_check_range(r, m, id, tensor_name, *out, *src, err);
 }
 
+/* A global parameter the method takes, resolved and range-checked; false
+ * in *taken when the method does not take it (out untouched). A required
+ * parameter (no default) whose filters match nothing for this tensor is an
+ * error naming its line and the tensor. */
+static int recipe_global(const ms_recipe *r, ms_param_id id, const char *tensor_name, double t,
+                         double *out, bool *taken, ms_error *err)
+{
+    *taken = ms_method_takes(r->method, id);
+    if (!*taken)
+        return 0;
+    recipe_source src;
+    if (!recipe_resolve(r, NULL, id, tensor_name, t, out, &src)) {
+        const ms_param_info *pi = ms_param_info_get(id);
+        unsigned line = r->params[id].present ? r->params[id].line : r->method_line;
+        return recipe_fail(r, line, err,
+                           "no %s on tensor '%s': its filters match nothing and there is no fallback entry",
+                           pi->name, tensor_name);
+    }
+    return recipe_check_range(r, NULL, id, tensor_name, *out, src, err);
+}
+
+/* The interpolation and model-soup methods' global parameters. */
+static int recipe_interp_params(const ms_recipe *r, const char *tensor_name, double t,
+                                ms_tensor_params *out, ms_error *err)
+{
+    double v = 0;
+    bool taken;
+    if (recipe_global(r, MS_PARAM_T, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->t = taken ? v : 0.0;
+    if (recipe_global(r, MS_PARAM_FILTER_WISE, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->filter_wise = taken && v != 0.0;
+    if (recipe_global(r, MS_PARAM_NUSLERP_FLATTEN, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->nuslerp_flatten = taken && v != 0.0;
+    if (recipe_global(r, MS_PARAM_NUSLERP_ROW_WISE, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->nuslerp_row_wise = taken && v != 0.0;
+    if (recipe_global(r, MS_PARAM_NORMALIZE_WEIGHTS, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->normalize_weights = taken && v != 0.0;
+    if (recipe_global(r, MS_PARAM_EPS, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->eps = taken ? v : 0.0;
+    if (recipe_global(r, MS_PARAM_SELECT_TOPK, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->select_topk = taken ? v : 0.0;
+    if (recipe_global(r, MS_PARAM_R, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->ram_r = taken ? v : 0.0;
+    if (recipe_global(r, MS_PARAM_ALPHA, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->ram_alpha = taken ? v : 0.0;
+    if (recipe_global(r, MS_PARAM_MAX_ITER, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->max_iter = taken ? (unsigned)v : 0;
+    if (recipe_global(r, MS_PARAM_TOL, tensor_name, t, &v, &taken, err) < 0)
+        return -1;
+    out->tol = taken ? v : 0.0;
+    return 0;
+}
+
 int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                             unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err)
 {
@@ -220,14 +284,19 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
     out->method = r->method;
     out->sparsify = mi->sparsify;
     out->consensus = mi->consensus;
-    out->has_base = mi->needs_base;
+    out->has_base = mi->needs_base || (mi->optional_base && r->base_path);
     out->n_models = r->n_models;
 
     double v = 0;
     recipe_source src;
-    if (recipe_resolve_checked(r, NULL, MS_PARAM_NORMALIZE, tensor_name, t, &v, &src, err) < 0)
+    out->normalize = false;
+    if (ms_method_takes(r->method, MS_PARAM_NORMALIZE)) {
+        if (recipe_resolve_checked(r, NULL, MS_PARAM_NORMALIZE, tensor_name, t, &v, &src, err) < 0)
+            return -1;
+        out->normalize = v != 0.0;
+    }
+    if (recipe_interp_params(r, tensor_name, t, out, err) < 0)
         return -1;
-    out->normalize = v != 0.0;
     out->rescale = false;
     if (ms_method_takes(r->method, MS_PARAM_RESCALE)) {
         if (recipe_resolve_checked(r, NULL, MS_PARAM_RESCALE, tensor_name, t, &v, &src, err) < 0)
@@ -245,14 +314,18 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
         const ms_recipe_model *m = &r->models[i];
         unsigned slot = i + 1;
 
-        if (!recipe_resolve(r, m, MS_PARAM_WEIGHT, tensor_name, t, &v, &src))
+        if (!ms_method_takes(r->method, MS_PARAM_WEIGHT)) {
+            out->weight[slot] = 1.0f; /* unused by the method */
+        } else if (!recipe_resolve(r, m, MS_PARAM_WEIGHT, tensor_name, t, &v, &src)) {
             return recipe_fail(r, m->line, err,
                                "no weight for models[%u] ('%s') on tensor '%s': its filters "
                                "match nothing and there is no fallback entry or top-level weight",
                                m->index, m->name, tensor_name);
-        if (recipe_check_range(r, m, MS_PARAM_WEIGHT, tensor_name, v, src, err) < 0)
-            return -1;
-        out->weight[slot] = (float)v;
+        } else {
+            if (recipe_check_range(r, m, MS_PARAM_WEIGHT, tensor_name, v, src, err) < 0)
+                return -1;
+            out->weight[slot] = (float)v;
+        }
 
         out->density[slot] = 1.0;
         recipe_source dsrc = {0, false};
@@ -278,6 +351,17 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                                    tensor_name, err) < 0)
                 return -1;
         }
+    }
+    if (r->method == MS_METHOD_MULTISLERP && out->normalize_weights) {
+        /* mergekit divides by the sum: a zero sum would make every weight infinite */
+        double wsum = 0.0;
+        for (unsigned i = 1; i <= out->n_models; i++)
+            wsum += (double)out->weight[i];
+        if (fabs(wsum) < 1e-8)
+            return recipe_fail(r, r->models[0].line, err,
+                               "the weights of merge_method 'multislerp' sum to %g on tensor '%s'; with "
+                               "normalize_weights they must not sum to 0",
+                               wsum, tensor_name);
     }
     return 0;
 }

@@ -373,7 +373,8 @@ static const struct {
 
 static void test_method_defaults(void **state)
 {
-    assert_int_equal(sizeof k_expect / sizeof k_expect[0], MS_METHOD_COUNT);
+    /* the task-vector methods (the interpolation methods: test_interp_methods) */
+    assert_int_equal(sizeof k_expect / sizeof k_expect[0], MS_METHOD_DELLA_LINEAR + 1);
     for (size_t i = 0; i < sizeof k_expect / sizeof k_expect[0]; i++) {
         char *text = NULL;
         bool della = k_expect[i].epsilon;
@@ -423,7 +424,9 @@ static void test_method_defaults(void **state)
     ms_method m;
     assert_int_equal(ms_method_lookup("della_linear", &m), MS_METHOD_FOUND);
     assert_int_equal(m, MS_METHOD_DELLA_LINEAR);
-    assert_int_equal(ms_method_lookup("slerp", &m), MS_METHOD_UNSUPPORTED);
+    assert_int_equal(ms_method_lookup("core_space", &m), MS_METHOD_UNSUPPORTED);
+    assert_int_equal(ms_method_lookup("slerp", &m), MS_METHOD_FOUND);
+    assert_int_equal(m, MS_METHOD_SLERP);
     assert_int_equal(ms_method_lookup("TIES", &m), MS_METHOD_UNKNOWN);
     assert_string_equal(ms_method_name(MS_METHOD_COUNT), "unknown");
     assert_null(ms_method_info_get(MS_METHOD_COUNT));
@@ -838,8 +841,8 @@ static void test_error_methods(void **state)
                 Y("merge_method: tie")
                 Y("models: []"),
                 2, "unknown merge_method 'tie'", "dare_ties, dare_linear");
-    expect_fail(Y("merge_method: slerp"),
-                1, "merge_method 'slerp'", "not supported yet");
+    expect_fail(Y("merge_method: core_space"),
+                1, "merge_method 'core_space'", "not supported yet");
     expect_fail(Y("models:")
                 Y("  - model: models/ft1"),
                 1, "missing merge_method", NULL);
@@ -1315,6 +1318,401 @@ static void test_examples_load(void **state)
     }
 }
 
+/* ------------------------------------- interpolation and model-soup methods */
+
+static void test_interp_methods(void **state)
+{
+    /* slerp as mergekit users write it: the base listed among the models,
+     * t as filtered gradients with a fallback */
+    ms_recipe *r = load_ok(Y("merge_method: slerp")
+                           Y("base_model: models/base")
+                           Y("models:")
+                           Y("  - model: models/base")
+                           Y("  - model: models/ft1")
+                           Y("parameters:")
+                           Y("  t:")
+                           Y("    - filter: self_attn")
+                           Y("      value: [0, 0.5, 0.3, 0.7, 1]")
+                           Y("    - filter: mlp")
+                           Y("      value: [1, 0.5, 0.7, 0.3, 0]")
+                           Y("    - value: 0.5")
+                           Y("dtype: bfloat16"));
+    assert_true(r->base_listed);
+    assert_int_equal(r->n_models, 1);
+    ms_tensor_params tp = params_ok(r, "model.layers.1.self_attn.q_proj.weight", 5);
+    assert_int_equal(tp.method, MS_METHOD_SLERP);
+    assert_true(tp.has_base);
+    assert_int_equal(tp.n_models, 1);
+    assert_true(tp.t == 0.5 && tp.weight[1] == 1.0f && tp.lambda == 1.0f && !tp.normalize);
+    assert_rest_zero(&tp);
+    assert_true(params_ok(r, "model.layers.2.mlp.up_proj.weight", 5).t == 0.7);
+    assert_true(params_ok(r, "model.layers.3.mlp.up_proj.weight", 5).t == 0.3);
+    assert_true(params_ok(r, "model.layers.4.self_attn.o_proj.weight", 5).t == 1.0);
+    assert_true(params_ok(r, "model.norm.weight", 5).t == 0.5);
+    ms_recipe_free(r);
+
+    /* nuslerp: no base (two models), defaults; with a base listed among three */
+    r = load_ok(Y("merge_method: nuslerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 0.25}")
+                Y("  - model: models/ft2")
+                Y("    parameters: {weight: 0.75}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_false(tp.has_base);
+    assert_true(tp.nuslerp_flatten && !tp.nuslerp_row_wise);
+    assert_true(tp.weight[1] == 0.25f && tp.weight[2] == 0.75f);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: nuslerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/base")
+                Y("  - model: models/ft2")
+                Y("    parameters: {weight: 2}")
+                Y("parameters: {nuslerp_flatten: false, nuslerp_row_wise: yes}"));
+    assert_true(r->base_listed);
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.has_base && !tp.nuslerp_flatten && tp.nuslerp_row_wise);
+    assert_int_equal(tp.n_models, 2);
+    ms_recipe_free(r);
+
+    /* multislerp, karcher: optional base, defaults and settings */
+    r = load_ok(Y("merge_method: multislerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2")
+                Y("    parameters: {weight: 2}")
+                Y("  - model: models/ft3")
+                Y("    parameters: {weight: 3}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.has_base && tp.normalize_weights && tp.eps == 1e-8);
+    assert_int_equal(tp.n_models, 3);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: multislerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("parameters: {weight: 0.5, normalize_weights: false, eps: 1e-6}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(!tp.has_base && !tp.normalize_weights && tp.eps == 1e-6 && tp.weight[2] == 0.5f);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: karcher")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("parameters: {max_iter: 1000, tol: 1e-9}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(!tp.has_base && tp.max_iter == 1000 && tp.tol == 1e-9);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: karcher")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.has_base && tp.max_iter == 10 && tp.tol == 1e-5);
+    ms_recipe_free(r);
+
+    /* model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion */
+    r = load_ok(Y("merge_method: model_stock")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.has_base && !tp.filter_wise && tp.weight[1] == 1.0f);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: model_stock")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("  - model: models/ft3")
+                Y("parameters: {filter_wise: true}"));
+    assert_true(params_ok(r, "model.norm.weight", 2).filter_wise);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: nearswap")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {t: 0.0001}"));
+    assert_true(params_ok(r, "model.norm.weight", 2).t == 0.0001);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: sce")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("parameters: {int8_mask: true}"));
+    assert_true(params_ok(r, "model.norm.weight", 2).select_topk == 1.0);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: sce")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {select_topk: [0.1, 0.9]}"));
+    assert_true(fabs(params_ok(r, "model.layers.1.mlp.up_proj.weight", 3).select_topk - 0.5) < 1e-15);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: ram")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("    parameters: {epsilon: 0.001}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.epsilon[1] == 1e-5 && tp.epsilon[2] == 0.001);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: ramplus_tl")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("parameters: {r: 0.5}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.ram_r == 0.5 && tp.ram_alpha == 0.2 && tp.epsilon[2] == 1e-5);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: arcee_fusion")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/base")
+                Y("  - model: models/ft1"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.method == MS_METHOD_ARCEE_FUSION && tp.has_base && tp.n_models == 1);
+    ms_recipe_free(r);
+
+    /* parameter facts */
+    double d;
+    assert_false(ms_method_param_default(MS_METHOD_SLERP, MS_PARAM_T, &d));
+    assert_true(ms_method_param_default(MS_METHOD_DELLA, MS_PARAM_EPSILON, &d) && d == 0.15);
+    assert_true(ms_method_param_default(MS_METHOD_RAM, MS_PARAM_EPSILON, &d) && d == 1e-5);
+    assert_true(ms_param_in_range(ms_method_param_info(MS_METHOD_SLERP, MS_PARAM_T), 0.0));
+    assert_false(ms_param_in_range(ms_method_param_info(MS_METHOD_SLERP, MS_PARAM_T), nextafter(1.0, 2.0)));
+    assert_false(ms_param_in_range(ms_method_param_info(MS_METHOD_NEARSWAP, MS_PARAM_T), 0.0));
+    assert_true(ms_param_in_range(ms_method_param_info(MS_METHOD_NEARSWAP, MS_PARAM_T), 5.0));
+    assert_true(ms_param_in_range(ms_param_info_get(MS_PARAM_MAX_ITER), 7.0));
+    assert_false(ms_param_in_range(ms_param_info_get(MS_PARAM_MAX_ITER), 7.5));
+    unsigned lo, hi;
+    ms_method_model_count(MS_METHOD_MODEL_STOCK, &lo, &hi);
+    assert_true(lo == 2 && hi == MS_MAX_MODELS);
+    ms_method_model_count(MS_METHOD_TIES, &lo, &hi);
+    assert_true(lo == 1 && hi == MS_MAX_MODELS);
+}
+
+static void test_interp_errors(void **state)
+{
+    /* model counts: one line naming the key, exit 2 */
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("parameters: {t: 0.5}")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2"),
+                4, "merge_method 'slerp' merges exactly two models, one of them the base_model",
+                "models lists 2 besides the base_model");
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("parameters: {t: 0.5}")
+                Y("models:")
+                Y("  - model: models/base"),
+                4, "models", "besides the base");
+    expect_fail(Y("merge_method: nearswap")
+                Y("base_model: models/base")
+                Y("parameters: {t: 0.5}")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("  - model: models/ft3"),
+                4, "'nearswap' merges exactly two models", "lists 3");
+    expect_fail(Y("merge_method: arcee_fusion")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2"),
+                3, "'arcee_fusion' merges exactly two models", NULL);
+    expect_fail(Y("merge_method: model_stock")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/base")
+                Y("  - model: models/ft1"),
+                3, "'model_stock' needs at least 2 models besides the base_model", "lists 1");
+    expect_fail(Y("merge_method: nuslerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft3")
+                Y("    parameters: {weight: 1}"),
+                2, "'nuslerp' merges exactly 2 models", "lists 3");
+    /* mergekit: the nuslerp base can not be one of the two models */
+    expect_fail(Y("merge_method: nuslerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/base")
+                Y("  - model: models/ft2")
+                Y("    parameters: {weight: 1}"),
+                3, "'nuslerp' merges exactly 2 models", "lists 1 besides the base_model");
+    expect_fail(Y("merge_method: slerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {t: 0.5}"),
+                1, "merge_method 'slerp'", "needs a base_model");
+
+    /* required t, ranges, parameters a method does not take */
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                1, "merge_method 'slerp' needs parameter 't'", "top-level parameters");
+    expect_fail(Y("merge_method: nearswap")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                1, "merge_method 'nearswap' needs parameter 't'", NULL);
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters:")
+                Y("  t: [0, 1.5]"),
+                6, "'t' 1.5 in parameters is out of range", "[0, 1]");
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters:")
+                Y("  t: -0.1"),
+                6, "'t'", "[0, 1]");
+    expect_fail(Y("merge_method: nearswap")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters:")
+                Y("  t: 0"),
+                6, "'t' 0 in parameters is out of range", "(0, FLT_MAX]");
+    expect_fail(Y("merge_method: ram")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters:")
+                Y("      epsilon: 1.5"),
+                6, "'epsilon' 1.5 in models[0].parameters is out of range", "[0, 1)");
+    expect_fail(Y("merge_method: ramplus_tl")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {epsilon: -1e-5}"),
+                5, "'epsilon'", "out of range");
+    expect_fail(Y("merge_method: sce")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {select_topk: 0}"),
+                5, "'select_topk'", "(0, 1]");
+    expect_fail(Y("merge_method: multislerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {weight: 1, eps: 0}"),
+                4, "'eps'", "(0, 1)");
+    expect_fail(Y("merge_method: karcher")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters:")
+                Y("  max_iter: 2.5"),
+                5, "'max_iter' in parameters must be an integer", "'2.5'");
+    expect_fail(Y("merge_method: karcher")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters:")
+                Y("  max_iter: [1, 2]"),
+                5, "'max_iter'", "takes an integer");
+    expect_fail(Y("merge_method: karcher")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("parameters: {tol: 1}"),
+                4, "'tol'", "[0, 1)");
+    /* leftovers mergekit ignores (weight, normalize, int8_mask, the base's
+     * parameters) are ignored with a warning by the interpolation methods;
+     * unknown names stay errors */
+    ms_recipe *lr = load_ok(Y("merge_method: slerp")
+                            Y("base_model: models/base")
+                            Y("models:")
+                            Y("  - model: models/base")
+                            Y("    parameters: {weight: 1.0}")
+                            Y("  - model: models/ft1")
+                            Y("    parameters: {weight: 0.5, density: 0.3}")
+                            Y("parameters: {t: 0.25, normalize: true, int8_mask: true}"));
+    assert_int_equal(lr->n_models, 1);
+    assert_false(lr->models[0].params[MS_PARAM_WEIGHT].present);
+    ms_tensor_params ltp = params_ok(lr, "model.norm.weight", 2);
+    assert_true(ltp.t == 0.25 && ltp.weight[1] == 1.0f && !ltp.normalize);
+    ms_recipe_free(lr);
+    lr = load_ok(Y("merge_method: nuslerp") /* a published recipe's form */
+                 Y("models:")
+                 Y("  - model: models/ft1")
+                 Y("    parameters: {weight: 0.6}")
+                 Y("  - model: models/ft2")
+                 Y("    parameters: {weight: 0.2}")
+                 Y("  - model: models/base")
+                 Y("    parameters: {weight: 1.0}")
+                 Y("base_model: models/base")
+                 Y("parameters: {normalize: true, int8_mask: true, nuslerp_flatten: false, nuslerp_row_wise: true}"));
+    ltp = params_ok(lr, "model.norm.weight", 2);
+    assert_true(ltp.has_base && ltp.weight[1] == 0.6f && ltp.weight[2] == 0.2f && ltp.nuslerp_row_wise);
+    ms_recipe_free(lr);
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {wieght: 0.5}")
+                Y("parameters: {t: 0.5}"),
+                5, "unknown key 'wieght'", "models[0].parameters");
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {t: 0.5}"),
+                5, "'t' in models[0].parameters", "global parameter");
+    expect_fail(Y("merge_method: model_stock")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2")
+                Y("parameters: {t: 0.5, filter_wise: maybe}"),
+                6, "'filter_wise'", "true or false");
+    expect_fail(Y("merge_method: nuslerp")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1}")
+                Y("  - model: models/ft2"),
+                5, "models[1]", "no weight");
+
+    /* per tensor: t filters that match nothing; multislerp weights summing to 0 */
+    ms_recipe *rr = load_ok(Y("merge_method: slerp")
+                            Y("base_model: models/base")
+                            Y("models:")
+                            Y("  - model: models/ft1")
+                            Y("parameters:")
+                            Y("  t:")
+                            Y("    - filter: mlp")
+                            Y("      value: 0.3"));
+    assert_true(params_ok(rr, "model.layers.0.mlp.up_proj.weight", 2).t == 0.3);
+    expect_tensor_fail(rr, "model.layers.0.self_attn.q_proj.weight", 2, 6, "no t on tensor", "fallback");
+    ms_recipe_free(rr);
+    rr = load_ok(Y("merge_method: multislerp")
+                 Y("models:")
+                 Y("  - model: models/ft1")
+                 Y("    parameters: {weight: [1, -1]}")
+                 Y("  - model: models/ft2")
+                 Y("    parameters: {weight: 1}"));
+    assert_true(params_ok(rr, "model.layers.0.mlp.up_proj.weight", 3).weight[1] == 1.0f);
+    expect_tensor_fail(rr, "model.layers.2.mlp.up_proj.weight", 3, 3, "multislerp", "sum to 0");
+    ms_recipe_free(rr);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1341,6 +1739,8 @@ int main(void)
         cmocka_unit_test(test_error_unreadable),
         cmocka_unit_test(test_yaml_aliases_and_styles),
         cmocka_unit_test(test_examples_load),
+        cmocka_unit_test(test_interp_methods),
+        cmocka_unit_test(test_interp_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
