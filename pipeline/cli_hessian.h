@@ -37,11 +37,12 @@ typedef struct ms_fwd_cli {
  * (exit 0), or MS_EXIT_USAGE after printing the usage error. */
 int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int argc, char **argv, ms_fwd_cli *o);
 
-/* Opens the session (need_head: perplexity), the pool and OpenBLAS's
- * threads, and fills the run options every command shares: batch size,
- * activation budget (--max-memory minus what one layer holds; a warning when
- * that alone exceeds it), progress label. Returns 0, or -1 with err set
- * (nothing left open). */
+/* Opens the pool, then the session (need_head: perplexity; o->model may be
+ * BASE_DIR+ADAPTER_DIR, ms_llama_session_open) and OpenBLAS's threads, and
+ * fills the run options every command shares: batch size, activation budget
+ * (--max-memory minus what one layer and the weight source hold; a warning
+ * when that alone exceeds it), progress label. Returns 0, or -1 with err set
+ * (nothing left open, *pool NULL). */
 int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
                      cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
 

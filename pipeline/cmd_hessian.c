@@ -31,7 +31,8 @@ static const char k_help[] =
     "usage: mergestream hessian MODEL --calib FILE -o DIR [OPTIONS]\n"
     "\n"
     "Runs the calibration tokens through MODEL (a LlamaForCausalLM, MistralForCausalLM\n"
-    "or Qwen2ForCausalLM directory), one layer at a time for all samples, and writes\n"
+    "or Qwen2ForCausalLM directory, or BASE_DIR+ADAPTER_DIR: that model with a PEFT\n"
+    "LoRA adapter applied on the fly), one layer at a time for all samples, and writes\n"
     "for every linear layer's input H = 2/N * sum of x x^T over the N real (unpadded)\n"
     "tokens, as F32 tensors in DIR/hessians.safetensors (sharded past\n"
     "--out-shard-size). Inputs shared by q/k/v_proj and by gate/up_proj are stored\n"
@@ -59,8 +60,15 @@ static const char k_help[] =
     "  --quiet               no progress or summary on stderr\n"
     "  -h, --help            this text\n"
     "\n"
-    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model,\n"
-    "3 invalid input data (a token id beyond the vocabulary, a malformed file).\n";
+    "BASE_DIR+ADAPTER_DIR splits at the last '+' that follows an existing path and\n"
+    "precedes a directory holding adapter_config.json (else at the last '+' before\n"
+    "such a directory; a path that exists as written is never split), so both\n"
+    "paths may contain '+'. The weights are base + LoRA delta in fp32, as\n"
+    "`mergestream merge` materialises them.\n"
+    "\n"
+    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model or\n"
+    "adapter (PiSSA, ...), 3 invalid input data (a token id beyond the vocabulary,\n"
+    "a malformed file, an adapter that does not fit the base).\n";
 
 /* ============================================================ shared options */
 
@@ -163,16 +171,22 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, boo
                      cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
 {
     *pool = NULL;
-    if (ms_llama_session_open(o->model, o->calib, &o->calib_opt, need_head, s, err) < 0)
-        return -1;
-    const cpu_llama_config *c = &s->config.llama;
-    const ms_calib *cal = s->calib;
-    int rc = cpu_pool_open(o->threads, pool);
+    int rc = cpu_pool_open(o->threads, pool); /* first: a LoRA source computes its deltas on it */
     if (rc < 0) {
-        ms_llama_session_close(s);
+        *pool = NULL;
         return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, "threads", "cannot start %u threads", o->threads);
     }
+    if (ms_llama_session_open(o->model, o->calib, &o->calib_opt, need_head, *pool, s, err) < 0) {
+        cpu_pool_close(*pool);
+        *pool = NULL;
+        return -1;
+    }
+    const cpu_llama_config *c = &s->config.llama;
+    const ms_calib *cal = s->calib;
     cpu_llama_blas_set_threads(o->threads);
+    if (s->adapter)
+        ms_log_info("%s: adapter %s applied on the fly to %zu tensors of %s", label, ms_peft_path(s->adapter),
+                    ms_peft_n_targets(s->adapter), s->model->path);
     if (s->config.max_position_embeddings && cal->seq_len > s->config.max_position_embeddings)
         ms_log_warn("%s: samples of %" PRIu64 " positions exceed max_position_embeddings (%" PRIu64 ")", o->calib,
                     cal->seq_len, s->config.max_position_embeddings);
@@ -184,6 +198,8 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, boo
     uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;
     uint64_t seq = cal->seq_len < rows ? cal->seq_len : rows;
     uint64_t fixed = ms_llama_fixed_bytes(c, stats, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
+    if (fixed != UINT64_MAX)
+        fixed = fixed + s->src.host_bytes < fixed ? UINT64_MAX : fixed + s->src.host_bytes;
     uint64_t act = cal->n_real * c->hidden * 4;
     if (fixed >= o->max_memory)
         ms_log_warn("one layer's weights, statistics and batch scratch take %.2f GB, more than --max-memory "
@@ -431,9 +447,8 @@ int ms_cmd_hessian(int argc, char **argv)
     ro.spill_dir = o.out_dir;
     if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, NULL, &res, &err) < 0)
         goto fail;
-    for (unsigned sh = 0; sh < s.model->n_shards; sh++)
-        if (st_file_check_unchanged(s.model->shards[sh], &err) < 0)
-            goto fail;
+    if (ms_llama_session_check_unchanged(&s, &err) < 0)
+        goto fail;
     double t_finish = ms_now_seconds();
     if (st_writer_finish(w, &err) < 0)
         goto fail;
@@ -444,8 +459,8 @@ int ms_cmd_hessian(int argc, char **argv)
     free(sink.buf);
     ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
+    ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
-    ms_llama_session_close(&s);
     return MS_EXIT_OK;
 fail:
     st_writer_abort(w);
@@ -454,7 +469,7 @@ fail:
     free(sink.buf);
     ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
+    ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
-    ms_llama_session_close(&s);
     return ms_cli_fail(&err);
 }

@@ -16,7 +16,8 @@ static const char k_help[] =
     "usage: mergestream perplexity MODEL --calib FILE [OPTIONS]\n"
     "\n"
     "Runs the calibration tokens through MODEL (a LlamaForCausalLM, MistralForCausalLM\n"
-    "or Qwen2ForCausalLM directory) layer by layer and prints the mean negative\n"
+    "or Qwen2ForCausalLM directory, or BASE_DIR+ADAPTER_DIR: that model with a PEFT\n"
+    "LoRA adapter applied on the fly) layer by layer and prints the mean negative\n"
     "log-likelihood (nats) of every real token that follows a real token in its\n"
     "sample, and the perplexity exp(mean NLL). Padding never counts.\n"
     "\n"
@@ -34,8 +35,15 @@ static const char k_help[] =
     "  --quiet               no progress or summary on stderr\n"
     "  -h, --help            this text\n"
     "\n"
-    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model,\n"
-    "3 invalid input data (a token id beyond the vocabulary, a malformed file).\n";
+    "BASE_DIR+ADAPTER_DIR splits at the last '+' that follows an existing path and\n"
+    "precedes a directory holding adapter_config.json (else at the last '+' before\n"
+    "such a directory; a path that exists as written is never split), so both\n"
+    "paths may contain '+'. The weights are base + LoRA delta in fp32, as\n"
+    "`mergestream merge` materialises them.\n"
+    "\n"
+    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model or\n"
+    "adapter (PiSSA, ...), 3 invalid input data (a token id beyond the vocabulary,\n"
+    "a malformed file, an adapter that does not fit the base).\n";
 
 int ms_cmd_perplexity(int argc, char **argv)
 {
@@ -53,9 +61,8 @@ int ms_cmd_perplexity(int argc, char **argv)
     ro.nll = true;
     if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, NULL, &r, &err) < 0)
         goto fail;
-    for (unsigned sh = 0; sh < s.model->n_shards; sh++)
-        if (st_file_check_unchanged(s.model->shards[sh], &err) < 0)
-            goto fail;
+    if (ms_llama_session_check_unchanged(&s, &err) < 0)
+        goto fail;
     if (r.n_predicted == 0) {
         ms_error_set(&err, MS_EXIT_DATA, o.calib, "no token has a real successor: nothing to predict");
         goto fail;
@@ -87,11 +94,11 @@ int ms_cmd_perplexity(int argc, char **argv)
     }
     ms_log_info("perplexity: %.1f s, %.0f tokens/s, %.1f GFLOP/s, peak RSS %.2f GB", r.seconds, tok_s,
                 r.seconds > 0 ? r.flops / r.seconds / 1e9 : 0.0, (double)ms_peak_rss_bytes() / 1e9);
+    ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
-    ms_llama_session_close(&s);
     return MS_EXIT_OK;
 fail:
+    ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
-    ms_llama_session_close(&s);
     return ms_cli_fail(&err);
 }

@@ -7,9 +7,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cpu/dtype_convert.h"
+#include "cpu/lora_delta.h"
 #include "io/atomic_file.h"
 #include "io/ms_fault.h"
 #include "pipeline/progress.h"
@@ -46,7 +48,8 @@ static int pread_exact(int fd, const char *path, uint64_t off, void *buf, uint64
 
 typedef struct model_src {
     const ms_model *m;
-    unsigned char *stage; /* SRC_STAGE_BYTES */
+    unsigned char *stage; /* stage_bytes: raw rows on their way to fp32 */
+    uint64_t stage_bytes; /* >= SRC_STAGE_BYTES */
 } model_src;
 
 static const st_tensor *model_tensor(const model_src *s, const char *name, const st_file **file)
@@ -58,12 +61,10 @@ static const st_tensor *model_tensor(const model_src *s, const char *name, const
     return s->m->tensors[i].info;
 }
 
-static int model_find(void *ctx, const char *name, unsigned *ndim, uint64_t shape[2], ms_error *err)
+/* find's answer for tensor t of file f (looked up as name). */
+static int tensor_shape(const st_tensor *t, const st_file *f, const char *name, unsigned *ndim, uint64_t shape[2],
+                        ms_error *err)
 {
-    const st_file *f;
-    const st_tensor *t = model_tensor(ctx, name, &f);
-    if (!t)
-        return 0;
     if (!st_dtype_is_mergeable_float(t->dtype))
         return ms_error_set(err, MS_EXIT_DATA, name, "dtype %s in %s: the forward pass reads F32, F16 or BF16",
                             st_dtype_name(t->dtype), f->path);
@@ -75,26 +76,42 @@ static int model_find(void *ctx, const char *name, unsigned *ndim, uint64_t shap
     return 1;
 }
 
-static int model_read_rows(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err)
+/* Rows [row0, row0 + n_rows) of t (in f; a 1-D tensor is one row) widened
+ * to fp32 into out, through stage for F16/BF16. Returns 0 or -1. */
+static int tensor_rows_f32(const st_file *f, const st_tensor *t, unsigned char *stage, uint64_t stage_bytes,
+                           uint64_t row0, uint64_t n_rows, float *out, ms_error *err)
 {
-    model_src *s = ctx;
-    const st_file *f;
-    const st_tensor *t = model_tensor(s, name, &f);
-    MS_ASSERT(t && st_dtype_is_mergeable_float(t->dtype) && (t->ndim == 1 || t->ndim == 2));
+    MS_ASSERT(st_dtype_is_mergeable_float(t->dtype) && (t->ndim == 1 || t->ndim == 2));
     uint64_t rows = t->ndim == 2 ? t->shape[0] : 1, cols = t->shape[t->ndim - 1];
     MS_ASSERT(row0 <= rows && n_rows <= rows - row0);
     unsigned esz = st_dtype_bits(t->dtype) / 8;
     uint64_t off = st_file_tensor_offset(f, t) + row0 * cols * esz, n = n_rows * cols;
     if (t->dtype == ST_F32)
         return pread_exact(f->fd, f->path, off, out, n * 4, err);
-    uint64_t per = SRC_STAGE_BYTES / esz;
+    uint64_t per = stage_bytes / esz;
     for (uint64_t done = 0; done < n; done += per) {
         uint64_t k = n - done < per ? n - done : per;
-        if (pread_exact(f->fd, f->path, off + done * esz, s->stage, k * esz, err) < 0)
+        if (pread_exact(f->fd, f->path, off + done * esz, stage, k * esz, err) < 0)
             return -1;
-        cpu_convert(s->stage, t->dtype, out + done, ST_F32, k);
+        cpu_convert(stage, t->dtype, out + done, ST_F32, k);
     }
     return 0;
+}
+
+static int model_find(void *ctx, const char *name, unsigned *ndim, uint64_t shape[2], ms_error *err)
+{
+    const st_file *f;
+    const st_tensor *t = model_tensor(ctx, name, &f);
+    return t ? tensor_shape(t, f, name, ndim, shape, err) : 0;
+}
+
+static int model_read_rows(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err)
+{
+    model_src *s = ctx;
+    const st_file *f;
+    const st_tensor *t = model_tensor(s, name, &f);
+    MS_ASSERT(t);
+    return tensor_rows_f32(f, t, s->stage, s->stage_bytes, row0, n_rows, out, err);
 }
 
 static void model_close(void *ctx)
@@ -116,8 +133,9 @@ int ms_llama_source_model(const ms_model *m, ms_llama_source *out, ms_error *err
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, m->path, "cannot allocate the read buffer");
     }
     s->m = m;
+    s->stage_bytes = SRC_STAGE_BYTES;
     *out = (ms_llama_source){.ctx = s, .where = m->path, .find = model_find, .read_rows = model_read_rows,
-                             .close = model_close};
+                             .close = model_close, .host_bytes = SRC_STAGE_BYTES};
     return 0;
 }
 
@@ -127,6 +145,223 @@ void ms_llama_source_close(ms_llama_source *s)
         s->close(s->ctx);
     if (s)
         *s = (ms_llama_source){0};
+}
+
+/* ============================================================ BASE+ADAPTER source */
+
+typedef struct lora_src {
+    model_src base;              /* the base's tensors; its stage holds at least one row of any target */
+    const ms_peft *peft;
+    cpu_pool *pool;
+    char *where;
+    const ms_lora_target *held;  /* the target whose factors `lora` holds, or NULL */
+    cpu_lora *lora;
+} lora_src;
+
+/* What a target's rows are computed from: the base layer saved in the
+ * adapter when there is one (and a REPLACE target's tensor), else the base
+ * model's tensor (ms_peft_open checked it exists). */
+static const st_tensor *lora_input(const lora_src *s, const ms_lora_target *t, const st_file **f)
+{
+    if (t->source) {
+        *f = t->file;
+        return t->source;
+    }
+    const st_tensor *bt = model_tensor(&s->base, t->base_name, f);
+    MS_ASSERT(bt);
+    return bt;
+}
+
+/* Makes s->lora hold t's prepared factors: read, widened and, for a DoRA
+ * target over columns, the column statistics over the whole base tensor.
+ * Returns 0 or -1 with err set (nothing held then). */
+static int lora_hold(lora_src *s, const ms_lora_target *t, ms_error *err)
+{
+    if (s->held == t)
+        return 0;
+    cpu_lora_close(s->lora);
+    s->lora = NULL;
+    s->held = NULL;
+    const st_tensor *parts[3] = {t->A, t->B, t->magnitude};
+    void *buf[3] = {NULL, NULL, NULL};
+    int rc = -1;
+    for (int k = 0; k < 3; k++) {
+        if (!parts[k])
+            continue;
+        if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(buf[k] = malloc((size_t)st_tensor_nbytes(parts[k]) + 1))) {
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, ms_peft_path(s->peft),
+                           "cannot allocate the LoRA factors of %s", t->base_name);
+            goto done;
+        }
+        if (ms_peft_read_tensor(s->peft, parts[k], buf[k], err) < 0)
+            goto done;
+    }
+    if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || cpu_lora_open(t, buf[0], buf[1], buf[2], &s->lora) < 0) {
+        s->lora = NULL;
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, ms_peft_path(s->peft), "cannot allocate the LoRA factors of %s",
+                       t->base_name);
+        goto done;
+    }
+    if (cpu_lora_needs_stats(s->lora)) {
+        const st_file *f;
+        const st_tensor *in = lora_input(s, t, &f);
+        uint64_t row_bytes = t->cols * (st_dtype_bits(in->dtype) / 8), per = s->base.stage_bytes / row_bytes;
+        for (uint64_t r0 = 0; r0 < t->rows; r0 += per) {
+            uint64_t k = t->rows - r0 < per ? t->rows - r0 : per;
+            if (pread_exact(f->fd, f->path, st_file_tensor_offset(f, in) + r0 * row_bytes, s->base.stage,
+                            k * row_bytes, err) < 0)
+                goto done;
+            cpu_lora_stats_rows(s->lora, s->base.stage, in->dtype, r0, k, s->pool);
+        }
+    }
+    s->held = t;
+    rc = 0;
+done:
+    if (rc < 0) {
+        cpu_lora_close(s->lora);
+        s->lora = NULL;
+    }
+    for (int k = 0; k < 3; k++)
+        free(buf[k]);
+    return rc;
+}
+
+static int lora_find(void *ctx, const char *name, unsigned *ndim, uint64_t shape[2], ms_error *err)
+{
+    lora_src *s = ctx;
+    const ms_lora_target *t = ms_peft_target(s->peft, name);
+    if (!t)
+        return model_find(&s->base, name, ndim, shape, err);
+    const st_file *f;
+    const st_tensor *in = lora_input(s, t, &f);
+    return tensor_shape(in, f, name, ndim, shape, err);
+}
+
+static int lora_read_rows(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err)
+{
+    lora_src *s = ctx;
+    const ms_lora_target *t = ms_peft_target(s->peft, name);
+    if (!t)
+        return model_read_rows(&s->base, name, row0, n_rows, out, err);
+    const st_file *f;
+    const st_tensor *in = lora_input(s, t, &f);
+    if (t->kind == MS_LORA_REPLACE)
+        return tensor_rows_f32(f, in, s->base.stage, s->base.stage_bytes, row0, n_rows, out, err);
+    MS_ASSERT(in->ndim == 2 && in->shape[0] == t->rows && in->shape[1] == t->cols);
+    MS_ASSERT(row0 <= t->rows && n_rows <= t->rows - row0);
+    if (lora_hold(s, t, err) < 0)
+        return -1;
+    uint64_t row_bytes = t->cols * (st_dtype_bits(in->dtype) / 8), per = s->base.stage_bytes / row_bytes;
+    uint64_t off = st_file_tensor_offset(f, in);
+    for (uint64_t done = 0; done < n_rows; done += per) {
+        uint64_t k = n_rows - done < per ? n_rows - done : per;
+        if (pread_exact(f->fd, f->path, off + (row0 + done) * row_bytes, s->base.stage, k * row_bytes, err) < 0)
+            return -1;
+        cpu_lora_rows(s->lora, s->base.stage, in->dtype, row0 + done, k, out + done * t->cols, s->pool);
+    }
+    return 0;
+}
+
+static void lora_close(void *ctx)
+{
+    lora_src *s = ctx;
+    if (!s)
+        return;
+    cpu_lora_close(s->lora);
+    free(s->base.stage);
+    free(s->where);
+    free(s);
+}
+
+int ms_llama_source_lora(const ms_model *m, const ms_peft *peft, cpu_pool *pool, const char *where,
+                         ms_llama_source *out, ms_error *err)
+{
+    *out = (ms_llama_source){0};
+    /* The stage holds at least one row of every target; the factors of the
+     * largest target, with their raw bytes while they are prepared, are
+     * the rest of what the source holds. */
+    uint64_t stage = SRC_STAGE_BYTES, factors = 0;
+    for (size_t i = 0; i < ms_peft_n_targets(peft); i++) {
+        const ms_lora_target *t = ms_peft_target_at(peft, i);
+        if (t->kind == MS_LORA_REPLACE)
+            continue;
+        uint64_t row = 4 * t->cols, f = cpu_lora_host_bytes(t) + st_tensor_nbytes(t->A) + st_tensor_nbytes(t->B);
+        if (t->magnitude)
+            f += st_tensor_nbytes(t->magnitude);
+        stage = row > stage ? row : stage;
+        factors = f > factors ? f : factors;
+    }
+    lora_src *s = calloc(1, sizeof *s);
+    if (s) {
+        s->base.stage = malloc((size_t)stage);
+        s->where = strdup(where);
+    }
+    if (!s || !s->base.stage || !s->where) {
+        lora_close(s);
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, where, "cannot allocate the read buffer");
+    }
+    s->base.m = m;
+    s->base.stage_bytes = stage;
+    s->peft = peft;
+    s->pool = pool;
+    *out = (ms_llama_source){.ctx = s, .where = s->where, .find = lora_find, .read_rows = lora_read_rows,
+                             .close = lora_close, .host_bytes = stage + factors};
+    return 0;
+}
+
+/* ============================================================ MODEL = BASE+ADAPTER */
+
+static bool is_adapter_dir(const char *path)
+{
+    struct stat st;
+    char *cfg = NULL;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode) || asprintf(&cfg, "%s/adapter_config.json", path) < 0)
+        return false;
+    bool yes = stat(cfg, &st) == 0 && S_ISREG(st.st_mode);
+    free(cfg);
+    return yes;
+}
+
+int ms_llama_model_split(const char *model, char **base, char **adapter, ms_error *err)
+{
+    *base = *adapter = NULL;
+    const char *split = NULL; /* the '+' chosen */
+    if (access(model, F_OK) != 0) {
+        const char *first_fit = NULL;
+        for (const char *p = model + strlen(model); p > model && !split;) {
+            p--;
+            if (*p != '+' || p == model || !p[1] || !is_adapter_dir(p + 1))
+                continue;
+            char *left = strndup(model, (size_t)(p - model));
+            if (!left)
+                return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, model, "cannot split the model path");
+            if (access(left, F_OK) == 0)
+                split = p;
+            else if (!first_fit)
+                first_fit = p;
+            free(left);
+        }
+        split = split ? split : first_fit;
+        const char *last = strrchr(model, '+');
+        if (!split && last) {
+            const char *right = last + 1;
+            return ms_error_set(err, MS_EXIT_DATA, model,
+                                "no such file or directory, and not BASE_DIR+ADAPTER_DIR: '%s' after the last '+' %s",
+                                right, !*right ? "is empty"
+                                       : access(right, F_OK) != 0 ? "does not exist"
+                                                                  : "is not a PEFT adapter directory (no "
+                                                                    "adapter_config.json)");
+        }
+    }
+    *base = split ? strndup(model, (size_t)(split - model)) : strdup(model);
+    *adapter = split ? strdup(split + 1) : NULL;
+    if (!*base || (split && !*adapter)) {
+        free(*base);
+        free(*adapter);
+        *base = *adapter = NULL;
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, model, "cannot split the model path");
+    }
+    return 0;
 }
 
 /* ============================================================ checks and loads */
@@ -781,43 +1016,75 @@ done:
 /* ============================================================ a session */
 
 int ms_llama_session_open(const char *model_path, const char *calib_path, const ms_calib_options *co,
-                          bool need_head, ms_llama_session *s, ms_error *err)
+                          bool need_head, cpu_pool *pool, ms_llama_session *s, ms_error *err)
 {
     *s = (ms_llama_session){0};
-    if (strchr(model_path, '+') && access(model_path, F_OK) != 0)
-        return ms_error_set(err, MS_EXIT_USAGE, model_path,
-                            "BASE+ADAPTER is not supported by the forward pass yet: merge the adapter first");
-    if (ms_model_open(model_path, &s->model, err) < 0)
+    char *base_path = NULL, *adapter_path = NULL, *where = NULL;
+    if (ms_llama_model_split(model_path, &base_path, &adapter_path, err) < 0)
+        return -1;
+    if (ms_model_open(base_path, &s->model, err) < 0)
         goto fail;
     if (s->model->kind == MS_MODEL_KIND_ADAPTER) {
-        ms_error_set(err, MS_EXIT_USAGE, model_path, "is a PEFT adapter, not a model");
+        if (adapter_path)
+            ms_error_set(err, MS_EXIT_USAGE, base_path, "is a PEFT adapter, not a base model (in '%s')", model_path);
+        else
+            ms_error_set(err, MS_EXIT_USAGE, base_path,
+                         "is a PEFT adapter, not a model: name it as BASE_DIR+ADAPTER_DIR");
         goto fail;
     }
     if (s->model->kind != MS_MODEL_KIND_DIR) {
-        ms_error_set(err, MS_EXIT_DATA, model_path,
+        ms_error_set(err, MS_EXIT_DATA, base_path,
                      "a lone .safetensors file has no config.json: pass the model directory");
         goto fail;
     }
-    char where[4096];
-    snprintf(where, sizeof where, "%s/config.json", model_path);
+    if (asprintf(&where, "%s/config.json", base_path) < 0) {
+        where = NULL;
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, base_path, "cannot open");
+        goto fail;
+    }
     if (ms_model_config_parse(s->model->config, where, &s->config, err) < 0)
         goto fail;
-    if (ms_llama_source_model(s->model, &s->src, err) < 0 ||
-        ms_llama_check(&s->src, &s->config.llama, need_head, err) < 0)
+    if (adapter_path) {
+        if (ms_peft_open(adapter_path, s->model, &s->adapter, err) < 0 ||
+            ms_llama_source_lora(s->model, s->adapter, pool, model_path, &s->src, err) < 0)
+            goto fail;
+    } else if (ms_llama_source_model(s->model, &s->src, err) < 0) {
+        goto fail;
+    }
+    if (ms_llama_check(&s->src, &s->config.llama, need_head, err) < 0)
         goto fail;
     if (ms_calib_load(calib_path, co, &s->calib, err) < 0 ||
         ms_calib_check_vocab(s->calib, s->config.llama.vocab, err) < 0)
         goto fail;
+    free(where);
+    free(base_path);
+    free(adapter_path);
     return 0;
 fail:
+    free(where);
+    free(base_path);
+    free(adapter_path);
     ms_llama_session_close(s);
     return -1;
+}
+
+int ms_llama_session_check_unchanged(const ms_llama_session *s, ms_error *err)
+{
+    for (unsigned sh = 0; sh < s->model->n_shards; sh++)
+        if (st_file_check_unchanged(s->model->shards[sh], err) < 0)
+            return -1;
+    const ms_model *a = s->adapter ? ms_peft_model(s->adapter) : NULL;
+    for (unsigned sh = 0; a && sh < a->n_shards; sh++)
+        if (st_file_check_unchanged(a->shards[sh], err) < 0)
+            return -1;
+    return 0;
 }
 
 void ms_llama_session_close(ms_llama_session *s)
 {
     ms_calib_free(s->calib);
     ms_llama_source_close(&s->src);
+    ms_peft_close(s->adapter); /* before the model its targets point into */
     ms_model_close(s->model);
     *s = (ms_llama_session){0};
 }

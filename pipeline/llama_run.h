@@ -13,11 +13,13 @@
  *
  * Weights enter the pass in one place, ms_llama_layer_load (and the
  * embedding / norm / head reads of the driver), through an ms_llama_source.
- * ms_llama_source_model reads a model directory with pread; it is the hook
- * for LoRA: a BASE+ADAPTER source wraps it and passes the rows of every
- * adapted tensor through cpu_lora_rows (cpu/lora_delta.h), which turns base
- * rows into adapted rows chunk by chunk, exactly what read_rows returns.
- * Tests feed in-memory weights through the same interface.
+ * ms_llama_source_model reads a model directory with pread;
+ * ms_llama_source_lora wraps it for MODEL = BASE_DIR+ADAPTER_DIR (a PEFT
+ * LoRA adapter applied on the fly) and passes the rows of every adapted
+ * tensor through cpu_lora_rows (cpu/lora_delta.h), which turns base rows
+ * into adapted rows chunk by chunk: the pass sees exactly the fp32 weights
+ * `mergestream merge` materialises for that input, and never the whole
+ * adapted model. Tests feed in-memory weights through the same interface.
  *
  * Threading: one thread calls the driver; the pool and OpenBLAS work inside. */
 #ifndef MS_LLAMA_RUN_H
@@ -33,6 +35,7 @@
 #include "io/calib_input.h"
 #include "io/model_dir.h"
 #include "io/ms_error.h"
+#include "io/peft_adapter.h"
 #include "pipeline/model_config.h"
 
 /* ============================================================ weights */
@@ -49,14 +52,56 @@ typedef struct ms_llama_source {
      * with err set. Blocks on I/O. */
     int (*read_rows)(void *ctx, const char *name, uint64_t row0, uint64_t n_rows, float *out, ms_error *err);
     void (*close)(void *ctx); /* frees ctx; NULL when nothing to free */
+    uint64_t host_bytes;      /* the most host memory the source holds at once (read buffers, prepared
+                                 LoRA factors), for the memory budget; 0 when negligible */
 } ms_llama_source;
 
 /* A source reading m (which must outlive it) with pread, MS_FAULT_READ
  * before each read, converting with cpu_convert. Returns 0 and *out (close
  * with ms_llama_source_close), or -1 with err set (MS_EXIT_RUNTIME). */
 int ms_llama_source_model(const ms_model *m, ms_llama_source *out, ms_error *err);
+/* A source for BASE+ADAPTER: m's tensors with peft (opened on m by
+ * ms_peft_open; both must outlive the source) applied on the fly, as the
+ * merge applies it (io/peft_adapter.h):
+ *   - a tensor the adapter leaves alone reads as ms_llama_source_model's;
+ *   - a REPLACE target (modules_to_save, trained biases) reads the adapter's
+ *     tensor instead, and find reports that tensor's shape;
+ *   - a LINEAR / EMBEDDING target (DoRA included) reads base rows (or the
+ *     base layer saved in the adapter) and returns cpu_lora_rows of them:
+ *     base + delta in fp32, bit for bit the rows the merge computes.
+ * The factors of one target at a time are held, prepared at its first read
+ * (a layer's load reads each weight once; the embedding rows token by token
+ * and the head's slices reuse them); a DoRA target whose features are
+ * columns (an embedding) reads its whole base tensor once more then, for
+ * the column norms. pool (NULL: the calling thread) splits the delta rows;
+ * the source is read only while nothing else runs on it. where names the
+ * model in messages (copied). Reads ask the fault seam (MS_FAULT_READ per
+ * pread, MS_FAULT_HOST_ALLOC before each factor allocation). Returns 0 and
+ * *out (close with ms_llama_source_close), or -1 with err set
+ * (MS_EXIT_RUNTIME). */
+int ms_llama_source_lora(const ms_model *m, const ms_peft *peft, cpu_pool *pool, const char *where,
+                         ms_llama_source *out, ms_error *err);
 /* Frees what the source owns; a zeroed source is a no-op. */
 void ms_llama_source_close(ms_llama_source *s);
+
+/* Splits a MODEL argument into the base model and an optional adapter, as
+ * mergekit's "BASE+ADAPTER" syntax (DESIGN.md, Recipe). Paths may contain
+ * '+', so:
+ *   1. a MODEL that exists as a path is a plain model, '+' or not;
+ *   2. otherwise MODEL splits at a '+' whose right part is an existing
+ *      directory holding adapter_config.json (the adapter) and whose left
+ *      part is not empty: the last such '+' whose left part exists, else the
+ *      last such '+' (its missing base is then reported when opened). So
+ *      "/m/base+v1+/m/lora+v2" is base "/m/base+v1" with adapter
+ *      "/m/lora+v2" unless a directory "v2" holding an adapter exists;
+ *   3. otherwise, with a '+' in MODEL: an error (MS_EXIT_DATA) naming MODEL
+ *      and what is wrong with the part after its last '+' (missing, or not
+ *      a PEFT adapter directory);
+ *   4. otherwise a plain model (opening it reports a missing path).
+ * One adapter per model: "BASE+A1+A2" is not a stack of two adapters.
+ * Returns 0 with *base (malloc'd) and *adapter (malloc'd, or NULL for a
+ * plain model), or -1 with err set and both NULL. Blocks on stat(). */
+int ms_llama_model_split(const char *model, char **base, char **adapter, ms_error *err);
 
 /* Checks, before any data is read, that src has every tensor the pass needs
  * with the shape cfg implies (model.embed_tokens.weight, every layer's norms,
@@ -154,24 +199,33 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
 
 /* ============================================================ a session */
 
-/* What both commands open before a run: the model directory, its config,
- * a source over it, and the calibration tokens (checked against the
- * vocabulary). */
+/* What both commands open before a run: the model directory (with its
+ * adapter for BASE+ADAPTER), its config, a source over it, and the
+ * calibration tokens (checked against the vocabulary). */
 typedef struct ms_llama_session {
-    ms_model *model;
-    ms_model_config config;
+    ms_model *model;   /* the model directory (BASE of BASE+ADAPTER) */
+    ms_peft *adapter;  /* BASE+ADAPTER: the adapter, validated against model; else NULL */
+    ms_model_config config; /* model's config.json (an adapter changes no shape) */
     ms_llama_source src;
     ms_calib *calib;
 } ms_llama_session;
 
-/* Opens model_path (a model directory; "BASE+ADAPTER" and a lone adapter
- * are refused with MS_EXIT_USAGE until adapters are wired in through the
- * source, see above), parses its config.json, checks its tensors
+/* Opens model_path (a model directory, or BASE_DIR+ADAPTER_DIR split by
+ * ms_llama_model_split: the adapter is validated against the base by
+ * ms_peft_open before anything else is read, its errors exit 3 for
+ * mismatched data and 2 for unsupported adapters such as PiSSA), parses the
+ * base's config.json, checks the tensors as the pass will see them
  * (ms_llama_check with need_head), then loads calib_path with co and checks
- * its ids. Returns 0 and *s (close with ms_llama_session_close), or -1 with
- * err set and *s empty. Blocks on I/O. */
+ * its ids. A lone adapter or a lone .safetensors file is refused (exit 2 and
+ * 3). pool (may be NULL; must outlive the session) computes LoRA deltas.
+ * Returns 0 and *s (close with ms_llama_session_close), or -1 with err set
+ * and *s empty. Blocks on I/O. */
 int ms_llama_session_open(const char *model_path, const char *calib_path, const ms_calib_options *co,
-                          bool need_head, ms_llama_session *s, ms_error *err);
+                          bool need_head, cpu_pool *pool, ms_llama_session *s, ms_error *err);
+/* After a run: every file the weights came from (the base's shards, the
+ * adapter's file) is unchanged since it was opened. Returns 0, or -1 with
+ * err set (st_file_check_unchanged). */
+int ms_llama_session_check_unchanged(const ms_llama_session *s, ms_error *err);
 /* Frees everything; an empty session is a no-op. */
 void ms_llama_session_close(ms_llama_session *s);
 

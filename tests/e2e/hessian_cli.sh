@@ -1,7 +1,8 @@
 # hessian and perplexity as a user runs them: a generated tiny model, text
 # calibration files, the output inspected; the spill file and batching give
-# the statistics a run in RAM gives; bad inputs fail with one line and the
-# documented exit code, leaving nothing behind.
+# the statistics a run in RAM gives; BASE+ADAPTER gives what the merged model
+# gives; bad inputs (mismatched or PiSSA adapters included) fail with one
+# line and the documented exit code, leaving nothing behind.
 source "$(dirname "$0")/lib.bash"
 
 # Until main.c dispatches the calibration commands, there is nothing to test.
@@ -71,6 +72,56 @@ sed -i 's/LlamaForCausalLM/MistralForCausalLM/; s/"model_type": *"llama"/"model_
 "$MS_BIN" perplexity "$WORK/mistral" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl_mistral.txt"
 cmp -s "$WORK/ppl.txt" "$WORK/ppl_mistral.txt" || fail "Mistral and Llama disagree on the same weights"
 
+# BASE+ADAPTER: a PEFT LoRA adapter applied on the fly gives the statistics
+# and the perplexity of the merged model (linear, weight 1, F32 output: the
+# base + delta the merge materialises), bit for bit. A plain LoRA on every
+# projection; DoRA on projections and the embedding plus modules_to_save.
+"$MS_GEN" lora "$WORK/m" "$WORK/ad" --seed 4 --rank 4 --alpha 8 --targets all-linear
+"$MS_GEN" lora "$WORK/m" "$WORK/dora" --seed 5 --rank 3 --targets q_proj,down_proj --dora --embeddings \
+  --modules-to-save lm_head,model.norm
+tensor_data() { local n; n=$(od -An -t u8 -N8 "$1" | tr -d ' '); tail -c +$((n + 9)) "$1"; }
+for a in ad dora; do
+  printf 'merge_method: linear\nmodels:\n  - model: ./m+./%s\n    parameters: {weight: 1.0}\nout_dtype: float32\n' \
+    "$a" > "$WORK/lin_$a.yml"
+  "$MS_BIN" merge "$WORK/lin_$a.yml" -o "$WORK/merged_$a" --quiet
+  "$MS_BIN" hessian "$WORK/m+$WORK/$a" --calib "$WORK/calib.txt" -o "$WORK/hl_$a" --batch-size 2 --quiet
+  "$MS_BIN" hessian "$WORK/merged_$a" --calib "$WORK/calib.txt" -o "$WORK/hm_$a" --batch-size 2 --quiet
+  cmp -s <(tensor_data "$WORK/hl_$a/hessians.safetensors") <(tensor_data "$WORK/hm_$a/hessians.safetensors") ||
+    fail "$a: hessians of BASE+ADAPTER and of the merged model differ"
+  cmp -s <(tensor_data "$WORK/hl_$a/hessians.safetensors") <(tensor_data "$WORK/h/hessians.safetensors") &&
+    fail "$a: the adapter changed no statistic"
+  "$MS_BIN" perplexity "$WORK/m+$WORK/$a" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl_l_$a.txt"
+  "$MS_BIN" perplexity "$WORK/merged_$a" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl_m_$a.txt"
+  cmp -s "$WORK/ppl_l_$a.txt" "$WORK/ppl_m_$a.txt" ||
+    fail "$a: perplexity $(cat "$WORK/ppl_l_$a.txt") with the adapter, $(cat "$WORK/ppl_m_$a.txt") merged"
+  cmp -s "$WORK/ppl_l_$a.txt" "$WORK/ppl.txt" && fail "$a: the adapter changed no perplexity"
+done
+head -c 4096 "$WORK/hl_ad/hessians.safetensors" | tr -d '\0' | grep -qF "\"model\":\"$WORK/m+$WORK/ad\"" ||
+  fail "the metadata does not name BASE+ADAPTER"
+# '+' inside both paths: split at the last '+' followed by an adapter directory
+cp -r "$WORK/m" "$WORK/m+1"
+cp -r "$WORK/ad" "$WORK/lora+v2"
+"$MS_BIN" perplexity "$WORK/m+1+$WORK/lora+v2" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl_plus.txt"
+cmp -s "$WORK/ppl_plus.txt" "$WORK/ppl_l_ad.txt" || fail "'+' in the paths: $(cat "$WORK/ppl_plus.txt")"
+# an adapter made for another base: exit 3, one line naming the adapter, the module and the shapes
+"$MS_GEN" base "$WORK/other" --preset tiny --dtype bf16 --seed 9 --hidden 96
+"$MS_GEN" lora "$WORK/other" "$WORK/a_other" --seed 5 --rank 4 --targets q_proj
+expect_fail 3 "a_other: module 'model.layers.0.self_attn.q_proj'.*\[4, 96\].*\[64, 64\]" \
+  "$MS_BIN" hessian "$WORK/m+$WORK/a_other" --calib "$WORK/calib.txt" -o "$WORK/bad"
+# PiSSA-initialised adapters change the base too: unsupported, exit 2
+cp -r "$WORK/ad" "$WORK/pissa"
+sed -i -E 's/"init_lora_weights":[[:space:]]*true/"init_lora_weights": "pissa"/' "$WORK/pissa/adapter_config.json"
+grep -q pissa "$WORK/pissa/adapter_config.json" || fail "could not make a PiSSA adapter config"
+expect_fail 2 "pissa: .*pissa.* is not supported" \
+  "$MS_BIN" hessian "$WORK/m+$WORK/pissa" --calib "$WORK/calib.txt" -o "$WORK/bad"
+expect_fail 2 "pissa" "$MS_BIN" perplexity "$WORK/m+$WORK/pissa" --calib "$WORK/calib.txt"
+# an adapter alone, a missing adapter, a directory that is no adapter
+expect_fail 2 "is a PEFT adapter, not a model: name it as BASE_DIR\+ADAPTER_DIR" \
+  "$MS_BIN" perplexity "$WORK/ad" --calib "$WORK/calib.txt"
+expect_fail 3 "'$WORK/adapter' after the last '\+' does not exist" \
+  "$MS_BIN" perplexity "$WORK/m+$WORK/adapter" --calib "$WORK/calib.txt"
+expect_fail 3 "is not a PEFT adapter directory" "$MS_BIN" perplexity "$WORK/m+$WORK/other" --calib "$WORK/calib.txt"
+
 # bad inputs: one line, exit 2 (usage, unsupported) or 3 (invalid data), nothing left behind
 expect_fail 3 "calib-missing.txt: cannot open the calibration file" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib-missing.txt" -o "$WORK/bad"
@@ -97,7 +148,6 @@ expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.bias' is missing" \
   "$MS_BIN" perplexity "$WORK/qwen" --calib "$WORK/calib.txt"
 expect_fail 3 "no config.json" "$MS_BIN" perplexity "$WORK/m/model.safetensors" --calib "$WORK/calib.txt"
 expect_fail 3 "does-not-exist" "$MS_BIN" perplexity "$WORK/does-not-exist" --calib "$WORK/calib.txt"
-expect_fail 2 "BASE\+ADAPTER" "$MS_BIN" perplexity "$WORK/m+$WORK/adapter" --calib "$WORK/calib.txt"
 [ ! -e "$WORK/bad" ] || fail "a failed run left $WORK/bad behind"
 
 # a failed write removes every file the run created
@@ -123,6 +173,23 @@ for site in read write fsync rename host_alloc; do
   done
 done
 
+# the same with an adapter: its factor reads and allocations fail cleanly too
+for site in read host_alloc; do
+  for n in 1 2 3 5 8 13 21 34 55 89; do
+    rm -rf "$WORK/fw"; rc=0
+    MERGESTREAM_FAULT=$site:$n "$MS_BIN" hessian "$WORK/m+$WORK/dora" --calib "$WORK/calib.txt" -o "$WORK/fw" \
+      --batch-size 2 --quiet 2>"$WORK/err.txt" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+      cmp -s "$WORK/fw/hessians.safetensors" "$WORK/hl_dora/hessians.safetensors" || fail "lora $site:$n: different bytes"
+    else
+      [ "$rc" -eq 1 ] || fail "lora $site:$n: exit $rc: $(cat "$WORK/err.txt")"
+      [ "$(grep -c '^mergestream: error: ' "$WORK/err.txt")" -eq 1 ] || fail "lora $site:$n: not one error line"
+      [ ! -e "$WORK/fw" ] || [ -z "$(ls -A "$WORK/fw")" ] || fail "lora $site:$n: left $(ls "$WORK/fw")"
+    fi
+  done
+done
+
 "$MS_BIN" hessian --help | grep -q "usage: mergestream hessian" || fail "hessian --help"
+"$MS_BIN" hessian --help | grep -q "BASE_DIR+ADAPTER_DIR" || fail "hessian --help does not mention adapters"
 "$MS_BIN" perplexity --help | grep -q "usage: mergestream perplexity" || fail "perplexity --help"
 echo "hessian_cli: ok"

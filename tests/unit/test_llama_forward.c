@@ -14,8 +14,13 @@
  * padding changes nothing (bit for bit) while a reference that lets padding
  * in differs; batch size 1 vs all at once vs the spill file; small Hessian
  * flush blocks and vocabulary slices; the accumulator against X^T X in
- * float64; exp; config.json errors. The seed is printed; MS_TEST_SEED=N
- * replays a run. */
+ * float64; exp; config.json errors. BASE+ADAPTER (ms_llama_source_lora):
+ * PEFT adapters written here (LoRA on every projection with modules_to_save;
+ * BF16 rsLoRA with DoRA on projections and a tied embedding) give what the
+ * model merged here in float64 and written as F32 gives, against the
+ * reference and against the plain source over that directory; MODEL
+ * splitting with '+' inside paths, and a session over BASE+ADAPTER. The
+ * seed is printed; MS_TEST_SEED=N replays a run. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -31,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,6 +44,7 @@
 #include "cpu/llama_forward.h"
 #include "io/calib_input.h"
 #include "io/model_dir.h"
+#include "io/peft_adapter.h"
 #include "io/st_writer.h"
 #include "pipeline/llama_run.h"
 #include "pipeline/merge_math.h"
@@ -176,29 +183,29 @@ static void write_file(const char *path, const char *text)
     assert_int_equal(fclose(f), 0);
 }
 
-static void write_model(tmodel *m, bool skip_last_tensor)
+/* dir/STEM.safetensors holding t[0..n) in dtype (F32 or BF16; the values
+ * are already representable). */
+static void write_tensors(const char *dir, const char *stem, const tensor *t, size_t n, st_dtype dtype)
 {
-    snprintf(m->dir, sizeof m->dir, "/tmp/ms-llama-test.XXXXXX");
-    assert_non_null(mkdtemp(m->dir));
     ms_error err = {0};
     st_plan *plan = NULL;
     st_writer *w = NULL;
-    size_t n = skip_last_tensor ? m->n - 1 : m->n;
     assert_int_equal(st_plan_create(UINT64_MAX, &plan, &err), 0);
+    assert_int_equal(st_plan_set_stem(plan, stem, &err), 0);
     for (size_t i = 0; i < n; i++)
-        assert_int_equal(st_plan_add_tensor(plan, m->t[i].name, m->dtype, m->t[i].ndim, m->t[i].shape, NULL, &err), 0);
+        assert_int_equal(st_plan_add_tensor(plan, t[i].name, dtype, t[i].ndim, t[i].shape, NULL, &err), 0);
     assert_int_equal(st_plan_layout(plan, &err), 0);
-    assert_int_equal(st_writer_open(plan, m->dir, &w, &err), 0);
+    assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
     for (size_t i = 0; i < n; i++) {
         const st_plan_tensor *pt = st_plan_tensor_at(plan, i);
         void *buf = malloc(pt->nbytes);
         assert_non_null(buf);
-        if (m->dtype == ST_F32) {
-            memcpy(buf, m->t[i].data, pt->nbytes);
+        if (dtype == ST_F32) {
+            memcpy(buf, t[i].data, pt->nbytes);
         } else {
             uint16_t *h = buf;
             for (uint64_t k = 0; k < pt->numel; k++)
-                h[k] = ms_f32_to_bf16(m->t[i].data[k]);
+                h[k] = ms_f32_to_bf16(t[i].data[k]);
         }
         assert_int_equal(st_writer_write_tensor(w, i, buf, &err), 0);
         free(buf);
@@ -207,6 +214,13 @@ static void write_model(tmodel *m, bool skip_last_tensor)
         fail_msg("%s", err.msg);
     st_writer_close(w);
     st_plan_free(plan);
+}
+
+static void write_model(tmodel *m, bool skip_last_tensor)
+{
+    snprintf(m->dir, sizeof m->dir, "/tmp/ms-llama-test.XXXXXX");
+    assert_non_null(mkdtemp(m->dir));
+    write_tensors(m->dir, "model", m->t, skip_last_tensor ? m->n - 1 : m->n, m->dtype);
 
     const cpu_llama_config *c = &m->c;
     cJSON *j = cJSON_CreateObject();
@@ -563,6 +577,29 @@ static void got_free(got_out *g)
     free(g->logits);
 }
 
+/* One run over src (checked, as the commands do) with every output. */
+static void run_source(const ms_llama_source *src, const cpu_llama_config *c, const ms_calib *cal,
+                       const run_knobs *kn, got_out *g)
+{
+    ms_error err = {0};
+    if (ms_llama_check(src, c, true, &err) != 0)
+        fail_msg("%s", err.msg);
+    assert_int_equal(ms_calib_check_vocab(cal, c->vocab, &err), 0);
+    *g = (got_out){.n_layers = c->n_layers, .vocab = c->vocab};
+    g->H = calloc(g->n_layers * 4 + 1, sizeof *g->H);
+    g->dim = calloc(g->n_layers * 4 + 1, sizeof *g->dim);
+    g->logits = calloc(cal->n_real * c->vocab, sizeof(float));
+    cpu_pool *pool = NULL;
+    assert_int_equal(cpu_pool_open(kn->threads, &pool), 0);
+    ms_llama_run_opts o = {.batch_size = kn->batch_size, .act_budget = kn->act_budget,
+                           .vocab_chunk = kn->vocab_chunk, .flush_rows = kn->flush_rows,
+                           .on_stats = on_stats, .stats_ctx = g, .head_stats = true, .nll = true,
+                           .on_logits = on_logits, .logits_ctx = g};
+    if (ms_llama_run(src, c, cal, &o, pool, NULL, &g->res, &err) != 0)
+        fail_msg("%s", err.msg);
+    cpu_pool_close(pool);
+}
+
 static void run_model(const tmodel *m, const ms_calib *cal, const run_knobs *kn, got_out *g)
 {
     ms_error err = {0};
@@ -586,22 +623,7 @@ static void run_model(const tmodel *m, const ms_calib *cal, const run_knobs *kn,
     assert_int_equal(mc.llama.sliding_window, m->c.sliding_window);
     ms_llama_source src;
     assert_int_equal(ms_llama_source_model(mm, &src, &err), 0);
-    if (ms_llama_check(&src, &mc.llama, true, &err) != 0)
-        fail_msg("%s", err.msg);
-    assert_int_equal(ms_calib_check_vocab(cal, mc.llama.vocab, &err), 0);
-    *g = (got_out){.n_layers = m->c.n_layers, .vocab = m->c.vocab};
-    g->H = calloc(g->n_layers * 4 + 1, sizeof *g->H);
-    g->dim = calloc(g->n_layers * 4 + 1, sizeof *g->dim);
-    g->logits = calloc(cal->n_real * m->c.vocab, sizeof(float));
-    cpu_pool *pool = NULL;
-    assert_int_equal(cpu_pool_open(kn->threads, &pool), 0);
-    ms_llama_run_opts o = {.batch_size = kn->batch_size, .act_budget = kn->act_budget,
-                           .vocab_chunk = kn->vocab_chunk, .flush_rows = kn->flush_rows,
-                           .on_stats = on_stats, .stats_ctx = g, .head_stats = true, .nll = true,
-                           .on_logits = on_logits, .logits_ctx = g};
-    if (ms_llama_run(&src, &mc.llama, cal, &o, pool, NULL, &g->res, &err) != 0)
-        fail_msg("%s", err.msg);
-    cpu_pool_close(pool);
+    run_source(&src, &mc.llama, cal, kn, g);
     ms_llama_source_close(&src);
     ms_model_close(mm);
 }
@@ -1045,6 +1067,404 @@ static void test_check_weights(void **state)
     free_weights(&m);
 }
 
+/* ============================================================ BASE+ADAPTER */
+
+/* A PEFT LoRA adapter for one of k_cases, written by the test. */
+typedef struct lcase {
+    const char *name;
+    size_t base_case; /* index into k_cases */
+    unsigned rank;
+    double alpha;
+    bool rslora, dora, embedding;
+    st_dtype factor_dtype;            /* of every adapter tensor */
+    const char *targets[8];           /* projections, NULL-terminated */
+    bool replace_head, replace_norm;  /* modules_to_save: lm_head, model.norm */
+    uint64_t act_budget;
+} lcase;
+
+static const lcase k_lora_cases[] = {
+    {"lora-all-linear-modules_to_save", 1, 3, 6.0, false, false, false, ST_F32,
+     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", NULL}, true, true, UINT64_MAX},
+    {"dora-rslora-bf16-embedding-tied", 6, 2, 3.0, true, true, true, ST_BF16, {"q_proj", "v_proj", "down_proj", NULL},
+     false, false, 0},
+};
+
+static float round_dt(st_dtype dt, double v)
+{
+    float f = (float)v;
+    return dt == ST_BF16 ? ms_bf16_to_f32(ms_f32_to_bf16(f)) : f;
+}
+
+static tensor *ad_add(tensor *ad, size_t *n, st_dtype dt, unsigned ndim, uint64_t d0, uint64_t d1, double add,
+                      double sd, const char *fmt, ...) __attribute__((format(printf, 9, 10)));
+static tensor *ad_add(tensor *ad, size_t *n, st_dtype dt, unsigned ndim, uint64_t d0, uint64_t d1, double add,
+                      double sd, const char *fmt, ...)
+{
+    assert_true(*n < MAX_TENSORS);
+    tensor *t = &ad[(*n)++];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->ndim = ndim;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    uint64_t numel = ndim == 2 ? d0 * d1 : d0;
+    t->data = malloc(numel * sizeof(float));
+    assert_non_null(t->data);
+    for (uint64_t i = 0; i < numel; i++)
+        t->data[i] = round_dt(dt, add + sd * rng_gauss());
+    return t;
+}
+
+/* v (rows x cols, fp64) = W + scale * B @ A placed at (o, i), or at (i, o)
+ * when transposed (an embedding: A [r, rows], B [cols, r]). With DoRA,
+ * mag gets random magnitudes near each feature's norm (a row, or a column
+ * when transposed) and v is rescaled to them. Then W = v rounded to fp32. */
+static void merge_f64(float *W, uint64_t rows, uint64_t cols, const tensor *A, const tensor *B, unsigned r,
+                      double scale, bool transposed, tensor *mag, st_dtype dt)
+{
+    double *v = malloc(rows * cols * sizeof *v);
+    assert_non_null(v);
+    for (uint64_t i = 0; i < rows; i++)
+        for (uint64_t j = 0; j < cols; j++) {
+            uint64_t o = transposed ? j : i, n = transposed ? i : j, in = transposed ? rows : cols;
+            double p = 0;
+            for (unsigned k = 0; k < r; k++)
+                p += (double)B->data[o * r + k] * (double)A->data[k * in + n];
+            v[i * cols + j] = (double)W[i * cols + j] + scale * p;
+        }
+    if (mag) {
+        uint64_t nf = transposed ? cols : rows, len = transposed ? rows : cols;
+        assert_int_equal(mag->shape[0], nf);
+        for (uint64_t f = 0; f < nf; f++) {
+            double ss = 0;
+            for (uint64_t e = 0; e < len; e++) {
+                double x = transposed ? v[e * cols + f] : v[f * cols + e];
+                ss += x * x;
+            }
+            mag->data[f] = round_dt(dt, sqrt(ss) * (1.0 + 0.3 * rng_gauss()));
+            double k = (double)mag->data[f] / sqrt(ss);
+            for (uint64_t e = 0; e < len; e++) {
+                double *x = transposed ? &v[e * cols + f] : &v[f * cols + e];
+                *x *= k;
+            }
+        }
+    }
+    for (uint64_t e = 0; e < rows * cols; e++)
+        W[e] = (float)v[e];
+    free(v);
+}
+
+/* Writes lc's adapter for b into a fresh directory adir (its tensors left in
+ * ad[0..*n_ad)) and the model it amounts to into *mg: b's weights with every
+ * adapted one computed in float64 from the stored values, rounded to fp32
+ * once, written as an F32 model directory of its own. */
+static void make_lora(const tmodel *b, const lcase *lc, tmodel *mg, tensor *ad, size_t *n_ad, char adir[64])
+{
+    *mg = *b;
+    mg->dtype = ST_F32;
+    for (size_t i = 0; i < b->n; i++) {
+        uint64_t numel = b->t[i].ndim == 2 ? b->t[i].shape[0] * b->t[i].shape[1] : b->t[i].shape[0];
+        mg->t[i].data = malloc(numel * sizeof(float));
+        assert_non_null(mg->t[i].data);
+        memcpy(mg->t[i].data, b->t[i].data, numel * sizeof(float));
+    }
+    *n_ad = 0;
+    const st_dtype dt = lc->factor_dtype;
+    const unsigned r = lc->rank;
+    double scale = lc->rslora ? lc->alpha / sqrt((double)r) : lc->alpha / (double)r;
+    const double sd = 0.15;
+    for (uint64_t l = 0; l < b->c.n_layers; l++)
+        for (const char *const *p = lc->targets; *p; p++) {
+            const char *group = strstr("q_proj k_proj v_proj o_proj", *p) ? "self_attn" : "mlp";
+            char mod[96];
+            snprintf(mod, sizeof mod, "model.layers.%" PRIu64 ".%s.%s", l, group, *p);
+            float *W = tw(mg, "%s.weight", mod);
+            uint64_t rows = 0, cols = 0;
+            for (size_t i = 0; i < mg->n; i++)
+                if (mg->t[i].data == W)
+                    rows = mg->t[i].shape[0], cols = mg->t[i].shape[1];
+            tensor *A = ad_add(ad, n_ad, dt, 2, r, cols, 0, sd, "base_model.model.%s.lora_A.weight", mod);
+            tensor *B = ad_add(ad, n_ad, dt, 2, rows, r, 0, sd, "base_model.model.%s.lora_B.weight", mod);
+            tensor *M = lc->dora ? ad_add(ad, n_ad, dt, 1, rows, 0, 0, 0, "base_model.model.%s.lora_magnitude_vector",
+                                          mod)
+                                 : NULL;
+            merge_f64(W, rows, cols, A, B, r, scale, false, M, dt);
+        }
+    if (lc->embedding) {
+        uint64_t V = b->c.vocab, H = b->c.hidden;
+        tensor *A = ad_add(ad, n_ad, dt, 2, r, V, 0, sd, "base_model.model.model.embed_tokens.lora_embedding_A");
+        tensor *B = ad_add(ad, n_ad, dt, 2, H, r, 0, sd, "base_model.model.model.embed_tokens.lora_embedding_B");
+        tensor *M = lc->dora ? ad_add(ad, n_ad, dt, 1, H, 0, 0, 0,
+                                      "base_model.model.model.embed_tokens.lora_magnitude_vector")
+                             : NULL;
+        merge_f64(tw(mg, "model.embed_tokens.weight"), V, H, A, B, r, scale, true, M, dt);
+    }
+    if (lc->replace_head) {
+        tensor *t = ad_add(ad, n_ad, dt, 2, b->c.vocab, b->c.hidden, 0, 0.4, "base_model.model.lm_head.weight");
+        memcpy(tw(mg, "lm_head.weight"), t->data, b->c.vocab * b->c.hidden * sizeof(float));
+    }
+    if (lc->replace_norm) {
+        tensor *t = ad_add(ad, n_ad, dt, 1, b->c.hidden, 0, 1.0, 0.1, "base_model.model.model.norm.weight");
+        memcpy(tw(mg, "model.norm.weight"), t->data, b->c.hidden * sizeof(float));
+    }
+    write_model(mg, false);
+
+    snprintf(adir, 64, "/tmp/ms-llama-lora.XXXXXX");
+    assert_non_null(mkdtemp(adir));
+    write_tensors(adir, "adapter_model", ad, *n_ad, dt);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "peft_type", "LORA");
+    cJSON_AddStringToObject(j, "task_type", "CAUSAL_LM");
+    cJSON_AddNumberToObject(j, "r", r);
+    cJSON_AddNumberToObject(j, "lora_alpha", lc->alpha);
+    cJSON_AddBoolToObject(j, "use_rslora", lc->rslora);
+    cJSON_AddBoolToObject(j, "use_dora", lc->dora);
+    cJSON_AddFalseToObject(j, "fan_in_fan_out");
+    cJSON_AddTrueToObject(j, "init_lora_weights");
+    cJSON_AddStringToObject(j, "bias", "none");
+    cJSON *tm = cJSON_AddArrayToObject(j, "target_modules");
+    for (const char *const *p = lc->targets; *p; p++)
+        cJSON_AddItemToArray(tm, cJSON_CreateString(*p));
+    if (lc->embedding)
+        cJSON_AddItemToArray(tm, cJSON_CreateString("embed_tokens"));
+    cJSON *ms = cJSON_AddArrayToObject(j, "modules_to_save");
+    if (lc->replace_head)
+        cJSON_AddItemToArray(ms, cJSON_CreateString("lm_head"));
+    if (lc->replace_norm)
+        cJSON_AddItemToArray(ms, cJSON_CreateString("norm"));
+    char *text = cJSON_Print(j), path[128];
+    snprintf(path, sizeof path, "%s/adapter_config.json", adir);
+    write_file(path, text);
+    free(text);
+    cJSON_Delete(j);
+}
+
+/* got_out a against b, both fp32, within TOL. */
+static void expect_same_run(const char *name, const got_out *a, const got_out *b, uint64_t n_logits)
+{
+    uint64_t most = n_logits;
+    for (uint64_t k = 0; k <= a->n_layers * 4; k++)
+        most = a->dim[k] * a->dim[k] > most ? a->dim[k] * a->dim[k] : most;
+    double *ref = malloc(most * sizeof *ref);
+    assert_non_null(ref);
+    char what[128];
+    for (uint64_t k = 0; k <= a->n_layers * 4; k++) {
+        assert_int_equal(a->dim[k], b->dim[k]);
+        for (uint64_t e = 0; e < b->dim[k] * b->dim[k]; e++)
+            ref[e] = b->H[k][e];
+        snprintf(what, sizeof what, "%s: H %" PRIu64 " of BASE+ADAPTER vs the merged directory", name, k);
+        expect_close(what, a->H[k], ref, a->dim[k] * a->dim[k], TOL);
+    }
+    for (uint64_t e = 0; e < n_logits; e++)
+        ref[e] = b->logits[e];
+    snprintf(what, sizeof what, "%s: logits of BASE+ADAPTER vs the merged directory", name);
+    expect_close(what, a->logits, ref, n_logits, TOL);
+    free(ref);
+    assert_int_equal(a->res.n_predicted, b->res.n_predicted);
+    double ma = a->res.nll_sum / (double)a->res.n_predicted, mb = b->res.nll_sum / (double)b->res.n_predicted;
+    if (!(fabs(ma - mb) <= 1e-5 * fabs(mb)))
+        fail_msg("%s: mean NLL %.9g with the adapter, %.9g merged", name, ma, mb);
+}
+
+/* BASE+ADAPTER through ms_llama_source_lora gives what the merged model
+ * gives: against the float64 reference run on the weights the test merged
+ * in float64, and against the plain source over the merged F32 directory.
+ * Case 1: every projection, F32 factors, lm_head and model.norm replaced
+ * (modules_to_save; the head read in slices from the adapter file). Case 2:
+ * BF16 factors, rsLoRA, DoRA on linear weights (row norms) and on the
+ * embedding (column norms: the statistics pass), tied embeddings (the head
+ * reads the adapted embedding in slices, after every layer's target was
+ * held), the residual stream spilled. The adapter must change the results
+ * by far more than the tolerance. */
+static void test_lora_vs_merged(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < sizeof k_lora_cases / sizeof k_lora_cases[0]; ci++) {
+        const lcase *lc = &k_lora_cases[ci];
+        tmodel b, mg;
+        case_model(&k_cases[lc->base_case], &b);
+        static tensor ad[MAX_TENSORS];
+        size_t n_ad = 0;
+        char adir[64];
+        make_lora(&b, lc, &mg, ad, &n_ad, adir);
+        ms_calib *cal = make_calib(6, 11, b.c.vocab, true);
+        uint64_t n_logits_ref = cal->n_samples * cal->seq_len * b.c.vocab, L = b.c.n_layers;
+        ref_out r, r0;
+        ref_forward(&mg, cal, false, &r);
+        ref_forward(&b, cal, false, &r0);
+        double dl = rel_diff(r0.logits, r.logits, n_logits_ref);
+        double dh = rel_diff(r0.H[L * 4], r.H[L * 4], b.c.hidden * b.c.hidden);
+        double dd = rel_diff(r0.H[(L - 1) * 4 + 3], r.H[(L - 1) * 4 + 3], b.c.intermediate * b.c.intermediate);
+        if (!(dl > 100 * TOL && dh > 100 * TOL && dd > 100 * TOL))
+            fail_msg("%s: the adapter changes logits / head H / last down_proj H by only %.3g / %.3g / %.3g",
+                     lc->name, dl, dh, dd);
+
+        ms_error err = {0};
+        ms_model *bm = NULL;
+        ms_peft *pa = NULL;
+        cpu_pool *pool = NULL;
+        assert_int_equal(ms_model_open(b.dir, &bm, &err), 0);
+        if (ms_peft_open(adir, bm, &pa, &err) != 0)
+            fail_msg("%s: %s", lc->name, err.msg);
+        assert_int_equal(cpu_pool_open(2, &pool), 0);
+        ms_llama_source src;
+        assert_int_equal(ms_llama_source_lora(bm, pa, pool, "test+adapter", &src, &err), 0);
+        assert_true(src.host_bytes > 0);
+        run_knobs kn = {.batch_size = 2, .act_budget = lc->act_budget, .vocab_chunk = 7, .threads = 2};
+        got_out g, gm;
+        run_source(&src, &b.c, cal, &kn, &g);
+        compare(&mg, cal, &g, &r);
+        run_model(&mg, cal, &kn, &gm);
+        compare(&mg, cal, &gm, &r);
+        expect_same_run(lc->name, &g, &gm, cal->n_real * b.c.vocab);
+        printf("  %s: ok (%zu adapter tensors, %zu targets, mean NLL %.4f, base %.4f)\n", lc->name, n_ad,
+               ms_peft_n_targets(pa), g.res.nll_sum / (double)g.res.n_predicted, r0.nll_sum / (double)r0.n_pred);
+
+        ms_llama_source_close(&src);
+        cpu_pool_close(pool);
+        ms_peft_close(pa);
+        ms_model_close(bm);
+        got_free(&g);
+        got_free(&gm);
+        ref_free(&b, &r);
+        ref_free(&b, &r0);
+        ms_calib_free(cal);
+        for (size_t i = 0; i < n_ad; i++)
+            free(ad[i].data);
+        remove_dir(adir);
+        remove_dir(mg.dir);
+        remove_dir(b.dir);
+        free_weights(&mg);
+        free_weights(&b);
+    }
+}
+
+static void make_dir(const char *root, const char *name, bool adapter)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", root, name);
+    assert_int_equal(mkdir(path, 0755), 0);
+    if (adapter) {
+        snprintf(path, sizeof path, "%s/%s/adapter_config.json", root, name);
+        write_file(path, "{}");
+    }
+}
+
+static void expect_split(const char *model, const char *base, const char *adapter)
+{
+    ms_error err = {0};
+    char *b = NULL, *a = NULL;
+    if (ms_llama_model_split(model, &b, &a, &err) != 0)
+        fail_msg("%s: %s", model, err.msg);
+    if (strcmp(b, base) != 0 || (adapter ? !a || strcmp(a, adapter) != 0 : a != NULL))
+        fail_msg("'%s' split into '%s' + '%s', expected '%s' + '%s'", model, b, a ? a : "(none)", base,
+                 adapter ? adapter : "(none)");
+    free(b);
+    free(a);
+}
+
+static void expect_split_error(const char *model, const char *what)
+{
+    ms_error err = {0};
+    char *b = (char *)"x", *a = (char *)"x";
+    assert_int_equal(ms_llama_model_split(model, &b, &a, &err), -1);
+    assert_null(b);
+    assert_null(a);
+    assert_int_equal(err.exit_code, MS_EXIT_DATA);
+    if (!strstr(err.msg, what) || !strstr(err.msg, model))
+        fail_msg("'%s': error '%s' does not say '%s'", model, err.msg, what);
+}
+
+/* MODEL = BASE+ADAPTER with '+' in the paths, and the session over one. */
+static void test_model_split(void **state)
+{
+    (void)state;
+    char root[64] = "/tmp/ms-llama-split.XXXXXX", cwd[4096], m[512], b[512], a[512];
+    assert_non_null(mkdtemp(root));
+    assert_non_null(getcwd(cwd, sizeof cwd));
+    make_dir(root, "m+1", false);
+    make_dir(root, "lora+v2", true);
+    make_dir(root, "v2", true);
+    make_dir(root, "plain", false);
+    make_dir(root, "exists+lora+v2", false);
+    /* absolute paths: the last '+' followed by an adapter directory */
+    snprintf(m, sizeof m, "%s/m+1+%s/lora+v2", root, root);
+    snprintf(b, sizeof b, "%s/m+1", root);
+    snprintf(a, sizeof a, "%s/lora+v2", root);
+    expect_split(m, b, a);
+    /* a path that exists is never split */
+    snprintf(m, sizeof m, "%s/exists+lora+v2", root);
+    expect_split(m, m, NULL);
+    snprintf(m, sizeof m, "%s/m+1", root);
+    expect_split(m, m, NULL);
+    /* no '+' and missing: left for ms_model_open to report */
+    snprintf(m, sizeof m, "%s/nothing", root);
+    expect_split(m, m, NULL);
+    /* a missing base still splits (the open names it) */
+    snprintf(m, sizeof m, "%s/nobase+%s/lora+v2", root, root);
+    snprintf(b, sizeof b, "%s/nobase", root);
+    expect_split(m, b, a);
+    /* the right part after the last '+' is not an adapter */
+    snprintf(m, sizeof m, "%s/m+1+%s/plain", root, root);
+    expect_split_error(m, "is not a PEFT adapter directory");
+    snprintf(m, sizeof m, "%s/m+1+%s/missing", root, root);
+    expect_split_error(m, "does not exist");
+    snprintf(m, sizeof m, "%s/m+1+", root);
+    expect_split_error(m, "is empty");
+    /* relative: "m+1+lora+v2" could be "m+1+lora" + "v2" (both adapters),
+     * but only "m+1" exists as a base */
+    assert_int_equal(chdir(root), 0);
+    expect_split("m+1+lora+v2", "m+1", "lora+v2");
+    expect_split("plain+v2", "plain", "v2");
+    expect_split("nobase+v2", "nobase", "v2");
+    assert_int_equal(chdir(cwd), 0);
+    remove_dir(root);
+
+    /* a session over BASE+ADAPTER, both with '+' in their names */
+    tmodel base, mg;
+    case_model(&k_cases[0], &base);
+    static tensor ad[MAX_TENSORS];
+    size_t n_ad = 0;
+    char adir[64];
+    make_lora(&base, &k_lora_cases[0], &mg, ad, &n_ad, adir);
+    char bplus[128], aplus[128], calib[128], model[300];
+    snprintf(bplus, sizeof bplus, "%s/base+1", base.dir);
+    snprintf(aplus, sizeof aplus, "%s/ad+2", adir);
+    snprintf(calib, sizeof calib, "%s/calib.txt", base.dir);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "mkdir '%s' '%s' && cp '%s'/*.json '%s'/*.safetensors '%s' && cp '%s'/*.json '%s'/*.safetensors '%s'",
+             bplus, aplus, base.dir, base.dir, bplus, adir, adir, aplus);
+    assert_int_equal(system(cmd), 0);
+    write_file(calib, "1 2 3 4 5\n6 7 8\n");
+    snprintf(model, sizeof model, "%s+%s", bplus, aplus);
+    ms_llama_session s;
+    ms_error err = {0};
+    if (ms_llama_session_open(model, calib, &(ms_calib_options){0}, true, NULL, &s, &err) != 0)
+        fail_msg("%s", err.msg);
+    assert_non_null(s.adapter);
+    assert_string_equal(s.model->path, bplus);
+    assert_string_equal(s.src.where, model);
+    assert_int_equal(ms_peft_n_targets(s.adapter), 7 * base.c.n_layers + 2);
+    assert_int_equal(ms_llama_session_check_unchanged(&s, &err), 0);
+    ms_llama_session_close(&s);
+    /* the adapter alone, and as a base */
+    assert_int_equal(ms_llama_session_open(aplus, calib, &(ms_calib_options){0}, true, NULL, &s, &err), -1);
+    assert_int_equal(err.exit_code, MS_EXIT_USAGE);
+    assert_non_null(strstr(err.msg, "BASE_DIR+ADAPTER_DIR"));
+    snprintf(model, sizeof model, "%s+%s", aplus, aplus);
+    assert_int_equal(ms_llama_session_open(model, calib, &(ms_calib_options){0}, true, NULL, &s, &err), -1);
+    assert_int_equal(err.exit_code, MS_EXIT_USAGE);
+    for (size_t i = 0; i < n_ad; i++)
+        free(ad[i].data);
+    remove_dir(adir);
+    remove_dir(mg.dir);
+    remove_dir(base.dir);
+    free_weights(&mg);
+    free_weights(&base);
+}
+
 int main(void)
 {
     const char *seed = getenv("MS_TEST_SEED");
@@ -1058,6 +1478,8 @@ int main(void)
         cmocka_unit_test(test_models_vs_reference),
         cmocka_unit_test(test_padding_excluded),
         cmocka_unit_test(test_batching_and_knobs),
+        cmocka_unit_test(test_lora_vs_merged),
+        cmocka_unit_test(test_model_split),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
