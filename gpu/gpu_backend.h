@@ -32,26 +32,42 @@ typedef enum gpu_status { GPU_OK = 0, GPU_OOM = 1, GPU_FATAL = 2 } gpu_status;
 typedef struct gpu_backend gpu_backend;
 
 /* Opens device `device` with at most memory_limit bytes for this backend (0:
- * no cap besides the device's free memory less a reserve). Returns 0 and
- * *out, or -1 with a one-line reason in why (no device, driver too old...). */
+ * no cap besides the device's free memory less a reserve). The limit is
+ * enforced: the pool never holds more (a request that would exceed it, after
+ * the cache is freed, fails like cudaErrorMemoryAllocation). Returns 0 and
+ * *out, or -1 with a one-line reason in why (no device, driver too old...).
+ * Creates the CUDA context and one stream; takes nothing from the pool. */
 int gpu_backend_open(int device, uint64_t memory_limit, gpu_backend **out, char *why, size_t why_len);
 void gpu_backend_close(gpu_backend *b); /* NULL is a no-op */
 
 /* The live free-memory estimate: cudaMemGetInfo's free bytes at open, less
- * what the backend's pool holds now, less a reserve, capped by memory_limit. */
+ * what the backend's pool holds now (in use and cached), less a reserve of
+ * max(256 MiB, device memory / 32), capped by memory_limit less what the
+ * pool holds. 0 once the backend is broken (a sticky error). */
 uint64_t gpu_backend_free_estimate(gpu_backend *b);
 
-/* Device bytes a chunk of n_rows rows of p needs (inputs, output, scratch). */
+/* True when the GPU backend computes p's method: the task-vector methods
+ * (linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*). The
+ * interpolation and model-soup methods run on the CPU only. */
+bool gpu_merge_supports(const ms_tensor_params *p);
+
+/* Device bytes one gpu_merge_run_pass call on a chunk of at most n_rows rows
+ * of p allocates (inputs, output, scratch; the pool's size classes
+ * included): an upper bound over every pass of p's plan. 0 for no elements;
+ * UINT64_MAX when p is not supported or the size overflows. */
 uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 
 /* Runs pass `pass` of st's plan over chunk c on the GPU (same contract as
- * cpu_merge_run_pass). Blocks until the results are in host memory. On
+ * cpu_merge_run_pass; p must be supported: gpu_merge_supports). Blocks
+ * until the results are in host memory: one stream, synchronous per call. On
  * GPU_OOM / GPU_FATAL, msg receives one line ("needs X MiB, Y MiB free" /
  * the CUDA error). */
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len);
 
-/* Frees cached device memory the pool holds but does not use. */
+/* Frees cached device memory the pool holds but does not use. (The pool
+ * caches released blocks by size class, so same-sized chunks allocate nothing
+ * new; it trims itself on every allocation failure.) */
 void gpu_backend_trim(gpu_backend *b);
 
 /* Registers [p, p + len) as pinned host memory (cudaHostRegister). Returns
@@ -66,9 +82,9 @@ const char *gpu_backend_device_name(const gpu_backend *b);
 uint64_t gpu_backend_pool_held(const gpu_backend *b);
 
 /* Tests only (the sticky-error path on demand): the next gpu_merge_run_pass
- * launches a kernel that writes to an illegal address before its own work,
- * so it returns GPU_FATAL and the CUDA context is unusable afterwards. Run
- * it in a process of its own. */
+ * launches a kernel that traps (__trap: cudaErrorLaunchFailure, sticky)
+ * before its own work, so it returns GPU_FATAL and the CUDA context is
+ * unusable afterwards. Run it in a process of its own. */
 void gpu_backend_fail_next_for_tests(gpu_backend *b);
 
 /* Tests only: della's rows are ranked in windows of about `elems` elements

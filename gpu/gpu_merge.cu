@@ -13,7 +13,8 @@
  * back; then keep masks, per-segment counts, della's sort buffers).
  *
  * Exactness, kernel by kernel:
- *   histograms  64-bit atomicAdd counters: integer sums, any order.
+ *   histograms  64-bit atomicAdd counters, one add per distinct bin per warp
+ *               (__match_any_sync): integer sums, any order.
  *   eq_pos      the chunk is cut into segments of GM_SEG elements; per
  *               segment the count of key == t (integers), an exclusive scan
  *               in segment order starting at the bound's eq_seen, then inside
@@ -373,13 +374,32 @@ __device__ __forceinline__ bool gm_keep(const gm_args &a, unsigned i, uint64_t j
     for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
          j += (uint64_t)gridDim.x * blockDim.x)
 
+/* hist[bin] += 1 for every lane with `valid`, one atomic per distinct bin
+ * in the warp (hot bins would otherwise serialise on their counter). Every
+ * lane of the warp must call it. Integer counts: exact in any order. */
+__device__ __forceinline__ void gm_warp_count(unsigned long long *hist, uint32_t bin, bool valid)
+{
+    unsigned peers = __match_any_sync(0xffffffffu, valid ? bin : 0xffffffffu);
+    unsigned lane = threadIdx.x & 31u;
+    if (valid && lane == (unsigned)(__ffs((int)peers) - 1))
+        atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
+}
+
+/* Grid-stride loop over whole warps: every lane of a warp runs the same
+ * iterations (j may be past n: then it is not valid), so warp collectives
+ * are safe inside. */
+#define GM_FOR_WARP_ELEMS(j, n)                                                                            \
+    for (uint64_t base_ = (uint64_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31u), j = base_ + (threadIdx.x & 31u); \
+         base_ < (n); base_ += (uint64_t)gridDim.x * blockDim.x, j = base_ + (threadIdx.x & 31u))
+
 /* HIST_HI: hist[key >> 16]++ for model i. */
 __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigned long long *hist)
 {
-    GM_FOR_ELEMS(j, a.n)
+    GM_FOR_WARP_ELEMS(j, a.n)
     {
-        uint32_t key = ms_merge_key(gm_delta(a, i, j, gm_base(a, j)));
-        atomicAdd(&hist[key >> 16], 1ull);
+        bool valid = j < a.n;
+        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        gm_warp_count(hist, key >> 16, valid);
     }
 }
 
@@ -388,13 +408,12 @@ __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigne
 __global__ void k_hist_lo(const __grid_constant__ gm_args a, unsigned i, uint32_t bin0, uint32_t bin1,
                           unsigned long long *h0, unsigned long long *h1)
 {
-    GM_FOR_ELEMS(j, a.n)
+    GM_FOR_WARP_ELEMS(j, a.n)
     {
-        uint32_t key = ms_merge_key(gm_delta(a, i, j, gm_base(a, j)));
-        if (h0 && (key >> 16) == bin0)
-            atomicAdd(&h0[key & 0xffffu], 1ull);
-        if (h1 && (key >> 16) == bin1)
-            atomicAdd(&h1[key & 0xffffu], 1ull);
+        bool valid = j < a.n;
+        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        gm_warp_count(h0, key & 0xffffu, valid && h0 && (key >> 16) == bin0);
+        gm_warp_count(h1, key & 0xffffu, valid && h1 && (key >> 16) == bin1);
     }
 }
 
@@ -792,6 +811,8 @@ static gpu_status gm_enqueue(gpu_backend *b, const ms_tensor_params *p, const ms
                      "copying the output from the GPU");
         }
         break;
+    default:
+        GPU_ASSERT(!"a pass kind of the interpolation methods");
     }
     if (L->res_bytes)
         GM_CHECK(cudaMemcpyAsync(b->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, s),
@@ -853,6 +874,7 @@ gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merg
     GPU_ASSERT(c->elem0 + c->n_elems <= p->numel);
     GPU_ASSERT(p->method == MS_METHOD_LINEAR || c->in[0]);
     GPU_ASSERT(p->n_models >= 1 && p->n_models <= MS_MAX_MODELS);
+    GPU_ASSERT(gpu_merge_supports(p));
     if (msg && msg_len)
         msg[0] = '\0';
     if (b->broken) {
@@ -936,8 +958,28 @@ gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merg
     return status;
 }
 
+bool gpu_merge_supports(const ms_tensor_params *p)
+{
+    switch (p->method) {
+    case MS_METHOD_LINEAR:
+    case MS_METHOD_TASK_ARITHMETIC:
+    case MS_METHOD_TIES:
+    case MS_METHOD_DARE_TIES:
+    case MS_METHOD_DARE_LINEAR:
+    case MS_METHOD_BREADCRUMBS:
+    case MS_METHOD_BREADCRUMBS_TIES:
+    case MS_METHOD_DELLA:
+    case MS_METHOD_DELLA_LINEAR:
+        return true;
+    default:
+        return false;
+    }
+}
+
 uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows)
 {
+    if (!gpu_merge_supports(p))
+        return UINT64_MAX;
     if (n_rows == 0 || p->cols == 0)
         return 0;
     gm_plan pl;

@@ -32,25 +32,6 @@ int ms_backend_gpu_count(const char **why, char *name, size_t name_len)
 #endif
 }
 
-/* The methods the CUDA kernels implement (the task-vector family). */
-bool ms_gpu_supports(const ms_tensor_params *p)
-{
-    switch (p->method) {
-    case MS_METHOD_LINEAR:
-    case MS_METHOD_TASK_ARITHMETIC:
-    case MS_METHOD_TIES:
-    case MS_METHOD_DARE_TIES:
-    case MS_METHOD_DARE_LINEAR:
-    case MS_METHOD_BREADCRUMBS:
-    case MS_METHOD_BREADCRUMBS_TIES:
-    case MS_METHOD_DELLA:
-    case MS_METHOD_DELLA_LINEAR:
-        return ms_backend_cuda_built();
-    default:
-        return false;
-    }
-}
-
 #ifdef MERGESTREAM_HAVE_CUDA
 
 int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
@@ -63,6 +44,7 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
     return gpu_backend_open(0, memory_limit, (gpu_backend **)out, why, why_len);
 }
 
+bool ms_gpu_supports(const ms_tensor_params *p) { return gpu_merge_supports(p); }
 void ms_gpu_close(ms_gpu *g) { gpu_backend_close((gpu_backend *)g); }
 const char *ms_gpu_name(const ms_gpu *g) { return gpu_backend_device_name((const gpu_backend *)g); }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { return gpu_backend_free_estimate((gpu_backend *)g); }
@@ -91,6 +73,7 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
     return -1;
 }
 
+bool ms_gpu_supports(const ms_tensor_params *p) { (void)p; return false; }
 void ms_gpu_close(ms_gpu *g) { (void)g; }
 const char *ms_gpu_name(const ms_gpu *g) { (void)g; return ""; }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { (void)g; return 0; }

@@ -267,8 +267,9 @@ static inline const char *pass_kind_name(ms_merge_pass_kind k)
         return "L1";
     case MS_MERGE_PASS_APPLY:
         return "APPLY";
+    default:
+        return "an interpolation pass";
     }
-    return "?";
 }
 
 static inline const char *sel_name(ms_merge_sel s)
@@ -408,7 +409,12 @@ typedef struct state_snap {
 static inline bool snap_take(state_snap *s, const ms_merge_state *st, const ms_tensor_params *p)
 {
     memcpy(&s->st, st, sizeof *st); /* padding included: snap_equal compares bytes */
-    s->words = (ms_merge_state_bytes(p) - sizeof(ms_merge_state)) / sizeof(uint64_t);
+    s->words = 0; /* the histograms: hist_mem holds them all, in this order */
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        s->words += st->model[i].hist_hi ? MS_MERGE_HI_BINS : 0;
+        for (unsigned bd = 0; bd < 2; bd++)
+            s->words += st->model[i].bound[bd].hist_lo ? MS_MERGE_LO_BINS : 0;
+    }
     s->hist = NULL;
     if (s->words) {
         s->hist = malloc(s->words * sizeof(uint64_t));

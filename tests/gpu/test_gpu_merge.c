@@ -350,6 +350,19 @@ static void test_chunk_bytes_bound(void **state)
     memset(&empty, 0, sizeof empty);
     empty.n_models = 1;
     assert_int_equal(gpu_merge_chunk_bytes(&empty, 5), 0);
+    /* the task-vector methods run on the GPU, the others never */
+    for (int m = 0; m < MS_METHOD_COUNT; m++) {
+        ms_tensor_params q;
+        memset(&q, 0, sizeof q);
+        q.method = (ms_method)m;
+        q.n_models = 1;
+        q.rows = 1;
+        q.cols = q.numel = 10;
+        bool want = m <= MS_METHOD_DELLA_LINEAR;
+        assert_int_equal(gpu_merge_supports(&q), want);
+        if (!want)
+            assert_true(gpu_merge_chunk_bytes(&q, 1) == UINT64_MAX);
+    }
 }
 
 /* The pool keeps its blocks (a second identical run allocates nothing new),
