@@ -16,8 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_merge_hessian.h"
 #include "cpu/cpu_merge_interp.h"
 #include "pipeline/merge_math.h"
+#include "pipeline/merge_passes_hessian.h"
 #include "pipeline/merge_passes_interp.h"
 
 #define CPU_TILE 1024u                       /* elements per tile */
@@ -367,6 +369,20 @@ static void philox_fill(const uint32_t key[2], uint32_t model, uint64_t e0, size
     }
 }
 
+/* Selection keys of model i's elements [e, e + n) with deltas d: the
+ * magnitude key, or the saliency key where the model has Hessian
+ * coefficients (ties_sparsegpt, dare_sparsegpt; cpu_merge_hessian.c). */
+static void tile_keys(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const float *d, uint32_t *key)
+{
+    const float *u = x->st->hessian ? x->st->hessian->u[i] : NULL;
+    if (u) {
+        cpu_merge_hessian_keys(u, x->p->cols, e, n, d, key);
+        return;
+    }
+    for (size_t j = 0; j < n; j++)
+        key[j] = ms_merge_key(d[j]);
+}
+
 /* keep[j] for model i's elements [e, e + n) with deltas d (not DELLA).
  * pos[b]: eq_pos of the first element for split bounds; advanced past the
  * tile. */
@@ -398,8 +414,7 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
         const ms_merge_bound *b = &m->bound[0];
         uint32_t t = b->key;
         uint64_t take = b->take;
-        for (size_t j = 0; j < n; j++)
-            key[j] = ms_merge_key(d[j]);
+        tile_keys(x, i, e, n, d, key);
         uint64_t q = b->split ? pos[0] : 0;
         uint32_t eq = 0; /* n <= CPU_TILE */
         if (b->split)
@@ -671,8 +686,9 @@ static void task_hist_hi(void *vx, unsigned task, unsigned worker)
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
         load_delta(x, x->model, e, n, s->base, s->x);
+        tile_keys(x, x->model, e, n, s->x, s->key);
         for (size_t j = 0; j < n; j++)
-            hist[ms_merge_key(s->x[j]) >> 16]++;
+            hist[s->key[j] >> 16]++;
     }
 }
 
@@ -688,8 +704,7 @@ static void task_hist_lo(void *vx, unsigned task, unsigned worker)
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
         load_delta(x, x->model, e, n, s->base, s->x);
-        for (size_t j = 0; j < n; j++)
-            s->key[j] = ms_merge_key(s->x[j]);
+        tile_keys(x, x->model, e, n, s->x, s->key);
         for (unsigned bd = 0; bd < 2; bd++) {
             if (!m->bound[bd].search)
                 continue;
@@ -722,13 +737,14 @@ static void task_count_eq(void *vx, unsigned task, unsigned worker)
                 continue;
             load_delta(x, i, e, n, s->base, s->x);
             uint64_t *cnt = ctx_eq(x, task, i);
+            tile_keys(x, i, e, n, s->x, s->key);
             for (unsigned bd = 0; bd < 2; bd++) {
                 if (!m->bound[bd].split)
                     continue;
                 uint32_t t = m->bound[bd].key;
                 uint64_t k = 0;
                 for (size_t j = 0; j < n; j++)
-                    k += ms_merge_key(s->x[j]) == t;
+                    k += s->key[j] == t;
                 cnt[bd] += k;
             }
         }
@@ -996,6 +1012,8 @@ int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned p
 {
     if (ms_merge_interp_method(p->method)) /* cpu_merge_interp.c */
         return cpu_merge_interp_run_pass(p, st, pass, c, pool);
+    if (p->method == MS_METHOD_REGMEAN) /* cpu_merge_hessian.c */
+        return cpu_merge_hessian_run_pass(p, st, pass, c, pool);
     CPU_ASSERT(pass < st->n_passes);
     CPU_ASSERT(c->elem0 == st->next_elem);
     CPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
@@ -1052,6 +1070,8 @@ uint64_t cpu_merge_scratch_bytes(const ms_tensor_params *p, uint64_t n_rows, uns
         n_threads = 1;
     if (ms_merge_interp_method(p->method))
         return cpu_merge_interp_scratch_bytes(p, n_threads);
+    if (p->method == MS_METHOD_REGMEAN)
+        return cpu_merge_hessian_scratch_bytes(p, n_threads);
     uint64_t max_elems;
     if (__builtin_mul_overflow(n_rows ? n_rows : 1, p->cols ? p->cols : 1, &max_elems))
         max_elems = UINT64_MAX;

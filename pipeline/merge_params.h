@@ -34,6 +34,10 @@ typedef enum ms_method {
     MS_METHOD_RAM,
     MS_METHOD_RAMPLUS_TL,
     MS_METHOD_ARCEE_FUSION,
+    /* Hessian-aware methods (pipeline/merge_passes_hessian.h) */
+    MS_METHOD_TIES_SPARSEGPT,
+    MS_METHOD_DARE_SPARSEGPT,
+    MS_METHOD_REGMEAN,
     MS_METHOD_COUNT
 } ms_method;
 
@@ -81,6 +85,7 @@ typedef struct ms_tensor_params {
     double ram_r, ram_alpha; /* ramplus_tl: r, alpha */
     unsigned max_iter;      /* karcher */
     double tol;             /* karcher */
+    double regmean_alpha;   /* regmean: off-diagonal scale of each G_i, [0, 1] (default 0.1) */
 } ms_tensor_params;
 
 /* One contiguous range of whole rows of a tensor, with its input and output

@@ -9,6 +9,7 @@
 
 #include "io/ms_error.h"
 #include "io/ms_fault.h"
+#include "pipeline/merge_passes_hessian.h"
 #include "pipeline/merge_passes_interp.h"
 
 /* =============================================================== plan */
@@ -130,6 +131,8 @@ static void plan_state(const ms_tensor_params *p, ms_merge_state *st)
     st->pass[st->n_passes++] = MS_MERGE_PASS_APPLY;
     if (ms_merge_interp_method(p->method)) /* their own plans (the models above select ALL) */
         ms_merge_interp_plan(p, st);
+    if (ms_merge_hessian_method(p->method)) /* regmean's plan, dare_sparsegpt's factors */
+        ms_merge_hessian_plan(p, st);
 }
 
 /* Histogram words the plan needs. */
@@ -160,7 +163,10 @@ uint64_t ms_merge_state_bytes(const ms_tensor_params *p)
     ms_merge_state st;
     plan_state(p, &st);
     uint64_t interp = ms_merge_interp_method(p->method) ? ms_merge_interp_state_bytes(p) : 0;
-    return sizeof st + plan_hist_words(&st) * sizeof(uint64_t) + interp;
+    uint64_t hessian = ms_hessian_state_bytes(p); /* 0 unless a Hessian method */
+    if (hessian > UINT64_MAX / 2)
+        return UINT64_MAX;
+    return sizeof st + plan_hist_words(&st) * sizeof(uint64_t) + interp + hessian;
 }
 
 int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
@@ -209,6 +215,7 @@ void ms_merge_state_close(ms_merge_state *st)
         return;
     free(st->hist_mem);
     ms_merge_interp_state_close(st->interp);
+    ms_hessian_state_close(st->hessian);
     free(st);
 }
 

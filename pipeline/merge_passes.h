@@ -132,6 +132,10 @@ typedef struct ms_merge_state {
      * (pipeline/merge_passes_interp.h); NULL for the task-vector methods.
      * Owned by the state. */
     struct ms_interp_state *interp;
+    /* The Hessian-aware methods' coefficients (pipeline/merge_passes_hessian.h),
+     * filled by the host (pipeline/hessian_inputs.h) before the first pass;
+     * NULL otherwise (then every model selects by magnitude). Owned. */
+    struct ms_hessian_state *hessian;
 } ms_merge_state;
 
 /* Allocates and plans the state for tensor p. Returns 0 and *out (close with

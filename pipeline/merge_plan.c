@@ -205,6 +205,11 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
             goto fail;
         }
     }
+    for (unsigned i = 1; i <= plan->n_models; i++) {
+        const char *hp = r->models[i - 1].hessian_path;
+        if (hp && ms_hessian_set_open(hp, &plan->hessians[i], err) < 0)
+            goto fail;
+    }
     plan->layout = plan->base ? plan->base : plan->models[1];
     long layers = ms_model_config_int(plan->layout, "num_hidden_layers", -1);
     plan->num_layers = layers > 0 ? (unsigned)layers : infer_num_layers(plan->layout);
@@ -286,6 +291,8 @@ void ms_plan_free(ms_plan *plan)
     if (!plan)
         return;
     free(plan->jobs);
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+        ms_hessian_set_close(plan->hessians[i]);
     for (unsigned i = 0; i <= plan->n_models; i++)
         ms_peft_close(plan->adapters[i]); /* before the models they point into */
     for (unsigned i = 1; i <= plan->n_models; i++)

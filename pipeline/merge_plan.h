@@ -12,6 +12,7 @@
 #include "io/model_dir.h"
 #include "io/peft_adapter.h"
 #include "pipeline/merge_params.h"
+#include "pipeline/hessian_inputs.h"
 #include "pipeline/recipe.h"
 
 typedef enum ms_job_kind {
@@ -61,6 +62,7 @@ typedef struct ms_plan {
     ms_model *base;            /* owned; NULL for linear without base_model */
     ms_model *models[MS_MAX_MODELS + 1]; /* owned; [1..n_models] */
     ms_peft *adapters[MS_MAX_MODELS + 1]; /* owned; [i] is models[i]'s PEFT adapter ("DIR+ADAPTER"), or NULL; [0]: the base's */
+    ms_hessian_set *hessians[MS_MAX_MODELS + 1]; /* owned; [i] from models[i]'s `hessian:` parameter, or NULL */
     unsigned n_models;
     const ms_model *layout;    /* base, else models[1]: tensor order, config, tokenizer */
     unsigned num_layers;       /* config.json num_hidden_layers (or inferred from names) */

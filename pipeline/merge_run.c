@@ -395,6 +395,8 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
         if (ms_merge_state_open(&job->params, &js->merge) != 0)
             return ms_error_set(&e, MS_EXIT_RUNTIME, job->name, "out of memory for merge statistics"),
                    run_fail(ctx, &e), -1;
+        if (ms_hessian_prepare(js->merge, &job->params, job->name, ctx->env->plan->hessians, &e) != 0)
+            return run_fail(ctx, &e), -1;
         for (unsigned i = 0; i < job->n_inputs; i++)
             if (job->in[i].lora && lora_prepare(job, i, &js->lora[i], &e) != 0)
                 return run_fail(ctx, &e), -1;

@@ -61,12 +61,23 @@ static const ms_method_info k_methods[MS_METHOD_COUNT] = {
                               P(MS_PARAM_EPSILON) | P(MS_PARAM_R) | P(MS_PARAM_ALPHA), false, 1, 0, 0},
     [MS_METHOD_ARCEE_FUSION] = {MS_METHOD_ARCEE_FUSION, "arcee_fusion", MS_SPARSIFY_NONE, false, true, false,
                                 false, 0, false, 1, 1, 0},
+    /* Hessian-aware methods (pipeline/merge_passes_hessian.h); each model may
+     * name its `hessian` directory (recipe.h) */
+    [MS_METHOD_TIES_SPARSEGPT] = {MS_METHOD_TIES_SPARSEGPT, "ties_sparsegpt", MS_SPARSIFY_MAGNITUDE, true, true,
+                                  true, false, TV_PARAMS | P(MS_PARAM_DENSITY), false, 0, 0, 0},
+    [MS_METHOD_DARE_SPARSEGPT] = {MS_METHOD_DARE_SPARSEGPT, "dare_sparsegpt", MS_SPARSIFY_MAGNITUDE, true, true,
+                                  false, false,
+                                  P(MS_PARAM_WEIGHT) | P(MS_PARAM_LAMBDA) | P(MS_PARAM_NORMALIZE) |
+                                      P(MS_PARAM_INT8_MASK) | P(MS_PARAM_DENSITY),
+                                  false, 0, 0, 0},
+    [MS_METHOD_REGMEAN] = {MS_METHOD_REGMEAN, "regmean", MS_SPARSIFY_NONE, false, true, false, false,
+                           P(MS_PARAM_ALPHA), false, 0, 0, 0},
 };
 
 /* Methods mergekit has (and the Hessian-aware ones on our own roadmap) that
  * are not implemented yet: naming one is "not supported yet", not "unknown". */
 static const char *const k_unsupported[] = {
-    "passthrough", "core_space", "ties_sparsegpt", "dare_sparsegpt", "regmean",
+    "passthrough", "core_space",
 };
 
 /* Indexed by ms_param_id. */
@@ -149,7 +160,8 @@ const char *ms_method_names(void)
 {
     return "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
            "breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher, "
-           "model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion";
+           "model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion, ties_sparsegpt, dare_sparsegpt, "
+           "regmean";
 }
 
 bool ms_method_takes(ms_method m, ms_param_id p)
@@ -204,8 +216,8 @@ bool ms_method_param_default(ms_method m, ms_param_id p, double *out)
     case MS_PARAM_R:
         *out = 0.1;
         return true;
-    case MS_PARAM_ALPHA:
-        *out = 0.2;
+    case MS_PARAM_ALPHA: /* ramplus_tl's alpha; regmean's off-diagonal scale */
+        *out = m == MS_METHOD_REGMEAN ? 0.1 : 0.2;
         return true;
     case MS_PARAM_MAX_ITER:
         *out = 10.0;
@@ -226,8 +238,14 @@ const ms_param_info *ms_param_info_get(ms_param_id p)
     return &k_params[p];
 }
 
+/* regmean's alpha scales the off-diagonal Gram entries: in [0, 1]. */
+static const ms_param_info k_regmean_alpha = {MS_PARAM_ALPHA, "alpha", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL,
+                                              0.0, 1.0, false, false, "[0, 1]"};
+
 const ms_param_info *ms_method_param_info(ms_method m, ms_param_id p)
 {
+    if (m == MS_METHOD_REGMEAN && p == MS_PARAM_ALPHA)
+        return &k_regmean_alpha;
     if (m == MS_METHOD_NEARSWAP && p == MS_PARAM_T)
         return &k_nearswap_t;
     return ms_param_info_get(p);

@@ -470,10 +470,34 @@ static int rp_setting(const recipe_parser *p, const yaml_node_t *n, const ms_par
     return rp_value(p, n, pi, where, &out->value);
 }
 
-/* A parameters map at the top level (model_level false) or in a models entry. */
-static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *where,
-                     bool model_level, ms_recipe_param params[MS_PARAM_COUNT])
+/* `hessian: DIR` in a parameters map; m is the models entry (NULL at the top level). */
+static int rp_hessian(const recipe_parser *p, const yaml_node_t *v, unsigned line, const char *where,
+                      ms_recipe_model *m)
 {
+    ms_method method = p->r->method;
+    if (method != MS_METHOD_TIES_SPARSEGPT && method != MS_METHOD_DARE_SPARSEGPT && method != MS_METHOD_REGMEAN)
+        return rp_fail(p, line, "parameter 'hessian' in %s is not used by merge_method '%s'", where,
+                       ms_method_name(method));
+    if (!m)
+        return rp_fail(p, line, "'hessian' in %s is a per-model parameter: set it in each models entry", where);
+    if (m->hessian_path)
+        return rp_fail(p, line, "duplicate key 'hessian' in %s", where);
+    if (node_is_null(v))
+        return rp_fail(p, line, "'hessian' in %s has no value", where);
+    const char *text = NULL;
+    if (rp_string(p, v, "hessian", &text) < 0)
+        return -1;
+    if (rp_existing(p, node_line(v), "hessian", text, &m->hessian_path) < 0)
+        return -1;
+    m->hessian_line = line;
+    return 0;
+}
+
+/* A parameters map at the top level (m NULL) or in a models entry (m). */
+static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *where,
+                     ms_recipe_model *m, ms_recipe_param params[MS_PARAM_COUNT])
+{
+    bool model_level = m != NULL;
     if (node_is_null(n))
         return 0;
     if (n->type != YAML_MAPPING_NODE)
@@ -487,6 +511,11 @@ static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *w
         if (k->type != YAML_SCALAR_NODE)
             return rp_fail(p, line, "keys in %s must be strings", where);
         const char *key = scalar_text(k);
+        if (strcmp(key, "hessian") == 0) {
+            if (rp_hessian(p, v, line, where, m) < 0)
+                return -1;
+            continue;
+        }
         ms_param_id id;
         if (!ms_param_lookup(key, &id))
             return rp_fail(p, line, "unknown key '%s' in %s", key, where);
@@ -555,6 +584,7 @@ static void recipe_model_clear(ms_recipe_model *m)
     free(m->name);
     free(m->path);
     free(m->adapter_path);
+    free(m->hessian_path);
     recipe_params_clear(m->params);
     memset(m, 0, sizeof *m);
 }
@@ -723,9 +753,9 @@ static int rp_model_entry(recipe_parser *p, const yaml_node_t *n, ms_recipe_mode
         return -1;
     if (params) {
         snprintf(where, sizeof where, "models[%u].parameters", m->index);
-        if (rp_params(p, params, where, true, m->params) < 0)
+        if (rp_params(p, params, where, m, m->params) < 0)
             return -1;
-        *has_params = params_any(m->params);
+        *has_params = params_any(m->params) || m->hessian_path;
     }
     return 0;
 }
@@ -870,7 +900,7 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
     }
 
     if (nodes[KEY_PARAMETERS] &&
-        rp_params(p, nodes[KEY_PARAMETERS], "parameters", false, r->params) < 0)
+        rp_params(p, nodes[KEY_PARAMETERS], "parameters", NULL, r->params) < 0)
         return -1;
 
     if (!nodes[KEY_MODELS] || node_is_null(nodes[KEY_MODELS]))

@@ -64,6 +64,9 @@
  * tensor. Global parameters (normalize, rescale, lambda, int8_mask, t, ...)
  * are allowed only at the top level. A parameter the method does not use is an
  * error (mergekit warns and ignores it; we are strict on purpose).
+ * `hessian: DIR` is a per-model parameter of ties_sparsegpt, dare_sparsegpt
+ * and regmean only: a string path (no gradient, no filter list), relative to
+ * the recipe's folder, that must exist; anywhere else it is an error.
  *
  * A parameter value is one of
  *   - a scalar: a number, or a bool (true/false/yes/no/on/off) for booleans;
@@ -141,6 +144,10 @@ typedef struct ms_recipe_model {
     unsigned index;     /* position in the recipe's models list, 0-based: "models[index]" */
     unsigned line;      /* of the entry */
     ms_recipe_param params[MS_PARAM_COUNT]; /* per-model parameters (MS_PARAM_SCOPE_MODEL only) */
+    char *hessian_path;   /* Hessian methods: `hessian: DIR` resolved (the output of `mergestream
+                             hessian`); NULL when not given (the model's weights then fall back,
+                             see pipeline/merge_passes_hessian.h) */
+    unsigned hessian_line; /* of the hessian key */
 } ms_recipe_model;
 
 typedef struct ms_recipe {

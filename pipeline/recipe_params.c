@@ -262,6 +262,10 @@ static int recipe_interp_params(const ms_recipe *r, const char *tensor_name, dou
     if (recipe_global(r, MS_PARAM_ALPHA, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->ram_alpha = taken ? v : 0.0;
+    if (r->method == MS_METHOD_REGMEAN) { /* the same recipe key, regmean's meaning */
+        out->regmean_alpha = out->ram_alpha;
+        out->ram_alpha = 0.0;
+    }
     if (recipe_global(r, MS_PARAM_MAX_ITER, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->max_iter = taken ? (unsigned)v : 0;

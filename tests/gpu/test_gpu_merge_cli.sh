@@ -42,7 +42,7 @@ for m in ties dare_ties dare_linear task_arithmetic breadcrumbs breadcrumbs_ties
   grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "$m: nothing ran on the GPU"
   same_bytes "$WORK/cpu_$m" "$WORK/gpu_$m"
   # chunked on both sides of the PCIe bus
-  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory 34M --quiet
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory 34M --threads 2 --quiet
   same_bytes "$WORK/cpu_$m" "$WORK/gpuc_$m"
   echo "$m: GPU bytes == CPU bytes"
 done

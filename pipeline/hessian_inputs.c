@@ -1,0 +1,344 @@
+/* Hessian sets on disk and the per-tensor preparation (see hessian_inputs.h). */
+#include "pipeline/hessian_inputs.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "io/ms_fault.h"
+#include "io/small_file.h"
+#include "io/st_format.h"
+#include "pipeline/merge_passes_hessian.h"
+
+#define HESSIAN_SINGLE "hessians.safetensors"
+#define HESSIAN_INDEX "hessians.safetensors.index.json"
+#define HESSIAN_INDEX_MAX (64u << 20)
+
+typedef struct hessian_entry {
+    char *module; /* "model.layers.3.self_attn.k_proj" */
+    char *tensor; /* "model.layers.3.self_attn.qkv_input" */
+} hessian_entry;
+
+struct ms_hessian_set {
+    char *path;
+    st_file **shards;
+    unsigned n_shards;
+    hessian_entry *map; /* sorted by module */
+    size_t n_map;
+};
+
+/* One log line per run for a weight without a Hessian (there are many). */
+static int g_missing_logged;
+
+const char *ms_hessian_set_path(const ms_hessian_set *s)
+{
+    return s->path;
+}
+
+void ms_hessian_set_close(ms_hessian_set *s)
+{
+    if (!s)
+        return;
+    for (unsigned i = 0; i < s->n_shards; i++)
+        st_file_close(s->shards[i]);
+    free(s->shards);
+    for (size_t i = 0; i < s->n_map; i++) {
+        free(s->map[i].module);
+        free(s->map[i].tensor);
+    }
+    free(s->map);
+    free(s->path);
+    free(s);
+}
+
+static int set_add_shard(ms_hessian_set *s, const char *file, ms_error *err)
+{
+    for (unsigned i = 0; i < s->n_shards; i++) /* listed once per tensor in an index */
+        if (strcmp(s->shards[i]->path, file) == 0)
+            return 0;
+    st_file **grown = realloc(s->shards, (s->n_shards + 1) * sizeof *grown);
+    if (!grown)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, file, "cannot open the Hessians");
+    s->shards = grown;
+    if (st_file_open(file, &s->shards[s->n_shards], err) < 0)
+        return -1;
+    s->n_shards++;
+    return 0;
+}
+
+/* The shards an index lists (its weight_map's values). */
+static int set_open_index(ms_hessian_set *s, const char *index, ms_error *err)
+{
+    char *text = NULL, *file = NULL;
+    size_t len = 0;
+    int rc = -1;
+    cJSON *root = NULL;
+    if (ms_small_file_read(index, HESSIAN_INDEX_MAX, &text, &len, err) < 0)
+        return -1;
+    root = cJSON_ParseWithLength(text, len);
+    const cJSON *wm = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
+    if (!cJSON_IsObject(wm)) {
+        ms_error_set(err, MS_EXIT_DATA, index, "not a safetensors index (no weight_map object)");
+        goto done;
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, wm)
+    {
+        if (!cJSON_IsString(it) || strchr(it->valuestring, '/')) {
+            ms_error_set(err, MS_EXIT_DATA, index, "weight_map entry '%s' is not a shard file name", it->string);
+            goto done;
+        }
+        if (asprintf(&file, "%s/%s", s->path, it->valuestring) < 0) {
+            file = NULL;
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, index, "cannot open the Hessians");
+            goto done;
+        }
+        if (set_add_shard(s, file, err) < 0)
+            goto done;
+        free(file);
+        file = NULL;
+    }
+    rc = 0;
+done:
+    free(file);
+    cJSON_Delete(root);
+    free(text);
+    return rc;
+}
+
+static int entry_cmp(const void *a, const void *b)
+{
+    return strcmp(((const hessian_entry *)a)->module, ((const hessian_entry *)b)->module);
+}
+
+/* hessian_map from the first shard that carries it. */
+static int set_parse_map(ms_hessian_set *s, ms_error *err)
+{
+    const char *text = NULL, *where = s->path;
+    for (unsigned i = 0; i < s->n_shards && !text; i++) {
+        const st_header *h = &s->shards[i]->header;
+        for (size_t k = 0; k < h->n_meta; k++)
+            if (strcmp(h->meta_keys[k], "hessian_map") == 0) {
+                text = h->meta_values[k];
+                where = s->shards[i]->path;
+            }
+    }
+    if (!text)
+        return ms_error_set(err, MS_EXIT_DATA, s->path,
+                            "no \"hessian_map\" in the metadata: not the output of `mergestream hessian`");
+    cJSON *root = cJSON_Parse(text);
+    int rc = -1;
+    if (!cJSON_IsObject(root)) {
+        ms_error_set(err, MS_EXIT_DATA, where, "hessian_map is not a JSON object");
+        goto done;
+    }
+    size_t n = (size_t)cJSON_GetArraySize(root);
+    s->map = calloc(n ? n : 1, sizeof *s->map);
+    if (!s->map) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, where, "cannot read hessian_map");
+        goto done;
+    }
+    const cJSON *it;
+    cJSON_ArrayForEach(it, root)
+    {
+        if (!cJSON_IsString(it)) {
+            ms_error_set(err, MS_EXIT_DATA, where, "hessian_map entry '%s' is not a tensor name", it->string);
+            goto done;
+        }
+        hessian_entry *e = &s->map[s->n_map];
+        e->module = strdup(it->string);
+        e->tensor = strdup(it->valuestring);
+        s->n_map++;
+        if (!e->module || !e->tensor) {
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, where, "cannot read hessian_map");
+            goto done;
+        }
+    }
+    qsort(s->map, s->n_map, sizeof *s->map, entry_cmp);
+    rc = 0;
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
+int ms_hessian_set_open(const char *dir, ms_hessian_set **out, ms_error *err)
+{
+    *out = NULL;
+    char *file = NULL;
+    ms_hessian_set *s = calloc(1, sizeof *s);
+    if (!s || !(s->path = strdup(dir))) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
+        goto fail;
+    }
+    struct stat sb;
+    if (stat(dir, &sb) != 0) {
+        ms_error_errno(err, MS_EXIT_DATA, errno, dir, "cannot open the Hessians");
+        goto fail;
+    }
+    if (!S_ISDIR(sb.st_mode)) {
+        if (set_add_shard(s, dir, err) < 0)
+            goto fail;
+    } else {
+        if (asprintf(&file, "%s/%s", dir, HESSIAN_SINGLE) < 0) {
+            file = NULL;
+            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
+            goto fail;
+        }
+        if (access(file, F_OK) == 0) {
+            if (set_add_shard(s, file, err) < 0)
+                goto fail;
+        } else {
+            free(file);
+            if (asprintf(&file, "%s/%s", dir, HESSIAN_INDEX) < 0) {
+                file = NULL;
+                ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
+                goto fail;
+            }
+            if (access(file, F_OK) != 0) {
+                ms_error_set(err, MS_EXIT_DATA, dir,
+                             "no " HESSIAN_SINGLE " or " HESSIAN_INDEX " (run `mergestream hessian` first)");
+                goto fail;
+            }
+            if (set_open_index(s, file, err) < 0)
+                goto fail;
+        }
+    }
+    if (set_parse_map(s, err) < 0)
+        goto fail;
+    free(file);
+    *out = s;
+    return 0;
+fail:
+    free(file);
+    ms_hessian_set_close(s);
+    return -1;
+}
+
+/* The shard and tensor of weight_name's Hessian, or false. */
+static bool set_locate(const ms_hessian_set *s, const char *weight_name, const st_file **file,
+                       const st_tensor **tensor)
+{
+    char module[512];
+    size_t len = strlen(weight_name);
+    const char *suffix = ".weight";
+    size_t sl = strlen(suffix);
+    if (len > sl && strcmp(weight_name + len - sl, suffix) == 0)
+        len -= sl;
+    if (len >= sizeof module)
+        return false;
+    memcpy(module, weight_name, len);
+    module[len] = '\0';
+    hessian_entry key = {.module = module};
+    const hessian_entry *e = bsearch(&key, s->map, s->n_map, sizeof *s->map, entry_cmp);
+    if (!e)
+        return false;
+    for (unsigned i = 0; i < s->n_shards; i++) {
+        long k = st_header_find(&s->shards[i]->header, e->tensor);
+        if (k >= 0) {
+            *file = s->shards[i];
+            *tensor = &s->shards[i]->header.tensors[k];
+            return true;
+        }
+    }
+    return false;
+}
+
+bool ms_hessian_set_find(const ms_hessian_set *s, const char *weight_name, uint64_t *dim)
+{
+    const st_file *f;
+    const st_tensor *t;
+    if (!set_locate(s, weight_name, &f, &t))
+        return false;
+    *dim = t->ndim >= 1 ? t->shape[0] : 0;
+    return true;
+}
+
+/* Reads the [cols, cols] F32 Hessian into a new buffer (*out, caller frees). */
+static int read_hessian(const st_file *f, const st_tensor *t, const char *weight, uint64_t cols, float **out,
+                        ms_error *err)
+{
+    *out = NULL;
+    if (t->dtype != ST_F32 || t->ndim != 2 || t->shape[0] != cols || t->shape[1] != cols) {
+        char shape[64];
+        st_shape_format(t, shape, sizeof shape);
+        return ms_error_set(err, MS_EXIT_DATA, f->path,
+                            "Hessian '%s' for '%s' is %s %s; the weight needs F32 [%llu, %llu]", t->name, weight,
+                            st_dtype_name(t->dtype), shape, (unsigned long long)cols, (unsigned long long)cols);
+    }
+    uint64_t bytes = st_tensor_nbytes(t);
+    if (bytes > SIZE_MAX || ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(*out = malloc((size_t)bytes)))
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, f->path, "cannot read Hessian '%s'", t->name);
+    unsigned char *dst = (unsigned char *)*out;
+    uint64_t off = st_file_tensor_offset(f, t), done = 0;
+    while (done < bytes) {
+        if (ms_fault_hit(MS_FAULT_READ)) {
+            errno = EIO;
+            goto io_fail;
+        }
+        size_t want = bytes - done > (1u << 30) ? (1u << 30) : (size_t)(bytes - done);
+        ssize_t r = pread(f->fd, dst + done, want, (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            if (r == 0)
+                errno = EIO; /* the file shrank */
+            goto io_fail;
+        }
+        done += (uint64_t)r;
+    }
+    return 0;
+io_fail:;
+    int e = errno;
+    free(*out);
+    *out = NULL;
+    return ms_error_errno(err, MS_EXIT_RUNTIME, e, f->path, "cannot read Hessian '%s'", t->name);
+}
+
+static const char *fallback_what(const ms_tensor_params *p)
+{
+    return p->method == MS_METHOD_REGMEAN ? "the mean of the models" : "magnitude trimming";
+}
+
+int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char *name,
+                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], ms_error *err)
+{
+    if (!ms_merge_hessian_method(p->method))
+        return 0;
+    if (ms_hessian_state_open(st, p) != 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        if (p->method != MS_METHOD_REGMEAN && !ms_hessian_model_uses_u(st, p, i))
+            continue; /* keeps everything or nothing: no key needed */
+        const st_file *f = NULL;
+        const st_tensor *t = NULL;
+        if (!sets[i] || !set_locate(sets[i], name, &f, &t)) {
+            if (!__atomic_exchange_n(&g_missing_logged, 1, __ATOMIC_RELAXED))
+                ms_log_info("%s: no Hessian for model %u%s%s: %s (logged once per run; other weights "
+                            "without one fall back the same way)",
+                            name, i, sets[i] ? " in " : "", sets[i] ? sets[i]->path : "", fallback_what(p));
+            continue;
+        }
+        float *H = NULL;
+        if (read_hessian(f, t, name, p->cols, &H, err) < 0)
+            return -1;
+        int rc = ms_hessian_state_add(st, p, i, H);
+        free(H);
+        if (rc == -ENOMEM)
+            return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
+        if (rc == -EDOM)
+            ms_log_warn("%s: the Hessian of model %u (%s in %s) is not positive definite after damping: %s",
+                        name, i, t->name, f->path, fallback_what(p));
+    }
+    int rc = ms_hessian_state_finish(st, p);
+    if (rc == -ENOMEM)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
+    if (rc == -EDOM)
+        ms_log_warn("%s: the sum of the models' Gram matrices is not positive definite: %s", name,
+                    fallback_what(p));
+    return 0;
+}

@@ -1,0 +1,60 @@
+# The original system's best method, end to end: Hessians captured with
+# `mergestream hessian` from calibration tokens through each fine-tune, then
+# ties_sparsegpt / dare_sparsegpt / regmean merges that read them.
+source "$(dirname "$0")/lib.bash"
+
+M="$WORK/models"
+"$MS_GEN" base "$M/base" --preset tiny --dtype bf16 --seed 1
+"$MS_GEN" finetune "$M/base" "$M/ft1" --seed 2
+"$MS_GEN" finetune "$M/base" "$M/ft2" --seed 3
+RANDOM=7
+for i in $(seq 1 12); do
+  line=""; for j in $(seq 1 24); do line="$line $((RANDOM % 256))"; done; echo "$line"
+done > "$WORK/calib.txt"
+for m in ft1 ft2; do
+  "$MS_BIN" hessian "$M/$m" --calib "$WORK/calib.txt" -o "$WORK/h_$m" --quiet
+done
+
+recipe() { # FILE METHOD PARAMS
+  cat > "$1" <<EOR
+merge_method: $2
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.6, $3 hessian: ./h_ft1}
+  - model: ./models/ft2
+    parameters: {weight: 0.4, $3 hessian: ./h_ft2}
+random_seed: 3
+EOR
+}
+recipe "$WORK/ties_sparsegpt.yml" ties_sparsegpt "density: 0.3,"
+recipe "$WORK/dare_sparsegpt.yml" dare_sparsegpt "density: 0.3,"
+cat > "$WORK/regmean.yml" <<EOR
+merge_method: regmean
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {hessian: ./h_ft1}
+  - model: ./models/ft2
+    parameters: {hessian: ./h_ft2}
+parameters: {alpha: 0.2}
+EOR
+sed 's/ties_sparsegpt/ties/; s/, hessian: .\/h_ft[12]//' "$WORK/ties_sparsegpt.yml" > "$WORK/ties.yml"
+
+for m in ties_sparsegpt dare_sparsegpt regmean; do
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/out_$m" --quiet
+  "$MS_BIN" verify "$WORK/out_$m" --quiet
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --quiet
+  same_bytes "$WORK/out_$m" "$WORK/t1_$m"
+done
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --quiet
+# saliency picks other entries than magnitude: the outputs must differ
+cmp -s "$WORK/out_ties/model.safetensors" "$WORK/out_ties_sparsegpt/model.safetensors" \
+  && fail "ties_sparsegpt gave the same bytes as ties: the Hessians were not used"
+
+# a hessian directory that does not exist, and hessian on a method that takes none
+sed 's|./h_ft1|./h_missing|' "$WORK/ties_sparsegpt.yml" > "$WORK/missing.yml"
+expect_fail 2 "missing.yml:5: .*h_missing" "$MS_BIN" merge "$WORK/missing.yml" -o "$WORK/o1"
+sed 's/ties_sparsegpt/ties/' "$WORK/ties_sparsegpt.yml" > "$WORK/wrong.yml"
+expect_fail 2 "wrong.yml:5: .*hessian" "$MS_BIN" merge "$WORK/wrong.yml" -o "$WORK/o2"
+echo "merge_hessian: ok"

@@ -1,0 +1,540 @@
+/* Tests for the Hessian-aware methods (ties_sparsegpt, dare_sparsegpt,
+ * regmean): the fp64 host algebra (pipeline/merge_passes_hessian.c), the
+ * saliency keys in the CPU selection kernels (cpu/cpu_merge.c) and
+ * regmean's kernel (cpu/cpu_merge_hessian.c), against float64 / sorting
+ * reference code on fresh random SPD Hessians (one with dead inputs) and
+ * random weights. Every case runs whole on 1 thread, then cut into random
+ * row chunks on 2 and 3 threads with small windows: the bytes must not
+ * change. The seed is printed; set MS_TEST_SEED to replay. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cpu/cpu_merge.h"
+#include "cpu/cpu_pool.h"
+#include "pipeline/merge_math.h"
+#include "pipeline/merge_math_hessian.h"
+#include "pipeline/merge_passes.h"
+#include "pipeline/merge_passes_hessian.h"
+
+static uint64_t g_rng;
+static cpu_pool *g_pool[4];
+
+static uint64_t rng_next(void) /* splitmix64 */
+{
+    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+static double rng_unit(void)
+{
+    return (double)(rng_next() >> 11) / 9007199254740992.0;
+}
+
+static double rng_gauss(void)
+{
+    double s = 0;
+    for (int k = 0; k < 4; k++)
+        s += rng_unit();
+    return (s - 2.0) * 1.7;
+}
+
+/* A random Hessian (2/N) sum x x^T over N > n random rows with column
+ * scales spread over decades; `dead` zeroes input 1's row and column. */
+static float *make_hessian(uint64_t n, bool dead)
+{
+    uint64_t N = n + 8;
+    double *x = malloc(N * n * sizeof *x), *scale = malloc(n * sizeof *scale);
+    float *H = malloc(n * n * sizeof *H);
+    assert_true(x && scale && H);
+    for (uint64_t j = 0; j < n; j++)
+        scale[j] = pow(10.0, 2.0 * rng_unit() - 1.0);
+    for (uint64_t t = 0; t < N * n; t++)
+        x[t] = rng_gauss() * scale[t % n];
+    for (uint64_t a = 0; a < n; a++)
+        for (uint64_t b = 0; b < n; b++) {
+            double s = 0;
+            for (uint64_t t = 0; t < N; t++)
+                s += x[t * n + a] * x[t * n + b];
+            H[a * n + b] = (dead && (a == 1 || b == 1)) ? 0.0f : (float)(2.0 * s / (double)N);
+        }
+    free(x);
+    free(scale);
+    return H;
+}
+
+/* ============================================================ reference */
+
+/* The damped H in fp64, written plainly. */
+static void ref_damp(const float *H, uint64_t n, double *h)
+{
+    for (uint64_t e = 0; e < n * n; e++)
+        h[e] = H[e];
+    double mean = 0;
+    for (uint64_t j = 0; j < n; j++) {
+        if (h[j * n + j] == 0)
+            h[j * n + j] = 1;
+        mean += h[j * n + j];
+    }
+    mean /= (double)n;
+    for (uint64_t j = 0; j < n; j++)
+        h[j * n + j] += 0.01 * mean;
+}
+
+/* Inverse by Gauss-Jordan with partial pivoting. */
+static void ref_inverse(const double *a, uint64_t n, double *inv)
+{
+    double *m = malloc(n * 2 * n * sizeof *m);
+    for (uint64_t r = 0; r < n; r++)
+        for (uint64_t c = 0; c < 2 * n; c++)
+            m[r * 2 * n + c] = c < n ? a[r * n + c] : (c - n == r ? 1.0 : 0.0);
+    for (uint64_t c = 0; c < n; c++) {
+        uint64_t piv = c;
+        for (uint64_t r = c + 1; r < n; r++)
+            if (fabs(m[r * 2 * n + c]) > fabs(m[piv * 2 * n + c]))
+                piv = r;
+        for (uint64_t k = 0; k < 2 * n; k++) {
+            double t = m[c * 2 * n + k];
+            m[c * 2 * n + k] = m[piv * 2 * n + k];
+            m[piv * 2 * n + k] = t;
+        }
+        double d = m[c * 2 * n + c];
+        for (uint64_t k = 0; k < 2 * n; k++)
+            m[c * 2 * n + k] /= d;
+        for (uint64_t r = 0; r < n; r++) {
+            if (r == c)
+                continue;
+            double f = m[r * 2 * n + c];
+            for (uint64_t k = 0; k < 2 * n; k++)
+                m[r * 2 * n + k] -= f * m[c * 2 * n + k];
+        }
+    }
+    for (uint64_t r = 0; r < n; r++)
+        for (uint64_t c = 0; c < n; c++)
+            inv[r * n + c] = m[r * 2 * n + n + c];
+    free(m);
+}
+
+/* diag of the upper Cholesky factor of inv(damped H): U^T U = A, so U_jj^2 =
+ * A_jj - sum_{k<j} U_kj^2 (column j of U above the diagonal). */
+static void ref_u(const float *H, uint64_t n, double *u)
+{
+    double *h = malloc(n * n * sizeof *h), *A = malloc(n * n * sizeof *A), *U = calloc(n * n, sizeof *U);
+    ref_damp(H, n, h);
+    ref_inverse(h, n, A);
+    for (uint64_t i = 0; i < n; i++)
+        for (uint64_t j = i; j < n; j++) {
+            double s = A[i * n + j];
+            for (uint64_t k = 0; k < i; k++)
+                s -= U[k * n + i] * U[k * n + j];
+            U[i * n + j] = i == j ? sqrt(s) : s / U[i * n + i];
+        }
+    for (uint64_t j = 0; j < n; j++)
+        u[j] = U[j * n + j];
+    free(h);
+    free(A);
+    free(U);
+}
+
+static void test_saliency_u(void **state)
+{
+    (void)state;
+    for (int rep = 0; rep < 4; rep++) {
+        uint64_t n = 1 + rng_next() % 40;
+        float *H = make_hessian(n, n > 2 && rep % 2);
+        double *work = malloc(n * n * sizeof *work), *ref = malloc(n * sizeof *ref);
+        float *u = malloc(n * sizeof *u);
+        assert_int_equal(ms_hessian_saliency_u(H, n, work, u), 0);
+        ref_u(H, n, ref);
+        for (uint64_t j = 0; j < n; j++) {
+            if (fabs((double)u[j] - ref[j]) > 1e-5 * ref[j]) {
+                fprintf(stderr, "n %" PRIu64 " u[%" PRIu64 "] = %.9g, reference %.9g\n", n, j, (double)u[j], ref[j]);
+                fail();
+            }
+        }
+        free(H);
+        free(work);
+        free(ref);
+        free(u);
+    }
+    /* not positive definite: a negative diagonal */
+    float bad[4] = {1.0f, 0.0f, 0.0f, -5.0f};
+    double w[4];
+    float u2[2];
+    assert_int_equal(ms_hessian_saliency_u(bad, 2, w, u2), -EDOM);
+}
+
+/* ============================================================ test cases */
+
+typedef struct hcase {
+    ms_tensor_params p;
+    float *in[MS_MAX_MODELS + 1];       /* F32 */
+    float *H[MS_MAX_MODELS + 1];        /* NULL: no Hessian */
+} hcase;
+
+static void hcase_free(hcase *tc)
+{
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++) {
+        free(tc->in[i]);
+        free(tc->H[i]);
+    }
+}
+
+static void hcase_make(hcase *tc, ms_method method, uint64_t rows, uint64_t cols, unsigned n)
+{
+    memset(tc, 0, sizeof *tc);
+    ms_tensor_params *p = &tc->p;
+    p->method = method;
+    p->sparsify = method == MS_METHOD_REGMEAN ? MS_SPARSIFY_NONE : MS_SPARSIFY_MAGNITUDE;
+    p->consensus = method != MS_METHOD_REGMEAN;
+    p->normalize = method == MS_METHOD_TIES_SPARSEGPT;
+    p->has_base = true;
+    p->n_models = n;
+    p->lambda = rng_next() % 2 ? 1.0f : 0.75f;
+    p->regmean_alpha = method == MS_METHOD_REGMEAN ? (rng_next() % 2 ? 0.1 : rng_unit()) : 0.0;
+    p->rows = rows;
+    p->cols = cols;
+    p->numel = rows * cols;
+    p->out_dtype = rng_next() % 2 ? ST_F32 : ST_BF16;
+    for (unsigned i = 0; i <= n; i++) {
+        p->in_dtype[i] = ST_F32;
+        tc->in[i] = malloc(p->numel * sizeof(float));
+        for (uint64_t e = 0; e < p->numel; e++) {
+            float b = i ? tc->in[0][e] : (float)rng_gauss();
+            /* quantised deltas so that scores tie */
+            tc->in[i][e] = i ? b + (float)((int)(rng_gauss() * 8.0)) / 64.0f : b;
+        }
+        if (i) {
+            p->weight[i] = method == MS_METHOD_REGMEAN ? 1.0f : (float)(0.2 + rng_unit());
+            double d = rng_unit();
+            p->density[i] = method == MS_METHOD_REGMEAN ? 1.0 : (i == 2 ? 1.0 : (d < 0.05 ? 0.05 : d));
+            tc->H[i] = make_hessian(cols, i == 1 && cols > 2);
+        }
+    }
+}
+
+static size_t out_size(st_dtype dt)
+{
+    return dt == ST_F32 ? 4 : 2;
+}
+
+static void store(void *out, st_dtype dt, uint64_t e, float v)
+{
+    if (dt == ST_F32) {
+        uint32_t u = ms_merge_store_f32(v);
+        memcpy((char *)out + e * 4, &u, 4);
+    } else {
+        uint16_t h = ms_merge_store_bf16(v);
+        memcpy((char *)out + e * 2, &h, 2);
+    }
+}
+
+/* Opens the state and adds the Hessians (skipping model `drop`, 0: none). */
+static ms_merge_state *open_state(const hcase *tc, unsigned drop)
+{
+    const ms_tensor_params *p = &tc->p;
+    ms_merge_state *st = NULL;
+    assert_int_equal(ms_merge_state_open(p, &st), 0);
+    assert_int_equal(ms_hessian_state_open(st, p), 0);
+    for (unsigned i = 1; i <= p->n_models; i++)
+        if (i != drop && tc->H[i])
+            assert_int_equal(ms_hessian_state_add(st, p, i, tc->H[i]), 0);
+    assert_int_equal(ms_hessian_state_finish(st, p), 0);
+    return st;
+}
+
+static void run_cpu(const hcase *tc, unsigned drop, void *out, cpu_pool *pool, bool chunked)
+{
+    const ms_tensor_params *p = &tc->p;
+    ms_merge_state *st = open_state(tc, drop);
+    unsigned passes = ms_merge_pass_count(p);
+    assert_int_equal(passes, st->n_passes);
+    for (unsigned pass = 0; pass < passes; pass++) {
+        uint64_t r = 0;
+        do {
+            uint64_t nr = p->rows - r;
+            if (chunked && nr > 1)
+                nr = 1 + rng_next() % (rng_next() % 2 ? nr : (nr < 1 + p->rows / 4 ? nr : 1 + p->rows / 4));
+            ms_chunk c = {.row0 = r, .n_rows = nr, .elem0 = r * p->cols, .n_elems = nr * p->cols};
+            for (unsigned i = 0; i <= p->n_models; i++)
+                c.in[i] = tc->in[i] + c.elem0;
+            c.out = (char *)out + c.elem0 * out_size(p->out_dtype);
+            assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, pool), 0);
+            r += nr;
+        } while (r < p->rows);
+        ms_merge_pass_finish(st, p, pass);
+    }
+    ms_merge_state_close(st);
+}
+
+/* ---- sparsegpt reference: keys from the coefficients, selection by sorting */
+
+static const uint32_t *g_sort_key;
+static int by_key_desc(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    if (g_sort_key[x] != g_sort_key[y])
+        return g_sort_key[x] > g_sort_key[y] ? -1 : 1;
+    return x < y ? -1 : 1;
+}
+
+static void ref_sparsegpt(const hcase *tc, const ms_merge_state *st, void *out)
+{
+    const ms_tensor_params *p = &tc->p;
+    uint64_t N = p->numel;
+    unsigned n = p->n_models;
+    float *W = malloc(N * n * sizeof *W);
+    uint32_t *key = malloc(N * sizeof *key);
+    uint64_t *idx = malloc(N * sizeof *idx);
+    uint8_t *keep = malloc(N);
+    for (unsigned i = 1; i <= n; i++) {
+        const float *u = st->hessian->u[i];
+        for (uint64_t e = 0; e < N; e++) {
+            float d = ms_merge_delta(tc->in[i][e], tc->in[0][e]);
+            key[e] = u ? ms_hessian_saliency_key(d, u[e % p->cols]) : ms_merge_key(d);
+            idx[e] = e;
+        }
+        double kd = floor(p->density[i] * (double)N);
+        uint64_t k = p->density[i] >= 1.0 ? N : (uint64_t)kd;
+        g_sort_key = key;
+        qsort(idx, N, sizeof *idx, by_key_desc);
+        memset(keep, 0, N);
+        for (uint64_t r = 0; r < k; r++)
+            keep[idx[r]] = 1;
+        float factor = 1.0f;
+        if (p->method == MS_METHOD_DARE_SPARSEGPT && k > 0 && k < N)
+            factor = (float)((double)N / (double)k);
+        for (uint64_t e = 0; e < N; e++) {
+            float d = ms_merge_delta(tc->in[i][e], tc->in[0][e]);
+            W[e * n + (i - 1)] = p->weight[i] * ms_merge_tau(d, keep[e], factor);
+        }
+    }
+    for (uint64_t e = 0; e < N; e++)
+        store(out, p->out_dtype, e,
+              ms_merge_combine(tc->in[0][e], W + e * n, 1, &p->weight[1], n, p->consensus, p->normalize,
+                               p->lambda));
+    free(W);
+    free(key);
+    free(idx);
+    free(keep);
+}
+
+static void expect_same(const hcase *tc, const void *got, const void *want, const char *what)
+{
+    size_t osz = out_size(tc->p.out_dtype);
+    if (memcmp(got, want, tc->p.numel * osz) == 0)
+        return;
+    uint64_t e = 0;
+    while (memcmp((const char *)got + e * osz, (const char *)want + e * osz, osz) == 0)
+        e++;
+    fprintf(stderr, "%s: method %d, %" PRIu64 " x %" PRIu64 ": first difference at element %" PRIu64 "\n", what,
+            (int)tc->p.method, tc->p.rows, tc->p.cols, e);
+    fail();
+}
+
+static void check_sparsegpt(ms_method method, uint64_t rows, uint64_t cols, unsigned n)
+{
+    hcase tc;
+    hcase_make(&tc, method, rows, cols, n);
+    size_t bytes = tc.p.numel * out_size(tc.p.out_dtype);
+    void *want = malloc(bytes), *got = malloc(bytes);
+    /* model 3 (when present) has no Hessian: magnitude keys */
+    unsigned drop = n >= 3 ? 3 : 0;
+    ms_merge_state *st = open_state(&tc, drop);
+    for (unsigned i = 1; i <= n; i++)
+        assert_true((st->hessian->u[i] != NULL) == (i != drop && st->model[i].sel == MS_MERGE_SEL_TOP));
+    ref_sparsegpt(&tc, st, want);
+    ms_merge_state_close(st);
+    run_cpu(&tc, drop, got, g_pool[1], false);
+    expect_same(&tc, got, want, "whole, 1 thread");
+    cpu_merge_set_windows_for_tests(MS_MERGE_BLOCK, 0);
+    for (unsigned t = 2; t <= 3; t++) {
+        memset(got, 0xa5, bytes);
+        run_cpu(&tc, drop, got, g_pool[t], true);
+        expect_same(&tc, got, want, "chunked");
+    }
+    cpu_merge_set_windows_for_tests(0, 0);
+    free(want);
+    free(got);
+    hcase_free(&tc);
+}
+
+static void test_ties_sparsegpt(void **state)
+{
+    (void)state;
+    check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 7, 13, 2);
+    check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 40, 24, 3);
+    check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 300, 256, 3); /* numel > 65,536: blocks straddle chunks */
+}
+
+static void test_dare_sparsegpt(void **state)
+{
+    (void)state;
+    check_sparsegpt(MS_METHOD_DARE_SPARSEGPT, 9, 11, 2);
+    check_sparsegpt(MS_METHOD_DARE_SPARSEGPT, 280, 256, 3);
+}
+
+/* The saliency key against the formula in fp32, and the NaN rule. */
+static void test_saliency_key(void **state)
+{
+    (void)state;
+    for (int k = 0; k < 1000; k++) {
+        float d = (float)rng_gauss(), u = (float)rng_unit();
+        float g = u + 1e-10f;
+        float s = (d * d) / (g * g);
+        uint32_t want;
+        memcpy(&want, &s, 4);
+        assert_int_equal(ms_hessian_saliency_key(d, u), want);
+    }
+    float nan = ms_f32_from_bits(0x7fc00000u);
+    assert_int_equal(ms_hessian_saliency_key(nan, 0.5f), 0x7fc00000u);
+    assert_true(ms_hessian_saliency_key(1e20f, 0.5f) == 0x7f800000u); /* delta^2 overflows: +Inf */
+    assert_true(ms_hessian_saliency_key(0.0f, 0.0f) == 0u);
+}
+
+/* ---- regmean reference: fp64 G_i, S, Gaussian elimination per row */
+
+static void ref_regmean(const hcase *tc, bool solve, void *out)
+{
+    const ms_tensor_params *p = &tc->p;
+    uint64_t n = p->cols;
+    unsigned nm = p->n_models;
+    if (!solve) {
+        for (uint64_t e = 0; e < p->numel; e++) {
+            float acc = tc->in[1][e];
+            for (unsigned i = 2; i <= nm; i++)
+                acc = acc + tc->in[i][e];
+            store(out, p->out_dtype, e, acc / (float)nm);
+        }
+        return;
+    }
+    double *G = malloc((size_t)nm * n * n * sizeof *G), *S = calloc(n * n, sizeof *S), *Sinv = malloc(n * n * sizeof *S);
+    double *h = malloc(n * n * sizeof *h), *b = malloc(n * sizeof *b);
+    for (unsigned i = 1; i <= nm; i++) {
+        ref_damp(tc->H[i], n, h);
+        for (uint64_t e = 0; e < n * n; e++) {
+            double g = e % (n + 1) == 0 ? h[e] : p->regmean_alpha * h[e];
+            G[(i - 1) * n * n + e] = g;
+            S[e] += g;
+        }
+    }
+    ref_inverse(S, n, Sinv); /* the reference may invert: it is obviously correct, not fast */
+    float *want = malloc(p->numel * sizeof *want);
+    for (uint64_t r = 0; r < p->rows; r++) {
+        for (uint64_t j = 0; j < n; j++) {
+            b[j] = 0;
+            for (unsigned i = 1; i <= nm; i++)
+                for (uint64_t k = 0; k < n; k++)
+                    b[j] += ((double)tc->in[i][r * n + k] - (double)tc->in[0][r * n + k]) * G[(i - 1) * n * n + k * n + j];
+        }
+        for (uint64_t j = 0; j < n; j++) {
+            double y = 0;
+            for (uint64_t k = 0; k < n; k++)
+                y += b[k] * Sinv[k * n + j];
+            want[r * n + j] = (float)((double)tc->in[0][r * n + j] + y);
+        }
+    }
+    memcpy(out, want, p->numel * sizeof *want);
+    free(want);
+    free(G);
+    free(S);
+    free(Sinv);
+    free(h);
+    free(b);
+}
+
+static void check_regmean(uint64_t rows, uint64_t cols, unsigned n)
+{
+    hcase tc;
+    hcase_make(&tc, MS_METHOD_REGMEAN, rows, cols, n);
+    tc.p.out_dtype = ST_F32;
+    size_t bytes = tc.p.numel * 4;
+    float *ref = malloc(bytes), *got = malloc(bytes), *again = malloc(bytes);
+    ref_regmean(&tc, true, ref);
+    run_cpu(&tc, 0, got, g_pool[1], false);
+    double worst = 0;
+    for (uint64_t e = 0; e < tc.p.numel; e++) {
+        double scale = fabs((double)ref[e]) + fabs((double)tc.in[0][e]) + 1e-3;
+        double rel = fabs((double)got[e] - (double)ref[e]) / scale;
+        worst = rel > worst ? rel : worst;
+    }
+    if (worst > 1e-4) {
+        fprintf(stderr, "regmean %" PRIu64 " x %" PRIu64 ", %u models: relative error %g\n", rows, cols, n, worst);
+        fail();
+    }
+    for (unsigned t = 2; t <= 3; t++) {
+        memset(again, 0xa5, bytes);
+        run_cpu(&tc, 0, again, g_pool[t], true);
+        expect_same(&tc, again, got, "regmean chunked");
+    }
+    /* a model without a Hessian: the mean of the models, exactly */
+    ref_regmean(&tc, false, ref);
+    run_cpu(&tc, 1, got, g_pool[2], true);
+    expect_same(&tc, got, ref, "regmean mean fallback");
+    free(ref);
+    free(got);
+    free(again);
+    hcase_free(&tc);
+}
+
+static void test_regmean(void **state)
+{
+    (void)state;
+    check_regmean(5, 6, 1);
+    check_regmean(33, 20, 2);
+    check_regmean(64, 48, 3);
+}
+
+/* The plan never depends on the Hessians; dare_sparsegpt's factor. */
+static void test_plan(void **state)
+{
+    (void)state;
+    hcase tc;
+    hcase_make(&tc, MS_METHOD_DARE_SPARSEGPT, 10, 10, 2);
+    tc.p.density[1] = 0.3;
+    ms_merge_state *st = NULL;
+    assert_int_equal(ms_merge_state_open(&tc.p, &st), 0);
+    assert_int_equal(st->n_passes, 3);
+    assert_int_equal(st->model[1].k, 30);
+    assert_true(st->model[1].factor == (float)(100.0 / 30.0));
+    assert_true(st->model[2].factor == 1.0f); /* density 1: kept unscaled */
+    assert_null(st->hessian);
+    ms_merge_state_close(st);
+    hcase_free(&tc);
+    hcase_make(&tc, MS_METHOD_REGMEAN, 4, 4, 2);
+    assert_int_equal(ms_merge_pass_count(&tc.p), 1);
+    assert_true(ms_merge_state_bytes(&tc.p) >= 4 * 4 * (8 + 2 * 4));
+    hcase_free(&tc);
+}
+
+int main(void)
+{
+    const char *env = getenv("MS_TEST_SEED");
+    g_rng = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
+    fprintf(stderr, "test_cpu_merge_hessian: MS_TEST_SEED=%" PRIu64 "\n", g_rng);
+    for (unsigned t = 1; t <= 3; t++)
+        if (cpu_pool_open(t, &g_pool[t]) != 0)
+            return 1;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_saliency_u),   cmocka_unit_test(test_saliency_key),
+        cmocka_unit_test(test_plan),         cmocka_unit_test(test_ties_sparsegpt),
+        cmocka_unit_test(test_dare_sparsegpt), cmocka_unit_test(test_regmean),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    for (unsigned t = 1; t <= 3; t++)
+        cpu_pool_close(g_pool[t]);
+    return rc;
+}
