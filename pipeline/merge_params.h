@@ -38,6 +38,7 @@ typedef enum ms_method {
     MS_METHOD_TIES_SPARSEGPT,
     MS_METHOD_DARE_SPARSEGPT,
     MS_METHOD_REGMEAN,
+    MS_METHOD_PASSTHROUGH, /* planner only: copies layers (slices), with an optional scale */
     MS_METHOD_COUNT
 } ms_method;
 

@@ -183,6 +183,177 @@ static int plan_merge_job(ms_plan *plan, ms_job *job, const st_tensor *lt, ms_er
     return 0;
 }
 
+/* Output dtype (DESIGN.md): out_dtype, else dtype, else the input's; non-float tensors keep theirs. */
+static st_dtype plan_out_dtype(const ms_recipe *r, st_dtype in)
+{
+    if (!st_dtype_is_mergeable_float(in))
+        return in;
+    return r->has_out_dtype ? r->out_dtype : r->has_dtype ? r->dtype : in;
+}
+
+/* A byte-for-byte copy of tensor t of file f: a byte stream, one "row" per
+ * byte, so any tensor (sub-byte dtypes included) chunks cleanly. */
+static void plan_copy_job(ms_job *job, const st_file *f, const st_tensor *t)
+{
+    job->kind = MS_JOB_COPY;
+    job->n_inputs = 1;
+    job->n_passes = 1;
+    job->params.numel = t->numel;
+    job->params.rows = t->end - t->begin;
+    job->params.cols = 1;
+    job->params.in_dtype[0] = job->params.out_dtype = t->dtype;
+    job->in[0] = (ms_job_input){.file = f, .offset = st_file_tensor_offset(f, t), .row_bytes = 1, .read_dtype = t->dtype};
+}
+
+/* The layer index in "model.layers.N.rest", with rest; false for other names. */
+static bool layer_name_split(const char *name, unsigned *layer, const char **rest)
+{
+    static const char prefix[] = "model.layers.";
+    if (strncmp(name, prefix, sizeof prefix - 1) != 0)
+        return false;
+    char *end;
+    unsigned long n = strtoul(name + sizeof prefix - 1, &end, 10);
+    if (end == name + sizeof prefix - 1 || *end != '.')
+        return false;
+    *layer = (unsigned)n;
+    *rest = end + 1;
+    return true;
+}
+
+static ms_job *plan_push_job(ms_plan *plan, size_t *cap, ms_error *err)
+{
+    if (plan->n_jobs == *cap) {
+        size_t n = *cap ? *cap * 2 : 64;
+        ms_job *grown = realloc(plan->jobs, n * sizeof *grown);
+        if (!grown)
+            return ms_error_set(err, MS_EXIT_RUNTIME, plan->recipe->source_path, "out of memory"), NULL;
+        plan->jobs = grown;
+        *cap = n;
+    }
+    ms_job *job = &plan->jobs[plan->n_jobs++];
+    memset(job, 0, sizeof *job);
+    return job;
+}
+
+/* One passthrough output tensor `out_name` from tensor t of source model i:
+ * a byte copy, or (scale != 1, or a dtype change) a linear "merge" of that
+ * one model with weight = scale, so the rounding is the kernels'. */
+static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name, unsigned i, size_t t,
+                                ms_error *err)
+{
+    const ms_model *m = plan->models[i];
+    const st_tensor *st = m->tensors[t].info;
+    double scale = 1.0;
+    if (st_dtype_is_mergeable_float(st->dtype) &&
+        ms_recipe_model_param(plan->recipe, i - 1, MS_PARAM_SCALE, st->name, plan->num_layers, &scale, err) != 0)
+        return -1;
+    ms_job *job = plan_push_job(plan, cap, err);
+    if (!job)
+        return -1;
+    if (!(job->owned_name = strdup(out_name)))
+        return ms_error_set(err, MS_EXIT_RUNTIME, plan->recipe->source_path, "out of memory");
+    job->name = job->owned_name;
+    job->out_ndim = st->ndim;
+    memcpy(job->out_shape, st->shape, sizeof job->out_shape);
+    job->out_dtype = plan_out_dtype(plan->recipe, st->dtype);
+    const st_file *f = ms_model_tensor_file(m, t);
+    if (!st_dtype_is_mergeable_float(st->dtype) || st->numel == 0 || (scale == 1.0 && job->out_dtype == st->dtype)) {
+        plan_copy_job(job, f, st);
+        return 0;
+    }
+    ms_tensor_params *p = &job->params;
+    p->method = MS_METHOD_LINEAR;
+    p->sparsify = MS_SPARSIFY_NONE;
+    p->n_models = 1;
+    p->weight[1] = (float)scale;
+    p->normalize = false;
+    p->has_base = false;
+    p->lambda = 1.0f;
+    p->numel = st->numel;
+    tensor_rows_cols(st, &p->rows, &p->cols);
+    p->in_dtype[1] = st->dtype;
+    p->out_dtype = job->out_dtype;
+    p->model_rows[1] = p->rows;
+    job->kind = MS_JOB_MERGE;
+    job->n_inputs = 2;
+    job->in[1] = (ms_job_input){.file = f, .offset = st_file_tensor_offset(f, st),
+                                .row_bytes = (uint64_t)st_dtype_bits(st->dtype) / 8 * p->cols, .read_dtype = st->dtype};
+    job->n_passes = ms_merge_pass_count(p);
+    return 0;
+}
+
+/* passthrough (frankenmerges): the layout model's non-layer tensors in
+ * place, and where its first layer tensor stands, the output layers: slice by
+ * slice, each source layer's tensors in the source's on-disk order, renamed
+ * model.layers.N. with N counting from 0. Without slices the one model is
+ * copied whole (with its scale). config.json gets the new layer count. */
+static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
+{
+    const ms_recipe *r = plan->recipe;
+    const ms_model *lay = plan->layout;
+    size_t cap = lay->n_tensors ? lay->n_tensors : 1; /* plan->jobs holds that many already */
+    unsigned out_layers = 0;
+    for (unsigned i = 1; i <= plan->n_models; i++) {
+        const ms_recipe_model *rm = &r->models[i - 1];
+        long n = ms_model_config_int(plan->models[i], "num_hidden_layers", -1);
+        unsigned have = n > 0 ? (unsigned)n : infer_num_layers(plan->models[i]);
+        unsigned a = rm->has_layer_range ? rm->layer_begin : 0, b = rm->has_layer_range ? rm->layer_end : have;
+        if (b > have)
+        {
+            char where[4200];
+            snprintf(where, sizeof where, "%s:%u", r->source_path, rm->line);
+            return ms_error_set(err, MS_EXIT_USAGE, where, "slices[%u] layer_range [%u, %u) is out of bounds: '%s' has %u layers",
+                                rm->index, a, b, rm->name, have);
+        }
+        out_layers += b - a;
+    }
+    plan->out_num_layers = out_layers;
+    bool layers_done = false;
+    char name[512];
+    for (size_t t = 0; t < lay->n_tensors; t++) {
+        unsigned layer;
+        const char *rest;
+        if (!layer_name_split(lay->tensors[t].info->name, &layer, &rest)) {
+            /* non-layer tensors: from the base, else the first source (with its scale) */
+            if (plan->base) {
+                ms_job *job = plan_push_job(plan, &cap, err);
+                if (!job)
+                    return -1;
+                const st_tensor *lt = lay->tensors[t].info;
+                job->name = lt->name;
+                job->out_ndim = lt->ndim;
+                memcpy(job->out_shape, lt->shape, sizeof job->out_shape);
+                job->out_dtype = lt->dtype;
+                plan_copy_job(job, ms_model_tensor_file(lay, t), lt);
+            } else if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 1, t, err) != 0) {
+                return -1;
+            }
+            continue;
+        }
+        if (layers_done)
+            continue;
+        layers_done = true;
+        unsigned out_layer = 0;
+        for (unsigned i = 1; i <= plan->n_models; i++) {
+            const ms_recipe_model *rm = &r->models[i - 1];
+            const ms_model *m = plan->models[i];
+            unsigned a = rm->has_layer_range ? rm->layer_begin : 0;
+            unsigned b = a + (rm->has_layer_range ? rm->layer_end - rm->layer_begin : out_layers);
+            for (unsigned src_layer = a; src_layer < b; src_layer++, out_layer++) {
+                for (size_t u = 0; u < m->n_tensors; u++) {
+                    unsigned l;
+                    if (!layer_name_split(m->tensors[u].info->name, &l, &rest) || l != src_layer)
+                        continue;
+                    snprintf(name, sizeof name, "model.layers.%u.%s", out_layer, rest);
+                    if (plan_passthrough_job(plan, &cap, name, i, u, err) != 0)
+                        return -1;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan **out, ms_error *err)
 {
     *out = NULL;
@@ -200,8 +371,9 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         if (plan_open_model(rm->path, rm->adapter_path, &plan->models[i], &plan->adapters[i], err) != 0)
             goto fail;
         if (plan->models[i]->kind == MS_MODEL_KIND_ADAPTER) {
-            ms_error_set(err, MS_EXIT_USAGE, r->source_path,
-                         "%u: '%s' is a PEFT adapter; name it as BASE_DIR+ADAPTER_DIR", rm->line, rm->name);
+            char where[4200];
+            snprintf(where, sizeof where, "%s:%u", r->source_path, rm->line);
+            ms_error_set(err, MS_EXIT_USAGE, where, "'%s' is a PEFT adapter; name it as BASE_DIR+ADAPTER_DIR", rm->name);
             goto fail;
         }
     }
@@ -221,37 +393,28 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         ms_error_set(err, MS_EXIT_RUNTIME, recipe_path, "out of memory");
         goto fail;
     }
-    for (size_t t = 0; t < lay->n_tensors; t++) {
+    if (r->method == MS_METHOD_PASSTHROUGH) {
+        if (plan_passthrough_jobs(plan, err) != 0)
+            goto fail;
+    }
+    for (size_t t = 0; t < lay->n_tensors && r->method != MS_METHOD_PASSTHROUGH; t++) {
         const st_tensor *lt = lay->tensors[t].info;
         ms_job *job = &plan->jobs[plan->n_jobs++];
         job->name = lt->name;
         job->out_ndim = lt->ndim;
         memcpy(job->out_shape, lt->shape, sizeof job->out_shape);
-        bool is_float = st_dtype_is_mergeable_float(lt->dtype);
-        job->out_dtype = !is_float ? lt->dtype
-                         : r->has_out_dtype ? r->out_dtype
-                         : r->has_dtype   ? r->dtype
-                                          : lt->dtype;
-        if (is_float && lt->numel > 0) {
+        job->out_dtype = plan_out_dtype(r, lt->dtype);
+        if (st_dtype_is_mergeable_float(lt->dtype) && lt->numel > 0) {
             if (plan_merge_job(plan, job, lt, err) != 0)
                 goto fail;
         } else {
-            /* non-float (or empty) tensors are copied from the layout model */
-            job->kind = MS_JOB_COPY;
-            const st_file *f = ms_model_tensor_file(lay, t);
-            job->n_inputs = 1;
-            job->n_passes = 1;
-            /* a copy is a byte stream: one "row" per byte, so any tensor
-             * (sub-byte dtypes included) chunks cleanly */
-            uint64_t bytes = lt->end - lt->begin;
-            job->params.numel = lt->numel;
-            job->params.rows = bytes;
-            job->params.cols = 1;
-            job->params.in_dtype[0] = job->params.out_dtype = lt->dtype;
-            job->in[0] = (ms_job_input){.file = f, .offset = st_file_tensor_offset(f, lt), .row_bytes = 1, .read_dtype = lt->dtype};
+            plan_copy_job(job, ms_model_tensor_file(lay, t), lt); /* non-float or empty: from the layout model */
         }
+    }
+    for (size_t j = 0; j < plan->n_jobs; j++) {
+        ms_job *job = &plan->jobs[j];
         job->out_row_bytes = job->kind == MS_JOB_COPY ? 0 : (uint64_t)st_dtype_bits(job->out_dtype) / 8 * job->params.cols;
-        job->out_bytes = job->kind == MS_JOB_COPY ? lt->end - lt->begin : job->out_row_bytes * job->params.rows;
+        job->out_bytes = job->kind == MS_JOB_COPY ? job->params.rows : job->out_row_bytes * job->params.rows;
         if (job->kind == MS_JOB_MERGE) {
             /* scratch is nearly independent of the row count: bound it with all rows */
             uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, opt->threads) +
@@ -290,6 +453,8 @@ void ms_plan_free(ms_plan *plan)
 {
     if (!plan)
         return;
+    for (size_t j = 0; plan->jobs && j < plan->n_jobs; j++)
+        free(plan->jobs[j].owned_name);
     free(plan->jobs);
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
         ms_hessian_set_close(plan->hessians[i]);

@@ -41,7 +41,8 @@ static inline uint64_t ms_job_input_stage_row_bytes(const ms_job_input *in, uint
 }
 
 typedef struct ms_job {
-    const char *name;          /* points into the layout model's header */
+    const char *name;          /* points into the layout model's header, or owned_name */
+    char *owned_name;          /* passthrough's renamed layers (model.layers.N.), else NULL */
     ms_job_kind kind;
     ms_tensor_params params;   /* MS_JOB_MERGE only; dtypes and sizes filled for both kinds */
     unsigned n_inputs;         /* slots used in in[]: 1 + n_models (MERGE) or 1 (COPY) */
@@ -66,6 +67,7 @@ typedef struct ms_plan {
     unsigned n_models;
     const ms_model *layout;    /* base, else models[1]: tensor order, config, tokenizer */
     unsigned num_layers;       /* config.json num_hidden_layers (or inferred from names) */
+    unsigned out_num_layers;   /* passthrough: the output's layer count (config.json); 0 = unchanged */
     uint64_t seed;
     ms_job *jobs;              /* output order */
     size_t n_jobs;

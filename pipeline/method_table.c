@@ -72,12 +72,16 @@ static const ms_method_info k_methods[MS_METHOD_COUNT] = {
                                   false, 0, 0, 0},
     [MS_METHOD_REGMEAN] = {MS_METHOD_REGMEAN, "regmean", MS_SPARSIFY_NONE, false, true, false, false,
                            P(MS_PARAM_ALPHA), false, 0, 0, 0},
+    /* passthrough: one model copied whole, or `slices` of layers from several
+     * (pipeline/merge_plan.c builds copy or scale jobs; no kernel of its own) */
+    [MS_METHOD_PASSTHROUGH] = {MS_METHOD_PASSTHROUGH, "passthrough", MS_SPARSIFY_NONE, false, false, false,
+                               false, P(MS_PARAM_SCALE), true, 1, 0, 0},
 };
 
 /* Methods mergekit has (and the Hessian-aware ones on our own roadmap) that
  * are not implemented yet: naming one is "not supported yet", not "unknown". */
 static const char *const k_unsupported[] = {
-    "passthrough", "core_space",
+    "core_space",
 };
 
 /* Indexed by ms_param_id. */
@@ -120,6 +124,8 @@ static const ms_param_info k_params[MS_PARAM_COUNT] = {
                            100000.0, false, false, "[0, 100000]"},
     [MS_PARAM_TOL] = {MS_PARAM_TOL, "tol", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_GLOBAL, 0.0, 1.0, false, true,
                       "[0, 1)"},
+    [MS_PARAM_SCALE] = {MS_PARAM_SCALE, "scale", MS_PARAM_TYPE_NUMBER, MS_PARAM_SCOPE_MODEL, -FLT_MAX, FLT_MAX,
+                        false, false, "[-FLT_MAX, FLT_MAX]"},
 };
 
 /* Ranges that differ by method: nearswap's t is a positive threshold
@@ -208,6 +214,7 @@ bool ms_method_param_default(ms_method m, ms_param_id p, double *out)
     case MS_PARAM_NUSLERP_FLATTEN:
     case MS_PARAM_NORMALIZE_WEIGHTS:
     case MS_PARAM_SELECT_TOPK:
+    case MS_PARAM_SCALE:
         *out = 1.0;
         return true;
     case MS_PARAM_EPS:

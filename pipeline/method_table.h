@@ -62,6 +62,7 @@ typedef enum ms_param_id {
     MS_PARAM_ALPHA,
     MS_PARAM_MAX_ITER,
     MS_PARAM_TOL,
+    MS_PARAM_SCALE, /* passthrough: per source, multiplies the copied tensor */
     MS_PARAM_COUNT
 } ms_param_id;
 

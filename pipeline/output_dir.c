@@ -106,6 +106,10 @@ static int write_config(const char *dir, const ms_plan *plan, ms_side_files *wri
         cJSON_DeleteItemFromObjectCaseSensitive(cfg, "torch_dtype");
         cJSON_AddStringToObject(cfg, "torch_dtype", dt);
     }
+    if (cfg && plan->out_num_layers) { /* passthrough slices */
+        cJSON_DeleteItemFromObjectCaseSensitive(cfg, "num_hidden_layers");
+        cJSON_AddNumberToObject(cfg, "num_hidden_layers", plan->out_num_layers);
+    }
     char *text = cfg ? cJSON_Print(cfg) : NULL;
     cJSON_Delete(cfg);
     char path[PATH_MAX];

@@ -850,6 +850,101 @@ static int rp_model_count(const recipe_parser *p, unsigned key_line)
 
 /* Walks the root mapping in a fixed order: merge_method first (everything
  * else is checked against it), the base before models (to spot it there). */
+/* An unsigned integer scalar into *out; false for anything else. */
+static bool scalar_uint(const yaml_node_t *n, unsigned *out)
+{
+    if (n->type != YAML_SCALAR_NODE || !isdigit((unsigned char)scalar_text(n)[0]))
+        return false;
+    char *end = NULL;
+    unsigned long v = strtoul(scalar_text(n), &end, 10);
+    if (*end || v > 1000000)
+        return false;
+    *out = (unsigned)v;
+    return true;
+}
+
+/* passthrough's slices: [{sources: [{model, layer_range: [a, b], parameters}]}].
+ * Each slice has one source (several would merge within the slice: not
+ * supported yet); slice i's source becomes models[i]. The same model may
+ * appear in several slices. */
+static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
+{
+    ms_recipe *r = p->r;
+    if (n->type != YAML_SEQUENCE_NODE)
+        return rp_fail(p, key_line, "slices must be a list of {sources: [...]} entries");
+    const yaml_node_item_t *items = n->data.sequence.items.start;
+    size_t count = (size_t)(n->data.sequence.items.top - items);
+    if (count == 0)
+        return rp_fail(p, key_line, "slices is empty");
+    if (count > MS_MAX_MODELS)
+        return rp_fail(p, key_line, "slices lists %zu slices; at most %d are supported", count, MS_MAX_MODELS);
+    r->models = calloc(count, sizeof *r->models);
+    if (!r->models)
+        return rp_nomem(p);
+    r->has_slices = true;
+    for (size_t i = 0; i < count; i++) {
+        const yaml_node_t *slice = rp_node(p, items[i]);
+        ms_recipe_model *m = &r->models[r->n_models];
+        m->index = (unsigned)i;
+        m->line = node_line(slice);
+        r->n_models++;
+        const yaml_node_t *sources = NULL;
+        if (slice->type == YAML_MAPPING_NODE) {
+            for (const yaml_node_pair_t *pr = slice->data.mapping.pairs.start; pr < slice->data.mapping.pairs.top; pr++) {
+                const yaml_node_t *k = rp_node(p, pr->key);
+                if (k->type != YAML_SCALAR_NODE || strcmp(scalar_text(k), "sources") != 0)
+                    return rp_fail(p, node_line(k), "unknown key '%s' in slices[%zu] (expected sources)",
+                                   k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?", i);
+                sources = rp_node(p, pr->value);
+            }
+        }
+        if (!sources || sources->type != YAML_SEQUENCE_NODE ||
+            sources->data.sequence.items.top == sources->data.sequence.items.start)
+            return rp_fail(p, m->line, "slices[%zu] needs sources: a list of {model, layer_range}", i);
+        if (sources->data.sequence.items.top - sources->data.sequence.items.start > 1)
+            return rp_fail(p, node_line(sources),
+                           "slices[%zu] has several sources: merging within a slice is not supported yet", i);
+        const yaml_node_t *src = rp_node(p, sources->data.sequence.items.start[0]);
+        const yaml_node_t *model = NULL, *range = NULL, *params = NULL;
+        if (src->type != YAML_MAPPING_NODE)
+            return rp_fail(p, node_line(src), "slices[%zu].sources[0] must be a map", i);
+        for (const yaml_node_pair_t *pr = src->data.mapping.pairs.start; pr < src->data.mapping.pairs.top; pr++) {
+            const yaml_node_t *k = rp_node(p, pr->key);
+            const char *key = k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?";
+            const yaml_node_t *v = rp_node(p, pr->value);
+            if (strcmp(key, "model") == 0)
+                model = v;
+            else if (strcmp(key, "layer_range") == 0)
+                range = v;
+            else if (strcmp(key, "parameters") == 0)
+                params = v;
+            else
+                return rp_fail(p, node_line(k), "unknown key '%s' in slices[%zu].sources[0]", key, i);
+        }
+        if (!model || node_is_null(model))
+            return rp_fail(p, node_line(src), "slices[%zu].sources[0] has no model", i);
+        if (rp_model_path(p, model, "model", true, &m->name, &m->path, &m->adapter_path) < 0)
+            return -1;
+        unsigned a, b;
+        if (!range || range->type != YAML_SEQUENCE_NODE ||
+            range->data.sequence.items.top - range->data.sequence.items.start != 2 ||
+            !scalar_uint(rp_node(p, range->data.sequence.items.start[0]), &a) ||
+            !scalar_uint(rp_node(p, range->data.sequence.items.start[1]), &b) || a >= b)
+            return rp_fail(p, range ? node_line(range) : node_line(src),
+                           "slices[%zu].sources[0].layer_range must be [first, end) with first < end", i);
+        m->has_layer_range = true;
+        m->layer_begin = a;
+        m->layer_end = b;
+        if (params) {
+            char where[64];
+            snprintf(where, sizeof where, "slices[%zu].sources[0].parameters", i);
+            if (rp_params(p, params, where, m, m->params) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 static int rp_root(recipe_parser *p, const yaml_node_t *root)
 {
     ms_recipe *r = p->r;
@@ -875,7 +970,7 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
             return rp_fail(p, node_line(k),
                            "key 'tokenizer' is not supported: mergestream does not build merged "
                            "tokenizers (use tokenizer_source: base or a model path)");
-        if (id == KEY_SLICES || id == KEY_MODULES)
+        if (id == KEY_MODULES)
             return rp_fail(p, node_line(k),
                            "key '%s' is not supported: list whole models under 'models'", key);
         nodes[id] = rp_node(p, pr->value);
@@ -903,11 +998,23 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
         rp_params(p, nodes[KEY_PARAMETERS], "parameters", NULL, r->params) < 0)
         return -1;
 
-    if (!nodes[KEY_MODELS] || node_is_null(nodes[KEY_MODELS]))
-        return rp_fail(p, lines[KEY_MODELS] ? lines[KEY_MODELS] : node_line(root),
-                       "missing models (a list of {model, parameters} entries)");
-    if (rp_models(p, nodes[KEY_MODELS], lines[KEY_MODELS]) < 0)
-        return -1;
+    if (nodes[KEY_SLICES] && r->method != MS_METHOD_PASSTHROUGH)
+        return rp_fail(p, lines[KEY_SLICES], "slices are supported with merge_method passthrough only");
+    if (nodes[KEY_SLICES] && nodes[KEY_MODELS])
+        return rp_fail(p, lines[KEY_SLICES], "give either slices or models, not both");
+    if (nodes[KEY_SLICES]) {
+        if (rp_slices(p, nodes[KEY_SLICES], lines[KEY_SLICES]) < 0)
+            return -1;
+    } else {
+        if (!nodes[KEY_MODELS] || node_is_null(nodes[KEY_MODELS]))
+            return rp_fail(p, lines[KEY_MODELS] ? lines[KEY_MODELS] : node_line(root),
+                           "missing models (a list of {model, parameters} entries)");
+        if (rp_models(p, nodes[KEY_MODELS], lines[KEY_MODELS]) < 0)
+            return -1;
+        if (r->method == MS_METHOD_PASSTHROUGH && r->n_models != 1)
+            return rp_fail(p, lines[KEY_MODELS],
+                           "passthrough copies one model: list exactly one under models, or use slices");
+    }
 
     if (rp_model_count(p, lines[KEY_MODELS]) < 0)
         return -1;

@@ -142,6 +142,8 @@ typedef struct ms_recipe_model {
     char *path;         /* resolved (recipe folder joined); the base directory or file */
     char *adapter_path; /* resolved PEFT adapter directory; NULL unless "DIR+ADAPTER" */
     unsigned index;     /* position in the recipe's models list, 0-based: "models[index]" */
+    bool has_layer_range; /* passthrough slices: this source's layer_range [layer_begin, layer_end) */
+    unsigned layer_begin, layer_end;
     unsigned line;      /* of the entry */
     ms_recipe_param params[MS_PARAM_COUNT]; /* per-model parameters (MS_PARAM_SCOPE_MODEL only) */
     char *hessian_path;   /* Hessian methods: `hessian: DIR` resolved (the output of `mergestream
@@ -161,6 +163,7 @@ typedef struct ms_recipe {
     char *base_adapter_path; /* NULL unless base_model is "DIR+ADAPTER" */
     unsigned base_line;
     bool base_listed;       /* task-vector methods: the base appeared in models (and was dropped) */
+    bool has_slices;        /* passthrough with `slices`: models[i] is slice i's (single) source */
     ms_recipe_model *models; /* the merged models: parameter slots 1..n_models, recipe order */
     unsigned n_models;      /* 1..MS_MAX_MODELS */
     st_dtype dtype, out_dtype; /* ST_BF16, ST_F16 or ST_F32 */
@@ -211,5 +214,12 @@ double ms_recipe_tensor_t(const char *tensor_name, unsigned num_hidden_layers);
  * Thread-safe (reads r only); tensor_name must not be NULL. */
 int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                             unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err);
+
+/* One per-model parameter of models[model] (0-based) for a tensor, resolved
+ * like ms_recipe_tensor_params does (model level, then top level, then the
+ * method's default) and range-checked. The method must take the parameter.
+ * Returns 0, or -1 with err naming the recipe line and the tensor. */
+int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,
+                          unsigned num_hidden_layers, double *out, ms_error *err);
 
 #endif

@@ -369,3 +369,12 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
     }
     return 0;
 }
+
+int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,
+                          unsigned num_hidden_layers, double *out, ms_error *err)
+{
+    MS_ASSERT(model < r->n_models && ms_method_takes(r->method, id));
+    recipe_source src;
+    double t = ms_recipe_tensor_t(tensor_name, num_hidden_layers);
+    return recipe_resolve_checked(r, &r->models[model], id, tensor_name, t, out, &src, err);
+}

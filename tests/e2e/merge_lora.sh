@@ -46,5 +46,5 @@ expect_fail 2 "pissa" "$MS_BIN" merge "$WORK/pissa.yml" -o "$WORK/o2"
 
 # an adapter directory named without its base
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/a1\n    parameters: {weight: 1, density: 0.5}\n' > "$WORK/bare.yml"
-expect_fail 2 "PEFT adapter; name it as BASE_DIR\+ADAPTER_DIR" "$MS_BIN" merge "$WORK/bare.yml" -o "$WORK/o3"
+expect_fail 2 "bare.yml:4: .*PEFT adapter; name it as BASE_DIR\+ADAPTER_DIR" "$MS_BIN" merge "$WORK/bare.yml" -o "$WORK/o3"
 echo "merge_lora: ok"

@@ -819,7 +819,15 @@ static void test_error_unknown_keys(void **state)
                 2, "'tokenizer'", "not supported");
     expect_fail(Y("merge_method: linear")
                 Y("slices: []"),
-                2, "'slices'", "not supported");
+                2, "slices", "passthrough only");
+    expect_fail(Y("merge_method: passthrough")
+                Y("slices: []"),
+                2, "slices", "empty");
+    expect_fail(Y("merge_method: passthrough")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("  - model: models/ft2"),
+                2, "models", "exactly one");
     expect_fail(Y("merge_method: linear")
                 Y("models:")
                 Y("  - model: models/ft1")
