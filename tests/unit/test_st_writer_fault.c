@@ -74,8 +74,10 @@ static int scenario_make(scenario *sc)
         char name[64];
         snprintf(name, sizeof name, "model.layers.%d.mlp.weight", i);
         uint64_t shape[2] = {1 + mix(&s) % 12, 1 + mix(&s) % 20};
-        if (i == 4)
-            shape[0] = 40; /* 40 * cols * 2 bytes >= 800 > limit */
+        if (i == 4) { /* larger than the limit: shards before, of and after it */
+            shape[0] = 40;
+            shape[1] = 10 + shape[1] % 11; /* 40 * cols * 2 bytes >= 800 > 600 */
+        }
         if (st_plan_add_tensor(sc->plan, name, ST_BF16, 2, shape, NULL, &err) < 0)
             return -1;
         uint64_t nb = st_plan_tensor_at(sc->plan, (size_t)i)->nbytes;
