@@ -268,10 +268,17 @@ static void *reader_main(void *arg)
             }
         }
     }
-    /* drain: every request must finish before its buffer can go */
-    while (io_engine_outstanding(ctx->env->engine) > 0)
-        if (reader_reap(&rs, true) != 0 && io_engine_outstanding(ctx->env->engine) > 0)
-            io_engine_reap(ctx->env->engine, (io_request *[64]){0}, 64, true);
+    /* drain: every request must finish before its buffer can go. After a
+     * failure reader_reap still takes completions (and returns -1); only a
+     * broken engine (reap < 0) ends the wait early. */
+    io_engine *engine = ctx->env->engine;
+    while (io_engine_outstanding(engine) > 0) {
+        if (reader_reap(&rs, true) == 0 || io_engine_outstanding(engine) == 0)
+            continue;
+        io_request *done[64];
+        if (io_engine_reap(engine, done, 64, true) < 0)
+            break;
+    }
     if (!atomic_load(&ctx->failed))
         reader_push_ready(&rs);
     while (rs.head) {
