@@ -1,5 +1,7 @@
 #include "pipeline/llama_run.h"
 
+#include "pipeline/lora_load.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -182,26 +184,9 @@ static int lora_hold(lora_src *s, const ms_lora_target *t, ms_error *err)
     cpu_lora_close(s->lora);
     s->lora = NULL;
     s->held = NULL;
-    const st_tensor *parts[3] = {t->A, t->B, t->magnitude};
-    void *buf[3] = {NULL, NULL, NULL};
     int rc = -1;
-    for (int k = 0; k < 3; k++) {
-        if (!parts[k])
-            continue;
-        if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(buf[k] = malloc((size_t)st_tensor_nbytes(parts[k]) + 1))) {
-            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, ms_peft_path(s->peft),
-                           "cannot allocate the LoRA factors of %s", t->base_name);
-            goto done;
-        }
-        if (ms_peft_read_tensor(s->peft, parts[k], buf[k], err) < 0)
-            goto done;
-    }
-    if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || cpu_lora_open(t, buf[0], buf[1], buf[2], &s->lora) < 0) {
-        s->lora = NULL;
-        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, ms_peft_path(s->peft), "cannot allocate the LoRA factors of %s",
-                       t->base_name);
+    if (ms_lora_load(s->peft, t, &s->lora, err) != 0)
         goto done;
-    }
     if (cpu_lora_needs_stats(s->lora)) {
         const st_file *f;
         const st_tensor *in = lora_input(s, t, &f);
@@ -221,8 +206,6 @@ done:
         cpu_lora_close(s->lora);
         s->lora = NULL;
     }
-    for (int k = 0; k < 3; k++)
-        free(buf[k]);
     return rc;
 }
 

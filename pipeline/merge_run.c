@@ -12,6 +12,7 @@
 #include "io/ms_fault.h"
 #include "io/checksum.h"
 #include "pipeline/bounded_queue.h"
+#include "pipeline/lora_load.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/progress.h"
 
@@ -341,36 +342,17 @@ static void job_state_close(job_state *js)
 /* Reads input i's adapter factors and prepares them (once per tensor). */
 static int lora_prepare(const ms_job *job, unsigned i, cpu_lora **out, ms_error *err)
 {
-    const ms_lora_target *t = job->in[i].lora;
-    const ms_peft *peft = job->in[i].peft;
-    const st_tensor *parts[3] = {t->A, t->B, t->magnitude};
-    void *buf[3] = {NULL, NULL, NULL};
-    int rc = -1;
-    for (int k = 0; k < 3; k++) {
-        if (!parts[k])
-            continue;
-        if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(buf[k] = malloc(parts[k]->end - parts[k]->begin + 1))) {
-            ms_error_set(err, MS_EXIT_RUNTIME, ms_peft_path(peft), "out of memory for the LoRA factors of %s", job->name);
-            goto done;
-        }
-        if (ms_peft_read_tensor(peft, parts[k], buf[k], err) != 0)
-            goto done;
-    }
-    if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || cpu_lora_open(t, buf[0], buf[1], buf[2], out) != 0) {
-        ms_error_set(err, MS_EXIT_RUNTIME, ms_peft_path(peft), "out of memory for the LoRA factors of %s", job->name);
-        goto done;
-    }
+    if (ms_lora_load(job->in[i].peft, job->in[i].lora, out, err) != 0)
+        return -1;
     if (cpu_lora_needs_stats(*out) && job->n_chunks > 1) {
         ms_error_set(err, MS_EXIT_RUNTIME, job->name,
                      "DoRA over columns (fan_in_fan_out or embeddings) needs the whole tensor in the staging pool; "
                      "raise --max-memory");
-        goto done;
+        cpu_lora_close(*out);
+        *out = NULL;
+        return -1;
     }
-    rc = 0;
-done:
-    for (int k = 0; k < 3; k++)
-        free(buf[k]);
-    return rc;
+    return 0;
 }
 
 /* Turns each LoRA input's rows into base + delta (fp32) for this chunk. The
