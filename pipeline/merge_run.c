@@ -9,7 +9,6 @@
 
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
-#include "io/ms_fault.h"
 #include "io/checksum.h"
 #include "pipeline/bounded_queue.h"
 #include "pipeline/lora_load.h"
