@@ -74,15 +74,18 @@ static int plan_open_model(const char *path, const char *adapter, ms_model **out
     return 0;
 }
 
-/* Fills job->in[i] (0: the base) for layout tensor lt: the model's own
- * tensor, an adapter's replacement (modules_to_save), or the model's rows
- * plus a LoRA delta. Checks names, dtypes and shapes against the layout. */
-static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tensor *lt, ms_error *err)
+/* Fills job->in[slot] (0: the base) from tensor src_name of model mi (0:
+ * the base, else plan->models[mi]): the model's own tensor, an adapter's
+ * replacement (modules_to_save), or the model's rows plus a LoRA delta.
+ * Checks dtypes and shapes against lt (the layout's, or with slices the
+ * reference source's tensor). */
+static int plan_job_input_named(ms_plan *plan, ms_job *job, unsigned slot, unsigned mi, const st_tensor *lt,
+                                const char *src_name, ms_error *err)
 {
     ms_tensor_params *p = &job->params;
-    const ms_model *m = i == 0 ? plan->base : plan->models[i];
-    const ms_peft *peft = plan->adapters[i];
-    const ms_lora_target *lora = peft ? ms_peft_target(peft, lt->name) : NULL;
+    const ms_model *m = mi == 0 ? plan->base : plan->models[mi];
+    const ms_peft *peft = plan->adapters[mi];
+    const ms_lora_target *lora = peft ? ms_peft_target(peft, src_name) : NULL;
     const char *who = peft ? ms_peft_path(peft) : m->path;
     const st_file *f;
     const st_tensor *mt;
@@ -90,37 +93,43 @@ static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tenso
         f = lora->file;
         mt = lora->source;
     } else {
-        long ti = ms_model_find(m, lt->name);
+        long ti = ms_model_find(m, src_name);
         if (ti < 0)
-            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is missing (it is in %s)", lt->name,
-                                plan->layout->path);
+            return ms_error_set(err, MS_EXIT_DATA, m->path, "tensor '%s' is missing (%s is in %s)", src_name,
+                                strcmp(src_name, lt->name) == 0 ? "it" : lt->name, plan->layout->path);
         f = ms_model_tensor_file(m, (size_t)ti);
         mt = m->tensors[ti].info;
     }
     if (!st_dtype_is_mergeable_float(mt->dtype))
-        return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' is %s, expected F16, BF16 or F32", lt->name,
+        return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' is %s, expected F16, BF16 or F32", src_name,
                             st_dtype_name(mt->dtype));
     if (!same_shape(lt, mt)) {
         char want[256], got[256];
         st_shape_format(lt, want, sizeof want);
         st_shape_format(mt, got, sizeof got);
         if (!is_extra_rows_ok(lt, mt))
-            return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' has shape %s but %s has %s", lt->name, got,
-                                plan->layout->path, want);
+            return ms_error_set(err, MS_EXIT_DATA, who, "tensor '%s' has shape %s but %s has %s", src_name, got,
+                                strcmp(src_name, lt->name) == 0 ? plan->layout->path : lt->name, want);
         ms_log_warn("%s: tensor '%s' has shape %s, more rows than the base's %s (added tokens): "
                     "merging its first %" PRIu64 " rows only",
-                    who, lt->name, got, want, lt->shape[0]);
+                    who, src_name, got, want, lt->shape[0]);
     }
-    job->in[i] = (ms_job_input){f, st_file_tensor_offset(f, mt), (uint64_t)st_dtype_bits(mt->dtype) / 8 * p->cols,
-                                mt->dtype, NULL, NULL};
-    p->in_dtype[i] = mt->dtype;
-    p->model_rows[i] = mt->ndim >= 2 ? mt->shape[0] : 1;
+    job->in[slot] = (ms_job_input){f, st_file_tensor_offset(f, mt), (uint64_t)st_dtype_bits(mt->dtype) / 8 * p->cols,
+                                   mt->dtype, NULL, NULL};
+    p->in_dtype[slot] = mt->dtype;
+    p->model_rows[slot] = mt->ndim >= 2 ? mt->shape[0] : 1;
     if (lora && lora->kind != MS_LORA_REPLACE) {
-        job->in[i].lora = lora;
-        job->in[i].peft = peft;
-        p->in_dtype[i] = ST_F32; /* the kernels see base + delta, materialised in fp32 */
+        job->in[slot].lora = lora;
+        job->in[slot].peft = peft;
+        p->in_dtype[slot] = ST_F32; /* the kernels see base + delta, materialised in fp32 */
     }
     return 0;
+}
+
+/* job->in[i] from model i's tensor of the layout's name lt->name. */
+static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tensor *lt, ms_error *err)
+{
+    return plan_job_input_named(plan, job, i, i, lt, lt->name, err);
 }
 
 /* Cuts a job into row chunks that fit the pool: a chunk (its inputs and its
@@ -282,6 +291,27 @@ static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name
     return 0;
 }
 
+/* A model's layer count: config.json's num_hidden_layers, else inferred from names. */
+static unsigned plan_model_layers(const ms_model *m)
+{
+    long n = ms_model_config_int(m, "num_hidden_layers", -1);
+    return n > 0 ? (unsigned)n : infer_num_layers(m);
+}
+
+/* A slice source's layer_range [a, b) against model m's layers: 0, or -1 with
+ * err (MS_EXIT_USAGE) at the slice's line, naming the source. */
+static int plan_check_range(const ms_plan *plan, const ms_recipe_slice *sl, const char *label, const char *name,
+                            const ms_model *m, unsigned a, unsigned b, ms_error *err)
+{
+    unsigned have = plan_model_layers(m);
+    if (b <= have)
+        return 0;
+    char where[4200];
+    snprintf(where, sizeof where, "%s:%u", plan->recipe->source_path, sl->line);
+    return ms_error_set(err, MS_EXIT_USAGE, where, "slices[%u] layer_range [%u, %u) is out of bounds: '%s' has %u layers (%s)",
+                        sl->index, a, b, name, have, label);
+}
+
 /* passthrough (frankenmerges): the layout model's non-layer tensors in
  * place, and where its first layer tensor stands, the output layers: slice by
  * slice, each source layer's tensors in the source's on-disk order, renamed
@@ -295,16 +325,11 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
     unsigned out_layers = 0;
     for (unsigned i = 1; i <= plan->n_models; i++) {
         const ms_recipe_model *rm = &r->models[i - 1];
-        long n = ms_model_config_int(plan->models[i], "num_hidden_layers", -1);
-        unsigned have = n > 0 ? (unsigned)n : infer_num_layers(plan->models[i]);
-        unsigned a = rm->has_layer_range ? rm->layer_begin : 0, b = rm->has_layer_range ? rm->layer_end : have;
-        if (b > have)
-        {
-            char where[4200];
-            snprintf(where, sizeof where, "%s:%u", r->source_path, rm->line);
-            return ms_error_set(err, MS_EXIT_USAGE, where, "slices[%u] layer_range [%u, %u) is out of bounds: '%s' has %u layers",
-                                rm->index, a, b, rm->name, have);
-        }
+        unsigned a = rm->has_layer_range ? rm->layer_begin : 0;
+        unsigned b = rm->has_layer_range ? rm->layer_end : plan_model_layers(plan->models[i]);
+        if (rm->has_layer_range &&
+            plan_check_range(plan, &r->slices[rm->slice], rm->label, rm->name, plan->models[i], a, b, err) != 0)
+            return -1;
         out_layers += b - a;
     }
     plan->out_num_layers = out_layers;
@@ -346,6 +371,136 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
                         continue;
                     snprintf(name, sizeof name, "model.layers.%u.%s", out_layer, rest);
                     if (plan_passthrough_job(plan, &cap, name, i, u, err) != 0)
+                        return -1;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* "model.layers.N.rest" into buf; -1 with err when it does not fit. */
+static int plan_layer_name(const ms_plan *plan, char *buf, size_t size, unsigned layer, const char *rest, ms_error *err)
+{
+    int n = snprintf(buf, size, "model.layers.%u.%s", layer, rest);
+    if (n < 0 || (size_t)n >= size)
+        return ms_error_set(err, MS_EXIT_DATA, plan->layout->path, "tensor name 'model.layers.%u.%s' is too long", layer,
+                            rest);
+    return 0;
+}
+
+/* One output tensor out_name of slice s merged by the recipe's method. ref
+ * (in ref_file) is the reference source's tensor: shape, dtype, and the copy
+ * for a non-float or empty tensor. With rest (a layer tensor "model.layers.
+ * N.rest", output layer k of the slice) each source contributes its layer
+ * first + k; without, every source's tensor of the same name. t: the
+ * gradient position. */
+static int plan_slice_job(ms_plan *plan, size_t *cap, unsigned s, const char *out_name, const st_file *ref_file,
+                          const st_tensor *ref, const char *rest, unsigned k, double t, ms_error *err)
+{
+    const ms_recipe *r = plan->recipe;
+    const ms_recipe_slice *sl = &r->slices[s];
+    ms_job *job = plan_push_job(plan, cap, err);
+    if (!job)
+        return -1;
+    if (!(job->owned_name = strdup(out_name)))
+        return ms_error_set(err, MS_EXIT_RUNTIME, r->source_path, "out of memory");
+    job->name = job->owned_name;
+    job->out_ndim = ref->ndim;
+    memcpy(job->out_shape, ref->shape, sizeof job->out_shape);
+    job->out_dtype = plan_out_dtype(r, ref->dtype);
+    if (!st_dtype_is_mergeable_float(ref->dtype) || ref->numel == 0) {
+        plan_copy_job(job, ref_file, ref); /* as the whole-model merge: from the reference */
+        return 0;
+    }
+    char names[MS_MAX_MODELS + 1][512]; /* [0]: the base's; [j]: merged source j's */
+    const char *src[MS_MAX_MODELS];
+    for (unsigned j = 0; j <= sl->n_models; j++) {
+        unsigned first = j == 0 ? sl->base_begin : r->models[sl->first_model + j - 1].layer_begin;
+        if (rest && plan_layer_name(plan, names[j], sizeof names[j], first + k, rest, err) != 0)
+            return -1;
+        if (!rest)
+            snprintf(names[j], sizeof names[j], "%s", out_name);
+        if (j > 0)
+            src[j - 1] = names[j];
+    }
+    if (ms_recipe_slice_tensor_params(r, s, out_name, src, t, &job->params, err) != 0)
+        return -1;
+    ms_tensor_params *p = &job->params;
+    MS_ASSERT(p->has_base == sl->has_base || !p->has_base);
+    job->kind = MS_JOB_MERGE;
+    tensor_rows_cols(ref, &p->rows, &p->cols);
+    p->numel = ref->numel;
+    p->out_dtype = job->out_dtype;
+    ms_merge_philox_key(out_name, plan->seed, p->philox_key); /* the output's name: a full slice = the whole merge */
+    job->n_inputs = 1 + p->n_models;
+    if (p->has_base && plan_job_input_named(plan, job, 0, 0, ref, names[0], err) != 0)
+        return -1;
+    for (unsigned j = 1; j <= p->n_models; j++)
+        if (plan_job_input_named(plan, job, j, sl->first_model + j, ref, names[j], err) != 0)
+            return -1;
+    job->n_passes = ms_merge_pass_count(p);
+    return 0;
+}
+
+/* slices with a merge method (recipe.h): the layout model's non-layer
+ * tensors in place, merged over the first slice's sources (names with
+ * "embed", t = 0) or the last slice's (t = 1); where its first layer tensor
+ * stands, the output layers slice by slice: output layer k of a slice merges
+ * layer first_i + k of every source, its tensors in the reference source's
+ * on-disk order (the base's, else the first merged source's), renamed
+ * model.layers.N. with N counting from 0. */
+static int plan_slice_jobs(ms_plan *plan, ms_error *err)
+{
+    const ms_recipe *r = plan->recipe;
+    const ms_model *lay = plan->layout;
+    size_t cap = lay->n_tensors ? lay->n_tensors : 1; /* plan->jobs holds that many already */
+    unsigned out_layers = 0;
+    for (unsigned s = 0; s < r->n_slices; s++) {
+        const ms_recipe_slice *sl = &r->slices[s];
+        if (sl->has_base &&
+            plan_check_range(plan, sl, "the base_model", r->base_name, plan->base, sl->base_begin, sl->base_end, err) != 0)
+            return -1;
+        for (unsigned j = 0; j < sl->n_models; j++) {
+            const ms_recipe_model *rm = &r->models[sl->first_model + j];
+            if (plan_check_range(plan, sl, rm->label, rm->name, plan->models[sl->first_model + j + 1], rm->layer_begin,
+                                 rm->layer_end, err) != 0)
+                return -1;
+        }
+        out_layers += sl->n_layers;
+    }
+    plan->out_num_layers = out_layers;
+    bool layers_done = false;
+    char name[512];
+    for (size_t t = 0; t < lay->n_tensors; t++) {
+        const st_tensor *lt = lay->tensors[t].info;
+        unsigned layer;
+        const char *rest;
+        if (!layer_name_split(lt->name, &layer, &rest)) {
+            bool pre = strstr(lt->name, "embed") != NULL;
+            if (plan_slice_job(plan, &cap, pre ? 0 : r->n_slices - 1, lt->name, ms_model_tensor_file(lay, t), lt, NULL,
+                               0, pre ? 0.0 : 1.0, err) != 0)
+                return -1;
+            continue;
+        }
+        if (layers_done)
+            continue;
+        layers_done = true;
+        unsigned out_layer = 0;
+        for (unsigned s = 0; s < r->n_slices; s++) {
+            const ms_recipe_slice *sl = &r->slices[s];
+            const ms_model *ref = sl->has_base ? plan->base : plan->models[sl->first_model + 1];
+            unsigned ref_first = sl->has_base ? sl->base_begin : r->models[sl->first_model].layer_begin;
+            for (unsigned k = 0; k < sl->n_layers; k++, out_layer++) {
+                /* mergekit's plan_slice: t runs over the slice, 1 for a one-layer slice */
+                double tk = sl->n_layers > 1 ? (double)k / (double)(sl->n_layers - 1) : 1.0;
+                for (size_t u = 0; u < ref->n_tensors; u++) {
+                    const st_tensor *rt = ref->tensors[u].info;
+                    unsigned l;
+                    if (!layer_name_split(rt->name, &l, &rest) || l != ref_first + k)
+                        continue;
+                    if (plan_layer_name(plan, name, sizeof name, out_layer, rest, err) != 0 ||
+                        plan_slice_job(plan, &cap, s, name, ms_model_tensor_file(ref, u), rt, rest, k, tk, err) != 0)
                         return -1;
                 }
             }
@@ -396,8 +551,11 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
     if (r->method == MS_METHOD_PASSTHROUGH) {
         if (plan_passthrough_jobs(plan, err) != 0)
             goto fail;
+    } else if (r->has_slices) {
+        if (plan_slice_jobs(plan, err) != 0)
+            goto fail;
     }
-    for (size_t t = 0; t < lay->n_tensors && r->method != MS_METHOD_PASSTHROUGH; t++) {
+    for (size_t t = 0; t < lay->n_tensors && r->method != MS_METHOD_PASSTHROUGH && !r->has_slices; t++) {
         const st_tensor *lt = lay->tensors[t].info;
         ms_job *job = &plan->jobs[plan->n_jobs++];
         job->name = lt->name;

@@ -596,6 +596,7 @@ void ms_recipe_free(ms_recipe *r)
     for (unsigned i = 0; i < r->n_models; i++)
         recipe_model_clear(&r->models[i]);
     free(r->models);
+    free(r->slices);
     recipe_params_clear(r->params);
     free(r->source_path);
     free(r->text);
@@ -783,6 +784,7 @@ static int rp_models(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         const yaml_node_t *item = rp_node(p, items[i]);
         ms_recipe_model *m = &r->models[r->n_models];
         m->index = (unsigned)i;
+        snprintf(m->label, sizeof m->label, "models[%zu]", i);
         r->n_models++; /* counted before filling, so ms_recipe_free sees partial entries */
         bool has_params = false;
         if (rp_model_entry(p, item, m, &has_params) < 0)
@@ -863,13 +865,84 @@ static bool scalar_uint(const yaml_node_t *n, unsigned *out)
     return true;
 }
 
-/* passthrough's slices: [{sources: [{model, layer_range: [a, b], parameters}]}].
- * Each slice has one source (several would merge within the slice: not
- * supported yet); slice i's source becomes models[i]. The same model may
- * appear in several slices. */
+/* One source of slices[si] (sources[j]) into m: model, layer_range,
+ * parameters. *has_params: it set a parameter. */
+static int rp_slice_source(recipe_parser *p, const yaml_node_t *src, size_t si, size_t j, ms_recipe_model *m,
+                           bool *has_params)
+{
+    *has_params = false;
+    snprintf(m->label, sizeof m->label, "slices[%zu].sources[%zu]", si, j);
+    m->index = (unsigned)j;
+    m->slice = (unsigned)si;
+    m->line = node_line(src);
+    if (src->type != YAML_MAPPING_NODE)
+        return rp_fail(p, m->line, "%s must be a map with model, layer_range and optional parameters", m->label);
+    const yaml_node_t *model = NULL, *range = NULL, *params = NULL;
+    for (const yaml_node_pair_t *pr = src->data.mapping.pairs.start; pr < src->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        const char *key = k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?";
+        const yaml_node_t **slot = NULL;
+        if (strcmp(key, "model") == 0)
+            slot = &model;
+        else if (strcmp(key, "layer_range") == 0)
+            slot = &range;
+        else if (strcmp(key, "parameters") == 0)
+            slot = &params;
+        else
+            return rp_fail(p, node_line(k), "unknown key '%s' in %s", key, m->label);
+        if (*slot)
+            return rp_fail(p, node_line(k), "duplicate key '%s' in %s", key, m->label);
+        *slot = rp_node(p, pr->value);
+    }
+    if (!model || node_is_null(model))
+        return rp_fail(p, m->line, "%s has no model", m->label);
+    if (rp_model_path(p, model, "model", true, &m->name, &m->path, &m->adapter_path) < 0)
+        return -1;
+    unsigned a, b;
+    if (!range || range->type != YAML_SEQUENCE_NODE ||
+        range->data.sequence.items.top - range->data.sequence.items.start != 2 ||
+        !scalar_uint(rp_node(p, range->data.sequence.items.start[0]), &a) ||
+        !scalar_uint(rp_node(p, range->data.sequence.items.start[1]), &b) || a >= b)
+        return rp_fail(p, range ? node_line(range) : m->line, "%s.layer_range must be [first, end) with first < end",
+                       m->label);
+    m->has_layer_range = true;
+    m->layer_begin = a;
+    m->layer_end = b;
+    if (params) {
+        char where[80];
+        snprintf(where, sizeof where, "%s.parameters", m->label);
+        if (rp_params(p, params, where, m, m->params) < 0)
+            return -1;
+        *has_params = params_any(m->params) || m->hessian_path;
+    }
+    return 0;
+}
+
+/* The merged-source count of slice sl against the method's (as
+ * rp_model_count does for models). */
+static int rp_slice_count(const recipe_parser *p, const ms_recipe_slice *sl)
+{
+    const ms_method_info *mi = ms_method_info_get(p->r->method);
+    unsigned lo, hi;
+    ms_method_model_count(p->r->method, &lo, &hi);
+    if (sl->n_models >= lo && sl->n_models <= hi)
+        return 0;
+    const char *besides = sl->has_base ? " besides the base_model" : "";
+    if (lo == hi)
+        return rp_fail(p, sl->line, "merge_method '%s' merges exactly %u model%s%s in each slice: slices[%u] lists %u",
+                       mi->name, lo, lo == 1 ? "" : "s", besides, sl->index, sl->n_models);
+    return rp_fail(p, sl->line, "merge_method '%s' needs %u to %u models%s in each slice: slices[%u] lists %u",
+                   mi->name, lo, hi, besides, sl->index, sl->n_models);
+}
+
+/* slices: [{sources: [{model, layer_range: [a, b], parameters}]}] (recipe.h).
+ * The merged sources go to r->models slice by slice; a source that is the
+ * base_model (for a method that uses the base) becomes the slice's base. */
 static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
 {
     ms_recipe *r = p->r;
+    const ms_method_info *mi = ms_method_info_get(r->method);
+    bool base_used = mi->needs_base || (mi->optional_base && r->base_path);
     if (n->type != YAML_SEQUENCE_NODE)
         return rp_fail(p, key_line, "slices must be a list of {sources: [...]} entries");
     const yaml_node_item_t *items = n->data.sequence.items.start;
@@ -878,16 +951,28 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         return rp_fail(p, key_line, "slices is empty");
     if (count > MS_MAX_MODELS)
         return rp_fail(p, key_line, "slices lists %zu slices; at most %d are supported", count, MS_MAX_MODELS);
-    r->models = calloc(count, sizeof *r->models);
-    if (!r->models)
+    size_t total = 0; /* sources of all slices: r->models' capacity */
+    for (size_t i = 0; i < count; i++) {
+        const yaml_node_t *slice = rp_node(p, items[i]);
+        if (slice->type != YAML_MAPPING_NODE)
+            continue;
+        for (const yaml_node_pair_t *pr = slice->data.mapping.pairs.start; pr < slice->data.mapping.pairs.top; pr++) {
+            const yaml_node_t *v = rp_node(p, pr->value);
+            if (v->type == YAML_SEQUENCE_NODE)
+                total += (size_t)(v->data.sequence.items.top - v->data.sequence.items.start);
+        }
+    }
+    r->slices = calloc(count, sizeof *r->slices);
+    r->models = calloc(total ? total : 1, sizeof *r->models);
+    if (!r->slices || !r->models)
         return rp_nomem(p);
     r->has_slices = true;
     for (size_t i = 0; i < count; i++) {
         const yaml_node_t *slice = rp_node(p, items[i]);
-        ms_recipe_model *m = &r->models[r->n_models];
-        m->index = (unsigned)i;
-        m->line = node_line(slice);
-        r->n_models++;
+        ms_recipe_slice *sl = &r->slices[r->n_slices++];
+        sl->index = (unsigned)i;
+        sl->line = node_line(slice);
+        sl->first_model = r->n_models;
         const yaml_node_t *sources = NULL;
         if (slice->type == YAML_MAPPING_NODE) {
             for (const yaml_node_pair_t *pr = slice->data.mapping.pairs.start; pr < slice->data.mapping.pairs.top; pr++) {
@@ -895,53 +980,77 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
                 if (k->type != YAML_SCALAR_NODE || strcmp(scalar_text(k), "sources") != 0)
                     return rp_fail(p, node_line(k), "unknown key '%s' in slices[%zu] (expected sources)",
                                    k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?", i);
+                if (sources)
+                    return rp_fail(p, node_line(k), "duplicate key 'sources' in slices[%zu]", i);
                 sources = rp_node(p, pr->value);
             }
         }
         if (!sources || sources->type != YAML_SEQUENCE_NODE ||
             sources->data.sequence.items.top == sources->data.sequence.items.start)
-            return rp_fail(p, m->line, "slices[%zu] needs sources: a list of {model, layer_range}", i);
-        if (sources->data.sequence.items.top - sources->data.sequence.items.start > 1)
+            return rp_fail(p, sl->line, "slices[%zu] needs sources: a list of {model, layer_range}", i);
+        size_t n_src = (size_t)(sources->data.sequence.items.top - sources->data.sequence.items.start);
+        if (r->method == MS_METHOD_PASSTHROUGH && n_src > 1)
             return rp_fail(p, node_line(sources),
-                           "slices[%zu] has several sources: merging within a slice is not supported yet", i);
-        const yaml_node_t *src = rp_node(p, sources->data.sequence.items.start[0]);
-        const yaml_node_t *model = NULL, *range = NULL, *params = NULL;
-        if (src->type != YAML_MAPPING_NODE)
-            return rp_fail(p, node_line(src), "slices[%zu].sources[0] must be a map", i);
-        for (const yaml_node_pair_t *pr = src->data.mapping.pairs.start; pr < src->data.mapping.pairs.top; pr++) {
-            const yaml_node_t *k = rp_node(p, pr->key);
-            const char *key = k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?";
-            const yaml_node_t *v = rp_node(p, pr->value);
-            if (strcmp(key, "model") == 0)
-                model = v;
-            else if (strcmp(key, "layer_range") == 0)
-                range = v;
-            else if (strcmp(key, "parameters") == 0)
-                params = v;
-            else
-                return rp_fail(p, node_line(k), "unknown key '%s' in slices[%zu].sources[0]", key, i);
-        }
-        if (!model || node_is_null(model))
-            return rp_fail(p, node_line(src), "slices[%zu].sources[0] has no model", i);
-        if (rp_model_path(p, model, "model", true, &m->name, &m->path, &m->adapter_path) < 0)
-            return -1;
-        unsigned a, b;
-        if (!range || range->type != YAML_SEQUENCE_NODE ||
-            range->data.sequence.items.top - range->data.sequence.items.start != 2 ||
-            !scalar_uint(rp_node(p, range->data.sequence.items.start[0]), &a) ||
-            !scalar_uint(rp_node(p, range->data.sequence.items.start[1]), &b) || a >= b)
-            return rp_fail(p, range ? node_line(range) : node_line(src),
-                           "slices[%zu].sources[0].layer_range must be [first, end) with first < end", i);
-        m->has_layer_range = true;
-        m->layer_begin = a;
-        m->layer_end = b;
-        if (params) {
-            char where[64];
-            snprintf(where, sizeof where, "slices[%zu].sources[0].parameters", i);
-            if (rp_params(p, params, where, m, m->params) < 0)
+                           "slices[%zu] has several sources: passthrough copies one source per slice "
+                           "(name a merge_method to merge them)",
+                           i);
+        unsigned span = 0;
+        for (size_t j = 0; j < n_src; j++) {
+            const yaml_node_t *src = rp_node(p, sources->data.sequence.items.start[j]);
+            if (r->n_models >= total)
+                return rp_fail(p, node_line(src), "slices list more than %zu sources", total);
+            ms_recipe_model *m = &r->models[r->n_models];
+            r->n_models++; /* counted before filling, so ms_recipe_free sees partial entries */
+            bool has_params = false;
+            if (rp_slice_source(p, src, i, j, m, &has_params) < 0)
                 return -1;
+            unsigned len = m->layer_end - m->layer_begin;
+            if (j == 0)
+                span = len;
+            else if (len != span)
+                return rp_fail(p, m->line,
+                               "%s.layer_range [%u, %u) spans %u layers but sources[0]'s spans %u: every source "
+                               "of a slice needs the same number of layers",
+                               m->label, m->layer_begin, m->layer_end, len, span);
+            if (base_used && same_model(m->path, m->adapter_path, r->base_path, r->base_adapter_path)) {
+                if (sl->has_base)
+                    return rp_fail(p, m->line, "model '%s' (the base) is listed twice in slices[%zu]", m->name, i);
+                if (has_params && !ms_method_ignores_unused(r->method))
+                    return rp_fail(p, m->line,
+                                   "%s ('%s') is the base model: in merge_method '%s' the base takes no "
+                                   "parameters (remove them)",
+                                   m->label, m->name, ms_method_name(r->method));
+                if (has_params)
+                    ms_log_warn("%s:%u: %s ('%s') is the base model: merge_method '%s' ignores its parameters",
+                                p->path, m->line, m->label, m->name, ms_method_name(r->method));
+                sl->has_base = true;
+                sl->base_begin = m->layer_begin;
+                sl->base_end = m->layer_end;
+                sl->base_line = m->line;
+                r->base_listed = true;
+                recipe_model_clear(m);
+                r->n_models--;
+                continue;
+            }
+            for (unsigned o = sl->first_model; o + 1 < r->n_models; o++)
+                if (same_model(m->path, m->adapter_path, r->models[o].path, r->models[o].adapter_path))
+                    return rp_fail(p, m->line, "model '%s' is listed twice in slices[%zu] (%s and %s)", m->name,
+                                   i, r->models[o].label, m->label);
         }
+        sl->n_models = r->n_models - sl->first_model;
+        sl->n_layers = span;
+        if (base_used && !sl->has_base)
+            return rp_fail(p, sl->line,
+                           "slices[%zu] does not list the base_model '%s' among its sources: merge_method '%s' "
+                           "takes each layer's base from the slice's sources (add it with a layer_range of %u "
+                           "layer%s)",
+                           i, r->base_name, mi->name, span, span == 1 ? "" : "s");
+        if (rp_slice_count(p, sl) < 0)
+            return -1;
     }
+    if (r->n_models > MS_MAX_MODELS)
+        return rp_fail(p, key_line, "slices list %u sources to merge; at most %d are supported", r->n_models,
+                       MS_MAX_MODELS);
     return 0;
 }
 
@@ -998,8 +1107,12 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
         rp_params(p, nodes[KEY_PARAMETERS], "parameters", NULL, r->params) < 0)
         return -1;
 
-    if (nodes[KEY_SLICES] && r->method != MS_METHOD_PASSTHROUGH)
-        return rp_fail(p, lines[KEY_SLICES], "slices are supported with merge_method passthrough only");
+    if (nodes[KEY_SLICES] && (r->method == MS_METHOD_TIES_SPARSEGPT || r->method == MS_METHOD_DARE_SPARSEGPT ||
+                              r->method == MS_METHOD_REGMEAN))
+        return rp_fail(p, lines[KEY_SLICES],
+                       "slices are not supported with merge_method '%s' (its Hessians are keyed by each "
+                       "model's own layer names): list whole models under 'models'",
+                       mi->name);
     if (nodes[KEY_SLICES] && nodes[KEY_MODELS])
         return rp_fail(p, lines[KEY_SLICES], "give either slices or models, not both");
     if (nodes[KEY_SLICES]) {
@@ -1016,7 +1129,7 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
                            "passthrough copies one model: list exactly one under models, or use slices");
     }
 
-    if (rp_model_count(p, lines[KEY_MODELS]) < 0)
+    if (!r->has_slices && rp_model_count(p, lines[KEY_MODELS]) < 0) /* slices: counted per slice */
         return -1;
     for (unsigned id = 0; id < MS_PARAM_COUNT; id++)
         if ((mi->required & (1u << id)) && !r->params[id].present)
@@ -1027,9 +1140,9 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
         const ms_recipe_model *m = &r->models[i];
         if (!m->params[MS_PARAM_WEIGHT].present && !r->params[MS_PARAM_WEIGHT].present)
             return rp_fail(p, m->line,
-                           "models[%u] ('%s') has no weight: set 'weight' in its parameters or "
+                           "%s ('%s') has no weight: set 'weight' in its parameters or "
                            "in the top-level parameters",
-                           m->index, m->name);
+                           m->label, m->name);
     }
 
     if (nodes[KEY_DTYPE] && !node_is_null(nodes[KEY_DTYPE])) {

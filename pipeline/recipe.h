@@ -24,8 +24,48 @@
  *
  * Keys. Unknown keys anywhere (top level, a models entry, a parameters map,
  * a filter entry) are errors naming the key and its line. Duplicate keys are
- * errors (PyYAML silently keeps the last one). `tokenizer`, `slices` and
- * `modules` are mergekit keys mergestream does not support: errors.
+ * errors (PyYAML silently keeps the last one). `tokenizer` and `modules` are
+ * mergekit keys mergestream does not support: errors.
+ *
+ * Slices (instead of `models`):
+ *   slices:
+ *     - sources:
+ *         - model: ./models/base
+ *           layer_range: [0, 16]        # [first, end): layers first..end-1
+ *         - model: ./models/ft1
+ *           layer_range: [0, 16]
+ *           parameters: {weight: 0.5}   # per-source parameters, as models[i]'s
+ * The output's layers are the slices' layers, concatenated and renumbered
+ * from 0 (num_hidden_layers in config.json becomes their count). Every
+ * source of a slice must span the same number of layers; output layer k of
+ * a slice merges layer first_i + k of each source i with the recipe's
+ * method and parameters (mergekit's semantics):
+ *   - passthrough: exactly one source per slice, copied (times its `scale`);
+ *   - a method that needs a base (ties, slerp, ...), or takes an optional
+ *     one that base_model names: base_model must be one of each slice's
+ *     sources (mergekit looks the base up among the slice's tensors); that
+ *     source gives the base layers and takes no parameters (as in models);
+ *     the other sources are the merged models, per slice counted like
+ *     models (slerp: exactly one besides the base). linear: every source is
+ *     merged (a base_model takes no part, as in models).
+ *   - gradients: t = k / (n - 1) for output layer k of an n-layer slice, and
+ *     t = 1 when n = 1 (mergekit's plan_slice; t restarts in every slice).
+ *     Per-source parameters are looked up with the source's tensor name
+ *     (model.layers.{first_i + k}...), global ones with the output name.
+ *   - tensors outside the layers are merged over the first slice's sources
+ *     with t = 0 when their name contains "embed" (mergekit's pre-weights),
+ *     else over the last slice's sources with t = 1 (its post-weights:
+ *     final norm, lm_head); passthrough copies them from the base, else the
+ *     first slice's source (with its scale).
+ *   - DARE's Philox stream is keyed by the output tensor name and the
+ *     source's position among the slice's merged sources, so a slice over all
+ *     layers reproduces the whole-model merge bit for bit.
+ * Slice keys other than `sources` (mergekit's per-slice base_model,
+ * parameters, residual_weight) are errors; the Hessian methods
+ * (ties_sparsegpt, dare_sparsegpt, regmean) do not take slices (their
+ * statistics are keyed by the model's own layer names). All slices together
+ * list at most MS_MAX_MODELS merged sources; the same model may appear in
+ * several slices, never twice in one.
  *
  * Paths. A model is a plain string (mergekit's nested {model: {path: ...}}
  * forms are rejected with a clear error), relative to the recipe's folder
@@ -142,8 +182,10 @@ typedef struct ms_recipe_model {
     char *path;         /* resolved (recipe folder joined); the base directory or file */
     char *adapter_path; /* resolved PEFT adapter directory; NULL unless "DIR+ADAPTER" */
     unsigned index;     /* position in the recipe's models list, 0-based: "models[index]" */
-    bool has_layer_range; /* passthrough slices: this source's layer_range [layer_begin, layer_end) */
+    bool has_layer_range; /* slices: this source's layer_range [layer_begin, layer_end) */
     unsigned layer_begin, layer_end;
+    unsigned slice;     /* slices: the slice it is a source of (index into ms_recipe.slices) */
+    char label[64];     /* for messages: "models[i]" or "slices[s].sources[j]" */
     unsigned line;      /* of the entry */
     ms_recipe_param params[MS_PARAM_COUNT]; /* per-model parameters (MS_PARAM_SCOPE_MODEL only) */
     char *hessian_path;   /* Hessian methods: `hessian: DIR` resolved (the output of `mergestream
@@ -151,6 +193,21 @@ typedef struct ms_recipe_model {
                              see pipeline/merge_passes_hessian.h) */
     unsigned hessian_line; /* of the hessian key */
 } ms_recipe_model;
+
+/* One output slice: its merged sources are models[first_model ..
+ * first_model + n_models), all spanning n_layers layers; the base (when the
+ * method uses one) is the source at base_begin of the base_model. */
+typedef struct ms_recipe_slice {
+    unsigned index;       /* slices[index] */
+    unsigned line;        /* of the entry */
+    unsigned first_model; /* into ms_recipe.models */
+    unsigned n_models;    /* merged sources (the base excluded), >= 1 */
+    unsigned n_layers;    /* every source's layer_range length, >= 1 */
+    bool has_base;        /* the base_model is a source of this slice and the method uses it */
+    unsigned base_begin;  /* its layer_range's first layer */
+    unsigned base_end;
+    unsigned base_line;   /* of that source */
+} ms_recipe_slice;
 
 typedef struct ms_recipe {
     char *source_path;      /* the recipe file, as given to ms_recipe_load */
@@ -163,7 +220,9 @@ typedef struct ms_recipe {
     char *base_adapter_path; /* NULL unless base_model is "DIR+ADAPTER" */
     unsigned base_line;
     bool base_listed;       /* task-vector methods: the base appeared in models (and was dropped) */
-    bool has_slices;        /* passthrough with `slices`: models[i] is slice i's (single) source */
+    bool has_slices;        /* `slices` given: models[] are the slices' merged sources, slice by slice */
+    struct ms_recipe_slice *slices; /* owned; n_slices entries when has_slices */
+    unsigned n_slices;
     ms_recipe_model *models; /* the merged models: parameter slots 1..n_models, recipe order */
     unsigned n_models;      /* 1..MS_MAX_MODELS */
     st_dtype dtype, out_dtype; /* ST_BF16, ST_F16 or ST_F32 */
@@ -214,6 +273,18 @@ double ms_recipe_tensor_t(const char *tensor_name, unsigned num_hidden_layers);
  * Thread-safe (reads r only); tensor_name must not be NULL. */
 int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                             unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err);
+
+/* Like ms_recipe_tensor_params for output tensor out_name of slice `slice`
+ * (r->has_slices, not passthrough): n_models is the slice's merged source
+ * count and weight[j] etc. are those of its j-th merged source (models
+ * [first_model + j - 1]); per-source parameters match their filters against
+ * src_names[j - 1] (the tensor's name in that source; NULL entries or a NULL
+ * array mean out_name), global ones against out_name; gradients are read at
+ * t (the caller's slice position, in [0, 1]). Returns 0, or -1 with err set
+ * as ms_recipe_tensor_params does. Thread-safe (reads r only). */
+int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char *out_name,
+                                  const char *const *src_names, double t, ms_tensor_params *out,
+                                  ms_error *err);
 
 /* One per-model parameter of models[model] (0-based) for a tensor, resolved
  * like ms_recipe_tensor_params does (model level, then top level, then the

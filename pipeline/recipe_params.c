@@ -149,7 +149,7 @@ static int recipe_check_range(const ms_recipe *r, const ms_recipe_model *m, ms_p
         return 0;
     char who[600] = "";
     if (m)
-        snprintf(who, sizeof who, " for models[%u] ('%s')", m->index, m->name);
+        snprintf(who, sizeof who, " for %s ('%s')", m->label, m->name);
     return recipe_fail(r, recipe_source_line(r, m, src), err,
                        "%s is %g%s on tensor '%s': it must be in %s", pi->name, v, who,
                        tensor_name, pi->range ? pi->range : "range");
@@ -170,8 +170,8 @@ static int recipe_check_della(const ms_recipe *r, const ms_recipe_model *m, doub
         snprintf(on, sizeof on, " on tensor '%s'", tensor_name);
     return recipe_fail(r, line, err,
                        "%s needs density - epsilon > 0 and density + epsilon < 1, but "
-                       "models[%u] ('%s') has density %g%s and epsilon %g%s%s, giving [%g, %g]%s",
-                       ms_method_name(r->method), m->index, m->name, d,
+                       "%s ('%s') has density %g%s and epsilon %g%s%s, giving [%g, %g]%s",
+                       ms_method_name(r->method), m->label, m->name, d,
                        dsrc.line ? "" : " (default)", eps, esrc.line ? "" : " (default)", on,
                        lo, hi, dsrc.line ? "" : "; set a density below 1 - epsilon");
 }
@@ -275,21 +275,24 @@ static int recipe_interp_params(const ms_recipe *r, const char *tensor_name, dou
     return 0;
 }
 
-int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
-                            unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err)
+/* The body of ms_recipe_tensor_params and ms_recipe_slice_tensor_params:
+ * the merged models are models[0..n_models); per-model parameters match
+ * against src_names[i] (NULL: tensor_name). */
+static int recipe_fill_params(const ms_recipe *r, const ms_recipe_model *models, unsigned n_models,
+                              const char *tensor_name, const char *const *src_names, double t,
+                              ms_tensor_params *out, ms_error *err)
 {
     memset(out, 0, sizeof *out);
     const ms_method_info *mi = ms_method_info_get(r->method);
     MS_ASSERT(mi);
-    MS_ASSERT(r->n_models >= 1 && r->n_models <= MS_MAX_MODELS);
+    MS_ASSERT(n_models >= 1 && n_models <= MS_MAX_MODELS);
     MS_ASSERT(tensor_name);
 
-    double t = ms_recipe_tensor_t(tensor_name, num_hidden_layers);
     out->method = r->method;
     out->sparsify = mi->sparsify;
     out->consensus = mi->consensus;
     out->has_base = mi->needs_base || (mi->optional_base && r->base_path);
-    out->n_models = r->n_models;
+    out->n_models = n_models;
 
     double v = 0;
     recipe_source src;
@@ -314,19 +317,20 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
         out->lambda = (float)v;
     }
 
-    for (unsigned i = 0; i < r->n_models; i++) {
-        const ms_recipe_model *m = &r->models[i];
+    for (unsigned i = 0; i < n_models; i++) {
+        const ms_recipe_model *m = &models[i];
         unsigned slot = i + 1;
+        const char *mname = src_names && src_names[i] ? src_names[i] : tensor_name; /* per-model filters */
 
         if (!ms_method_takes(r->method, MS_PARAM_WEIGHT)) {
             out->weight[slot] = 1.0f; /* unused by the method */
-        } else if (!recipe_resolve(r, m, MS_PARAM_WEIGHT, tensor_name, t, &v, &src)) {
+        } else if (!recipe_resolve(r, m, MS_PARAM_WEIGHT, mname, t, &v, &src)) {
             return recipe_fail(r, m->line, err,
-                               "no weight for models[%u] ('%s') on tensor '%s': its filters "
+                               "no weight for %s ('%s') on tensor '%s': its filters "
                                "match nothing and there is no fallback entry or top-level weight",
-                               m->index, m->name, tensor_name);
+                               m->label, m->name, mname);
         } else {
-            if (recipe_check_range(r, m, MS_PARAM_WEIGHT, tensor_name, v, src, err) < 0)
+            if (recipe_check_range(r, m, MS_PARAM_WEIGHT, mname, v, src, err) < 0)
                 return -1;
             out->weight[slot] = (float)v;
         }
@@ -334,25 +338,25 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
         out->density[slot] = 1.0;
         recipe_source dsrc = {0, false};
         if (ms_method_takes(r->method, MS_PARAM_DENSITY) &&
-            recipe_resolve_checked(r, m, MS_PARAM_DENSITY, tensor_name, t, &out->density[slot],
+            recipe_resolve_checked(r, m, MS_PARAM_DENSITY, mname, t, &out->density[slot],
                                    &dsrc, err) < 0)
             return -1;
 
         out->gamma[slot] = 0.0;
         if (ms_method_takes(r->method, MS_PARAM_GAMMA) &&
-            recipe_resolve_checked(r, m, MS_PARAM_GAMMA, tensor_name, t, &out->gamma[slot], &src,
+            recipe_resolve_checked(r, m, MS_PARAM_GAMMA, mname, t, &out->gamma[slot], &src,
                                    err) < 0)
             return -1;
 
         out->epsilon[slot] = 0.0;
         if (ms_method_takes(r->method, MS_PARAM_EPSILON)) {
             recipe_source esrc;
-            if (recipe_resolve_checked(r, m, MS_PARAM_EPSILON, tensor_name, t,
+            if (recipe_resolve_checked(r, m, MS_PARAM_EPSILON, mname, t,
                                        &out->epsilon[slot], &esrc, err) < 0)
                 return -1;
             if (mi->sparsify == MS_SPARSIFY_DELLA_MAGPRUNE &&
                 recipe_check_della(r, m, out->density[slot], dsrc, out->epsilon[slot], esrc,
-                                   tensor_name, err) < 0)
+                                   mname, err) < 0)
                 return -1;
         }
     }
@@ -362,12 +366,31 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
         for (unsigned i = 1; i <= out->n_models; i++)
             wsum += (double)out->weight[i];
         if (fabs(wsum) < 1e-8)
-            return recipe_fail(r, r->models[0].line, err,
+            return recipe_fail(r, models[0].line, err,
                                "the weights of merge_method 'multislerp' sum to %g on tensor '%s'; with "
                                "normalize_weights they must not sum to 0",
                                wsum, tensor_name);
     }
     return 0;
+}
+
+int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
+                            unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err)
+{
+    MS_ASSERT(tensor_name);
+    return recipe_fill_params(r, r->models, r->n_models, tensor_name, NULL,
+                              ms_recipe_tensor_t(tensor_name, num_hidden_layers), out, err);
+}
+
+int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char *out_name,
+                                  const char *const *src_names, double t, ms_tensor_params *out,
+                                  ms_error *err)
+{
+    MS_ASSERT(r->has_slices && slice < r->n_slices && out_name && t >= 0.0 && t <= 1.0);
+    const ms_recipe_slice *sl = &r->slices[slice];
+    MS_ASSERT(sl->first_model + sl->n_models <= r->n_models);
+    return recipe_fill_params(r, r->models + sl->first_model, sl->n_models, out_name, src_names, t, out,
+                              err);
 }
 
 int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,

@@ -71,5 +71,5 @@ expect_fail 2 "empty.yml:5: .*layer_range must be" "$MS_BIN" merge "$WORK/empty.
 printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./models/ft\n        layer_range: [0, 1]\n      - model: ./models/base\n        layer_range: [0, 1]\n' > "$WORK/two.yml"
 expect_fail 2 "two.yml:4: .*several sources" "$MS_BIN" merge "$WORK/two.yml" -o "$WORK/o3"
 printf 'merge_method: ties\nbase_model: ./models/base\nslices:\n  - sources:\n      - model: ./models/ft\n        layer_range: [0, 1]\n' > "$WORK/ties.yml"
-expect_fail 2 "ties.yml:3: slices are supported with merge_method passthrough only" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o4"
+expect_fail 2 "ties.yml:4: slices\[0\] does not list the base_model" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o4"
 echo "merge_passthrough: ok"

@@ -665,6 +665,232 @@ static void test_model_over_global(void **state)
     ms_recipe_free(r);
 }
 
+/* ---------------------------------------------------------------- slices */
+
+static ms_tensor_params slice_params_ok_at(const ms_recipe *r, unsigned slice, const char *out_name,
+                                           const char *const *src, double t, int src_line)
+{
+    ms_tensor_params tp;
+    memset(&tp, 0xA5, sizeof tp);
+    ms_error err = {0};
+    if (ms_recipe_slice_tensor_params(r, slice, out_name, src, t, &tp, &err) != 0)
+        fail_msg("test line %d: tensor '%s': %s", src_line, out_name, err.msg);
+    return tp;
+}
+#define slice_params_ok(r, s, name, src, t) slice_params_ok_at(r, s, name, src, t, __LINE__)
+
+/* Several sources per slice: the base source leaves the merged list, the
+ * others are the slice's slots in order, with their own parameters;
+ * per-source filters match the source's tensor name, global ones the
+ * output's; gradients are read at the caller's t. */
+static void test_slices_merge(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: ties")
+        Y("base_model: models/base")
+        Y("slices:")
+        Y("  - sources:")
+        Y("      - model: models/ft1")
+        Y("        layer_range: [2, 4]")
+        Y("        parameters:")
+        Y("          weight:")
+        Y("            - filter: layers.2.")
+        Y("              value: 0.25")
+        Y("            - value: [0.0, 1.0]")
+        Y("      - model: models/base")
+        Y("        layer_range: [0, 2]")
+        Y("      - model: models/ft2")
+        Y("        layer_range: [1, 3]")
+        Y("        parameters: {weight: 0.7, density: 0.4}")
+        Y("  - sources:")
+        Y("      - model: models/base")
+        Y("        layer_range: [3, 4]")
+        Y("      - model: models/ft1")
+        Y("        layer_range: [0, 1]")
+        Y("        parameters: {weight: 2}")
+        Y("parameters:")
+        Y("  density: 0.5")
+        Y("  lambda:")
+        Y("    - filter: layers.0.")
+        Y("      value: 3")
+        Y("    - value: 1"));
+    assert_true(r->has_slices && r->base_listed);
+    assert_int_equal(r->n_slices, 2);
+    assert_int_equal(r->n_models, 3);
+    const ms_recipe_slice *s0 = &r->slices[0], *s1 = &r->slices[1];
+    assert_true(s0->has_base && s0->base_begin == 0 && s0->base_end == 2 && s0->base_line == 12);
+    assert_true(s0->first_model == 0 && s0->n_models == 2 && s0->n_layers == 2 && s0->line == 4);
+    assert_true(s1->has_base && s1->base_begin == 3 && s1->first_model == 2 && s1->n_models == 1 &&
+                s1->n_layers == 1 && s1->line == 17);
+    assert_string_equal(r->models[0].label, "slices[0].sources[0]");
+    assert_string_equal(r->models[1].label, "slices[0].sources[2]");
+    assert_string_equal(r->models[2].label, "slices[1].sources[1]");
+    assert_string_equal(r->models[1].name, "models/ft2");
+    assert_true(r->models[1].layer_begin == 1 && r->models[1].layer_end == 3 && r->models[2].slice == 1);
+
+    /* output layer 0 of slice 0: ft1's layer 2 (its filter), ft2's layer 1 */
+    const char *src0[] = {"model.layers.2.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"};
+    ms_tensor_params tp = slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", src0, 0.0);
+    assert_int_equal(tp.n_models, 2);
+    assert_true(tp.has_base);
+    assert_true(tp.weight[1] == 0.25f && tp.weight[2] == 0.7f);
+    assert_true(tp.density[1] == 0.5 && tp.density[2] == 0.4);
+    assert_true(tp.lambda == 3.0f); /* global: the output's name */
+    assert_rest_zero(&tp);
+    /* output layer 1: ft1's layer 3 misses the filter: the gradient at t, against fp64 */
+    for (int trial = 0; trial < 20; trial++) {
+        double t = rnd_unit();
+        const char *src1[] = {"model.layers.3.mlp.up_proj.weight", NULL};
+        tp = slice_params_ok(r, 0, "model.layers.1.mlp.up_proj.weight", src1, t);
+        assert_true(tp.weight[1] == (float)((1.0 - t) * 0.0 + t * 1.0));
+        assert_true(tp.weight[2] == 0.7f && tp.lambda == 1.0f);
+    }
+    /* the per-source filter is not matched against the output name */
+    const char *src2[] = {"model.layers.3.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight"};
+    tp = slice_params_ok(r, 0, "model.layers.2.self_attn.q_proj.weight", src2, 1.0);
+    assert_true(tp.weight[1] == 1.0f);
+    tp = slice_params_ok(r, 1, "model.norm.weight", NULL, 1.0);
+    assert_int_equal(tp.n_models, 1);
+    assert_true(tp.weight[1] == 2.0f && tp.density[1] == 0.5);
+    ms_recipe_free(r);
+
+    /* linear: every source is merged, a base_model takes no part */
+    r = load_ok(Y("merge_method: linear")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1], parameters: {weight: 0.3}}")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 0.7}}"));
+    assert_int_equal(r->slices[0].n_models, 2);
+    assert_false(r->slices[0].has_base);
+    tp = slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 1.0);
+    assert_true(tp.weight[1] == 0.3f && tp.weight[2] == 0.7f && !tp.has_base);
+    ms_recipe_free(r);
+
+    /* slerp: the base plus exactly one source per slice; the same model in several slices */
+    r = load_ok(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [1, 2]}")
+                Y("      - {model: models/ft1, layer_range: [1, 2]}")
+                Y("parameters: {t: [0.2, 0.6]}"));
+    assert_int_equal(r->n_models, 2);
+    tp = slice_params_ok(r, 1, "model.layers.1.mlp.up_proj.weight", NULL, 0.5);
+    assert_true(fabs(tp.t - 0.4) < 1e-15 && tp.n_models == 1 && tp.has_base);
+    ms_recipe_free(r);
+}
+
+static void test_slices_errors(void **state)
+{
+    /* sources of different lengths: the source's line */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 2]}")
+                Y("      - {model: models/ft1, layer_range: [0, 3], parameters: {weight: 1}}"),
+                6, "slices[0].sources[1].layer_range [0, 3) spans 3 layers", "same number of layers");
+    /* the base missing from a slice: the slice's line, naming base_model */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 1}}"),
+                7, "slices[1] does not list the base_model 'models/base'", "ties");
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("parameters: {t: 0.5}")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("      - {model: models/ft2, layer_range: [0, 1]}"),
+                5, "slices[0] does not list the base_model", "slerp");
+    /* too many sources for slerp */
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("parameters: {t: 0.5}")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("      - {model: models/ft2, layer_range: [0, 1]}"),
+                5, "merges exactly 1 model besides the base_model in each slice", "slices[0] lists 2");
+    /* the base with parameters, twice, a model twice in one slice */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}"),
+                5, "slices[0].sources[0]", "takes no parameters");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/base, layer_range: [1, 2]}"),
+                6, "the base", "listed twice in slices[0]");
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 1}}"),
+                5, "listed twice in slices[0]", "sources[0] and slices[0].sources[1]");
+    /* a missing weight names the source */
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/ft2, layer_range: [1, 2]}"),
+                5, "slices[0].sources[1] ('models/ft2') has no weight", NULL);
+    /* keys */
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - model: models/ft1")
+                Y("        layer_range: [0, 1]")
+                Y("        weight: 1"),
+                6, "unknown key 'weight' in slices[0].sources[0]", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters: {weight: 1}"),
+                5, "unknown key 'parameters' in slices[0]", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/ft2, layer_range: [2, 1], parameters: {weight: 1}}"),
+                5, "slices[0].sources[1].layer_range must be", NULL);
+    expect_fail(Y("merge_method: passthrough")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("      - {model: models/ft2, layer_range: [0, 1]}"),
+                4, "several sources", "passthrough");
+    expect_fail(Y("merge_method: regmean")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}"),
+                3, "slices are not supported with merge_method 'regmean'", NULL);
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("models:")
+                Y("  - model: models/ft1"),
+                2, "either slices or models", NULL);
+}
+
 /* ------------------------------------------------------------- the base */
 
 static void test_base_in_models(void **state)
@@ -819,7 +1045,7 @@ static void test_error_unknown_keys(void **state)
                 2, "'tokenizer'", "not supported");
     expect_fail(Y("merge_method: linear")
                 Y("slices: []"),
-                2, "slices", "passthrough only");
+                2, "slices", "empty");
     expect_fail(Y("merge_method: passthrough")
                 Y("slices: []"),
                 2, "slices", "empty");
@@ -1749,6 +1975,8 @@ int main(void)
         cmocka_unit_test(test_examples_load),
         cmocka_unit_test(test_interp_methods),
         cmocka_unit_test(test_interp_errors),
+        cmocka_unit_test(test_slices_merge),
+        cmocka_unit_test(test_slices_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
