@@ -47,6 +47,16 @@ for m in ties dare_ties dare_linear task_arithmetic breadcrumbs breadcrumbs_ties
   echo "$m: GPU bytes == CPU bytes"
 done
 
+# LoRA inputs: materialised on the CPU, merged on the GPU, same bytes
+"$MS_GEN" lora "$M/base" "$M/a1" --seed 4 --rank 8 --targets all-linear
+"$MS_GEN" lora "$M/base" "$M/a2" --seed 5 --rank 4 --targets q_proj,v_proj --dora
+printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/base+./models/a1\n    parameters: {weight: 0.5, density: 0.2}\n  - model: ./models/base+./models/a2\n    parameters: {weight: 0.5, density: 0.2}\n' > "$WORK/lora.yml"
+"$MS_BIN" merge "$WORK/lora.yml" -o "$WORK/cpu_lora" --device cpu --quiet
+"$MS_BIN" merge "$WORK/lora.yml" -o "$WORK/gpu_lora" --device cuda --json --quiet > "$WORK/gpu.json"
+grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "lora: nothing ran on the GPU"
+same_bytes "$WORK/cpu_lora" "$WORK/gpu_lora"
+echo "lora: GPU bytes == CPU bytes"
+
 # a GPU memory cap small enough that the big tensors stay on the CPU
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/capped" --device cuda --gpu-memory-limit 2M --json --quiet > "$WORK/capped.json"
 grep -qE '"tensors_cpu":[[:space:]]*[1-9]' "$WORK/capped.json" || fail "--gpu-memory-limit 2M kept everything on the GPU"
