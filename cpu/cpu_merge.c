@@ -27,6 +27,8 @@
 #define CPU_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* element windows: 2^24 */
 #define CPU_DELLA_WINDOW_ELEMS (1ull << 22)  /* della L1 windows (whole rows): mask bytes */
 #define CPU_ALIGN 64u
+#define HIST_SUBS 4u                         /* HIST_HI sub-histograms per worker */
+#define HIST_WORDS (2u * MS_MERGE_LO_BINS)   /* uint32 counters per worker: max(HI, LO) use */
 
 /* Window sizes; only cpu_merge_set_windows_for_tests changes them (before any
  * pass runs, from the one test thread). */
@@ -65,7 +67,7 @@ typedef struct cpu_scratch {
     uint32_t *key;  /* [span] */
     uint32_t *rnd;  /* [span] philox words */
     uint8_t *keep;  /* [span] */
-    uint64_t *hist; /* [2 * MS_MERGE_LO_BINS] (histogram passes) */
+    uint32_t *hist; /* [HIST_WORDS] (histogram passes) */
     uint64_t *sort_a, *sort_b, *thr; /* [cols] (della) */
 } cpu_scratch;
 
@@ -122,7 +124,7 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
          layout_add(&w, span, sizeof(uint32_t)) && layout_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
          layout_add(&w, span, 1); /* keep */
     if (hist)
-        ok = ok && layout_add(&w, 2 * MS_MERGE_LO_BINS, sizeof(uint64_t));
+        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t));
     for (int k = 0; k < 3 && della; k++) /* sort_a, sort_b, thr */
         ok = ok && layout_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
     if (!ok)
@@ -226,7 +228,7 @@ static int ctx_alloc(cpu_ctx *x)
         s->hist = NULL;
         s->sort_a = s->sort_b = s->thr = NULL;
         if (lay->hist)
-            CARVE(s->hist, uint64_t, 2 * MS_MERGE_LO_BINS);
+            CARVE(s->hist, uint32_t, HIST_WORDS);
         if (lay->della) {
             uint64_t cols = lay->cols ? lay->cols : 1;
             CARVE(s->sort_a, uint64_t, cols);
@@ -256,83 +258,172 @@ static int ctx_alloc(cpu_ctx *x)
 
 /* ========================================================= load / store */
 
+/* The tile kernels are cloned for AVX-512 / AVX2 (they are the hot loops and
+ * gcc vectorises them); without contraction every clone performs the same
+ * IEEE operations in the same order, so all write the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CPU_CLONES
+#endif
+#define CPU_INLINE static inline __attribute__((always_inline))
+
+/* Element j of raw little-endian src of dtype dt (a constant where inlined)
+ * widened to fp32. BF16 is widened by a shift alone: a signalling NaN stays
+ * signalling here, which cannot show in a result: every widened value only
+ * enters arithmetic (x - b, base + mixed, w * x), which quiets it, and every
+ * NaN a kernel writes or ranks is canonical (ms_merge_delta, ms_merge_store_*). */
+CPU_INLINE float widen_at(const unsigned char *src, st_dtype dt, size_t j)
+{
+    if (dt == ST_F32) {
+        float f;
+        memcpy(&f, src + 4 * j, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, src + 2 * j, 2);
+    if (dt == ST_BF16)
+        return ms_f32_from_bits((uint32_t)h << 16);
+    return ms_f16_to_f32(h);
+}
+
+CPU_INLINE void widen_body(float *restrict dst, const unsigned char *restrict src, st_dtype dt, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        dst[j] = widen_at(src, dt, j);
+}
+
 /* dst[j] = element off + j of src (dtype dt) widened to fp32. */
-static void load_f32(float *dst, const void *src, st_dtype dt, uint64_t off, size_t n)
+CPU_CLONES static void load_f32(float *dst, const void *src, st_dtype dt, uint64_t off, size_t n)
 {
     switch (dt) {
     case ST_F32:
         memcpy(dst, (const unsigned char *)src + off * 4, n * sizeof(float));
         break;
+    case ST_BF16:
+        widen_body(dst, (const unsigned char *)src + off * 2, ST_BF16, n);
+        break;
+    case ST_F16:
+        widen_body(dst, (const unsigned char *)src + off * 2, ST_F16, n);
+        break;
+    default:
+        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
+    }
+}
+
+/* The magnitude key of the canonical delta of dv = x - b: ms_merge_key(ms_merge_canon(dv))
+ * in integer operations (a NaN's key is the canonical NaN's). */
+CPU_INLINE uint32_t delta_key(float dv)
+{
+    uint32_t k = ms_f32_bits(dv) & 0x7fffffffu;
+    return k > 0x7f800000u ? MS_F32_CANON_NAN : k;
+}
+
+/* One loop over n elements: dv = widened src[j] - base[j]; d[j] =
+ * ms_merge_delta (when want_d), key[j] = its magnitude key (when want_key). */
+CPU_INLINE void delta_keys_body(const float *restrict base, const unsigned char *restrict src, st_dtype dt, size_t n,
+                                float *restrict d, uint32_t *restrict key, bool want_d, bool want_key)
+{
+    for (size_t j = 0; j < n; j++) {
+        float dv = widen_at(src, dt, j) - base[j];
+        if (want_d)
+            d[j] = ms_merge_canon(dv);
+        if (want_key)
+            key[j] = delta_key(dv);
+    }
+}
+
+#define DELTA_KEYS_DT(dt)                                                                                  \
+    do {                                                                                                   \
+        if (d && key)                                                                                      \
+            delta_keys_body(base, s, dt, n, d, key, true, true);                                           \
+        else if (d)                                                                                        \
+            delta_keys_body(base, s, dt, n, d, key, true, false);                                          \
+        else                                                                                               \
+            delta_keys_body(base, s, dt, n, d, key, false, true);                                          \
+    } while (0)
+
+/* The deltas (d, may be NULL) and magnitude keys (key, may be NULL) of
+ * elements off.. of src (dtype dt) against the widened base tile. */
+CPU_CLONES static void delta_keys(const float *base, const void *src, st_dtype dt, uint64_t off, size_t n, float *d,
+                                  uint32_t *key)
+{
+    switch (dt) {
+    case ST_F32: {
+        const unsigned char *s = (const unsigned char *)src + off * 4;
+        DELTA_KEYS_DT(ST_F32);
+        break;
+    }
     case ST_BF16: {
         const unsigned char *s = (const unsigned char *)src + off * 2;
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, s + 2 * j, 2);
-            dst[j] = ms_bf16_to_f32(h);
-        }
+        DELTA_KEYS_DT(ST_BF16);
         break;
     }
     case ST_F16: {
         const unsigned char *s = (const unsigned char *)src + off * 2;
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, s + 2 * j, 2);
-            dst[j] = ms_f16_to_f32(h);
-        }
+        DELTA_KEYS_DT(ST_F16);
         break;
     }
     default:
         CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
     }
 }
+#undef DELTA_KEYS_DT
+
+/* Stores v rounded once to dt (NaN canonical) as element j of dst. */
+CPU_INLINE void store_at(unsigned char *dst, st_dtype dt, size_t j, float v)
+{
+    if (dt == ST_F32) {
+        uint32_t u = ms_merge_store_f32(v);
+        memcpy(dst + 4 * j, &u, 4);
+    } else {
+        uint16_t h = dt == ST_BF16 ? ms_merge_store_bf16(v) : ms_merge_store_f16(v);
+        memcpy(dst + 2 * j, &h, 2);
+    }
+}
+
+CPU_INLINE void store_body(unsigned char *restrict dst, st_dtype dt, const float *restrict src, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        store_at(dst, dt, j, src[j]);
+}
 
 /* Rounds src[0..n) once to dt (NaN canonical) into element off.. of dst. */
-static void store_out(void *dst, st_dtype dt, uint64_t off, const float *src, size_t n)
+CPU_CLONES static void store_out(void *dst, st_dtype dt, uint64_t off, const float *src, size_t n)
 {
     switch (dt) {
-    case ST_F32: {
-        unsigned char *d = (unsigned char *)dst + off * 4;
-        for (size_t j = 0; j < n; j++) {
-            uint32_t u = ms_merge_store_f32(src[j]);
-            memcpy(d + 4 * j, &u, 4);
-        }
+    case ST_F32:
+        store_body((unsigned char *)dst + off * 4, ST_F32, src, n);
         break;
-    }
-    case ST_BF16: {
-        unsigned char *d = (unsigned char *)dst + off * 2;
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h = ms_merge_store_bf16(src[j]);
-            memcpy(d + 2 * j, &h, 2);
-        }
+    case ST_BF16:
+        store_body((unsigned char *)dst + off * 2, ST_BF16, src, n);
         break;
-    }
-    case ST_F16: {
-        unsigned char *d = (unsigned char *)dst + off * 2;
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h = ms_merge_store_f16(src[j]);
-            memcpy(d + 2 * j, &h, 2);
-        }
+    case ST_F16:
+        store_body((unsigned char *)dst + off * 2, ST_F16, src, n);
         break;
-    }
     default:
         CPU_ASSERT(!"output dtype is not F16, BF16 or F32");
     }
 }
 
-/* Loads the base and model i's delta for flat elements [e, e + n) into
- * s->base and d. */
+/* Loads model i's delta for flat elements [e, e + n) into d, against the
+ * widened base tile. */
 static void load_delta(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const float *base, float *d)
 {
-    uint64_t off = e - x->c->elem0;
-    load_f32(d, x->c->in[i], x->p->in_dtype[i], off, n);
-    for (size_t j = 0; j < n; j++)
-        d[j] = ms_merge_delta(d[j], base[j]);
+    delta_keys(base, x->c->in[i], x->p->in_dtype[i], e - x->c->elem0, n, d, NULL);
 }
 
 static void load_base(const cpu_ctx *x, uint64_t e, size_t n, float *base)
 {
     load_f32(base, x->c->in[0], x->p->in_dtype[0], e - x->c->elem0, n);
 }
+
+/* Model i's selection keys of elements [e, e + n) (tile_keys' keys) into
+ * key, and its deltas into d when d is not NULL, against the widened base
+ * tile; d_tmp: a tile for the deltas when d is NULL and the keys need them
+ * (Hessian saliency keys). */
+static void load_keys(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const float *base, float *d, float *d_tmp,
+                      uint32_t *key);
 
 /* ============================================================= keep */
 
@@ -383,15 +474,32 @@ static void tile_keys(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const 
         key[j] = ms_merge_key(d[j]);
 }
 
+static void load_keys(const cpu_ctx *x, unsigned i, uint64_t e, size_t n, const float *base, float *d, float *d_tmp,
+                      uint32_t *key)
+{
+    const void *src = x->c->in[i];
+    st_dtype dt = x->p->in_dtype[i];
+    uint64_t off = e - x->c->elem0;
+    if (x->st->hessian && x->st->hessian->u[i]) {
+        float *dd = d ? d : d_tmp;
+        delta_keys(base, src, dt, off, n, dd, NULL);
+        tile_keys(x, i, e, n, dd, key);
+    } else {
+        delta_keys(base, src, dt, off, n, d, key);
+    }
+}
+
 /* keep[j] for model i's elements [e, e + n) with deltas d (not DELLA).
  * pos[b]: eq_pos of the first element for split bounds; advanced past the
- * tile. */
-static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n, const float *d,
-                      uint64_t pos[2])
+ * tile. keys: the tile's keys from load_keys, or NULL (then computed here
+ * from d). */
+CPU_CLONES static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n, const float *d,
+                                 uint64_t pos[2], const uint32_t *keys)
 {
     const ms_merge_model *m = &x->st->model[i];
     uint8_t *keep = s->keep;
-    uint32_t *key = s->key;
+    const uint32_t *key = s->key;
+    bool magnitude_keys = keys && !(x->st->hessian && x->st->hessian->u[i]);
     switch (m->sel) {
     case MS_MERGE_SEL_ALL:
         memset(keep, 1, n);
@@ -414,7 +522,10 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
         const ms_merge_bound *b = &m->bound[0];
         uint32_t t = b->key;
         uint64_t take = b->take;
-        tile_keys(x, i, e, n, d, key);
+        if (keys)
+            key = keys;
+        else
+            tile_keys(x, i, e, n, d, s->key);
         uint64_t q = b->split ? pos[0] : 0;
         uint32_t eq = 0; /* n <= CPU_TILE */
         if (b->split)
@@ -438,8 +549,11 @@ static void tile_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, 
     case MS_MERGE_SEL_BAND: {
         CPU_ASSERT(n <= CPU_TILE);
         const ms_merge_bound *lo = &m->bound[0], *hi = &m->bound[1];
-        for (size_t j = 0; j < n; j++)
-            key[j] = ms_merge_key(d[j]);
+        if (magnitude_keys)
+            key = keys;
+        else
+            for (size_t j = 0; j < n; j++)
+                s->key[j] = ms_merge_key(d[j]);
         uint32_t t0 = lo->key, t1 = hi->key;
         uint64_t take0 = lo->take, take1 = hi->take;
         uint64_t q0 = lo->split ? pos[0] : 0, q1 = hi->split ? pos[1] : 0;
@@ -544,14 +658,14 @@ static void row_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t row,
         della_row_keep(x, s, i, row, d);
     } else {
         uint64_t pos[2] = {0, 0};
-        tile_keep(x, s, i, row * x->p->cols, (size_t)x->p->cols, d, pos);
+        tile_keep(x, s, i, row * x->p->cols, (size_t)x->p->cols, d, pos, NULL);
     }
 }
 
 /* ========================================================== combining */
 
 /* W_i = w_i * tau over n elements, in place (W_i holds the deltas). */
-static void tile_weigh(const cpu_ctx *x, const cpu_scratch *s, unsigned i, float *Wi, size_t n)
+CPU_CLONES static void tile_weigh(const cpu_ctx *x, const cpu_scratch *s, unsigned i, float *Wi, size_t n)
 {
     float w = x->p->weight[i], f = x->st->model[i].factor;
     const uint8_t *keep = s->keep;
@@ -559,20 +673,77 @@ static void tile_weigh(const cpu_ctx *x, const cpu_scratch *s, unsigned i, float
         Wi[j] = w * ms_merge_tau(Wi[j], keep[j], f);
 }
 
-/* s->out[j] from s->base and the W rows: ms_merge_combine, model-outer so the
- * element loops vectorise; the operations and their order are the same. */
-static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n)
+/* Step 5 and the store: element j of the output (dtype dt, dst at the
+ * tile's first element) = ms_merge_finish(base, mixed, divisor) rounded once;
+ * the divisor is the fixed div[j] with consensus, else plain_div. */
+CPU_INLINE void finish_body(unsigned char *restrict dst, st_dtype dt, const float *restrict base,
+                            const float *restrict mixed, const float *restrict div, float plain_div, bool consensus,
+                            bool normalize, float lambda, size_t n)
+{
+    bool scale = lambda != 1.0f;
+    for (size_t j = 0; j < n; j++) {
+        /* ms_merge_finish with selects instead of branches (the same values) */
+        float dv = consensus ? ms_merge_fix_consensus_divisor(div[j]) : plain_div;
+        float mv = mixed[j];
+        float q = mv / dv;
+        mv = normalize ? q : mv;
+        float l = mv * lambda;
+        mv = scale ? l : mv;
+        store_at(dst, dt, j, base[j] + mv);
+    }
+}
+
+/* ms_merge_majority(s) and ms_merge_match(w_tau, majority) in integer masks
+ * (gcc vectorises neither the branch nor the int-to-float conversion there):
+ * the same values, +-1.0f and 1.0f or +0.0f. */
+CPU_INLINE float majority_mask(float s)
+{
+    uint32_t up = 0u - (uint32_t)(s >= 0.0f);
+    return ms_f32_from_bits(0x3f800000u | (~up & 0x80000000u));
+}
+
+CPU_INLINE float match_up(float w_tau, uint32_t up) /* up: all ones iff the majority is +1 */
+{
+    uint32_t pos = 0u - (uint32_t)(w_tau > 0.0f), neg = 0u - (uint32_t)(w_tau < 0.0f);
+    return ms_f32_from_bits(((up & pos) | (~up & neg)) & 0x3f800000u);
+}
+
+CPU_INLINE float match_mask(float w_tau, float majority)
+{
+    return match_up(w_tau, 0u - (uint32_t)(majority > 0.0f));
+}
+
+/* Two models with consensus, every step in one loop (the operations and
+ * their order are ms_merge_combine's); mixed[j] and div[j] (unfixed). */
+CPU_INLINE void consensus2_body(const float *restrict W0, const float *restrict W1, float w0, float w1,
+                                float *restrict mixed, float *restrict div, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        uint32_t up = 0u - (uint32_t)(W0[j] + W1[j] >= 0.0f); /* ms_merge_majority(S) > 0 */
+        float m0 = match_up(W0[j], up), m1 = match_up(W1[j], up);
+        mixed[j] = m0 * W0[j] + m1 * W1[j];
+        div[j] = m0 * w0 + m1 * w1;
+    }
+}
+
+/* The merged values of the tile from s->base and the W rows
+ * (ms_merge_combine, model-outer so the element loops vectorise; the
+ * operations and their order are the same), rounded once to dt and stored
+ * at dst (the tile's first output element). */
+CPU_CLONES static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n, unsigned char *dst, st_dtype dt)
 {
     const ms_tensor_params *p = x->p;
     const float *w = &p->weight[1];
     unsigned nm = p->n_models;
     size_t span = s->span;
     const float *W = s->W, *base = s->base;
-    float *out = s->out, *mixed = s->t2;
+    float *mixed = s->t2, *div = s->t3;
     bool normalize = p->normalize;
     float lambda = p->lambda;
-    if (p->consensus) {
-        float *S = s->t0, *maj = s->t1, *div = s->t3;
+    if (p->consensus && nm == 2) {
+        consensus2_body(W, W + span, w[0], w[1], mixed, div, n);
+    } else if (p->consensus) {
+        float *S = s->t0, *maj = s->t1;
         for (size_t j = 0; j < n; j++)
             S[j] = W[j];
         for (unsigned i = 1; i < nm; i++) {
@@ -581,10 +752,10 @@ static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n)
                 S[j] = S[j] + Wi[j];
         }
         for (size_t j = 0; j < n; j++)
-            maj[j] = ms_merge_majority(S[j]);
+            maj[j] = majority_mask(S[j]);
         float w0 = w[0];
         for (size_t j = 0; j < n; j++) {
-            float m = ms_merge_match(W[j], maj[j]);
+            float m = match_mask(W[j], maj[j]);
             mixed[j] = m * W[j];
             div[j] = m * w0;
         }
@@ -592,13 +763,11 @@ static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n)
             const float *Wi = W + i * span;
             float wi = w[i];
             for (size_t j = 0; j < n; j++) {
-                float m = ms_merge_match(Wi[j], maj[j]);
+                float m = match_mask(Wi[j], maj[j]);
                 mixed[j] = mixed[j] + m * Wi[j];
                 div[j] = div[j] + m * wi;
             }
         }
-        for (size_t j = 0; j < n; j++)
-            out[j] = ms_merge_finish(base[j], mixed[j], ms_merge_fix_consensus_divisor(div[j]), normalize, lambda);
     } else {
         for (size_t j = 0; j < n; j++)
             mixed[j] = W[j];
@@ -607,10 +776,37 @@ static void tile_combine(const cpu_ctx *x, cpu_scratch *s, size_t n)
             for (size_t j = 0; j < n; j++)
                 mixed[j] = mixed[j] + Wi[j];
         }
-        float div = x->plain_div;
-        for (size_t j = 0; j < n; j++)
-            out[j] = ms_merge_finish(base[j], mixed[j], div, normalize, lambda);
     }
+    bool cons = p->consensus;
+    float pd = x->plain_div;
+    switch (dt) {
+    case ST_F32:
+        if (cons)
+            finish_body(dst, ST_F32, base, mixed, div, pd, true, normalize, lambda, n);
+        else
+            finish_body(dst, ST_F32, base, mixed, div, pd, false, normalize, lambda, n);
+        break;
+    case ST_BF16:
+        if (cons)
+            finish_body(dst, ST_BF16, base, mixed, div, pd, true, normalize, lambda, n);
+        else
+            finish_body(dst, ST_BF16, base, mixed, div, pd, false, normalize, lambda, n);
+        break;
+    case ST_F16:
+        if (cons)
+            finish_body(dst, ST_F16, base, mixed, div, pd, true, normalize, lambda, n);
+        else
+            finish_body(dst, ST_F16, base, mixed, div, pd, false, normalize, lambda, n);
+        break;
+    default:
+        CPU_ASSERT(!"output dtype is not F16, BF16 or F32");
+    }
+}
+
+/* Byte address of output element `off` (chunk relative) of dtype dt. */
+static unsigned char *out_at(const cpu_ctx *x, uint64_t off)
+{
+    return (unsigned char *)x->c->out + off * (x->p->out_dtype == ST_F32 ? 4 : 2);
 }
 
 /* Linear: s->out[j] = ms_merge_linear over the W rows (holding X_i). */
@@ -674,6 +870,51 @@ static void part_rows(cpu_ctx *x, uint64_t r0, uint64_t r1)
 
 /* ============================================================== tasks */
 
+/* The worker histograms hold 32-bit counters: run_hist folds them into the
+ * state's 64-bit ones after every window (at most 2^24 elements, so no
+ * counter can wrap). HIST_HI spreads consecutive elements over HIST_SUBS
+ * sub-histograms, so that runs of equal bins do not wait on each other's
+ * increments. */
+_Static_assert(HIST_SUBS * MS_MERGE_HI_BINS <= HIST_WORDS, "HIST_HI sub-histograms fit the worker histogram");
+
+CPU_CLONES static void hist_hi_add(uint32_t *restrict h, const uint32_t *restrict key, size_t n)
+{
+    uint32_t *h0 = h, *h1 = h + MS_MERGE_HI_BINS, *h2 = h + 2 * MS_MERGE_HI_BINS, *h3 = h + 3 * MS_MERGE_HI_BINS;
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        h0[key[j] >> 16]++;
+        h1[key[j + 1] >> 16]++;
+        h2[key[j + 2] >> 16]++;
+        h3[key[j + 3] >> 16]++;
+    }
+    for (; j < n; j++)
+        h0[key[j] >> 16]++;
+}
+
+/* Few keys fall in the bin: the match flags are computed in one vector loop
+ * (into flag[0..n)), then only the 16-element groups holding a match are
+ * walked one by one. */
+CPU_CLONES static void hist_lo_add(uint32_t *restrict h, const uint32_t *restrict key, size_t n, uint32_t bin,
+                                   uint8_t *restrict flag)
+{
+    for (size_t j = 0; j < n; j++)
+        flag[j] = (key[j] >> 16) == bin;
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        uint64_t f0, f1;
+        memcpy(&f0, flag + j, 8);
+        memcpy(&f1, flag + j + 8, 8);
+        if (!(f0 | f1))
+            continue;
+        for (size_t k = j; k < j + 16; k++)
+            if (flag[k])
+                h[key[k] & 0xffffu]++;
+    }
+    for (; j < n; j++)
+        if (flag[j])
+            h[key[j] & 0xffffu]++;
+}
+
 /* HIST_HI: histogram of key >> 16 of x->model into the worker's hist. */
 static void task_hist_hi(void *vx, unsigned task, unsigned worker)
 {
@@ -681,14 +922,11 @@ static void task_hist_hi(void *vx, unsigned task, unsigned worker)
     cpu_scratch *s = &x->scratch[worker];
     uint64_t a, b;
     part_elem_range(x, task, &a, &b);
-    uint64_t *hist = s->hist;
     for (uint64_t e = a; e < b; e += CPU_TILE) {
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
-        load_delta(x, x->model, e, n, s->base, s->x);
-        tile_keys(x, x->model, e, n, s->x, s->key);
-        for (size_t j = 0; j < n; j++)
-            hist[s->key[j] >> 16]++;
+        load_keys(x, x->model, e, n, s->base, NULL, s->x, s->key);
+        hist_hi_add(s->hist, s->key, n);
     }
 }
 
@@ -703,18 +941,19 @@ static void task_hist_lo(void *vx, unsigned task, unsigned worker)
     for (uint64_t e = a; e < b; e += CPU_TILE) {
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
-        load_delta(x, x->model, e, n, s->base, s->x);
-        tile_keys(x, x->model, e, n, s->x, s->key);
-        for (unsigned bd = 0; bd < 2; bd++) {
-            if (!m->bound[bd].search)
-                continue;
-            uint32_t bin = m->bound[bd].bin;
-            uint64_t *hist = s->hist + (uint64_t)bd * MS_MERGE_LO_BINS;
-            for (size_t j = 0; j < n; j++)
-                if ((s->key[j] >> 16) == bin)
-                    hist[s->key[j] & 0xffffu]++;
-        }
+        load_keys(x, x->model, e, n, s->base, NULL, s->x, s->key);
+        for (unsigned bd = 0; bd < 2; bd++)
+            if (m->bound[bd].search)
+                hist_lo_add(s->hist + (size_t)bd * MS_MERGE_LO_BINS, s->key, n, m->bound[bd].bin, s->keep);
     }
+}
+
+CPU_CLONES static uint64_t count_eq(const uint32_t *key, size_t n, uint32_t t)
+{
+    uint32_t k = 0; /* n <= CPU_TILE */
+    for (size_t j = 0; j < n; j++)
+        k += key[j] == t;
+    return k;
 }
 
 /* Counts of key == t of every split bound in the task's range. */
@@ -735,19 +974,27 @@ static void task_count_eq(void *vx, unsigned task, unsigned worker)
             const ms_merge_model *m = &x->st->model[i];
             if (!m->bound[0].split && !m->bound[1].split)
                 continue;
-            load_delta(x, i, e, n, s->base, s->x);
+            load_keys(x, i, e, n, s->base, NULL, s->x, s->key);
             uint64_t *cnt = ctx_eq(x, task, i);
-            tile_keys(x, i, e, n, s->x, s->key);
-            for (unsigned bd = 0; bd < 2; bd++) {
-                if (!m->bound[bd].split)
-                    continue;
-                uint32_t t = m->bound[bd].key;
-                uint64_t k = 0;
-                for (size_t j = 0; j < n; j++)
-                    k += s->key[j] == t;
-                cnt[bd] += k;
-            }
+            for (unsigned bd = 0; bd < 2; bd++)
+                if (m->bound[bd].split)
+                    cnt[bd] += count_eq(s->key, n, m->bound[bd].key);
         }
+    }
+}
+
+/* Model i's keep flags of the tile into s->keep, its deltas into d
+ * (pos: as tile_keep's). */
+static void tile_delta_keep(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n, float *d,
+                            uint64_t pos[2])
+{
+    ms_merge_sel sel = x->st->model[i].sel;
+    if (sel == MS_MERGE_SEL_TOP || sel == MS_MERGE_SEL_BAND) {
+        load_keys(x, i, e, n, s->base, d, NULL, s->key);
+        tile_keep(x, s, i, e, n, d, pos, s->key);
+    } else {
+        load_delta(x, i, e, n, s->base, d);
+        tile_keep(x, s, i, e, n, d, pos, NULL);
     }
 }
 
@@ -782,12 +1029,13 @@ static void task_l1(void *vx, unsigned task, unsigned worker)
             for (unsigned i = 1; i <= p->n_models; i++) {
                 if (!x->l1_models[i])
                     continue;
-                load_delta(x, i, e, n, s->base, s->x);
                 const uint8_t *keep = s->keep;
-                if (x->l1_use_mask)
+                if (x->l1_use_mask) {
+                    load_delta(x, i, e, n, s->base, s->x);
                     keep = x->mask + (e - x->e0);
-                else
-                    tile_keep(x, s, i, e, n, s->x, pos[i]);
+                } else {
+                    tile_delta_keep(x, s, i, e, n, s->x, pos[i]);
+                }
                 double d_sum = sd[i], t_sum = stau[i];
                 for (size_t k = 0; k < n; k++) {
                     double ad = fabs((double)s->x[k]);
@@ -851,17 +1099,16 @@ static void task_apply(void *vx, unsigned task, unsigned worker)
             for (unsigned i = 1; i <= p->n_models; i++)
                 load_f32(s->W + (i - 1) * s->span, x->c->in[i], p->in_dtype[i], off, n);
             tile_linear(x, s, n);
+            store_out(x->c->out, p->out_dtype, off, s->out, n);
         } else {
             load_base(x, e, n, s->base);
             for (unsigned i = 1; i <= p->n_models; i++) {
                 float *Wi = s->W + (i - 1) * s->span;
-                load_delta(x, i, e, n, s->base, Wi);
-                tile_keep(x, s, i, e, n, Wi, pos[i]);
+                tile_delta_keep(x, s, i, e, n, Wi, pos[i]);
                 tile_weigh(x, s, i, Wi, n);
             }
-            tile_combine(x, s, n);
+            tile_combine(x, s, n, out_at(x, off), p->out_dtype);
         }
-        store_out(x->c->out, p->out_dtype, off, s->out, n);
     }
 }
 
@@ -882,8 +1129,7 @@ static void task_apply_rows(void *vx, unsigned task, unsigned worker)
             row_keep(x, s, i, r, Wi);
             tile_weigh(x, s, i, Wi, (size_t)cols);
         }
-        tile_combine(x, s, (size_t)cols);
-        store_out(x->c->out, p->out_dtype, e - x->c->elem0, s->out, (size_t)cols);
+        tile_combine(x, s, (size_t)cols, out_at(x, e - x->c->elem0), p->out_dtype);
     }
 }
 
@@ -928,15 +1174,17 @@ static void run_hist(cpu_ctx *x, cpu_pool *pool, bool hi)
         if (!m->bound[0].search && !m->bound[1].search)
             continue;
         x->model = i;
-        size_t words = hi ? MS_MERGE_HI_BINS : 2 * MS_MERGE_LO_BINS;
+        CPU_ASSERT(x->e1 - x->e0 <= UINT32_MAX); /* the 32-bit worker counters cannot wrap */
+        size_t words = hi ? HIST_SUBS * MS_MERGE_HI_BINS : 2 * MS_MERGE_LO_BINS;
         for (unsigned w = 0; w < x->lay.n_workers; w++)
-            memset(x->scratch[w].hist, 0, words * sizeof(uint64_t));
+            memset(x->scratch[w].hist, 0, words * sizeof(uint32_t));
         cpu_pool_run(pool, x->n_tasks, hi ? task_hist_hi : task_hist_lo, x);
         for (unsigned w = 0; w < x->lay.n_workers; w++) {
-            const uint64_t *h = x->scratch[w].hist;
+            const uint32_t *h = x->scratch[w].hist;
             if (hi) {
-                for (size_t k = 0; k < MS_MERGE_HI_BINS; k++)
-                    m->hist_hi[k] += h[k];
+                for (unsigned sub = 0; sub < HIST_SUBS; sub++)
+                    for (size_t k = 0; k < MS_MERGE_HI_BINS; k++)
+                        m->hist_hi[k] += h[sub * MS_MERGE_HI_BINS + k];
             } else {
                 for (unsigned bd = 0; bd < 2; bd++)
                     if (m->bound[bd].search)
