@@ -52,14 +52,15 @@ if [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "inputs: 3 x $(numfmt --to=iec $((in_bytes / 3))) bf16 ($method, density 0.2), max-memory $maxmem"
 for state in "${states[@]}"; do
-  if [ "$state" = cold ]; then drop; else cat "${inputs[@]}" > /dev/null; fi
+  if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
   c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
   rm -f "$dir/copy.out"
-  if [ "$state" = cold ]; then drop; else cat "${inputs[@]}" > /dev/null; fi
   rm -rf "$dir/out"
+  if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
   /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
     > "$dir/merge.json" 2> "$dir/time.txt"
-  wall=$(grep -o '"wall_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  # the whole process (planning, pool setup, the run, the final verify), not just the run
+  wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s}' "$dir/time.txt")
   cpu_s=$(awk -F': ' '/User time/ {u=$2} /System time/ {s=$2} END {print u + s}' "$dir/time.txt")
   rss=$(awk -F': ' '/Maximum resident/ {print $2}' "$dir/time.txt")
   rb=$(grep -o '"read_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)

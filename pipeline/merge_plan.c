@@ -10,9 +10,6 @@
 #include "cpu/lora_delta.h"
 #include "pipeline/merge_passes.h"
 
-/* The staging pool holds at least this many chunks at once, so reads,
- * compute and writes can overlap. */
-#define PLAN_CHUNKS_IN_POOL 4
 
 static bool same_shape(const st_tensor *a, const st_tensor *b)
 {
@@ -133,7 +130,7 @@ static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tenso
 }
 
 /* Cuts a job into row chunks that fit the pool: a chunk (its inputs and its
- * output) takes at most a quarter of the pool, so reading, computing and
+ * output) takes at most a third of the pool, so reading, computing and
  * writing can overlap. Kernel scratch and merge statistics live outside the
  * pool (ms_plan's extra_bytes). */
 static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
@@ -148,7 +145,7 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
                             "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
                             "; raise --max-memory",
                             per_row + slack, pool_bytes);
-    uint64_t budget = pool_bytes / PLAN_CHUNKS_IN_POOL;
+    uint64_t budget = pool_bytes / MS_PLAN_CHUNKS_IN_POOL;
     uint64_t fit = budget > slack ? (budget - slack) / (per_row ? per_row : 1) : 0;
     if (fit == 0)
         fit = 1;

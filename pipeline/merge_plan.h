@@ -79,6 +79,7 @@ typedef struct ms_plan {
 } ms_plan;
 
 #define MS_PLAN_MIN_POOL_BYTES (1ull << 20)
+#define MS_PLAN_CHUNKS_IN_POOL 3 /* a chunk takes at most 1/3 of the pool: one per stage */
 
 typedef struct ms_plan_options {
     uint64_t pool_bytes;     /* memory for the staging pool plus kernel scratch and statistics */

@@ -127,8 +127,9 @@ static int copy_if_present(const char *src_dir, const char *dir, const char *nam
                            ms_error *err)
 {
     char src[PATH_MAX], dst[PATH_MAX];
-    snprintf(src, sizeof src, "%s/%s", src_dir, name);
-    snprintf(dst, sizeof dst, "%s/%s", dir, name);
+    if (snprintf(src, sizeof src, "%s/%s", src_dir, name) >= (int)sizeof src ||
+        snprintf(dst, sizeof dst, "%s/%s", dir, name) >= (int)sizeof dst)
+        return ms_error_set(err, MS_EXIT_RUNTIME, dir, "path too long for %s", name);
     struct stat st;
     if (stat(src, &st) != 0 || !S_ISREG(st.st_mode))
         return 0;

@@ -67,9 +67,11 @@ int ms_pool_open(uint64_t capacity, ms_pool **out, ms_error *err)
         return ms_error_errno(err, MS_EXIT_RUNTIME, e, "staging pool", "cannot map %llu bytes",
                               (unsigned long long)cap);
     }
-    /* Huge pages: registering 4 KiB pages with io_uring (and pinning them)
-     * costs about a quarter of hot-cache read bandwidth (bench/bench_read). */
-    madvise(base, cap, MADV_HUGEPAGE);
+    /* No MADV_HUGEPAGE: huge pages would read about a quarter faster from a
+     * hot page cache (bench/bench_read), but registering the pool faults it
+     * all in at start, and with the page cache full the kernel compacts
+     * memory for every huge page: up to 1.5 s per GiB measured here
+     * (bench/RESULTS.md), more than a 1 GB merge takes. */
     p->base = base;
     p->capacity = cap;
     pthread_mutex_init(&p->lock, NULL);
