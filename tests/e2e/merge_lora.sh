@@ -9,7 +9,7 @@ M="$WORK/models"
 "$MS_GEN" lora "$M/base" "$M/a2" --seed 3 --rank 8 --alpha 8 --targets q_proj,k_proj,v_proj,o_proj --dora
 "$MS_GEN" finetune "$M/base" "$M/ft" --seed 4
 
-for mm in ties:36M dare_ties:30M; do
+for mm in ties:30M dare_ties:28M; do
   m=${mm%%:*} mem=${mm#*:}
   cat > "$WORK/$m.yml" <<EOR
 merge_method: $m
