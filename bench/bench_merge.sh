@@ -32,7 +32,26 @@ m="$dir/${preset:-$size}"
 [ -f "$m/base/config.json" ] || $gen base "$m/base" --preset "$gen_preset" --dtype bf16 --seed 1
 [ -f "$m/ft1/config.json" ] || $gen finetune "$m/base" "$m/ft1" --seed 2
 [ -f "$m/ft2/config.json" ] || $gen finetune "$m/base" "$m/ft2" --seed 3
-cat > "$m/recipe.yml" <<EOR
+case "$method" in
+  slerp) cat > "$m/recipe.yml" <<EOR
+merge_method: slerp
+base_model: ./base
+models:
+  - model: ./ft1
+parameters: {t: 0.5}
+dtype: bfloat16
+EOR
+  ;;
+  model_stock) cat > "$m/recipe.yml" <<EOR
+merge_method: model_stock
+base_model: ./base
+models:
+  - model: ./ft1
+  - model: ./ft2
+dtype: bfloat16
+EOR
+  ;;
+  *) cat > "$m/recipe.yml" <<EOR
 merge_method: $method
 base_model: ./base
 models:
@@ -42,7 +61,10 @@ models:
     parameters: {weight: 0.5, density: 0.2}
 dtype: bfloat16
 EOR
-inputs=("$m"/base/*.safetensors "$m"/ft1/*.safetensors "$m"/ft2/*.safetensors)
+  ;;
+esac
+inputs=("$m"/base/*.safetensors "$m"/ft1/*.safetensors)
+[ "$method" = slerp ] || inputs+=("$m"/ft2/*.safetensors)
 in_bytes=$(cat "${inputs[@]}" | wc -c)
 out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
 
@@ -50,7 +72,7 @@ drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
 states=(hot)
 if [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
-echo "inputs: 3 x $(numfmt --to=iec $((in_bytes / 3))) bf16 ($method, density 0.2), max-memory $maxmem"
+echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem"
 for state in "${states[@]}"; do
   if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
   c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
