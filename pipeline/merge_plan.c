@@ -226,6 +226,16 @@ static bool layer_name_split(const char *name, unsigned *layer, const char **res
     return true;
 }
 
+/* "model.layers.N.rest" into buf; -1 with err when it does not fit. */
+static int plan_layer_name(const ms_plan *plan, char *buf, size_t size, unsigned layer, const char *rest, ms_error *err)
+{
+    int n = snprintf(buf, size, "model.layers.%u.%s", layer, rest);
+    if (n < 0 || (size_t)n >= size)
+        return ms_error_set(err, MS_EXIT_DATA, plan->layout->path, "tensor name 'model.layers.%u.%s' is too long", layer,
+                            rest);
+    return 0;
+}
+
 static ms_job *plan_push_job(ms_plan *plan, size_t *cap, ms_error *err)
 {
     if (plan->n_jobs == *cap) {
@@ -366,8 +376,8 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
                     unsigned l;
                     if (!layer_name_split(m->tensors[u].info->name, &l, &rest) || l != src_layer)
                         continue;
-                    snprintf(name, sizeof name, "model.layers.%u.%s", out_layer, rest);
-                    if (plan_passthrough_job(plan, &cap, name, i, u, err) != 0)
+                    if (plan_layer_name(plan, name, sizeof name, out_layer, rest, err) != 0 ||
+                        plan_passthrough_job(plan, &cap, name, i, u, err) != 0)
                         return -1;
                 }
             }
@@ -376,15 +386,6 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
     return 0;
 }
 
-/* "model.layers.N.rest" into buf; -1 with err when it does not fit. */
-static int plan_layer_name(const ms_plan *plan, char *buf, size_t size, unsigned layer, const char *rest, ms_error *err)
-{
-    int n = snprintf(buf, size, "model.layers.%u.%s", layer, rest);
-    if (n < 0 || (size_t)n >= size)
-        return ms_error_set(err, MS_EXIT_DATA, plan->layout->path, "tensor name 'model.layers.%u.%s' is too long", layer,
-                            rest);
-    return 0;
-}
 
 /* One output tensor out_name of slice s merged by the recipe's method. ref
  * (in ref_file) is the reference source's tensor: shape, dtype, and the copy
