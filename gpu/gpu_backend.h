@@ -12,7 +12,13 @@
  * state only after the chunk's device work succeeded), so the caller can run
  * the same pass on the same chunk on the CPU. A sticky CUDA error (illegal
  * address, launch failure...) returns GPU_FATAL: the backend is unusable
- * afterwards (close it); the state is again untouched. */
+ * afterwards (close it); the state is again untouched.
+ *
+ * Threads: every function below may be called from several threads at once
+ * (open and close excepted). Up to GPU_LANES (2) passes are in flight at once
+ * on three streams (host-to-device copies, kernels, device-to-host copies),
+ * ordered by events, so one tensor's copies overlap another's kernels; each
+ * call waits for its own work only. */
 #ifndef MS_GPU_BACKEND_H
 #define MS_GPU_BACKEND_H
 
@@ -36,7 +42,8 @@ typedef struct gpu_backend gpu_backend;
  * enforced: the pool never holds more (a request that would exceed it, after
  * the cache is freed, fails like cudaErrorMemoryAllocation). Returns 0 and
  * *out, or -1 with a one-line reason in why (no device, driver too old...).
- * Creates the CUDA context and one stream; takes nothing from the pool. */
+ * Creates the CUDA context, three streams and the lanes' events; takes
+ * nothing from the pool. */
 int gpu_backend_open(int device, uint64_t memory_limit, gpu_backend **out, char *why, size_t why_len);
 void gpu_backend_close(gpu_backend *b); /* NULL is a no-op */
 
@@ -59,7 +66,9 @@ uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 
 /* Runs pass `pass` of st's plan over chunk c on the GPU (same contract as
  * cpu_merge_run_pass; p must be supported: gpu_merge_supports). Blocks
- * until the results are in host memory: one stream, synchronous per call. On
+ * until the results are in host memory (the calling thread sleeps; other
+ * threads' calls proceed meanwhile). Different threads must use different
+ * states. On
  * GPU_OOM / GPU_FATAL, msg receives one line ("needs X MiB, Y MiB free" /
  * the CUDA error). */
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
@@ -79,7 +88,11 @@ void gpu_host_unregister(void *p);
 const char *gpu_backend_device_name(const gpu_backend *b);
 
 /* Device bytes the pool holds now (blocks in use and cached). */
-uint64_t gpu_backend_pool_held(const gpu_backend *b);
+uint64_t gpu_backend_pool_held(gpu_backend *b);
+
+/* Calls in flight at once, 1..2 (default 2). 1 serialises every call: no
+ * overlap between tensors (for benchmarks and tests). */
+void gpu_backend_set_lanes(gpu_backend *b, unsigned lanes);
 
 /* Tests only (the sticky-error path on demand): the next gpu_merge_run_pass
  * launches a kernel that traps (__trap: cudaErrorLaunchFailure, sticky)

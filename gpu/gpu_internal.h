@@ -10,6 +10,7 @@
 #define _Noreturn [[noreturn]]
 #endif
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,28 +39,89 @@ extern "C" {
     abort();
 }
 
-/* The backend object. Used by one thread at a time (the compute stage); the
- * free estimate may be read by the scheduler on the same thread. */
+/* Calls in flight at once (gpu_merge_run_pass is thread-safe): while one
+ * call's kernels run, the next one's inputs go up and the previous one's
+ * outputs come down. */
+#define GPU_LANES 2
+
+/* One call in flight: the events that order its three stages across the
+ * backend's three streams, and the pinned host buffer its results (histograms,
+ * sums, counts) come back into. A call takes a free lane for its whole
+ * duration (gpu_lane_acquire .. gpu_lane_release). */
+typedef struct gpu_lane {
+    cudaEvent_t inputs_in;  /* recorded on copy_in after the call's host-to-device copies */
+    cudaEvent_t computed;   /* recorded on compute after the call's kernels */
+    cudaEvent_t results_out;/* recorded on copy_out after its device-to-host copies (blocking sync) */
+    void *host_tmp;         /* pinned (cudaMallocHost), grown on demand */
+    size_t host_tmp_len;
+    bool busy;
+} gpu_lane;
+
+/* The backend object. Thread-safe: any number of threads may call
+ * gpu_merge_run_pass at once; at most GPU_LANES calls are in flight, the rest
+ * wait for a lane. Every call enqueues its host-to-device copies on copy_in,
+ * its kernels on compute (after waiting for its inputs_in event) and its
+ * device-to-host copies on copy_out (after its computed event), then waits
+ * for its own results_out event only: no device-wide or stream-wide
+ * synchronisation in the steady state, so the copies of one call overlap the
+ * kernels of another. `lock` guards the pool, the lanes and `broken`. */
 struct gpu_backend {
     int device;
     uint64_t memory_limit; /* 0: none */
     uint64_t free_at_open; /* cudaMemGetInfo's free bytes when opened */
     uint64_t total;        /* device memory */
     uint64_t reserve;      /* kept free for the driver, cuBLAS, other users */
-    gpu_mempool pool;
-    cudaStream_t stream;   /* every copy and kernel of a call, in order */
+    pthread_mutex_t lock;
+    pthread_cond_t lane_freed;
+    gpu_mempool pool;      /* under lock */
+    cudaStream_t copy_in, compute, copy_out;
+    gpu_lane lane[GPU_LANES];
+    unsigned lanes;        /* lanes in use: 1..GPU_LANES (gpu_backend_set_lanes) */
     bool broken;           /* a sticky error happened: every call is GPU_FATAL */
     char broken_msg[256];
     bool fail_next;        /* tests: the next gpu_merge_run_pass hits an illegal address */
     char name[256];
-    void *host_tmp;        /* results copied back (histograms, L1 sums, counts) */
-    size_t host_tmp_len;
 };
+
+/* Takes a free lane (waits for one). Never fails. */
+gpu_lane *gpu_lane_acquire(gpu_backend *b);
+void gpu_lane_release(gpu_backend *b, gpu_lane *l);
+
+/* Grows l's pinned result buffer to at least `bytes`; false when the host is
+ * out of (pinned) memory. */
+bool gpu_lane_reserve(gpu_lane *l, size_t bytes);
+
+/* The pool under the backend's lock (gpu_mempool_alloc / _release / _trim). */
+cudaError_t gpu_backend_alloc(gpu_backend *b, uint64_t bytes, void **out, uint64_t *out_size);
+void gpu_backend_release(gpu_backend *b, void *ptr, uint64_t size);
+
+/* After a call enqueued everything up to its last kernel on b->compute:
+ * records l->computed, makes copy_out wait for it. The call then enqueues its
+ * device-to-host copies on copy_out and calls gpu_lane_wait. */
+cudaError_t gpu_lane_computed(gpu_backend *b, gpu_lane *l);
+
+/* Records l->results_out on copy_out and waits for it (the thread sleeps).
+ * Everything the call enqueued on any stream is done when it returns
+ * cudaSuccess, and its device buffers may be released. */
+cudaError_t gpu_lane_wait(gpu_backend *b, gpu_lane *l);
+
+/* After the call's host-to-device copies: records l->inputs_in on copy_in and
+ * makes compute wait for it. */
+cudaError_t gpu_lane_inputs_sent(gpu_backend *b, gpu_lane *l);
+
+/* A call that failed part-way (enqueue error, OOM inside the runtime): waits
+ * for all three streams, so nothing it enqueued still uses its buffers. Not
+ * the steady state. */
+void gpu_lane_abandon(gpu_backend *b, gpu_lane *l);
 
 /* Classifies a CUDA error that is not cudaSuccess: cudaErrorMemoryAllocation
  * is cleared (cudaGetLastError) and gives GPU_OOM; anything else marks the
  * backend broken and gives GPU_FATAL. msg receives "WHAT: CUDA's error
  * string" for GPU_FATAL (the caller writes the OOM message). */
 gpu_status gpu_backend_classify(gpu_backend *b, cudaError_t rc, const char *what, char *msg, size_t msg_len);
+
+/* True once a sticky error happened; msg then receives "GPU disabled by an
+ * earlier error: ...". */
+bool gpu_backend_is_broken(gpu_backend *b, char *msg, size_t msg_len);
 
 #endif

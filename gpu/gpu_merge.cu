@@ -2,11 +2,13 @@
  * semantics are pipeline/merge_passes.h's and every per-element operation is
  * pipeline/merge_math.h's, so the bytes equal cpu/cpu_merge.c's.
  *
- * One call = one pass over one chunk, synchronous, on the backend's one
- * stream: copy the inputs the pass needs to the device, run the kernels,
- * copy the output and the pass's results (histograms, L1 block sums, counts
- * of tied keys) back, wait; only then fold the results into the host state.
- * Nothing in the state changes when a call fails.
+ * One call = one pass over one chunk, on one lane (gpu_internal.h): copy the
+ * inputs the pass needs to the device (copy_in stream), run the kernels
+ * (compute stream), copy the output and the pass's results (histograms, L1
+ * block sums, counts of tied keys) back (copy_out stream), wait for this
+ * call's last event; only then fold the results into the host state.
+ * Nothing in the state changes when a call fails. Two threads' calls
+ * overlap: one's copies run while the other's kernels do.
  *
  * Device memory of a call: two pool requests, "data" (the inputs in their
  * dtypes, the output) and "work" (results first, so one copy brings them
@@ -710,16 +712,19 @@ static void gm_args_fill(gm_args *a, const ms_tensor_params *p, const ms_merge_s
             return gpu_backend_classify(b, rc_, what, msg, msg_len);                                       \
     } while (0)
 
-/* Enqueues the whole call on b->stream: copies in, kernels, copies out. */
-static gpu_status gm_enqueue(gpu_backend *b, const ms_tensor_params *p, const ms_merge_state *st, const gm_plan *pl,
-                             const gm_layout *L, ms_merge_pass_kind kind, const ms_chunk *c, unsigned char *data,
-                             unsigned char *work, char *msg, size_t msg_len)
+/* Enqueues the whole call: copies in on copy_in, kernels on compute, copies
+ * out on copy_out, ordered by lane l's events (gpu_internal.h). */
+static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, const ms_merge_state *st,
+                             const gm_plan *pl, const gm_layout *L, ms_merge_pass_kind kind, const ms_chunk *c,
+                             unsigned char *data, unsigned char *work, char *msg, size_t msg_len)
 {
-    cudaStream_t s = b->stream;
     for (unsigned i = 0; i <= p->n_models; i++)
         if (L->in_off[i] != GM_NONE)
-            GM_CHECK(cudaMemcpyAsync(data + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice, s),
+            GM_CHECK(cudaMemcpyAsync(data + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice,
+                                     b->copy_in),
                      "copying inputs to the GPU");
+    GM_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
+    cudaStream_t s = b->compute;
     if (b->fail_next) {
         b->fail_next = false;
         k_poison<<<1, 1, 0, s>>>();
@@ -807,24 +812,27 @@ static gpu_status gm_enqueue(gpu_backend *b, const ms_tensor_params *p, const ms
         } else {
             k_apply<<<grid, GM_THREADS, 0, s>>>(a);
             GM_CHECK(cudaSuccess, "merge kernel");
-            GM_CHECK(cudaMemcpyAsync(c->out, data + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, s),
-                     "copying the output from the GPU");
         }
         break;
     default:
         GPU_ASSERT(!"a pass kind of the interpolation methods");
     }
+    GM_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
+    if (kind == MS_MERGE_PASS_APPLY)
+        GM_CHECK(cudaMemcpyAsync(c->out, data + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, b->copy_out),
+                 "copying the output from the GPU");
     if (L->res_bytes)
-        GM_CHECK(cudaMemcpyAsync(b->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, s),
+        GM_CHECK(cudaMemcpyAsync(l->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, b->copy_out),
                  "copying results from the GPU");
+    GM_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
     return GPU_OK;
 }
 
-/* The call's results (in b->host_tmp) into the state. */
-static void gm_fold(const gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, const gm_layout *L,
+/* The call's results (in l->host_tmp) into the state. */
+static void gm_fold(const gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st, const gm_layout *L,
                     ms_merge_pass_kind kind, const ms_chunk *c)
 {
-    const unsigned char *res = (const unsigned char *)b->host_tmp;
+    const unsigned char *res = (const unsigned char *)l->host_tmp;
     for (unsigned i = 1; i <= p->n_models; i++) {
         ms_merge_model *m = &st->model[i];
         if (kind == MS_MERGE_PASS_HIST_HI && L->hist_off[i][0] != GM_NONE) {
@@ -865,6 +873,56 @@ static uint64_t gm_mib_up(uint64_t bytes)
     return bytes / (1u << 20) + (bytes % (1u << 20) != 0);
 }
 
+/* gpu_merge_run_pass's device part, on lane l: device memory, the enqueued
+ * call, the fold. */
+static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st,
+                                 const gm_plan *pl, const gm_layout *L, ms_merge_pass_kind kind, const ms_chunk *c,
+                                 char *msg, size_t msg_len)
+{
+    if (!gpu_lane_reserve(l, (size_t)L->res_bytes)) {
+        if (msg && msg_len)
+            snprintf(msg, msg_len, "needs %" PRIu64 " MiB of pinned host memory for GPU results: out of memory",
+                     gm_mib_up(L->res_bytes));
+        return GPU_OOM;
+    }
+    void *data = NULL, *work = NULL;
+    uint64_t data_size = 0, work_size = 0;
+    cudaError_t rc = gpu_backend_alloc(b, L->data_bytes, &data, &data_size);
+    if (rc == cudaSuccess)
+        rc = gpu_backend_alloc(b, L->work_bytes, &work, &work_size);
+    if (rc != cudaSuccess) {
+        gpu_backend_release(b, data, data_size);
+        if (rc != cudaErrorMemoryAllocation)
+            return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
+        gpu_backend_trim(b);
+        cudaGetLastError();
+        if (msg && msg_len) {
+            uint64_t need = gpu_mempool_class_size(L->data_bytes);
+            uint64_t w = gpu_mempool_class_size(L->work_bytes);
+            need = need > UINT64_MAX - w ? UINT64_MAX : need + w;
+            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", gm_mib_up(need),
+                     gpu_backend_free_estimate(b) >> 20);
+        }
+        return GPU_OOM;
+    }
+
+    gpu_status status =
+        gm_enqueue(b, l, p, st, pl, L, kind, c, (unsigned char *)data, (unsigned char *)work, msg, msg_len);
+    if (status != GPU_OK)
+        gpu_lane_abandon(b, l); /* nothing may still use the buffers */
+    else
+        gm_fold(l, p, st, L, kind, c);
+    gpu_backend_release(b, work, work_size);
+    gpu_backend_release(b, data, data_size);
+    if (status == GPU_OOM) { /* an allocation inside the runtime (rare): same contract */
+        gpu_backend_trim(b);
+        if (msg && msg_len)
+            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free",
+                     gm_mib_up(data_size + work_size), gpu_backend_free_estimate(b) >> 20);
+    }
+    return status;
+}
+
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len)
 {
@@ -877,11 +935,8 @@ gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merg
     GPU_ASSERT(gpu_merge_supports(p));
     if (msg && msg_len)
         msg[0] = '\0';
-    if (b->broken) {
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "GPU disabled by an earlier error: %s", b->broken_msg);
+    if (gpu_backend_is_broken(b, msg, msg_len))
         return GPU_FATAL;
-    }
     if (c->n_elems == 0)
         return GPU_OK;
     ms_merge_pass_kind kind = st->pass[pass];
@@ -902,59 +957,9 @@ gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merg
     cudaError_t rc = cudaSetDevice(b->device);
     if (rc != cudaSuccess)
         return gpu_backend_classify(b, rc, "cudaSetDevice", msg, msg_len);
-    if (L.res_bytes > b->host_tmp_len) {
-        void *grown = realloc(b->host_tmp, (size_t)L.res_bytes);
-        if (!grown) {
-            if (msg && msg_len)
-                snprintf(msg, msg_len, "needs %" PRIu64 " MiB of host memory for GPU results: out of memory",
-                         gm_mib_up(L.res_bytes));
-            return GPU_OOM;
-        }
-        b->host_tmp = grown;
-        b->host_tmp_len = (size_t)L.res_bytes;
-    }
-
-    void *data = NULL, *work = NULL;
-    uint64_t data_size = 0, work_size = 0;
-    gpu_status status = GPU_OK;
-    rc = gpu_mempool_alloc(&b->pool, L.data_bytes, &data, &data_size);
-    if (rc == cudaSuccess)
-        rc = gpu_mempool_alloc(&b->pool, L.work_bytes, &work, &work_size);
-    if (rc != cudaSuccess) {
-        gpu_mempool_release(&b->pool, data, data_size);
-        if (rc != cudaErrorMemoryAllocation)
-            return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
-        gpu_mempool_trim(&b->pool);
-        cudaGetLastError();
-        if (msg && msg_len) {
-            uint64_t need = gpu_mempool_class_size(L.data_bytes);
-            uint64_t w = gpu_mempool_class_size(L.work_bytes);
-            need = need > UINT64_MAX - w ? UINT64_MAX : need + w;
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", gm_mib_up(need),
-                     gpu_backend_free_estimate(b) >> 20);
-        }
-        return GPU_OOM;
-    }
-
-    status = gm_enqueue(b, p, st, &pl, &L, kind, c, (unsigned char *)data, (unsigned char *)work, msg, msg_len);
-    rc = cudaStreamSynchronize(b->stream); /* also after a failed enqueue: nothing may still use the buffers */
-    if (status == GPU_OK && rc != cudaSuccess)
-        status = gpu_backend_classify(b, rc, "running the merge kernels", msg, msg_len);
-    if (status == GPU_OK) {
-        rc = cudaGetLastError();
-        if (rc != cudaSuccess)
-            status = gpu_backend_classify(b, rc, "running the merge kernels", msg, msg_len);
-    }
-    if (status == GPU_OK)
-        gm_fold(b, p, st, &L, kind, c);
-    gpu_mempool_release(&b->pool, work, work_size);
-    gpu_mempool_release(&b->pool, data, data_size);
-    if (status == GPU_OOM) { /* an allocation inside the runtime (rare): same contract */
-        gpu_mempool_trim(&b->pool);
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free",
-                     gm_mib_up(data_size + work_size), gpu_backend_free_estimate(b) >> 20);
-    }
+    gpu_lane *l = gpu_lane_acquire(b);
+    gpu_status status = gm_run_on_lane(b, l, p, st, &pl, &L, kind, c, msg, msg_len);
+    gpu_lane_release(b, l);
     return status;
 }
 

@@ -48,6 +48,7 @@ bool ms_gpu_supports(const ms_tensor_params *p) { return gpu_merge_supports(p); 
 void ms_gpu_close(ms_gpu *g) { gpu_backend_close((gpu_backend *)g); }
 const char *ms_gpu_name(const ms_gpu *g) { return gpu_backend_device_name((const gpu_backend *)g); }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { return gpu_backend_free_estimate((gpu_backend *)g); }
+void ms_gpu_set_lanes(ms_gpu *g, unsigned lanes) { gpu_backend_set_lanes((gpu_backend *)g, lanes); }
 uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows) { return gpu_merge_chunk_bytes(p, n_rows); }
 
 ms_gpu_result ms_gpu_run_pass(ms_gpu *g, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
@@ -77,6 +78,7 @@ bool ms_gpu_supports(const ms_tensor_params *p) { (void)p; return false; }
 void ms_gpu_close(ms_gpu *g) { (void)g; }
 const char *ms_gpu_name(const ms_gpu *g) { (void)g; return ""; }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { (void)g; return 0; }
+void ms_gpu_set_lanes(ms_gpu *g, unsigned lanes) { (void)g; (void)lanes; }
 uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows) { (void)p; (void)n_rows; return UINT64_MAX; }
 
 ms_gpu_result ms_gpu_run_pass(ms_gpu *g, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,

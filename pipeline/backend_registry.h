@@ -34,6 +34,10 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len);
 void ms_gpu_close(ms_gpu *g); /* NULL is a no-op */
 const char *ms_gpu_name(const ms_gpu *g);
 
+/* GPU passes in flight at once: 2 (default) overlaps one tensor's copies with
+ * another's kernels, 1 serialises them. */
+void ms_gpu_set_lanes(ms_gpu *g, unsigned lanes);
+
 /* The live free-memory estimate and what a chunk of n_rows rows needs. */
 uint64_t ms_gpu_free_estimate(ms_gpu *g);
 uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);

@@ -52,6 +52,8 @@ static const char k_help[] =
     "      --device auto|cpu|cuda where to compute (default auto: the GPU when one is usable,\n"
     "                            tensor by tensor, with the CPU for what does not fit)\n"
     "      --gpu-memory-limit SIZE  most GPU memory this merge may hold (shared GPUs)\n"
+    "      --gpu-lanes 1|2       tensors in flight on the GPU (default 2: one tensor's copies\n"
+    "                            to and from the GPU overlap another's kernels; 1: no overlap)\n"
     "      --no-verify           skip re-reading the output to check every hash at the end\n"
     "      --json                print the summary as JSON on stdout\n"
     "      --quiet               no progress or summary on stderr\n"
@@ -73,6 +75,7 @@ typedef struct merge_options {
     uint64_t seed;
     merge_device device;
     uint64_t gpu_memory_limit; /* 0: no cap */
+    unsigned gpu_lanes;        /* 1 or 2 */
 } merge_options;
 
 static uint64_t default_max_memory(void)
@@ -83,9 +86,18 @@ static uint64_t default_max_memory(void)
     return quarter < (8ull << 30) ? quarter : 8ull << 30;
 }
 
+/* One compute worker without a GPU (it has every CPU thread already); tests
+ * set MERGESTREAM_COMPUTE_WORKERS=2 to run the two-worker pipeline, which a
+ * GPU otherwise gets, on machines without one. */
+static unsigned compute_workers_for_tests(void)
+{
+    const char *v = getenv("MERGESTREAM_COMPUTE_WORKERS");
+    return v && strcmp(v, "2") == 0 ? 2 : 1;
+}
+
 static int parse_options(int argc, char **argv, merge_options *o)
 {
-    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_JSON, OPT_QUIET };
+    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET };
     static const struct option k_opts[] = {
         {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
         {"no-verify", no_argument, NULL, OPT_NO_VERIFY}, {"resume", no_argument, NULL, OPT_RESUME},
@@ -93,6 +105,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
         {"io", required_argument, NULL, OPT_IO}, {"out-shard-size", required_argument, NULL, OPT_SHARD},
         {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory-limit", required_argument, NULL, OPT_GPULIM}, {"json", no_argument, NULL, OPT_JSON},
+        {"gpu-lanes", required_argument, NULL, OPT_GPULANES},
         {"quiet", no_argument, NULL, OPT_QUIET}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -101,6 +114,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     o->threads = ncpu > 0 ? (unsigned)ncpu : 1;
     o->io = IO_ENGINE_AUTO;
+    o->gpu_lanes = 2;
     int c;
     uint64_t v;
     char *end;
@@ -146,6 +160,11 @@ static int parse_options(int argc, char **argv, merge_options *o)
         case OPT_GPULIM:
             if (ms_size_parse(optarg, &o->gpu_memory_limit) != 0 || o->gpu_memory_limit == 0)
                 return ms_cli_usage_error("merge", "--gpu-memory-limit: bad size '%s'", optarg);
+            break;
+        case OPT_GPULANES:
+            if (strcmp(optarg, "1") != 0 && strcmp(optarg, "2") != 0)
+                return ms_cli_usage_error("merge", "--gpu-lanes: expected 1 or 2, got '%s'", optarg);
+            o->gpu_lanes = (unsigned)(optarg[0] - '0');
             break;
         case OPT_JSON: o->json = true; break;
         case OPT_QUIET: ms_log_set_quiet(true); break;
@@ -260,6 +279,7 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "wall_seconds", s->wall_s);
         cJSON_AddNumberToObject(j, "read_busy_seconds", s->busy_read_s);
         cJSON_AddNumberToObject(j, "compute_busy_seconds", s->busy_compute_s);
+        cJSON_AddNumberToObject(j, "compute_workers", s->compute_workers);
         cJSON_AddNumberToObject(j, "write_busy_seconds", s->busy_write_s);
         cJSON_AddNumberToObject(j, "gb_per_second", gbps);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)rss);
@@ -369,6 +389,7 @@ int ms_cmd_merge(int argc, char **argv)
             pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
             if (!pool_pinned)
                 ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");
+            ms_gpu_set_lanes(gpu, o.gpu_lanes);
             ms_log_info("GPU: %s", ms_gpu_name(gpu));
         }
     }
@@ -376,7 +397,8 @@ int ms_cmd_merge(int argc, char **argv)
                 plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
-                      .journal = journal, .skip_job = skip_job, .gpu = gpu};
+                      .journal = journal, .skip_job = skip_job, .gpu = gpu,
+                      .compute_workers = gpu ? o.gpu_lanes : compute_workers_for_tests()};
     if (ms_merge_run(&env, &stats, &err) != 0)
         goto fail;
     if (plan_check_inputs_unchanged(plan, &err) != 0)

@@ -16,6 +16,7 @@
 #include "pipeline/progress.h"
 
 #define RUN_QUEUE_DEPTH 64 /* items between two stages; the pool bounds the bytes */
+#define RUN_MAX_WORKERS 2  /* compute workers: one per GPU lane (gpu/gpu_internal.h) */
 
 /* One chunk of one job, for one or more passes. Owned by whichever stage
  * holds it: the reader creates it, the writer (or compute, for chunks that
@@ -27,6 +28,7 @@ typedef struct run_item {
     uint64_t row0, n_rows;
     bool writes_output;
     bool last_of_job;                     /* the job's final item */
+    unsigned worker;                      /* the compute worker that owns the job */
     void *in_buf;                         /* pool: inputs (MERGE jobs) */
     void *out_buf;                        /* pool: output (COPY jobs read into it) */
     uint64_t in_off[MS_MAX_MODELS + 1];   /* each input's rows as read, inside in_buf */
@@ -38,17 +40,23 @@ typedef struct run_item {
 
 typedef struct run_ctx {
     const ms_run_env *env;
-    ms_queue compute_q, write_q;
+    unsigned n_workers;                      /* compute workers, 1..RUN_MAX_WORKERS */
+    ms_queue compute_q[RUN_MAX_WORKERS];     /* one per worker: a job's items go to one worker, in order */
+    ms_queue write_q;
+    atomic_uint workers_running;             /* the last one to stop closes write_q */
+    pthread_mutex_t cpu_lock;                /* one caller of the cpu pool at a time */
     ms_progress progress;
     atomic_bool failed;
     pthread_mutex_t err_lock;
     ms_error err;            /* first failure; guarded by err_lock */
-    /* Each field below is written by one stage only and read by the caller
-     * after every thread was joined. */
-    bool gpu_disabled;       /* compute: a sticky GPU error happened */
-    uint64_t gpu_fallbacks;  /* compute */
+    atomic_bool gpu_disabled;      /* compute: a sticky GPU error happened */
+    atomic_uint_fast64_t gpu_fallbacks; /* compute */
+    /* Each field below is written by one stage (or one worker) only and read
+     * by the caller after every thread was joined. */
+    size_t dispatch_job;     /* reader: the job last handed to a worker */
+    unsigned dispatch_worker;/* reader: and that worker */
     double busy_read_s;      /* reader */
-    double busy_compute_s;   /* compute */
+    double busy_compute_s[RUN_MAX_WORKERS]; /* compute, per worker */
     double busy_write_s;     /* writer */
     uint64_t bytes_read;     /* reader */
     uint64_t bytes_written;  /* writer */
@@ -67,7 +75,8 @@ static void run_fail(run_ctx *ctx, const ms_error *err)
     }
     pthread_mutex_unlock(&ctx->err_lock);
     ms_pool_shutdown(ctx->env->pool);
-    ms_queue_close(&ctx->compute_q);
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        ms_queue_close(&ctx->compute_q[w]);
     ms_queue_close(&ctx->write_q);
 }
 
@@ -109,6 +118,19 @@ static uint64_t stage_layout(const ms_job *job, uint64_t n_rows, uint64_t *in_of
     return off;
 }
 
+/* The worker that computes it's job: every item of a job goes to the same
+ * worker (a job's chunks and passes run in order on one state), and each new
+ * job to the next worker in turn, so with a GPU one tensor's copies overlap
+ * another's kernels. The plan hands out a job's items consecutively. */
+static unsigned reader_dispatch(run_ctx *ctx, const run_item *it)
+{
+    if (it->job_index != ctx->dispatch_job) {
+        ctx->dispatch_job = it->job_index;
+        ctx->dispatch_worker = (ctx->dispatch_worker + 1) % ctx->n_workers;
+    }
+    return ctx->dispatch_worker;
+}
+
 /* Pushes the finished items at the head of the FIFO to compute, in order. */
 static int reader_push_ready(reader_state *rs)
 {
@@ -118,7 +140,8 @@ static int reader_push_ready(reader_state *rs)
         if (!rs->head)
             rs->tail = NULL;
         it->next = NULL;
-        if (ms_queue_push(&rs->ctx->compute_q, it) != 0) {
+        it->worker = reader_dispatch(rs->ctx, it);
+        if (ms_queue_push(&rs->ctx->compute_q[it->worker], it) != 0) {
             item_free(rs->ctx, it);
             return -1;
         }
@@ -286,7 +309,8 @@ static void *reader_main(void *arg)
         rs.head = it->next;
         item_free(ctx, it);
     }
-    ms_queue_close(&ctx->compute_q);
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        ms_queue_close(&ctx->compute_q[w]);
     return NULL;
 }
 
@@ -303,7 +327,7 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
                                 const ms_chunk *chunk, uint64_t n_rows)
 {
     ms_gpu *gpu = ctx->env->gpu;
-    if (!gpu || ctx->gpu_disabled || !ms_gpu_supports(&job->params))
+    if (!gpu || atomic_load(&ctx->gpu_disabled) || !ms_gpu_supports(&job->params))
         return false;
     uint64_t need = ms_gpu_chunk_bytes(&job->params, n_rows);
     if (need > ms_gpu_free_estimate(gpu))
@@ -313,12 +337,12 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
     case MS_GPU_OK:
         return true;
     case MS_GPU_OOM:
-        ctx->gpu_fallbacks++;
+        atomic_fetch_add(&ctx->gpu_fallbacks, 1);
         ms_log_warn("GPU out of memory on %s (%s): using CPU", job->name, msg);
         return false;
     case MS_GPU_FATAL:
     default:
-        ctx->gpu_disabled = true;
+        atomic_store(&ctx->gpu_disabled, true);
         ms_log_warn("GPU error on %s (%s): the CPU finishes the merge", job->name, msg);
         return false;
     }
@@ -395,11 +419,15 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
     chunk.n_elems = it->n_rows * job->params.cols;
     for (unsigned i = 0; i < job->n_inputs; i++)
         chunk.in[i] = job->in[i].file ? (const uint8_t *)it->in_buf + it->in_off[i] : NULL;
+    pthread_mutex_lock(&ctx->cpu_lock);
     lora_materialise(ctx, job, it, js, &chunk);
+    pthread_mutex_unlock(&ctx->cpu_lock);
     ms_tensor_result *res = &ctx->results[it->job_index];
     for (unsigned p = it->pass_first; p <= it->pass_last; p++) {
         if (!compute_pass_on_gpu(ctx, job, *state, p, &chunk, it->n_rows)) {
+            pthread_mutex_lock(&ctx->cpu_lock);
             int rc = cpu_merge_run_pass(&job->params, *state, p, &chunk, ctx->env->cpu);
+            pthread_mutex_unlock(&ctx->cpu_lock);
             if (rc != 0)
                 return ms_error_errno(&e, MS_EXIT_RUNTIME, -rc, job->name, "merge kernel failed"), run_fail(ctx, &e), -1;
             res->used_cpu = true;
@@ -423,11 +451,20 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
     return 0;
 }
 
-static void compute_main(run_ctx *ctx)
+typedef struct worker_arg {
+    run_ctx *ctx;
+    unsigned worker;
+} worker_arg;
+
+/* One compute worker: computes the items of its queue in order. The last
+ * worker to stop closes the write queue. */
+static void *compute_main(void *arg)
 {
+    run_ctx *ctx = ((worker_arg *)arg)->ctx;
+    unsigned w = ((worker_arg *)arg)->worker;
     job_state js = {0};
     void *p;
-    while (ms_queue_pop(&ctx->compute_q, &p) == 0) {
+    while (ms_queue_pop(&ctx->compute_q[w], &p) == 0) {
         run_item *it = p;
         if (atomic_load(&ctx->failed)) {
             item_free(ctx, it);
@@ -437,7 +474,7 @@ static void compute_main(run_ctx *ctx)
         int rc = compute_item(ctx, it, &js);
         ms_pool_free(ctx->env->pool, it->in_buf);
         it->in_buf = NULL;
-        ctx->busy_compute_s += ms_now_seconds() - t0;
+        ctx->busy_compute_s[w] += ms_now_seconds() - t0;
         if (rc != 0 || !it->writes_output) {
             item_free(ctx, it);
             continue;
@@ -446,7 +483,9 @@ static void compute_main(run_ctx *ctx)
             item_free(ctx, it);
     }
     job_state_close(&js);
-    ms_queue_close(&ctx->write_q);
+    if (atomic_fetch_sub(&ctx->workers_running, 1) == 1)
+        ms_queue_close(&ctx->write_q);
+    return NULL;
 }
 
 /* ================================================================= writer */
@@ -497,11 +536,15 @@ static void *writer_main(void *arg)
 {
     run_ctx *ctx = arg;
     const ms_run_env *env = ctx->env;
-    ms_hasher hasher = {0};
-    if (ms_hasher_init(&hasher) != 0) {
-        ms_error e;
-        ms_error_set(&e, MS_EXIT_RUNTIME, "writer", "out of memory");
-        run_fail(ctx, &e);
+    /* items of one job arrive in order, but two workers' jobs interleave:
+     * one running hash per worker */
+    ms_hasher hasher[RUN_MAX_WORKERS] = {0};
+    for (unsigned w = 0; w < ctx->n_workers; w++) {
+        if (ms_hasher_init(&hasher[w]) != 0) {
+            ms_error e;
+            ms_error_set(&e, MS_EXIT_RUNTIME, "writer", "out of memory");
+            run_fail(ctx, &e);
+        }
     }
     void *p;
     while (ms_queue_pop(&ctx->write_q, &p) == 0) {
@@ -514,9 +557,10 @@ static void *writer_main(void *arg)
         const ms_job *job = &env->plan->jobs[it->job_index];
         uint64_t row_bytes = job->kind == MS_JOB_COPY ? 1 : job->out_row_bytes;
         uint64_t off = it->row0 * row_bytes, len = it->n_rows * row_bytes;
+        ms_hasher *h = &hasher[it->worker];
         if (it->chunk == 0)
-            ms_hasher_reset(&hasher);
-        ms_hasher_update(&hasher, it->out_buf, len);
+            ms_hasher_reset(h);
+        ms_hasher_update(h, it->out_buf, len);
         if (job->kind == MS_JOB_MERGE)
             ctx->results[it->job_index].nonfinite +=
                 count_nonfinite(it->out_buf, job->out_dtype, it->n_rows * job->params.cols);
@@ -528,7 +572,7 @@ static void *writer_main(void *arg)
         }
         ctx->bytes_written += len;
         if (it->last_of_job) {
-            st_writer_set_tensor_hash(env->writer, it->job_index, ms_hasher_digest(&hasher));
+            st_writer_set_tensor_hash(env->writer, it->job_index, ms_hasher_digest(h));
             ms_progress_step(&ctx->progress, job->name, ctx->results[it->job_index].backend, job->read_bytes);
             if (writer_record_shard(ctx, st_plan_tensor_at(env->layout, it->job_index)->shard, &e) != 0) {
                 run_fail(ctx, &e);
@@ -539,7 +583,8 @@ static void *writer_main(void *arg)
         ctx->busy_write_s += ms_now_seconds() - t0;
         item_free(ctx, it);
     }
-    ms_hasher_free(&hasher);
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        ms_hasher_free(&hasher[w]);
     return NULL;
 }
 
@@ -566,17 +611,26 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     if (!ctx)
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
     ctx->env = env;
+    ctx->n_workers = env->compute_workers < 1 ? 1
+                     : env->compute_workers > RUN_MAX_WORKERS ? RUN_MAX_WORKERS : env->compute_workers;
+    ctx->dispatch_job = SIZE_MAX;
+    ctx->dispatch_worker = ctx->n_workers - 1; /* the first job goes to worker 0 */
     ctx->results = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->results);
     ctx->shard_recorded = calloc(st_plan_n_shards(env->layout), sizeof *ctx->shard_recorded);
-    if (!ctx->results || !ctx->shard_recorded || ms_queue_init(&ctx->compute_q, RUN_QUEUE_DEPTH) != 0 ||
-        ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) != 0) {
-        ms_queue_destroy(&ctx->compute_q);
+    bool queues_ok = ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) == 0;
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        queues_ok = ms_queue_init(&ctx->compute_q[w], RUN_QUEUE_DEPTH) == 0 && queues_ok;
+    if (!ctx->results || !ctx->shard_recorded || !queues_ok) {
+        for (unsigned w = 0; w < ctx->n_workers; w++)
+            ms_queue_destroy(&ctx->compute_q[w]);
+        ms_queue_destroy(&ctx->write_q);
         free(ctx->results);
         free(ctx->shard_recorded);
         free(ctx);
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
     }
     pthread_mutex_init(&ctx->err_lock, NULL);
+    pthread_mutex_init(&ctx->cpu_lock, NULL);
     size_t n_items = 0;
     uint64_t to_read = 0;
     for (size_t j = 0; j < env->plan->n_jobs; j++) {
@@ -598,8 +652,28 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
         ms_error_set(&e, MS_EXIT_RUNTIME, "merge", "cannot start the pipeline threads");
         run_fail(ctx, &e);
     }
-    if (reader_up && writer_up)
-        compute_main(ctx);
+    /* worker 0 is this thread; a worker that cannot start leaves its queue to
+     * the failure path (run_fail closes every queue) */
+    pthread_t workers[RUN_MAX_WORKERS];
+    worker_arg wargs[RUN_MAX_WORKERS];
+    unsigned started = 1;
+    atomic_store(&ctx->workers_running, ctx->n_workers);
+    if (reader_up && writer_up) {
+        for (unsigned w = 0; w < ctx->n_workers; w++)
+            wargs[w] = (worker_arg){ctx, w};
+        for (; started < ctx->n_workers; started++) {
+            if (pthread_create(&workers[started], NULL, compute_main, &wargs[started]) != 0) {
+                ms_error e;
+                ms_error_set(&e, MS_EXIT_RUNTIME, "merge", "cannot start the compute threads");
+                atomic_store(&ctx->workers_running, started);
+                run_fail(ctx, &e);
+                break;
+            }
+        }
+        compute_main(&wargs[0]);
+        for (unsigned w = 1; w < started; w++)
+            pthread_join(workers[w], NULL);
+    }
     if (reader_up)
         pthread_join(reader, NULL);
     if (writer_up)
@@ -633,18 +707,22 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
             stats->nonfinite_tensors += ctx->results[j].nonfinite != 0;
         }
     }
-    stats->gpu_fallbacks = ctx->gpu_fallbacks;
-    stats->gpu_disabled = ctx->gpu_disabled;
+    stats->gpu_fallbacks = atomic_load(&ctx->gpu_fallbacks);
+    stats->gpu_disabled = atomic_load(&ctx->gpu_disabled);
     stats->bytes_read = ctx->bytes_read;
     stats->bytes_written = ctx->bytes_written;
     stats->busy_read_s = ctx->busy_read_s;
-    stats->busy_compute_s = ctx->busy_compute_s;
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        stats->busy_compute_s += ctx->busy_compute_s[w];
+    stats->compute_workers = ctx->n_workers;
     stats->busy_write_s = ctx->busy_write_s;
     stats->wall_s = ms_now_seconds() - t0;
     ms_progress_destroy(&ctx->progress);
-    ms_queue_destroy(&ctx->compute_q);
+    for (unsigned w = 0; w < ctx->n_workers; w++)
+        ms_queue_destroy(&ctx->compute_q[w]);
     ms_queue_destroy(&ctx->write_q);
     pthread_mutex_destroy(&ctx->err_lock);
+    pthread_mutex_destroy(&ctx->cpu_lock);
     free(ctx->shard_recorded);
     free(ctx);
     return rc;

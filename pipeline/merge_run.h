@@ -1,13 +1,18 @@
 /* Running a planned merge: the three overlapping stages (DESIGN.md, Data
  * flow 2-4).
  *
- *   reader thread --(compute queue)--> compute (calling thread) --(write queue)--> writer thread
+ *   reader thread --(a compute queue per worker)--> compute workers --(write queue)--> writer thread
  *
  * The reader takes staging buffers from the pool in plan order and reads each
  * chunk's inputs through the I/O engine; the pool's size is the back-pressure
- * that bounds memory. Compute runs each chunk's passes on the CPU kernels
- * (all threads of the cpu pool on one chunk at a time, so the chunks of a
- * tensor are seen in row order, as the statistics passes require). The writer
+ * that bounds memory. A compute worker runs each chunk's passes on the GPU
+ * or on the CPU kernels (all threads of the cpu pool on one chunk at a time,
+ * one worker at a time), the chunks of a tensor in row order, as the
+ * statistics passes require: every item of a job goes to the same worker.
+ * With a GPU there are two workers (env->compute_workers), so one tensor's
+ * copies to and from the device overlap another's kernels, and a tensor on
+ * the CPU may run while another is on the GPU; without one, a single worker
+ * (the calling thread). The writer
  * hashes each tensor's bytes in order, counts non-finite values and writes
  * them at their planned offsets; shards are committed as they complete.
  *
@@ -42,7 +47,8 @@ typedef struct ms_run_stats {
     uint64_t chunked_tensors;
     uint64_t tensors_equal_to_base; /* merged tensors whose output bytes equal the base's */
     double wall_s;
-    double busy_read_s, busy_compute_s, busy_write_s; /* per-stage busy time */
+    double busy_read_s, busy_compute_s, busy_write_s; /* per-stage busy time (compute: summed over workers) */
+    unsigned compute_workers;
     ms_tensor_result *tensors; /* one per job, owned by the caller (ms_run_stats_free) */
 } ms_run_stats;
 
@@ -56,6 +62,7 @@ typedef struct ms_run_env {
     ms_journal *journal;   /* finished shards are recorded here (may be NULL) */
     const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
     ms_gpu *gpu;           /* the GPU backend, or NULL: CPU only */
+    unsigned compute_workers; /* 1 or 2 (0 is taken as 1): 2 overlaps tensors on a GPU */
 } ms_run_env;
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set

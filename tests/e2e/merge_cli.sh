@@ -71,6 +71,14 @@ for m in ties dare_ties breadcrumbs_ties della; do
   "$MS_BIN" merge "$S/$m.yml" -o "$S/chunked_$m" --max-memory 30M --threads 2 --json --quiet > "$S/chunked.json"
   grep -qE '"tensors_chunked":[[:space:]]*0,' "$S/chunked.json" && fail "$m: --max-memory 30M chunked nothing"
   same_bytes "$S/whole_$m" "$S/chunked_$m"
+  # two compute workers (what a GPU gets), whole and chunked: jobs interleave
+  # in the write queue, the bytes and hashes may not change
+  MERGESTREAM_COMPUTE_WORKERS=2 "$MS_BIN" merge "$S/$m.yml" -o "$S/w2_$m" --json --quiet > "$S/w2.json"
+  grep -qE '"compute_workers":[[:space:]]*2,' "$S/w2.json" || fail "$m: MERGESTREAM_COMPUTE_WORKERS=2 ran one worker"
+  same_bytes "$S/whole_$m" "$S/w2_$m"
+  MERGESTREAM_COMPUTE_WORKERS=2 "$MS_BIN" merge "$S/$m.yml" -o "$S/w2c_$m" --max-memory 30M --threads 2 --quiet
+  same_bytes "$S/whole_$m" "$S/w2c_$m"
+  "$MS_BIN" verify "$S/w2c_$m" --quiet
 done
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
@@ -107,5 +115,6 @@ fi
 # usage errors
 expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
+expect_fail 2 "gpu-lanes: expected 1 or 2" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --gpu-lanes 3
 "$MS_BIN" merge --help | grep -q "usage: mergestream merge" || fail "merge --help"
 echo "merge_cli: ok"

@@ -15,7 +15,8 @@
  *
  * Also: gpu_merge_chunk_bytes is an upper bound (a backend whose memory
  * limit is exactly that runs every chunk), the pool reuses its blocks and the
- * free estimate follows what it holds, pinned inputs work.
+ * free estimate follows what it holds, pinned inputs work, four threads
+ * calling the backend at once get the CPU's bytes (two lanes and one).
  *
  * Exit 77 without CUDA or without a device. The seed is printed; set
  * MS_TEST_SEED to replay. */
@@ -38,6 +39,7 @@ int main(void)
 
 #else
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -290,6 +292,97 @@ static void test_large(void **state)
     }
 }
 
+/* Every pass of tc on the GPU alone, in chunks of `rows` rows, into out.
+ * Thread-safe (no shared random state): the concurrency test's worker. */
+static gpu_status run_on_gpu(gpu_backend *gb, const tcase *tc, uint64_t rows, void *out, char *msg, size_t msg_len)
+{
+    const ms_tensor_params *p = &tc->p;
+    ms_merge_state *st = NULL;
+    if (ms_merge_state_open(p, &st) != 0)
+        return GPU_FATAL;
+    gpu_status gs = GPU_OK;
+    for (unsigned pass = 0; pass < st->n_passes && gs == GPU_OK; pass++) {
+        for (uint64_t r = 0; r < p->rows && gs == GPU_OK; r += rows) {
+            ms_chunk c = case_chunk(tc, r, p->rows - r < rows ? p->rows - r : rows, out);
+            gs = gpu_merge_run_pass(gb, p, st, pass, &c, msg, msg_len);
+        }
+        ms_merge_pass_finish(st, p, pass);
+    }
+    ms_merge_state_close(st);
+    return gs;
+}
+
+typedef struct concurrent_job {
+    const tcase *tc;
+    uint64_t rows;
+    void *out;
+    gpu_status status;
+    char msg[256];
+} concurrent_job;
+
+static void *concurrent_worker(void *arg)
+{
+    concurrent_job *j = arg;
+    for (unsigned rep = 0; rep < 3 && j->status == GPU_OK; rep++)
+        j->status = run_on_gpu(g_gpu, j->tc, j->rows, j->out, j->msg, sizeof j->msg);
+    return NULL;
+}
+
+/* Four threads merge four tensors on one backend at once (two lanes, so
+ * calls wait for a lane, and one call's copies overlap another's kernels):
+ * every output is the CPU's bytes. Then the same with one lane. */
+static void test_concurrent_calls(void **state)
+{
+    (void)state;
+    enum { N = 4 };
+    static const char *methods[N] = {"ties", "della", "dare_ties", "breadcrumbs_ties"};
+    tcase tc[N];
+    void *want[N], *got[N];
+    for (unsigned k = 0; k < N; k++) {
+        case_make(&tc[k], method_by_name(methods[k]), 700 + 50 * k, 3000, 2 + k % 2, 1, ST_DTYPE_COUNT);
+        for (unsigned i = 1; i <= tc[k].p.n_models; i++)
+            if (tc[k].p.density[i] >= 1.0)
+                tc[k].p.density[i] = 0.4;
+        size_t bytes = tc[k].p.numel * ref_dtype_size(tc[k].p.out_dtype);
+        want[k] = malloc(bytes);
+        got[k] = malloc(bytes);
+        assert_non_null(want[k]);
+        assert_non_null(got[k]);
+        check_lockstep(g_gpu, &tc[k], false, "concurrency reference", want[k]);
+    }
+    for (unsigned lanes = 2; lanes >= 1; lanes--) {
+        gpu_backend_set_lanes(g_gpu, lanes);
+        pthread_t th[N];
+        concurrent_job jobs[N];
+        for (unsigned k = 0; k < N; k++) {
+            size_t bytes = tc[k].p.numel * ref_dtype_size(tc[k].p.out_dtype);
+            memset(got[k], 0x77, bytes);
+            jobs[k] = (concurrent_job){.tc = &tc[k], .rows = tc[k].p.rows / (k + 1) + 1, .out = got[k]};
+            assert_int_equal(pthread_create(&th[k], NULL, concurrent_worker, &jobs[k]), 0);
+        }
+        for (unsigned k = 0; k < N; k++)
+            pthread_join(th[k], NULL);
+        char why[512], what[1024];
+        for (unsigned k = 0; k < N; k++) {
+            if (jobs[k].status != GPU_OK) {
+                snprintf(what, sizeof what, "%u lane(s), thread %u: gpu_merge_run_pass failed: %s", lanes, k,
+                         jobs[k].msg);
+                fail_case(&tc[k], "concurrent calls", what);
+            }
+            if (output_diff(want[k], got[k], tc[k].p.out_dtype, 0, tc[k].p.numel, why, sizeof why)) {
+                snprintf(what, sizeof what, "%u lane(s), thread %u: %s", lanes, k, why);
+                fail_case(&tc[k], "concurrent calls", what);
+            }
+        }
+    }
+    gpu_backend_set_lanes(g_gpu, 2);
+    for (unsigned k = 0; k < N; k++) {
+        free(want[k]);
+        free(got[k]);
+        case_free(&tc[k]);
+    }
+}
+
 /* A backend whose memory limit is gpu_merge_chunk_bytes(p, R) runs every
  * chunk of up to R rows: the bound is honest. */
 static void test_chunk_bytes_bound(void **state)
@@ -461,6 +554,7 @@ int main(void)
         cmocka_unit_test(test_della),
         cmocka_unit_test(test_della_linear),
         cmocka_unit_test(test_large),
+        cmocka_unit_test(test_concurrent_calls),
         cmocka_unit_test(test_chunk_bytes_bound),
         cmocka_unit_test(test_pinned_inputs),
     };

@@ -40,11 +40,16 @@ for m in ties dare_ties dare_linear task_arithmetic breadcrumbs breadcrumbs_ties
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"
   grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "$m: nothing ran on the GPU"
+  grep -qE '"compute_workers":[[:space:]]*2,' "$WORK/gpu.json" || fail "$m: a GPU merge ran one worker"
   same_bytes "$WORK/cpu_$m" "$WORK/gpu_$m"
   # chunked on both sides of the PCIe bus
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory 34M --threads 2 --quiet
   same_bytes "$WORK/cpu_$m" "$WORK/gpuc_$m"
-  echo "$m: GPU bytes == CPU bytes"
+  # one GPU lane: no overlap between tensors, the same bytes
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu1_$m" --device cuda --gpu-lanes 1 --json --quiet > "$WORK/gpu1.json"
+  grep -qE '"compute_workers":[[:space:]]*1,' "$WORK/gpu1.json" || fail "$m: --gpu-lanes 1 ran two workers"
+  same_bytes "$WORK/cpu_$m" "$WORK/gpu1_$m"
+  echo "$m: GPU bytes == CPU bytes (2 lanes, chunked, 1 lane)"
 done
 
 # LoRA inputs: materialised on the CPU, merged on the GPU, same bytes
