@@ -186,8 +186,8 @@ static int parse_options(int argc, char **argv, merge_options *o)
  * untrustworthy even when every read returned data. */
 static int plan_check_inputs_unchanged(const ms_plan *plan, ms_error *err)
 {
-    for (unsigned i = 0; i <= plan->n_models; i++) {
-        const ms_model *m = i == 0 ? plan->base : plan->models[i];
+    for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
+        const ms_model *m = ms_plan_input_model(plan, i); /* slices' own bases included */
         for (unsigned s = 0; m && s < m->n_shards; s++)
             if (st_file_check_unchanged(m->shards[s], err) != 0)
                 return -1;

@@ -41,8 +41,8 @@ uint64_t ms_journal_fingerprint(const ms_plan *plan, const st_plan *layout, uint
         hash_u64(&h, pt->offset);
         hash_u64(&h, pt->nbytes);
     }
-    for (unsigned i = 0; i <= plan->n_models; i++) {
-        const ms_model *m = i == 0 ? plan->base : plan->models[i];
+    for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
+        const ms_model *m = ms_plan_input_model(plan, i); /* slices' own bases included */
         for (unsigned s = 0; m && s < m->n_shards; s++) {
             hash_str(&h, m->shards[s]->path);
             hash_u64(&h, m->shards[s]->file_size);

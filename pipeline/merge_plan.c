@@ -71,17 +71,15 @@ static int plan_open_model(const char *path, const char *adapter, ms_model **out
     return 0;
 }
 
-/* Fills job->in[slot] (0: the base) from tensor src_name of model mi (0:
- * the base, else plan->models[mi]): the model's own tensor, an adapter's
+/* Fills job->in[slot] (0: the base) from tensor src_name of model m (with
+ * its PEFT adapter peft, or NULL): the model's own tensor, an adapter's
  * replacement (modules_to_save), or the model's rows plus a LoRA delta.
  * Checks dtypes and shapes against lt (the layout's, or with slices the
  * reference source's tensor). */
-static int plan_job_input_named(ms_plan *plan, ms_job *job, unsigned slot, unsigned mi, const st_tensor *lt,
-                                const char *src_name, ms_error *err)
+static int plan_job_input_named(ms_plan *plan, ms_job *job, unsigned slot, const ms_model *m, const ms_peft *peft,
+                                const st_tensor *lt, const char *src_name, ms_error *err)
 {
     ms_tensor_params *p = &job->params;
-    const ms_model *m = mi == 0 ? plan->base : plan->models[mi];
-    const ms_peft *peft = plan->adapters[mi];
     const ms_lora_target *lora = peft ? ms_peft_target(peft, src_name) : NULL;
     const char *who = peft ? ms_peft_path(peft) : m->path;
     const st_file *f;
@@ -126,7 +124,8 @@ static int plan_job_input_named(ms_plan *plan, ms_job *job, unsigned slot, unsig
 /* job->in[i] from model i's tensor of the layout's name lt->name. */
 static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tensor *lt, ms_error *err)
 {
-    return plan_job_input_named(plan, job, i, i, lt, lt->name, err);
+    return plan_job_input_named(plan, job, i, i == 0 ? plan->base : plan->models[i], plan->adapters[i], lt, lt->name,
+                                err);
 }
 
 /* Cuts a job into row chunks that fit the pool: a chunk (its inputs and its
@@ -387,6 +386,18 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
 }
 
 
+/* The model slice s takes its base layers from, with its adapter in *peft:
+ * the slice's own base_model, else the top-level one. */
+static const ms_model *plan_slice_base(const ms_plan *plan, unsigned s, const ms_peft **peft)
+{
+    if (plan->slice_bases[s]) {
+        *peft = plan->slice_base_adapters[s];
+        return plan->slice_bases[s];
+    }
+    *peft = plan->adapters[0];
+    return plan->base;
+}
+
 /* One output tensor out_name of slice s merged by the recipe's method. ref
  * (in ref_file) is the reference source's tensor: shape, dtype, and the copy
  * for a non-float or empty tensor. With rest (a layer tensor "model.layers.
@@ -432,11 +443,15 @@ static int plan_slice_job(ms_plan *plan, size_t *cap, unsigned s, const char *ou
     p->out_dtype = job->out_dtype;
     ms_merge_philox_key(out_name, plan->seed, p->philox_key); /* the output's name: a full slice = the whole merge */
     job->n_inputs = 1 + p->n_models;
-    if (p->has_base && plan_job_input_named(plan, job, 0, 0, ref, names[0], err) != 0)
+    const ms_peft *base_peft;
+    const ms_model *base = plan_slice_base(plan, s, &base_peft);
+    if (p->has_base && plan_job_input_named(plan, job, 0, base, base_peft, ref, names[0], err) != 0)
         return -1;
-    for (unsigned j = 1; j <= p->n_models; j++)
-        if (plan_job_input_named(plan, job, j, sl->first_model + j, ref, names[j], err) != 0)
+    for (unsigned j = 1; j <= p->n_models; j++) {
+        unsigned mi = sl->first_model + j;
+        if (plan_job_input_named(plan, job, j, plan->models[mi], plan->adapters[mi], ref, names[j], err) != 0)
             return -1;
+    }
     job->n_passes = ms_merge_pass_count(p);
     return 0;
 }
@@ -456,8 +471,10 @@ static int plan_slice_jobs(ms_plan *plan, ms_error *err)
     unsigned out_layers = 0;
     for (unsigned s = 0; s < r->n_slices; s++) {
         const ms_recipe_slice *sl = &r->slices[s];
+        const ms_peft *unused;
         if (sl->has_base &&
-            plan_check_range(plan, sl, "the base_model", r->base_name, plan->base, sl->base_begin, sl->base_end, err) != 0)
+            plan_check_range(plan, sl, "the base_model", sl->base_override ? sl->base_name : r->base_name,
+                             plan_slice_base(plan, s, &unused), sl->base_begin, sl->base_end, err) != 0)
             return -1;
         for (unsigned j = 0; j < sl->n_models; j++) {
             const ms_recipe_model *rm = &r->models[sl->first_model + j];
@@ -487,7 +504,8 @@ static int plan_slice_jobs(ms_plan *plan, ms_error *err)
         unsigned out_layer = 0;
         for (unsigned s = 0; s < r->n_slices; s++) {
             const ms_recipe_slice *sl = &r->slices[s];
-            const ms_model *ref = sl->has_base ? plan->base : plan->models[sl->first_model + 1];
+            const ms_peft *unused;
+            const ms_model *ref = sl->has_base ? plan_slice_base(plan, s, &unused) : plan->models[sl->first_model + 1];
             unsigned ref_first = sl->has_base ? sl->base_begin : r->models[sl->first_model].layer_begin;
             for (unsigned k = 0; k < sl->n_layers; k++, out_layer++) {
                 /* mergekit's plan_slice: t runs over the slice, 1 for a one-layer slice */
@@ -529,6 +547,13 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
             ms_error_set(err, MS_EXIT_USAGE, where, "'%s' is a PEFT adapter; name it as BASE_DIR+ADAPTER_DIR", rm->name);
             goto fail;
         }
+    }
+    for (unsigned s = 0; s < r->n_slices; s++) {
+        const ms_recipe_slice *sl = &r->slices[s];
+        if (sl->base_override && sl->has_base &&
+            plan_open_model(sl->base_path, sl->base_adapter_path, &plan->slice_bases[s], &plan->slice_base_adapters[s],
+                            err) != 0)
+            goto fail;
     }
     for (unsigned i = 1; i <= plan->n_models; i++) {
         const char *hp = r->models[i - 1].hessian_path;
@@ -616,9 +641,25 @@ void ms_plan_free(ms_plan *plan)
         ms_hessian_set_close(plan->hessians[i]);
     for (unsigned i = 0; i <= plan->n_models; i++)
         ms_peft_close(plan->adapters[i]); /* before the models they point into */
+    for (unsigned s = 0; s < MS_MAX_MODELS; s++) {
+        ms_peft_close(plan->slice_base_adapters[s]);
+        ms_model_close(plan->slice_bases[s]);
+    }
     for (unsigned i = 1; i <= plan->n_models; i++)
         ms_model_close(plan->models[i]);
     ms_model_close(plan->base);
     ms_recipe_free(plan->recipe);
     free(plan);
+}
+
+unsigned ms_plan_input_count(const ms_plan *plan) { return 1 + plan->n_models + MS_MAX_MODELS; }
+
+const ms_model *ms_plan_input_model(const ms_plan *plan, unsigned i)
+{
+    MS_ASSERT(i < ms_plan_input_count(plan));
+    if (i == 0)
+        return plan->base;
+    if (i <= plan->n_models)
+        return plan->models[i];
+    return plan->slice_bases[i - 1 - plan->n_models];
 }

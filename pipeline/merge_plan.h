@@ -65,6 +65,9 @@ typedef struct ms_plan {
     ms_peft *adapters[MS_MAX_MODELS + 1]; /* owned; [i] is models[i]'s PEFT adapter ("DIR+ADAPTER"), or NULL; [0]: the base's */
     ms_hessian_set *hessians[MS_MAX_MODELS + 1]; /* owned; [i] from models[i]'s `hessian:` parameter, or NULL */
     unsigned n_models;
+    /* slices whose own base_model is not the top-level one (recipe's base_override): */
+    ms_model *slice_bases[MS_MAX_MODELS];        /* owned; [s]: slices[s]'s base, else NULL (the top-level base) */
+    ms_peft *slice_base_adapters[MS_MAX_MODELS]; /* owned; [s]: that base's PEFT adapter, or NULL */
     const ms_model *layout;    /* base, else models[1]: tensor order, config, tokenizer */
     unsigned num_layers;       /* config.json num_hidden_layers (or inferred from names) */
     unsigned out_num_layers;   /* passthrough: the output's layer count (config.json); 0 = unchanged */
@@ -94,5 +97,12 @@ typedef struct ms_plan_options {
  * together (naming both files and the tensor), MS_EXIT_RUNTIME for I/O. */
 int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan **out, ms_error *err);
 void ms_plan_free(ms_plan *plan);
+
+/* Every model the plan reads, for checks that must see all inputs (files
+ * unchanged, resume fingerprints): i in [0, ms_plan_input_count(plan)):
+ * 0 the base, 1..n_models the merged models, then the slices' own bases.
+ * Returns NULL for an unused slot (no base, a slice without its own base). */
+unsigned ms_plan_input_count(const ms_plan *plan);
+const ms_model *ms_plan_input_model(const ms_plan *plan, unsigned i);
 
 #endif

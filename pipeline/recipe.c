@@ -596,6 +596,12 @@ void ms_recipe_free(ms_recipe *r)
     for (unsigned i = 0; i < r->n_models; i++)
         recipe_model_clear(&r->models[i]);
     free(r->models);
+    for (unsigned s = 0; s < r->n_slices; s++) {
+        recipe_params_clear(r->slices[s].params);
+        free(r->slices[s].base_name);
+        free(r->slices[s].base_path);
+        free(r->slices[s].base_adapter_path);
+    }
     free(r->slices);
     recipe_params_clear(r->params);
     free(r->source_path);
@@ -935,14 +941,99 @@ static int rp_slice_count(const recipe_parser *p, const ms_recipe_slice *sl)
                    mi->name, lo, hi, besides, sl->index, sl->n_models);
 }
 
-/* slices: [{sources: [{model, layer_range: [a, b], parameters}]}] (recipe.h).
- * The merged sources go to r->models slice by slice; a source that is the
- * base_model (for a method that uses the base) becomes the slice's base. */
+/* slices[i].base_model into sl (n: the value, line: the key's). Only a
+ * method that uses a base takes one; a base_model that is the top-level one
+ * changes nothing. */
+static int rp_slice_base(recipe_parser *p, const yaml_node_t *n, unsigned line, ms_recipe_slice *sl)
+{
+    const ms_recipe *r = p->r;
+    const ms_method_info *mi = ms_method_info_get(r->method);
+    char what[64];
+    snprintf(what, sizeof what, "base_model in slices[%u]", sl->index);
+    /* passthrough's optional base only supplies the non-layer tensors: nothing for a slice to override */
+    if ((!mi->needs_base && !mi->optional_base) || r->method == MS_METHOD_PASSTHROUGH)
+        return rp_fail(p, line,
+                       "%s: merge_method '%s' does not use a base model (remove it%s)", what, mi->name,
+                       r->method == MS_METHOD_LINEAR ? "; linear merges every source of the slice" : "");
+    if (node_is_null(n))
+        return rp_fail(p, line, "%s has no value", what);
+    if (rp_model_path(p, n, what, true, &sl->base_name, &sl->base_path, &sl->base_adapter_path) < 0)
+        return -1;
+    sl->base_key_line = line;
+    sl->base_override =
+        !r->base_path || !same_model(sl->base_path, sl->base_adapter_path, r->base_path, r->base_adapter_path);
+    return 0;
+}
+
+/* slices[i].residual_weight: mergekit's schema has it, its planner never
+ * reads it. Accepted (a number, as mergekit's schema wants) with a warning,
+ * so recipes written for mergekit load unchanged. */
+static int rp_slice_residual_weight(const recipe_parser *p, const yaml_node_t *n, unsigned line, unsigned index)
+{
+    if (!node_is_null(n) && (n->type != YAML_SCALAR_NODE || !text_is_decimal(scalar_text(n))))
+        return rp_fail(p, line, "residual_weight in slices[%u] must be a number", index);
+    ms_log_warn("%s:%u: residual_weight in slices[%u] has no effect (mergekit accepts it but does not use it): "
+                "ignored",
+                p->path, line, index);
+    return 0;
+}
+
+/* The keys of slices[sl->index] (a map): sources into *sources, and
+ * mergekit's per-slice parameters, base_model and residual_weight into sl.
+ * Anything else is an error naming the key and its line. */
+static int rp_slice_keys(recipe_parser *p, const yaml_node_t *slice, ms_recipe_slice *sl,
+                         const yaml_node_t **sources)
+{
+    enum { SK_SOURCES, SK_PARAMETERS, SK_BASE_MODEL, SK_RESIDUAL_WEIGHT, SK_COUNT };
+    static const char *const k_slice_keys[SK_COUNT] = {"sources", "parameters", "base_model", "residual_weight"};
+    const yaml_node_t *nodes[SK_COUNT] = {0};
+    unsigned lines[SK_COUNT] = {0};
+    *sources = NULL;
+    if (slice->type != YAML_MAPPING_NODE)
+        return rp_fail(p, sl->line, "slices[%u] must be a map with sources (and optional parameters, base_model)",
+                       sl->index);
+    for (const yaml_node_pair_t *pr = slice->data.mapping.pairs.start; pr < slice->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        const char *key = k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?";
+        unsigned id = 0;
+        while (id < SK_COUNT && strcmp(key, k_slice_keys[id]) != 0)
+            id++;
+        if (id == SK_COUNT)
+            return rp_fail(p, node_line(k),
+                           "unknown key '%s' in slices[%u] (expected sources, parameters, base_model or "
+                           "residual_weight)",
+                           key, sl->index);
+        if (nodes[id])
+            return rp_fail(p, node_line(k), "duplicate key '%s' in slices[%u]", key, sl->index);
+        nodes[id] = rp_node(p, pr->value);
+        lines[id] = node_line(k);
+    }
+    if (nodes[SK_BASE_MODEL] && rp_slice_base(p, nodes[SK_BASE_MODEL], lines[SK_BASE_MODEL], sl) < 0)
+        return -1;
+    if (nodes[SK_PARAMETERS]) {
+        char where[64];
+        snprintf(where, sizeof where, "slices[%u].parameters", sl->index);
+        /* m = NULL: both per-model (weight, density, ...) and global (t,
+         * lambda, ...) parameters may be set per slice, as in mergekit */
+        if (rp_params(p, nodes[SK_PARAMETERS], where, NULL, sl->params) < 0)
+            return -1;
+    }
+    if (nodes[SK_RESIDUAL_WEIGHT] &&
+        rp_slice_residual_weight(p, nodes[SK_RESIDUAL_WEIGHT], lines[SK_RESIDUAL_WEIGHT], sl->index) < 0)
+        return -1;
+    *sources = nodes[SK_SOURCES];
+    return 0;
+}
+
+/* slices: [{sources: [{model, layer_range: [a, b], parameters}], parameters,
+ * base_model, residual_weight}] (recipe.h). The merged sources go to
+ * r->models slice by slice; a source that is the slice's base (its own
+ * base_model, else the top-level one; for a method that uses the base)
+ * becomes the slice's base. */
 static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
 {
     ms_recipe *r = p->r;
     const ms_method_info *mi = ms_method_info_get(r->method);
-    bool base_used = mi->needs_base || (mi->optional_base && r->base_path);
     if (n->type != YAML_SEQUENCE_NODE)
         return rp_fail(p, key_line, "slices must be a list of {sources: [...]} entries");
     const yaml_node_item_t *items = n->data.sequence.items.start;
@@ -974,17 +1065,18 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         sl->line = node_line(slice);
         sl->first_model = r->n_models;
         const yaml_node_t *sources = NULL;
-        if (slice->type == YAML_MAPPING_NODE) {
-            for (const yaml_node_pair_t *pr = slice->data.mapping.pairs.start; pr < slice->data.mapping.pairs.top; pr++) {
-                const yaml_node_t *k = rp_node(p, pr->key);
-                if (k->type != YAML_SCALAR_NODE || strcmp(scalar_text(k), "sources") != 0)
-                    return rp_fail(p, node_line(k), "unknown key '%s' in slices[%zu] (expected sources)",
-                                   k->type == YAML_SCALAR_NODE ? scalar_text(k) : "?", i);
-                if (sources)
-                    return rp_fail(p, node_line(k), "duplicate key 'sources' in slices[%zu]", i);
-                sources = rp_node(p, pr->value);
-            }
-        }
+        if (rp_slice_keys(p, slice, sl, &sources) < 0)
+            return -1;
+        /* the slice's base: its own base_model, else the top-level one (mergekit's ConfigReader.base_model) */
+        const char *base_name = sl->base_name ? sl->base_name : r->base_name;
+        const char *base_path = sl->base_path ? sl->base_path : r->base_path;
+        const char *base_adapter = sl->base_path ? sl->base_adapter_path : r->base_adapter_path;
+        bool base_used = mi->needs_base || (mi->optional_base && base_path);
+        if (mi->needs_base && !base_path)
+            return rp_fail(p, sl->line,
+                           "slices[%zu] has no base_model: merge_method '%s' needs one (set base_model at the top "
+                           "level or in this slice)",
+                           i, mi->name);
         if (!sources || sources->type != YAML_SEQUENCE_NODE ||
             sources->data.sequence.items.top == sources->data.sequence.items.start)
             return rp_fail(p, sl->line, "slices[%zu] needs sources: a list of {model, layer_range}", i);
@@ -1012,7 +1104,7 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
                                "%s.layer_range [%u, %u) spans %u layers but sources[0]'s spans %u: every source "
                                "of a slice needs the same number of layers",
                                m->label, m->layer_begin, m->layer_end, len, span);
-            if (base_used && same_model(m->path, m->adapter_path, r->base_path, r->base_adapter_path)) {
+            if (base_used && same_model(m->path, m->adapter_path, base_path, base_adapter)) {
                 if (sl->has_base)
                     return rp_fail(p, m->line, "model '%s' (the base) is listed twice in slices[%zu]", m->name, i);
                 if (has_params && !ms_method_ignores_unused(r->method))
@@ -1044,7 +1136,7 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
                            "slices[%zu] does not list the base_model '%s' among its sources: merge_method '%s' "
                            "takes each layer's base from the slice's sources (add it with a layer_range of %u "
                            "layer%s)",
-                           i, r->base_name, mi->name, span, span == 1 ? "" : "s");
+                           i, base_name, mi->name, span, span == 1 ? "" : "s");
         if (rp_slice_count(p, sl) < 0)
             return -1;
     }
@@ -1099,7 +1191,7 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
         if (rp_model_path(p, nodes[KEY_BASE_MODEL], "base_model", true, &r->base_name,
                           &r->base_path, &r->base_adapter_path) < 0)
             return -1;
-    } else if (mi->needs_base) {
+    } else if (mi->needs_base && !nodes[KEY_SLICES]) { /* slices: each may name its own (rp_slices) */
         return rp_fail(p, r->method_line, "merge_method '%s' needs a base_model", mi->name);
     }
 
@@ -1131,18 +1223,28 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
 
     if (!r->has_slices && rp_model_count(p, lines[KEY_MODELS]) < 0) /* slices: counted per slice */
         return -1;
-    for (unsigned id = 0; id < MS_PARAM_COUNT; id++)
-        if ((mi->required & (1u << id)) && !r->params[id].present)
-            return rp_fail(p, r->method_line,
-                           "merge_method '%s' needs parameter '%s' in the top-level parameters", mi->name,
-                           ms_param_info_get((ms_param_id)id)->name);
+    for (unsigned id = 0; id < MS_PARAM_COUNT; id++) {
+        if (!(mi->required & (1u << id)) || r->params[id].present)
+            continue;
+        const char *name = ms_param_info_get((ms_param_id)id)->name;
+        if (!r->has_slices)
+            return rp_fail(p, r->method_line, "merge_method '%s' needs parameter '%s' in the top-level parameters",
+                           mi->name, name);
+        for (unsigned s = 0; s < r->n_slices; s++) /* mergekit: a slice's parameters, then the top level's */
+            if (!r->slices[s].params[id].present)
+                return rp_fail(p, r->slices[s].line,
+                               "merge_method '%s' needs parameter '%s': set it in the top-level parameters or in "
+                               "slices[%u].parameters",
+                               mi->name, name, s);
+    }
     for (unsigned i = 0; i < r->n_models && ms_method_takes(r->method, MS_PARAM_WEIGHT); i++) {
         const ms_recipe_model *m = &r->models[i];
-        if (!m->params[MS_PARAM_WEIGHT].present && !r->params[MS_PARAM_WEIGHT].present)
+        bool in_slice = r->has_slices && r->slices[m->slice].params[MS_PARAM_WEIGHT].present;
+        if (!m->params[MS_PARAM_WEIGHT].present && !in_slice && !r->params[MS_PARAM_WEIGHT].present)
             return rp_fail(p, m->line,
-                           "%s ('%s') has no weight: set 'weight' in its parameters or "
+                           "%s ('%s') has no weight: set 'weight' in its parameters%s or "
                            "in the top-level parameters",
-                           m->label, m->name);
+                           m->label, m->name, r->has_slices ? ", in its slice's parameters" : "");
     }
 
     if (nodes[KEY_DTYPE] && !node_is_null(nodes[KEY_DTYPE])) {

@@ -60,8 +60,31 @@
  *   - DARE's Philox stream is keyed by the output tensor name and the
  *     source's position among the slice's merged sources, so a slice over all
  *     layers reproduces the whole-model merge bit for bit.
- * Slice keys other than `sources` (mergekit's per-slice base_model,
- * parameters, residual_weight) are errors; the Hessian methods
+ * Per-slice keys besides `sources` (mergekit's OutputSliceDefinition):
+ *   - parameters: a parameters map, as the top level's, that may set both
+ *     per-model (weight, density, ...) and global (t, lambda, normalize, ...)
+ *     parameters. Lookup order for a tensor (mergekit's ConfigReader.
+ *     parameter): the source's own parameters, then its slice's, then the
+ *     top level's, then the method's default; a level whose filters match
+ *     nothing falls through. Per-model parameters match their filters
+ *     against the source's tensor name at every level, global ones against
+ *     the output name; a slice's gradients are read at the slice's t (the
+ *     rule above), so for the pre- and post-weights the first and the last
+ *     slice's parameters apply at t = 0 and t = 1. A method's required
+ *     parameter (t) may be set per slice instead of at the top level (then
+ *     in every slice); a weight may come from the slice.
+ *   - base_model: the slice's base (mergekit's ConfigReader.base_model):
+ *     that model must be one of the slice's sources, which becomes the
+ *     slice's base (layers and, for the first/last slice, the pre/post
+ *     weights) in place of the top-level base_model; the top-level base,
+ *     if listed in that slice, is then a merged source like any other.
+ *     The top-level base_model may be left out when every slice names its
+ *     own (the output's config and tokenizer then come from the first
+ *     merged source). Only methods that use a base take it (linear and
+ *     passthrough: an error naming the key's line).
+ *   - residual_weight: accepted (a number) with a warning naming its line;
+ *     it has no effect (mergekit's schema has it, its planner never reads it).
+ * Other slice keys are errors naming the key and its line. The Hessian methods
  * (ties_sparsegpt, dare_sparsegpt, regmean) do not take slices (their
  * statistics are keyed by the model's own layer names). All slices together
  * list at most MS_MAX_MODELS merged sources; the same model may appear in
@@ -94,15 +117,19 @@
  *
  * Parameters (which method takes which, defaults, ranges: method_table.h).
  * Per-model parameters come from models[i].parameters, else from the
- * top-level parameters, else the method default; weight has no default, so it
+ * top-level parameters, else the method default (with slices, a slice's
+ * parameters sit between a source's and the top level's: see Slices);
+ * weight has no default, so it
  * must be set for every merged model of a method that takes it (at load: an
  * error naming the model and its line; slerp, karcher, model_stock, nearswap,
  * sce, ram, ramplus_tl and arcee_fusion take no weight). A method's required
  * global parameters (slerp's and nearswap's t) must be set in the top-level
- * parameters (an error at the merge_method line); when a tensor's filters
+ * parameters (an error at the merge_method line; with slices, or in every
+ * slice's parameters: an error at the first slice without it); when a tensor's filters
  * for one match nothing, resolution fails naming the key's line and the
  * tensor. Global parameters (normalize, rescale, lambda, int8_mask, t, ...)
- * are allowed only at the top level. A parameter the method does not use is an
+ * are allowed only at the top level and in a slice's parameters, never in a
+ * model's or a source's. A parameter the method does not use is an
  * error (mergekit warns and ignores it; we are strict on purpose).
  * `hessian: DIR` is a per-model parameter of ties_sparsegpt, dare_sparsegpt
  * and regmean only: a string path (no gradient, no filter list), relative to
@@ -196,7 +223,8 @@ typedef struct ms_recipe_model {
 
 /* One output slice: its merged sources are models[first_model ..
  * first_model + n_models), all spanning n_layers layers; the base (when the
- * method uses one) is the source at base_begin of the base_model. */
+ * method uses one) is the source at base_begin of the slice's base_model,
+ * else of the top-level one. */
 typedef struct ms_recipe_slice {
     unsigned index;       /* slices[index] */
     unsigned line;        /* of the entry */
@@ -207,6 +235,14 @@ typedef struct ms_recipe_slice {
     unsigned base_begin;  /* its layer_range's first layer */
     unsigned base_end;
     unsigned base_line;   /* of that source */
+    /* mergekit's per-slice keys (recipe.h, Slices) */
+    ms_recipe_param params[MS_PARAM_COUNT]; /* slices[index].parameters: between the sources' and the top level's */
+    char *base_name;      /* slices[index].base_model as written; NULL when the slice names none */
+    char *base_path;      /* resolved; NULL when the slice names none */
+    char *base_adapter_path; /* NULL unless that base_model is "DIR+ADAPTER" */
+    unsigned base_key_line; /* of the slice's base_model key; 0 when absent */
+    bool base_override;   /* the slice's base_model is not the top-level one: the plan opens it
+                             for this slice's base (slot 0) instead of the top-level base */
 } ms_recipe_slice;
 
 typedef struct ms_recipe {
@@ -277,18 +313,20 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
 /* Like ms_recipe_tensor_params for output tensor out_name of slice `slice`
  * (r->has_slices, not passthrough): n_models is the slice's merged source
  * count and weight[j] etc. are those of its j-th merged source (models
- * [first_model + j - 1]); per-source parameters match their filters against
- * src_names[j - 1] (the tensor's name in that source; NULL entries or a NULL
- * array mean out_name), global ones against out_name; gradients are read at
- * t (the caller's slice position, in [0, 1]). Returns 0, or -1 with err set
+ * [first_model + j - 1]); has_base is the slice's; levels are the source's,
+ * the slice's, the top level's (recipe.h, Slices); per-model parameters
+ * match their filters against src_names[j - 1] (the tensor's name in that
+ * source; NULL entries or a NULL array mean out_name), global ones against
+ * out_name; gradients are read at t (the caller's slice position, in
+ * [0, 1]). Returns 0, or -1 with err set
  * as ms_recipe_tensor_params does. Thread-safe (reads r only). */
 int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char *out_name,
                                   const char *const *src_names, double t, ms_tensor_params *out,
                                   ms_error *err);
 
 /* One per-model parameter of models[model] (0-based) for a tensor, resolved
- * like ms_recipe_tensor_params does (model level, then top level, then the
- * method's default) and range-checked. The method must take the parameter.
+ * like ms_recipe_tensor_params does (model level, then its slice's with
+ * slices, then top level, then the method's default) and range-checked. The method must take the parameter.
  * Returns 0, or -1 with err naming the recipe line and the tensor. */
 int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,
                           unsigned num_hidden_layers, double *out, ms_error *err);

@@ -12,7 +12,7 @@
 /* Where a resolved value came from. */
 typedef struct recipe_source {
     unsigned line;   /* line of the value used; 0 = the method default */
-    bool from_model; /* models[i].parameters rather than the top level */
+    bool from_model; /* models[i].parameters rather than the slice's or the top level */
 } recipe_source;
 
 static int recipe_fail(const ms_recipe *r, unsigned line, ms_error *err, const char *fmt, ...)
@@ -106,10 +106,20 @@ static bool recipe_param_at(const ms_recipe_param *p, const char *tensor_name, d
     return false;
 }
 
-/* m is NULL for global parameters. False when no level applies and the
- * method has no default (weight). */
-static bool recipe_resolve(const ms_recipe *r, const ms_recipe_model *m, ms_param_id id,
-                           const char *tensor_name, double t, double *out, recipe_source *src)
+/* The slice whose parameters sit between m's and the top level's: m's
+ * slice with slices, else none. */
+static const ms_recipe_slice *recipe_model_slice(const ms_recipe *r, const ms_recipe_model *m)
+{
+    return r->has_slices && m ? &r->slices[m->slice] : NULL;
+}
+
+/* mergekit's ConfigReader.parameter order: the model's (a slice source's)
+ * own parameters, then its slice's, then the top level's, then the method's
+ * default. m is NULL for global parameters, sl NULL without slices. A level
+ * whose filters match nothing falls through to the next. False when no
+ * level applies and the method has no default (weight). */
+static bool recipe_resolve(const ms_recipe *r, const ms_recipe_slice *sl, const ms_recipe_model *m,
+                           ms_param_id id, const char *tensor_name, double t, double *out, recipe_source *src)
 {
     src->line = 0;
     src->from_model = false;
@@ -117,16 +127,22 @@ static bool recipe_resolve(const ms_recipe *r, const ms_recipe_model *m, ms_para
         src->from_model = true;
         return true;
     }
+    if (sl && recipe_param_at(&sl->params[id], tensor_name, t, out, &src->line))
+        return true;
     if (recipe_param_at(&r->params[id], tensor_name, t, out, &src->line))
         return true;
     return ms_method_param_default(r->method, id, out);
 }
 
 /* True when the value used for m does not depend on the tensor: the first
- * level present is a scalar (or a one-point gradient), or there is none. */
+ * level present (m's, its slice's, the top level's) is a scalar (or a
+ * one-point gradient), or there is none. */
 static bool recipe_param_is_constant(const ms_recipe *r, const ms_recipe_model *m, ms_param_id id)
 {
-    const ms_recipe_param *p = m->params[id].present ? &m->params[id] : &r->params[id];
+    const ms_recipe_slice *sl = recipe_model_slice(r, m);
+    const ms_recipe_param *p = m->params[id].present             ? &m->params[id]
+                               : sl && sl->params[id].present ? &sl->params[id]
+                                                                : &r->params[id];
     if (!p->present)
         return true;
     return p->n_conds == 0 && p->value.n_points == 1;
@@ -189,8 +205,9 @@ int ms_recipe_check_constants(const ms_recipe *r, ms_error *err)
             continue;
         double d = 0, eps = 0;
         recipe_source dsrc, esrc;
-        bool got_d = recipe_resolve(r, m, MS_PARAM_DENSITY, NULL, 0.0, &d, &dsrc);
-        bool got_e = recipe_resolve(r, m, MS_PARAM_EPSILON, NULL, 0.0, &eps, &esrc);
+        const ms_recipe_slice *sl = recipe_model_slice(r, m);
+        bool got_d = recipe_resolve(r, sl, m, MS_PARAM_DENSITY, NULL, 0.0, &d, &dsrc);
+        bool got_e = recipe_resolve(r, sl, m, MS_PARAM_EPSILON, NULL, 0.0, &eps, &esrc);
         MS_ASSERT(got_d && got_e);
         if (recipe_check_della(r, m, d, dsrc, eps, esrc, NULL, err) < 0)
             return -1;
@@ -199,11 +216,11 @@ int ms_recipe_check_constants(const ms_recipe *r, ms_error *err)
 }
 
 /* Resolves a parameter the method takes and that has a default. */
-static int recipe_resolve_checked(const ms_recipe *r, const ms_recipe_model *m, ms_param_id id,
-                                  const char *tensor_name, double t, double *out,
+static int recipe_resolve_checked(const ms_recipe *r, const ms_recipe_slice *sl, const ms_recipe_model *m,
+                                  ms_param_id id, const char *tensor_name, double t, double *out,
                                   recipe_source *src, ms_error *err)
 {
-    bool got = recipe_resolve(r, m, id, tensor_name, t, out, src);
+    bool got = recipe_resolve(r, sl, m, id, tensor_name, t, out, src);
     MS_ASSERT(got);
     return recipe_check_range(r, m, id, tensor_name, *out, *src, err);
 }
@@ -212,16 +229,18 @@ static int recipe_resolve_checked(const ms_recipe *r, const ms_recipe_model *m, 
  * in *taken when the method does not take it (out untouched). A required
  * parameter (no default) whose filters match nothing for this tensor is an
  * error naming its line and the tensor. */
-static int recipe_global(const ms_recipe *r, ms_param_id id, const char *tensor_name, double t,
-                         double *out, bool *taken, ms_error *err)
+static int recipe_global(const ms_recipe *r, const ms_recipe_slice *sl, ms_param_id id, const char *tensor_name,
+                         double t, double *out, bool *taken, ms_error *err)
 {
     *taken = ms_method_takes(r->method, id);
     if (!*taken)
         return 0;
     recipe_source src;
-    if (!recipe_resolve(r, NULL, id, tensor_name, t, out, &src)) {
+    if (!recipe_resolve(r, sl, NULL, id, tensor_name, t, out, &src)) {
         const ms_param_info *pi = ms_param_info_get(id);
-        unsigned line = r->params[id].present ? r->params[id].line : r->method_line;
+        unsigned line = sl && sl->params[id].present ? sl->params[id].line
+                        : r->params[id].present     ? r->params[id].line
+                                                    : r->method_line;
         return recipe_fail(r, line, err,
                            "no %s on tensor '%s': its filters match nothing and there is no fallback entry",
                            pi->name, tensor_name);
@@ -230,56 +249,57 @@ static int recipe_global(const ms_recipe *r, ms_param_id id, const char *tensor_
 }
 
 /* The interpolation and model-soup methods' global parameters. */
-static int recipe_interp_params(const ms_recipe *r, const char *tensor_name, double t,
+static int recipe_interp_params(const ms_recipe *r, const ms_recipe_slice *sl, const char *tensor_name, double t,
                                 ms_tensor_params *out, ms_error *err)
 {
     double v = 0;
     bool taken;
-    if (recipe_global(r, MS_PARAM_T, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_T, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->t = taken ? v : 0.0;
-    if (recipe_global(r, MS_PARAM_FILTER_WISE, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_FILTER_WISE, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->filter_wise = taken && v != 0.0;
-    if (recipe_global(r, MS_PARAM_NUSLERP_FLATTEN, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_NUSLERP_FLATTEN, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->nuslerp_flatten = taken && v != 0.0;
-    if (recipe_global(r, MS_PARAM_NUSLERP_ROW_WISE, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_NUSLERP_ROW_WISE, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->nuslerp_row_wise = taken && v != 0.0;
-    if (recipe_global(r, MS_PARAM_NORMALIZE_WEIGHTS, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_NORMALIZE_WEIGHTS, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->normalize_weights = taken && v != 0.0;
-    if (recipe_global(r, MS_PARAM_EPS, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_EPS, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->eps = taken ? v : 0.0;
-    if (recipe_global(r, MS_PARAM_SELECT_TOPK, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_SELECT_TOPK, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->select_topk = taken ? v : 0.0;
-    if (recipe_global(r, MS_PARAM_R, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_R, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->ram_r = taken ? v : 0.0;
-    if (recipe_global(r, MS_PARAM_ALPHA, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_ALPHA, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->ram_alpha = taken ? v : 0.0;
     if (r->method == MS_METHOD_REGMEAN) { /* the same recipe key, regmean's meaning */
         out->regmean_alpha = out->ram_alpha;
         out->ram_alpha = 0.0;
     }
-    if (recipe_global(r, MS_PARAM_MAX_ITER, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_MAX_ITER, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->max_iter = taken ? (unsigned)v : 0;
-    if (recipe_global(r, MS_PARAM_TOL, tensor_name, t, &v, &taken, err) < 0)
+    if (recipe_global(r, sl, MS_PARAM_TOL, tensor_name, t, &v, &taken, err) < 0)
         return -1;
     out->tol = taken ? v : 0.0;
     return 0;
 }
 
 /* The body of ms_recipe_tensor_params and ms_recipe_slice_tensor_params:
- * the merged models are models[0..n_models); per-model parameters match
- * against src_names[i] (NULL: tensor_name). */
-static int recipe_fill_params(const ms_recipe *r, const ms_recipe_model *models, unsigned n_models,
-                              const char *tensor_name, const char *const *src_names, double t,
+ * the merged models are models[0..n_models), of slice sl (NULL without
+ * slices); per-model parameters match against src_names[i] (NULL:
+ * tensor_name) at every level, global ones against tensor_name. */
+static int recipe_fill_params(const ms_recipe *r, const ms_recipe_slice *sl, const ms_recipe_model *models,
+                              unsigned n_models, const char *tensor_name, const char *const *src_names, double t,
                               ms_tensor_params *out, ms_error *err)
 {
     memset(out, 0, sizeof *out);
@@ -291,28 +311,29 @@ static int recipe_fill_params(const ms_recipe *r, const ms_recipe_model *models,
     out->method = r->method;
     out->sparsify = mi->sparsify;
     out->consensus = mi->consensus;
-    out->has_base = mi->needs_base || (mi->optional_base && r->base_path);
+    /* a slice's base: its own base_model or the top-level one, when it lists it (recipe.c) */
+    out->has_base = sl ? sl->has_base : mi->needs_base || (mi->optional_base && r->base_path);
     out->n_models = n_models;
 
     double v = 0;
     recipe_source src;
     out->normalize = false;
     if (ms_method_takes(r->method, MS_PARAM_NORMALIZE)) {
-        if (recipe_resolve_checked(r, NULL, MS_PARAM_NORMALIZE, tensor_name, t, &v, &src, err) < 0)
+        if (recipe_resolve_checked(r, sl, NULL, MS_PARAM_NORMALIZE, tensor_name, t, &v, &src, err) < 0)
             return -1;
         out->normalize = v != 0.0;
     }
-    if (recipe_interp_params(r, tensor_name, t, out, err) < 0)
+    if (recipe_interp_params(r, sl, tensor_name, t, out, err) < 0)
         return -1;
     out->rescale = false;
     if (ms_method_takes(r->method, MS_PARAM_RESCALE)) {
-        if (recipe_resolve_checked(r, NULL, MS_PARAM_RESCALE, tensor_name, t, &v, &src, err) < 0)
+        if (recipe_resolve_checked(r, sl, NULL, MS_PARAM_RESCALE, tensor_name, t, &v, &src, err) < 0)
             return -1;
         out->rescale = v != 0.0;
     }
     out->lambda = 1.0f;
     if (ms_method_takes(r->method, MS_PARAM_LAMBDA)) {
-        if (recipe_resolve_checked(r, NULL, MS_PARAM_LAMBDA, tensor_name, t, &v, &src, err) < 0)
+        if (recipe_resolve_checked(r, sl, NULL, MS_PARAM_LAMBDA, tensor_name, t, &v, &src, err) < 0)
             return -1;
         out->lambda = (float)v;
     }
@@ -324,11 +345,11 @@ static int recipe_fill_params(const ms_recipe *r, const ms_recipe_model *models,
 
         if (!ms_method_takes(r->method, MS_PARAM_WEIGHT)) {
             out->weight[slot] = 1.0f; /* unused by the method */
-        } else if (!recipe_resolve(r, m, MS_PARAM_WEIGHT, mname, t, &v, &src)) {
+        } else if (!recipe_resolve(r, sl, m, MS_PARAM_WEIGHT, mname, t, &v, &src)) {
             return recipe_fail(r, m->line, err,
                                "no weight for %s ('%s') on tensor '%s': its filters "
-                               "match nothing and there is no fallback entry or top-level weight",
-                               m->label, m->name, mname);
+                               "match nothing and there is no fallback entry or %s weight",
+                               m->label, m->name, mname, sl ? "slice or top-level" : "top-level");
         } else {
             if (recipe_check_range(r, m, MS_PARAM_WEIGHT, mname, v, src, err) < 0)
                 return -1;
@@ -338,20 +359,20 @@ static int recipe_fill_params(const ms_recipe *r, const ms_recipe_model *models,
         out->density[slot] = 1.0;
         recipe_source dsrc = {0, false};
         if (ms_method_takes(r->method, MS_PARAM_DENSITY) &&
-            recipe_resolve_checked(r, m, MS_PARAM_DENSITY, mname, t, &out->density[slot],
+            recipe_resolve_checked(r, sl, m, MS_PARAM_DENSITY, mname, t, &out->density[slot],
                                    &dsrc, err) < 0)
             return -1;
 
         out->gamma[slot] = 0.0;
         if (ms_method_takes(r->method, MS_PARAM_GAMMA) &&
-            recipe_resolve_checked(r, m, MS_PARAM_GAMMA, mname, t, &out->gamma[slot], &src,
+            recipe_resolve_checked(r, sl, m, MS_PARAM_GAMMA, mname, t, &out->gamma[slot], &src,
                                    err) < 0)
             return -1;
 
         out->epsilon[slot] = 0.0;
         if (ms_method_takes(r->method, MS_PARAM_EPSILON)) {
             recipe_source esrc;
-            if (recipe_resolve_checked(r, m, MS_PARAM_EPSILON, mname, t,
+            if (recipe_resolve_checked(r, sl, m, MS_PARAM_EPSILON, mname, t,
                                        &out->epsilon[slot], &esrc, err) < 0)
                 return -1;
             if (mi->sparsify == MS_SPARSIFY_DELLA_MAGPRUNE &&
@@ -378,7 +399,7 @@ int ms_recipe_tensor_params(const ms_recipe *r, const char *tensor_name,
                             unsigned num_hidden_layers, ms_tensor_params *out, ms_error *err)
 {
     MS_ASSERT(tensor_name);
-    return recipe_fill_params(r, r->models, r->n_models, tensor_name, NULL,
+    return recipe_fill_params(r, NULL, r->models, r->n_models, tensor_name, NULL,
                               ms_recipe_tensor_t(tensor_name, num_hidden_layers), out, err);
 }
 
@@ -389,7 +410,7 @@ int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char
     MS_ASSERT(r->has_slices && slice < r->n_slices && out_name && t >= 0.0 && t <= 1.0);
     const ms_recipe_slice *sl = &r->slices[slice];
     MS_ASSERT(sl->first_model + sl->n_models <= r->n_models);
-    return recipe_fill_params(r, r->models + sl->first_model, sl->n_models, out_name, src_names, t, out,
+    return recipe_fill_params(r, sl, r->models + sl->first_model, sl->n_models, out_name, src_names, t, out,
                               err);
 }
 
@@ -399,5 +420,6 @@ int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, co
     MS_ASSERT(model < r->n_models && ms_method_takes(r->method, id));
     recipe_source src;
     double t = ms_recipe_tensor_t(tensor_name, num_hidden_layers);
-    return recipe_resolve_checked(r, &r->models[model], id, tensor_name, t, out, &src, err);
+    const ms_recipe_model *m = &r->models[model];
+    return recipe_resolve_checked(r, recipe_model_slice(r, m), m, id, tensor_name, t, out, &src, err);
 }

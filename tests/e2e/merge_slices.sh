@@ -1,8 +1,10 @@
 # slices with several sources merged by the recipe's method (ties, dare_ties,
 # slerp, linear), checked against the same merge done on whole models: a
 # slice over every layer, and slices of one layer each, give the whole-model
-# merge's bytes; a slice that starts later renumbers its layers; the slice
-# errors a user meets (exit 2, the key and its line).
+# merge's bytes; a slice that starts later renumbers its layers; a slice's
+# own parameters, t and base_model (mergekit's per-slice keys) give the same
+# bytes as the equivalent per-source or whole-model recipe; the slice errors
+# a user meets (exit 2, the key and its line).
 source "$(dirname "$0")/lib.bash"
 
 M="$WORK/models"
@@ -176,6 +178,105 @@ printf 'merge_method: linear\nmodels:\n  - {model: ./models/ft1, parameters: {we
 merge lin; merge lin1
 hashes "$WORK/lin1" | diff - <(hashes "$WORK/lin") > /dev/null || fail "linear over one full slice differs from the whole-model linear"
 
+# a slice's own parameters (mergekit: the source's, then the slice's, then the
+# top level's): the same numbers given per slice == ties2's per-source ones ==
+# the whole-model merge; the wrong top-level values must lose to them
+cat > "$WORK/ties3.yml" <<'EOR'
+merge_method: ties
+base_model: ./models/base
+slices:
+  - sources:
+      - {model: ./models/base, layer_range: [0, 1]}
+      - {model: ./models/ft1, layer_range: [0, 1]}
+      - {model: ./models/ft2, layer_range: [0, 1], parameters: {weight: 0.4, density: 0.7}}
+    parameters: {weight: 0.6, density: 0.5, lambda: 0.9}
+    residual_weight: 0.5
+  - sources:
+      - {model: ./models/base, layer_range: [1, 2]}
+      - {model: ./models/ft1, layer_range: [1, 2], parameters: {density: 0.5}}
+      - {model: ./models/ft2, layer_range: [1, 2], parameters: {weight: 0.4}}
+    parameters:
+      weight: [0.6, 0.6]
+      density:
+        - filter: no_such_tensor
+          value: 0.1
+        - value: 0.7
+      lambda: 0.9
+parameters: {lambda: 0.5, weight: 3, density: 0.2}
+EOR
+"$MS_BIN" merge "$WORK/ties3.yml" -o "$WORK/ties3" 2> "$WORK/ties3.err" || { cat "$WORK/ties3.err" >&2; fail "ties3 failed"; }
+grep -q "ties3.yml:9: residual_weight in slices\[0\] has no effect" "$WORK/ties3.err" || fail "ties3: no residual_weight warning naming its line"
+"$MS_BIN" verify "$WORK/ties3" --quiet
+hashes "$WORK/ties3" | diff - "$WORK/ties.h" > /dev/null || fail "ties with per-slice parameters differs from the whole-model ties"
+same_bytes "$WORK/ties2" "$WORK/ties3"
+
+# slerp's t per slice (no top-level t): scalars in two one-layer slices, or a
+# gradient over one two-layer slice (t = 0 at its first layer, 1 at its last),
+# give layer 0 and the embeddings of the whole-model slerp at t = 0.3 and layer
+# 1, the final norm and lm_head of the one at t = 0.6
+printf 'merge_method: slerp\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\nparameters: {t: 0.6}\n' > "$WORK/slerpd.yml"
+cat > "$WORK/slerp3.yml" <<'EOR'
+merge_method: slerp
+base_model: ./models/base
+slices:
+  - sources:
+      - {model: ./models/base, layer_range: [0, 1]}
+      - {model: ./models/ft1, layer_range: [0, 1]}
+    parameters: {t: 0.3}
+  - sources:
+      - {model: ./models/base, layer_range: [1, 2]}
+      - {model: ./models/ft1, layer_range: [1, 2]}
+    parameters: {t: 0.6}
+EOR
+cat > "$WORK/slerp4.yml" <<'EOR'
+merge_method: slerp
+base_model: ./models/base
+slices:
+  - sources:
+      - {model: ./models/base, layer_range: [0, 2]}
+      - {model: ./models/ft1, layer_range: [0, 2]}
+    parameters:
+      t: [0.3, 0.6]
+parameters: {t: 0.95}
+EOR
+merge slerpd; merge slerp3; merge slerp4
+hashes "$WORK/slerpc" > "$WORK/slerpc.h"; hashes "$WORK/slerpd" > "$WORK/slerpd.h"
+{ grep -E '^(model\.layers\.0\.|model\.embed_tokens)' "$WORK/slerpc.h"
+  grep -vE '^(model\.layers\.0\.|model\.embed_tokens)' "$WORK/slerpd.h"; } | sort > "$WORK/slerp34.want"
+[ "$(grep -c '^model\.layers\.1\.' "$WORK/slerp34.want")" -gt 5 ] && grep -q '^lm_head' "$WORK/slerp34.want" ||
+  fail "slerp34: the reference lacks layer 1 or lm_head"
+cmp -s "$WORK/slerpc.h" "$WORK/slerpd.h" && fail "slerp at t = 0.3 and t = 0.6 give the same tensors: the check proves nothing"
+hashes "$WORK/slerp3" | diff - "$WORK/slerp34.want" > /dev/null || fail "slerp with t per slice differs from the whole-model slerps"
+hashes "$WORK/slerp4" | diff - "$WORK/slerp34.want" > /dev/null || fail "slerp with a per-slice gradient differs from the whole-model slerps"
+
+# a slice's own base_model: its source that is that model gives the base; the
+# top-level base (here a wrong one, or none) takes no part == the whole-model
+# ties on ft2's base
+cat > "$WORK/tiesb.yml" <<'EOR'
+merge_method: ties
+base_model: ./models/ft2
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.6, density: 0.5}
+out_dtype: float32
+EOR
+cat > "$WORK/tiesb1.yml" <<'EOR'
+merge_method: ties
+base_model: ./models/base
+slices:
+  - sources:
+      - {model: ./models/ft2, layer_range: [0, 2]}
+      - {model: ./models/ft1, layer_range: [0, 2], parameters: {weight: 0.6, density: 0.5}}
+    base_model: ./models/ft2
+out_dtype: float32
+EOR
+grep -v '^base_model' "$WORK/tiesb1.yml" > "$WORK/tiesb2.yml"
+merge tiesb; merge tiesb1; merge tiesb2
+hashes "$WORK/tiesb" > "$WORK/tiesb.h"
+hashes "$WORK/tiesb1" | diff - "$WORK/tiesb.h" > /dev/null || fail "ties with a slice's own base_model differs from the whole-model ties on that base"
+hashes "$WORK/tiesb2" | diff - "$WORK/tiesb.h" > /dev/null || fail "ties with only a slice's base_model differs from the whole-model ties on that base"
+diff <(hashes "$WORK/tiesb1") <(hashes "$WORK/ties") > /dev/null && fail "tiesb1 equals ties on the top-level base: the check proves nothing"
+
 # errors: exit 2, one line naming the key and its line
 cat > "$WORK/len.yml" <<'EOR'
 merge_method: ties
@@ -209,5 +310,25 @@ slices:
 EOR
 expect_fail 2 "oob.yml:4: slices\[0\] layer_range \[1, 3\) is out of bounds: './models/base' has 2 layers" \
   "$MS_BIN" merge "$WORK/oob.yml" -o "$WORK/o3"
-[ ! -e "$WORK/o1" ] && [ ! -e "$WORK/o2" ] && [ ! -e "$WORK/o3" ] || fail "a failed merge left an output"
+cat > "$WORK/skey.yml" <<'EOR'
+merge_method: ties
+base_model: ./models/base
+slices:
+  - sources:
+      - {model: ./models/base, layer_range: [0, 2]}
+      - {model: ./models/ft1, layer_range: [0, 2], parameters: {weight: 1}}
+    layers: 2
+EOR
+expect_fail 2 "skey.yml:7: unknown key 'layers' in slices\[0\]" "$MS_BIN" merge "$WORK/skey.yml" -o "$WORK/o4"
+cat > "$WORK/sbase.yml" <<'EOR'
+merge_method: ties
+slices:
+  - sources:
+      - {model: ./models/base, layer_range: [0, 2]}
+      - {model: ./models/ft1, layer_range: [0, 2], parameters: {weight: 1}}
+    base_model: ./models/ft2
+EOR
+expect_fail 2 "sbase.yml:3: slices\[0\] does not list the base_model './models/ft2'" "$MS_BIN" merge "$WORK/sbase.yml" -o "$WORK/o5"
+[ ! -e "$WORK/o1" ] && [ ! -e "$WORK/o2" ] && [ ! -e "$WORK/o3" ] && [ ! -e "$WORK/o4" ] && [ ! -e "$WORK/o5" ] ||
+  fail "a failed merge left an output"
 echo "merge_slices: ok"

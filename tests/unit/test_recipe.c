@@ -862,8 +862,8 @@ static void test_slices_errors(void **state)
                 Y("slices:")
                 Y("  - sources:")
                 Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
-                Y("    parameters: {weight: 1}"),
-                5, "unknown key 'parameters' in slices[0]", NULL);
+                Y("    layers: 2"),
+                5, "unknown key 'layers' in slices[0]", "expected sources, parameters, base_model");
     expect_fail(Y("merge_method: linear")
                 Y("slices:")
                 Y("  - sources:")
@@ -889,6 +889,337 @@ static void test_slices_errors(void **state)
                 Y("models:")
                 Y("  - model: models/ft1"),
                 2, "either slices or models", NULL);
+}
+
+/* mergekit's per-slice keys: a slice's parameters sit between its sources'
+ * and the top level's (ConfigReader.parameter), for per-model parameters
+ * (matched against the source's tensor name) and global ones (the output's);
+ * gradients are read at the slice position t; residual_weight is accepted. */
+static void test_slices_slice_params(void **state)
+{
+    ms_recipe *r = load_ok(
+        Y("merge_method: ties")
+        Y("base_model: models/base")
+        Y("slices:")
+        Y("  - sources:")
+        Y("      - {model: models/base, layer_range: [0, 2]}")
+        Y("      - {model: models/ft1, layer_range: [0, 2], parameters: {weight: 0.9}}")
+        Y("      - {model: models/ft2, layer_range: [1, 3]}")
+        Y("    parameters:")
+        Y("      weight:")
+        Y("        - filter: layers.1.")
+        Y("          value: [0.2, 0.6]")
+        Y("      density: 0.3")
+        Y("      lambda:")
+        Y("        - filter: layers.0.")
+        Y("          value: [1.0, 3.0]")
+        Y("    residual_weight: 0.5")
+        Y("  - sources:")
+        Y("      - {model: models/base, layer_range: [2, 3]}")
+        Y("      - {model: models/ft2, layer_range: [2, 3]}")
+        Y("parameters: {weight: 0.1, density: 0.8, lambda: 2}"));
+    assert_int_equal(r->n_slices, 2);
+    const ms_recipe_slice *s0 = &r->slices[0], *s1 = &r->slices[1];
+    assert_true(s0->params[MS_PARAM_WEIGHT].present && s0->params[MS_PARAM_WEIGHT].line == 9);
+    assert_int_equal(s0->params[MS_PARAM_WEIGHT].n_conds, 1);
+    assert_true(s0->params[MS_PARAM_DENSITY].present && s0->params[MS_PARAM_DENSITY].line == 12);
+    assert_true(s0->params[MS_PARAM_LAMBDA].present && !s0->params[MS_PARAM_GAMMA].present);
+    assert_false(s1->params[MS_PARAM_WEIGHT].present || s1->params[MS_PARAM_DENSITY].present);
+    assert_true(s0->has_base && !s0->base_override && !s0->base_name && s0->base_key_line == 0);
+    for (int trial = 0; trial < 20; trial++) {
+        double t = trial == 0 ? 0.0 : trial == 1 ? 1.0 : rnd_unit();
+        /* output layer 0: ft1's and ft2's layers 0 and 1 */
+        const char *src0[] = {"model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"};
+        ms_tensor_params tp = slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", src0, t);
+        assert_int_equal(tp.n_models, 2);
+        assert_true(tp.has_base);
+        assert_true(tp.weight[1] == 0.9f);                               /* the source's own */
+        assert_true(tp.weight[2] == (float)((1.0 - t) * 0.2 + t * 0.6)); /* the slice's, its source's name */
+        assert_true(tp.density[1] == 0.3 && tp.density[2] == 0.3);       /* the slice's over the top level's */
+        assert_true(tp.lambda == (float)((1.0 - t) * 1.0 + t * 3.0));    /* global: the output's name */
+        assert_rest_zero(&tp);
+        /* output layer 1: ft2's layer 2 misses the slice's filter: the top level's */
+        const char *src1[] = {"model.layers.1.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight"};
+        tp = slice_params_ok(r, 0, "model.layers.1.mlp.up_proj.weight", src1, t);
+        assert_true(tp.weight[1] == 0.9f && tp.weight[2] == 0.1f);
+        assert_true(tp.density[2] == 0.3 && tp.lambda == 2.0f);
+        /* the slice's per-model filter is matched against the source's name, not the output's */
+        const char *src2[] = {"model.layers.1.mlp.up_proj.weight", NULL};
+        tp = slice_params_ok(r, 0, "model.layers.1.mlp.up_proj.weight", src2, t);
+        assert_true(tp.weight[2] == (float)((1.0 - t) * 0.2 + t * 0.6));
+    }
+    /* slice 1 has no parameters: the top level's */
+    ms_tensor_params tp = slice_params_ok(r, 1, "model.norm.weight", NULL, 1.0);
+    assert_int_equal(tp.n_models, 1);
+    assert_true(tp.weight[1] == 0.1f && tp.density[1] == 0.8 && tp.lambda == 2.0f);
+    ms_recipe_free(r);
+
+    /* slerp: t per slice, no top-level t; a top-level t fills slices without one */
+    r = load_ok(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 2]}")
+                Y("      - {model: models/ft1, layer_range: [0, 2]}")
+                Y("    parameters: {t: [0.0, 0.5]}")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [2, 3]}")
+                Y("      - {model: models/ft1, layer_range: [2, 3]}")
+                Y("    parameters: {t: 0.7}"));
+    assert_false(r->params[MS_PARAM_T].present);
+    tp = slice_params_ok(r, 0, "model.layers.1.self_attn.q_proj.weight", NULL, 1.0);
+    assert_true(tp.t == 0.5);
+    tp = slice_params_ok(r, 0, "model.embed_tokens.weight", NULL, 0.0);
+    assert_true(tp.t == 0.0);
+    tp = slice_params_ok(r, 1, "model.layers.2.self_attn.q_proj.weight", NULL, 1.0);
+    assert_true(tp.t == 0.7);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("    parameters: {t: 0.25}")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [1, 2]}")
+                Y("      - {model: models/ft1, layer_range: [1, 2]}")
+                Y("parameters: {t: 0.75}"));
+    assert_true(slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 1.0).t == 0.25);
+    assert_true(slice_params_ok(r, 1, "model.layers.1.mlp.up_proj.weight", NULL, 1.0).t == 0.75);
+    ms_recipe_free(r);
+
+    /* linear: a slice's weight stands in for its sources' */
+    r = load_ok(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("      - {model: models/ft2, layer_range: [0, 1], parameters: {weight: 3}}")
+                Y("    parameters: {weight: 2, normalize: false}"));
+    tp = slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 1.0);
+    assert_true(tp.weight[1] == 2.0f && tp.weight[2] == 3.0f && !tp.normalize && !tp.has_base);
+    ms_recipe_free(r);
+
+    /* della: a slice's constant density and epsilon are checked at load, at the density's line */
+    expect_fail(Y("merge_method: della")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters:")
+                Y("      density: 0.1")
+                Y("      epsilon: 0.2")
+                Y("parameters: {density: 0.5}"),
+                8, "density - epsilon > 0", "slices[0].sources[1]");
+}
+
+/* A slice's own base_model: the source that is that model is the slice's
+ * base; the top-level base_model may then be left out, or be a merged
+ * source of that slice. */
+static void test_slices_slice_base(void **state)
+{
+    ms_recipe *r = load_ok(Y("merge_method: ties")
+                           Y("slices:")
+                           Y("  - sources:")
+                           Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                           Y("      - {model: models/ft3, layer_range: [1, 2]}")
+                           Y("    base_model: models/ft3")
+                           Y("  - sources:")
+                           Y("      - {model: models/ft2, layer_range: [1, 2]}")
+                           Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 2}}")
+                           Y("    base_model: models/ft2"));
+    assert_null(r->base_path);
+    assert_int_equal(r->n_models, 2);
+    const ms_recipe_slice *s0 = &r->slices[0], *s1 = &r->slices[1];
+    assert_true(s0->has_base && s0->base_override && s0->base_begin == 1 && s0->base_line == 5);
+    assert_int_equal(s0->base_key_line, 6);
+    assert_string_equal(s0->base_name, "models/ft3");
+    assert_path(s0->base_path, "models/ft3");
+    assert_null(s0->base_adapter_path);
+    assert_true(s1->has_base && s1->base_override && s1->n_models == 1 && s1->first_model == 1);
+    assert_string_equal(r->models[1].label, "slices[1].sources[1]");
+    ms_tensor_params tp = slice_params_ok(r, 1, "model.layers.1.mlp.up_proj.weight", NULL, 1.0);
+    assert_true(tp.has_base && tp.n_models == 1 && tp.weight[1] == 2.0f);
+    ms_recipe_free(r);
+
+    /* with a top-level base: a slice naming another base merges the top-level one as a source;
+     * a slice naming the top-level base changes nothing */
+    r = load_ok(Y("merge_method: task_arithmetic")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1], parameters: {weight: 0.5}}")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("    base_model: models/ft1")
+                Y("    parameters: {weight: 0.25}")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [1, 2]}")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 1}}")
+                Y("    base_model: models/base"));
+    assert_int_equal(r->n_models, 2);
+    assert_true(r->slices[0].base_override && r->slices[0].has_base && r->slices[0].n_models == 1);
+    assert_string_equal(r->models[0].label, "slices[0].sources[0]");
+    assert_string_equal(r->models[0].name, "models/base");
+    assert_false(r->slices[1].base_override);
+    assert_true(r->slices[1].has_base && r->slices[1].base_begin == 1);
+    tp = slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 0.0);
+    assert_true(tp.weight[1] == 0.5f && tp.has_base);
+    ms_recipe_free(r);
+
+    /* an optional base (nuslerp) named in one slice only */
+    r = load_ok(Y("merge_method: nuslerp")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/ft2, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("    base_model: models/base")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 1}}")
+                Y("      - {model: models/ft2, layer_range: [1, 2], parameters: {weight: 1}}"));
+    assert_true(r->slices[0].has_base && !r->slices[1].has_base);
+    assert_true(slice_params_ok(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 1.0).has_base);
+    assert_false(slice_params_ok(r, 1, "model.layers.1.mlp.up_proj.weight", NULL, 1.0).has_base);
+    ms_recipe_free(r);
+}
+
+static void test_slices_slice_key_errors(void **state)
+{
+    /* a slice's base_model that is none of its sources: the slice's line, naming it */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    base_model: models/ft3"),
+                4, "slices[0] does not list the base_model 'models/ft3'", NULL);
+    /* no base anywhere for a slice */
+    expect_fail(Y("merge_method: ties")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft3, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    base_model: models/ft3")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [1, 2], parameters: {weight: 1}}"),
+                7, "slices[1] has no base_model", "ties");
+    /* methods without a base refuse one per slice, at the key's line */
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    base_model: models/ft1"),
+                5, "base_model in slices[0]: merge_method 'linear' does not use a base model", NULL);
+    expect_fail(Y("merge_method: passthrough")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("    base_model: models/ft1"),
+                5, "base_model in slices[0]", "does not use a base model");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("    base_model: ./models/nope"),
+                6, "base_model in slices[0] path './models/nope' does not exist", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("    base_model:"),
+                6, "base_model in slices[0] has no value", NULL);
+    /* parameters: the same strictness as the top level's */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters:")
+                Y("      densty: 0.5"),
+                8, "unknown key 'densty' in slices[0].parameters", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters: {t: 0.5}"),
+                7, "parameter 't' in slices[0].parameters is not used by merge_method 'ties'", NULL);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters:")
+                Y("      density: 1.5"),
+                8, "'density' 1.5 in slices[0].parameters is out of range", NULL);
+    /* duplicate slice keys */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    parameters: {density: 0.5}")
+                Y("    parameters: {density: 0.6}"),
+                8, "duplicate key 'parameters' in slices[0]", NULL);
+    /* a required global parameter missing from one slice with no top-level fallback */
+    expect_fail(Y("merge_method: slerp")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("    parameters: {t: 0.5}")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [1, 2]}")
+                Y("      - {model: models/ft1, layer_range: [1, 2]}"),
+                8, "needs parameter 't'", "slices[1].parameters");
+    /* a weight missing from a source and its slice */
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                Y("    parameters: {weight: 1}")
+                Y("  - sources:")
+                Y("      - {model: models/ft1, layer_range: [1, 2]}"),
+                7, "slices[1].sources[0] ('models/ft1') has no weight", "slice's parameters");
+    /* residual_weight must still be a number */
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("slices:")
+                Y("  - sources:")
+                Y("      - {model: models/base, layer_range: [0, 1]}")
+                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                Y("    residual_weight: [1]"),
+                7, "residual_weight in slices[0] must be a number", NULL);
+    /* a slice that is not a map */
+    expect_fail(Y("merge_method: linear")
+                Y("slices:")
+                Y("  - [models/ft1]"),
+                3, "slices[0] must be a map with sources", NULL);
+    /* a slice's weight filters matching nothing for a tensor: an error naming the source and the tensor */
+    ms_recipe *r = load_ok(Y("merge_method: linear")
+                           Y("slices:")
+                           Y("  - sources:")
+                           Y("      - {model: models/ft1, layer_range: [0, 1]}")
+                           Y("    parameters:")
+                           Y("      weight:")
+                           Y("        - filter: self_attn")
+                           Y("          value: 1"));
+    ms_tensor_params tp;
+    ms_error err = {0};
+    assert_int_equal(ms_recipe_slice_tensor_params(r, 0, "model.layers.0.mlp.up_proj.weight", NULL, 1.0, &tp, &err), -1);
+    check_error(&err, r->source_path, MS_EXIT_USAGE, 4, "no weight for slices[0].sources[0]", "slice or top-level",
+                __LINE__);
+    assert_non_null(strstr(err.msg, "model.layers.0.mlp.up_proj.weight"));
+    ms_recipe_free(r);
 }
 
 /* ------------------------------------------------------------- the base */
@@ -1977,6 +2308,9 @@ int main(void)
         cmocka_unit_test(test_interp_errors),
         cmocka_unit_test(test_slices_merge),
         cmocka_unit_test(test_slices_errors),
+        cmocka_unit_test(test_slices_slice_params),
+        cmocka_unit_test(test_slices_slice_base),
+        cmocka_unit_test(test_slices_slice_key_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
