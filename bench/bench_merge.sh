@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
-#   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties] [--max-memory 1G] [--dir DIR] [-- MERGE_OPTIONS]
+#   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties|slerp|model_stock] [--max-memory 1G]
+#                        [--dir DIR] [--hot-only] [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
 # every input once, write one output-sized file, fsync) and the merge (TIES,
 # density 0.2, two fine-tunes), and prints one line each with seconds, GB/s,
 # the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
-# busy fractions. "cold" drops the page cache (needs root); otherwise "hot"
-# only. Needs a release build in build/.
+# busy fractions (compute: summed over the compute workers, so up to 2 with a
+# GPU). "cold" drops the page cache (needs root); otherwise, or with
+# --hot-only, "hot" only. Needs a release build in build/ (or $MS_BUILD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=()
+size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -20,6 +22,7 @@ while [ $# -gt 0 ]; do
     --method) method=$2; shift 2 ;;
     --max-memory) maxmem=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
+    --hot-only) hot_only=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -70,7 +73,7 @@ out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
 
 drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
 states=(hot)
-if [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
+if [ "$hot_only" = 0 ] && [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem"
 for state in "${states[@]}"; do

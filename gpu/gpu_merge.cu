@@ -36,6 +36,7 @@
  * nvcc gets --fmad=false and no fast-math flag; float division and double
  * arithmetic are IEEE round-to-nearest on the device. */
 #include "gpu/gpu_internal.h"
+#include "gpu/gpu_merge_interp.h"
 
 #include <inttypes.h>
 #include <string.h>
@@ -926,6 +927,15 @@ static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_pa
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len)
 {
+    if (gpu_interp_supports(p)) { /* the interpolation methods: gpu_merge_interp.cu */
+        cudaError_t rc = cudaSetDevice(b->device);
+        if (rc != cudaSuccess)
+            return gpu_backend_classify(b, rc, "cudaSetDevice", msg, msg_len);
+        gpu_lane *l = gpu_lane_acquire(b);
+        gpu_status status = gpu_interp_run_pass(b, l, p, st, pass, c, msg, msg_len);
+        gpu_lane_release(b, l);
+        return status;
+    }
     GPU_ASSERT(pass < st->n_passes);
     GPU_ASSERT(c->elem0 == st->next_elem);
     GPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
@@ -977,7 +987,7 @@ bool gpu_merge_supports(const ms_tensor_params *p)
     case MS_METHOD_DELLA_LINEAR:
         return true;
     default:
-        return false;
+        return gpu_interp_supports(p);
     }
 }
 
@@ -985,6 +995,8 @@ uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows)
 {
     if (!gpu_merge_supports(p))
         return UINT64_MAX;
+    if (gpu_interp_supports(p))
+        return gpu_interp_chunk_bytes(p, n_rows);
     if (n_rows == 0 || p->cols == 0)
         return 0;
     gm_plan pl;

@@ -7,7 +7,11 @@
 #      identity for every method (test_gpu_merge, test_gpu_merge_cli), the
 #      gpu_alloc fault walk and --gpu-memory-limit fallbacks
 #   3. a merge while another process holds nearly all GPU memory
-#   4. bench: TIES on a Llama-3.2-1B-shaped bf16 model: copy, CPU, GPU
+#   4. bench: TIES on a Llama-3.2-1B-shaped bf16 model: copy, CPU (all
+#      cores), GPU with two lanes (overlap) and with one; slerp and
+#      model_stock hot, CPU and GPU; hessian tokens/s against the GEMM peak
+# Every section appends to $OUT/summary.txt as it goes, so a run cut short
+# still reports what it did.
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
 # C libraries: carry their Debian packages in .devdeps/ (see README).
 set -uo pipefail
@@ -34,10 +38,11 @@ if cmake --build build-gpu -j "$(nproc)" > "$OUT/build.log" 2>&1; then note "bui
 ctest --test-dir build-gpu -j 8 --output-on-failure -LE slow > "$OUT/ctest.log" 2>&1
 note "tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
 grep -E "^\s+[0-9]+ - .*\((Failed|Skipped|Timeout)" "$OUT/ctest.log" | sed 's/^/  /' | tee -a "$summary"
-for t in test_gpu_device test_gpu_merge test_gpu_fallback gpu_test_gpu_merge_cli; do
+for t in $(ctest --test-dir build-gpu -N -L gpu | sed -nE 's/.*Test +#[0-9]+: ([^ ]+).*/\1/p'); do
   line=$(grep -E "Test +#[0-9]+: $t " "$OUT/ctest.log" | head -1 | sed 's/.*\.\.\.\s*//')
   note "  $t: ${line:-not run}"
 done
+note "tests done: $(( $(date +%s) - t0 )) s"
 
 bin=build-gpu/pipeline/mergestream gen=build-gpu/bench/gen_model
 B=/tmp/ms-bench/llama-1b  # shared with bench_merge.sh --preset llama-1b
@@ -66,9 +71,26 @@ if [ $rc -eq 0 ] && cmp -s $B/cpu/model.safetensors $B/hogged/model.safetensors;
 $bin merge $B/r.yml -o $B/gpu --device cuda --max-memory 8G --json --quiet --force > "$OUT/gpu.json"
 if cmp -s $B/cpu/model.safetensors $B/gpu/model.safetensors; then note "llama-1b TIES: GPU bytes == CPU bytes"; else note "llama-1b TIES: GPU BYTES DIFFER"; fi
 
+$bin merge $B/r.yml -o $B/gpu1 --device cuda --gpu-lanes 1 --max-memory 8G --quiet --force
+if cmp -s $B/cpu/model.safetensors $B/gpu1/model.safetensors; then note "  --gpu-lanes 1: same bytes"; else note "  --gpu-lanes 1: BYTES DIFFER"; fi
+rm -rf $B/cpu $B/gpu $B/gpu1 $B/hogged
+
+bench() { # LABEL BENCH_MERGE_ARGS...
+  MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench "${@:2}" 2>&1 \
+    | grep -E "cache=" | sed "s/^/  $1 /" | tee -a "$summary"
+}
 note "bench (TIES density 0.2, Llama-3.2-1B shapes, 3 x 2.47 GB bf16, --max-memory 8G):"
-for dev in cpu cuda; do
-  MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench -- --device $dev 2>&1 \
-    | grep -E "cache=" | sed "s/^/  device=$dev /" | tee -a "$summary"
+bench "device=cuda lanes=2" -- --device cuda
+bench "device=cuda lanes=1" --hot-only -- --device cuda --gpu-lanes 1
+bench "device=cpu($(nproc) cores)" -- --device cpu
+for m in slerp model_stock; do
+  note "bench ($m, hot):"
+  bench "device=cuda $m" --method $m --hot-only -- --device cuda
+  bench "device=cpu $m" --method $m --hot-only -- --device cpu
 done
+note "bench done: $(( $(date +%s) - t0 )) s"
+if [ -f tests/gpu/device_hessian.sh ]; then
+  note "hessian:"
+  bash tests/gpu/device_hessian.sh build-gpu 2>&1 | tee "$OUT/hessian.log" | grep -E "^(hessian|peak|perplexity)" | sed 's/^/  /' | tee -a "$summary"
+fi
 note "elapsed: $(( $(date +%s) - t0 )) s"

@@ -443,15 +443,21 @@ static void test_chunk_bytes_bound(void **state)
     memset(&empty, 0, sizeof empty);
     empty.n_models = 1;
     assert_int_equal(gpu_merge_chunk_bytes(&empty, 5), 0);
-    /* the task-vector methods run on the GPU, the others never */
+    /* the task-vector and most interpolation methods run on the GPU; sce,
+     * arcee_fusion, the Hessian-aware methods and passthrough never */
     for (int m = 0; m < MS_METHOD_COUNT; m++) {
         ms_tensor_params q;
         memset(&q, 0, sizeof q);
         q.method = (ms_method)m;
-        q.n_models = 1;
+        q.n_models = m == MS_METHOD_SLERP ? 1 : 2;
+        q.has_base = true;
         q.rows = 1;
         q.cols = q.numel = 10;
-        bool want = m <= MS_METHOD_DELLA_LINEAR;
+        for (unsigned i = 0; i <= q.n_models; i++)
+            q.in_dtype[i] = ST_BF16;
+        q.out_dtype = ST_BF16;
+        bool want = m <= MS_METHOD_DELLA_LINEAR ||
+                    (m >= MS_METHOD_SLERP && m <= MS_METHOD_RAMPLUS_TL && m != MS_METHOD_SCE);
         assert_int_equal(gpu_merge_supports(&q), want);
         if (!want)
             assert_true(gpu_merge_chunk_bytes(&q, 1) == UINT64_MAX);

@@ -1,0 +1,158 @@
+# The interpolation and model-soup methods the GPU computes
+# (gpu/gpu_merge_interp.cu: slerp, nuslerp in its three modes, multislerp,
+# karcher, model_stock with and without filter_wise, nearswap, ram,
+# ramplus_tl) through the real binary: --device cuda gives the bytes of
+# --device cpu, with tensors really placed on the GPU, for the whole tensors
+# and under a --max-memory small enough that the large tensors are cut into
+# row chunks (every statistics pass over several chunks). Exit 77 where no
+# GPU is usable.
+source "$(dirname "$0")/../e2e/lib.bash"
+
+M="$WORK/models"
+"$MS_GEN" base "$M/base" --preset small --dtype bf16 --seed 51
+"$MS_GEN" finetune "$M/base" "$M/ft1" --seed 52
+"$MS_GEN" finetune "$M/base" "$M/ft2" --seed 53 --dtype f16
+"$MS_GEN" finetune "$M/base" "$M/ft3" --seed 54 --dtype f32 --touched-fraction 0.3
+probe=$(printf 'merge_method: linear\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n')
+echo "$probe" > "$WORK/probe.yml"
+if ! "$MS_BIN" merge "$WORK/probe.yml" -o "$WORK/probe" --device cuda --quiet 2> "$WORK/probe.err"; then
+  echo "SKIP: $(cat "$WORK/probe.err")"
+  exit 77
+fi
+
+write_recipe() { cat > "$WORK/$1.yml"; } # NAME, the recipe on stdin
+
+write_recipe slerp <<'EOR'
+merge_method: slerp
+base_model: ./models/base
+models:
+  - model: ./models/base
+  - model: ./models/ft1
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+EOR
+write_recipe nuslerp <<'EOR'
+merge_method: nuslerp
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.4}
+  - model: ./models/ft2
+    parameters: {weight: 0.6}
+EOR
+write_recipe nuslerp_rows <<'EOR'
+merge_method: nuslerp
+models:
+  - model: ./models/ft1
+    parameters: {weight: [0.2, 0.8]}
+  - model: ./models/ft3
+    parameters: {weight: 1}
+parameters: {nuslerp_flatten: false}
+out_dtype: float32
+EOR
+write_recipe nuslerp_cols <<'EOR'
+merge_method: nuslerp
+base_model: ./models/base
+models:
+  - model: ./models/ft2
+    parameters: {weight: 1}
+  - model: ./models/ft3
+    parameters: {weight: 1}
+parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}
+EOR
+write_recipe multislerp <<'EOR'
+merge_method: multislerp
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 1}
+  - model: ./models/ft2
+    parameters: {weight: 0.5}
+  - model: ./models/ft3
+    parameters: {weight: 0.25}
+EOR
+write_recipe karcher <<'EOR'
+merge_method: karcher
+models:
+  - model: ./models/ft1
+  - model: ./models/ft2
+  - model: ./models/ft3
+parameters:
+  max_iter: 50
+  tol: 1e-9
+dtype: float16
+EOR
+write_recipe model_stock <<'EOR'
+merge_method: model_stock
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+  - model: ./models/ft2
+  - model: ./models/ft3
+dtype: bfloat16
+EOR
+write_recipe model_stock_fw <<'EOR'
+merge_method: model_stock
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+  - model: ./models/ft2
+parameters: {filter_wise: true}
+EOR
+write_recipe nearswap <<'EOR'
+merge_method: nearswap
+base_model: ./models/base
+models:
+  - model: ./models/ft2
+parameters: {t: 0.0005}
+EOR
+write_recipe ram <<'EOR'
+merge_method: ram
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+  - model: ./models/ft3
+EOR
+write_recipe ramplus_tl <<'EOR'
+merge_method: ramplus_tl
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+  - model: ./models/ft3
+parameters: {epsilon: 1e-4, r: 0.5}
+EOR
+
+ALL="slerp nuslerp nuslerp_rows nuslerp_cols multislerp karcher model_stock model_stock_fw nearswap ram ramplus_tl"
+for m in $ALL; do
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"
+  grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "$m: nothing ran on the GPU"
+  same_bytes "$WORK/cpu_$m" "$WORK/gpu_$m"
+  # chunked: the smallest budget the merge accepts cuts the large tensors
+  # into row chunks on the GPU side
+  done_m=
+  for mb in $(seq 26 48); do
+    rc=0
+    "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory ${mb}M --threads 2 --json --quiet \
+      > "$WORK/gpuc.json" 2> "$WORK/gpuc.err" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      grep -q "max-memory is too small" "$WORK/gpuc.err" || { cat "$WORK/gpuc.err" >&2; fail "$m: ${mb}M"; }
+      rm -rf "$WORK/gpuc_$m"
+      continue
+    fi
+    grep -qE '"tensors_chunked":[[:space:]]*0,' "$WORK/gpuc.json" && fail "$m: --max-memory ${mb}M chunked nothing"
+    grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpuc.json" || fail "$m: chunked, nothing ran on the GPU"
+    same_bytes "$WORK/cpu_$m" "$WORK/gpuc_$m"
+    done_m=1
+    break
+  done
+  [ -n "$done_m" ] || fail "$m: no budget from 26M to 48M was accepted"
+  echo "$m: GPU bytes == CPU bytes (whole and chunked)"
+done
+echo "test_gpu_interp_cli: ok"
