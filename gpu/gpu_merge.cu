@@ -36,6 +36,7 @@
  * nvcc gets --fmad=false and no fast-math flag; float division and double
  * arithmetic are IEEE round-to-nearest on the device. */
 #include "gpu/gpu_internal.h"
+#include "gpu/gpu_elem.cuh"
 #include "gpu/gpu_merge_interp.h"
 
 #include <inttypes.h>
@@ -326,34 +327,15 @@ __device__ __forceinline__ uint64_t gm_min(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
-/* Element j of a chunk buffer of dtype dt widened to fp32 (as cpu load_f32). */
-__device__ __forceinline__ float gm_load(const void *p, int dt, uint64_t j)
-{
-    if (dt == ST_F32)
-        return ms_f32_from_bits(((const uint32_t *)p)[j]);
-    uint16_t h = ((const uint16_t *)p)[j];
-    return dt == ST_BF16 ? ms_bf16_to_f32(h) : ms_f16_to_f32(h);
-}
-
-__device__ __forceinline__ void gm_store(void *p, int dt, uint64_t j, float v)
-{
-    if (dt == ST_F32)
-        ((uint32_t *)p)[j] = ms_merge_store_f32(v);
-    else if (dt == ST_BF16)
-        ((uint16_t *)p)[j] = ms_merge_store_bf16(v);
-    else
-        ((uint16_t *)p)[j] = ms_merge_store_f16(v);
-}
-
 __device__ __forceinline__ float gm_base(const gm_args &a, uint64_t j)
 {
-    return gm_load(a.base, a.base_dtype, j);
+    return gpu_load(a.base, a.base_dtype, j);
 }
 
 /* Model i's delta of chunk element j (base value b). */
 __device__ __forceinline__ float gm_delta(const gm_args &a, unsigned i, uint64_t j, float b)
 {
-    return ms_merge_delta(gm_load(a.m[i].in, a.m[i].dtype, j), b);
+    return ms_merge_delta(gpu_load(a.m[i].in, a.m[i].dtype, j), b);
 }
 
 /* Model i's keep flag of chunk element j: computed for ALL, NONE, RANDOM,
@@ -629,7 +611,7 @@ __global__ void k_apply(const __grid_constant__ gm_args a)
         if (a.linear) {
             float X[MS_MAX_MODELS];
             for (unsigned i = 1; i <= a.n_models; i++)
-                X[i - 1] = gm_load(a.m[i].in, a.m[i].dtype, j);
+                X[i - 1] = gpu_load(a.m[i].in, a.m[i].dtype, j);
             v = ms_merge_linear(X, 1, a.w, a.n_models, a.normalize, a.wsum);
         } else {
             float b = gm_base(a, j);
@@ -640,7 +622,7 @@ __global__ void k_apply(const __grid_constant__ gm_args a)
             }
             v = ms_merge_combine(b, W, 1, a.w, a.n_models, a.consensus, a.normalize, a.lambda);
         }
-        gm_store(a.out, a.out_dtype, j, v);
+        gpu_store(a.out, a.out_dtype, j, v);
     }
 }
 

@@ -50,6 +50,7 @@ extern "C" {
 #include "pipeline/merge_passes_interp.h"
 }
 
+#include "gpu/gpu_elem.cuh"
 #include "gpu/gpu_merge_interp.h"
 
 #define GI_THREADS 256u            /* threads per block of the element kernels */
@@ -337,28 +338,9 @@ typedef struct gi_args {
 
 static_assert(sizeof(gi_args) <= 4000, "kernel parameters are limited to 4 KiB");
 
-/* Element j of a chunk buffer of dtype dt widened to fp32 (as cpu ix_load). */
-__device__ __forceinline__ float gi_load(const void *p, int dt, uint64_t j)
-{
-    if (dt == ST_F32)
-        return ms_f32_from_bits(((const uint32_t *)p)[j]);
-    uint16_t h = ((const uint16_t *)p)[j];
-    return dt == ST_BF16 ? ms_bf16_to_f32(h) : ms_f16_to_f32(h);
-}
-
-__device__ __forceinline__ void gi_store(void *p, int dt, uint64_t j, float v)
-{
-    if (dt == ST_F32)
-        ((uint32_t *)p)[j] = ms_merge_store_f32(v);
-    else if (dt == ST_BF16)
-        ((uint16_t *)p)[j] = ms_merge_store_bf16(v);
-    else
-        ((uint16_t *)p)[j] = ms_merge_store_f16(v);
-}
-
 __device__ __forceinline__ float gi_slot(const gi_args &a, unsigned slot, uint64_t j)
 {
-    return gi_load(a.in[slot], a.dtype[slot], j);
+    return gpu_load(a.in[slot], a.dtype[slot], j);
 }
 
 /* Vector k at chunk element j (base b: the base's element, read only for
@@ -580,7 +562,7 @@ __global__ void k_apply(const __grid_constant__ gi_args a)
             v = 0.0f;
             break;
         }
-        gi_store(a.out, a.out_dtype, j, v);
+        gpu_store(a.out, a.out_dtype, j, v);
     }
 }
 
