@@ -7,9 +7,15 @@
  * nuslerp rows, model_stock filter_wise, arcee_fusion) or column ranges
  * (nuslerp columns). A task walks its range in tiles of IX_TILE elements
  * with separate loops per step. Every fp64 sum is sequential inside its
- * block (or row, or column) and owned by one task; several equal-length
- * blocks or rows are summed side by side as "lanes" so the additions'
- * latency overlaps without changing any sum's order. */
+ * block (or row, or column) and owned by one task; up to eight
+ * equal-length blocks or rows are summed side by side as "lanes", four to
+ * a vector of doubles (element j of four lanes transposed into one
+ * vector), so the additions' latency overlaps without changing any sum's
+ * order. A group reads at most about IX_STREAMS input streams at once.
+ *
+ * The hot loops (load, Gram, APPLY, store) are cloned for AVX-512 and AVX2
+ * and gcc vectorises them; without contraction every clone performs the
+ * same IEEE operations in the same order, so all write the same bits. */
 #include "cpu/cpu_merge_interp.h"
 
 #include <errno.h>
@@ -23,10 +29,27 @@
 #include "pipeline/merge_passes_interp.h"
 
 #define IX_TILE 1024u                         /* elements per tile */
-#define IX_LANES 4u                           /* blocks or rows summed side by side */
+#define IX_QUAD 4u                            /* lanes per vector of doubles */
+#define IX_LANES 8u                           /* blocks or rows summed side by side, at most: two quads */
+#define IX_STREAMS 16u                        /* input streams of one Gram group: past about 16 the
+                                                 hardware prefetchers stop following (3x slower) */
+#define IX_GRAM_TILE 128u                     /* elements per lane and Gram tile: the lanes' vectors fit L1 */
 #define IX_TASKS_PER_WORKER 4u                /* load balance */
 #define IX_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* 2^24 */
 #define IX_ALIGN 64u
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define IX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define IX_CLONES
+#endif
+/* Helpers of the cloned loops: inlined, so they compile for each clone's ISA. */
+#define IX_INLINE static inline __attribute__((always_inline))
+
+/* A quad of lanes: fp64 elements, their transposes and sums (gcc's generic
+ * vectors: one register with AVX2, two with SSE2). */
+typedef double ix_v4d __attribute__((vector_size(32)));
+typedef int64_t ix_v4l __attribute__((vector_size(32)));
 
 /* Window size; only cpu_merge_interp_set_window_for_tests changes it. */
 static uint64_t g_window = IX_WINDOW_ELEMS;
@@ -58,7 +81,8 @@ static uint64_t ix_min(uint64_t a, uint64_t b)
 
 /* One worker's private buffers. */
 typedef struct ix_scratch {
-    float *v;         /* [IX_LANES][nb][IX_TILE]: lane l, buffer k at v + (l * nb + k) * IX_TILE */
+    float *v;         /* nb * IX_LANES * IX_GRAM_TILE doubles: tiles [nb][IX_TILE] floats (ix_buf),
+                         or Gram lanes [IX_LANES][nb][IX_GRAM_TILE] doubles (gram_buf) */
     float *out;       /* [IX_TILE] */
     uint32_t *key;    /* [IX_TILE] */
     uint8_t *keep;    /* [IX_TILE] */
@@ -132,7 +156,7 @@ static bool layout_compute(const ms_tensor_params *p, unsigned n_workers, ix_lay
     if (ranks)
         lay->hist_words = ranks * MS_MERGE_LO_BINS > MS_INTERP_HI_BINS ? ranks * MS_MERGE_LO_BINS : MS_INTERP_HI_BINS;
     uint64_t w = 0;
-    bool ok = layout_add(&w, (uint64_t)IX_LANES * lay->nb * IX_TILE, sizeof(float)) &&
+    bool ok = layout_add(&w, (uint64_t)lay->nb * IX_LANES * IX_GRAM_TILE, sizeof(double)) &&
               layout_add(&w, IX_TILE, sizeof(float)) && layout_add(&w, IX_TILE, sizeof(uint32_t)) &&
               layout_add(&w, IX_TILE, 1) && layout_add(&w, lay->max_segs * lay->q, sizeof(double)) &&
               layout_add(&w, lay->max_segs, sizeof(uint64_t)) && layout_add(&w, 2 * lay->row_cols, sizeof(double)) &&
@@ -198,7 +222,7 @@ static int ctx_alloc(ix_ctx *x)
         ptr = (type *)(q + o);                                                                             \
         o += align_up((uint64_t)(count) * sizeof(type));                                                   \
     } while (0)
-        CARVE(s->v, float, (uint64_t)IX_LANES * lay->nb * IX_TILE);
+        CARVE(s->v, float, (uint64_t)lay->nb * IX_LANES * IX_GRAM_TILE * 2); /* doubles */
         CARVE(s->out, float, IX_TILE);
         CARVE(s->key, uint32_t, IX_TILE);
         CARVE(s->keep, uint8_t, IX_TILE);
@@ -218,58 +242,73 @@ static int ctx_alloc(ix_ctx *x)
     return 0;
 }
 
-/* Tile buffer k of lane l. */
-static float *ix_buf(const ix_ctx *x, const ix_scratch *s, unsigned lane, unsigned k)
+/* Tile buffer k (IX_TILE floats) of an element or row tile. */
+static float *ix_buf(const ix_ctx *x, const ix_scratch *s, unsigned k)
 {
-    return s->v + ((size_t)lane * x->lay.nb + k) * IX_TILE;
+    (void)x;
+    return s->v + (size_t)k * IX_TILE;
+}
+
+/* Gram buffer k (IX_GRAM_TILE doubles) of lane l. */
+static double *gram_buf(const ix_ctx *x, const ix_scratch *s, unsigned lane, unsigned k)
+{
+    return (double *)s->v + ((size_t)lane * x->lay.nb + k) * IX_GRAM_TILE;
 }
 
 /* ========================================================= load / store */
 
-/* dst[j] = input slot's element e + j, widened to fp32. */
-static void ix_load(const ix_ctx *x, unsigned slot, uint64_t e, size_t n, float *dst)
+/* dst[j] = element j of raw little-endian src of dtype dt, widened to fp32
+ * (ms_bf16_to_f32 / ms_f16_to_f32 bit for bit: the bf16 quieting as a mask,
+ * so the loop vectorises). */
+IX_INLINE void ix_widen(float *restrict dst, const unsigned char *restrict src, st_dtype dt, size_t n)
 {
-    uint64_t off = e - x->c->elem0;
-    const unsigned char *src = x->c->in[slot];
-    switch (x->p->in_dtype[slot]) {
+    switch (dt) {
     case ST_F32:
-        memcpy(dst, src + off * 4, n * sizeof(float));
+        memcpy(dst, src, n * sizeof(float));
         break;
-    case ST_BF16: {
-        const unsigned char *s = src + off * 2;
+    case ST_BF16:
         for (size_t j = 0; j < n; j++) {
             uint16_t h;
-            memcpy(&h, s + 2 * j, 2);
-            dst[j] = ms_bf16_to_f32(h);
+            memcpy(&h, src + 2 * j, 2);
+            uint32_t u = (uint32_t)h << 16;
+            uint32_t quiet = (0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u)) & 0x00400000u;
+            dst[j] = ms_f32_from_bits(u | quiet);
         }
         break;
-    }
-    case ST_F16: {
-        const unsigned char *s = src + off * 2;
+    case ST_F16:
         for (size_t j = 0; j < n; j++) {
             uint16_t h;
-            memcpy(&h, s + 2 * j, 2);
+            memcpy(&h, src + 2 * j, 2);
             dst[j] = ms_f16_to_f32(h);
         }
         break;
-    }
     default:
         IX_ASSERT(!"input dtype is not F16, BF16 or F32");
     }
 }
 
+/* dst[j] = input slot's element e + j, widened to fp32. */
+IX_INLINE void ix_load(const ix_ctx *x, unsigned slot, uint64_t e, size_t n, float *dst)
+{
+    uint64_t off = e - x->c->elem0;
+    st_dtype dt = x->p->in_dtype[slot];
+    const unsigned char *src = x->c->in[slot];
+    ix_widen(dst, src + off * (dt == ST_F32 ? 4 : 2), dt, n);
+}
+
 /* The task vector of slot i: d[j] = ms_merge_delta(load(i), base[j]). */
-static void ix_load_delta(const ix_ctx *x, unsigned slot, uint64_t e, size_t n, const float *base, float *d)
+IX_INLINE void ix_load_delta(const ix_ctx *x, unsigned slot, uint64_t e, size_t n, const float *restrict base,
+                             float *restrict d)
 {
     ix_load(x, slot, e, n, d);
     for (size_t j = 0; j < n; j++)
         d[j] = ms_merge_delta(d[j], base[j]);
 }
 
-static void ix_store(const ix_ctx *x, uint64_t e, const float *src, size_t n)
+IX_INLINE void ix_store(const ix_ctx *x, uint64_t e, const float *restrict src, size_t n)
 {
     uint64_t off = e - x->c->elem0;
-    unsigned char *dst = x->c->out;
+    unsigned char *restrict dst = x->c->out;
     switch (x->p->out_dtype) {
     case ST_F32:
         for (size_t j = 0; j < n; j++) {
@@ -344,16 +383,15 @@ static void part_cols(ix_ctx *x, uint64_t r0, uint64_t r1)
 
 /* ================================================================ Gram */
 
-/* The Gram vectors of elements [e, e + n) into lane buffers 0..K-1 (the
- * base, when task vectors are formed, in buffer nb - 1). */
-static void load_vecs(const ix_ctx *x, const ix_scratch *s, unsigned lane, uint64_t e, size_t n)
+/* The Gram vectors of elements [e, e + n) into v + k * stride for k < K
+ * (the base, when task vectors are formed, into base). */
+IX_INLINE void load_vecs(const ix_ctx *x, float *base, float *v, size_t stride, uint64_t e, size_t n)
 {
     const ms_interp_state *is = x->is;
-    float *base = ix_buf(x, s, lane, x->lay.nb - 1);
     if (is->vec_delta)
         ix_load(x, 0, e, n, base);
     for (unsigned k = 0; k < is->n_vecs; k++) {
-        float *dst = ix_buf(x, s, lane, k);
+        float *dst = v + k * stride;
         if (is->vec_delta)
             ix_load_delta(x, is->vec_slot[k], e, n, base, dst);
         else
@@ -361,86 +399,141 @@ static void load_vecs(const ix_ctx *x, const ix_scratch *s, unsigned lane, uint6
     }
 }
 
-/* acc[q] += sum over j of v_a[j] * v_b[j] for every pair (ms_interp_pair
- * order), sequentially in j. */
-static void gram_tile_k(const float *lane, unsigned K, size_t n, double *acc)
+/* Prefetches the inputs of the Gram vectors' elements [e, e + n). */
+IX_INLINE void prefetch_vecs(const ix_ctx *x, uint64_t e, size_t n)
 {
-    for (size_t j = 0; j < n; j++) {
-        unsigned q = 0;
-        for (unsigned a = 0; a < K; a++) {
-            double va = (double)lane[(size_t)a * IX_TILE + j];
-            for (unsigned b = a; b < K; b++, q++)
-                acc[q] = acc[q] + va * (double)lane[(size_t)b * IX_TILE + j];
-        }
+    const ms_interp_state *is = x->is;
+    uint64_t off = e - x->c->elem0;
+    for (unsigned k = 0; k <= is->n_vecs; k++) {
+        if (k == is->n_vecs && !is->vec_delta)
+            break;
+        unsigned slot = k < is->n_vecs ? is->vec_slot[k] : 0;
+        size_t size = x->p->in_dtype[slot] == ST_F32 ? 4 : 2;
+        const unsigned char *src = (const unsigned char *)x->c->in[slot] + off * size;
+        for (size_t b = 0; b < n * size; b += 64)
+            __builtin_prefetch(src + b);
     }
 }
 
-/* Two vectors, one lane: s00, s01, s11. */
-static void gram_tile_2(const float *lane, size_t n, double acc[3])
+/* Vector k of the Gram vectors of elements [e, e + n) widened to fp64 into
+ * dst + k * IX_GRAM_TILE, by way of s->out (the base, then each vector). */
+IX_INLINE void gram_load_lane(const ix_ctx *x, ix_scratch *s, double *restrict dst, uint64_t e, size_t n)
 {
-    const float *v0 = lane, *v1 = lane + IX_TILE;
-    double a00 = acc[0], a01 = acc[1], a11 = acc[2];
-    for (size_t j = 0; j < n; j++) {
-        double x0 = (double)v0[j], x1 = (double)v1[j];
-        a00 = a00 + x0 * x0;
-        a01 = a01 + x0 * x1;
-        a11 = a11 + x1 * x1;
-    }
-    acc[0] = a00;
-    acc[1] = a01;
-    acc[2] = a11;
-}
-
-/* Two vectors, four lanes side by side (twelve independent sums, so the
- * additions' latency overlaps; each sum adds its own lane's terms in index
- * order). */
-static void gram_tile_2x4(const float *const lane[IX_LANES], size_t n, double acc[IX_LANES][3])
-{
-    double a00[IX_LANES], a01[IX_LANES], a11[IX_LANES];
-    for (unsigned l = 0; l < IX_LANES; l++) {
-        a00[l] = acc[l][0];
-        a01[l] = acc[l][1];
-        a11[l] = acc[l][2];
-    }
-    for (size_t j = 0; j < n; j++) {
-        for (unsigned l = 0; l < IX_LANES; l++) {
-            double x0 = (double)lane[l][j], x1 = (double)lane[l][IX_TILE + j];
-            a00[l] = a00[l] + x0 * x0;
-            a01[l] = a01[l] + x0 * x1;
-            a11[l] = a11[l] + x1 * x1;
-        }
-    }
-    for (unsigned l = 0; l < IX_LANES; l++) {
-        acc[l][0] = a00[l];
-        acc[l][1] = a01[l];
-        acc[l][2] = a11[l];
+    const ms_interp_state *is = x->is;
+    float *base = s->out, *v = s->out + IX_GRAM_TILE;
+    if (is->vec_delta)
+        ix_load(x, 0, e, n, base);
+    for (unsigned k = 0; k < is->n_vecs; k++) {
+        if (is->vec_delta)
+            ix_load_delta(x, is->vec_slot[k], e, n, base, v);
+        else
+            ix_load(x, is->vec_slot[k], e, n, v);
+        double *restrict d = dst + (size_t)k * IX_GRAM_TILE;
+        for (size_t j = 0; j < n; j++)
+            d[j] = (double)v[j];
     }
 }
 
-/* Sequential sums over nseg segments [start[s], start[s] + len), each
- * continuing from acc[s * q ...]. */
-static void gram_run(const ix_ctx *x, const ix_scratch *s, const uint64_t *start, unsigned nseg, uint64_t len,
-                     double *acc)
+/* t[j][k] = (r[0][j], ..., r[3][j]): r[l] holds elements j0..j0+3 of lane
+ * l of a quad; t[j][k] holds element j0 + j of its four lanes (vector k). */
+IX_INLINE void ix_transpose4(const ix_v4d r[IX_QUAD], ix_v4d t[IX_QUAD][MS_INTERP_MAX_VECS], unsigned k)
 {
-    unsigned K = x->is->n_vecs, q = x->is->n_sums;
-    for (unsigned i = 0; i < nseg;) {
-        unsigned L = K == 2 && nseg - i >= IX_LANES ? IX_LANES : 1;
-        for (uint64_t off = 0; off < len; off += IX_TILE) {
-            size_t n = (size_t)ix_min(IX_TILE, len - off);
-            for (unsigned l = 0; l < L; l++)
-                load_vecs(x, s, l, start[i + l] + off, n);
-            if (L == IX_LANES) {
-                const float *lanes[IX_LANES];
-                for (unsigned l = 0; l < IX_LANES; l++)
-                    lanes[l] = ix_buf(x, s, l, 0);
-                gram_tile_2x4(lanes, n, (double(*)[3])(acc + (size_t)i * q));
-            } else if (K == 2) {
-                gram_tile_2(ix_buf(x, s, 0, 0), n, acc + (size_t)i * q);
-            } else {
-                gram_tile_k(ix_buf(x, s, 0, 0), K, n, acc + (size_t)i * q);
+    const ix_v4l lo = {0, 4, 2, 6}, hi = {1, 5, 3, 7}, lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
+    ix_v4d a0 = __builtin_shuffle(r[0], r[1], lo), a1 = __builtin_shuffle(r[0], r[1], hi);
+    ix_v4d a2 = __builtin_shuffle(r[2], r[3], lo), a3 = __builtin_shuffle(r[2], r[3], hi);
+    t[0][k] = __builtin_shuffle(a0, a2, lo2);
+    t[1][k] = __builtin_shuffle(a1, a3, lo2);
+    t[2][k] = __builtin_shuffle(a0, a2, hi2);
+    t[3][k] = __builtin_shuffle(a1, a3, hi2);
+}
+
+/* One element of a quad: acc[q] += v_a * v_b for every pair a <= b
+ * (ms_interp_pair order), lane by lane (the products of two values widened
+ * from fp32 are exact). */
+IX_INLINE void gram_step(const ix_v4d *v, unsigned K, ix_v4d *acc)
+{
+    unsigned q = 0;
+    for (unsigned a = 0; a < K; a++)
+        for (unsigned b = a; b < K; b++, q++)
+            acc[q] = acc[q] + v[a] * v[b];
+}
+
+/* Elements [0, n) of quads 0..H-1's Gram buffers (gram_buf) added to
+ * acc[h * q ...], each lane's sums sequentially in element order. */
+IX_INLINE void gram_quads(const ix_ctx *x, const ix_scratch *s, unsigned K, unsigned H, size_t n, ix_v4d *acc)
+{
+    unsigned q = K * (K + 1) / 2;
+    size_t j0 = 0;
+    for (; j0 + IX_QUAD <= n; j0 += IX_QUAD) {
+        for (unsigned h = 0; h < H; h++) {
+            ix_v4d t[IX_QUAD][MS_INTERP_MAX_VECS];
+            for (unsigned k = 0; k < K; k++) {
+                ix_v4d r[IX_QUAD];
+                for (unsigned l = 0; l < IX_QUAD; l++)
+                    memcpy(&r[l], gram_buf(x, s, h * IX_QUAD + l, k) + j0, sizeof r[l]);
+                ix_transpose4(r, t, k);
             }
+            for (unsigned j = 0; j < IX_QUAD; j++)
+                gram_step(t[j], K, acc + (size_t)h * q);
         }
-        i += L;
+    }
+    for (; j0 < n; j0++) {
+        for (unsigned h = 0; h < H; h++) {
+            ix_v4d v[MS_INTERP_MAX_VECS];
+            for (unsigned k = 0; k < K; k++) {
+                double e[IX_QUAD];
+                for (unsigned l = 0; l < IX_QUAD; l++)
+                    e[l] = gram_buf(x, s, h * IX_QUAD + l, k)[j0];
+                memcpy(&v[k], e, sizeof v[k]);
+            }
+            gram_step(v, K, acc + (size_t)h * q);
+        }
+    }
+}
+
+/* Lanes per Gram group: as many as keep the inputs read at once within
+ * IX_STREAMS, one quad or two. */
+static unsigned gram_group_lanes(const ms_interp_state *is)
+{
+    unsigned inputs = is->n_vecs + (is->vec_delta ? 1u : 0u);
+    unsigned g = IX_STREAMS / inputs;
+    return g >= IX_LANES ? IX_LANES : g > IX_QUAD ? IX_QUAD : g ? g : 1;
+}
+
+/* Sequential sums over nseg segments [start[i], start[i] + len), each
+ * continuing from acc[i * q ...]: a group of segments at a time as the
+ * lanes of one or two quads (a quad's missing lanes are zeros, their sums
+ * dropped). */
+IX_CLONES static void gram_run(const ix_ctx *x, ix_scratch *s, const uint64_t *start, unsigned nseg,
+                               uint64_t len, double *acc)
+{
+    unsigned K = x->is->n_vecs, q = x->is->n_sums, G = gram_group_lanes(x->is);
+    ix_v4d sum[2 * MS_INTERP_MAX_SUMS]; /* [quad][q] */
+    for (unsigned i = 0; i < nseg; i += G) {
+        unsigned g = (unsigned)ix_min(G, nseg - i), H = (g + IX_QUAD - 1) / IX_QUAD;
+        for (unsigned l = 0; l < H * IX_QUAD; l++)
+            for (unsigned p = 0; p < q; p++)
+                sum[(l / IX_QUAD) * q + p][l % IX_QUAD] = l < g ? acc[(size_t)(i + l) * q + p] : 0.0;
+        for (unsigned l = g; l < H * IX_QUAD; l++)
+            memset(gram_buf(x, s, l, 0), 0, (size_t)K * IX_GRAM_TILE * sizeof(double));
+        for (uint64_t off = 0; off < len; off += IX_GRAM_TILE) {
+            size_t n = (size_t)ix_min(IX_GRAM_TILE, len - off);
+            size_t next = off + IX_GRAM_TILE < len ? (size_t)ix_min(IX_GRAM_TILE, len - off - IX_GRAM_TILE) : 0;
+            for (unsigned l = 0; l < g; l++) {
+                if (next)
+                    prefetch_vecs(x, start[i + l] + off + IX_GRAM_TILE, next);
+                gram_load_lane(x, s, gram_buf(x, s, l, 0), start[i + l] + off, n);
+            }
+            if (K == 2 && H == 1) /* the common cases, their sums in registers */
+                gram_quads(x, s, 2, 1, n, sum);
+            else if (K == 2)
+                gram_quads(x, s, 2, 2, n, sum);
+            else
+                gram_quads(x, s, K, H, n, sum);
+        }
+        for (unsigned l = 0; l < g; l++)
+            for (unsigned p = 0; p < q; p++)
+                acc[(size_t)(i + l) * q + p] = sum[(l / IX_QUAD) * q + p][l % IX_QUAD];
     }
 }
 
@@ -532,7 +625,7 @@ static void task_line_rows(void *vx, unsigned task, unsigned worker)
 /* LINE_GRAM, columns: the task's columns over the window's rows, each
  * column's open 65,536-row block in line_open, added to line_sum when the
  * block completes. */
-static void task_line_cols(void *vx, unsigned task, unsigned worker)
+IX_CLONES static void task_line_cols(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
@@ -542,8 +635,8 @@ static void task_line_cols(void *vx, unsigned task, unsigned worker)
     for (uint64_t r = x->r0; r < x->r1; r++) {
         for (uint64_t cc = ca; cc < cb; cc += IX_TILE) {
             size_t n = (size_t)ix_min(IX_TILE, cb - cc);
-            load_vecs(x, s, 0, r * cols + cc, n);
-            const float *v0 = ix_buf(x, s, 0, 0), *v1 = ix_buf(x, s, 0, 1);
+            load_vecs(x, ix_buf(x, s, x->lay.nb - 1), ix_buf(x, s, 0), IX_TILE, r * cols + cc, n);
+            const float *v0 = ix_buf(x, s, 0), *v1 = ix_buf(x, s, 1);
             double *o = is->line_open + cc * 3;
             for (size_t j = 0; j < n; j++) {
                 double x0 = (double)v0[j], x1 = (double)v1[j];
@@ -570,11 +663,11 @@ static void task_line_cols(void *vx, unsigned task, unsigned worker)
 static void sce_keys(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n)
 {
     unsigned nm = x->p->n_models;
-    float *base = ix_buf(x, s, 0, 0);
+    float *base = ix_buf(x, s, 0);
     ix_load(x, 0, e, n, base);
     for (unsigned i = 1; i <= nm; i++)
-        ix_load_delta(x, i, e, n, base, ix_buf(x, s, 0, i));
-    const float *d = ix_buf(x, s, 0, 1);
+        ix_load_delta(x, i, e, n, base, ix_buf(x, s, i));
+    const float *d = ix_buf(x, s, 1);
     for (size_t j = 0; j < n; j++)
         s->key[j] = ms_merge_key(ms_interp_sce_var(d + j, IX_TILE, nm));
 }
@@ -614,14 +707,14 @@ static void sce_tau(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uint64
         sce_keys(x, s, e, n);
         sce_keep(x, s, n, pos);
     } else {
-        float *base = ix_buf(x, s, 0, 0);
+        float *base = ix_buf(x, s, 0);
         ix_load(x, 0, e, n, base);
         for (unsigned i = 1; i <= nm; i++)
-            ix_load_delta(x, i, e, n, base, ix_buf(x, s, 0, i));
+            ix_load_delta(x, i, e, n, base, ix_buf(x, s, i));
         memset(s->keep, is->sel == MS_INTERP_SEL_ALL, n);
     }
     for (unsigned i = 1; i <= nm; i++) {
-        float *d = ix_buf(x, s, 0, i);
+        float *d = ix_buf(x, s, i);
         for (size_t j = 0; j < n; j++)
             d[j] = d[j] * (s->keep[j] ? 1.0f : 0.0f);
     }
@@ -680,7 +773,7 @@ static void task_sumsq(void *vx, unsigned task, unsigned worker)
             size_t n = (size_t)ix_min(IX_TILE, sb - e);
             sce_tau(x, s, e, n, &pos);
             for (unsigned i = 1; i <= nm; i++) {
-                const float *t = ix_buf(x, s, 0, i);
+                const float *t = ix_buf(x, s, i);
                 double sum = acc[i - 1];
                 for (size_t k = 0; k < n; k++)
                     sum = sum + (double)t[k] * (double)t[k];
@@ -700,7 +793,7 @@ static double fusion_kl(const ix_ctx *x, ix_scratch *s, uint64_t r)
     float mx = 0.0f, mb = 0.0f;
     for (uint64_t c = 0; c < cols; c += IX_TILE) {
         size_t n = (size_t)ix_min(IX_TILE, cols - c);
-        float *tx = ix_buf(x, s, 0, 0), *tb = ix_buf(x, s, 0, 1);
+        float *tx = ix_buf(x, s, 0), *tb = ix_buf(x, s, 1);
         ix_load(x, 1, r * cols + c, n, tx);
         ix_load(x, 0, r * cols + c, n, tb);
         if (c == 0) {
@@ -747,7 +840,7 @@ static double fusion_kl(const ix_ctx *x, ix_scratch *s, uint64_t r)
  * the task vector in buffer 2, the importance in s->out. */
 static void fusion_importance(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, double kl)
 {
-    float *base = ix_buf(x, s, 0, 0), *d = ix_buf(x, s, 0, 2);
+    float *base = ix_buf(x, s, 0), *d = ix_buf(x, s, 2);
     ix_load(x, 0, e, n, base);
     ix_load_delta(x, 1, e, n, base, d);
     float k32 = (float)kl;
@@ -846,10 +939,10 @@ static void task_key_lo(void *vx, unsigned task, unsigned worker)
 /* The task vectors of [e, e + n) into buffers 1..n, the base in buffer 0. */
 static void load_deltas(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n)
 {
-    float *base = ix_buf(x, s, 0, 0);
+    float *base = ix_buf(x, s, 0);
     ix_load(x, 0, e, n, base);
     for (unsigned i = 1; i <= x->p->n_models; i++)
-        ix_load_delta(x, i, e, n, base, ix_buf(x, s, 0, i));
+        ix_load_delta(x, i, e, n, base, ix_buf(x, s, i));
 }
 
 /* COUNT: per model, elements that are nonzero and shared / unique. */
@@ -867,12 +960,12 @@ static void task_count(void *vx, unsigned task, unsigned worker)
         uint8_t *count = s->keep;
         memset(count, 0, n);
         for (unsigned i = 1; i <= nm; i++) {
-            const float *d = ix_buf(x, s, 0, i);
+            const float *d = ix_buf(x, s, i);
             for (size_t j = 0; j < n; j++)
                 count[j] += fabsf(d[j]) > eps[i];
         }
         for (unsigned i = 1; i <= nm; i++) {
-            const float *d = ix_buf(x, s, 0, i);
+            const float *d = ix_buf(x, s, i);
             uint64_t sh = 0, un = 0;
             for (size_t j = 0; j < n; j++) {
                 unsigned nz = fabsf(d[j]) > eps[i];
@@ -889,17 +982,17 @@ static void task_count(void *vx, unsigned task, unsigned worker)
 
 /* MIX over [e, e + n) with per-vector coefficients coef (the tensor's, or
  * a row's for LINE_MIX rows) into s->out. */
-static void tile_mix(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, const float *coef)
+IX_INLINE void tile_mix(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, const float *coef)
 {
     const ms_interp_state *is = x->is;
-    float *base = ix_buf(x, s, 0, x->lay.nb - 1), *out = s->out;
+    float *base = ix_buf(x, s, x->lay.nb - 1), *out = s->out;
     if (is->vec_delta || is->add_base)
         ix_load(x, 0, e, n, base);
     bool first = true;
     for (unsigned k = 0; k < is->n_vecs; k++) {
         if (!is->use[k])
             continue;
-        float *v = ix_buf(x, s, 0, k);
+        float *v = ix_buf(x, s, k);
         if (is->vec_delta)
             ix_load_delta(x, is->vec_slot[k], e, n, base, v);
         else
@@ -922,10 +1015,10 @@ static void tile_mix(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, const
 
 /* model_stock over [e, e + n): ms_interp_model_stock model-outer (the same
  * operations in the same order, in loops that vectorise). */
-static void tile_stock(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, float a, float b)
+IX_INLINE void tile_stock(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, float a, float b)
 {
     unsigned nm = x->p->n_models;
-    float *base = ix_buf(x, s, 0, 0), *xi = ix_buf(x, s, 0, 1), *mean = s->out;
+    float *base = ix_buf(x, s, 0), *xi = ix_buf(x, s, 1), *mean = s->out;
     ix_load(x, 0, e, n, base);
     ix_load(x, 1, e, n, mean);
     for (unsigned i = 2; i <= nm; i++) {
@@ -938,7 +1031,7 @@ static void tile_stock(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, flo
         mean[j] = a * (mean[j] / fn) + b * base[j];
 }
 
-static void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uint64_t *pos)
+IX_INLINE void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uint64_t *pos)
 {
     const ms_interp_state *is = x->is;
     const ms_tensor_params *p = x->p;
@@ -957,7 +1050,7 @@ static void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uin
         tile_stock(x, s, e, n, is->stock_a, is->stock_b);
         break;
     case MS_INTERP_APPLY_NEARSWAP: {
-        float *base = ix_buf(x, s, 0, 0), *xm = ix_buf(x, s, 0, 1);
+        float *base = ix_buf(x, s, 0), *xm = ix_buf(x, s, 1);
         ix_load(x, 0, e, n, base);
         ix_load(x, 1, e, n, xm);
         float t = (float)p->t;
@@ -967,14 +1060,14 @@ static void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uin
     }
     case MS_INTERP_APPLY_RAM: {
         load_deltas(x, s, e, n);
-        const float *base = ix_buf(x, s, 0, 0), *d = ix_buf(x, s, 0, 1);
+        const float *base = ix_buf(x, s, 0), *d = ix_buf(x, s, 1);
         for (size_t j = 0; j < n; j++)
             s->out[j] = ms_interp_ram(base[j], d + j, IX_TILE, &is->eps32[1], &is->lambda[1], nm);
         break;
     }
     case MS_INTERP_APPLY_SCE: {
         sce_tau(x, s, e, n, pos);
-        const float *base = ix_buf(x, s, 0, 0), *tau = ix_buf(x, s, 0, 1);
+        const float *base = ix_buf(x, s, 0), *tau = ix_buf(x, s, 1);
         for (size_t j = 0; j < n; j++)
             s->out[j] = ms_interp_sce_combine(base[j], tau + j, IX_TILE, &is->w[1], nm);
         break;
@@ -984,7 +1077,7 @@ static void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, uin
     }
 }
 
-static void task_apply(void *vx, unsigned task, unsigned worker)
+IX_CLONES static void task_apply(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
@@ -999,7 +1092,7 @@ static void task_apply(void *vx, unsigned task, unsigned worker)
 }
 
 /* LINE_MIX, one row: the row's coefficients, or each column's. */
-static void row_line_mix(const ix_ctx *x, ix_scratch *s, uint64_t r)
+IX_INLINE void row_line_mix(const ix_ctx *x, ix_scratch *s, uint64_t r)
 {
     const ms_interp_state *is = x->is;
     uint64_t cols = x->p->cols;
@@ -1009,11 +1102,11 @@ static void row_line_mix(const ix_ctx *x, ix_scratch *s, uint64_t r)
         if (!is->line_cols) {
             tile_mix(x, s, e, n, is->line_coef + r * 2);
         } else {
-            float *base = ix_buf(x, s, 0, x->lay.nb - 1), *out = s->out;
-            load_vecs(x, s, 0, e, n);
+            float *base = ix_buf(x, s, x->lay.nb - 1), *out = s->out;
+            load_vecs(x, base, ix_buf(x, s, 0), IX_TILE, e, n);
             if (is->add_base)
                 ix_load(x, 0, e, n, base);
-            const float *v0 = ix_buf(x, s, 0, 0), *v1 = ix_buf(x, s, 0, 1), *cf = is->line_coef + c * 2;
+            const float *v0 = ix_buf(x, s, 0), *v1 = ix_buf(x, s, 1), *cf = is->line_coef + c * 2;
             for (size_t j = 0; j < n; j++)
                 out[j] = cf[j * 2] * v0[j] + cf[j * 2 + 1] * v1[j];
             if (is->add_base)
@@ -1025,7 +1118,7 @@ static void row_line_mix(const ix_ctx *x, ix_scratch *s, uint64_t r)
 }
 
 /* APPLY over whole rows: nuslerp lines, model_stock filter_wise, arcee_fusion. */
-static void task_apply_rows(void *vx, unsigned task, unsigned worker)
+IX_CLONES static void task_apply_rows(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
@@ -1056,7 +1149,7 @@ static void task_apply_rows(void *vx, unsigned task, unsigned worker)
                 size_t n = (size_t)ix_min(IX_TILE, cols - c);
                 uint64_t e = r * cols + c;
                 fusion_importance(x, s, e, n, kl);
-                const float *base = ix_buf(x, s, 0, 0), *d = ix_buf(x, s, 0, 2);
+                const float *base = ix_buf(x, s, 0), *d = ix_buf(x, s, 2);
                 for (size_t j = 0; j < n; j++) {
                     float m = (double)s->out[j] >= thr ? 1.0f : 0.0f;
                     s->out[j] = base[j] + d[j] * m;

@@ -28,7 +28,7 @@ int cpu_merge_interp_run_pass(const ms_tensor_params *p, ms_merge_state *st, uns
                               cpu_pool *pool);
 
 /* An upper bound of the host memory cpu_merge_interp_run_pass allocates for
- * p with n_threads threads: per-thread tiles (about 16 KiB per input),
+ * p with n_threads threads: per-thread tiles (about 8 KiB per input),
  * histograms for sce and arcee_fusion (0.5 to 1.5 MiB per thread), row
  * buffers for arcee_fusion (16 bytes per column per thread) and per-block
  * sums of a window. Independent of the chunk size. Never fails (UINT64_MAX

@@ -715,6 +715,157 @@ static void test_selection_by_hand(void **state)
     case_free(&tc);
 }
 
+/* ======================================================= sum order */
+
+/* Element e of three f32 patterns: tiny values with hashed mantissas and,
+ * per block, one large value at a place that differs per block and, in
+ * some blocks, per pattern (in the others two patterns' products are large
+ * there). A fp64 sum of their products rounds differently in almost every
+ * order, so any order but DESIGN.md's (each block sequentially, then the
+ * block sums) shows; the data does not depend on the seed. (A sum of
+ * positive terms rounds each term to the grid of its binade, so swaps
+ * inside a binade do not show: the signed cross sums catch those.) */
+static float order_value(unsigned pattern, uint64_t e)
+{
+    /* late in each block: the cross sums wander across binades until then */
+    uint64_t b = e / 65536, i = e % 65536, shared = 65535 - (b * 7919) % 4096;
+    uint64_t big_at = pattern == 0 ? shared : pattern == 1 ? (b % 2 ? 63000 + b : shared) : (b % 3 ? 65535 - 3 * b : shared);
+    if (i == big_at) {
+        float big = 1024.0f + 64.0f * (float)(b % 4 + pattern);
+        return pattern == 1 ? -big : big;
+    }
+    uint64_t h = (e * 3 + pattern + 1) * UINT64_C(0x9E3779B97F4A7C15);
+    h ^= h >> 29;
+    h *= UINT64_C(0xBF58476D1CE4E5B9);
+    float tiny = ldexpf(1.0f + (float)(h >> 41) * 0x1p-23f, -16); /* squares of 1 to 4 ulps of the large ones: each addition rounds */
+    return pattern > 0 && (h & 1) ? -tiny : tiny; /* signed cross sums wander across binades: every swap shows */
+}
+
+/* The Gram sums pass 0 (GRAM) of tc leaves in is->sum: whole on 1 thread,
+ * or in random row chunks on `threads` threads with windows of `window`. */
+static void order_gram(const tcase *tc, unsigned threads, uint64_t window, double *sums)
+{
+    const ms_tensor_params *p = &tc->p;
+    ms_merge_state *st = NULL;
+    assert_int_equal(ms_merge_state_open(p, &st), 0);
+    assert_int_equal(st->pass[0], MS_MERGE_PASS_GRAM);
+    cpu_merge_interp_set_window_for_tests(window);
+    for (uint64_t r = 0; r < p->rows;) {
+        uint64_t nr = threads == 1 ? p->rows : 1 + rng_next() % (p->rows - r);
+        ms_chunk c = {.row0 = r, .n_rows = nr, .elem0 = r * p->cols, .n_elems = nr * p->cols};
+        for (unsigned i = 0; i <= p->n_models; i++)
+            c.in[i] = (const unsigned char *)tc->in[i] + c.elem0 * 4;
+        assert_int_equal(cpu_merge_run_pass(p, st, 0, &c, g_pool[threads]), 0);
+        r += nr;
+    }
+    cpu_merge_interp_set_window_for_tests(0);
+    ms_merge_pass_finish(st, p, 0);
+    memcpy(sums, st->interp->sum, st->interp->n_sums * sizeof(double));
+    ms_merge_state_close(st);
+}
+
+/* Sums of t[0..n) in three wrong orders: one flat sequential sum, four
+ * interleaved partial sums per block, the blocks folded last to first. */
+static void order_wrong_sums(const double *t, uint64_t n, double wrong[3])
+{
+    double flat = 0.0, inter = 0.0, blk[64];
+    uint64_t nb = (n + 65535) / 65536;
+    assert_true(nb <= 64);
+    for (uint64_t e = 0; e < n; e++)
+        flat += t[e];
+    for (uint64_t b = 0; b < nb; b++) {
+        double part[4] = {0, 0, 0, 0}, seq = 0.0;
+        for (uint64_t e = b * 65536; e < n && e < (b + 1) * 65536; e++) {
+            part[e % 4] += t[e];
+            seq += t[e];
+        }
+        inter += (part[0] + part[1]) + (part[2] + part[3]);
+        blk[b] = seq;
+    }
+    double rev = 0.0;
+    for (uint64_t b = nb; b-- > 0;)
+        rev += blk[b];
+    wrong[0] = flat;
+    wrong[1] = inter;
+    wrong[2] = rev;
+}
+
+/* The Gram sums of slerp (raw vectors, two inputs: eight lanes) and
+ * model_stock (task vectors against a zero base: three or four inputs,
+ * four lanes; three models: the general kernel) over 17 blocks and a
+ * partial one are DESIGN.md's blocked sums bit for bit, on 1 to 3 threads
+ * and any chunking, where each wrong order gives other bits. */
+static void test_gram_sum_order(void **state)
+{
+    (void)state;
+    const uint64_t rows = 1089, cols = 1024, n = rows * cols; /* 17 blocks and 1,088 elements */
+    static const struct {
+        ms_method m;
+        unsigned n_models;
+    } k_cases[] = {{MS_METHOD_SLERP, 1}, {MS_METHOD_MODEL_STOCK, 2}, {MS_METHOD_MODEL_STOCK, 3}};
+    float *pat[3];
+    for (unsigned k = 0; k < 3; k++) {
+        pat[k] = malloc(n * sizeof(float));
+        for (uint64_t e = 0; e < n; e++)
+            pat[k][e] = order_value(k, e);
+    }
+    float *zero = calloc(n, sizeof(float));
+    double *t = malloc(n * sizeof(double));
+    for (size_t c = 0; c < sizeof k_cases / sizeof k_cases[0]; c++) {
+        tcase tc;
+        memset(&tc, 0, sizeof tc);
+        ms_tensor_params *p = &tc.p;
+        p->method = k_cases[c].m;
+        p->n_models = k_cases[c].n_models;
+        p->rows = rows;
+        p->cols = cols;
+        p->numel = n;
+        p->has_base = true;
+        p->lambda = 1.0f;
+        p->t = 0.5;
+        p->out_dtype = ST_F32;
+        unsigned K = p->method == MS_METHOD_SLERP ? 2 : p->n_models;
+        for (unsigned i = 0; i <= p->n_models; i++) {
+            p->in_dtype[i] = ST_F32;
+            p->model_rows[i] = rows;
+            p->weight[i] = 1.0f;
+            /* slerp's vectors are slots 0 and 1; model_stock's slots 1..n minus a zero base */
+            const float *src = p->method == MS_METHOD_SLERP ? pat[i] : i == 0 ? zero : pat[i - 1];
+            tc.in[i] = malloc(n * sizeof(float));
+            memcpy(tc.in[i], src, n * sizeof(float));
+        }
+        double want[6], got[6];
+        bool shows[3] = {false, false, false}; /* each wrong order changes some sum */
+        unsigned q = 0;
+        for (unsigned a = 0; a < K; a++) {
+            for (unsigned b = a; b < K; b++, q++) {
+                for (uint64_t e = 0; e < n; e++)
+                    t[e] = (double)pat[a][e] * (double)pat[b][e];
+                want[q] = refi_blocked(t, n);
+                double wrong[3];
+                order_wrong_sums(t, n, wrong);
+                for (int w = 0; w < 3; w++)
+                    shows[w] = shows[w] || wrong[w] != want[q];
+            }
+        }
+        for (int w = 0; w < 3; w++)
+            if (!shows[w])
+                fail_msg("case %zu: wrong order %d gives the same bits: the test cannot fail", c, w);
+        for (unsigned threads = 1; threads <= 3; threads++) {
+            order_gram(&tc, threads, threads == 1 ? 0 : threads == 2 ? 3 * MS_MERGE_BLOCK / 2 : 5000, got);
+            for (unsigned k = 0; k < q; k++)
+                if (memcmp(&got[k], &want[k], sizeof got[k]) != 0)
+                    fail_msg("case %zu, %u threads: Gram sum %u is %.17g, the blocked order gives %.17g", c, threads,
+                             k, got[k], want[k]);
+        }
+        case_free(&tc);
+    }
+    free(t);
+    free(zero);
+    for (unsigned k = 0; k < 3; k++)
+        free(pat[k]);
+}
+
 /* ms_interp_exp / ms_interp_log against libm on random arguments. */
 static void test_exp_log(void **state)
 {
@@ -915,6 +1066,7 @@ int main(void)
         cmocka_unit_test(test_exp_log),
         cmocka_unit_test(test_slerp_by_hand),
         cmocka_unit_test(test_model_stock_by_hand),
+        cmocka_unit_test(test_gram_sum_order),
         cmocka_unit_test(test_selection_by_hand),
         cmocka_unit_test(test_interp_corners),
         cmocka_unit_test(test_vector_agreement),
