@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# bench_hessian.sh: hessian throughput on the CPU as a fraction of the GEMM
-# peak measured in the same run, for a generated model with Llama-3.2-1B
-# layer shapes (hidden 2048, intermediate 8192, 32/8 heads, vocab 128256).
+# bench_hessian.sh: hessian throughput on the CPU or the GPU as a fraction
+# of the GEMM peak measured in the same run, for a generated model with
+# Llama-3.2-1B layer shapes (hidden 2048, intermediate 8192, 32/8 heads,
+# vocab 128256).
 #
-#   bench/bench_hessian.sh [BUILD_DIR]     (default: build)
+#   bench/bench_hessian.sh [--device cpu|cuda] [BUILD_DIR]   (default: cpu, build)
+#
+# --device cuda: the run's GEMMs and Gram updates go through cuBLAS (fp32,
+# no TF32) and the peak is cuBLAS's fp32 SGEMM rate on device-resident
+# operands at the same shapes (bench_sgemm --cuda), so the fraction counts
+# every transfer, the CPU's elementwise work and the statistics' trip back
+# to the host against the run. The lines then start with "cuda_".
 #
 # Environment: LAYERS (default 2), SAMPLES (8), SEQ (2048), BATCH (1 sample
 # per batch: 2048 tokens per GEMM), THREADS (all cores), MS_BIN (default
@@ -17,6 +24,9 @@
 # fraction leaves the output (a fixed ~330 MB per layer at these shapes,
 # whatever the token count) out. Prints one "key value" line per figure.
 set -euo pipefail
+DEVICE=cpu
+if [ "${1:-}" = "--device" ]; then DEVICE=${2:?--device needs cpu or cuda}; shift 2; fi
+case "$DEVICE" in cpu|cuda) ;; *) echo "bench_hessian.sh: --device cpu|cuda, got '$DEVICE'" >&2; exit 2 ;; esac
 BUILD=${1:-build}
 LAYERS=${LAYERS:-2} SAMPLES=${SAMPLES:-8} SEQ=${SEQ:-2048} BATCH=${BATCH:-1}
 THREADS=${THREADS:-$(nproc)}
@@ -29,26 +39,39 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/ms-bench-hessian.XXXXXX")
 awk -v n="$SAMPLES" -v s="$SEQ" 'BEGIN { srand(7); for (i = 0; i < n; i++) { l = "";
   for (j = 0; j < s; j++) l = l (j ? " " : "") int(rand() * 128256); print l } }' > "$WORK/calib.txt"
 
-peak() { "$SGEMM" --threads "$THREADS" --seconds 2 | awk '/^sgemm_peak_gflops/ { print $2 }'; }
+if [ "$DEVICE" = cuda ]; then
+  peak() { "$SGEMM" --cuda --seconds 2 | awk '/^sgemm_peak_gflops/ { print $2 }'; }
+  gpu_name=$("$SGEMM" --cuda --seconds 0.1 | sed -n 's/^gpu //p')
+  prefix=cuda_
+else
+  peak() { "$SGEMM" --threads "$THREADS" --seconds 2 | awk '/^sgemm_peak_gflops/ { print $2 }'; }
+  gpu_name=""
+  prefix=""
+fi
 p1=$(peak)
 "$MS_BIN" hessian "$WORK/model" --calib "$WORK/calib.txt" -o "$WORK/out" --batch-size "$BATCH" \
-  --threads "$THREADS" --json --quiet > "$WORK/run.json"
+  --threads "$THREADS" --device "$DEVICE" --json --quiet > "$WORK/run.json"
 p2=$(peak)
 field() { awk -v k="\"$1\":" '$1 == k { gsub(/,/, "", $2); print $2 }' "$WORK/run.json"; }
 tok_s=$(field tokens_per_second) gflops=$(field gflops_per_second) secs=$(field seconds)
 tokens=$(field n_tokens) gflop=$(field gflop) rss=$(field peak_rss_bytes) out_s=$(field output_seconds)
+on_gpu=$(field batches_gpu) on_cpu=$(field batches_cpu) fallbacks=$(field gpu_fallbacks)
 awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tokens" -v f="$gflop" \
-  -v rss="$rss" -v layers="$LAYERS" -v threads="$THREADS" -v out_s="$out_s" 'BEGIN {
+  -v rss="$rss" -v layers="$LAYERS" -v threads="$THREADS" -v out_s="$out_s" -v x="$prefix" -v dev="$DEVICE" \
+  -v gpu="$gpu_name" -v on_gpu="$on_gpu" -v on_cpu="$on_cpu" -v fb="$fallbacks" 'BEGIN {
   peak = p1 > p2 ? p1 : p2
-  printf "model llama-3.2-1b-shapes layers %d, %d tokens, %d threads\n", layers, n, threads
-  printf "sgemm_peak_gflops %.1f (before %.1f, after %.1f)\n", peak, p1, p2
-  printf "hessian_seconds %.1f\n", s
-  printf "hessian_tokens_per_second %.1f\n", t
-  printf "hessian_output_seconds %.1f (writing and fsyncing the statistics)\n", out_s
-  printf "hessian_gflop_per_token %.3f (all layers)\n", f / n
-  printf "hessian_gflops %.1f\n", g
-  printf "tokens_per_second_at_peak %.1f\n", t * peak / g
-  printf "fraction_of_gemm_peak %.2f\n", g / peak
-  printf "fraction_of_gemm_peak_without_output %.2f\n", f / (s - out_s) / peak
-  printf "peak_rss_gb %.2f\n", rss / 1e9
+  printf "model llama-3.2-1b-shapes layers %d, %d tokens, %d threads, device %s%s\n", layers, n, threads, dev,
+    gpu != "" ? " (" gpu ")" : ""
+  printf "%ssgemm_peak_gflops %.1f (before %.1f, after %.1f)\n", x, peak, p1, p2
+  printf "%shessian_seconds %.1f\n", x, s
+  printf "%shessian_tokens_per_second %.1f\n", x, t
+  printf "%shessian_output_seconds %.1f (writing and fsyncing the statistics)\n", x, out_s
+  printf "%shessian_gflop_per_token %.3f (all layers)\n", x, f / n
+  printf "%shessian_gflops %.1f\n", x, g
+  printf "%stokens_per_second_at_peak %.1f\n", x, t * peak / g
+  printf "%sfraction_of_gemm_peak %.2f\n", x, g / peak
+  printf "%sfraction_of_gemm_peak_without_output %.2f\n", x, f / (s - out_s) / peak
+  if (dev == "cuda")
+    printf "%sbatch_steps %d on the GPU, %d on the CPU, %d GPU fallbacks\n", x, on_gpu, on_cpu, fb
+  printf "%speak_rss_gb %.2f\n", x, rss / 1e9
 }'

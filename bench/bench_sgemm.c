@@ -3,26 +3,52 @@
  * "fraction of GEMM peak" figure of bench/bench_hessian.sh.
  *
  *   bench_sgemm [--threads N] [--rows M] [--seconds S]
+ *   bench_sgemm --cuda [--seconds S]
  *
  * Times C[M, N] = A[M, K] * B[N, K]^T for the linear-layer shapes of
  * Llama-3.2-1B (N x K = 2048 x 2048, 8192 x 2048, 2048 x 8192) with M rows
  * (default 2048: one batch of tokens), repeating each for about S seconds
  * (default 2), and prints one line per shape and a last line
  *   sgemm_peak_gflops X
- * with the best rate seen (2 * M * N * K flops per call). Exit 0, or 2 for a
- * usage error. */
+ * with the best rate seen (2 * M * N * K flops per call). With --cuda the
+ * same shapes (M = 2048) run through cuBLAS on GPU 0 with device-resident
+ * operands (gpu_gemm_peak_gflops: the GPU seam's fp32 peak, no transfers),
+ * and the lines are "gpu NAME" and "sgemm_peak_gflops X". Exit 0, 1 when
+ * --cuda finds no usable GPU, 2 for a usage error. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu/llama_forward.h"
+#include "pipeline/backend_registry.h"
 #include "pipeline/progress.h"
 
 static int usage(void)
 {
-    fputs("usage: bench_sgemm [--threads N] [--rows M] [--seconds S]\n", stderr);
+    fputs("usage: bench_sgemm [--threads N] [--rows M] [--seconds S] | --cuda [--seconds S]\n", stderr);
     return 2;
+}
+
+/* The GPU seam's fp32 peak. */
+static int cuda_peak(double seconds)
+{
+    char why[256] = "";
+    ms_gpu_gemm *g = NULL;
+    if (ms_gpu_gemm_open(0, &g, why, sizeof why) != 0) {
+        fprintf(stderr, "bench_sgemm: no usable GPU: %s\n", why);
+        return 1;
+    }
+    double peak = ms_gpu_gemm_peak_gflops(g, seconds, why, sizeof why);
+    if (peak < 0) {
+        fprintf(stderr, "bench_sgemm: the GPU measurement failed: %s\n", why);
+        ms_gpu_gemm_close(g);
+        return 1;
+    }
+    printf("gpu %s\n", ms_gpu_gemm_name(g));
+    printf("sgemm_peak_gflops %.1f\n", peak);
+    ms_gpu_gemm_close(g);
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -30,9 +56,12 @@ int main(int argc, char **argv)
     unsigned threads = 0;
     uint64_t rows = 2048;
     double seconds = 2.0;
+    bool cuda = false;
     for (int i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(argv[i], "--threads") && v)
+        if (!strcmp(argv[i], "--cuda"))
+            cuda = true;
+        else if (!strcmp(argv[i], "--threads") && v)
             threads = (unsigned)strtoul(v, NULL, 10), i++;
         else if (!strcmp(argv[i], "--rows") && v)
             rows = strtoull(v, NULL, 10), i++;
@@ -43,6 +72,8 @@ int main(int argc, char **argv)
     }
     if (rows == 0 || rows > 65536 || !(seconds > 0))
         return usage();
+    if (cuda)
+        return cuda_peak(seconds);
     if (threads)
         cpu_llama_blas_set_threads(threads);
     static const uint64_t k_shapes[][2] = {{2048, 2048}, {8192, 2048}, {2048, 8192}};
@@ -60,11 +91,11 @@ int main(int argc, char **argv)
             a[i] = (float)((i * 7919u) % 1000) * 1e-3f - 0.5f;
         for (uint64_t i = 0; i < n * k; i++)
             b[i] = (float)((i * 104729u) % 1000) * 1e-3f - 0.5f;
-        g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n); /* warm up */
+        g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n, 0); /* warm up */
         double shape_best = 0, t_end = ms_now_seconds() + seconds;
         do {
             double t0 = ms_now_seconds();
-            g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n);
+            g.gemm(g.ctx, true, rows, n, k, 1.0f, a, k, b, k, 0.0f, c, n, 0);
             double dt = ms_now_seconds() - t0;
             double rate = 2.0 * (double)rows * (double)n * (double)k / dt / 1e9;
             shape_best = rate > shape_best ? rate : shape_best;

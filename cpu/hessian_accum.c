@@ -29,12 +29,13 @@ struct cpu_hessian {
     uint64_t block;  /* rows in h32 */
 };
 
-void cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
+int cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
 {
     (void)ctx;
     HESS_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx <= INT32_MAX && ldx >= dim);
     cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)dim, (blasint)n_rows, 1.0f, x, (blasint)ldx, 1.0f, c,
                 (blasint)dim);
+    return 0;
 }
 
 uint64_t cpu_hessian_host_bytes(uint64_t dim, bool with_fp64)
@@ -81,14 +82,26 @@ void cpu_hessian_reset(cpu_hessian *h)
     h->rows = h->block = 0;
 }
 
+static int hessian_alloc_fp64(cpu_hessian *h)
+{
+    if (!h->h64)
+        h->h64 = hessian_alloc(h->dim * h->dim * sizeof(double));
+    return h->h64 ? 0 : -ENOMEM;
+}
+
+int cpu_hessian_reserve(cpu_hessian *h, uint64_t more_rows)
+{
+    /* A flush happens before a row is added to a full block. */
+    bool flushes = more_rows > 0 && (h->block == h->flush_rows || more_rows > h->flush_rows - h->block);
+    return flushes ? hessian_alloc_fp64(h) : 0;
+}
+
 /* h64 += h32 (upper triangle), h32 = 0. */
 static int hessian_flush(cpu_hessian *h)
 {
-    if (!h->h64) {
-        h->h64 = hessian_alloc(h->dim * h->dim * sizeof(double));
-        if (!h->h64)
-            return -ENOMEM;
-    }
+    int rc = hessian_alloc_fp64(h);
+    if (rc < 0)
+        return rc;
     uint64_t d = h->dim;
     for (uint64_t i = 0; i < d; i++) {
         double *dst = h->h64 + i * d;
@@ -113,7 +126,9 @@ int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ld
         uint64_t take = h->flush_rows - h->block;
         if (take > n_rows)
             take = n_rows;
-        gram(gram_ctx, x, take, h->dim, ldx, h->h32);
+        int grc = gram(gram_ctx, x, take, h->dim, ldx, h->h32);
+        if (grc < 0)
+            return grc;
         h->block += take;
         h->rows += take;
         x += take * ldx;

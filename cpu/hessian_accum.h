@@ -31,12 +31,15 @@
 /* C[dim, dim] (row-major, upper triangle including the diagonal; the strict
  * lower triangle may be left untouched or written, it is never read) +=
  * X^T X, where X is n_rows x dim with leading dimension ldx (>= dim). The
- * seam where a GPU GEMM replaces the CPU's; ctx is the implementation's. */
-typedef void (*cpu_gram_fn)(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c);
+ * seam where a GPU GEMM replaces the CPU's; ctx is the implementation's.
+ * Returns 0, or (a GPU's) -ENOMEM (device memory ran out: C unchanged, a
+ * retry elsewhere is fine), -EIO (a sticky device error: C unchanged) or
+ * -EFAULT (a device error after C was partly updated: C is lost). */
+typedef int (*cpu_gram_fn)(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c);
 
 /* The CPU implementation: cblas_ssyrk (upper, transposed), OpenBLAS's
- * threads. ctx is unused. */
-void cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c);
+ * threads. ctx is unused. Returns 0. */
+int cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c);
 
 typedef struct cpu_hessian cpu_hessian;
 
@@ -56,11 +59,21 @@ void cpu_hessian_close(cpu_hessian *h);
  * reuse the same memory instead of faulting in fresh pages). */
 void cpu_hessian_reset(cpu_hessian *h);
 
+/* Allocates now the fp64 matrix that adding more_rows rows would need (a
+ * flush inside them), so that cpu_hessian_add of those rows cannot fail on
+ * host memory. Returns 0 or -ENOMEM (nothing changed). */
+int cpu_hessian_reserve(cpu_hessian *h, uint64_t more_rows);
+
 /* Adds n_rows rows of x (n_rows x dim, leading dimension ldx >= dim) through
- * gram(gram_ctx, ...). Returns 0, or -ENOMEM when the fp64 matrix is needed
- * and cannot be allocated; the rows up to
- * the failed flush are then counted and the accumulator must be closed.
- * Blocks while the Gram function runs. */
+ * gram(gram_ctx, ...), one call per stretch of rows between flushes.
+ * Returns 0; or -ENOMEM when the fp64 matrix is needed and cannot be
+ * allocated (never after cpu_hessian_reserve for these rows): the rows up to
+ * the failed flush are counted and the accumulator must be closed; or the
+ * Gram function's error (a GPU's -ENOMEM, -EIO, -EFAULT): the rows before
+ * the failing call are added (cpu_hessian_rows counts them) and the failing
+ * call's are not, so after -ENOMEM or -EIO the caller may add the remaining
+ * rows with another Gram function and the sum is complete; after -EFAULT the
+ * accumulator is corrupt (close it). Blocks while the Gram function runs. */
 int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ldx, cpu_gram_fn gram,
                     void *gram_ctx);
 

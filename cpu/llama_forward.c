@@ -41,7 +41,8 @@ struct cpu_llama {
     uint64_t q_block; /* query rows per head in one attention block */
     float attn_scale; /* 1 / sqrt(head_dim) */
     /* per batch (max_tokens rows each) */
-    float *xn;   /* (rows, hidden) RMSNorm output */
+    float *xn_attn; /* (rows, hidden) attention RMSNorm output (kept: q/k/v's input) */
+    float *xn;   /* (rows, hidden) MLP RMSNorm output */
     float *qkv;  /* (rows, q_dim + 2 kv_dim) */
     float *attn; /* (rows, q_dim) attention output */
     float *proj; /* (rows, hidden) o_proj / down_proj output */
@@ -167,22 +168,24 @@ void cpu_llama_layer_free(cpu_llama_layer *w)
 
 /* ============================================================ GEMM */
 
-static void blas_gemm(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
-                      uint64_t lda, const float *b, uint64_t ldb, float beta, float *c, uint64_t ldc)
+static int blas_gemm(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
+                     uint64_t lda, const float *b, uint64_t ldb, float beta, float *c, uint64_t ldc, unsigned flags)
 {
     (void)ctx;
+    (void)flags; /* B is read in place: nothing to keep */
     LF_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
               ldc <= INT32_MAX);
     if (m == 0 || n == 0)
-        return;
+        return 0;
     if (k == 0) { /* BLAS would leave C alone for beta = 0 only by convention: be explicit */
         for (uint64_t i = 0; i < m; i++)
             for (uint64_t j = 0; j < n; j++)
                 c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
-        return;
+        return 0;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
                 (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
+    return 0;
 }
 
 cpu_llama_gemm cpu_llama_gemm_blas(void)
@@ -248,7 +251,7 @@ static uint64_t q_block_of(const cpu_llama_config *c, uint64_t max_seq)
 uint64_t cpu_llama_scratch_bytes(const cpu_llama_config *c, uint64_t max_tokens, uint64_t max_seq_tokens,
                                  uint64_t max_pos)
 {
-    uint64_t per_row = 2 * c->hidden + 2 * cpu_llama_q_dim(c) + 2 * cpu_llama_kv_dim(c) + 2 * c->intermediate;
+    uint64_t per_row = 3 * c->hidden + 2 * cpu_llama_q_dim(c) + 2 * cpu_llama_kv_dim(c) + 2 * c->intermediate;
     uint64_t att_rows = (c->n_heads / c->n_kv_heads) * q_block_of(c, max_seq_tokens);
     uint64_t floats = 0;
     if (!add_to(&floats, max_tokens, per_row) || !add_to(&floats, att_rows, 2 * c->head_dim + max_seq_tokens) ||
@@ -305,6 +308,7 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
     m->q_block = q_block_of(cfg, max_seq_tokens);
     m->attn_scale = (float)(1.0 / sqrt((double)cfg->head_dim));
     uint64_t T = max_tokens, att_rows = m->n_rep * m->q_block, half = cfg->head_dim / 2;
+    m->xn_attn = malloc((size_t)(T * cfg->hidden * 4));
     m->xn = malloc((size_t)(T * cfg->hidden * 4));
     m->qkv = malloc((size_t)(T * cpu_llama_qkv_rows(cfg) * 4));
     m->attn = malloc((size_t)(T * cpu_llama_q_dim(cfg) * 4));
@@ -316,7 +320,7 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
     m->rope_cos = malloc((size_t)(max_pos * half * 4));
     m->rope_sin = malloc((size_t)(max_pos * half * 4));
     float *inv = malloc((size_t)(half * 4));
-    if (!m->xn || !m->qkv || !m->attn || !m->proj || !m->gu || !m->att_q || !m->att_s || !m->att_o ||
+    if (!m->xn_attn || !m->xn || !m->qkv || !m->attn || !m->proj || !m->gu || !m->att_q || !m->att_s || !m->att_o ||
         !m->rope_cos || !m->rope_sin || !inv) {
         free(inv);
         cpu_llama_close(m);
@@ -339,6 +343,7 @@ void cpu_llama_close(cpu_llama *m)
 {
     if (!m)
         return;
+    free(m->xn_attn);
     free(m->xn);
     free(m->qkv);
     free(m->attn);
@@ -553,7 +558,7 @@ static void softmax_rows(void *c, uint64_t r0, uint64_t r1)
  * m->attn. Per kv head, query blocks of q_block rows: the block's queries of
  * every head sharing that kv head are gathered into one matrix, so one GEMM
  * scores them against the keys the block can see. */
-static void attend_sequence(cpu_llama *m, uint64_t r0, uint64_t T, const uint32_t *pos)
+static int attend_sequence(cpu_llama *m, uint64_t r0, uint64_t T, const uint32_t *pos)
 {
     const cpu_llama_config *c = &m->cfg;
     uint64_t hd = c->head_dim, ld = cpu_llama_qkv_rows(c), qd = cpu_llama_q_dim(c), kvd = cpu_llama_kv_dim(c);
@@ -568,47 +573,51 @@ static void attend_sequence(cpu_llama *m, uint64_t r0, uint64_t T, const uint32_
                 for (uint64_t i = 0; i < nq; i++)
                     memcpy(m->att_q + (rep * nq + i) * hd, m->qkv + (r0 + q0 + i) * ld + (g * m->n_rep + rep) * hd,
                            hd * sizeof(float));
-            m->gemm.gemm(m->gemm.ctx, true, rows, nk, hd, m->attn_scale, m->att_q, hd, K + kl * ld, ld, 0.0f,
-                         m->att_s, nk);
+            int rc = m->gemm.gemm(m->gemm.ctx, true, rows, nk, hd, m->attn_scale, m->att_q, hd, K + kl * ld, ld,
+                                  0.0f, m->att_s, nk, 0);
+            if (rc < 0)
+                return rc;
             softmax_job sj = {m->att_s, nq, nk, q0, kl, pos, c->sliding_window};
             par_rows(m, rows, softmax_rows, &sj);
-            m->gemm.gemm(m->gemm.ctx, false, rows, hd, nk, 1.0f, m->att_s, nk, V + kl * ld, ld, 0.0f, m->att_o, hd);
+            rc = m->gemm.gemm(m->gemm.ctx, false, rows, hd, nk, 1.0f, m->att_s, nk, V + kl * ld, ld, 0.0f, m->att_o,
+                              hd, 0);
+            if (rc < 0)
+                return rc;
             for (uint64_t rep = 0; rep < m->n_rep; rep++)
                 for (uint64_t i = 0; i < nq; i++)
                     memcpy(m->attn + (r0 + q0 + i) * qd + (g * m->n_rep + rep) * hd, m->att_o + (rep * nq + i) * hd,
                            hd * sizeof(float));
         }
     }
+    return 0;
 }
 
 /* ============================================================ the layer */
 
-static int tap(cpu_llama *m, cpu_hessian *h, const float *x, uint64_t n, uint64_t ldx)
-{
-    if (!h || n == 0)
-        return 0;
-    return cpu_hessian_add(h, x, n, ldx, m->gemm.gram, m->gemm.ctx);
-}
+void cpu_llama_set_gemm(cpu_llama *m, const cpu_llama_gemm *gemm) { m->gemm = *gemm; }
 
-int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x,
-                            const cpu_llama_taps *taps)
+/* A GEMM whose error ends the layer. */
+#define LF_TRY(call)                                                                                       \
+    do {                                                                                                   \
+        int rc_ = (call);                                                                                  \
+        if (rc_ < 0)                                                                                       \
+            return rc_;                                                                                    \
+    } while (0)
+
+int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x)
 {
     const cpu_llama_config *c = &m->cfg;
     uint64_t T = b->n_tokens, H = c->hidden, QKV = cpu_llama_qkv_rows(c), Q = cpu_llama_q_dim(c),
              II = c->intermediate;
-    static const cpu_llama_taps no_taps = {0};
-    if (!taps)
-        taps = &no_taps;
+    const cpu_gemm_fn gemm = m->gemm.gemm;
+    void *const ctx = m->gemm.ctx;
     LF_ASSERT(T <= m->max_tokens && b->seq_start[0] == 0 && b->seq_start[b->n_seqs] == T);
     if (T == 0)
         return 0;
-    int rc;
 
     /* attention */
-    cpu_llama_rms_norm(m, x, w->attn_norm, T, m->xn);
-    if ((rc = tap(m, taps->qkv_in, m->xn, T, H)) < 0)
-        return rc;
-    m->gemm.gemm(m->gemm.ctx, true, T, QKV, H, 1.0f, m->xn, H, w->w_qkv, H, 0.0f, m->qkv, QKV);
+    cpu_llama_rms_norm(m, x, w->attn_norm, T, m->xn_attn);
+    LF_TRY(gemm(ctx, true, T, QKV, H, 1.0f, m->xn_attn, H, w->w_qkv, H, 0.0f, m->qkv, QKV, CPU_GEMM_B_WEIGHT));
     if (w->b_qkv) {
         bias_job bj = {m->qkv, w->b_qkv, QKV, QKV};
         par_rows(m, T, bias_rows, &bj);
@@ -619,39 +628,45 @@ int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_ll
         uint64_t r0 = b->seq_start[s], n = b->seq_start[s + 1] - r0;
         LF_ASSERT(b->seq_start[s + 1] >= r0 && n <= m->max_seq);
         if (n)
-            attend_sequence(m, r0, n, b->pos + r0);
+            LF_TRY(attend_sequence(m, r0, n, b->pos + r0));
     }
-    if ((rc = tap(m, taps->o_in, m->attn, T, Q)) < 0)
-        return rc;
-    m->gemm.gemm(m->gemm.ctx, true, T, H, Q, 1.0f, m->attn, Q, w->w_o, Q, 0.0f, m->proj, H);
+    LF_TRY(gemm(ctx, true, T, H, Q, 1.0f, m->attn, Q, w->w_o, Q, 0.0f, m->proj, H, CPU_GEMM_B_WEIGHT));
     residual_job oj = {x, m->proj, w->b_o, H};
     par_rows(m, T, residual_rows, &oj);
 
     /* MLP */
     cpu_llama_rms_norm(m, x, w->mlp_norm, T, m->xn);
-    if ((rc = tap(m, taps->gate_up_in, m->xn, T, H)) < 0)
-        return rc;
-    m->gemm.gemm(m->gemm.ctx, true, T, 2 * II, H, 1.0f, m->xn, H, w->w_gate_up, H, 0.0f, m->gu, 2 * II);
+    LF_TRY(gemm(ctx, true, T, 2 * II, H, 1.0f, m->xn, H, w->w_gate_up, H, 0.0f, m->gu, 2 * II, CPU_GEMM_B_WEIGHT));
     if (w->b_gate_up) {
         bias_job bj = {m->gu, w->b_gate_up, 2 * II, 2 * II};
         par_rows(m, T, bias_rows, &bj);
     }
     swiglu_job sj = {m->gu, II};
     par_rows(m, T, swiglu_rows, &sj);
-    if ((rc = tap(m, taps->down_in, m->gu, T, 2 * II)) < 0)
-        return rc;
-    m->gemm.gemm(m->gemm.ctx, true, T, H, II, 1.0f, m->gu, 2 * II, w->w_down, II, 0.0f, m->proj, H);
+    LF_TRY(gemm(ctx, true, T, H, II, 1.0f, m->gu, 2 * II, w->w_down, II, 0.0f, m->proj, H, CPU_GEMM_B_WEIGHT));
     residual_job dj = {x, m->proj, w->b_down, H};
     par_rows(m, T, residual_rows, &dj);
     return 0;
 }
 
+const float *cpu_llama_linear_input(const cpu_llama *m, cpu_llama_input which, uint64_t *ld)
+{
+    const cpu_llama_config *c = &m->cfg;
+    switch (which) {
+    case CPU_LLAMA_IN_QKV: *ld = c->hidden; return m->xn_attn;
+    case CPU_LLAMA_IN_O: *ld = cpu_llama_q_dim(c); return m->attn;
+    case CPU_LLAMA_IN_GATE_UP: *ld = c->hidden; return m->xn;
+    case CPU_LLAMA_IN_DOWN: *ld = 2 * c->intermediate; return m->gu; /* the gate half holds silu(gate) * up */
+    default: LF_ASSERT(!"bad linear input"); return NULL;
+    }
+}
+
 /* ============================================================ the head */
 
-void cpu_llama_logits(cpu_llama *m, const float *xn, uint64_t n, const float *w_rows, uint64_t n_rows, float *out)
+int cpu_llama_logits(cpu_llama *m, const float *xn, uint64_t n, const float *w_rows, uint64_t n_rows, float *out)
 {
-    m->gemm.gemm(m->gemm.ctx, true, n, n_rows, m->cfg.hidden, 1.0f, xn, m->cfg.hidden, w_rows, m->cfg.hidden, 0.0f,
-                 out, n_rows);
+    return m->gemm.gemm(m->gemm.ctx, true, n, n_rows, m->cfg.hidden, 1.0f, xn, m->cfg.hidden, w_rows, m->cfg.hidden,
+                        0.0f, out, n_rows, CPU_GEMM_B_WEIGHT);
 }
 
 typedef struct nll_job {

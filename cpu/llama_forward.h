@@ -44,6 +44,15 @@
  * values, Gram matrices) go through cpu_llama_gemm, the seam where a GPU
  * GEMM can replace OpenBLAS; everything else runs on the cpu_pool.
  *
+ * Failure: OpenBLAS never fails, a GPU can (out of memory, a sticky error).
+ * A failed GEMM stops the layer (or the logits) with its error; the
+ * caller reruns the batch with another seam from its own copy of the
+ * residual rows. The statistics are not the forward pass's business: after
+ * a layer succeeded, cpu_llama_linear_input hands out the inputs of its
+ * linear layers and the caller adds them to its accumulators
+ * (cpu/hessian_accum.h), so a failed batch never leaves half its rows in a
+ * statistic.
+ *
  * Threading: one thread at a time calls a cpu_llama (the pool and OpenBLAS
  * provide the parallelism inside each call). */
 #ifndef MS_LLAMA_FORWARD_H
@@ -122,20 +131,34 @@ void cpu_llama_layer_free(cpu_llama_layer *w);
 
 /* ============================================================ the GEMM seam */
 
+/* B is a weight: its memory does not change until the seam's
+ * weights_changed is called, so an implementation may keep a copy (a GPU
+ * keeps it on the device, keyed by pointer and shape). */
+#define CPU_GEMM_B_WEIGHT 1u
+
 /* C[m, n] = alpha * A[m, k] * op(B) + beta * C, row-major with leading
  * dimensions lda, ldb, ldc; op(B) = B^T with B stored [n, k] when trans_b,
- * else B stored [k, n]. beta = 0 ignores C's old contents (NaN included). */
-typedef void (*cpu_gemm_fn)(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha,
-                            const float *a, uint64_t lda, const float *b, uint64_t ldb, float beta, float *c,
-                            uint64_t ldc);
+ * else B stored [k, n]. beta = 0 ignores C's old contents (NaN included).
+ * flags: CPU_GEMM_B_WEIGHT or 0. Returns 0, or (a GPU's) -ENOMEM (device
+ * memory ran out; not sticky) or -EIO (a sticky device error); C's contents
+ * are then unspecified. */
+typedef int (*cpu_gemm_fn)(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha,
+                           const float *a, uint64_t lda, const float *b, uint64_t ldb, float beta, float *c,
+                           uint64_t ldc, unsigned flags);
 
 typedef struct cpu_llama_gemm {
-    void *ctx;        /* passed to both functions */
+    void *ctx;        /* passed to every function */
     cpu_gemm_fn gemm; /* linear layers, attention, logits */
     cpu_gram_fn gram; /* Hessian statistics (cpu/hessian_accum.h) */
+    /* The weights passed with CPU_GEMM_B_WEIGHT changed (a new layer was
+     * loaded into the same memory): forget any copy. NULL: nothing kept. */
+    void (*weights_changed)(void *ctx);
+    /* One line about the last failure ("needs 512 MiB, 300 MiB free");
+     * NULL for an implementation that never fails. */
+    const char *(*last_error)(void *ctx);
 } cpu_llama_gemm;
 
-/* The CPU implementation: cblas_sgemm and cblas_ssyrk. */
+/* The CPU implementation: cblas_sgemm and cblas_ssyrk; never fails. */
 cpu_llama_gemm cpu_llama_gemm_blas(void);
 /* Sets OpenBLAS's thread count (>= 1). */
 void cpu_llama_blas_set_threads(unsigned n);
@@ -153,22 +176,22 @@ typedef struct cpu_llama_batch {
     const uint32_t *pos;       /* n_tokens entries */
 } cpu_llama_batch;
 
-/* Where a layer's linear inputs are accumulated (NULL: not collected). The
- * q/k/v projections share one input and gate/up another, so each is
- * accumulated once. Widths: hidden, q_dim, hidden, intermediate. */
-typedef struct cpu_llama_taps {
-    cpu_hessian *qkv_in;     /* RMSNorm output feeding q/k/v_proj */
-    cpu_hessian *o_in;       /* attention output feeding o_proj */
-    cpu_hessian *gate_up_in; /* RMSNorm output feeding gate/up_proj */
-    cpu_hessian *down_in;    /* silu(gate) * up feeding down_proj */
-} cpu_llama_taps;
+/* The inputs of a layer's linear layers. The q/k/v projections share one
+ * input and gate/up another. Widths: hidden, q_dim, hidden, intermediate. */
+typedef enum cpu_llama_input {
+    CPU_LLAMA_IN_QKV,     /* RMSNorm output feeding q/k/v_proj */
+    CPU_LLAMA_IN_O,       /* attention output feeding o_proj */
+    CPU_LLAMA_IN_GATE_UP, /* RMSNorm output feeding gate/up_proj */
+    CPU_LLAMA_IN_DOWN,    /* silu(gate) * up feeding down_proj */
+    CPU_LLAMA_IN_COUNT
+} cpu_llama_input;
 
 /* ============================================================ the pass */
 
 typedef struct cpu_llama cpu_llama;
 
 /* Scratch bytes cpu_llama_open allocates (UINT64_MAX on overflow): per batch
- * row 4 * (2 hidden + q_dim + 2 kv_dim + q_dim + 2 intermediate), attention
+ * row 4 * (3 hidden + q_dim + 2 kv_dim + q_dim + 2 intermediate), attention
  * blocks of up to 512 query rows per kv head times max_seq_tokens keys, and
  * the RoPE table (max_pos x head_dim / 2 cos/sin pairs). */
 uint64_t cpu_llama_scratch_bytes(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t max_seq_tokens,
@@ -184,20 +207,30 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
 /* NULL is a no-op. */
 void cpu_llama_close(cpu_llama *m);
 
+/* The seam the following calls use from now on (copied): a caller falls
+ * back to the CPU's for one batch and back again. */
+void cpu_llama_set_gemm(cpu_llama *m, const cpu_llama_gemm *gemm);
+
 /* Runs one decoder layer on the batch: x (n_tokens x hidden, the residual
- * stream) is read and overwritten. Adds the layer's linear inputs to the
- * taps' accumulators. Returns 0, or -ENOMEM when an accumulator could not
- * grow (x is then partly updated: abandon the run). Blocks. */
-int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x,
-                            const cpu_llama_taps *taps);
+ * stream) is read and overwritten. Returns 0, or a GEMM's error (-ENOMEM,
+ * -EIO: cpu_gemm_fn): x is then partly updated, and the caller reruns the
+ * batch from its copy of x. Blocks. */
+int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x);
+
+/* The batch's input rows of one of the linear layers of the last successful
+ * cpu_llama_layer_forward (n_tokens rows, leading dimension *ld), valid
+ * until the next call on m. */
+const float *cpu_llama_linear_input(const cpu_llama *m, cpu_llama_input which, uint64_t *ld);
 
 /* out[r] = RMSNorm(x[r]) * weight for n rows of width hidden (the final
  * norm). out may be x. */
 void cpu_llama_rms_norm(cpu_llama *m, const float *x, const float *weight, uint64_t n, float *out);
 
 /* out (n x n_rows) = xn (n x hidden) times w_rows^T (n_rows x hidden): a
- * slice of the logits, for vocabulary rows given by the caller. */
-void cpu_llama_logits(cpu_llama *m, const float *xn, uint64_t n, const float *w_rows, uint64_t n_rows, float *out);
+ * slice of the logits, for vocabulary rows given by the caller (a weight for
+ * the seam: CPU_GEMM_B_WEIGHT). Returns 0 or the GEMM's error (out is then
+ * unspecified). */
+int cpu_llama_logits(cpu_llama *m, const float *xn, uint64_t n, const float *w_rows, uint64_t n_rows, float *out);
 
 /* Running log-sum-exp over vocabulary slices, one entry per token. */
 typedef struct cpu_llama_nll {

@@ -93,3 +93,68 @@ bool ms_gpu_host_register(void *p, size_t len) { (void)p; (void)len; return fals
 void ms_gpu_host_unregister(void *p) { (void)p; }
 
 #endif
+
+/* ============================================================ forward-pass GEMMs */
+
+#ifdef MERGESTREAM_HAVE_CUDA
+#include "gpu/gpu_gemm.h"
+
+int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len)
+{
+    return gpu_gemm_open(0, memory_limit, (gpu_gemm **)out, why, why_len);
+}
+
+void ms_gpu_gemm_close(ms_gpu_gemm *g) { gpu_gemm_close((gpu_gemm *)g); }
+const char *ms_gpu_gemm_name(const ms_gpu_gemm *g) { return gpu_gemm_device_name((const gpu_gemm *)g); }
+
+static int seam_gemm(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
+                     uint64_t lda, const float *b, uint64_t ldb, float beta, float *c, uint64_t ldc, unsigned flags)
+{
+    return gpu_gemm_sgemm((gpu_gemm *)ctx, trans_b, m, n, k, alpha, a, lda, b, ldb, (flags & CPU_GEMM_B_WEIGHT) != 0,
+                          beta, c, ldc);
+}
+
+static int seam_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
+{
+    return gpu_gemm_gram((gpu_gemm *)ctx, x, n_rows, dim, ldx, c);
+}
+
+static void seam_weights_changed(void *ctx) { gpu_gemm_forget_weights((gpu_gemm *)ctx); }
+static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((const gpu_gemm *)ctx); }
+
+cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
+{
+    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .weights_changed = seam_weights_changed,
+                            .last_error = seam_last_error};
+}
+
+double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)
+{
+    double r = gpu_gemm_peak_gflops((gpu_gemm *)g, seconds);
+    if (r < 0)
+        snprintf(why, why_len, "%s", gpu_gemm_last_error((const gpu_gemm *)g));
+    return r;
+}
+
+#else /* no CUDA: the forward pass stays on the CPU */
+
+int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len)
+{
+    (void)memory_limit;
+    *out = NULL;
+    snprintf(why, why_len, "built without CUDA");
+    return -1;
+}
+
+void ms_gpu_gemm_close(ms_gpu_gemm *g) { (void)g; }
+const char *ms_gpu_gemm_name(const ms_gpu_gemm *g) { (void)g; return ""; }
+cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g) { (void)g; return cpu_llama_gemm_blas(); }
+
+double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)
+{
+    (void)g; (void)seconds;
+    snprintf(why, why_len, "built without CUDA");
+    return -1;
+}
+
+#endif

@@ -54,4 +54,28 @@ ms_gpu_result ms_gpu_run_pass(ms_gpu *g, const ms_tensor_params *p, ms_merge_sta
 bool ms_gpu_host_register(void *p, size_t len);
 void ms_gpu_host_unregister(void *p);
 
+/* ============================================================ forward-pass GEMMs */
+
+/* cuBLAS behind the forward pass's GEMM seam (gpu/gpu_gemm.h), for
+ * `mergestream hessian` and `perplexity`. */
+#include "cpu/llama_forward.h"
+
+typedef struct ms_gpu_gemm ms_gpu_gemm;
+
+/* Opens GPU 0 for the forward pass with at most memory_limit bytes of device
+ * buffers (0: no cap). Returns 0 and *out, or -1 with a one-line reason in
+ * why ("built without CUDA", "no CUDA device", a driver error). */
+int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len);
+void ms_gpu_gemm_close(ms_gpu_gemm *g); /* NULL is a no-op */
+const char *ms_gpu_gemm_name(const ms_gpu_gemm *g);
+
+/* The seam for ms_llama_run / cpu_llama_open: GEMMs and Gram updates on g
+ * (which must outlive every use), weights kept on the device until
+ * weights_changed, failures as cpu_gemm_fn / cpu_gram_fn describe. */
+cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g);
+
+/* The device's best fp32 cublasSgemm rate in GFLOP/s (gpu_gemm_peak_gflops),
+ * or -1 with why set. */
+double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len);
+
 #endif

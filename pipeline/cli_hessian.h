@@ -8,15 +8,22 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
 #include "cpu/cpu_pool.h"
 #include "io/calib_input.h"
 #include "io/ms_error.h"
+#include "pipeline/backend_registry.h"
 #include "pipeline/llama_run.h"
 
 int ms_cmd_hessian(int argc, char **argv);
 int ms_cmd_perplexity(int argc, char **argv);
 
 /* ============================================================ shared */
+
+typedef enum ms_fwd_device { MS_FWD_DEVICE_AUTO, MS_FWD_DEVICE_CPU, MS_FWD_DEVICE_CUDA } ms_fwd_device;
 
 /* The options both commands take (see their --help). */
 typedef struct ms_fwd_cli {
@@ -27,6 +34,8 @@ typedef struct ms_fwd_cli {
     uint64_t batch_size;        /* 0: auto (about 2048 tokens per batch) */
     unsigned threads;
     uint64_t max_memory;
+    ms_fwd_device device;      /* --device */
+    uint64_t gpu_memory_limit; /* --gpu-memory-limit; 0: no cap */
     uint64_t shard_size; /* hessian only */
     bool force;          /* hessian only */
     bool json;
@@ -45,5 +54,19 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
  * (nothing left open, *pool NULL). */
 int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
                      cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
+
+/* --device: opens the GPU for the GEMMs (ms_gpu_gemm_open with
+ * --gpu-memory-limit) unless cpu. auto without a usable GPU logs one line
+ * why and leaves *gpu NULL (the CPU computes); cuda without one is an error
+ * (MS_EXIT_USAGE, "--device cuda: no usable GPU: WHY"). Returns 0 (close
+ * *gpu with ms_gpu_gemm_close), or -1 with err set. */
+int ms_fwd_cli_gpu_open(const ms_fwd_cli *o, const char *label, ms_gpu_gemm **gpu, ms_error *err);
+
+/* Where the run computed, for the summaries: into j (when not NULL) the
+ * fields "device" ("cuda" or "cpu"), "gpu" (the device's name, or null),
+ * "batches_gpu", "batches_cpu" (batch steps: one batch through one layer or
+ * one lm_head slice), "gpu_fallbacks" and "gpu_disabled"; into line (n
+ * bytes) the same in words. */
+void ms_fwd_cli_backend_report(const ms_llama_result *r, const ms_gpu_gemm *gpu, cJSON *j, char *line, size_t n);
 
 #endif

@@ -53,7 +53,10 @@ static const char k_help[] =
     "                        beyond it go to a temporary file in DIR (default: a quarter\n"
     "                        of RAM, at most 8G)\n"
     "  --threads N           compute threads (default: all cores)\n"
-    "  --device auto|cpu     where to compute (the CPU in this version)\n"
+    "  --device auto|cpu|cuda where the GEMMs and Gram updates run (default auto: the\n"
+    "                        GPU when one is usable, else the CPU); a batch the GPU has\n"
+    "                        no memory for is redone on the CPU (one warning line)\n"
+    "  --gpu-memory-limit SIZE  most GPU memory this run may hold (shared GPUs)\n"
     "  --out-shard-size SIZE cut output shards at SIZE (default 5GB)\n"
     "  --force               replace hessians already in DIR\n"
     "  --json                print the summary as JSON on stdout\n"
@@ -93,13 +96,14 @@ static int parse_count(const char *cmd, const char *flag, const char *text, uint
 
 int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int argc, char **argv, ms_fwd_cli *o)
 {
-    enum { OPT_CALIB = 256, OPT_MAXS, OPT_SEQ, OPT_BATCH, OPT_MAXMEM, OPT_THREADS, OPT_DEVICE, OPT_SHARD,
-           OPT_FORCE, OPT_JSON, OPT_QUIET };
+    enum { OPT_CALIB = 256, OPT_MAXS, OPT_SEQ, OPT_BATCH, OPT_MAXMEM, OPT_THREADS, OPT_DEVICE, OPT_GPULIM,
+           OPT_SHARD, OPT_FORCE, OPT_JSON, OPT_QUIET };
     static const struct option k_opts[] = {
         {"calib", required_argument, NULL, OPT_CALIB}, {"output", required_argument, NULL, 'o'},
         {"max-samples", required_argument, NULL, OPT_MAXS}, {"seq-len", required_argument, NULL, OPT_SEQ},
         {"batch-size", required_argument, NULL, OPT_BATCH}, {"max-memory", required_argument, NULL, OPT_MAXMEM},
         {"threads", required_argument, NULL, OPT_THREADS}, {"device", required_argument, NULL, OPT_DEVICE},
+        {"gpu-memory-limit", required_argument, NULL, OPT_GPULIM},
         {"out-shard-size", required_argument, NULL, OPT_SHARD}, {"force", no_argument, NULL, OPT_FORCE},
         {"json", no_argument, NULL, OPT_JSON}, {"quiet", no_argument, NULL, OPT_QUIET},
         {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
@@ -109,7 +113,7 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     o->shard_size = ST_DEFAULT_SHARD_BYTES;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     o->threads = ncpu > 0 ? (unsigned)ncpu : 1;
-    uint64_t v;
+    uint64_t v = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, with_output ? "o:h" : "h", k_opts, NULL)) != -1) {
@@ -145,10 +149,18 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
                 return ms_cli_usage_error(cmd, "--out-shard-size: bad size '%s'", optarg);
             break;
         case OPT_DEVICE:
-            if (strcmp(optarg, "cuda") == 0)
-                return ms_cli_usage_error(cmd, "--device cuda: the forward pass runs on the CPU in this version");
-            if (strcmp(optarg, "auto") != 0 && strcmp(optarg, "cpu") != 0)
-                return ms_cli_usage_error(cmd, "--device: expected auto or cpu, got '%s'", optarg);
+            if (strcmp(optarg, "auto") == 0)
+                o->device = MS_FWD_DEVICE_AUTO;
+            else if (strcmp(optarg, "cpu") == 0)
+                o->device = MS_FWD_DEVICE_CPU;
+            else if (strcmp(optarg, "cuda") == 0)
+                o->device = MS_FWD_DEVICE_CUDA;
+            else
+                return ms_cli_usage_error(cmd, "--device: expected auto, cpu or cuda, got '%s'", optarg);
+            break;
+        case OPT_GPULIM:
+            if (ms_size_parse(optarg, &o->gpu_memory_limit) != 0 || o->gpu_memory_limit == 0)
+                return ms_cli_usage_error(cmd, "--gpu-memory-limit: bad size '%s'", optarg);
             break;
         case OPT_FORCE: o->force = true; break;
         case OPT_JSON: o->json = true; break;
@@ -213,6 +225,44 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, boo
                 cal->n_real, batch, (double)fixed / 1e9, (double)act / 1e9,
                 act > ro->act_budget ? " (spilled)" : "");
     return 0;
+}
+
+int ms_fwd_cli_gpu_open(const ms_fwd_cli *o, const char *label, ms_gpu_gemm **gpu, ms_error *err)
+{
+    *gpu = NULL;
+    if (o->device == MS_FWD_DEVICE_CPU)
+        return 0;
+    char why[256] = "";
+    if (ms_gpu_gemm_open(o->gpu_memory_limit, gpu, why, sizeof why) != 0) {
+        *gpu = NULL;
+        if (o->device == MS_FWD_DEVICE_CUDA)
+            return ms_error_set(err, MS_EXIT_USAGE, "--device cuda", "no usable GPU: %s", why);
+        ms_log_info("%s: no usable GPU (%s): computing on the CPU", label, why);
+        return 0;
+    }
+    ms_log_info("%s: GEMMs on the GPU: %s", label, ms_gpu_gemm_name(*gpu));
+    return 0;
+}
+
+void ms_fwd_cli_backend_report(const ms_llama_result *r, const ms_gpu_gemm *gpu, cJSON *j, char *line, size_t n)
+{
+    if (j) {
+        cJSON_AddStringToObject(j, "device", gpu ? "cuda" : "cpu");
+        if (gpu)
+            cJSON_AddStringToObject(j, "gpu", ms_gpu_gemm_name(gpu));
+        else
+            cJSON_AddNullToObject(j, "gpu");
+        cJSON_AddNumberToObject(j, "batches_gpu", (double)r->steps_gpu);
+        cJSON_AddNumberToObject(j, "batches_cpu", (double)r->steps_cpu);
+        cJSON_AddNumberToObject(j, "gpu_fallbacks", (double)r->gpu_fallbacks);
+        cJSON_AddBoolToObject(j, "gpu_disabled", r->gpu_disabled);
+    }
+    if (!gpu)
+        snprintf(line, n, "on the CPU");
+    else
+        snprintf(line, n, "%" PRIu64 " batch steps on cuda (%s), %" PRIu64 " on cpu, %" PRIu64 " GPU fallbacks%s",
+                 r->steps_gpu, ms_gpu_gemm_name(gpu), r->steps_cpu, r->gpu_fallbacks,
+                 r->gpu_disabled ? ", GPU disabled by an error" : "");
 }
 
 /* ============================================================ the output */
@@ -362,10 +412,12 @@ fail:
 /* finish_s: the st_writer_finish after the run (its directory fsync and
  * index), counted with the run's output time. */
 static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const ms_llama_result *r,
-                          const st_plan *plan, double finish_s)
+                          const st_plan *plan, double finish_s, const ms_gpu_gemm *gpu)
 {
     double tok_s = r->seconds > 0 ? (double)r->n_tokens / r->seconds : 0;
     double gflops = r->seconds > 0 ? r->flops / r->seconds / 1e9 : 0;
+    char where[256];
+    ms_fwd_cli_backend_report(r, gpu, NULL, where, sizeof where);
     if (o->json) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "command", "hessian");
@@ -383,6 +435,7 @@ static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const 
         cJSON_AddNumberToObject(j, "gflop", r->flops / 1e9);
         cJSON_AddNumberToObject(j, "gflops_per_second", gflops);
         cJSON_AddBoolToObject(j, "activations_spilled", r->spilled);
+        ms_fwd_cli_backend_report(r, gpu, j, where, sizeof where);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)ms_peak_rss_bytes());
         char *text = cJSON_Print(j);
         if (text)
@@ -391,9 +444,9 @@ static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const 
         cJSON_Delete(j);
     }
     ms_log_info("hessian: %" PRIu64 " samples, %" PRIu64 " tokens, %zu tensors (%.2f GB) in %s; %.1f s, %.0f "
-                "tokens/s, %.1f GFLOP/s, peak RSS %.2f GB",
+                "tokens/s, %.1f GFLOP/s, peak RSS %.2f GB; %s",
                 r->n_samples, r->n_tokens, st_plan_n_tensors(plan), (double)st_plan_total_bytes(plan) / 1e9,
-                o->out_dir, r->seconds, tok_s, gflops, (double)ms_peak_rss_bytes() / 1e9);
+                o->out_dir, r->seconds, tok_s, gflops, (double)ms_peak_rss_bytes() / 1e9, where);
 }
 
 int ms_cmd_hessian(int argc, char **argv)
@@ -405,6 +458,7 @@ int ms_cmd_hessian(int argc, char **argv)
     ms_error err = {0};
     ms_llama_session s = {0};
     cpu_pool *pool = NULL;
+    ms_gpu_gemm *gpu = NULL;
     st_plan *plan = NULL;
     st_writer *w = NULL;
     hess_sink sink = {0};
@@ -414,6 +468,8 @@ int ms_cmd_hessian(int argc, char **argv)
     if (outdir_check(o.out_dir, o.force, &existed, &err) < 0)
         goto fail;
     if (ms_fwd_cli_setup(&o, "hessian", false, true, &s, &pool, &ro, &err) < 0)
+        goto fail;
+    if (ms_fwd_cli_gpu_open(&o, "hessian", &gpu, &err) < 0)
         goto fail;
     if (build_plan(&o, &s, &plan, &err) < 0)
         goto fail;
@@ -445,7 +501,8 @@ int ms_cmd_hessian(int argc, char **argv)
     ro.stats_ctx = &sink;
     ro.head_stats = true;
     ro.spill_dir = o.out_dir;
-    if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, NULL, &res, &err) < 0)
+    cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
+    if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, gpu ? &seam : NULL, &res, &err) < 0)
         goto fail;
     if (ms_llama_session_check_unchanged(&s, &err) < 0)
         goto fail;
@@ -455,10 +512,11 @@ int ms_cmd_hessian(int argc, char **argv)
     st_writer_close(w);
     double finish_s = ms_now_seconds() - t_finish;
     res.seconds += finish_s;
-    print_summary(&o, &s, &res, plan, finish_s);
+    print_summary(&o, &s, &res, plan, finish_s, gpu);
     free(sink.buf);
     ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
+    ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
     return MS_EXIT_OK;
@@ -469,6 +527,7 @@ fail:
     free(sink.buf);
     ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
+    ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
     return ms_cli_fail(&err);

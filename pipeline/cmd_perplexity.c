@@ -30,7 +30,10 @@ static const char k_help[] =
     "                        go to a temporary file in $TMPDIR (default: a quarter of RAM,\n"
     "                        at most 8G)\n"
     "  --threads N           compute threads (default: all cores)\n"
-    "  --device auto|cpu     where to compute (the CPU in this version)\n"
+    "  --device auto|cpu|cuda where the GEMMs run (default auto: the GPU when one is\n"
+    "                        usable, else the CPU); a batch the GPU has no memory for\n"
+    "                        is redone on the CPU (one warning line)\n"
+    "  --gpu-memory-limit SIZE  most GPU memory this run may hold (shared GPUs)\n"
     "  --json                print the result as JSON\n"
     "  --quiet               no progress or summary on stderr\n"
     "  -h, --help            this text\n"
@@ -54,12 +57,16 @@ int ms_cmd_perplexity(int argc, char **argv)
     ms_error err = {0};
     ms_llama_session s = {0};
     cpu_pool *pool = NULL;
+    ms_gpu_gemm *gpu = NULL;
     ms_llama_run_opts ro;
     ms_llama_result r;
     if (ms_fwd_cli_setup(&o, "perplexity", true, false, &s, &pool, &ro, &err) < 0)
         goto fail;
+    if (ms_fwd_cli_gpu_open(&o, "perplexity", &gpu, &err) < 0)
+        goto fail;
     ro.nll = true;
-    if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, NULL, &r, &err) < 0)
+    cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
+    if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, gpu ? &seam : NULL, &r, &err) < 0)
         goto fail;
     if (ms_llama_session_check_unchanged(&s, &err) < 0)
         goto fail;
@@ -69,6 +76,8 @@ int ms_cmd_perplexity(int argc, char **argv)
     }
     double mean = r.nll_sum / (double)r.n_predicted, ppl = exp(mean);
     double tok_s = r.seconds > 0 ? (double)r.n_tokens / r.seconds : 0;
+    char where[256];
+    ms_fwd_cli_backend_report(&r, gpu, NULL, where, sizeof where);
     if (o.json) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "command", "perplexity");
@@ -81,6 +90,7 @@ int ms_cmd_perplexity(int argc, char **argv)
         cJSON_AddNumberToObject(j, "perplexity", ppl);
         cJSON_AddNumberToObject(j, "seconds", r.seconds);
         cJSON_AddNumberToObject(j, "tokens_per_second", tok_s);
+        ms_fwd_cli_backend_report(&r, gpu, j, where, sizeof where);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)ms_peak_rss_bytes());
         char *text = cJSON_Print(j);
         if (text)
@@ -92,12 +102,14 @@ int ms_cmd_perplexity(int argc, char **argv)
                " tokens)\n",
                ppl, mean, r.n_predicted, r.n_samples, r.n_tokens);
     }
-    ms_log_info("perplexity: %.1f s, %.0f tokens/s, %.1f GFLOP/s, peak RSS %.2f GB", r.seconds, tok_s,
-                r.seconds > 0 ? r.flops / r.seconds / 1e9 : 0.0, (double)ms_peak_rss_bytes() / 1e9);
+    ms_log_info("perplexity: %.1f s, %.0f tokens/s, %.1f GFLOP/s, peak RSS %.2f GB; %s", r.seconds, tok_s,
+                r.seconds > 0 ? r.flops / r.seconds / 1e9 : 0.0, (double)ms_peak_rss_bytes() / 1e9, where);
+    ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
     return MS_EXIT_OK;
 fail:
+    ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
     return ms_cli_fail(&err);

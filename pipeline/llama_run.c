@@ -665,10 +665,135 @@ typedef struct run_state {
     uint64_t *seq_rel; /* batch_size + 1 */
     act_store act;
     cpu_llama *fw;
-    cpu_llama_gemm gemm;
+    cpu_llama_gemm gemm; /* the seam in use: the GPU's while gpu_on, else the CPU's */
+    cpu_llama_gemm gpu;  /* the GPU's seam (has_gpu) */
+    cpu_llama_gemm cpu;  /* cpu_llama_gemm_blas */
+    bool has_gpu;        /* the caller gave a (fallible) seam */
+    bool gpu_on;         /* has_gpu and no sticky error yet */
+    float *x_save;       /* has_gpu: a batch's residual rows before a layer, for a rerun on the CPU */
     run_progress prog;
     ms_llama_result *res;
 } run_state;
+
+/* ============================================================ GPU fallback */
+
+/* The step that fails next uses these words: "layer 3/16, batch 35/120". */
+static void step_name(char *buf, size_t n, const char *what, uint64_t b, uint64_t n_batches)
+{
+    snprintf(buf, n, "%s, batch %" PRIu64 "/%" PRIu64, what, b + 1, n_batches);
+}
+
+/* Back to the GPU's seam for the next step (when it is still on). */
+static void use_gpu(run_state *s)
+{
+    s->gemm = s->gpu_on ? s->gpu : s->cpu;
+    cpu_llama_set_gemm(s->fw, &s->gemm);
+}
+
+static void use_cpu(run_state *s)
+{
+    s->gemm = s->cpu;
+    cpu_llama_set_gemm(s->fw, &s->gemm);
+}
+
+/* A GPU call of step `where` returned rc: one warning line, and the GPU off
+ * for good on a sticky error. Returns 0 when the CPU may redo the work, or
+ * -1 with err set (a failure the CPU cannot mend: statistics partly
+ * updated, or an error no GPU seam reports). */
+static int gpu_failed(run_state *s, int rc, const char *where, ms_error *err)
+{
+    const char *why = s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "";
+    if (!s->gpu_on || (rc != -ENOMEM && rc != -EIO)) {
+        if (rc == -EFAULT)
+            s->res->gpu_disabled = true;
+        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, where,
+                              "the GPU failed while adding statistics (%s): they are lost; rerun with --device cpu",
+                              why && *why ? why : "no details");
+    }
+    s->res->gpu_fallbacks++;
+    if (rc == -ENOMEM) {
+        ms_log_warn("GPU out of memory on %s (%s): using CPU", where, why && *why ? why : "no details");
+        return 0;
+    }
+    ms_log_warn("GPU error on %s (%s): the CPU computes the rest of the run", where, why && *why ? why : "no details");
+    s->gpu_on = false;
+    s->res->gpu_disabled = true;
+    return 0;
+}
+
+/* The rows the GPU's Gram updates did not add, added by the CPU's. */
+static int stat_add(run_state *s, cpu_hessian *h, const float *x, uint64_t n, uint64_t ld, bool on_gpu,
+                    const char *where, const char *name, ms_error *err)
+{
+    if (!h || n == 0)
+        return 0;
+    if (cpu_hessian_reserve(h, n) < 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "cannot grow the fp64 accumulator");
+    const cpu_llama_gemm *g = on_gpu ? &s->gpu : &s->cpu;
+    uint64_t before = cpu_hessian_rows(h);
+    int rc = cpu_hessian_add(h, x, n, ld, g->gram, g->ctx);
+    if (rc == 0)
+        return 0;
+    if (!on_gpu)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot add the statistics");
+    char what[192];
+    snprintf(what, sizeof what, "%s (statistics %s)", where, name);
+    if (gpu_failed(s, rc, what, err) < 0)
+        return -1;
+    uint64_t done = cpu_hessian_rows(h) - before;
+    MS_ASSERT(done <= n);
+    rc = cpu_hessian_add(h, x + done * ld, n - done, ld, s->cpu.gram, s->cpu.ctx);
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot add the statistics") : 0;
+}
+
+/* Every linear input of the layer just run into its statistic. */
+static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint64_t n, bool on_gpu,
+                       const char *where, ms_error *err)
+{
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        if (!h[k])
+            continue;
+        char name[128];
+        ms_llama_stat_name(layer, (ms_llama_stat)k, name, sizeof name);
+        uint64_t ld;
+        const float *in = cpu_llama_linear_input(s->fw, (cpu_llama_input)k, &ld);
+        if (stat_add(s, h[k], in, n, ld, on_gpu && s->gpu_on, where, name, err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* One batch through decoder layer w: on the GPU when it is on (the batch's
+ * rows saved first), else, or after a GPU failure, on the CPU from the
+ * saved rows. *on_gpu says where it ran. Returns 0 or -1 with err set. */
+static int layer_step(run_state *s, const cpu_llama_layer *w, const cpu_llama_batch *bt, float *x,
+                      const char *where, bool *on_gpu, ms_error *err)
+{
+    uint64_t bytes = bt->n_tokens * s->cfg->hidden * sizeof(float);
+    *on_gpu = s->gpu_on;
+    if (*on_gpu) {
+        memcpy(s->x_save, x, (size_t)bytes);
+        int rc = cpu_llama_layer_forward(s->fw, w, bt, x);
+        if (rc == 0)
+            return 0;
+        if (gpu_failed(s, rc, where, err) < 0)
+            return -1;
+        memcpy(x, s->x_save, (size_t)bytes);
+        *on_gpu = false;
+        use_cpu(s);
+    }
+    int rc = cpu_llama_layer_forward(s->fw, w, bt, x);
+    use_gpu(s);
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, where, "the forward pass failed") : 0;
+}
+
+/* The GPU seam's copies of the weights are stale (a new layer or slice was
+ * read into the same memory). */
+static void weights_changed(run_state *s)
+{
+    if (s->has_gpu && s->gpu.weights_changed)
+        s->gpu.weights_changed(s->gpu.ctx);
+}
 
 static uint64_t batch_first_sample(const run_state *s, uint64_t b) { return b * s->opt->batch_size; }
 
@@ -742,9 +867,9 @@ static int run_layers(run_state *s, ms_error *err)
     for (uint64_t l = 0; l < c->n_layers; l++) {
         if (ms_llama_layer_load(s->src, c, l, &w, err) < 0)
             goto fail;
+        weights_changed(s);
         for (unsigned k = 0; s->opt->on_stats && l > 0 && k < MS_LLAMA_STAT_COUNT; k++)
             cpu_hessian_reset(h[k]);
-        cpu_llama_taps taps = {h[0], h[1], h[2], h[3]};
         char what[64];
         snprintf(what, sizeof what, "layer %" PRIu64 "/%" PRIu64, l + 1, c->n_layers);
         for (uint64_t b = 0; b < s->n_batches; b++) {
@@ -754,11 +879,19 @@ static int run_layers(run_state *s, ms_error *err)
             float *x = act_rows(&s->act, t0, bt.n_tokens, true, err);
             if (!x)
                 goto fail;
-            rc = cpu_llama_layer_forward(s->fw, &w, &bt, x, &taps);
-            if (rc < 0) {
-                ms_error_errno(err, MS_EXIT_RUNTIME, -rc, "statistics", "cannot grow the fp64 accumulator");
+            char where[96];
+            step_name(where, sizeof where, what, b, s->n_batches);
+            bool on_gpu;
+            if (layer_step(s, &w, &bt, x, where, &on_gpu, err) < 0)
                 goto fail;
-            }
+            /* The statistics only after the batch's forward pass succeeded. */
+            if (layer_stats(s, h, l, bt.n_tokens, on_gpu, where, err) < 0)
+                goto fail;
+            bool all_gpu = on_gpu && s->gpu_on;
+            if (all_gpu && s->has_gpu)
+                s->res->steps_gpu++;
+            else
+                s->res->steps_cpu++;
             if (act_put(&s->act, t0, bt.n_tokens, err) < 0)
                 goto fail;
             progress_step(&s->prog, (double)bt.n_tokens, what);
@@ -800,10 +933,10 @@ static int run_final_norm(run_state *s, ms_error *err)
         if (!x)
             goto fail;
         cpu_llama_rms_norm(s->fw, x, norm, bt.n_tokens, x);
-        if (h && bt.n_tokens && cpu_hessian_add(h, x, bt.n_tokens, c->hidden, s->gemm.gram, s->gemm.ctx) < 0) {
-            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, MS_LLAMA_HEAD_STAT, "cannot grow the fp64 accumulator");
+        char where[96];
+        step_name(where, sizeof where, "final norm", b, s->n_batches);
+        if (stat_add(s, h, x, bt.n_tokens, c->hidden, s->gpu_on, where, MS_LLAMA_HEAD_STAT, err) < 0)
             goto fail;
-        }
         if (act_put(&s->act, t0, bt.n_tokens, err) < 0)
             goto fail;
         if (!s->opt->nll)
@@ -859,6 +992,7 @@ static int run_head(run_state *s, uint64_t max_tokens, ms_error *err)
         uint64_t nv = c->vocab - v0 < rows ? c->vocab - v0 : rows;
         if (s->src->read_rows(s->src->ctx, head_name(c), v0, nv, w, err) < 0)
             goto done;
+        weights_changed(s);
         char what[64];
         snprintf(what, sizeof what, "head %" PRIu64 "/%" PRIu64, v0 / rows + 1, n_slices);
         for (uint64_t b = 0; b < s->n_batches; b++) {
@@ -870,7 +1004,26 @@ static int run_head(run_state *s, uint64_t max_tokens, ms_error *err)
             float *x = act_rows(&s->act, t0, bt.n_tokens, true, err);
             if (!x)
                 goto done;
-            cpu_llama_logits(s->fw, x, bt.n_tokens, w, nv, logits);
+            bool on_gpu = s->gpu_on;
+            int lrc = cpu_llama_logits(s->fw, x, bt.n_tokens, w, nv, logits);
+            if (lrc < 0 && on_gpu) { /* x is intact: the CPU redoes the slice */
+                char where[96];
+                step_name(where, sizeof where, what, b, s->n_batches);
+                if (gpu_failed(s, lrc, where, err) < 0)
+                    goto done;
+                on_gpu = false;
+                use_cpu(s);
+                lrc = cpu_llama_logits(s->fw, x, bt.n_tokens, w, nv, logits);
+                use_gpu(s);
+            }
+            if (lrc < 0) {
+                ms_error_errno(err, MS_EXIT_RUNTIME, -lrc, head_name(c), "the logits failed");
+                goto done;
+            }
+            if (on_gpu && s->has_gpu)
+                s->res->steps_gpu++;
+            else
+                s->res->steps_cpu++;
             if (s->opt->on_logits)
                 s->opt->on_logits(s->opt->logits_ctx, &s->tok, t0, bt.n_tokens, v0, nv, logits);
             cpu_llama_nll sub = {st.max + t0, st.sum + t0, st.target + t0};
@@ -934,7 +1087,10 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
     *res = (ms_llama_result){0};
     double t_start = ms_now_seconds();
     run_state s = {.src = src, .cfg = cfg, .opt = opt, .act = {.fd = -1}, .res = res};
-    s.gemm = gemm ? *gemm : cpu_llama_gemm_blas();
+    s.cpu = cpu_llama_gemm_blas();
+    s.has_gpu = s.gpu_on = gemm != NULL;
+    s.gpu = gemm ? *gemm : s.cpu;
+    s.gemm = s.gpu;
     int rc = -1;
     if (tokens_pack(calib, &s.tok, err) < 0)
         return -1;
@@ -951,7 +1107,9 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
     for (uint64_t t = 0; t < s.tok.n; t++)
         max_pos = s.tok.pos[t] + 1u > max_pos ? s.tok.pos[t] + 1u : max_pos;
     s.seq_rel = malloc((size_t)(opt->batch_size + 1) * sizeof *s.seq_rel);
-    if (!s.seq_rel) {
+    if (s.has_gpu)
+        s.x_save = malloc((size_t)(max_tokens * cfg->hidden * sizeof(float)));
+    if (!s.seq_rel || (s.has_gpu && !s.x_save)) {
         ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "batches", "cannot allocate");
         goto done;
     }
@@ -974,6 +1132,7 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
     s.prog = (run_progress){.label = opt->label, .tty = isatty(STDERR_FILENO), .start = t_start, .last = t_start,
                             .n_samples = s.tok.n_samples, .n_tokens = s.tok.n, .passes = cfg->n_layers + 1};
     s.prog.total = (double)s.tok.n * (double)s.prog.passes;
+    weights_changed(&s); /* nothing cached from an earlier run may match this run's memory */
     if (run_embed(&s, err) < 0 || run_layers(&s, err) < 0)
         goto done;
     if ((opt->nll || (opt->on_stats && opt->head_stats)) && run_final_norm(&s, err) < 0)
@@ -990,7 +1149,9 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
 done:
     progress_end(&s.prog);
     act_close(&s.act);
+    weights_changed(&s); /* give the device memory of this run's weights back */
     cpu_llama_close(s.fw);
+    free(s.x_save);
     free(s.seq_rel);
     tokens_free(&s.tok);
     return rc;

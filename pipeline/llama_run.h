@@ -21,6 +21,17 @@
  * `mergestream merge` materialises for that input, and never the whole
  * adapted model. Tests feed in-memory weights through the same interface.
  *
+ * GPU: the GEMMs and Gram updates go through a cpu_llama_gemm seam, the
+ * CPU's (OpenBLAS) or a GPU's (pipeline/backend_registry.h,
+ * ms_gpu_gemm_seam). A GPU step that runs out of device memory is redone on
+ * the CPU from the step's saved input rows, with one warning line ("GPU out
+ * of memory on layer 3/16, batch 35/120 (needs X MiB, Y MiB free): using
+ * CPU"); the next step tries the GPU again. A sticky GPU error sends the
+ * rest of the run to the CPU, with one line. A step's statistics are added
+ * only after its forward pass succeeded, and a Gram update that fails on the
+ * GPU is finished on the CPU from the first row the GPU did not add, so no
+ * row is ever counted twice or lost.
+ *
  * Threading: one thread calls the driver; the pool and OpenBLAS work inside. */
 #ifndef MS_LLAMA_RUN_H
 #define MS_LLAMA_RUN_H
@@ -186,13 +197,24 @@ typedef struct ms_llama_result {
     bool spilled;         /* the residual stream lived in a spill file */
     uint64_t act_bytes;   /* its size */
     uint64_t batches;
+    /* Where the steps ran; a step is one batch through one decoder layer or
+     * one lm_head slice. With a GPU seam, steps_gpu ran entirely on it and
+     * steps_cpu are the rest (fallbacks, and everything after the GPU was
+     * disabled); with the CPU's seam every step is a steps_cpu. */
+    uint64_t steps_gpu, steps_cpu;
+    uint64_t gpu_fallbacks; /* GPU failures redone on the CPU (a step, or a step's statistic) */
+    bool gpu_disabled;      /* a sticky GPU error sent the rest of the run to the CPU */
 } ms_llama_result;
 
 /* Runs the calibration set through the model described by cfg (checked with
  * ms_llama_check beforehand; calib's ids checked against cfg->vocab). gemm
- * (NULL: cpu_llama_gemm_blas) and pool (NULL: no pool) do the work.
- * Returns 0 and *res, or -1 with err set (I/O, memory: MS_EXIT_RUNTIME;
- * whatever on_stats reports). */
+ * and pool (NULL: no pool) do the work: gemm NULL is the CPU's
+ * (cpu_llama_gemm_blas); a given gemm is a GPU's, which may fail and whose
+ * failed steps cpu_llama_gemm_blas redoes (see the top of this file; its
+ * weights_changed is called whenever the layer or lm_head slice in memory
+ * changes). Returns 0 and *res, or -1 with err set (I/O, memory:
+ * MS_EXIT_RUNTIME; a GPU error after statistics were partly updated:
+ * MS_EXIT_RUNTIME; whatever on_stats reports). */
 int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const ms_calib *calib,
                  const ms_llama_run_opts *opt, cpu_pool *pool, const cpu_llama_gemm *gemm, ms_llama_result *res,
                  ms_error *err);

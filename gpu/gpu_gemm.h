@@ -1,0 +1,100 @@
+/* cuBLAS behind the forward pass's GEMM seam (cpu/llama_forward.h,
+ * cpu_llama_gemm): fp32 GEMMs and Gram updates for `mergestream hessian`
+ * and `mergestream perplexity`. Plain C, no CUDA types, so pipeline/ calls it
+ * through the backend registry without including CUDA headers.
+ *
+ * Arithmetic: cublasSgemm / cublasSsyrk in fp32 with CUBLAS_DEFAULT_MATH (no
+ * TF32 tensor cores: the products round like OpenBLAS's fp32, up to the
+ * order of the sums). Results are close to the CPU's, not identical.
+ *
+ * Memory: one own stream and cuBLAS handle; device buffers come from a
+ * gpu_mempool (gpu/gpu_mempool.h) capped at memory_limit, so operands of
+ * similar sizes reuse cached blocks and the steady state allocates nothing
+ * from the driver. A weight (a B operand flagged as one) stays on the device
+ * keyed by host pointer and shape until gpu_gemm_forget_weights: one upload
+ * per layer (per lm_head slice), not one per batch. Every request asks the
+ * fault seam first (MS_FAULT_GPU_ALLOC, through the pool).
+ *
+ * Failure contract. Every call returns 0 or a negative errno:
+ *   -ENOMEM  device memory ran out (cudaErrorMemoryAllocation, cuBLAS's
+ *            ALLOC_FAILED, --gpu-memory-limit, the fault seam). Not sticky:
+ *            the error is cleared, the cached weights and the pool's cache
+ *            are freed, the output is unchanged; later calls may succeed.
+ *   -EIO     a sticky CUDA error (illegal address, launch failure, a lost
+ *            device): the object is broken, every later call returns -EIO
+ *            at once. The output is unchanged, except for gpu_gemm_gram's
+ *            -EFAULT below.
+ *   -EFAULT  (gram only) a sticky error while the result was being added
+ *            into C: C is partly updated and must be discarded.
+ * gpu_gemm_last_error describes the last failure in one line.
+ *
+ * Threading: one thread at a time per object. Every call blocks until its
+ * results are in host memory. */
+#ifndef MS_GPU_GEMM_H
+#define MS_GPU_GEMM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct gpu_gemm gpu_gemm;
+
+/* Opens device `device` with at most memory_limit bytes of device buffers
+ * (0: no cap but the device's). Creates the context, a stream and a cuBLAS
+ * handle; allocates no buffer. Returns 0 and *out (close with
+ * gpu_gemm_close), or -1 with a one-line reason in why. */
+int gpu_gemm_open(int device, uint64_t memory_limit, gpu_gemm **out, char *why, size_t why_len);
+/* Frees everything; NULL is a no-op. */
+void gpu_gemm_close(gpu_gemm *g);
+/* The device's name ("NVIDIA H100 80GB HBM3"). */
+const char *gpu_gemm_device_name(const gpu_gemm *g);
+
+/* C[m, n] = alpha * A[m, k] * op(B) + beta * C, row-major with leading
+ * dimensions lda, ldb, ldc (cpu_gemm_fn's contract): op(B) = B^T with B
+ * stored [n, k] when trans_b, else B stored [k, n]. beta = 0 ignores C's old
+ * contents. b_is_weight: B is a weight that stays unchanged until the next
+ * gpu_gemm_forget_weights, so it is uploaded once and kept (keyed by b, its
+ * shape and ldb). Returns 0, -ENOMEM or -EIO (C unchanged on failure). */
+int gpu_gemm_sgemm(gpu_gemm *g, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
+                   uint64_t lda, const float *b, uint64_t ldb, bool b_is_weight, float beta, float *c, uint64_t ldc);
+
+/* C[dim, dim] (row-major, upper triangle with the diagonal) += X^T X for X
+ * n_rows x dim with leading dimension ldx (cpu_gram_fn's contract; the strict
+ * lower triangle of C is not touched). X^T X is computed on the device
+ * (cublasSsyrk), copied back in row blocks and added on the host in fp32.
+ * Returns 0, -ENOMEM, -EIO (C unchanged) or -EFAULT (see above). */
+int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c);
+
+/* Forgets every cached weight (their device blocks go back to the pool's
+ * cache, for the next layer's weights of the same sizes). Call whenever the
+ * host memory of a weight passed with b_is_weight changes. */
+void gpu_gemm_forget_weights(gpu_gemm *g);
+
+/* One line about the last failure: "needs 512 MiB, 300 MiB free" for
+ * -ENOMEM, "cublasSgemm: an illegal memory access..." for -EIO; "" when
+ * none. */
+const char *gpu_gemm_last_error(const gpu_gemm *g);
+
+/* Device bytes the pool holds now (in use, cached weights and cache). */
+uint64_t gpu_gemm_held_bytes(const gpu_gemm *g);
+
+/* The best fp32 cublasSgemm rate (GFLOP/s) of the device, on device-resident
+ * operands at the Llama-3.2-1B linear-layer shapes (2048 rows; N x K = 2048 x
+ * 2048, 8192 x 2048, 2048 x 8192), each repeated for about seconds / 3.
+ * Returns it, or -1 with gpu_gemm_last_error set. */
+double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds);
+
+/* Tests only (the sticky path on demand): the next gpu_gemm_sgemm or
+ * gpu_gemm_gram fails as if the device had hit a sticky error (-EIO, the
+ * object broken) without touching the device. */
+void gpu_gemm_fail_next_for_tests(gpu_gemm *g);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

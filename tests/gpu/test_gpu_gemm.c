@@ -1,0 +1,459 @@
+/* The forward pass's GPU seam (gpu/gpu_gemm.cu) against OpenBLAS
+ * (cpu_llama_gemm_blas) and a float64 reference, on random shapes: odd
+ * sizes, both trans_b, leading dimensions above the minimum, beta 0 over
+ * NaN and beta != 0; the Gram update on random upper triangles (the lower
+ * one must stay untouched). Weights cached on the device are used while
+ * unchanged and refreshed after gpu_gemm_forget_weights; the steady state
+ * allocates nothing new. Failures: a --gpu-memory-limit too small, the fault
+ * seam (this program re-runs itself with MERGESTREAM_FAULT=gpu_alloc:N and
+ * gpu_alloc:1+) and an injected sticky error return -ENOMEM / -EIO and leave
+ * C bit for bit unchanged.
+ *
+ * Exit 77 without CUDA or without a device. The seed is printed; set
+ * MS_TEST_SEED to replay. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <stdio.h>
+
+#ifndef MERGESTREAM_HAVE_CUDA
+
+int main(void)
+{
+    printf("SKIP: built without CUDA\n");
+    return 77;
+}
+
+#else
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <spawn.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "cpu/llama_forward.h"
+#include "gpu/gpu_gemm.h"
+#include "io/ms_fault.h"
+
+#define CHILD_ENV "MS_GPU_GEMM_CHILD"
+
+extern char **environ;
+
+static uint64_t g_seed;
+static uint64_t g_rng;
+
+static uint64_t rng_next(void)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+
+static uint64_t rng_range(uint64_t lo, uint64_t hi) { return lo + rng_next() % (hi - lo + 1); }
+static float rng_float(void) { return (float)((double)(rng_next() >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
+
+static float *rand_floats(uint64_t n)
+{
+    float *p = malloc((size_t)(n ? n : 1) * sizeof *p);
+    assert_non_null(p);
+    for (uint64_t i = 0; i < n; i++)
+        p[i] = rng_float();
+    return p;
+}
+
+static float *copy_floats(const float *src, uint64_t n)
+{
+    float *p = malloc((size_t)(n ? n : 1) * sizeof *p);
+    assert_non_null(p);
+    memcpy(p, src, (size_t)n * sizeof *p);
+    return p;
+}
+
+static gpu_gemm *open_gpu(uint64_t limit)
+{
+    char why[256];
+    gpu_gemm *g = NULL;
+    if (gpu_gemm_open(0, limit, &g, why, sizeof why) != 0)
+        fail_msg("gpu_gemm_open: %s", why);
+    return g;
+}
+
+/* ============================================================ sgemm */
+
+typedef struct gemm_case {
+    bool trans_b;
+    uint64_t m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+} gemm_case;
+
+static gemm_case random_gemm_case(void)
+{
+    gemm_case c;
+    c.trans_b = rng_next() & 1;
+    c.m = rng_range(1, 300);
+    c.n = rng_range(1, 300);
+    c.k = rng_range(1, 700);
+    c.lda = c.k + rng_range(0, 5);
+    c.ldb = (c.trans_b ? c.k : c.n) + rng_range(0, 5);
+    c.ldc = c.n + rng_range(0, 5);
+    c.alpha = rng_next() & 1 ? 1.0f : 0.37f;
+    c.beta = rng_next() % 3 == 0 ? 0.5f : 0.0f;
+    return c;
+}
+
+static float b_at(const gemm_case *c, const float *b, uint64_t kk, uint64_t j)
+{
+    return c->trans_b ? b[j * c->ldb + kk] : b[kk * c->ldb + j];
+}
+
+/* Every element of got within a float32 rounding bound of the float64
+ * reference: |got - ref| <= 1e-6 * (4 + sqrt(k)) * (|alpha| sum |a b| +
+ * |beta c0|) + 1e-30. */
+static void check_gemm(const gemm_case *c, const float *a, const float *b, const float *c0, const float *got,
+                       const char *who)
+{
+    for (uint64_t i = 0; i < c->m; i++) {
+        for (uint64_t j = 0; j < c->n; j++) {
+            double ref = 0, mag = 0;
+            for (uint64_t kk = 0; kk < c->k; kk++) {
+                double p = (double)a[i * c->lda + kk] * (double)b_at(c, b, kk, j);
+                ref += p;
+                mag += fabs(p);
+            }
+            ref *= c->alpha;
+            mag *= fabs(c->alpha);
+            if (c->beta != 0.0f) {
+                ref += (double)c->beta * c0[i * c->ldc + j];
+                mag += fabs((double)c->beta * c0[i * c->ldc + j]);
+            }
+            double tol = 1e-6 * (4.0 + sqrt((double)c->k)) * mag + 1e-30;
+            double v = got[i * c->ldc + j];
+            if (!(fabs(v - ref) <= tol))
+                fail_msg("%s: sgemm trans_b=%d m=%" PRIu64 " n=%" PRIu64 " k=%" PRIu64 " beta=%g: C[%" PRIu64
+                         "][%" PRIu64 "] = %.9g, float64 says %.9g (tolerance %.3g); seed %" PRIu64,
+                         who, c->trans_b, c->m, c->n, c->k, (double)c->beta, i, j, v, ref, tol, g_seed);
+        }
+        for (uint64_t j = c->n; j < c->ldc; j++) /* the padding of each row is never written */
+            if (memcmp(&got[i * c->ldc + j], &c0[i * c->ldc + j], sizeof(float)) != 0)
+                fail_msg("%s: sgemm wrote C[%" PRIu64 "][%" PRIu64 "] beyond n = %" PRIu64, who, i, j, c->n);
+    }
+}
+
+static void test_sgemm_random(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    cpu_llama_gemm cpu = cpu_llama_gemm_blas();
+    for (int t = 0; t < 40; t++) {
+        gemm_case c = random_gemm_case();
+        uint64_t b_rows = c.trans_b ? c.n : c.k;
+        float *a = rand_floats(c.m * c.lda), *b = rand_floats(b_rows * c.ldb), *c0 = rand_floats(c.m * c.ldc);
+        if (c.beta == 0.0f) /* beta = 0 ignores C, NaN included */
+            for (uint64_t i = 0; i < c.m; i++)
+                for (uint64_t j = 0; j < c.n; j++)
+                    c0[i * c.ldc + j] = NAN;
+        float *gc = copy_floats(c0, c.m * c.ldc), *cc = copy_floats(c0, c.m * c.ldc);
+        bool weight = rng_next() & 1;
+        int rc = gpu_gemm_sgemm(g, c.trans_b, c.m, c.n, c.k, c.alpha, a, c.lda, b, c.ldb, weight, c.beta, gc, c.ldc);
+        if (rc != 0)
+            fail_msg("gpu_gemm_sgemm returned %d: %s", rc, gpu_gemm_last_error(g));
+        assert_int_equal(cpu.gemm(cpu.ctx, c.trans_b, c.m, c.n, c.k, c.alpha, a, c.lda, b, c.ldb, c.beta, cc, c.ldc,
+                                  0),
+                         0);
+        check_gemm(&c, a, b, c0, cc, "OpenBLAS");
+        check_gemm(&c, a, b, c0, gc, "GPU");
+        gpu_gemm_forget_weights(g); /* b is freed: its address may come back with other contents */
+        free(a);
+        free(b);
+        free(c0);
+        free(gc);
+        free(cc);
+    }
+    gpu_gemm_close(g);
+}
+
+/* A cached weight is used while unchanged, refreshed after
+ * gpu_gemm_forget_weights; the steady state allocates no new block. */
+static void test_sgemm_weight_cache(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    gemm_case c = {.trans_b = true, .m = 33, .n = 129, .k = 65, .lda = 65, .ldb = 65, .ldc = 129, .alpha = 1,
+                   .beta = 0};
+    float *a = rand_floats(c.m * c.lda), *w = rand_floats(c.n * c.ldb), *c0 = rand_floats(c.m * c.ldc);
+    float *out = copy_floats(c0, c.m * c.ldc);
+    assert_int_equal(gpu_gemm_sgemm(g, true, c.m, c.n, c.k, 1, a, c.lda, w, c.ldb, true, 0, out, c.ldc), 0);
+    check_gemm(&c, a, w, c0, out, "GPU, weight uploaded");
+    uint64_t held = gpu_gemm_held_bytes(g);
+    assert_true(held > 0);
+    for (int i = 0; i < 5; i++) {
+        float *a2 = rand_floats(c.m * c.lda);
+        assert_int_equal(gpu_gemm_sgemm(g, true, c.m, c.n, c.k, 1, a2, c.lda, w, c.ldb, true, 0, out, c.ldc), 0);
+        check_gemm(&c, a2, w, c0, out, "GPU, weight cached");
+        free(a2);
+    }
+    assert_int_equal(gpu_gemm_held_bytes(g), held); /* served from the pool's cache */
+    for (uint64_t i = 0; i < c.n * c.ldb; i++) /* a new layer in the same memory */
+        w[i] = rng_float();
+    gpu_gemm_forget_weights(g);
+    assert_int_equal(gpu_gemm_sgemm(g, true, c.m, c.n, c.k, 1, a, c.lda, w, c.ldb, true, 0, out, c.ldc), 0);
+    check_gemm(&c, a, w, c0, out, "GPU, weight refreshed");
+    assert_int_equal(gpu_gemm_held_bytes(g), held);
+    free(a);
+    free(w);
+    free(c0);
+    free(out);
+    gpu_gemm_close(g);
+}
+
+/* ============================================================ Gram */
+
+/* got (upper triangle) within a float32 bound of c0 + X^T X in float64;
+ * the strict lower triangle bit for bit c0's. */
+static void check_gram(const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, const float *c0,
+                       const float *got, const char *who)
+{
+    for (uint64_t i = 0; i < dim; i++) {
+        for (uint64_t j = 0; j < dim; j++) {
+            if (j < i) {
+                if (memcmp(&got[i * dim + j], &c0[i * dim + j], sizeof(float)) != 0)
+                    fail_msg("%s: Gram wrote the lower triangle at [%" PRIu64 "][%" PRIu64 "]", who, i, j);
+                continue;
+            }
+            double ref = c0[i * dim + j], mag = fabs(ref);
+            for (uint64_t r = 0; r < n_rows; r++) {
+                double p = (double)x[r * ldx + i] * (double)x[r * ldx + j];
+                ref += p;
+                mag += fabs(p);
+            }
+            double tol = 1e-6 * (4.0 + sqrt((double)n_rows)) * mag + 1e-30;
+            double v = got[i * dim + j];
+            if (!(fabs(v - ref) <= tol))
+                fail_msg("%s: Gram n_rows=%" PRIu64 " dim=%" PRIu64 ": C[%" PRIu64 "][%" PRIu64
+                         "] = %.9g, float64 says %.9g (tolerance %.3g); seed %" PRIu64,
+                         who, n_rows, dim, i, j, v, ref, tol, g_seed);
+        }
+    }
+}
+
+static void test_gram_random(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    cpu_llama_gemm cpu = cpu_llama_gemm_blas();
+    for (int t = 0; t < 25; t++) {
+        uint64_t dim = rng_range(1, 260), n_rows = rng_range(1, 900), ldx = dim + rng_range(0, 7);
+        float *x = rand_floats(n_rows * ldx), *c0 = rand_floats(dim * dim);
+        float *gc = copy_floats(c0, dim * dim), *cc = copy_floats(c0, dim * dim);
+        int rc = gpu_gemm_gram(g, x, n_rows, dim, ldx, gc);
+        if (rc != 0)
+            fail_msg("gpu_gemm_gram returned %d: %s", rc, gpu_gemm_last_error(g));
+        assert_int_equal(cpu.gram(cpu.ctx, x, n_rows, dim, ldx, cc), 0);
+        check_gram(x, n_rows, dim, ldx, c0, cc, "OpenBLAS");
+        check_gram(x, n_rows, dim, ldx, c0, gc, "GPU");
+        free(x);
+        free(c0);
+        free(gc);
+        free(cc);
+    }
+    /* A result larger than the host stage (32 MiB): it comes back in several row blocks. */
+    uint64_t dim = 3001, n_rows = 7, ldx = 3001;
+    float *x = rand_floats(n_rows * ldx), *c0 = rand_floats(dim * dim), *gc = copy_floats(c0, dim * dim);
+    assert_int_equal(gpu_gemm_gram(g, x, n_rows, dim, ldx, gc), 0);
+    check_gram(x, n_rows, dim, ldx, c0, gc, "GPU, several row blocks");
+    free(x);
+    free(c0);
+    free(gc);
+    gpu_gemm_close(g);
+}
+
+/* ============================================================ failures */
+
+/* One sgemm and one Gram call on g must fail with `want` and leave C as it
+ * was, bit for bit. */
+static void expect_failures(gpu_gemm *g, int want, const char *label)
+{
+    uint64_t m = 37, n = 71, k = 53, dim = 45, n_rows = 19;
+    float *a = rand_floats(m * k), *b = rand_floats(n * k), *c0 = rand_floats(m * n), *c = copy_floats(c0, m * n);
+    int rc = gpu_gemm_sgemm(g, true, m, n, k, 1.0f, a, k, b, k, false, 0.5f, c, n);
+    if (rc != want)
+        fail_msg("%s: sgemm returned %d, expected %d (%s)", label, rc, want, gpu_gemm_last_error(g));
+    assert_memory_equal(c, c0, m * n * sizeof(float));
+    assert_true(gpu_gemm_last_error(g)[0] != '\0');
+    float *x = rand_floats(n_rows * dim), *h0 = rand_floats(dim * dim), *h = copy_floats(h0, dim * dim);
+    rc = gpu_gemm_gram(g, x, n_rows, dim, dim, h);
+    if (rc != want)
+        fail_msg("%s: gram returned %d, expected %d (%s)", label, rc, want, gpu_gemm_last_error(g));
+    assert_memory_equal(h, h0, dim * dim * sizeof(float));
+    free(a);
+    free(b);
+    free(c0);
+    free(c);
+    free(x);
+    free(h0);
+    free(h);
+}
+
+/* A memory limit below what a call needs: -ENOMEM, "needs X MiB", C
+ * unchanged; the object stays usable for calls that fit. */
+static void test_memory_limit(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(4096);
+    expect_failures(g, -ENOMEM, "--gpu-memory-limit 4K");
+    assert_non_null(strstr(gpu_gemm_last_error(g), "needs"));
+    float a[4] = {1, 2, 3, 4}, b[4] = {5, 6, 7, 8}, c[4];
+    assert_int_equal(gpu_gemm_sgemm(g, false, 2, 2, 2, 1.0f, a, 2, b, 2, false, 0.0f, c, 2), 0);
+    assert_true(c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50);
+    gpu_gemm_close(g);
+}
+
+/* A sticky error: -EIO, C unchanged, and every later call -EIO too. */
+static void test_sticky(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    gpu_gemm_fail_next_for_tests(g);
+    expect_failures(g, -EIO, "sticky");
+    expect_failures(g, -EIO, "after a sticky error");
+    gpu_gemm_close(g);
+}
+
+/* In the child: with MERGESTREAM_FAULT set, the first calls fail out of
+ * memory (the seam's first requests fail) and leave C alone. */
+static int child_main(void)
+{
+    const char *fault = getenv("MERGESTREAM_FAULT");
+    gpu_gemm *g = NULL;
+    char why[256];
+    if (gpu_gemm_open(0, 0, &g, why, sizeof why) != 0) {
+        printf("child: gpu_gemm_open: %s\n", why);
+        return 1;
+    }
+    uint64_t m = 37, n = 71, k = 53;
+    float *a = rand_floats(m * k), *b = rand_floats(n * k), *c0 = rand_floats(m * n), *c = copy_floats(c0, m * n);
+    int rc = gpu_gemm_sgemm(g, true, m, n, k, 1.0f, a, k, b, k, true, 0.5f, c, n);
+    int fails = 0;
+    if (rc != -ENOMEM || memcmp(c, c0, m * n * sizeof(float)) != 0) {
+        printf("child (MERGESTREAM_FAULT=%s): sgemm returned %d, C %s\n", fault, rc,
+               memcmp(c, c0, m * n * sizeof(float)) ? "changed" : "unchanged");
+        fails++;
+    }
+    uint64_t dim = 45, n_rows = 19;
+    float *x = rand_floats(n_rows * dim), *h0 = rand_floats(dim * dim), *h = copy_floats(h0, dim * dim);
+    bool every = fault && strchr(fault, '+');
+    rc = gpu_gemm_gram(g, x, n_rows, dim, dim, h);
+    if (every && (rc != -ENOMEM || memcmp(h, h0, dim * dim * sizeof(float)) != 0)) {
+        printf("child (MERGESTREAM_FAULT=%s): gram returned %d\n", fault, rc);
+        fails++;
+    }
+    if (!every && rc != 0) { /* the one injected fault is spent: this call succeeds */
+        printf("child (MERGESTREAM_FAULT=%s): gram after the fault returned %d (%s)\n", fault, rc,
+               gpu_gemm_last_error(g));
+        fails++;
+    }
+    printf("child (MERGESTREAM_FAULT=%s): %" PRIu64 " gpu_alloc requests, %s\n", fault,
+           ms_fault_calls(MS_FAULT_GPU_ALLOC), fails ? "FAILED" : "ok");
+    free(a);
+    free(b);
+    free(c0);
+    free(c);
+    free(x);
+    free(h0);
+    free(h);
+    gpu_gemm_close(g);
+    return fails ? 1 : 0;
+}
+
+static int spawn_child(const char *fault)
+{
+    size_t n = 0;
+    while (environ[n])
+        n++;
+    char **envp = calloc(n + 4, sizeof *envp);
+    if (!envp)
+        return -1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "MERGESTREAM_FAULT=", 18) != 0 && strncmp(environ[i], CHILD_ENV "=", sizeof CHILD_ENV) != 0)
+            envp[k++] = environ[i];
+    char e_fault[128], e_seed[64];
+    snprintf(e_fault, sizeof e_fault, "MERGESTREAM_FAULT=%s", fault);
+    snprintf(e_seed, sizeof e_seed, "MS_TEST_SEED=%" PRIu64, g_seed);
+    envp[k++] = (char *)CHILD_ENV "=1";
+    envp[k++] = e_fault;
+    envp[k++] = e_seed;
+    envp[k] = NULL;
+    char *argv[] = {(char *)"test_gpu_gemm", NULL};
+    fflush(stdout);
+    pid_t pid;
+    int rc = posix_spawn(&pid, "/proc/self/exe", NULL, NULL, argv, envp);
+    free(envp);
+    if (rc != 0)
+        return -1;
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+/* The first request of the first call (A's block), its second (C's) and every
+ * request: each makes that call fail out of memory with C unchanged. */
+static void test_fault_seam(void **state)
+{
+    (void)state;
+    const char *faults[] = {"gpu_alloc:1", "gpu_alloc:2", "gpu_alloc:3", "gpu_alloc:1+"};
+    for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++) {
+        int rc = spawn_child(faults[i]);
+        if (rc != 0)
+            fail_msg("child with MERGESTREAM_FAULT=%s exited %d", faults[i], rc);
+    }
+}
+
+static void test_peak(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    double peak = gpu_gemm_peak_gflops(g, 0.3);
+    if (!(peak > 0))
+        fail_msg("gpu_gemm_peak_gflops: %g (%s)", peak, gpu_gemm_last_error(g));
+    printf("%s: fp32 cuBLAS peak %.0f GFLOP/s\n", gpu_gemm_device_name(g), peak);
+    gpu_gemm_close(g);
+}
+
+int main(void)
+{
+    const char *seed = getenv("MS_TEST_SEED");
+    g_seed = seed ? strtoull(seed, NULL, 10) : (uint64_t)time(NULL);
+    g_rng = g_seed * 2654435761u + 0x9E3779B97F4A7C15ull;
+    if (getenv(CHILD_ENV))
+        return child_main();
+    printf("seed %" PRIu64 " (MS_TEST_SEED replays it)\n", g_seed);
+    char why[256];
+    gpu_gemm *probe = NULL;
+    if (gpu_gemm_open(0, 0, &probe, why, sizeof why) != 0) {
+        printf("SKIP: no usable GPU (%s)\n", why);
+        return 77;
+    }
+    gpu_gemm_close(probe);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sgemm_random),  cmocka_unit_test(test_sgemm_weight_cache),
+        cmocka_unit_test(test_gram_random),   cmocka_unit_test(test_memory_limit),
+        cmocka_unit_test(test_sticky),        cmocka_unit_test(test_fault_seam),
+        cmocka_unit_test(test_peak),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
+
+#endif
