@@ -31,7 +31,7 @@ note() { echo "$*" | tee -a "$summary"; }
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
 note "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
-note "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); commit $(git rev-parse --short HEAD 2>/dev/null || cat .devsrc/commit 2>/dev/null)"
+note "cpu: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); commit $(cat .devsrc/commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"
 if [ -d .devdeps ]; then
   for f in .devdeps/*.deb; do dpkg -x "$f" /; done
   ldconfig

@@ -86,7 +86,7 @@ close_nll "$nll_cpu" "$(json_num "$WORK/ppl_gpu.json" mean_nll)" "perplexity cud
 # every device request fails: every batch on the CPU, one line each, same result
 MERGESTREAM_FAULT=gpu_alloc:1+ H -o "$WORK/all" --device cuda --json > "$WORK/all.json" 2> "$WORK/all.err" ||
   { cat "$WORK/all.err"; fail "gpu_alloc:1+ failed the run"; }
-grep -qE "GPU out of memory on layer 1/4, batch 1/10 \(needs [0-9]+ MiB.*\): using CPU" "$WORK/all.err" ||
+grep -qE "GPU out of memory on layer 1/4, batch 1/10 \(needs [0-9.]+ MiB.*\): using CPU" "$WORK/all.err" ||
   { cat "$WORK/all.err"; fail "gpu_alloc:1+: no fallback line"; }
 [ "$(json_num "$WORK/all.json" batches_gpu)" -eq 0 ] || fail "gpu_alloc:1+: a batch ran on the GPU"
 [ "$(json_num "$WORK/all.json" gpu_fallbacks)" -gt 0 ] || fail "gpu_alloc:1+: no fallback counted"
