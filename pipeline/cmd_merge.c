@@ -386,6 +386,7 @@ int ms_cmd_merge(int argc, char **argv)
             }
             ms_log_info("no usable GPU (%s): computing on the CPU", why);
         } else {
+            ms_pool_prefault(pool, cpu);
             pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
             if (!pool_pinned)
                 ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");

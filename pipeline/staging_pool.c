@@ -4,7 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include "cpu/cpu_pool.h"
 #include "io/ms_fault.h"
 
 typedef struct pool_span {
@@ -100,6 +102,32 @@ void ms_pool_close(ms_pool *p)
 }
 
 uint64_t ms_pool_capacity(const ms_pool *p) { return p->capacity; }
+
+typedef struct prefault_ctx {
+    unsigned char *base;
+    uint64_t capacity, page, per_task;
+} prefault_ctx;
+
+static void prefault_task(void *arg, unsigned task, unsigned worker)
+{
+    (void)worker;
+    const prefault_ctx *c = arg;
+    uint64_t lo = (uint64_t)task * c->per_task;
+    uint64_t hi = lo + c->per_task < c->capacity ? lo + c->per_task : c->capacity;
+    for (uint64_t off = lo; off < hi; off += c->page)
+        ((volatile unsigned char *)c->base)[off] = 0; /* a write: a read would map the shared zero page */
+}
+
+void ms_pool_prefault(ms_pool *p, cpu_pool *cpu)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    prefault_ctx c = {.base = p->base, .capacity = p->capacity, .page = page > 0 ? (uint64_t)page : 4096};
+    unsigned tasks = 4 * cpu_pool_size(cpu);
+    c.per_task = (p->capacity / tasks + c.page - 1) / c.page * c.page;
+    if (c.per_task == 0)
+        c.per_task = c.page;
+    cpu_pool_run(cpu, (unsigned)((p->capacity + c.per_task - 1) / c.per_task), prefault_task, &c);
+}
 void *ms_pool_base(const ms_pool *p) { return p->base; }
 
 /* First fit; returns the offset or UINT64_MAX. Caller holds the lock. */

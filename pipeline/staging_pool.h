@@ -38,6 +38,15 @@ int ms_pool_open(uint64_t capacity, ms_pool **out, ms_error *err);
 void ms_pool_close(ms_pool *p);
 
 uint64_t ms_pool_capacity(const ms_pool *p);
+
+/* Faults every page of the pool in, the pages split over cpu's threads. The
+ * GPU path calls it before pinning the pool (cudaHostRegister), which would
+ * otherwise fault and zero every page on one thread: with the CUDA context,
+ * about 1 s before the first tensor for a 1.5 GiB pool and 3 s for 8 GiB on
+ * an H200 machine (bench/RESULTS.md). The CPU path leaves the pages to be
+ * faulted on first use. */
+struct cpu_pool;
+void ms_pool_prefault(ms_pool *p, struct cpu_pool *cpu);
 /* The mapped region, for registration with io_uring / cudaHostRegister. */
 void *ms_pool_base(const ms_pool *p);
 
