@@ -415,7 +415,7 @@ int ms_cmd_merge(int argc, char **argv)
     manifest_written = true;
     if (!o.no_verify) {
         ms_verify_result vr;
-        if (ms_verify_output(o.out_dir, &vr, &err) != 0)
+        if (ms_verify_output(o.out_dir, cpu, &vr, &err) != 0)
             goto fail;
     }
     uint64_t merged = stats.tensors_cpu + stats.tensors_gpu + stats.tensors_mixed;

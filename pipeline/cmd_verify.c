@@ -1,6 +1,7 @@
 /* mergestream verify DIR: re-checks a merge output (pipeline/verify_output.h). */
 #include <getopt.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include "pipeline/cli.h"
 #include "pipeline/verify_output.h"
@@ -33,7 +34,13 @@ int ms_cmd_verify(int argc, char **argv)
     const char *dir = argv[optind];
     ms_error err = {0};
     ms_verify_result res;
-    if (ms_verify_output(dir, &res, &err) != 0)
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_pool *cpu = NULL; /* without threads the tensors are hashed one by one */
+    if (cpu_pool_open(ncpu > 0 ? (unsigned)ncpu : 1, &cpu) != 0)
+        cpu = NULL;
+    int rc = ms_verify_output(dir, cpu, &res, &err);
+    cpu_pool_close(cpu);
+    if (rc != 0)
         return ms_cli_fail(&err);
     if (!ms_log_is_quiet())
         fprintf(stderr, "mergestream: %s: OK: %zu tensors in %u shard%s%s\n", dir, res.n_tensors, res.n_shards,

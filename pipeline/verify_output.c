@@ -34,9 +34,55 @@ static int manifest_hash(const cJSON *obj, const char *where, uint64_t *out, ms_
     return 0;
 }
 
+typedef struct hash_job {
+    const st_file *f;
+    uint64_t *hashes;
+    int *rc;       /* per tensor: 0 or -1 with errs[t] set */
+    ms_error *errs;
+} hash_job;
+
+static void hash_task(void *arg, unsigned t, unsigned worker)
+{
+    (void)worker;
+    const hash_job *j = arg;
+    const st_tensor *ti = &j->f->header.tensors[t];
+    j->rc[t] = ms_range_hash(j->f->fd, st_file_tensor_offset(j->f, ti), ti->end - ti->begin, j->f->path,
+                             &j->hashes[t], &j->errs[t]);
+}
+
+/* Every tensor's XXH3 into hashes[], the tensors spread over cpu's threads
+ * (one at a time when cpu is NULL); the first failure in tensor order is
+ * reported, whatever thread met it. */
+static int hash_tensors(const st_file *f, cpu_pool *cpu, uint64_t *hashes, ms_error *err)
+{
+    size_t n = f->header.n_tensors;
+    int *rc = calloc(n ? n : 1, sizeof *rc);
+    ms_error *errs = calloc(n ? n : 1, sizeof *errs);
+    if (!rc || !errs) {
+        free(rc);
+        free(errs);
+        return ms_error_set(err, MS_EXIT_RUNTIME, f->path, "out of memory");
+    }
+    hash_job j = {.f = f, .hashes = hashes, .rc = rc, .errs = errs};
+    if (cpu)
+        cpu_pool_run(cpu, (unsigned)n, hash_task, &j);
+    else
+        for (size_t t = 0; t < n; t++)
+            hash_task(&j, (unsigned)t, 0);
+    int out = 0;
+    for (size_t t = 0; t < n && out == 0; t++)
+        if (rc[t] != 0) {
+            *err = errs[t];
+            out = -1;
+        }
+    free(rc);
+    free(errs);
+    return out;
+}
+
 /* Recomputes shard s's tensor hashes and shard hash and compares them. */
-static int verify_shard(const ms_model *m, unsigned s, const cJSON *tensors, const cJSON *shard_entry,
-                        const char *manifest_path, ms_error *err)
+static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, const cJSON *tensors,
+                        const cJSON *shard_entry, const char *manifest_path, ms_error *err)
 {
     const st_file *f = m->shards[s];
     size_t n = f->header.n_tensors;
@@ -47,6 +93,12 @@ static int verify_shard(const ms_model *m, unsigned s, const cJSON *tensors, con
         ms_error_set(err, MS_EXIT_RUNTIME, f->path, "out of memory");
         goto done;
     }
+    if (n > UINT32_MAX) {
+        ms_error_set(err, MS_EXIT_DATA, f->path, "too many tensors");
+        goto done;
+    }
+    if (hash_tensors(f, cpu, hashes, err) != 0)
+        goto done;
     for (size_t t = 0; t < n; t++) {
         const st_tensor *ti = &f->header.tensors[t];
         const cJSON *entry = cJSON_GetObjectItemCaseSensitive(tensors, ti->name);
@@ -56,8 +108,6 @@ static int verify_shard(const ms_model *m, unsigned s, const cJSON *tensors, con
         }
         uint64_t want;
         if (manifest_hash(entry, manifest_path, &want, err) != 0)
-            goto done;
-        if (ms_range_hash(f->fd, st_file_tensor_offset(f, ti), ti->end - ti->begin, f->path, &hashes[t], err) != 0)
             goto done;
         if (hashes[t] != want) {
             ms_error_set(err, MS_EXIT_DATA, f->path, "tensor '%s' has XXH3 %016" PRIx64 ", the manifest says %016" PRIx64,
@@ -86,7 +136,7 @@ done:
     return rc;
 }
 
-static int verify_against_manifest(const ms_model *m, const char *manifest_path, ms_error *err)
+static int verify_against_manifest(const ms_model *m, const char *manifest_path, cpu_pool *cpu, ms_error *err)
 {
     char *text = NULL;
     size_t len = 0;
@@ -122,7 +172,7 @@ static int verify_against_manifest(const ms_model *m, const char *manifest_path,
             ms_error_set(err, MS_EXIT_DATA, m->shards[s]->path, "shard is not listed in %s", manifest_path);
             goto done;
         }
-        if (verify_shard(m, s, tensors, entry, manifest_path, err) != 0)
+        if (verify_shard(m, s, cpu, tensors, entry, manifest_path, err) != 0)
             goto done;
     }
     rc = 0;
@@ -131,7 +181,7 @@ done:
     return rc;
 }
 
-int ms_verify_output(const char *dir, ms_verify_result *res, ms_error *err)
+int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_error *err)
 {
     memset(res, 0, sizeof *res);
     ms_model *m = NULL;
@@ -143,7 +193,7 @@ int ms_verify_output(const char *dir, ms_verify_result *res, ms_error *err)
     res->have_manifest = m->kind == MS_MODEL_KIND_DIR && stat(manifest, &st) == 0;
     res->n_tensors = m->n_tensors;
     res->n_shards = m->n_shards;
-    int rc = res->have_manifest ? verify_against_manifest(m, manifest, err) : 0;
+    int rc = res->have_manifest ? verify_against_manifest(m, manifest, cpu, err) : 0;
     ms_model_close(m);
     return rc;
 }

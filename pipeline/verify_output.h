@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "cpu/cpu_pool.h"
 #include "io/ms_error.h"
 
 typedef struct ms_verify_result {
@@ -18,7 +19,9 @@ typedef struct ms_verify_result {
 } ms_verify_result;
 
 /* Returns 0 when everything matches; -1 with err set (MS_EXIT_DATA naming the
- * file and tensor for a mismatch or an invalid file, MS_EXIT_RUNTIME for I/O). */
-int ms_verify_output(const char *dir, ms_verify_result *res, ms_error *err);
+ * file and tensor for a mismatch or an invalid file, MS_EXIT_RUNTIME for I/O;
+ * the first failing tensor in file order). The tensors are hashed on cpu's
+ * threads (NULL: on the calling thread). */
+int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_error *err);
 
 #endif
