@@ -87,6 +87,18 @@ done
 "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seed8" --random-seed 8 --quiet
 cmp -s "$WORK/out_dare_ties/model.safetensors" "$WORK/seed8/model.safetensors" && fail "--random-seed had no effect"
 
+# verify catches a changed tensor, naming the first one in file order
+offset_of() { # DIR TENSOR: the tensor's data offset in its shard
+  "$MS_BIN" inspect "$1" --json | awk -v n="$2" '$0 ~ "\"name\":[[:space:]]*\"" n "\"" { f = 1 }
+    f && /"offset"/ { gsub(/[^0-9]/, ""); print; exit }'
+}
+corrupt() { printf '\377\177' | dd of="$1/model.safetensors" bs=1 seek="$2" conv=notrunc status=none; }
+cp -r "$WORK/out_ties" "$WORK/corrupt"
+corrupt "$WORK/corrupt" $(( $(offset_of "$WORK/corrupt" model.layers.1.mlp.down_proj.weight) + 6 ))
+expect_fail 3 "tensor 'model.layers.1.mlp.down_proj.weight' has XXH3" "$MS_BIN" verify "$WORK/corrupt"
+corrupt "$WORK/corrupt" $(( $(offset_of "$WORK/corrupt" model.layers.0.self_attn.q_proj.weight) + 100 ))
+expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.weight' has XXH3" "$MS_BIN" verify "$WORK/corrupt"
+
 # output directory rules
 expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --force --quiet
