@@ -399,7 +399,8 @@ int ms_cmd_merge(int argc, char **argv)
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
                       .journal = journal, .skip_job = skip_job, .gpu = gpu,
-                      .compute_workers = gpu ? o.gpu_lanes : compute_workers_for_tests()};
+                      .compute_workers = gpu ? o.gpu_lanes : compute_workers_for_tests(),
+                      .readahead_cap = gpu ? UINT64_MAX : 0};
     if (ms_merge_run(&env, &stats, &err) != 0)
         goto fail;
     if (plan_check_inputs_unchanged(plan, &err) != 0)

@@ -2,6 +2,7 @@
 #include "pipeline/hessian_inputs.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,12 +25,29 @@ typedef struct hessian_entry {
     char *tensor; /* "model.layers.3.self_attn.qkv_input" */
 } hessian_entry;
 
+/* A saliency vector u computed from one of the set's Hessians: q, k and v
+ * (gate and up) read the same Hessian, so it is factored once, not three
+ * times. Bounded: HESSIAN_U_CACHE vectors of dim floats per set (at most
+ * ~1.7 MiB at dim 53248), least recently used replaced. */
+#define HESSIAN_U_CACHE 8
+
+typedef struct hessian_u_entry {
+    const st_tensor *tensor; /* the Hessian (in the set's headers); NULL: empty slot */
+    uint64_t dim;
+    float *u;                /* [dim]; NULL: not positive definite after damping */
+    uint64_t last_use;
+} hessian_u_entry;
+
 struct ms_hessian_set {
     char *path;
     st_file **shards;
     unsigned n_shards;
     hessian_entry *map; /* sorted by module */
     size_t n_map;
+    /* The u cache, shared by the compute workers: every field under u_lock. */
+    pthread_mutex_t u_lock;
+    hessian_u_entry u_cache[HESSIAN_U_CACHE];
+    uint64_t u_clock;
 };
 
 /* One log line per run for a weight without a Hessian (there are many). */
@@ -44,6 +62,9 @@ void ms_hessian_set_close(ms_hessian_set *s)
 {
     if (!s)
         return;
+    for (unsigned k = 0; k < HESSIAN_U_CACHE; k++)
+        free(s->u_cache[k].u);
+    pthread_mutex_destroy(&s->u_lock);
     for (unsigned i = 0; i < s->n_shards; i++)
         st_file_close(s->shards[i]);
     free(s->shards);
@@ -171,7 +192,12 @@ int ms_hessian_set_open(const char *dir, ms_hessian_set **out, ms_error *err)
     *out = NULL;
     char *file = NULL;
     ms_hessian_set *s = calloc(1, sizeof *s);
-    if (!s || !(s->path = strdup(dir))) {
+    if (!s) {
+        ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
+        return -1;
+    }
+    pthread_mutex_init(&s->u_lock, NULL);
+    if (!(s->path = strdup(dir))) {
         ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
         goto fail;
     }
@@ -304,8 +330,95 @@ static const char *fallback_what(const ms_tensor_params *p)
     return p->method == MS_METHOD_REGMEAN ? "the mean of the models" : "magnitude trimming";
 }
 
+/* ------------------------------------------------------------ u cache */
+
+/* Model i's u from set's cache when the Hessian t was factored before:
+ * true (*edom: it was not positive definite; else u is in st, or *rc =
+ * -ENOMEM), false when not cached. */
+static bool u_cache_take(ms_hessian_set *set, const st_tensor *t, ms_merge_state *st, const ms_tensor_params *p,
+                         unsigned i, bool *edom, int *rc)
+{
+    bool hit = false;
+    pthread_mutex_lock(&set->u_lock);
+    for (unsigned k = 0; k < HESSIAN_U_CACHE && !hit; k++) {
+        hessian_u_entry *e = &set->u_cache[k];
+        if (e->tensor != t || e->dim != p->cols)
+            continue;
+        hit = true;
+        e->last_use = ++set->u_clock;
+        *edom = e->u == NULL;
+        *rc = e->u ? ms_hessian_state_set_u(st, p, i, e->u) : 0;
+    }
+    pthread_mutex_unlock(&set->u_lock);
+    return hit;
+}
+
+/* Remembers the outcome of factoring t (u, or NULL for -EDOM) in the least
+ * recently used slot. Out of memory only skips the caching. */
+static void u_cache_put(ms_hessian_set *set, const st_tensor *t, uint64_t dim, const float *u)
+{
+    float *copy = NULL;
+    if (u) {
+        copy = malloc((size_t)dim * sizeof *copy);
+        if (!copy)
+            return;
+        memcpy(copy, u, (size_t)dim * sizeof *copy);
+    }
+    pthread_mutex_lock(&set->u_lock);
+    hessian_u_entry *victim = &set->u_cache[0];
+    for (unsigned k = 0; k < HESSIAN_U_CACHE; k++) {
+        hessian_u_entry *e = &set->u_cache[k];
+        if (e->tensor == t && e->dim == dim) { /* another worker was first */
+            victim = NULL;
+            break;
+        }
+        if (e->last_use < victim->last_use)
+            victim = e;
+    }
+    if (victim) {
+        free(victim->u);
+        *victim = (hessian_u_entry){.tensor = t, .dim = dim, .u = copy, .last_use = ++set->u_clock};
+        copy = NULL;
+    }
+    pthread_mutex_unlock(&set->u_lock);
+    free(copy);
+}
+
+/* Model i's saliency u from Hessian t of set: from the cache, else read and
+ * factored (on pool, holding pool_lock) and cached. Returns 0 (*edom: not
+ * positive definite), or -1 with err set. */
+static int prepare_saliency(ms_merge_state *st, const ms_tensor_params *p, const char *name, unsigned i,
+                            ms_hessian_set *set, const st_file *f, const st_tensor *t, cpu_pool *pool,
+                            pthread_mutex_t *pool_lock, bool *edom, ms_error *err)
+{
+    int rc = 0;
+    *edom = false;
+    if (!u_cache_take(set, t, st, p, i, edom, &rc)) {
+        float *H = NULL;
+        if (read_hessian(f, t, name, p->cols, &H, err) < 0)
+            return -1;
+        if (pool_lock)
+            pthread_mutex_lock(pool_lock);
+        /* a worker that held the lock may have just factored the same Hessian */
+        if (!u_cache_take(set, t, st, p, i, edom, &rc)) {
+            rc = ms_hessian_state_add(st, p, i, H, pool);
+            if (rc == 0 || rc == -EDOM)
+                u_cache_put(set, t, p->cols, rc == 0 ? st->hessian->u[i] : NULL);
+            *edom = rc == -EDOM;
+            rc = rc == -EDOM ? 0 : rc;
+        }
+        if (pool_lock)
+            pthread_mutex_unlock(pool_lock);
+        free(H);
+    }
+    if (rc != 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
+    return 0;
+}
+
 int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char *name,
-                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], ms_error *err)
+                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], cpu_pool *pool, pthread_mutex_t *pool_lock,
+                       ms_error *err)
 {
     if (!ms_merge_hessian_method(p->method))
         return 0;
@@ -323,18 +436,29 @@ int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char
                             name, i, sets[i] ? " in " : "", sets[i] ? sets[i]->path : "", fallback_what(p));
             continue;
         }
-        float *H = NULL;
-        if (read_hessian(f, t, name, p->cols, &H, err) < 0)
+        int rc = 0;
+        bool edom = false;
+        if (p->method == MS_METHOD_REGMEAN) {
+            float *H = NULL;
+            if (read_hessian(f, t, name, p->cols, &H, err) < 0)
+                return -1;
+            rc = ms_hessian_state_add(st, p, i, H, NULL); /* G_i: O(cols^2), no factorisation */
+            free(H);
+            if (rc == -ENOMEM)
+                return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
+            edom = rc == -EDOM;
+        } else if (prepare_saliency(st, p, name, i, sets[i], f, t, pool, pool_lock, &edom, err) < 0) {
             return -1;
-        int rc = ms_hessian_state_add(st, p, i, H);
-        free(H);
-        if (rc == -ENOMEM)
-            return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
-        if (rc == -EDOM)
+        }
+        if (edom)
             ms_log_warn("%s: the Hessian of model %u (%s in %s) is not positive definite after damping: %s",
                         name, i, t->name, f->path, fallback_what(p));
     }
-    int rc = ms_hessian_state_finish(st, p);
+    if (pool_lock)
+        pthread_mutex_lock(pool_lock);
+    int rc = ms_hessian_state_finish(st, p, pool);
+    if (pool_lock)
+        pthread_mutex_unlock(pool_lock);
     if (rc == -ENOMEM)
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
     if (rc == -EDOM)

@@ -8,9 +8,11 @@
 #ifndef MS_HESSIAN_INPUTS_H
 #define MS_HESSIAN_INPUTS_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "cpu/cpu_pool.h"
 #include "io/ms_error.h"
 #include "pipeline/merge_params.h"
 #include "pipeline/merge_passes.h"
@@ -21,8 +23,8 @@ typedef struct ms_hessian_set ms_hessian_set;
  * file) and parses its hessian_map; reads headers only. Returns 0 and *out
  * (close with ms_hessian_set_close), or -1 with err set: MS_EXIT_DATA for a
  * missing or invalid file or map (the message names the file),
- * MS_EXIT_RUNTIME for I/O errors or out of memory. Thread-safe to use (read
- * only) once open. */
+ * MS_EXIT_RUNTIME for I/O errors or out of memory. Thread-safe to use once
+ * open (read only, but for its locked cache of saliency vectors). */
 int ms_hessian_set_open(const char *dir, ms_hessian_set **out, ms_error *err);
 void ms_hessian_set_close(ms_hessian_set *s); /* NULL is a no-op */
 
@@ -39,15 +41,22 @@ bool ms_hessian_set_find(const ms_hessian_set *s, const char *weight_name, uint6
  * sets[i] != NULL and a Hessian for the weight, reads it ([cols, cols] F32;
  * another shape is an MS_EXIT_DATA error naming the tensor and the file) and
  * adds it (ms_hessian_state_add), then finishes (regmean's factorisation).
+ * The Cholesky factorisations run on pool (NULL: this thread only; the bits
+ * are the same) while holding pool_lock (NULL: the caller is pool's only
+ * user); nothing else is done under the lock. A sparsegpt model's u is
+ * cached in its set (a few vectors, freed by ms_hessian_set_close): the
+ * weights that share a Hessian (q, k, v; gate, up) read and factor it once.
  * Models without a Hessian, and Hessians that are not positive definite
  * after damping, fall back as merge_passes_hessian.h says, logged (a missing
  * Hessian once per run). Call it once per tensor, after ms_merge_state_open
- * and before the first pass. Blocks on I/O and O(cols^3) fp64 work. Host
- * memory: at most ms_hessian_state_bytes(p) (merge_passes_hessian.h).
+ * and before the first pass; thread-safe (the sets' caches are locked).
+ * Blocks on I/O and O(cols^3) fp64 work. Host memory: at most
+ * ms_hessian_state_bytes(p) (merge_passes_hessian.h), plus the caches.
  * Returns 0, or -1 with err set (MS_EXIT_DATA, MS_EXIT_RUNTIME for I/O and
  * out of memory); st->hessian is then closed by ms_merge_state_close as
  * usual. */
 int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char *name,
-                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], ms_error *err);
+                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], cpu_pool *pool, pthread_mutex_t *pool_lock,
+                       ms_error *err);
 
 #endif

@@ -12,8 +12,9 @@
  * inputs (H_jj == 0) get H_jj = 1 first, then 0.01 * mean(diag H) (the
  * fixed-up diagonal, summed sequentially) is added to every H_jj (GPTQ's
  * order). Cholesky factorisations are our own, fp64, in one fixed order
- * (row by row; each dot product in 8 interleaved lanes combined in a fixed
- * tree): the result never depends on threads, chunking or the BLAS build.
+ * (that of the row-by-row loop; each dot product in 8 interleaved lanes
+ * combined in a fixed tree), computed blocked and threaded: the result
+ * never depends on threads, chunking or the BLAS build.
  *
  * ties_sparsegpt (ties with the magnitude key replaced): u = diag(U) with U
  * the upper Cholesky factor of inv(H_damped) (H^-1 = U^T U), computed
@@ -53,6 +54,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "cpu/cpu_pool.h"
 #include "pipeline/merge_params.h"
 #include "pipeline/merge_passes.h"
 
@@ -88,15 +90,25 @@ int ms_hessian_state_open(ms_merge_state *st, const ms_tensor_params *p);
 
 /* Model i's (1..n_models) raw Hessian H ([p->cols][p->cols] fp32, row
  * major; read only) into st->hessian: sparsegpt's u (only for a model that
- * selects by key, else nothing is done), regmean's G_i. Returns 0, -ENOMEM,
- * or -EDOM when H is not positive definite after damping (model i then has
- * no Hessian: the caller logs the fallback). */
-int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *H);
+ * selects by key, else nothing is done; its Cholesky runs on pool, NULL:
+ * this thread only, the bits are the same), regmean's G_i (pool unused).
+ * Returns 0, -ENOMEM, or -EDOM when H is not positive definite after
+ * damping (model i then has no Hessian: the caller logs the fallback).
+ * The caller must be pool's only user meanwhile. */
+int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *H,
+                         cpu_pool *pool);
 
-/* After the adds: regmean factors S when every model has G_i (else the mean,
- * memory freed). Returns 0, -ENOMEM, or -EDOM (S not positive definite: the
- * mean is used; the caller logs it). A no-op for the sparsegpt methods. */
-int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p);
+/* Model i's saliency u ([p->cols] floats, copied), computed earlier by
+ * ms_hessian_state_add from the same Hessian (the cache of
+ * hessian_inputs.c): the same state as that add. Only for a model that
+ * selects by key (ms_hessian_model_uses_u). Returns 0 or -ENOMEM. */
+int ms_hessian_state_set_u(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *u);
+
+/* After the adds: regmean factors S (on pool, as above) when every model
+ * has G_i (else the mean, memory freed). Returns 0, -ENOMEM, or -EDOM (S not
+ * positive definite: the mean is used; the caller logs it). A no-op for the
+ * sparsegpt methods. */
+int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, cpu_pool *pool);
 
 /* Frees hs. NULL is a no-op. */
 void ms_hessian_state_close(ms_hessian_state *hs);
@@ -114,8 +126,16 @@ bool ms_hessian_model_uses_u(const ms_merge_state *st, const ms_tensor_params *p
 /* a [n][n] (row major, symmetric, only the lower triangle read) := L, its
  * lower Cholesky factor, in the fixed order above (the strict upper
  * triangle is left as it was). Returns 0, or -EDOM when a pivot is not > 0
- * (or NaN). */
+ * (or NaN): rows before the failing one are then factored, the failing
+ * row's off-diagonal entries computed and its diagonal left as it was, the
+ * lower triangle of later rows unspecified. */
 int ms_hessian_cholesky(double *a, uint64_t n);
+
+/* The same factorisation (the same bits, for any pool size) with the rows
+ * below each column block spread over pool's threads (NULL: the calling
+ * thread only). Calls cpu_pool_run on pool: the caller must be its only
+ * user meanwhile. Blocks until done. */
+int ms_hessian_cholesky_pool(double *a, uint64_t n, cpu_pool *pool);
 
 /* h [n][n] := the damped copy of H (dead inputs, then 0.01 * mean diag). */
 void ms_hessian_damp(const float *H, uint64_t n, double *h);
@@ -123,5 +143,8 @@ void ms_hessian_damp(const float *H, uint64_t n, double *h);
 /* u[j] = (float)diag(upper chol(inv(damped H)))_j using work [n][n]
  * doubles. Returns 0 or -EDOM. */
 int ms_hessian_saliency_u(const float *H, uint64_t n, double *work, float *u);
+
+/* The same, its Cholesky on pool (ms_hessian_cholesky_pool). */
+int ms_hessian_saliency_u_pool(const float *H, uint64_t n, double *work, float *u, cpu_pool *pool);
 
 #endif

@@ -221,6 +221,22 @@ void ms_pool_shutdown(ms_pool *p)
     pthread_mutex_unlock(&p->lock);
 }
 
+uint64_t ms_pool_in_use(ms_pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    uint64_t v = p->in_use;
+    pthread_mutex_unlock(&p->lock);
+    return v;
+}
+
+void ms_pool_wait_below(ms_pool *p, uint64_t in_use)
+{
+    pthread_mutex_lock(&p->lock);
+    while (!p->shutdown && p->in_use >= in_use && p->in_use > 0)
+        pthread_cond_wait(&p->freed, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+}
+
 uint64_t ms_pool_high_water(ms_pool *p)
 {
     pthread_mutex_lock(&p->lock);

@@ -65,6 +65,13 @@ void ms_pool_free(ms_pool *p, void *buf);
 /* Wakes every waiter; later allocations return NULL. */
 void ms_pool_shutdown(ms_pool *p);
 
+/* Bytes handed out and not yet freed. */
+uint64_t ms_pool_in_use(ms_pool *p);
+
+/* Blocks until fewer than in_use bytes are handed out (or none are, or the
+ * pool is shut down). */
+void ms_pool_wait_below(ms_pool *p, uint64_t in_use);
+
 /* The most bytes ever allocated at once (for the summary). */
 uint64_t ms_pool_high_water(ms_pool *p);
 

@@ -243,7 +243,7 @@ static void store(void *out, st_dtype dt, uint64_t e, float v)
 }
 
 /* Opens the state and adds the Hessians (skipping model `drop`, 0: none). */
-static ms_merge_state *open_state(const hcase *tc, unsigned drop)
+static ms_merge_state *open_state(const hcase *tc, unsigned drop, cpu_pool *pool)
 {
     const ms_tensor_params *p = &tc->p;
     ms_merge_state *st = NULL;
@@ -251,15 +251,15 @@ static ms_merge_state *open_state(const hcase *tc, unsigned drop)
     assert_int_equal(ms_hessian_state_open(st, p), 0);
     for (unsigned i = 1; i <= p->n_models; i++)
         if (i != drop && tc->H[i])
-            assert_int_equal(ms_hessian_state_add(st, p, i, tc->H[i]), 0);
-    assert_int_equal(ms_hessian_state_finish(st, p), 0);
+            assert_int_equal(ms_hessian_state_add(st, p, i, tc->H[i], pool), 0);
+    assert_int_equal(ms_hessian_state_finish(st, p, pool), 0);
     return st;
 }
 
 static void run_cpu(const hcase *tc, unsigned drop, void *out, cpu_pool *pool, bool chunked)
 {
     const ms_tensor_params *p = &tc->p;
-    ms_merge_state *st = open_state(tc, drop);
+    ms_merge_state *st = open_state(tc, drop, pool);
     unsigned passes = ms_merge_pass_count(p);
     assert_int_equal(passes, st->n_passes);
     for (unsigned pass = 0; pass < passes; pass++) {
@@ -353,7 +353,7 @@ static void check_sparsegpt(ms_method method, uint64_t rows, uint64_t cols, unsi
     void *want = malloc(bytes), *got = malloc(bytes);
     /* model 3 (when present) has no Hessian: magnitude keys */
     unsigned drop = n >= 3 ? 3 : 0;
-    ms_merge_state *st = open_state(&tc, drop);
+    ms_merge_state *st = open_state(&tc, drop, NULL);
     for (unsigned i = 1; i <= n; i++)
         assert_true((st->hessian->u[i] != NULL) == (i != drop && st->model[i].sel == MS_MERGE_SEL_TOP));
     ref_sparsegpt(&tc, st, want);

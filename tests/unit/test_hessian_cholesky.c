@@ -1,0 +1,281 @@
+/* The blocked, threaded Cholesky factorisation of the Hessian methods
+ * (ms_hessian_cholesky_pool, pipeline/merge_passes_hessian.c) against the
+ * plain row-oriented loop it replaced, kept here as the reference: the
+ * factor must be the same BITS (every entry, the untouched strict upper
+ * triangle included) for every n, every thread count and the single-thread
+ * entry point, on random SPD matrices, ill-conditioned ones, and matrices
+ * that are not positive definite (-EDOM at the same pivot, `a` left in the
+ * same state). The seed is printed; set MS_TEST_SEED to replay. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cpu/cpu_pool.h"
+#include "pipeline/merge_passes_hessian.h"
+
+static uint64_t g_rng;
+static cpu_pool *g_pool[4]; /* [t]: t threads (1..3) */
+
+static uint64_t rng_next(void) /* splitmix64 */
+{
+    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+static double rng_unit(void)
+{
+    return (double)(rng_next() >> 11) / 9007199254740992.0;
+}
+
+/* ============================================================ reference */
+
+/* The factorisation as it was before blocking (do not "improve" it: the
+ * point is that the fast code keeps these exact operations). */
+static double ref_dot(const double *a, const double *b, uint64_t n)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint64_t m = 0;
+    for (; m + 8 <= n; m += 8)
+        for (unsigned l = 0; l < 8; l++)
+            acc[l] = acc[l] + a[m + l] * b[m + l];
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; m < n; m++)
+        s = s + a[m] * b[m];
+    return s;
+}
+
+/* On -EDOM, *failed_row = the row whose pivot is not > 0. */
+static int ref_cholesky(double *a, uint64_t n, uint64_t *failed_row)
+{
+    *failed_row = n;
+    for (uint64_t j = 0; j < n; j++) {
+        *failed_row = j;
+        double *lj = a + j * n;
+        for (uint64_t k = 0; k < j; k++) {
+            const double *lk = a + k * n;
+            lj[k] = (lj[k] - ref_dot(lj, lk, k)) / lk[k];
+        }
+        double s = lj[j] - ref_dot(lj, lj, j);
+        if (!(s > 0.0))
+            return -EDOM;
+        lj[j] = sqrt(s);
+    }
+    *failed_row = n;
+    return 0;
+}
+
+/* ============================================================== inputs */
+
+/* A random SPD matrix with row/column scales spread over six decades: for
+ * small n a Gram matrix (1/N) X X^T of N = n + 3 random rows, for large n a
+ * strictly diagonally dominant symmetric matrix (O(n^2) to build). The
+ * strict upper triangle holds a marker the factorisation must not touch. */
+static double *make_spd(uint64_t n)
+{
+    double *a = malloc(n * n * sizeof *a), *scale = malloc(n * sizeof *scale);
+    assert_non_null(a);
+    assert_non_null(scale);
+    for (uint64_t j = 0; j < n; j++)
+        scale[j] = pow(10.0, 6.0 * rng_unit() - 3.0);
+    if (n <= 160) {
+        uint64_t N = n + 3;
+        double *x = malloc(n * N * sizeof *x);
+        assert_non_null(x);
+        for (uint64_t e = 0; e < n * N; e++)
+            x[e] = rng_unit() * 2.0 - 1.0;
+        for (uint64_t i = 0; i < n; i++)
+            for (uint64_t j = 0; j <= i; j++) {
+                double s = 0;
+                for (uint64_t t = 0; t < N; t++)
+                    s += x[i * N + t] * x[j * N + t];
+                a[i * n + j] = s / (double)N * scale[i] * scale[j];
+            }
+        free(x);
+    } else {
+        for (uint64_t i = 0; i < n; i++) {
+            for (uint64_t j = 0; j < i; j++)
+                a[i * n + j] = (rng_unit() * 2.0 - 1.0) * scale[i] * scale[j];
+            a[i * n + i] = ((double)n + rng_unit()) * scale[i] * scale[i];
+        }
+    }
+    for (uint64_t i = 0; i < n; i++)
+        for (uint64_t j = i + 1; j < n; j++)
+            a[i * n + j] = -1234.5 - (double)(i + j);
+    free(scale);
+    return a;
+}
+
+/* ============================================================== checks */
+
+/* Factors copies of a with the reference and with the blocked code on 1, 2
+ * and 3 threads and through ms_hessian_cholesky: same return code, same
+ * bytes. After -EDOM at row p only what the contract fixes is compared:
+ * rows < p, row p up to its (untouched) diagonal, and the strict upper
+ * triangle; the rows below p may hold partial work. */
+static void check_same(const double *a, uint64_t n, const char *what)
+{
+    size_t bytes = (size_t)(n * n) * sizeof(double);
+    double *ref = malloc(bytes ? bytes : 1), *got = malloc(bytes ? bytes : 1);
+    assert_non_null(ref);
+    assert_non_null(got);
+    memcpy(ref, a, bytes);
+    uint64_t p;
+    int ref_rc = ref_cholesky(ref, n, &p);
+    for (unsigned t = 0; t <= 3; t++) { /* t = 0: ms_hessian_cholesky (no pool) */
+        memcpy(got, a, bytes);
+        int rc = t == 0 ? ms_hessian_cholesky(got, n) : ms_hessian_cholesky_pool(got, n, g_pool[t]);
+        if (rc != ref_rc) {
+            fprintf(stderr, "%s n %" PRIu64 " threads %u: rc %d, reference %d\n", what, n, t, rc, ref_rc);
+            fail();
+        }
+        for (uint64_t e = 0; e < n * n; e++) {
+            uint64_t i = e / n, j = e % n;
+            bool fixed = i < p || (i == p && j <= p) || j > i;
+            if (fixed && memcmp(&got[e], &ref[e], sizeof got[e]) != 0) {
+                fprintf(stderr, "%s n %" PRIu64 " threads %u: L[%" PRIu64 "][%" PRIu64 "] = %a, reference %a\n",
+                        what, n, t, i, j, got[e], ref[e]);
+                fail();
+            }
+        }
+    }
+    free(ref);
+    free(got);
+}
+
+static void test_random_spd(void **state)
+{
+    (void)state;
+    static const uint64_t big[] = {63, 64, 65, 127, 513, 1000, 1031};
+    for (uint64_t n = 0; n <= 40; n++) {
+        double *a = make_spd(n ? n : 1);
+        check_same(a, n, "random SPD");
+        free(a);
+    }
+    for (size_t b = 0; b < sizeof big / sizeof big[0]; b++) {
+        double *a = make_spd(big[b]);
+        check_same(a, big[b], "random SPD");
+        free(a);
+    }
+}
+
+/* The reference must accept these (else the comparison only checks -EDOM). */
+static void check_spd_accepted(const double *a, uint64_t n)
+{
+    double *c = malloc(n * n * sizeof *c);
+    assert_non_null(c);
+    memcpy(c, a, n * n * sizeof *c);
+    uint64_t p;
+    assert_int_equal(ref_cholesky(c, n, &p), 0);
+    free(c);
+}
+
+static void test_ill_conditioned(void **state)
+{
+    (void)state;
+    /* Hilbert matrices (condition ~1e13 at 10, beyond fp64 past 13: some
+     * factor, some fail, all must agree with the reference) */
+    for (uint64_t n = 2; n <= 40; n += 3) {
+        double *a = malloc(n * n * sizeof *a);
+        assert_non_null(a);
+        for (uint64_t i = 0; i < n; i++)
+            for (uint64_t j = 0; j < n; j++)
+                a[i * n + j] = 1.0 / (double)(i + j + 1);
+        check_same(a, n, "Hilbert");
+        free(a);
+    }
+    /* rank-deficient Gram matrix (N = 5 rows) plus a ridge of 1e-9 * mean
+     * diagonal, as a damped Hessian of few tokens looks */
+    uint64_t n = 100, N = 5;
+    double *x = malloc(n * N * sizeof *x), *a = malloc(n * n * sizeof *a);
+    assert_non_null(x);
+    assert_non_null(a);
+    for (uint64_t e = 0; e < n * N; e++)
+        x[e] = rng_unit() * 2.0 - 1.0;
+    for (uint64_t i = 0; i < n; i++)
+        for (uint64_t j = 0; j < n; j++) {
+            double s = 0;
+            for (uint64_t t = 0; t < N; t++)
+                s += x[i * N + t] * x[j * N + t];
+            a[i * n + j] = s;
+        }
+    for (uint64_t i = 0; i < n; i++)
+        a[i * n + i] += 1e-9;
+    check_spd_accepted(a, n);
+    check_same(a, n, "rank-deficient + ridge");
+    free(x);
+    free(a);
+}
+
+/* A pivot made negative, zero or NaN at row p: -EDOM there, with rows
+ * before p factored and row p's off-diagonal entries computed exactly as
+ * the reference leaves them (check_same). p runs over block edges and
+ * inside. */
+static void test_not_positive_definite(void **state)
+{
+    (void)state;
+    static const uint64_t ns[] = {1, 7, 33, 100, 257};
+    for (size_t b = 0; b < sizeof ns / sizeof ns[0]; b++) {
+        uint64_t n = ns[b];
+        uint64_t ps[] = {0, 1, 7, 8, 31, 32, 33, 63, 64, n / 2, n - 1};
+        for (size_t q = 0; q < sizeof ps / sizeof ps[0]; q++) {
+            uint64_t p = ps[q];
+            if (p >= n)
+                continue;
+            double *a = make_spd(n);
+            check_spd_accepted(a, n);
+            double keep = a[p * n + p];
+            a[p * n + p] = -keep;
+            check_same(a, n, "negative pivot");
+            a[p * n + p] = 0.0;
+            check_same(a, n, "zero pivot");
+            a[p * n + p] = keep;
+            a[p * n + (p ? p - 1 : 0)] = NAN;
+            check_same(a, n, "NaN entry");
+            free(a);
+        }
+    }
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *env = getenv("MS_TEST_SEED");
+    g_rng = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
+    fprintf(stderr, "test_hessian_cholesky: seed %" PRIu64 " (MS_TEST_SEED to replay)\n", g_rng);
+    for (unsigned t = 1; t <= 3; t++)
+        if (cpu_pool_open(t, &g_pool[t]) != 0)
+            return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    for (unsigned t = 1; t <= 3; t++)
+        cpu_pool_close(g_pool[t]);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_random_spd),
+        cmocka_unit_test(test_ill_conditioned),
+        cmocka_unit_test(test_not_positive_definite),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
