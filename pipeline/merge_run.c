@@ -10,6 +10,7 @@
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
 #include "io/checksum.h"
+#include "io/page_cache.h"
 #include "pipeline/bounded_queue.h"
 #include "pipeline/lora_load.h"
 #include "pipeline/merge_passes.h"
@@ -622,11 +623,30 @@ static void *writer_main(void *arg)
 
 /* ================================================================ driver */
 
-/* The default read-ahead cap: room for two of the plan's largest items (one
- * computing while the next is read), at least RUN_READAHEAD_MIN. Measured on
- * this VM with a 400 MB model and a 1 GiB pool: hot, 0.99 s instead of 1.32 s
- * (half the page faults); cold, unchanged (bench/RESULTS.md). */
+/* The default read-ahead cap, from the plan's largest item (a chunk's inputs
+ * and output). Cold (less than 90% of the inputs in the page cache): room for
+ * two, so the next one is read while one computes. Hot: one and a sixteenth,
+ * so reads hardly overlap compute (they are memory copies) but the pool's
+ * footprint, every page of which is faulted in and zeroed on first use, stays
+ * small. At least RUN_READAHEAD_MIN either way, so small tensors still flow.
+ * Measured on this VM (400 MB model, 1 GiB pool, TIES): hot 0.98 s with the
+ * cap against 1.14 s without; cold the same as without (bench/RESULTS.md). */
 #define RUN_READAHEAD_MIN ((uint64_t)256 << 20)
+#define RUN_HOT_FRACTION 0.9
+
+static bool inputs_in_page_cache(const ms_plan *plan)
+{
+    uint64_t total = 0, resident = 0;
+    for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
+        const ms_model *m = ms_plan_input_model(plan, i);
+        for (unsigned s = 0; m && s < m->n_shards; s++) {
+            total += m->shards[s]->file_size;
+            resident += ms_page_cache_resident(m->shards[s]->fd, m->shards[s]->file_size);
+        }
+    }
+    return total > 0 && (double)resident >= RUN_HOT_FRACTION * (double)total;
+}
+
 static uint64_t readahead_cap_for(const ms_plan *plan)
 {
     uint64_t largest = 0;
@@ -638,7 +658,9 @@ static uint64_t readahead_cap_for(const ms_plan *plan)
         if (bytes > largest)
             largest = bytes;
     }
-    uint64_t cap = largest > UINT64_MAX / 2 ? UINT64_MAX : 2 * largest;
+    if (largest > UINT64_MAX / 2)
+        return UINT64_MAX;
+    uint64_t cap = inputs_in_page_cache(plan) ? largest + largest / 16 : 2 * largest;
     return cap < RUN_READAHEAD_MIN ? RUN_READAHEAD_MIN : cap;
 }
 

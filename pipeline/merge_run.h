@@ -63,9 +63,10 @@ typedef struct ms_run_env {
     const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
     ms_gpu *gpu;           /* the GPU backend, or NULL: CPU only */
     unsigned compute_workers; /* 1 or 2 (0 is taken as 1): 2 overlaps tensors on a GPU */
-    uint64_t readahead_cap;   /* most staging bytes in use before the reader reads more: 0 is twice the
-                               * largest chunk (at least 256 MiB), so a hot merge keeps reusing the pool's
-                               * first pages; UINT64_MAX is the whole pool (a pinned, prefaulted pool) */
+    uint64_t readahead_cap;   /* most staging bytes in use before the reader reads more: 0 picks it from the
+                               * largest chunk and whether the inputs are in the page cache (merge_run.c),
+                               * so a hot merge keeps reusing the pool's first pages; UINT64_MAX is the
+                               * whole pool (a pinned, prefaulted pool) */
 } ms_run_env;
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set
