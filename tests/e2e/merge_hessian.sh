@@ -46,6 +46,10 @@ for m in ties_sparsegpt dare_sparsegpt regmean; do
   "$MS_BIN" verify "$WORK/out_$m" --quiet
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --quiet
   same_bytes "$WORK/out_$m" "$WORK/t1_$m"
+  # two compute workers (what a GPU gets): the factorisations share the cpu
+  # pool under a lock and the saliency cache across tensors
+  MERGESTREAM_COMPUTE_WORKERS=2 "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/w2_$m" --quiet
+  same_bytes "$WORK/out_$m" "$WORK/w2_$m"
 done
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --quiet
 # saliency picks other entries than magnitude: the outputs must differ
