@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "cpu/cpu_merge.h"
+#include "cpu/cpu_merge_hessian.h"
 #include "cpu/cpu_pool.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_hessian.h"
@@ -498,6 +499,111 @@ static void test_regmean(void **state)
     check_regmean(64, 48, 3);
 }
 
+/* ---- regmean bit for bit: a scalar reference of the specified order
+ * (merge_passes_hessian.h), one row at a time, from the state's stored G_i
+ * (fp32) and L (fp64); the kernel solves CPU_MERGE_HESSIAN_LANES rows side
+ * by side and must give exactly these bytes for any row count. */
+
+/* Row r's output into out and its fp64 y into b. */
+static void ref_regmean_row(const hcase *tc, const ms_hessian_state *hs, uint64_t r, double *b, double *z,
+                            float *tau, void *out)
+{
+    const ms_tensor_params *p = &tc->p;
+    uint64_t n = p->cols;
+    const double *L = hs->chol;
+    const float *B = tc->in[0] + r * n;
+    for (uint64_t j = 0; j < n; j++)
+        b[j] = 0.0;
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        for (uint64_t k = 0; k < n; k++)
+            tau[k] = ms_merge_delta(tc->in[i][r * n + k], B[k]);
+        for (uint64_t k = 0; k < n; k++)
+            for (uint64_t j = 0; j < n; j++)
+                b[j] = b[j] + (double)hs->g[i][k * n + j] * (double)tau[k];
+    }
+    for (uint64_t j = 0; j < n; j++) { /* forward, row-oriented, each sum sequential */
+        double s = 0.0;
+        for (uint64_t k = 0; k < j; k++)
+            s = s + L[j * n + k] * z[k];
+        z[j] = (b[j] - s) / L[j * n + j];
+    }
+    for (uint64_t j = n; j-- > 0;) { /* backward, column-oriented */
+        double y = z[j] / L[j * n + j];
+        b[j] = y;
+        for (uint64_t k = 0; k < j; k++)
+            z[k] = z[k] - L[j * n + k] * y;
+    }
+    for (uint64_t j = 0; j < n; j++)
+        store(out, p->out_dtype, r * n + j, B[j] + (float)b[j]);
+}
+
+static void check_regmean_exact(uint64_t rows, uint64_t cols, unsigned n)
+{
+    hcase tc;
+    hcase_make(&tc, MS_METHOD_REGMEAN, rows, cols, n);
+    size_t bytes = tc.p.numel * out_size(tc.p.out_dtype);
+    void *want = malloc(bytes), *got = malloc(bytes);
+    double *b = malloc(cols * sizeof *b), *z = malloc(cols * sizeof *z);
+    float *tau = malloc(cols * sizeof *tau);
+    assert_true(want && got && b && z && tau);
+    double *y_ref = malloc(rows * cols * sizeof *y_ref), *y = malloc(rows * cols * sizeof *y);
+    float *taus = malloc((size_t)n * rows * cols * sizeof *taus);
+    assert_true(y_ref && y && taus);
+    ms_merge_state *st = open_state(&tc, 0, NULL);
+    assert_true(st->hessian && st->hessian->regmean_solve);
+    for (uint64_t r = 0; r < rows; r++) {
+        ref_regmean_row(&tc, st->hessian, r, b, z, tau, want);
+        memcpy(y_ref + r * cols, b, cols * sizeof *b);
+    }
+    /* every fp64 bit of the solve (the fp32 output hides most of them), for
+     * the first nr rows side by side */
+    uint64_t R = CPU_MERGE_HESSIAN_LANES;
+    const uint64_t lanes[] = {1, 2, R - 1, R};
+    for (unsigned a = 0; a < sizeof lanes / sizeof *lanes; a++) {
+        uint64_t nr = lanes[a] < rows ? lanes[a] : rows;
+        for (unsigned i = 1; i <= n; i++)
+            for (uint64_t r = 0; r < nr; r++)
+                for (uint64_t k = 0; k < cols; k++)
+                    taus[((i - 1) * nr + r) * cols + k] = ms_merge_delta(tc.in[i][r * cols + k], tc.in[0][r * cols + k]);
+        assert_int_equal(cpu_merge_hessian_solve_for_tests(st->hessian, n, taus, (unsigned)nr, y), 0);
+        if (memcmp(y, y_ref, nr * cols * sizeof *y) != 0) {
+            uint64_t e = 0;
+            while (memcmp(y + e, y_ref + e, sizeof *y) == 0)
+                e++;
+            fprintf(stderr, "regmean solve, %" PRIu64 " rows side by side, %" PRIu64 " cols: row %" PRIu64
+                    " col %" PRIu64 " is %.17g, the scalar order gives %.17g\n", nr, cols, e / cols, e % cols, y[e], y_ref[e]);
+            fail();
+        }
+    }
+    ms_merge_state_close(st);
+    free(y_ref);
+    free(y);
+    free(taus);
+    for (unsigned t = 1; t <= 3; t++)
+        for (int chunked = 0; chunked <= 1; chunked++) {
+            memset(got, 0xa5, bytes);
+            run_cpu(&tc, 0, got, g_pool[t], chunked);
+            expect_same(&tc, got, want, chunked ? "regmean exact, chunked" : "regmean exact, whole");
+        }
+    free(want);
+    free(got);
+    free(b);
+    free(z);
+    free(tau);
+    hcase_free(&tc);
+}
+
+static void test_regmean_exact(void **state)
+{
+    (void)state;
+    const uint64_t R = CPU_MERGE_HESSIAN_LANES;
+    const uint64_t rows[] = {1, 2, R - 1, R + 1, 3 * R + 2};
+    const uint64_t cols[] = {1, 7, 64, 130};
+    for (unsigned a = 0; a < sizeof rows / sizeof *rows; a++)
+        for (unsigned c = 0; c < sizeof cols / sizeof *cols; c++)
+            check_regmean_exact(rows[a], cols[c], 1 + (a + c) % 3);
+}
+
 /* The plan never depends on the Hessians; dare_sparsegpt's factor. */
 static void test_plan(void **state)
 {
@@ -532,6 +638,7 @@ int main(void)
         cmocka_unit_test(test_saliency_u),   cmocka_unit_test(test_saliency_key),
         cmocka_unit_test(test_plan),         cmocka_unit_test(test_ties_sparsegpt),
         cmocka_unit_test(test_dare_sparsegpt), cmocka_unit_test(test_regmean),
+        cmocka_unit_test(test_regmean_exact),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     for (unsigned t = 1; t <= 3; t++)
