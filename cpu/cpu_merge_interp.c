@@ -49,7 +49,6 @@
 /* A quad of lanes: fp64 elements, their transposes and sums (gcc's generic
  * vectors: one register with AVX2, two with SSE2). */
 typedef double ix_v4d __attribute__((vector_size(32)));
-typedef int64_t ix_v4l __attribute__((vector_size(32)));
 
 /* Window size; only cpu_merge_interp_set_window_for_tests changes it. */
 static uint64_t g_window = IX_WINDOW_ELEMS;
@@ -438,13 +437,13 @@ IX_INLINE void gram_load_lane(const ix_ctx *x, ix_scratch *s, double *restrict d
  * l of a quad; t[j][k] holds element j0 + j of its four lanes (vector k). */
 IX_INLINE void ix_transpose4(const ix_v4d r[IX_QUAD], ix_v4d t[IX_QUAD][MS_INTERP_MAX_VECS], unsigned k)
 {
-    const ix_v4l lo = {0, 4, 2, 6}, hi = {1, 5, 3, 7}, lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
-    ix_v4d a0 = __builtin_shuffle(r[0], r[1], lo), a1 = __builtin_shuffle(r[0], r[1], hi);
-    ix_v4d a2 = __builtin_shuffle(r[2], r[3], lo), a3 = __builtin_shuffle(r[2], r[3], hi);
-    t[0][k] = __builtin_shuffle(a0, a2, lo2);
-    t[1][k] = __builtin_shuffle(a1, a3, lo2);
-    t[2][k] = __builtin_shuffle(a0, a2, hi2);
-    t[3][k] = __builtin_shuffle(a1, a3, hi2);
+    /* __builtin_shufflevector: GCC 12+ and clang (the fuzz build) both have it */
+    ix_v4d a0 = __builtin_shufflevector(r[0], r[1], 0, 4, 2, 6), a1 = __builtin_shufflevector(r[0], r[1], 1, 5, 3, 7);
+    ix_v4d a2 = __builtin_shufflevector(r[2], r[3], 0, 4, 2, 6), a3 = __builtin_shufflevector(r[2], r[3], 1, 5, 3, 7);
+    t[0][k] = __builtin_shufflevector(a0, a2, 0, 1, 4, 5);
+    t[1][k] = __builtin_shufflevector(a1, a3, 0, 1, 4, 5);
+    t[2][k] = __builtin_shufflevector(a0, a2, 2, 3, 6, 7);
+    t[3][k] = __builtin_shufflevector(a1, a3, 2, 3, 6, 7);
 }
 
 /* One element of a quad: acc[q] += v_a * v_b for every pair a <= b
