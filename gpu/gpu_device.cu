@@ -9,8 +9,12 @@ extern "C" int gpu_device_count(const char **why)
     int n = 0;
     cudaError_t rc = cudaGetDeviceCount(&n);
     if (rc != cudaSuccess) {
+        /* cudart says "CUDA driver version is insufficient" when there is no
+         * driver at all, the usual case on a machine without a GPU */
         if (why)
-            *why = cudaGetErrorString(rc);
+            *why = rc == cudaErrorInsufficientDriver ? "no NVIDIA driver, or one older than this build's CUDA runtime"
+                   : rc == cudaErrorNoDevice         ? "no CUDA device"
+                                                     : cudaGetErrorString(rc);
         cudaGetLastError(); /* not sticky: clear it */
         return 0;
     }
