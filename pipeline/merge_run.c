@@ -189,51 +189,38 @@ static int reader_reap(reader_state *rs, bool wait)
     return reader_push_ready(rs);
 }
 
-/* Takes `bytes` from the pool without deadlocking: while the pool is full,
- * finished reads are handed on (compute frees memory only once it gets them). */
-static void *reader_alloc(reader_state *rs, uint64_t bytes)
-{
-    ms_pool *pool = rs->ctx->env->pool;
-    for (;;) {
-        void *buf = ms_pool_try_alloc(pool, bytes);
-        if (buf)
-            return buf;
-        if (atomic_load(&rs->ctx->failed))
-            return NULL;
-        if (io_engine_outstanding(rs->ctx->env->engine) == 0) {
-            if (reader_push_ready(rs) != 0)
-                return NULL;
-            return ms_pool_alloc(pool, bytes); /* nothing in flight: compute will free */
-        }
-        if (reader_reap(rs, true) != 0)
-            return NULL;
-    }
-}
-
-/* The read-ahead cap: waits until the item's bytes fit under
- * ctx->readahead_cap together with what the pool already hands out (or the
- * pool is empty), handing finished reads on meanwhile. The first-fit pool then
- * keeps reusing the same low pages instead of touching all of its capacity:
- * every page touched for the first time is a fault and a zeroed page, which
- * with a hot page cache cost more than the read-ahead gained (bench/RESULTS.md). */
-static int reader_wait_headroom(reader_state *rs, uint64_t item_bytes)
+/* Takes `bytes` from the pool without deadlocking: while it cannot, finished
+ * reads are handed on (compute frees memory only once it gets them).
+ *
+ * headroom > 0 also applies the read-ahead cap: the buffer is taken only
+ * when headroom more bytes (the whole item) fit under ctx->readahead_cap
+ * beside what the pool already hands out, or when it hands out nothing. The
+ * first-fit pool then keeps reusing the same low pages instead of touching
+ * all of its capacity: every page touched for the first time is a fault and
+ * a zeroed page, which with a hot page cache cost more than the read-ahead
+ * gained (bench/RESULTS.md). */
+static void *reader_alloc(reader_state *rs, uint64_t bytes, uint64_t headroom)
 {
     run_ctx *ctx = rs->ctx;
     ms_pool *pool = ctx->env->pool;
     for (;;) {
         uint64_t used = ms_pool_in_use(pool);
-        if (used == 0 || used + item_bytes <= ctx->readahead_cap)
-            return 0;
+        bool room = headroom == 0 || used == 0 || used + headroom <= ctx->readahead_cap;
+        void *buf = room ? ms_pool_try_alloc(pool, bytes) : NULL;
+        if (buf)
+            return buf;
         if (atomic_load(&ctx->failed))
-            return -1;
+            return NULL;
         if (io_engine_outstanding(ctx->env->engine) > 0) {
             if (reader_reap(rs, true) != 0)
-                return -1;
+                return NULL;
             continue;
         }
         if (reader_push_ready(rs) != 0)
-            return -1;
-        ms_pool_wait_below(pool, used); /* compute or the writer frees something */
+            return NULL;
+        if (room)
+            return ms_pool_alloc(pool, bytes); /* nothing in flight: compute will free */
+        ms_pool_wait_below(pool, used);        /* compute or the writer frees something */
     }
 }
 
@@ -244,11 +231,10 @@ static int reader_submit_item(reader_state *rs, run_item *it)
     uint64_t in_bytes = job->kind == MS_JOB_MERGE ? stage_layout(job, it->n_rows, it->in_off, it->mat_off) : 0;
     uint64_t out_bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * it->n_rows
                                                   : (it->writes_output ? job->out_row_bytes * it->n_rows : 0);
-    if (reader_wait_headroom(rs, in_bytes + out_bytes) != 0)
+    /* the cap on the item's first buffer, for the whole item */
+    if (in_bytes && !(it->in_buf = reader_alloc(rs, in_bytes, in_bytes + out_bytes)))
         return -1;
-    if (in_bytes && !(it->in_buf = reader_alloc(rs, in_bytes)))
-        return -1;
-    if (out_bytes && !(it->out_buf = reader_alloc(rs, out_bytes)))
+    if (out_bytes && !(it->out_buf = reader_alloc(rs, out_bytes, in_bytes ? 0 : out_bytes)))
         return -1;
     double t0 = ms_now_seconds();
     for (unsigned i = 0; i < job->n_inputs; i++) {
