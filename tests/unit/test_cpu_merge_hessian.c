@@ -23,14 +23,13 @@
 
 #include "cpu/cpu_merge.h"
 #include "cpu/cpu_merge_hessian.h"
-#include "cpu/cpu_pool.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_hessian.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/merge_passes_hessian.h"
+#include "test_pools.h"
 
 static uint64_t g_rng;
-static cpu_pool *g_pool[4];
 
 static uint64_t rng_next(void) /* splitmix64 */
 {
@@ -628,20 +627,12 @@ static void test_plan(void **state)
 
 int main(void)
 {
-    const char *env = getenv("MS_TEST_SEED");
-    g_rng = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
-    fprintf(stderr, "test_cpu_merge_hessian: MS_TEST_SEED=%" PRIu64 "\n", g_rng);
-    for (unsigned t = 1; t <= 3; t++)
-        if (cpu_pool_open(t, &g_pool[t]) != 0)
-            return 1;
+    g_rng = test_seed("test_cpu_merge_hessian");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_saliency_u),   cmocka_unit_test(test_saliency_key),
         cmocka_unit_test(test_plan),         cmocka_unit_test(test_ties_sparsegpt),
         cmocka_unit_test(test_dare_sparsegpt), cmocka_unit_test(test_regmean),
         cmocka_unit_test(test_regmean_exact),
     };
-    int rc = cmocka_run_group_tests(tests, NULL, NULL);
-    for (unsigned t = 1; t <= 3; t++)
-        cpu_pool_close(g_pool[t]);
-    return rc;
+    return cmocka_run_group_tests(tests, pools_open, pools_close);
 }

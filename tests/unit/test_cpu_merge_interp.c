@@ -33,13 +33,12 @@
 
 #include "cpu/cpu_merge.h"
 #include "cpu/cpu_merge_interp.h"
-#include "cpu/cpu_pool.h"
 #include "merge_reference_interp.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/merge_passes_interp.h"
+#include "test_pools.h"
 
 static uint64_t g_rng;
-static cpu_pool *g_pool[4]; /* [t]: t threads (1..3) */
 
 static uint64_t rng_next(void) /* splitmix64 */
 {
@@ -1036,30 +1035,10 @@ static void test_state_open_fault(void **state)
     ms_merge_state_close(st);
 }
 
-static int setup(void **state)
-{
-    (void)state;
-    for (unsigned t = 1; t <= 3; t++)
-        if (cpu_pool_open(t, &g_pool[t]) != 0)
-            return -1;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    for (unsigned t = 1; t <= 3; t++)
-        cpu_pool_close(g_pool[t]);
-    return 0;
-}
-
 int main(void)
 {
     setenv("MERGESTREAM_FAULT", "host_alloc:3", 1);
-    const char *seed_env = getenv("MS_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_cpu_merge_interp: seed %" PRIu64 "\n", seed);
-    g_rng = seed;
+    g_rng = test_seed("test_cpu_merge_interp");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_state_open_fault),
         cmocka_unit_test(test_plans),
@@ -1081,5 +1060,5 @@ int main(void)
         cmocka_unit_test(test_ramplus_tl),
         cmocka_unit_test(test_arcee_fusion),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, pools_open, pools_close);
 }

@@ -22,11 +22,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "cpu/cpu_pool.h"
 #include "pipeline/merge_passes_hessian.h"
+#include "test_pools.h"
 
 static uint64_t g_rng;
-static cpu_pool *g_pool[4]; /* [t]: t threads (1..3) */
 
 static uint64_t rng_next(void) /* splitmix64 */
 {
@@ -250,32 +249,13 @@ static void test_not_positive_definite(void **state)
     }
 }
 
-static int setup(void **state)
-{
-    (void)state;
-    const char *env = getenv("MS_TEST_SEED");
-    g_rng = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
-    fprintf(stderr, "test_hessian_cholesky: seed %" PRIu64 " (MS_TEST_SEED to replay)\n", g_rng);
-    for (unsigned t = 1; t <= 3; t++)
-        if (cpu_pool_open(t, &g_pool[t]) != 0)
-            return -1;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    for (unsigned t = 1; t <= 3; t++)
-        cpu_pool_close(g_pool[t]);
-    return 0;
-}
-
 int main(void)
 {
+    g_rng = test_seed("test_hessian_cholesky");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_spd),
         cmocka_unit_test(test_ill_conditioned),
         cmocka_unit_test(test_not_positive_definite),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, pools_open, pools_close);
 }
