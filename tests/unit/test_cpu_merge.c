@@ -33,28 +33,7 @@
 #include "pipeline/merge_passes.h"
 #include "test_pools.h"
 
-static uint64_t g_rng;
-
-static uint64_t rng_next(void) /* splitmix64 */
-{
-    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-static double rng_unit(void) /* [0, 1) */
-{
-    return (double)(rng_next() >> 11) / 9007199254740992.0;
-}
-
-static double rng_gauss(void)
-{
-    double s = 0;
-    for (int k = 0; k < 4; k++)
-        s += rng_unit();
-    return (s - 2.0) * 1.7320508075688772;
-}
+#include "test_rng.h"
 
 /* ================================================================ cases */
 

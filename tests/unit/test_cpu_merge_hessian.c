@@ -29,28 +29,7 @@
 #include "pipeline/merge_passes_hessian.h"
 #include "test_pools.h"
 
-static uint64_t g_rng;
-
-static uint64_t rng_next(void) /* splitmix64 */
-{
-    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
-
-static double rng_unit(void)
-{
-    return (double)(rng_next() >> 11) / 9007199254740992.0;
-}
-
-static double rng_gauss(void)
-{
-    double s = 0;
-    for (int k = 0; k < 4; k++)
-        s += rng_unit();
-    return (s - 2.0) * 1.7;
-}
+#include "test_rng.h"
 
 /* A random Hessian (2/N) sum x x^T over N > n random rows with column
  * scales spread over decades; `dead` zeroes input 1's row and column. */

@@ -23,15 +23,7 @@
 #include "pipeline/merge_math.h"
 #include "merge_reference.h"
 
-static uint64_t g_rng;
-
-static uint64_t rng_next(void) /* splitmix64 */
-{
-    uint64_t z = (g_rng += UINT64_C(0x9E3779B97F4A7C15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    return z ^ (z >> 31);
-}
+#include "test_rng.h"
 
 static uint32_t rng_u32(void)
 {
