@@ -1,7 +1,7 @@
-/* Device-side loads and stores of tensor elements in their safetensors
- * dtypes, shared by the CUDA merge kernels (private to gpu/; include after
- * gpu/gpu_internal.h). The conversions are pipeline/merge_math.h's, so the
- * bits are the CPU's. */
+/* What the CUDA merge kernel files share (private to gpu/; include after
+ * gpu/gpu_internal.h): loads and stores of tensor elements in their
+ * safetensors dtypes (pipeline/merge_math.h's conversions, so the bits are
+ * the CPU's), grid sizes, the test-only trap kernel. */
 #ifndef MS_GPU_ELEM_CUH
 #define MS_GPU_ELEM_CUH
 
@@ -23,6 +23,21 @@ __device__ __forceinline__ void gpu_store(void *p, int dt, uint64_t j, float v)
         ((uint16_t *)p)[j] = ms_merge_store_bf16(v);
     else
         ((uint16_t *)p)[j] = ms_merge_store_f16(v);
+}
+
+/* Blocks of `threads` for a grid-stride kernel over n elements: at least 1,
+ * at most max_blocks. */
+static inline unsigned gpu_grid(uint64_t n, unsigned threads, unsigned max_blocks)
+{
+    uint64_t blocks = (n + threads - 1) / threads;
+    return (unsigned)(blocks < max_blocks ? (blocks ? blocks : 1) : max_blocks);
+}
+
+/* Tests: a sticky error on demand (gpu_backend_fail_next_for_tests): __trap
+ * gives cudaErrorLaunchFailure. One copy per kernel file (internal linkage). */
+static __global__ void gpu_poison_kernel(void)
+{
+    __trap();
 }
 
 #endif

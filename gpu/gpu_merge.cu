@@ -626,19 +626,7 @@ __global__ void k_apply(const __grid_constant__ gm_args a)
     }
 }
 
-/* Tests: a sticky error on demand (gpu_backend_fail_next_for_tests). */
-__global__ void k_poison(void)
-{
-    __trap();
-}
-
 /* ================================================================ host */
-
-static unsigned gm_grid(uint64_t n)
-{
-    uint64_t blocks = (n + GM_THREADS - 1) / GM_THREADS;
-    return (unsigned)(blocks < GM_MAX_GRID ? (blocks ? blocks : 1) : GM_MAX_GRID);
-}
 
 static void gm_args_fill(gm_args *a, const ms_tensor_params *p, const ms_merge_state *st, const gm_plan *pl,
                          const gm_layout *L, const ms_chunk *c, unsigned char *data, unsigned char *work)
@@ -710,14 +698,14 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     cudaStream_t s = b->compute;
     if (b->fail_next) {
         b->fail_next = false;
-        k_poison<<<1, 1, 0, s>>>();
+        gpu_poison_kernel<<<1, 1, 0, s>>>();
         GM_CHECK(cudaSuccess, "test poison kernel");
     }
     if (L->res_bytes)
         GM_CHECK(cudaMemsetAsync(work, 0, L->res_bytes, s), "clearing GPU histograms");
     gm_args a;
     gm_args_fill(&a, p, st, pl, L, c, data, work);
-    unsigned grid = gm_grid(L->n);
+    unsigned grid = gpu_grid(L->n, GM_THREADS, GM_MAX_GRID);
     switch (kind) {
     case MS_MERGE_PASS_HIST_HI:
         for (unsigned i = 1; i <= p->n_models; i++) {

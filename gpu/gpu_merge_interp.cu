@@ -566,19 +566,7 @@ __global__ void k_apply(const __grid_constant__ gi_args a)
     }
 }
 
-/* Tests: a sticky error on demand (gpu_backend_fail_next_for_tests). */
-__global__ void k_gi_poison(void)
-{
-    __trap();
-}
-
 /* ================================================================ host */
-
-static unsigned gi_grid(uint64_t n)
-{
-    uint64_t blocks = (n + GI_THREADS - 1) / GI_THREADS;
-    return (unsigned)(blocks < GI_MAX_GRID ? (blocks ? blocks : 1) : GI_MAX_GRID);
-}
 
 /* One thread per item, GI_SUM_THREADS per block. */
 static unsigned gi_sum_grid(uint64_t items)
@@ -689,7 +677,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     GI_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
 
     if (gi_take_poison(b)) {
-        k_gi_poison<<<1, 1, 0, comp>>>();
+        gpu_poison_kernel<<<1, 1, 0, comp>>>();
         GI_CHECK(cudaSuccess, "test poison kernel");
     }
     gi_args a;
@@ -711,7 +699,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
         break;
     case MS_MERGE_PASS_COUNT:
         GI_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU counters");
-        k_count<<<gi_grid(L->n), GI_THREADS, 0, comp>>>(a, (unsigned long long *)dev);
+        k_count<<<gpu_grid(L->n, GI_THREADS, GI_MAX_GRID), GI_THREADS, 0, comp>>>(a, (unsigned long long *)dev);
         GI_CHECK(cudaSuccess, "COUNT kernel");
         break;
     case MS_MERGE_PASS_APPLY:
@@ -724,7 +712,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
                                                                               (float *)(dev + L->ab_off));
             GI_CHECK(cudaSuccess, "model_stock row coefficient kernel");
         }
-        k_apply<<<gi_grid(L->n), GI_THREADS, 0, comp>>>(a);
+        k_apply<<<gpu_grid(L->n, GI_THREADS, GI_MAX_GRID), GI_THREADS, 0, comp>>>(a);
         GI_CHECK(cudaSuccess, "merge kernel");
         break;
     default:
