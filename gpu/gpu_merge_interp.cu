@@ -860,19 +860,9 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
 
 bool gpu_interp_supports(const ms_tensor_params *p)
 {
-    switch (p->method) {
-    case MS_METHOD_SLERP:
-    case MS_METHOD_NUSLERP:
-    case MS_METHOD_MULTISLERP:
-    case MS_METHOD_KARCHER:
-    case MS_METHOD_MODEL_STOCK:
-    case MS_METHOD_NEARSWAP:
-    case MS_METHOD_RAM:
-    case MS_METHOD_RAMPLUS_TL:
-        break;
-    default:
+    /* every interpolation method but sce and arcee_fusion (their KEY passes) */
+    if (!ms_merge_interp_method(p->method) || p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION)
         return false;
-    }
     if (p->n_models < 1 || p->n_models > MS_MAX_MODELS || !gi_dtype_ok(p->out_dtype))
         return false;
     for (unsigned i = 1; i <= p->n_models; i++)
