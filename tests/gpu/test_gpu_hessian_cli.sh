@@ -23,34 +23,19 @@ if ! "$MS_BIN" perplexity "$M" --calib "$WORK/calib.txt" --max-samples 1 --devic
   cat "$WORK/probe.err"; fail "perplexity --device cuda failed"
 fi
 
-header() { local n; n=$(od -An -t u8 -N8 "$1" | tr -d ' '); head -c $((n + 8)) "$1" | tail -c +9; }
-floats() { local n; n=$(od -An -t u8 -N8 "$1" | tr -d ' '); tail -c +$((n + 9)) "$1" | od -An -v -t f4 -w4; }
-# the float index at which each tensor ends, in data order
-ends() { header "$1" | grep -oE '"data_offsets":\[[0-9]+,[0-9]+\]' | grep -oE '[0-9]+\]' | tr -d ']' |
-  sort -n | awk '{ print $1 / 4 }' | paste -sd, -; }
-
 # close_h DIR_CPU DIR_OTHER LABEL: same header (names, shapes, offsets,
 # n_samples, n_tokens), and every element within 1e-4 x the largest |value|
 # of its tensor (float32 sums in another order, through 4 layers); with
-# DATA_ONLY=1 the headers may differ (the model's path). Prints
-# the worst ratio |diff| / (1e-4 max) seen; returns 1 when it exceeds 1.
+# DATA_ONLY=1 the headers may differ (the model's path). Prints the worst
+# ratio |diff| / (1e-4 max) seen (tests/tools/st_close); returns 1 when it
+# exceeds 1.
 close_h() {
-  local a="$1/hessians.safetensors" b="$2/hessians.safetensors"
-  [ -n "${DATA_ONLY:-}" ] || cmp -s <(header "$a") <(header "$b") || { echo "$3: the headers differ"; return 1; }
-  local e; e=$(ends "$a")
-  [ -n "$e" ] || { echo "$3: no tensors in $a"; return 1; }
-  floats "$a" | awk -v ends="$e" 'BEGIN { n = split(ends, E, ","); t = 1 }
-    { while (t < n && NR > E[t]) t++; v = $1 < 0 ? -$1 : $1; if (v > M[t]) M[t] = v }
-    END { for (i = 1; i <= n; i++) print M[i] }' > "$WORK/max.txt"
-  paste <(floats "$a") <(floats "$b") | awk -v ends="$e" -v label="$3" '
-    BEGIN { n = split(ends, E, ","); t = 1 }
-    FNR == NR { M[FNR] = $1; next }
-    { while (t < n && FNR > E[t]) t++
-      d = $1 - $2; d = d < 0 ? -d : d; tol = 1e-4 * M[t] + 1e-30
-      if (d / tol > worst) { worst = d / tol; where = FNR; wa = $1; wb = $2 }
-      if (!(d <= tol)) bad++ }
-    END { printf "%s: worst |diff| / tolerance %.3f (element %d: %.9g vs %.9g), %d elements out\n", label, worst,
-          where, wa, wb, bad; exit bad > 0 }' "$WORK/max.txt" -
+  local out rc=0
+  out=$("$MS_ST_CLOSE" "$1/hessians.safetensors" "$2/hessians.safetensors" --rel 1e-4 ${DATA_ONLY:+--data-only}) ||
+    rc=$?
+  echo "$3: $out"
+  [ "$rc" -le 1 ] || fail "$3: st_close could not compare"
+  return "$rc"
 }
 
 json_num() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]+$'; }
