@@ -29,6 +29,7 @@ typedef struct run_item {
     uint64_t row0, n_rows;
     bool writes_output;
     bool last_of_job;                     /* the job's final item */
+    uint64_t tensor_hash;                 /* last_of_job: the output's XXH3-64 (compute sets it) */
     unsigned worker;                      /* the compute worker that owns the job */
     void *in_buf;                         /* pool: inputs (MERGE jobs) */
     void *out_buf;                        /* pool: output (COPY jobs read into it) */
@@ -62,7 +63,7 @@ typedef struct run_ctx {
     double busy_write_s;     /* writer */
     uint64_t bytes_read;     /* reader */
     uint64_t bytes_written;  /* writer */
-    ms_tensor_result *results; /* writer (nonfinite), compute (backend) */
+    ms_tensor_result *results; /* compute (backend, nonfinite) */
     bool *shard_recorded;    /* writer: shards already in the journal */
 } run_ctx;
 
@@ -477,38 +478,6 @@ typedef struct worker_arg {
 
 /* One compute worker: computes the items of its queue in order. The last
  * worker to stop closes the write queue. */
-static void *compute_main(void *arg)
-{
-    run_ctx *ctx = ((worker_arg *)arg)->ctx;
-    unsigned w = ((worker_arg *)arg)->worker;
-    job_state js = {0};
-    void *p;
-    while (ms_queue_pop(&ctx->compute_q[w], &p) == 0) {
-        run_item *it = p;
-        if (atomic_load(&ctx->failed)) {
-            item_free(ctx, it);
-            continue;
-        }
-        double t0 = ms_now_seconds();
-        int rc = compute_item(ctx, it, &js);
-        ms_pool_free(ctx->env->pool, it->in_buf);
-        it->in_buf = NULL;
-        ctx->busy_compute_s[w] += ms_now_seconds() - t0;
-        if (rc != 0 || !it->writes_output) {
-            item_free(ctx, it);
-            continue;
-        }
-        if (ms_queue_push(&ctx->write_q, it) != 0)
-            item_free(ctx, it);
-    }
-    job_state_close(&js);
-    if (atomic_fetch_sub(&ctx->workers_running, 1) == 1)
-        ms_queue_close(&ctx->write_q);
-    return NULL;
-}
-
-/* ================================================================= writer */
-
 /* NaN or Inf values among n elements of dtype (all exponent bits set). */
 static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
 {
@@ -528,6 +497,65 @@ static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
     }
     return count;
 }
+
+/* What the writer would otherwise do on its one thread, done here on the
+ * compute worker that owns the job (a job's output items come to it in
+ * order): the tensor's running hash, with its digest on the last item, and
+ * the count of non-finite output values. */
+static void account_output(run_ctx *ctx, run_item *it, ms_hasher *h)
+{
+    const ms_job *job = &ctx->env->plan->jobs[it->job_index];
+    uint64_t row_bytes = job->kind == MS_JOB_COPY ? 1 : job->out_row_bytes;
+    if (it->chunk == 0)
+        ms_hasher_reset(h);
+    ms_hasher_update(h, it->out_buf, it->n_rows * row_bytes);
+    if (job->kind == MS_JOB_MERGE)
+        ctx->results[it->job_index].nonfinite += count_nonfinite(it->out_buf, job->out_dtype,
+                                                                 it->n_rows * job->params.cols);
+    if (it->last_of_job)
+        it->tensor_hash = ms_hasher_digest(h);
+}
+
+static void *compute_main(void *arg)
+{
+    run_ctx *ctx = ((worker_arg *)arg)->ctx;
+    unsigned w = ((worker_arg *)arg)->worker;
+    job_state js = {0};
+    ms_hasher hasher = {0};
+    if (ms_hasher_init(&hasher) != 0) {
+        ms_error e;
+        ms_error_set(&e, MS_EXIT_RUNTIME, "compute", "out of memory");
+        run_fail(ctx, &e);
+    }
+    void *p;
+    while (ms_queue_pop(&ctx->compute_q[w], &p) == 0) {
+        run_item *it = p;
+        if (atomic_load(&ctx->failed)) {
+            item_free(ctx, it);
+            continue;
+        }
+        double t0 = ms_now_seconds();
+        int rc = compute_item(ctx, it, &js);
+        ms_pool_free(ctx->env->pool, it->in_buf);
+        it->in_buf = NULL;
+        if (rc == 0 && it->writes_output)
+            account_output(ctx, it, &hasher);
+        ctx->busy_compute_s[w] += ms_now_seconds() - t0;
+        if (rc != 0 || !it->writes_output) {
+            item_free(ctx, it);
+            continue;
+        }
+        if (ms_queue_push(&ctx->write_q, it) != 0)
+            item_free(ctx, it);
+    }
+    job_state_close(&js);
+    ms_hasher_free(&hasher);
+    if (atomic_fetch_sub(&ctx->workers_running, 1) == 1)
+        ms_queue_close(&ctx->write_q);
+    return NULL;
+}
+
+/* ================================================================= writer */
 
 /* Once shard s is final (renamed), records it in the journal so a resumed
  * run can keep it. Every tensor of a final shard has its hash by then: the
@@ -555,16 +583,6 @@ static void *writer_main(void *arg)
 {
     run_ctx *ctx = arg;
     const ms_run_env *env = ctx->env;
-    /* items of one job arrive in order, but two workers' jobs interleave:
-     * one running hash per worker */
-    ms_hasher hasher[RUN_MAX_WORKERS] = {0};
-    for (unsigned w = 0; w < ctx->n_workers; w++) {
-        if (ms_hasher_init(&hasher[w]) != 0) {
-            ms_error e;
-            ms_error_set(&e, MS_EXIT_RUNTIME, "writer", "out of memory");
-            run_fail(ctx, &e);
-        }
-    }
     void *p;
     while (ms_queue_pop(&ctx->write_q, &p) == 0) {
         run_item *it = p;
@@ -576,13 +594,6 @@ static void *writer_main(void *arg)
         const ms_job *job = &env->plan->jobs[it->job_index];
         uint64_t row_bytes = job->kind == MS_JOB_COPY ? 1 : job->out_row_bytes;
         uint64_t off = it->row0 * row_bytes, len = it->n_rows * row_bytes;
-        ms_hasher *h = &hasher[it->worker];
-        if (it->chunk == 0)
-            ms_hasher_reset(h);
-        ms_hasher_update(h, it->out_buf, len);
-        if (job->kind == MS_JOB_MERGE)
-            ctx->results[it->job_index].nonfinite +=
-                count_nonfinite(it->out_buf, job->out_dtype, it->n_rows * job->params.cols);
         ms_error e;
         if (st_writer_write(env->writer, it->job_index, off, it->out_buf, len, &e) != 0) {
             run_fail(ctx, &e);
@@ -591,7 +602,7 @@ static void *writer_main(void *arg)
         }
         ctx->bytes_written += len;
         if (it->last_of_job) {
-            st_writer_set_tensor_hash(env->writer, it->job_index, ms_hasher_digest(h));
+            st_writer_set_tensor_hash(env->writer, it->job_index, it->tensor_hash);
             ms_progress_step(&ctx->progress, job->name, ctx->results[it->job_index].backend, job->read_bytes);
             if (writer_record_shard(ctx, st_plan_tensor_at(env->layout, it->job_index)->shard, &e) != 0) {
                 run_fail(ctx, &e);
@@ -602,8 +613,6 @@ static void *writer_main(void *arg)
         ctx->busy_write_s += ms_now_seconds() - t0;
         item_free(ctx, it);
     }
-    for (unsigned w = 0; w < ctx->n_workers; w++)
-        ms_hasher_free(&hasher[w]);
     return NULL;
 }
 
