@@ -1,7 +1,8 @@
 /* What the CUDA merge kernel files share (private to gpu/; include after
  * gpu/gpu_internal.h): loads and stores of tensor elements in their
  * safetensors dtypes (pipeline/merge_math.h's conversions, so the bits are
- * the CPU's), grid sizes, the test-only trap kernel. */
+ * the CPU's), grid sizes, warp histogram counts, the fp64 sums' block
+ * ranges, the tie positions' scan, the test-only trap kernel. */
 #ifndef MS_GPU_ELEM_CUH
 #define MS_GPU_ELEM_CUH
 
@@ -31,6 +32,72 @@ static inline unsigned gpu_grid(uint64_t n, unsigned threads, unsigned max_block
 {
     uint64_t blocks = (n + threads - 1) / threads;
     return (unsigned)(blocks < max_blocks ? (blocks ? blocks : 1) : max_blocks);
+}
+
+/* hist[bin] += 1 for every lane with `valid`, one atomic per distinct bin
+ * in the warp (hot bins would otherwise serialise on their counter). Every
+ * lane of the warp must call it (bins are below 0xffffffff). Integer
+ * counts: exact in any order. */
+__device__ __forceinline__ void gpu_warp_count(unsigned long long *hist, uint32_t bin, bool valid)
+{
+    unsigned peers = __match_any_sync(0xffffffffu, valid ? bin : 0xffffffffu);
+    unsigned lane = threadIdx.x & 31u;
+    if (valid && lane == (unsigned)(__ffs((int)peers) - 1))
+        atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
+}
+
+/* Grid-stride loop over whole warps (blockDim.x a multiple of 32): every
+ * lane of a warp runs the same iterations (j may be past n: then it is not
+ * valid), so warp collectives are safe inside. */
+#define GPU_FOR_WARP_ELEMS(j, n)                                                                           \
+    for (uint64_t wbase_ = (uint64_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31u),                      \
+                  j = wbase_ + (threadIdx.x & 31u);                                                        \
+         wbase_ < (n); wbase_ += (uint64_t)gridDim.x * blockDim.x, j = wbase_ + (threadIdx.x & 31u))
+
+/* The chunk [elem0, elem0 + n)'s part of its k-th 65,536-element block
+ * (counted from the block holding elem0): [*lo, *hi), the fixed order's
+ * unit of the fp64 sums. */
+__device__ __forceinline__ void gpu_block_range(uint64_t elem0, uint64_t n, uint64_t k, uint64_t *lo, uint64_t *hi)
+{
+    uint64_t a = (elem0 / MS_MERGE_BLOCK + k) * MS_MERGE_BLOCK, b = a + MS_MERGE_BLOCK;
+    *lo = a < elem0 ? elem0 : a;
+    *hi = b > elem0 + n ? elem0 + n : b;
+}
+
+#define GPU_SCAN_THREADS 1024u
+
+/* The tie positions' scan: exclusive scan of cnt[0..n_seg) in segment
+ * order, starting at `seen`: start[s] = seen + sum_{s' < s} cnt[s'];
+ * *total = the sum of all. One block of GPU_SCAN_THREADS. One copy per
+ * kernel file (internal linkage). */
+static __global__ void gpu_eq_scan(const uint64_t *cnt, uint64_t n_seg, uint64_t seen, uint64_t *start,
+                          unsigned long long *total)
+{
+    __shared__ uint64_t part[GPU_SCAN_THREADS];
+    unsigned t = threadIdx.x;
+    uint64_t per = (n_seg + GPU_SCAN_THREADS - 1) / GPU_SCAN_THREADS;
+    uint64_t lo = (uint64_t)t * per < n_seg ? (uint64_t)t * per : n_seg;
+    uint64_t hi = lo + per < n_seg ? lo + per : n_seg;
+    uint64_t s = 0;
+    for (uint64_t k = lo; k < hi; k++)
+        s += cnt[k];
+    part[t] = s;
+    __syncthreads();
+    if (t == 0) {
+        uint64_t run = seen;
+        for (unsigned u = 0; u < GPU_SCAN_THREADS; u++) {
+            uint64_t v = part[u];
+            part[u] = run;
+            run += v;
+        }
+        *total = run - seen;
+    }
+    __syncthreads();
+    uint64_t run = part[t];
+    for (uint64_t k = lo; k < hi; k++) {
+        start[k] = run;
+        run += cnt[k];
+    }
 }
 
 /* Tests: a sticky error on demand (gpu_backend_fail_next_for_tests): __trap

@@ -47,7 +47,6 @@
 #define GM_SEG_SUB 16u                          /* sub-tiles per segment */
 #define GM_SEG (GM_THREADS * GM_SEG_SUB)        /* elements per eq_pos segment */
 #define GM_MAX_GRID 65536u                      /* grid-stride kernels: at most this many blocks */
-#define GM_SCAN_THREADS 1024u
 #define GM_L1_THREADS 64u
 #define GM_DELLA_WIN_ELEMS ((uint64_t)1 << 22)  /* della sort window: whole rows, about this many elements */
 #define GM_DELLA_BITS 4u
@@ -359,32 +358,14 @@ __device__ __forceinline__ bool gm_keep(const gm_args &a, unsigned i, uint64_t j
     for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
          j += (uint64_t)gridDim.x * blockDim.x)
 
-/* hist[bin] += 1 for every lane with `valid`, one atomic per distinct bin
- * in the warp (hot bins would otherwise serialise on their counter). Every
- * lane of the warp must call it. Integer counts: exact in any order. */
-__device__ __forceinline__ void gm_warp_count(unsigned long long *hist, uint32_t bin, bool valid)
-{
-    unsigned peers = __match_any_sync(0xffffffffu, valid ? bin : 0xffffffffu);
-    unsigned lane = threadIdx.x & 31u;
-    if (valid && lane == (unsigned)(__ffs((int)peers) - 1))
-        atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
-}
-
-/* Grid-stride loop over whole warps: every lane of a warp runs the same
- * iterations (j may be past n: then it is not valid), so warp collectives
- * are safe inside. */
-#define GM_FOR_WARP_ELEMS(j, n)                                                                            \
-    for (uint64_t base_ = (uint64_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31u), j = base_ + (threadIdx.x & 31u); \
-         base_ < (n); base_ += (uint64_t)gridDim.x * blockDim.x, j = base_ + (threadIdx.x & 31u))
-
 /* HIST_HI: hist[key >> 16]++ for model i. */
 __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigned long long *hist)
 {
-    GM_FOR_WARP_ELEMS(j, a.n)
+    GPU_FOR_WARP_ELEMS(j, a.n)
     {
         bool valid = j < a.n;
         uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
-        gm_warp_count(hist, key >> 16, valid);
+        gpu_warp_count(hist, key >> 16, valid);
     }
 }
 
@@ -393,12 +374,12 @@ __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigne
 __global__ void k_hist_lo(const __grid_constant__ gm_args a, unsigned i, uint32_t bin0, uint32_t bin1,
                           unsigned long long *h0, unsigned long long *h1)
 {
-    GM_FOR_WARP_ELEMS(j, a.n)
+    GPU_FOR_WARP_ELEMS(j, a.n)
     {
         bool valid = j < a.n;
         uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
-        gm_warp_count(h0, key & 0xffffu, valid && h0 && (key >> 16) == bin0);
-        gm_warp_count(h1, key & 0xffffu, valid && h1 && (key >> 16) == bin1);
+        gpu_warp_count(h0, key & 0xffffu, valid && h0 && (key >> 16) == bin0);
+        gpu_warp_count(h1, key & 0xffffu, valid && h1 && (key >> 16) == bin1);
     }
 }
 
@@ -421,38 +402,6 @@ __global__ void k_eq_count(const __grid_constant__ gm_args a, unsigned i, uint64
             cnt0[seg] = c0;
         if (cnt1)
             cnt1[seg] = c1;
-    }
-}
-
-/* Exclusive scan of cnt[0..n_seg) in segment order, starting at `seen`:
- * start[s] = seen + sum_{s' < s} cnt[s']; *total = sum of all (one block). */
-__global__ void k_eq_scan(const uint64_t *cnt, uint64_t n_seg, uint64_t seen, uint64_t *start,
-                          unsigned long long *total)
-{
-    __shared__ uint64_t part[GM_SCAN_THREADS];
-    unsigned t = threadIdx.x;
-    uint64_t per = (n_seg + GM_SCAN_THREADS - 1) / GM_SCAN_THREADS;
-    uint64_t lo = (uint64_t)t * per < n_seg ? (uint64_t)t * per : n_seg;
-    uint64_t hi = lo + per < n_seg ? lo + per : n_seg;
-    uint64_t s = 0;
-    for (uint64_t k = lo; k < hi; k++)
-        s += cnt[k];
-    part[t] = s;
-    __syncthreads();
-    if (t == 0) {
-        uint64_t run = seen;
-        for (unsigned u = 0; u < GM_SCAN_THREADS; u++) {
-            uint64_t v = part[u];
-            part[u] = run;
-            run += v;
-        }
-        *total = run - seen;
-    }
-    __syncthreads();
-    uint64_t run = part[t];
-    for (uint64_t k = lo; k < hi; k++) {
-        start[k] = run;
-        run += cnt[k];
     }
 }
 
@@ -742,7 +691,7 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
                 if (!cnt[bd])
                     continue;
                 unsigned long long *tot = (unsigned long long *)(work + L->tot_off) + 2 * i + bd;
-                k_eq_scan<<<1, GM_SCAN_THREADS, 0, s>>>(cnt[bd], L->n_seg, st->model[i].bound[bd].eq_seen,
+                gpu_eq_scan<<<1, GPU_SCAN_THREADS, 0, s>>>(cnt[bd], L->n_seg, st->model[i].bound[bd].eq_seen,
                                                         (uint64_t *)(work + L->start_off[i][bd]), tot);
                 GM_CHECK(cudaSuccess, "tie scan kernel");
             }

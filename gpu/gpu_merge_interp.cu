@@ -1,5 +1,7 @@
 /* The CUDA kernels of the interpolation and model-soup methods and
- * gpu_interp_run_pass (see gpu_merge_interp.h). The semantics are
+ * gpu_interp_run_pass (see gpu_merge_interp.h); sce's and arcee_fusion's
+ * kernels are in gpu_merge_interp_keys.cu, their memory, copies and folds
+ * here. The semantics are
  * pipeline/merge_passes_interp.h's, every per-element operation is
  * pipeline/merge_math_interp.h's or merge_math.h's, and every fp64 sum adds
  * the CPU's terms in the CPU's order, so the bytes and the statistics equal
@@ -15,7 +17,14 @@
  *
  * Device memory of a call: one pool request, laid out as: results (copied
  * back) | state arrays (uploaded) | inputs in their dtypes | output |
- * device-only scratch.
+ * device-only scratch. sce and arcee_fusion's results: KEY_HI's histogram
+ * of key >> 16, zero count and (arcee_fusion) the rows' KL; KEY_LO's
+ * per-rank histograms; SUMSQ's per-block sums; the chunk's count of tied
+ * keys (split selections). Uploaded: the chunk rows' KL (KEY_LO, APPLY of
+ * arcee_fusion). Scratch: sce's keep flags and per-segment tie counts.
+ * Integer results are added into the state (hist_hi, n_zero, hist_lo of
+ * the ranks owning one, eq_seen) as the CPU's workers_reduce does; row_kl
+ * is stored for the chunk's rows.
  *
  * Exactness, kernel by kernel:
  *   k_gram_blocks  GRAM: one thread per (65,536-element block, pair a <= b)
@@ -37,6 +46,7 @@
  *   k_count        ramplus_tl: integer counts, any order.
  *   k_apply        one thread per element: the same fp32 operations as
  *                  cpu_merge_interp.c's tiles, then ms_merge_store_*.
+ *   sce, arcee_fusion  see gpu_merge_interp_keys.cu.
  * Products of two fp32 values are exact in fp64, so no contraction question
  * arises in the sums; nvcc gets --fmad=false and no fast-math flag. */
 #include "gpu/gpu_internal.h"
@@ -70,6 +80,10 @@ typedef struct gi_need {
     unsigned q;                   /* sums per block / row segment / column piece */
     ms_interp_apply apply;        /* APPLY */
     bool line_cols;               /* LINE_GRAM / LINE_MIX: per column */
+    bool fusion;                  /* arcee_fusion: KEY_HI writes the rows' KL, KEY_LO / APPLY read it */
+    unsigned n_ranks;             /* KEY_LO: order statistics searched (sce: 0 or 1, arcee_fusion: 3) */
+    bool mask;                    /* SUMSQ / APPLY of sce with a TOP selection: keep flags */
+    bool split;                   /* ... with a split tie: exact tie positions */
 } gi_need;
 
 /* nuslerp's vectors, as merge_passes_interp.c's plan_nuslerp_mode decides:
@@ -103,8 +117,10 @@ static bool gi_method_needs_base(const ms_tensor_params *p)
     case MS_METHOD_SLERP:
     case MS_METHOD_MODEL_STOCK:
     case MS_METHOD_NEARSWAP:
+    case MS_METHOD_SCE:
     case MS_METHOD_RAM:
     case MS_METHOD_RAMPLUS_TL:
+    case MS_METHOD_ARCEE_FUSION:
         return true;
     default:
         return p->has_base;
@@ -129,6 +145,18 @@ static void gi_need_worst(const ms_tensor_params *p, ms_merge_pass_kind kind, gi
     }
     if (p->method == MS_METHOD_MODEL_STOCK && p->filter_wise)
         nd->apply = MS_INTERP_APPLY_STOCK_ROWS;
+    if (p->method == MS_METHOD_SCE) { /* any selection KEY_HI can decide on */
+        nd->apply = MS_INTERP_APPLY_SCE;
+        if (kind == MS_MERGE_PASS_SUMSQ)
+            nd->q = p->n_models;
+        nd->n_ranks = p->select_topk < 1.0 ? 1 : 0;
+        nd->mask = nd->split = p->select_topk < 1.0;
+    }
+    if (p->method == MS_METHOD_ARCEE_FUSION) {
+        nd->apply = MS_INTERP_APPLY_FUSION;
+        nd->fusion = true;
+        nd->n_ranks = MS_INTERP_MAX_RANKS;
+    }
 }
 
 /* The need of pass kind `kind` with the state as it is now. */
@@ -140,7 +168,9 @@ static void gi_need_from_state(const ms_tensor_params *p, const ms_interp_state 
     nd->apply = is->apply;
     nd->line_cols = is->line_cols;
     nd->q = kind == MS_MERGE_PASS_LINE_GRAM ? 3u : is->n_sums;
-    bool vecs = false, used_only = false, base = false;
+    bool sce = p->method == MS_METHOD_SCE;
+    nd->fusion = p->method == MS_METHOD_ARCEE_FUSION;
+    bool vecs = false, used_only = false, base = false, sel_inputs = false;
     switch (kind) {
     case MS_MERGE_PASS_GRAM:
     case MS_MERGE_PASS_LINE_GRAM:
@@ -150,6 +180,17 @@ static void gi_need_from_state(const ms_tensor_params *p, const ms_interp_state 
     case MS_MERGE_PASS_COUNT:
         for (unsigned i = 0; i <= p->n_models; i++)
             nd->slot[i] = true;
+        break;
+    case MS_MERGE_PASS_KEY_HI:
+        sel_inputs = true;
+        break;
+    case MS_MERGE_PASS_KEY_LO:
+        nd->n_ranks = is->n_ranks;
+        sel_inputs = is->n_ranks > 0; /* sce keeping all or none searches nothing */
+        break;
+    case MS_MERGE_PASS_SUMSQ:
+        GPU_ASSERT(sce);
+        sel_inputs = true;
         break;
     case MS_MERGE_PASS_APPLY:
         switch (is->apply) {
@@ -167,6 +208,10 @@ static void gi_need_from_state(const ms_tensor_params *p, const ms_interp_state 
         case MS_INTERP_APPLY_NEARSWAP:
             nd->slot[0] = nd->slot[1] = true;
             break;
+        case MS_INTERP_APPLY_SCE:
+        case MS_INTERP_APPLY_FUSION:
+            sel_inputs = true;
+            break;
         default: /* STOCK, STOCK_ROWS, RAM */
             for (unsigned i = 0; i <= p->n_models; i++)
                 nd->slot[i] = true;
@@ -182,6 +227,13 @@ static void gi_need_from_state(const ms_tensor_params *p, const ms_interp_state 
                 nd->slot[is->vec_slot[k]] = true;
     if (base)
         nd->slot[0] = true;
+    if (sel_inputs) /* sce: the base and every model; arcee_fusion: the base and its model */
+        for (unsigned i = 0; i <= (nd->fusion ? 1u : p->n_models); i++)
+            nd->slot[i] = true;
+    if (sce && (kind == MS_MERGE_PASS_SUMSQ || kind == MS_MERGE_PASS_APPLY)) {
+        nd->mask = is->sel == MS_INTERP_SEL_TOP;
+        nd->split = nd->mask && is->sel_split;
+    }
 }
 
 /* ================================================================ layout */
@@ -200,6 +252,14 @@ typedef struct gi_layout {
     uint64_t out_off, out_bytes;
     uint64_t rowsum_off; /* STOCK_ROWS: [n_rows][segs_row][q] segment sums */
     uint64_t ab_off;     /* STOCK_ROWS: [n_rows][2] a, b */
+    /* sce and arcee_fusion (gi_sel_call) */
+    uint64_t hist_off, zero_off;              /* KEY_HI results: [MS_INTERP_HI_BINS], [1] */
+    uint64_t kl_off;                          /* KEY_HI results (arcee_fusion): [n_rows] row KL */
+    uint64_t lo_off[MS_INTERP_MAX_RANKS];     /* KEY_LO results: [MS_MERGE_LO_BINS] per rank */
+    uint64_t eqtot_off;                       /* SUMSQ / APPLY results (split): [1] ties in the chunk */
+    uint64_t klin_off, klin_bytes;            /* KEY_LO / APPLY (arcee_fusion): the rows' KL, uploaded */
+    uint64_t n_seg;                           /* sce's mask: GI_SEG segments */
+    uint64_t mask_off, cnt_off, start_off;    /* scratch: [n] flags, [n_seg] counts and starts */
     uint64_t total;
 } gi_layout;
 
@@ -252,10 +312,27 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
         }
     }
     L->segs_row = (cols + B - 1) / B;
+    L->hist_off = L->zero_off = L->kl_off = L->eqtot_off = L->klin_off = GI_NONE;
+    L->mask_off = L->cnt_off = L->start_off = GI_NONE;
+    for (unsigned r = 0; r < MS_INTERP_MAX_RANKS; r++)
+        L->lo_off[r] = GI_NONE;
+    bool sel_pass = nd->kind == MS_MERGE_PASS_SUMSQ || nd->kind == MS_MERGE_PASS_APPLY;
     gi_acc acc = {0, true};
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
+    case MS_MERGE_PASS_SUMSQ:
         gi_take(&acc, L->n_blocks, nd->q, sizeof(double));
+        break;
+    case MS_MERGE_PASS_KEY_HI:
+        L->hist_off = gi_take(&acc, MS_INTERP_HI_BINS, 1, sizeof(uint64_t));
+        L->zero_off = gi_take(&acc, 1, 1, sizeof(uint64_t));
+        if (nd->fusion)
+            L->kl_off = gi_take(&acc, n_rows, 1, sizeof(double));
+        break;
+    case MS_MERGE_PASS_KEY_LO:
+        GPU_ASSERT(nd->n_ranks <= MS_INTERP_MAX_RANKS);
+        for (unsigned r = 0; r < nd->n_ranks; r++)
+            L->lo_off[r] = gi_take(&acc, MS_MERGE_LO_BINS, 1, sizeof(uint64_t));
         break;
     case MS_MERGE_PASS_LINE_GRAM:
         if (nd->line_cols)
@@ -269,6 +346,8 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
     default:
         break;
     }
+    if (sel_pass && nd->mask && nd->split)
+        L->eqtot_off = gi_take(&acc, 1, 1, sizeof(uint64_t));
     L->res_bytes = acc.off;
     L->open_off = L->coef_off = L->out_off = L->rowsum_off = L->ab_off = GI_NONE;
     if (nd->kind == MS_MERGE_PASS_LINE_GRAM && nd->line_cols) {
@@ -276,6 +355,10 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
         L->open_off = gi_take(&acc, cols, 3, sizeof(double));
     }
     bool apply = nd->kind == MS_MERGE_PASS_APPLY;
+    if (nd->fusion && (nd->kind == MS_MERGE_PASS_KEY_LO || apply)) {
+        L->klin_bytes = n_rows * sizeof(double); /* n_rows <= n: no overflow */
+        L->klin_off = gi_take(&acc, n_rows, 1, sizeof(double));
+    }
     if (apply && nd->apply == MS_INTERP_APPLY_LINE_MIX) {
         uint64_t lines = nd->line_cols ? cols : n_rows;
         L->coef_bytes = lines * 2 * sizeof(float);
@@ -298,6 +381,14 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
             return false;
         L->rowsum_off = gi_take(&acc, segs, nd->q, sizeof(double));
         L->ab_off = gi_take(&acc, n_rows, 2, sizeof(float));
+    }
+    if (sel_pass && nd->mask) {
+        L->n_seg = (n + GI_SEG - 1) / GI_SEG;
+        L->mask_off = gi_take(&acc, n, 1, 1);
+        if (nd->split) {
+            L->cnt_off = gi_take(&acc, L->n_seg, 1, sizeof(uint64_t));
+            L->start_off = gi_take(&acc, L->n_seg, 1, sizeof(uint64_t));
+        }
     }
     L->total = acc.off;
     return acc.ok;
@@ -379,12 +470,8 @@ __global__ void k_gram_blocks(const __grid_constant__ gi_args a, uint64_t n_bloc
         return;
     uint64_t k = t / a.q;
     unsigned s = (unsigned)(t % a.q);
-    uint64_t end = a.elem0 + a.n;
-    uint64_t lo = (a.elem0 / MS_MERGE_BLOCK + k) * MS_MERGE_BLOCK, hi = lo + MS_MERGE_BLOCK;
-    if (lo < a.elem0)
-        lo = a.elem0;
-    if (hi > end)
-        hi = end;
+    uint64_t lo, hi;
+    gpu_block_range(a.elem0, a.n, k, &lo, &hi);
     double acc = k == 0 ? a.open[s] : 0.0;
     for (uint64_t e = lo; e < hi; e++)
         acc = gi_gram_add(a, s, e - a.elem0, acc);
@@ -576,6 +663,21 @@ static unsigned gi_sum_grid(uint64_t items)
     return (unsigned)(blocks ? blocks : 1);
 }
 
+/* The inputs' and output's device addresses and dtypes (NULL where the
+ * layout holds none), for both kernel argument structs. */
+static void gi_fill_io(const ms_tensor_params *p, const gi_layout *L, unsigned char *dev, const void **in, int *dtype,
+                       void **out, int *out_dtype)
+{
+    for (unsigned i = 0; i <= p->n_models; i++) {
+        dtype[i] = p->in_dtype[i];
+        in[i] = L->in_off[i] != GI_NONE ? dev + L->in_off[i] : NULL;
+    }
+    if (L->out_off != GI_NONE) {
+        *out = dev + L->out_off;
+        *out_dtype = p->out_dtype;
+    }
+}
+
 static void gi_args_fill(gi_args *a, const ms_tensor_params *p, const ms_interp_state *is, const gi_need *nd,
                          const gi_layout *L, const ms_chunk *c, unsigned char *dev)
 {
@@ -586,14 +688,7 @@ static void gi_args_fill(gi_args *a, const ms_tensor_params *p, const ms_interp_
     a->n_rows = c->n_rows;
     a->cols = p->cols;
     a->n_models = p->n_models;
-    for (unsigned i = 0; i <= p->n_models; i++) {
-        a->dtype[i] = p->in_dtype[i];
-        a->in[i] = L->in_off[i] != GI_NONE ? dev + L->in_off[i] : NULL;
-    }
-    if (L->out_off != GI_NONE) {
-        a->out = dev + L->out_off;
-        a->out_dtype = p->out_dtype;
-    }
+    gi_fill_io(p, L, dev, a->in, a->dtype, &a->out, &a->out_dtype);
     a->n_vecs = is->n_vecs;
     for (unsigned k = 0; k < is->n_vecs; k++) {
         a->vec_slot[k] = (uint8_t)is->vec_slot[k];
@@ -635,6 +730,56 @@ static void gi_args_fill(gi_args *a, const ms_tensor_params *p, const ms_interp_
     }
 }
 
+/* The call of the sce / arcee_fusion kernels (gpu_merge_interp_keys.cu). */
+static void gi_sel_fill(gi_sel_call *a, const ms_tensor_params *p, const ms_interp_state *is, const gi_need *nd,
+                        const gi_layout *L, const ms_chunk *c, unsigned char *dev)
+{
+    memset(a, 0, sizeof *a);
+    a->kind = nd->kind;
+    a->fusion = nd->fusion;
+    a->elem0 = c->elem0;
+    a->n = L->n;
+    a->n_rows = c->n_rows;
+    a->cols = p->cols;
+    a->n_models = p->n_models;
+    gi_fill_io(p, L, dev, a->in, a->dtype, &a->out, &a->out_dtype);
+    if (L->hist_off != GI_NONE) {
+        a->hist_hi = (unsigned long long *)(dev + L->hist_off);
+        a->n_zero = (unsigned long long *)(dev + L->zero_off);
+    }
+    if (nd->kind == MS_MERGE_PASS_KEY_LO) {
+        a->n_ranks = nd->n_ranks;
+        for (unsigned r = 0; r < nd->n_ranks; r++) {
+            a->bin[r] = is->rank[r].bin;
+            a->hist_lo[r] = is->rank[r].owns_lo ? (unsigned long long *)(dev + L->lo_off[r]) : NULL;
+        }
+    }
+    a->sel = is->sel;
+    a->sel_key = is->sel_key;
+    a->sel_take = is->sel_take;
+    a->split = nd->split;
+    a->eq_seen = is->eq_seen;
+    a->n_seg = L->n_seg;
+    a->mask = L->mask_off != GI_NONE ? dev + L->mask_off : NULL;
+    a->seg_cnt = L->cnt_off != GI_NONE ? (uint64_t *)(dev + L->cnt_off) : NULL;
+    a->seg_start = L->start_off != GI_NONE ? (uint64_t *)(dev + L->start_off) : NULL;
+    a->eq_total = L->eqtot_off != GI_NONE ? (unsigned long long *)(dev + L->eqtot_off) : NULL;
+    a->n_blocks = L->n_blocks;
+    if (nd->kind == MS_MERGE_PASS_SUMSQ) {
+        GPU_ASSERT(is->n_sums == p->n_models);
+        for (unsigned i = 0; i < p->n_models; i++)
+            a->open[i] = is->open[i];
+        a->blk = (double *)dev; /* the results' start */
+    }
+    for (unsigned i = 1; i <= p->n_models; i++)
+        a->w[i - 1] = is->w[i];
+    if (L->kl_off != GI_NONE)
+        a->row_kl = (double *)(dev + L->kl_off);
+    else if (L->klin_off != GI_NONE)
+        a->row_kl = (double *)(dev + L->klin_off);
+    a->threshold = is->threshold;
+}
+
 /* A launch or an enqueued operation failed: classify rc (not cudaSuccess). */
 #define GI_CHECK(expr, what)                                                                               \
     do {                                                                                                   \
@@ -674,6 +819,9 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
         GI_CHECK(cudaMemcpyAsync(dev + L->coef_off, coef, L->coef_bytes, cudaMemcpyHostToDevice, in),
                  "copying line coefficients to the GPU");
     }
+    if (L->klin_off != GI_NONE)
+        GI_CHECK(cudaMemcpyAsync(dev + L->klin_off, is->row_kl + c->row0, L->klin_bytes, cudaMemcpyHostToDevice, in),
+                 "copying row divergences to the GPU");
     GI_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
 
     if (gi_take_poison(b)) {
@@ -682,6 +830,9 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     }
     gi_args a;
     gi_args_fill(&a, p, is, nd, L, c, dev);
+    gi_sel_call sc; /* filled for every method: cheap, and never read uninitialised */
+    gi_sel_fill(&sc, p, is, nd, L, c, dev);
+    bool sel = p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION;
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
         k_gram_blocks<<<gi_sum_grid(L->n_blocks * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->n_blocks, (double *)dev);
@@ -702,7 +853,23 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
         k_count<<<gpu_grid(L->n, GI_THREADS, GI_MAX_GRID), GI_THREADS, 0, comp>>>(a, (unsigned long long *)dev);
         GI_CHECK(cudaSuccess, "COUNT kernel");
         break;
+    case MS_MERGE_PASS_KEY_HI:
+    case MS_MERGE_PASS_KEY_LO:
+        GPU_ASSERT(sel);
+        if (L->res_bytes)
+            GI_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU histograms");
+        GI_CHECK(gi_sel_enqueue(&sc, comp), "selection histogram kernels");
+        break;
+    case MS_MERGE_PASS_SUMSQ:
+        GPU_ASSERT(sel);
+        GI_CHECK(gi_sel_enqueue(&sc, comp), "sce sum of squares kernels");
+        break;
     case MS_MERGE_PASS_APPLY:
+        if (nd->apply == MS_INTERP_APPLY_SCE || nd->apply == MS_INTERP_APPLY_FUSION) {
+            GPU_ASSERT(sel);
+            GI_CHECK(gi_sel_enqueue(&sc, comp), "merge kernels");
+            break;
+        }
         if (nd->apply == MS_INTERP_APPLY_STOCK_ROWS) {
             double *seg = (double *)(dev + L->rowsum_off);
             k_gram_rows<<<gi_sum_grid(c->n_rows * L->segs_row * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
@@ -736,9 +903,29 @@ static void gi_fold(const gpu_lane *l, const ms_tensor_params *p, ms_merge_state
 {
     ms_interp_state *is = st->interp;
     const double *res = (const double *)l->host_tmp;
+    const unsigned char *raw = (const unsigned char *)l->host_tmp;
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
+    case MS_MERGE_PASS_SUMSQ:
         ms_interp_fold(is->sum, is->open, is->n_sums, c->elem0, c->n_elems, res);
+        break;
+    case MS_MERGE_PASS_KEY_HI: { /* integer counts: the CPU's workers_reduce */
+        const uint64_t *h = (const uint64_t *)(raw + L->hist_off);
+        for (uint32_t k = 0; k < MS_INTERP_HI_BINS; k++)
+            is->hist_hi[k] += h[k];
+        is->n_zero += *(const uint64_t *)(raw + L->zero_off);
+        if (L->kl_off != GI_NONE)
+            memcpy(is->row_kl + c->row0, raw + L->kl_off, c->n_rows * sizeof(double));
+        break;
+    }
+    case MS_MERGE_PASS_KEY_LO:
+        for (unsigned r = 0; r < nd->n_ranks; r++) {
+            if (!is->rank[r].owns_lo)
+                continue;
+            const uint64_t *h = (const uint64_t *)(raw + L->lo_off[r]);
+            for (uint32_t k = 0; k < MS_MERGE_LO_BINS; k++)
+                is->rank[r].hist_lo[k] += h[k];
+        }
         break;
     case MS_MERGE_PASS_LINE_GRAM:
         if (nd->line_cols) {
@@ -766,6 +953,8 @@ static void gi_fold(const gpu_lane *l, const ms_tensor_params *p, ms_merge_state
     default:
         break;
     }
+    if (L->eqtot_off != GI_NONE) /* sce's split tie: the equal keys of this chunk */
+        is->eq_seen += *(const uint64_t *)(raw + L->eqtot_off);
     st->next_elem = c->elem0 + c->n_elems;
 }
 
@@ -858,10 +1047,18 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
     return status;
 }
 
+bool gpu_interp_unverified_enabled(void)
+{
+    const char *v = getenv("MERGESTREAM_GPU_UNVERIFIED");
+    return v && strcmp(v, "1") == 0;
+}
+
 bool gpu_interp_supports(const ms_tensor_params *p)
 {
-    /* every interpolation method but sce and arcee_fusion (their KEY passes) */
-    if (!ms_merge_interp_method(p->method) || p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION)
+    if (!ms_merge_interp_method(p->method)) /* every interpolation method */
+        return false;
+    bool unverified = p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION;
+    if (unverified && !gpu_interp_unverified_enabled())
         return false;
     if (p->n_models < 1 || p->n_models > MS_MAX_MODELS || !gi_dtype_ok(p->out_dtype))
         return false;

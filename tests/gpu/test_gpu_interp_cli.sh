@@ -1,12 +1,18 @@
-# The interpolation and model-soup methods the GPU computes
-# (gpu/gpu_merge_interp.cu: slerp, nuslerp in its three modes, multislerp,
-# karcher, model_stock with and without filter_wise, nearswap, ram,
-# ramplus_tl) through the real binary: --device cuda gives the bytes of
-# --device cpu, with tensors really placed on the GPU, for the whole tensors
-# and under a --max-memory small enough that the large tensors are cut into
-# row chunks (every statistics pass over several chunks). Exit 77 where no
-# GPU is usable.
+# Every interpolation and model-soup method, all computed on the GPU
+# (gpu/gpu_merge_interp.cu and gpu_merge_interp_keys.cu: slerp, nuslerp in
+# its three modes, multislerp, karcher, model_stock with and without
+# filter_wise, nearswap, sce with select_topk below 1 (KEY_HI, KEY_LO,
+# SUMSQ), ram, ramplus_tl, arcee_fusion (per-row KL, quartile threshold))
+# through the real binary: --device cuda gives the bytes of --device cpu,
+# with tensors really placed on the GPU, for the whole tensors and under a
+# --max-memory small enough that the large tensors are cut into row chunks
+# (every statistics pass over several chunks, sce's tie positions and
+# histograms carried between them). The recipes are
+# tests/e2e/interp_recipes.bash's. Exit 77 where no GPU is usable.
 source "$(dirname "$0")/../e2e/lib.bash"
+# sce's and arcee_fusion's kernels go to the GPU only with this until a
+# device run has verified them (gpu/gpu_merge_interp.h)
+export MERGESTREAM_GPU_UNVERIFIED=1
 
 M="$WORK/models"
 "$MS_GEN" base "$M/base" --preset small --dtype bf16 --seed 51
@@ -22,7 +28,8 @@ fi
 
 source "$(dirname "$0")/../e2e/interp_recipes.bash"
 
-ALL="slerp nuslerp nuslerp_rows nuslerp_cols multislerp karcher model_stock model_stock_fw nearswap ram ramplus_tl"
+ALL="slerp nuslerp nuslerp_rows nuslerp_cols multislerp karcher model_stock model_stock_fw nearswap sce ram ramplus_tl
+  arcee_fusion"
 for m in $ALL; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"

@@ -1,14 +1,17 @@
 /* The CUDA kernels of the interpolation and model-soup methods
  * (gpu/gpu_merge_interp.cu) against the CPU's (cpu/cpu_merge_interp.c),
  * byte for byte: slerp, nuslerp (flatten, rows, columns), multislerp,
- * karcher, model_stock (whole tensor and filter_wise), nearswap, ram,
- * ramplus_tl.
+ * karcher, model_stock (whole tensor and filter_wise), nearswap, sce
+ * (select_topk 1 and below 1: all, none, or the top k with ties split
+ * across chunks), ram, ramplus_tl, arcee_fusion.
  *
  * Each case runs every pass on the CPU and on the GPU side by side over the
  * same chunks (the whole tensor; random chunk heights that differ per pass;
  * fixed heights) and compares the merge states after every chunk (Gram sums
  * and open blocks, per-line sums and open column blocks, coefficients,
- * counts, next_elem) and the output of every APPLY chunk; then once more
+ * counts, the KEY passes' histograms, zero count, ranks and thresholds,
+ * sce's selection, tie count and weights, arcee_fusion's per-row KL,
+ * next_elem) and the output of every APPLY chunk; then once more
  * with each chunk given to the GPU or the CPU at random (what the fallback
  * does). Shapes: 1-D, rows longer than a 65,536-element block (so blocks
  * and per-row segments cross), more than 65,536 rows (column blocks cross
@@ -110,12 +113,14 @@ typedef enum variant {
     V_NEARSWAP,
     V_RAM,
     V_RAMPLUS,
+    V_SCE,
+    V_FUSION,
     V_COUNT
 } variant;
 
 static const char *const k_variant[V_COUNT] = {
     "slerp",       "nuslerp (flatten)", "nuslerp (rows)", "nuslerp (columns)",       "multislerp", "karcher",
-    "model_stock", "model_stock (filter_wise)", "nearswap", "ram", "ramplus_tl",
+    "model_stock", "model_stock (filter_wise)", "nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion",
 };
 
 typedef enum flavour { FL_PLAIN, FL_NEAR, FL_ZERO, FL_QUANT, FL_SPECIALS, FL_COUNT } flavour;
@@ -152,7 +157,8 @@ static ms_method variant_method(variant v)
     static const ms_method m[V_COUNT] = {
         MS_METHOD_SLERP,      MS_METHOD_NUSLERP, MS_METHOD_NUSLERP,     MS_METHOD_NUSLERP,
         MS_METHOD_MULTISLERP, MS_METHOD_KARCHER, MS_METHOD_MODEL_STOCK, MS_METHOD_MODEL_STOCK,
-        MS_METHOD_NEARSWAP,   MS_METHOD_RAM,     MS_METHOD_RAMPLUS_TL,
+        MS_METHOD_NEARSWAP,   MS_METHOD_RAM,     MS_METHOD_RAMPLUS_TL,  MS_METHOD_SCE,
+        MS_METHOD_ARCEE_FUSION,
     };
     return m[v];
 }
@@ -214,11 +220,20 @@ static void pick_params(ms_tensor_params *p, variant v, bool big)
         p->ram_r = rng_below(2) ? 0.1 : 2.0 * rng_unit();
         p->ram_alpha = rng_below(2) ? 0.2 : rng_unit();
         break;
+    case V_SCE: /* most tests then set select_topk themselves */
+        p->select_topk = rng_below(4) == 0 ? 1.0 : rng_below(3) == 0 ? 1e-4 : 0.02 + 0.96 * rng_unit();
+        break;
+    case V_FUSION:
+        p->n_models = 1;
+        break;
     default:
         fprintf(stderr, "test_gpu_merge_interp: unknown variant %d\n", (int)v);
         abort();
     }
 }
+
+/* The model count case_make gives sce (test_sce_ties), 0: drawn. */
+static unsigned g_sce_models;
 
 /* A random case of variant v, rows x cols, with inputs of flavour fl. */
 static void case_make(gcase *gc, variant v, uint64_t rows, uint64_t cols, flavour fl)
@@ -231,6 +246,8 @@ static void case_make(gcase *gc, variant v, uint64_t rows, uint64_t cols, flavou
     p->cols = cols;
     p->numel = rows * cols;
     pick_params(p, v, p->numel > 100000);
+    if (v == V_SCE && g_sce_models)
+        p->n_models = g_sce_models;
     p->out_dtype = k_dtypes[rng_below(3)];
     for (unsigned i = 0; i <= p->n_models; i++) {
         p->in_dtype[i] = k_dtypes[rng_below(3)];
@@ -288,11 +305,11 @@ static void case_describe(const gcase *gc, char *buf, size_t len)
     int o = snprintf(buf, len,
                      "%s rows=%" PRIu64 " cols=%" PRIu64 " n=%u base=%s(%s) out=%s inputs=%s t=%.9g "
                      "filter_wise=%d flatten=%d row_wise=%d normw=%d eps=%g max_iter=%u tol=%g r=%g alpha=%g "
-                     "seed=%" PRIu64 ":",
+                     "select_topk=%.17g seed=%" PRIu64 ":",
                      k_variant[gc->v], p->rows, p->cols, p->n_models, p->has_base ? "yes" : "no",
                      dtype_name(p->in_dtype[0]), dtype_name(p->out_dtype), k_flavour[gc->fl], p->t, p->filter_wise,
                      p->nuslerp_flatten, p->nuslerp_row_wise, p->normalize_weights, p->eps, p->max_iter, p->tol,
-                     p->ram_r, p->ram_alpha, g_seed);
+                     p->ram_r, p->ram_alpha, p->select_topk, g_seed);
     for (unsigned i = 1; i <= p->n_models && o > 0 && (size_t)o < len; i++)
         o += snprintf(buf + o, len - (size_t)o, " [w=%.9g eps=%g in=%s]", (double)p->weight[i], p->epsilon[i],
                       dtype_name(p->in_dtype[i]));
@@ -345,6 +362,12 @@ static const char *pass_name(ms_merge_pass_kind k)
         return "LINE_GRAM";
     case MS_MERGE_PASS_COUNT:
         return "COUNT";
+    case MS_MERGE_PASS_KEY_HI:
+        return "KEY_HI";
+    case MS_MERGE_PASS_KEY_LO:
+        return "KEY_LO";
+    case MS_MERGE_PASS_SUMSQ:
+        return "SUMSQ";
     case MS_MERGE_PASS_APPLY:
         return "APPLY";
     default:
@@ -393,6 +416,48 @@ static bool same_float(float a, float b)
         }                                                                                                  \
     } while (0)
 
+/* The KEY passes' and sce's / arcee_fusion's part of state_diff. */
+static bool sel_state_diff(const ms_interp_state *a, const ms_interp_state *b, const ms_tensor_params *p, char *why,
+                           size_t len)
+{
+    DIFF_U(a->n_ranks, b->n_ranks, "n_ranks");
+    DIFF_U(a->n_zero, b->n_zero, "n_zero (keys equal to 0)");
+    DIFF_U(a->sel, b->sel, "sel");
+    DIFF_U(a->k, b->k, "k (elements kept)");
+    DIFF_U(a->sel_key, b->sel_key, "sel_key");
+    DIFF_U(a->sel_take, b->sel_take, "sel_take");
+    DIFF_U(a->sel_split, b->sel_split, "sel_split");
+    DIFF_U(a->eq_seen, b->eq_seen, "eq_seen (tied keys seen)");
+    DIFF_D(a->threshold, b->threshold, "threshold");
+    if ((a->hist_hi == NULL) != (b->hist_hi == NULL) || (a->row_kl == NULL) != (b->row_kl == NULL)) {
+        snprintf(why, len, "arrays: hist_hi %s, row_kl %s", a->hist_hi ? "present" : "absent",
+                 a->row_kl ? "present" : "absent");
+        return true;
+    }
+    if (a->hist_hi) {
+        if (memcmp(a->hist_hi, b->hist_hi, MS_INTERP_HI_BINS * sizeof(uint64_t)) != 0)
+            for (uint32_t k = 0; k < MS_INTERP_HI_BINS; k++)
+                DIFF_U(a->hist_hi[k], b->hist_hi[k], "hist_hi[0x%04" PRIx32 "]", k);
+        for (unsigned r = 0; r < MS_INTERP_MAX_RANKS; r++) {
+            const ms_interp_rank *x = &a->rank[r], *y = &b->rank[r];
+            DIFF_U(x->rank, y->rank, "rank[%u].rank", r);
+            DIFF_U(x->bin, y->bin, "rank[%u].bin", r);
+            DIFF_U(x->n_below_bin, y->n_below_bin, "rank[%u].n_below_bin", r);
+            DIFF_U(x->owns_lo, y->owns_lo, "rank[%u].owns_lo", r);
+            DIFF_U(x->key, y->key, "rank[%u].key", r);
+            DIFF_U(x->n_less, y->n_less, "rank[%u].n_less", r);
+            DIFF_U(x->n_eq, y->n_eq, "rank[%u].n_eq", r);
+            if (x->hist_lo && y->hist_lo && memcmp(x->hist_lo, y->hist_lo, MS_MERGE_LO_BINS * sizeof(uint64_t)) != 0)
+                for (uint32_t k = 0; k < MS_MERGE_LO_BINS; k++)
+                    DIFF_U(x->hist_lo[k], y->hist_lo[k], "rank[%u].hist_lo[0x%04" PRIx32 "]", r, k);
+        }
+    }
+    if (a->row_kl)
+        for (uint64_t r = 0; r < p->rows; r++)
+            DIFF_D(a->row_kl[r], b->row_kl[r], "row_kl[row %" PRIu64 "]", r);
+    return false;
+}
+
 /* First difference between the interp parts of two states (want: the
  * CPU's) into why; false when they agree. */
 static bool state_diff(const ms_merge_state *want, const ms_merge_state *got, const ms_tensor_params *p, char *why,
@@ -433,8 +498,10 @@ static bool state_diff(const ms_merge_state *want, const ms_merge_state *got, co
         DIFF_U(a->unique[i], b->unique[i], "unique[%u]", i);
         if (!same_float(a->lambda[i], b->lambda[i]))
             DIFF_D(a->lambda[i], b->lambda[i], "lambda[%u]", i);
+        if (!same_float(a->w[i], b->w[i]))
+            DIFF_D(a->w[i], b->w[i], "w[%u] (sce)", i);
     }
-    return false;
+    return sel_state_diff(a, b, p, why, len);
 }
 
 /* First differing element of two ranges of n elements (numbered from
@@ -640,6 +707,10 @@ static void check_variant(variant v)
     for (unsigned k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
         gcase gc;
         case_make(&gc, v, shapes[k][0], shapes[k][1], (flavour)(k % FL_COUNT));
+        if (v == V_SCE) { /* every selection on shapes of every flavour: all, top k (ties), none */
+            static const double topk[4] = {1.0, -1.0, 0.5, 1e-4};
+            gc.p.select_topk = topk[k % 4] > 0 ? topk[k % 4] : 0.02 + 0.96 * rng_unit();
+        }
         check_case(&gc, k);
         case_free(&gc);
     }
@@ -662,6 +733,91 @@ VARIANT_TEST(test_model_stock_filter_wise, V_STOCK_ROWS)
 VARIANT_TEST(test_nearswap, V_NEARSWAP)
 VARIANT_TEST(test_ram, V_RAM)
 VARIANT_TEST(test_ramplus_tl, V_RAMPLUS)
+VARIANT_TEST(test_sce, V_SCE)
+VARIANT_TEST(test_arcee_fusion, V_FUSION)
+
+/* The sce selection of gc as the CPU decides it (sel, sel_split). */
+static void sce_selection(const gcase *gc, ms_interp_sel *sel, bool *split)
+{
+    const ms_tensor_params *p = &gc->p;
+    size_t osz = ref_dtype_size(p->out_dtype);
+    unsigned char *out = malloc(p->numel * osz + 8);
+    assert_non_null(out);
+    ms_merge_state *st = NULL;
+    assert_int_equal(ms_merge_state_open(p, &st), 0);
+    *sel = st->interp->sel;
+    *split = false;
+    for (unsigned pass = 0; pass + 1 < st->n_passes; pass++) { /* up to the APPLY */
+        ms_chunk c = case_chunk(gc, 0, p->rows, out);
+        assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, g_pool), 0);
+        ms_merge_pass_finish(st, p, pass);
+        *sel = st->interp->sel;
+        *split |= st->interp->sel_split;
+    }
+    ms_merge_state_close(st);
+    free(out);
+}
+
+/* sce's exact ties: quantised task vectors give few distinct variances, so
+ * the k-th largest is shared by many elements and only the first `take` of
+ * them by flat index are kept: the tie positions carried across chunks
+ * (random heights, single rows) must be the CPU's. Also a model whose task
+ * vector is zero, and one model alone (variance 0 everywhere: nothing
+ * kept). Each case must really select what its comment says, or the test
+ * would prove nothing. */
+static void test_sce_ties(void **state)
+{
+    (void)state;
+    static const struct {
+        uint64_t rows, cols;
+        unsigned n_models;
+        flavour fl;
+        bool zero_model;   /* model 1 is the base itself: its task vector is exactly zero */
+        double topk;
+        ms_interp_sel want_sel;
+        bool want_split;
+    } cases[] = {
+        {37, 129, 3, FL_QUANT, false, 0.37, MS_INTERP_SEL_TOP, true},
+        {200, 33, 5, FL_QUANT, false, 0.5, MS_INTERP_SEL_TOP, true},
+        {3, 70001, 2, FL_QUANT, false, 0.11, MS_INTERP_SEL_TOP, true}, /* ties across blocks and chunks */
+        {70001, 3, 4, FL_QUANT, false, 0.73, MS_INTERP_SEL_TOP, true},
+        {64, 300, 3, FL_PLAIN, true, 0.25, MS_INTERP_SEL_TOP, false},
+        {64, 300, 3, FL_PLAIN, true, 1.0, MS_INTERP_SEL_ALL, false},
+        {40, 500, 1, FL_PLAIN, false, 0.5, MS_INTERP_SEL_NONE, false},  /* one model: every variance is 0 */
+        {40, 500, 1, FL_PLAIN, true, 1.0, MS_INTERP_SEL_ALL, false},    /* one zero task vector: w = 1 */
+        {50, 100, 4, FL_PLAIN, false, 1e-5, MS_INTERP_SEL_NONE, false}, /* k = floor(0.05) = 0 */
+        {50, 100, 8, FL_PLAIN, false, 0.999, MS_INTERP_SEL_TOP, false},
+    };
+    for (unsigned k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        gcase gc;
+        g_sce_models = cases[k].n_models;
+        case_make(&gc, V_SCE, cases[k].rows, cases[k].cols, cases[k].fl);
+        g_sce_models = 0;
+        if (cases[k].zero_model) { /* the base's bytes in the base's dtype: X_1 - B is exactly 0 */
+            size_t bytes = gc.p.numel * ref_dtype_size(gc.p.in_dtype[0]);
+            free(gc.in[1]);
+            gc.in[1] = xmalloc(bytes + 4);
+            memcpy(gc.in[1], gc.in[0], bytes);
+            gc.p.in_dtype[1] = gc.p.in_dtype[0];
+        }
+        gc.p.select_topk = cases[k].topk;
+        ms_interp_sel sel;
+        bool split;
+        sce_selection(&gc, &sel, &split);
+        for (unsigned t = 0; t < 20 && cases[k].want_split && !split; t++) { /* k fell on a boundary */
+            gc.p.select_topk = cases[k].topk + 0.0113 * (t + 1);
+            sce_selection(&gc, &sel, &split);
+        }
+        if (sel != cases[k].want_sel || (cases[k].want_split && !split)) {
+            char what[256];
+            snprintf(what, sizeof what, "the case selects %d (split %d), not %d (split %d): it tests the wrong thing",
+                     (int)sel, (int)split, (int)cases[k].want_sel, (int)cases[k].want_split);
+            fail_case(&gc, "sce ties", what);
+        }
+        check_case(&gc, k);
+        case_free(&gc);
+    }
+}
 
 /* Millions of elements: many blocks per chunk, many row segments. */
 static void test_large(void **state)
@@ -673,11 +829,14 @@ static void test_large(void **state)
     } cases[] = {
         {V_SLERP, 1100, 4096},        {V_MULTISLERP, 600, 8192}, {V_KARCHER, 1000, 3000},
         {V_STOCK_ROWS, 40, 200000},   {V_NUSLERP_COLS, 300000, 8}, {V_NUSLERP_ROWS, 20, 300000},
-        {V_RAMPLUS, 1000, 3000},
+        {V_RAMPLUS, 1000, 3000},      {V_SCE, 1000, 3000},       {V_SCE, 3, 1500000},
+        {V_FUSION, 600, 8192},        {V_FUSION, 8, 200000},
     };
     for (unsigned k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         gcase gc;
         case_make(&gc, cases[k].v, cases[k].rows, cases[k].cols, FL_PLAIN);
+        if (gc.v == V_SCE)
+            gc.p.select_topk = 0.3;
         check_lockstep(g_gpu, &gc, 0, "large, whole tensor", NULL);
         check_lockstep(g_gpu, &gc, CHUNK_RANDOM, "large, random chunks", NULL);
         case_free(&gc);
@@ -702,9 +861,11 @@ static void test_supports(void **state)
             q.in_dtype[i] = ST_BF16;
         q.out_dtype = ST_F16;
         q.t = 0.5;
+        q.select_topk = 0.5;
         bool want = m == MS_METHOD_SLERP || m == MS_METHOD_NUSLERP || m == MS_METHOD_MULTISLERP ||
                     m == MS_METHOD_KARCHER || m == MS_METHOD_MODEL_STOCK || m == MS_METHOD_NEARSWAP ||
-                    m == MS_METHOD_RAM || m == MS_METHOD_RAMPLUS_TL;
+                    m == MS_METHOD_SCE || m == MS_METHOD_RAM || m == MS_METHOD_RAMPLUS_TL ||
+                    m == MS_METHOD_ARCEE_FUSION;
         if (gpu_interp_supports(&q) != want)
             fail_msg("gpu_interp_supports(method %d) is %d, expected %d", m, !want, want);
         if (!want && gpu_interp_chunk_bytes(&q, 1) != UINT64_MAX)
@@ -728,6 +889,8 @@ static void test_chunk_bytes_bound(void **state)
         gcase gc;
         bool tall = v == V_NUSLERP_COLS;
         case_make(&gc, (variant)v, tall ? 70001 : 64, tall ? 3 : 3000, FL_PLAIN);
+        if (gc.v == V_SCE) /* every pass: keys, sums, ties */
+            gc.p.select_topk = 0.3;
         const ms_tensor_params *p = &gc.p;
         size_t osz = ref_dtype_size(p->out_dtype);
         unsigned char *want = malloc(p->numel * osz), *got = malloc(p->numel * osz);
@@ -778,32 +941,27 @@ static void test_chunk_bytes_bound(void **state)
 
 /* ====================================================== failure contract */
 
-/* A deep copy of a state's interp part, to prove a failed call left it alone. */
+/* A deep copy of a state's interp part, to prove a failed call left it
+ * alone: the struct and every array it owns (line sums and coefficients,
+ * histograms, row KL: one block, is->mem). */
 typedef struct snap {
     uint64_t next_elem;
     ms_interp_state is;
-    double *line_sum, *line_open;
-    float *line_coef;
+    void *mem;
+    size_t mem_bytes;
 } snap;
 
-static void *dup_bytes(const void *p, size_t n)
-{
-    if (!p || n == 0)
-        return NULL;
-    void *q = malloc(n);
-    if (q)
-        memcpy(q, p, n);
-    return q;
-}
-
-static void snap_take(const ms_merge_state *st, snap *s)
+static void snap_take(const ms_tensor_params *p, const ms_merge_state *st, snap *s)
 {
     const ms_interp_state *is = st->interp;
     s->next_elem = st->next_elem;
     memcpy(&s->is, is, sizeof *is); /* bytes, padding included: snap_same compares bytes */
-    s->line_sum = dup_bytes(is->line_sum, is->n_lines * 3 * sizeof(double));
-    s->line_open = dup_bytes(is->line_open, is->line_cols ? is->n_lines * 3 * sizeof(double) : 0);
-    s->line_coef = dup_bytes(is->line_coef, is->n_lines * 2 * sizeof(float));
+    s->mem_bytes = (size_t)(ms_merge_interp_state_bytes(p) - sizeof(ms_interp_state));
+    s->mem = NULL;
+    if (is->mem && s->mem_bytes) {
+        s->mem = xmalloc(s->mem_bytes);
+        memcpy(s->mem, is->mem, s->mem_bytes);
+    }
 }
 
 /* True when st is byte for byte what s recorded. */
@@ -812,18 +970,12 @@ static bool snap_same(const snap *s, const ms_merge_state *st)
     const ms_interp_state *is = st->interp;
     if (s->next_elem != st->next_elem || memcmp(&s->is, is, sizeof *is) != 0)
         return false;
-    if (s->line_sum && memcmp(s->line_sum, is->line_sum, is->n_lines * 3 * sizeof(double)) != 0)
-        return false;
-    if (s->line_open && memcmp(s->line_open, is->line_open, is->n_lines * 3 * sizeof(double)) != 0)
-        return false;
-    return !s->line_coef || memcmp(s->line_coef, is->line_coef, is->n_lines * 2 * sizeof(float)) == 0;
+    return !s->mem || memcmp(s->mem, is->mem, s->mem_bytes) == 0;
 }
 
 static void snap_free(snap *s)
 {
-    free(s->line_sum);
-    free(s->line_open);
-    free(s->line_coef);
+    free(s->mem);
 }
 
 /* "needs X MiB, Y MiB free" */
@@ -853,7 +1005,7 @@ static long run_with_fallback(gpu_backend *gb, const gcase *gc, uint64_t height,
             uint64_t nr = p->rows - r < height ? p->rows - r : height;
             ms_chunk c = case_chunk(gc, r, nr, out);
             snap s;
-            snap_take(st, &s);
+            snap_take(p, st, &s);
             gpu_status gs = gpu_merge_run_pass(gb, p, st, pass, &c, msg, sizeof msg);
             bool same = snap_same(&s, st);
             snap_free(&s);
@@ -887,10 +1039,12 @@ static void test_tiny_limit(void **state)
     char msg[256], why[512];
     gpu_backend *b = NULL;
     assert_int_equal(gpu_backend_open(0, 1u << 20, &b, msg, sizeof msg), 0);
-    static const variant vs[] = {V_SLERP, V_NUSLERP_COLS, V_STOCK_ROWS, V_RAMPLUS};
+    static const variant vs[] = {V_SLERP, V_NUSLERP_COLS, V_STOCK_ROWS, V_RAMPLUS, V_SCE, V_FUSION};
     for (unsigned k = 0; k < sizeof vs / sizeof vs[0]; k++) {
         gcase gc;
         case_make(&gc, vs[k], 1024, 1024, FL_PLAIN);
+        if (gc.v == V_SCE)
+            gc.p.select_topk = 0.3;
         for (unsigned i = 0; i <= gc.p.n_models; i++) { /* 4 MiB per input: over the cap */
             if (!gc.in[i] || gc.p.in_dtype[i] == ST_F32)
                 continue;
@@ -920,8 +1074,8 @@ static void test_tiny_limit(void **state)
     gpu_backend_close(b);
 }
 
-/* The fault walk's scenario: four methods that together use every pass kind
- * and every kernel, each in chunks of three row counts. Runs in a child
+/* The fault walk's scenario: methods that together use every pass kind and
+ * every kernel, each in chunks of about a third of its rows. Runs in a child
  * whose MERGESTREAM_FAULT fails some device allocations. */
 static int child_walk(void)
 {
@@ -936,12 +1090,15 @@ static int child_walk(void)
     } sc[] = {
         {V_SLERP, 40, 3000, 15},      {V_NUSLERP_COLS, 70001, 2, 30000}, {V_NUSLERP_ROWS, 30, 500, 11},
         {V_STOCK_ROWS, 12, 900, 5},   {V_RAMPLUS, 30, 2000, 13},         {V_KARCHER, 25, 777, 9},
+        {V_SCE, 30, 3000, 11},        {V_FUSION, 20, 1500, 7},
     };
     for (unsigned k = 0; k < sizeof sc / sizeof sc[0]; k++) {
         gcase gc;
         case_make(&gc, sc[k].v, sc[k].rows, sc[k].cols, FL_PLAIN);
         if (gc.v == V_SLERP && (gc.p.t == 0.0 || gc.p.t == 1.0))
             gc.p.t = 0.25; /* keep the GRAM pass */
+        if (gc.v == V_SCE)
+            gc.p.select_topk = 0.3; /* keep the KEY passes */
         size_t osz = ref_dtype_size(gc.p.out_dtype);
         unsigned char *want = malloc(gc.p.numel * osz), *got = malloc(gc.p.numel * osz);
         if (!want || !got)
@@ -1044,6 +1201,9 @@ static void test_fault_walk(void **state)
 
 int main(void)
 {
+    /* sce's and arcee_fusion's kernels are placed on the GPU only with this
+     * until a device run has verified them (gpu_merge_interp.h) */
+    setenv("MERGESTREAM_GPU_UNVERIFIED", "1", 1);
     const char *seed_env = getenv("MS_TEST_SEED");
     g_seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
     g_rng = g_seed;
@@ -1081,6 +1241,9 @@ int main(void)
         cmocka_unit_test(test_nearswap),
         cmocka_unit_test(test_ram),
         cmocka_unit_test(test_ramplus_tl),
+        cmocka_unit_test(test_sce),
+        cmocka_unit_test(test_sce_ties),
+        cmocka_unit_test(test_arcee_fusion),
         cmocka_unit_test(test_large),
         cmocka_unit_test(test_chunk_bytes_bound),
         cmocka_unit_test(test_tiny_limit),
