@@ -48,7 +48,10 @@
  *                  cpu_merge_interp.c's tiles, then ms_merge_store_*.
  *   sce, arcee_fusion  see gpu_merge_interp_keys.cu.
  * Products of two fp32 values are exact in fp64, so no contraction question
- * arises in the sums; nvcc gets --fmad=false and no fast-math flag. */
+ * arises in the sums, and a thread may compute the products of its next
+ * GI_RUN elements ahead of adding them (gi_gram_run: the loads overlap the
+ * chain of additions, which stays in index order); nvcc gets --fmad=false
+ * and no fast-math flag. */
 #include "gpu/gpu_internal.h"
 
 #include <inttypes.h>
@@ -447,13 +450,43 @@ __device__ __forceinline__ float gi_vec_base(const gi_args &a, uint64_t j)
     return a.vec_delta ? gi_slot(a, 0, j) : 0.0f;
 }
 
-/* acc + v_pa[j] * v_pb[j] in fp64 (the CPU's gram_tile_* operation). */
-__device__ __forceinline__ double gi_gram_add(const gi_args &a, unsigned s, uint64_t j, double acc)
+/* v_pa[j] * v_pb[j] in fp64: the product of two fp32 values is exact. */
+__device__ __forceinline__ double gi_gram_prod(const gi_args &a, unsigned s, uint64_t j)
 {
     float b = gi_vec_base(a, j);
     double x = (double)gi_vec(a, a.pair_a[s], j, b);
     double y = a.pair_a[s] == a.pair_b[s] ? x : (double)gi_vec(a, a.pair_b[s], j, b);
-    return acc + x * y;
+    return x * y;
+}
+
+/* acc + v_pa[j] * v_pb[j] in fp64 (the CPU's gram_tile_* operation). */
+__device__ __forceinline__ double gi_gram_add(const gi_args &a, unsigned s, uint64_t j, double acc)
+{
+    return acc + gi_gram_prod(a, s, j);
+}
+
+#define GI_RUN 8u /* elements whose loads are issued before their additions */
+
+/* acc plus the terms of chunk elements [j0, j1) added one by one in index
+ * order, as the CPU adds them. The products of GI_RUN elements are computed
+ * (their loads all in flight) before the run's additions: a thread's loads
+ * no longer wait on its chain of dependent fp64 additions, and since every
+ * product is exact the sum has the same bits. */
+__device__ __forceinline__ double gi_gram_run(const gi_args &a, unsigned s, uint64_t j0, uint64_t j1, double acc)
+{
+    uint64_t j = j0;
+    for (; j + GI_RUN <= j1; j += GI_RUN) {
+        double prod[GI_RUN];
+#pragma unroll
+        for (unsigned u = 0; u < GI_RUN; u++)
+            prod[u] = gi_gram_prod(a, s, j + u);
+#pragma unroll
+        for (unsigned u = 0; u < GI_RUN; u++)
+            acc = acc + prod[u];
+    }
+    for (; j < j1; j++)
+        acc = gi_gram_add(a, s, j, acc);
+    return acc;
 }
 
 #define GI_FOR_ELEMS(j, n)                                                                                 \
@@ -472,10 +505,7 @@ __global__ void k_gram_blocks(const __grid_constant__ gi_args a, uint64_t n_bloc
     unsigned s = (unsigned)(t % a.q);
     uint64_t lo, hi;
     gpu_block_range(a.elem0, a.n, k, &lo, &hi);
-    double acc = k == 0 ? a.open[s] : 0.0;
-    for (uint64_t e = lo; e < hi; e++)
-        acc = gi_gram_add(a, s, e - a.elem0, acc);
-    blk[t] = acc;
+    blk[t] = gi_gram_run(a, s, lo - a.elem0, hi - a.elem0, k == 0 ? a.open[s] : 0.0);
 }
 
 /* Per-row sums: thread t = (lr * segs_row + g) * q + s sums pair s over
@@ -489,10 +519,7 @@ __global__ void k_gram_rows(const __grid_constant__ gi_args a, uint64_t segs_row
     unsigned s = (unsigned)(t % a.q);
     uint64_t g = (t / a.q) % segs_row, lr = (t / a.q) / segs_row;
     uint64_t c0 = g * MS_MERGE_BLOCK, c1 = c0 + MS_MERGE_BLOCK < a.cols ? c0 + MS_MERGE_BLOCK : a.cols;
-    double acc = 0.0;
-    for (uint64_t col = c0; col < c1; col++)
-        acc = gi_gram_add(a, s, lr * a.cols + col, acc);
-    out[t] = acc;
+    out[t] = gi_gram_run(a, s, lr * a.cols + c0, lr * a.cols + c1, 0.0);
 }
 
 /* LINE_GRAM columns: thread t = col * 3 + s walks the chunk's rows in order

@@ -173,6 +173,16 @@ static __global__ void k_sce_mask(const __grid_constant__ gi_sel_call a)
 
 /* ================================================================== sums */
 
+#define GK_RUN 8u /* elements whose loads are issued before their additions */
+
+/* tau_i^2 of chunk element j in fp64 (exact: the square of an fp32 value). */
+__device__ __forceinline__ double gk_tau_sq(const gi_sel_call &a, unsigned i, uint64_t j)
+{
+    float d = ms_merge_delta(gk_slot(a, i, j), gk_slot(a, 0, j));
+    float tau = d * (gk_sce_keep(a, j) ? 1.0f : 0.0f);
+    return (double)tau * (double)tau;
+}
+
 /* SUMSQ: thread t = k * n_models + (i - 1) sums tau_i^2 over the chunk's part
  * of its k-th block, in index order; block 0 continues open[i - 1]. */
 static __global__ void k_sce_sumsq(const __grid_constant__ gi_sel_call a)
@@ -185,12 +195,18 @@ static __global__ void k_sce_sumsq(const __grid_constant__ gi_sel_call a)
     uint64_t lo, hi;
     gpu_block_range(a.elem0, a.n, k, &lo, &hi);
     double acc = k == 0 ? a.open[i - 1] : 0.0;
-    for (uint64_t e = lo; e < hi; e++) {
-        uint64_t j = e - a.elem0;
-        float d = ms_merge_delta(gk_slot(a, i, j), gk_slot(a, 0, j));
-        float tau = d * (gk_sce_keep(a, j) ? 1.0f : 0.0f);
-        acc = acc + (double)tau * (double)tau;
+    uint64_t j = lo - a.elem0, j1 = hi - a.elem0;
+    for (; j + GK_RUN <= j1; j += GK_RUN) { /* the run's loads in flight before its additions */
+        double sq[GK_RUN];
+#pragma unroll
+        for (unsigned u = 0; u < GK_RUN; u++)
+            sq[u] = gk_tau_sq(a, i, j + u);
+#pragma unroll
+        for (unsigned u = 0; u < GK_RUN; u++)
+            acc = acc + sq[u];
     }
+    for (; j < j1; j++)
+        acc = acc + gk_tau_sq(a, i, j);
     a.blk[t] = acc;
 }
 
