@@ -136,22 +136,6 @@ typedef struct gcase {
 
 static const st_dtype k_dtypes[3] = {ST_F32, ST_F16, ST_BF16};
 
-static const char *dtype_name(st_dtype dt)
-{
-    return dt == ST_F32 ? "F32" : dt == ST_F16 ? "F16" : dt == ST_BF16 ? "BF16" : "?";
-}
-
-static void store_value(void *buf, st_dtype dt, uint64_t e, float v)
-{
-    unsigned char *b = buf;
-    if (dt == ST_F32) {
-        memcpy(b + 4 * e, &v, 4);
-    } else {
-        uint16_t h = dt == ST_F16 ? ref_float_to_half(v) : ref_float_to_bf16(v);
-        memcpy(b + 2 * e, &h, 2);
-    }
-}
-
 static ms_method variant_method(variant v)
 {
     static const ms_method m[V_COUNT] = {
@@ -275,13 +259,13 @@ static void case_make(gcase *gc, variant v, uint64_t rows, uint64_t cols, flavou
                 x = x + (float)ldexp((double)((int64_t)(rng_next() % 9) - 4), -8);
             else
                 x = x + (float)(scale * rng_gauss());
-            store_value(gc->in[i], p->in_dtype[i], e, x);
+            ref_store_input(gc->in[i], p->in_dtype[i], e, x);
         }
         if (fl == FL_SPECIALS) {
             static const uint32_t bits[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u,
                                             0xffa5a5a5u, 0x7f800000u, 0xff800000u};
             for (unsigned k = 0; k < 1 + n / 3000; k++)
-                store_value(gc->in[i], p->in_dtype[i], rng_next() % n, ref_float(bits[rng_below(6)]));
+                ref_store_input(gc->in[i], p->in_dtype[i], rng_next() % n, ref_float(bits[rng_below(6)]));
         }
     }
     free(base);
@@ -307,12 +291,12 @@ static void case_describe(const gcase *gc, char *buf, size_t len)
                      "filter_wise=%d flatten=%d row_wise=%d normw=%d eps=%g max_iter=%u tol=%g r=%g alpha=%g "
                      "select_topk=%.17g seed=%" PRIu64 ":",
                      k_variant[gc->v], p->rows, p->cols, p->n_models, p->has_base ? "yes" : "no",
-                     dtype_name(p->in_dtype[0]), dtype_name(p->out_dtype), k_flavour[gc->fl], p->t, p->filter_wise,
+                     ref_dtype_name(p->in_dtype[0]), ref_dtype_name(p->out_dtype), k_flavour[gc->fl], p->t, p->filter_wise,
                      p->nuslerp_flatten, p->nuslerp_row_wise, p->normalize_weights, p->eps, p->max_iter, p->tol,
                      p->ram_r, p->ram_alpha, p->select_topk, g_seed);
     for (unsigned i = 1; i <= p->n_models && o > 0 && (size_t)o < len; i++)
         o += snprintf(buf + o, len - (size_t)o, " [w=%.9g eps=%g in=%s]", (double)p->weight[i], p->epsilon[i],
-                      dtype_name(p->in_dtype[i]));
+                      ref_dtype_name(p->in_dtype[i]));
 }
 
 _Noreturn static void fail_case(const gcase *gc, const char *label, const char *what)
@@ -526,7 +510,7 @@ static bool output_diff(const void *want, const void *got, st_dtype dt, uint64_t
     snprintf(why, len,
              "output element %" PRIu64 " (%s) is 0x%0*" PRIx32 " (%.9g), the CPU wrote 0x%0*" PRIx32
              " (%.9g) (%" PRIu64 " of %" PRIu64 " elements differ)",
-             first + e, dtype_name(dt), (int)(2 * osz), g, (double)ref_load(got, dt, e), (int)(2 * osz), w,
+             first + e, ref_dtype_name(dt), (int)(2 * osz), g, (double)ref_load(got, dt, e), (int)(2 * osz), w,
              (double)ref_load(want, dt, e), count, n);
     return true;
 }

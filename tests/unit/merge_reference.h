@@ -145,6 +145,24 @@ static inline void ref_store(void *buf, st_dtype dt, uint64_t i, float v)
     memcpy(b + 2 * i, &h, 2);
 }
 
+/* A test input's value: rounded to dt as it is, NaN payloads kept (the
+ * cases' special values must reach the kernels unchanged). */
+static inline void ref_store_input(void *buf, st_dtype dt, uint64_t i, float v)
+{
+    unsigned char *b = buf;
+    if (dt == ST_F32) {
+        memcpy(b + 4 * i, &v, 4);
+    } else {
+        uint16_t h = dt == ST_F16 ? ref_float_to_half(v) : ref_float_to_bf16(v);
+        memcpy(b + 2 * i, &h, 2);
+    }
+}
+
+static inline const char *ref_dtype_name(st_dtype dt)
+{
+    return dt == ST_F32 ? "F32" : dt == ST_F16 ? "F16" : dt == ST_BF16 ? "BF16" : "?";
+}
+
 static inline size_t ref_dtype_size(st_dtype dt)
 {
     return dt == ST_F32 ? 4 : 2;

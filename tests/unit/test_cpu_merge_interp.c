@@ -68,17 +68,6 @@ typedef struct tcase {
 
 static const st_dtype k_dtypes[3] = {ST_F32, ST_F16, ST_BF16};
 
-static void store_value(void *buf, st_dtype dt, uint64_t e, float v)
-{
-    unsigned char *b = buf;
-    if (dt == ST_F32) {
-        memcpy(b + 4 * e, &v, 4);
-    } else {
-        uint16_t h = dt == ST_F16 ? ref_float_to_half(v) : ref_float_to_bf16(v);
-        memcpy(b + 2 * e, &h, 2);
-    }
-}
-
 static float special_value(void)
 {
     static const uint32_t bits[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xffa5a5a5u, 0x7f800000u, 0xff800000u};
@@ -218,11 +207,11 @@ static void case_make(tcase *tc, ms_method m, uint64_t rows, uint64_t cols, flav
             } else {
                 v = v + (float)(scale * rng_gauss());
             }
-            store_value(tc->in[i], p->in_dtype[i], e, v);
+            ref_store_input(tc->in[i], p->in_dtype[i], e, v);
         }
         if (fl == FL_SPECIALS)
             for (unsigned k = 0; k < 1 + n / 3000; k++)
-                store_value(tc->in[i], p->in_dtype[i], rng_next() % n, special_value());
+                ref_store_input(tc->in[i], p->in_dtype[i], rng_next() % n, special_value());
     }
     free(base);
     if (!p->has_base) { /* nuslerp, multislerp, karcher without one: slot 0 is never read */
