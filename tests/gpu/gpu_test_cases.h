@@ -19,34 +19,19 @@
 #include "pipeline/merge_passes.h"
 
 #include "../unit/merge_cases.h"
+#include "../unit/test_chunks.h"
 
 /* The chunk of rows [row0, row0 + n_rows) with output into out (the whole
  * tensor's output buffer). */
 static inline ms_chunk case_chunk(const tcase *tc, uint64_t row0, uint64_t n_rows, void *out)
 {
-    const ms_tensor_params *p = &tc->p;
-    ms_chunk c;
-    memset(&c, 0, sizeof c);
-    c.row0 = row0;
-    c.n_rows = n_rows;
-    c.elem0 = row0 * p->cols;
-    c.n_elems = n_rows * p->cols;
-    for (unsigned i = 0; i <= p->n_models; i++)
-        c.in[i] = tc->in[i] ? (const unsigned char *)tc->in[i] + c.elem0 * ref_dtype_size(p->in_dtype[i]) : NULL;
-    c.out = (unsigned char *)out + c.elem0 * ref_dtype_size(p->out_dtype);
-    return c;
+    return test_chunk(&tc->p, tc->in, out, row0, n_rows);
 }
 
-/* Rows of the next chunk starting at row r: everything left, or a random
- * count (often small, so chunks start and end inside 65,536-element blocks
- * and eq_pos segments). */
+/* Rows of the next chunk starting at row r (test_chunk_rows). */
 static inline uint64_t pick_rows(const tcase *tc, uint64_t r, bool chunked)
 {
-    uint64_t left = tc->p.rows - r;
-    if (!chunked || left <= 1)
-        return left;
-    uint64_t cap = rng_next() % 2 ? left : 1 + tc->p.rows / 4;
-    return 1 + rng_next() % (cap < left ? cap : left);
+    return test_chunk_rows(tc->p.rows, r, chunked);
 }
 
 static inline const char *pass_kind_name(ms_merge_pass_kind k)

@@ -75,6 +75,7 @@ extern char **environ;
 #define CHILD_ENV "MS_GPU_INTERP_CHILD"
 enum { CHILD_OK = 0, CHILD_FAIL = 1, CHILD_NO_GPU = 3, CHILD_OK_FALLBACK = 10 };
 
+#include "../unit/test_chunks.h"
 #include "../unit/test_rng.h"
 
 static uint64_t g_seed;
@@ -309,17 +310,7 @@ _Noreturn static void fail_case(const gcase *gc, const char *label, const char *
 
 static ms_chunk case_chunk(const gcase *gc, uint64_t row0, uint64_t n_rows, void *out)
 {
-    const ms_tensor_params *p = &gc->p;
-    ms_chunk c;
-    memset(&c, 0, sizeof c);
-    c.row0 = row0;
-    c.n_rows = n_rows;
-    c.elem0 = row0 * p->cols;
-    c.n_elems = n_rows * p->cols;
-    for (unsigned i = 0; i <= p->n_models; i++)
-        c.in[i] = gc->in[i] ? (const unsigned char *)gc->in[i] + c.elem0 * ref_dtype_size(p->in_dtype[i]) : NULL;
-    c.out = (unsigned char *)out + c.elem0 * ref_dtype_size(p->out_dtype);
-    return c;
+    return test_chunk(&gc->p, gc->in, out, row0, n_rows);
 }
 
 /* Chunk heights: 0 = the whole tensor, UINT64_MAX = random (often small, so
@@ -329,12 +320,9 @@ static ms_chunk case_chunk(const gcase *gc, uint64_t row0, uint64_t n_rows, void
 static uint64_t pick_rows(const gcase *gc, uint64_t r, uint64_t height)
 {
     uint64_t left = gc->p.rows - r;
-    if (height == 0 || left <= 1)
-        return left;
-    if (height != CHUNK_RANDOM)
+    if (height != CHUNK_RANDOM && height != 0)
         return height < left ? height : left;
-    uint64_t cap = rng_next() % 2 ? left : 1 + gc->p.rows / 4;
-    return 1 + rng_next() % (cap < left ? cap : left);
+    return test_chunk_rows(gc->p.rows, r, height == CHUNK_RANDOM);
 }
 
 static const char *pass_name(ms_merge_pass_kind k)

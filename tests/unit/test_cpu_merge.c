@@ -31,6 +31,7 @@
 #include "cpu/cpu_merge.h"
 #include "pipeline/merge_passes.h"
 #include "merge_cases.h"
+#include "test_chunks.h"
 #include "test_pools.h"
 
 /* ============================================================== running */
@@ -45,20 +46,11 @@ static void run_cpu(const tcase *tc, void *out, cpu_pool *pool, bool chunked, do
     assert_int_equal(ms_merge_state_open(p, &st), 0);
     unsigned passes = ms_merge_pass_count(p);
     assert_int_equal(passes, st->n_passes);
-    size_t osz = ref_dtype_size(p->out_dtype);
     for (unsigned pass = 0; pass < passes; pass++) {
         uint64_t r = 0;
         do {
-            uint64_t nr = p->rows - r;
-            if (chunked && nr > 1) {
-                uint64_t cap = rng_next() % 2 ? nr : 1 + p->rows / 4;
-                nr = 1 + rng_next() % (cap < nr ? cap : nr);
-            }
-            ms_chunk c = {.row0 = r, .n_rows = nr, .elem0 = r * p->cols, .n_elems = nr * p->cols};
-            for (unsigned i = 0; i <= p->n_models; i++)
-                c.in[i] = tc->in[i] ? (const unsigned char *)tc->in[i] + c.elem0 * ref_dtype_size(p->in_dtype[i])
-                                    : NULL;
-            c.out = (unsigned char *)out + c.elem0 * osz;
+            uint64_t nr = test_chunk_rows(p->rows, r, chunked);
+            ms_chunk c = test_chunk(p, tc->in, out, r, nr);
             assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, pool), 0);
             r += nr;
         } while (r < p->rows);

@@ -27,8 +27,8 @@
 #include "pipeline/merge_math_hessian.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/merge_passes_hessian.h"
+#include "test_chunks.h"
 #include "test_pools.h"
-
 #include "test_rng.h"
 
 /* A random Hessian (2/N) sum x x^T over N > n random rows with column
@@ -244,9 +244,7 @@ static void run_cpu(const hcase *tc, unsigned drop, void *out, cpu_pool *pool, b
     for (unsigned pass = 0; pass < passes; pass++) {
         uint64_t r = 0;
         do {
-            uint64_t nr = p->rows - r;
-            if (chunked && nr > 1)
-                nr = 1 + rng_next() % (rng_next() % 2 ? nr : (nr < 1 + p->rows / 4 ? nr : 1 + p->rows / 4));
+            uint64_t nr = test_chunk_rows(p->rows, r, chunked);
             ms_chunk c = {.row0 = r, .n_rows = nr, .elem0 = r * p->cols, .n_elems = nr * p->cols};
             for (unsigned i = 0; i <= p->n_models; i++)
                 c.in[i] = tc->in[i] + c.elem0;
