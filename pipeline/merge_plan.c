@@ -345,8 +345,21 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
         unsigned layer;
         const char *rest;
         if (!layer_name_split(lay->tensors[t].info->name, &layer, &rest)) {
-            /* non-layer tensors: from the base, else the first source (with its scale) */
-            if (plan->base) {
+            /* non-layer tensors: with slices, mergekit's pre-weights (names with
+             * "embed") from the first slice's source and its post-weights (the
+             * final norm, lm_head) from the last one's, with their scale;
+             * without, from the base, else the one model */
+            if (r->has_slices) {
+                const char *tn = lay->tensors[t].info->name;
+                unsigned src = strstr(tn, "embed") ? 1 : plan->n_models;
+                long u = ms_model_find(plan->models[src], tn);
+                if (u < 0)
+                    return ms_error_set(err, MS_EXIT_DATA, plan->recipe->source_path,
+                                        "tensor '%s' is missing from '%s' (%s)", tn, r->models[src - 1].name,
+                                        r->models[src - 1].label);
+                if (plan_passthrough_job(plan, &cap, tn, src, (size_t)u, err) != 0)
+                    return -1;
+            } else if (plan->base) {
                 ms_job *job = plan_push_job(plan, &cap, err);
                 if (!job)
                     return -1;
@@ -457,8 +470,8 @@ static int plan_slice_job(ms_plan *plan, size_t *cap, unsigned s, const char *ou
 }
 
 /* slices with a merge method (recipe.h): the layout model's non-layer
- * tensors in place, merged over the first slice's sources (names with
- * "embed", t = 0) or the last slice's (t = 1); where its first layer tensor
+ * tensors in place, merged at t = 0 over the first slice's sources (names
+ * with "embed") or the last slice's; where its first layer tensor
  * stands, the output layers slice by slice: output layer k of a slice merges
  * layer first_i + k of every source, its tensors in the reference source's
  * on-disk order (the base's, else the first merged source's), renamed
@@ -493,8 +506,9 @@ static int plan_slice_jobs(ms_plan *plan, ms_error *err)
         const char *rest;
         if (!layer_name_split(lt->name, &layer, &rest)) {
             bool pre = strstr(lt->name, "embed") != NULL;
+            /* mergekit reads both at t = 0 (its module-level ConfigReader) */
             if (plan_slice_job(plan, &cap, pre ? 0 : r->n_slices - 1, lt->name, ms_model_tensor_file(lay, t), lt, NULL,
-                               0, pre ? 0.0 : 1.0, err) != 0)
+                               0, 0.0, err) != 0)
                 return -1;
             continue;
         }

@@ -1071,7 +1071,8 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
         const char *base_name = sl->base_name ? sl->base_name : r->base_name;
         const char *base_path = sl->base_path ? sl->base_path : r->base_path;
         const char *base_adapter = sl->base_path ? sl->base_adapter_path : r->base_adapter_path;
-        bool base_used = mi->needs_base || (mi->optional_base && base_path);
+        /* passthrough copies each slice's one source: a base takes no part */
+        bool base_used = r->method != MS_METHOD_PASSTHROUGH && (mi->needs_base || (mi->optional_base && base_path));
         if (mi->needs_base && !base_path)
             return rp_fail(p, sl->line,
                            "slices[%zu] has no base_model: merge_method '%s' needs one (set base_model at the top "
@@ -1210,6 +1211,10 @@ static int rp_root(recipe_parser *p, const yaml_node_t *root)
     if (nodes[KEY_SLICES]) {
         if (rp_slices(p, nodes[KEY_SLICES], lines[KEY_SLICES]) < 0)
             return -1;
+        if (r->method == MS_METHOD_PASSTHROUGH && r->base_path)
+            ms_log_warn("%s:%u: base_model takes no part in a passthrough of slices: as in mergekit, the embeddings "
+                        "come from the first slice's source and the final norm and lm_head from the last one's",
+                        p->path, r->base_line);
     } else {
         if (!nodes[KEY_MODELS] || node_is_null(nodes[KEY_MODELS]))
             return rp_fail(p, lines[KEY_MODELS] ? lines[KEY_MODELS] : node_line(root),

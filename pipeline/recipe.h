@@ -52,11 +52,12 @@
  *     t = 1 when n = 1 (mergekit's plan_slice; t restarts in every slice).
  *     Per-source parameters are looked up with the source's tensor name
  *     (model.layers.{first_i + k}...), global ones with the output name.
- *   - tensors outside the layers are merged over the first slice's sources
- *     with t = 0 when their name contains "embed" (mergekit's pre-weights),
- *     else over the last slice's sources with t = 1 (its post-weights:
- *     final norm, lm_head); passthrough copies them from the base, else the
- *     first slice's source (with its scale).
+ *   - tensors outside the layers are merged at t = 0 (mergekit 0.1.5 reads
+ *     both at t = 0) over the first slice's sources when their name contains
+ *     "embed" (mergekit's pre-weights), else over the last slice's sources
+ *     (its post-weights: final norm, lm_head); passthrough copies them from
+ *     the first or the last slice's source likewise (with its scale), and a
+ *     base_model takes no part (a warning says so).
  *   - DARE's Philox stream is keyed by the output tensor name and the
  *     source's position among the slice's merged sources, so a slice over all
  *     layers reproduces the whole-model merge bit for bit.
@@ -70,7 +71,7 @@
  *     against the source's tensor name at every level, global ones against
  *     the output name; a slice's gradients are read at the slice's t (the
  *     rule above), so for the pre- and post-weights the first and the last
- *     slice's parameters apply at t = 0 and t = 1. A method's required
+ *     slice's parameters apply, at t = 0. A method's required
  *     parameter (t) may be set per slice instead of at the top level (then
  *     in every slice); a weight may come from the slice.
  *   - base_model: the slice's base (mergekit's ConfigReader.base_model):

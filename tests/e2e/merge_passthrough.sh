@@ -1,6 +1,7 @@
 # passthrough frankenmerges: slices of layers from several models stacked and
-# renumbered, checked tensor by tensor against their sources; `scale` with a
-# filter; the slice errors a user meets.
+# renumbered, checked tensor by tensor against their sources (the embeddings
+# from the first slice's source, the final norm and lm_head from the last
+# one's, as mergekit); `scale` with a filter; the slice errors a user meets.
 source "$(dirname "$0")/lib.bash"
 
 M="$WORK/models"
@@ -32,12 +33,21 @@ while read -r name hash; do
       layer=$(echo "$name" | cut -d. -f3); rest=$(echo "$name" | cut -d. -f4-)
       if [ "$layer" -lt 2 ]; then src="$WORK/base.h"; sl=$layer; else src="$WORK/ft.h"; sl=$((layer - 2)); fi
       want=$(awk -v n="model.layers.$sl.$rest" '$1 == n {print $2}' "$src") ;;
-    *) want=$(awk -v n="$name" '$1 == n {print $2}' "$WORK/base.h") ;;   # non-layer tensors: the first source
+    *embed*) want=$(awk -v n="$name" '$1 == n {print $2}' "$WORK/base.h") ;; # the first slice's source
+    *) want=$(awk -v n="$name" '$1 == n {print $2}' "$WORK/ft.h") ;;   # final norm, lm_head: the last slice's
   esac
   [ "$hash" = "$want" ] || fail "$name: $hash, its source has $want"
   n=$((n + 1))
 done < "$WORK/out.h"
 [ "$n" -eq 39 ] || fail "expected 39 tensors, got $n"
+# (mergekit's rule: checked against mergekit 0.1.5 itself, bench/RESULTS.md)
+# a base_model takes no part in a passthrough of slices: a warning, the same bytes
+printf 'base_model: ./models/ft\n' | cat - "$WORK/stack.yml" > "$WORK/stack_base.yml"
+"$MS_BIN" merge "$WORK/stack_base.yml" -o "$WORK/stack_base" --quiet 2> "$WORK/stack_base.err" ||
+  { cat "$WORK/stack_base.err" >&2; fail "passthrough slices with a base_model failed"; }
+grep -q "stack_base.yml:1: base_model takes no part in a passthrough of slices" "$WORK/stack_base.err" ||
+  fail "no warning that base_model takes no part"
+same_bytes "$WORK/stack" "$WORK/stack_base"
 
 # scale with a filter: the scaled tensors change, the others stay copies
 cat > "$WORK/scale.yml" <<EOR
