@@ -1255,14 +1255,12 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
     cJSON *cfg = cJSON_CreateObject();
     if (cfg) {
         double alpha = o->have_alpha ? o->alpha : 2.0 * (double)o->rank;
-        if (o->alpha_pattern) {
-            cJSON *alpha_pattern = cJSON_AddObjectToObject(cfg, "alpha_pattern");
-            for (size_t k = 0; k < N_LINEAR; k++)
-                if (!isnan(alpha_for[k]))
-                    cJSON_AddNumberToObject(alpha_pattern, k_linear_modules[k], alpha_for[k]);
-        } else {
-            cJSON_AddNullToObject(cfg, "alpha_pattern");
-        }
+        /* an empty map without a pattern, as PEFT writes it (PEFT itself
+         * fails on null when it loads the adapter) */
+        cJSON *alpha_pattern = cJSON_AddObjectToObject(cfg, "alpha_pattern");
+        for (size_t k = 0; o->alpha_pattern && k < N_LINEAR; k++)
+            if (!isnan(alpha_for[k]))
+                cJSON_AddNumberToObject(alpha_pattern, k_linear_modules[k], alpha_for[k]);
         cJSON_AddNullToObject(cfg, "auto_mapping");
         cJSON_AddStringToObject(cfg, "base_model_name_or_path", base_dir);
         cJSON_AddStringToObject(cfg, "bias", "none");
@@ -1287,12 +1285,10 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
         }
         cJSON_AddStringToObject(cfg, "peft_type", "LORA");
         cJSON_AddNumberToObject(cfg, "r", (double)o->rank);
-        if (o->rank_pattern) {
-            cJSON *rank_pattern = cJSON_AddObjectToObject(cfg, "rank_pattern");
-            for (size_t k = 0; k < N_LINEAR; k++)
-                if (rank_for[k] > 0)
-                    cJSON_AddNumberToObject(rank_pattern, k_linear_modules[k], rank_for[k]);
-        }
+        cJSON *rank_pattern = cJSON_AddObjectToObject(cfg, "rank_pattern");
+        for (size_t k = 0; o->rank_pattern && k < N_LINEAR; k++)
+            if (rank_for[k] > 0)
+                cJSON_AddNumberToObject(rank_pattern, k_linear_modules[k], rank_for[k]);
         cJSON_AddNullToObject(cfg, "revision");
         cJSON *targets = cJSON_AddArrayToObject(cfg, "target_modules");
         if (o->lora_embeddings)

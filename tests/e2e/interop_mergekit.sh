@@ -7,16 +7,20 @@
 #   python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
 #
 # What must hold, per method (bench/RESULTS.md has the figures):
-#   same bytes     ties, task_arithmetic, ram, ramplus_tl, passthrough slices
-#   a few ulps     linear, slerp (scalar, gradients, slices), model_stock (and
+#   same bytes     ties (gradients, filters, slices), task_arithmetic, ram,
+#                  ramplus_tl, passthrough slices
+#   a few ulps     linear, a LoRA adapter applied (mergekit through PEFT),
+#                  slerp (scalar, gradients, slices), model_stock (and
 #                  filter_wise), nearswap, sce, multislerp, karcher, nuslerp
 #                  (every mode): every element within 1e-6 of its tensor's
 #                  largest |value| (fp32 sums in another order)
 #   documented     breadcrumbs, breadcrumbs_ties: equal magnitudes at a
-#                  selection boundary go by index here, by torch's sort there
-#                  (at most 0.01% of the elements); arcee_fusion: mergekit
-#                  estimates its quantile threshold from a random sample, we
-#                  select exactly (at most 0.5%)
+#                  selection boundary go by index here, by torch's sort there;
+#                  ties over a LoRA input: its deltas differ in the last bits,
+#                  which can reorder magnitudes at the boundary (at most 0.01%
+#                  of the elements each); arcee_fusion: mergekit estimates
+#                  its quantile threshold from a random sample, we select
+#                  exactly (at most 0.5%)
 # DARE and DELLA draw from different random streams and are not compared.
 source "$(dirname "$0")/lib.bash"
 
@@ -31,6 +35,7 @@ cd "$WORK"
 "$MS_GEN" base base --preset tiny --dtype f32 --seed 1 # 2 layers
 "$MS_GEN" finetune base ft1 --seed 2
 "$MS_GEN" finetune base ft2 --seed 3
+"$MS_GEN" lora base lora --seed 7 --rank 4 --targets all-linear
 
 cat > compare.py <<'PYEOF'
 """compare.py OURS THEIRS BUDGET: every tensor of both, element by element;
@@ -76,7 +81,7 @@ check() {
   local name=$1 budget=$2; shift 2
   printf '%s\n' "$@" "dtype: float32" > "$name.yml"
   "$MS_BIN" merge "$name.yml" -o "ours_$name" --quiet
-  "$V/bin/mergekit-yaml" "$name.yml" "theirs_$name" > "mergekit_$name.log" 2>&1 ||
+  "$V/bin/mergekit-yaml" "$name.yml" "theirs_$name" --lora-merge-cache lora_cache > "mergekit_$name.log" 2>&1 ||
     { tail -5 "mergekit_$name.log"; fail "$name: mergekit failed"; }
   printf '%-18s ' "$name:"
   "$V/bin/python" compare.py "ours_$name" "theirs_$name" "$budget" || fails=$((fails + 1))
@@ -89,6 +94,13 @@ SLERP_T=("  t:" "    - filter: self_attn" "      value: [0, 0.5, 0.3, 0.7, 1]" "
          "      value: [1, 0.5, 0.7, 0.3, 0]" "    - value: 0.5")
 
 check ties same "merge_method: ties" "base_model: ./base" "${TWO[@]}"
+check ties_filters same "merge_method: ties" "base_model: ./base" "models:" "  - model: ./ft1" "    parameters:" \
+  "      weight: [0.2, 0.8]" "      density:" "        - filter: mlp" "          value: 0.5" "        - value: 0.2" \
+  "  - model: ./ft2" "    parameters: {weight: 0.5, density: 0.4}"
+check ties_slices same "merge_method: ties" "base_model: ./base" "slices:" "  - sources:" \
+  "      - {model: ./base, layer_range: [0, 2]}" \
+  "      - {model: ./ft1, layer_range: [0, 2], parameters: {weight: 0.5, density: 0.3}}" \
+  "      - {model: ./ft2, layer_range: [0, 2], parameters: {weight: 0.5, density: 0.6}}"
 check ties_lambda same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "parameters: {normalize: false, lambda: 0.8}"
 check task_arithmetic same "merge_method: task_arithmetic" "base_model: ./base" "models:" "  - model: ./ft1" \
   "    parameters: {weight: 0.6}" "  - model: ./ft2" "    parameters: {weight: -0.4}" "parameters: {lambda: 1.3}"
@@ -97,6 +109,9 @@ check ramplus_tl same "merge_method: ramplus_tl" "base_model: ./base" "models:" 
 check passthrough same "merge_method: passthrough" "slices:" "  - sources:" "      - model: ./ft1" \
   "        layer_range: [0, 2]" "  - sources:" "      - model: ./ft2" "        layer_range: [1, 2]"
 check linear 0 "merge_method: linear" "${W2[@]}"
+check linear_unnormalized 0 "merge_method: linear" "models:" "  - model: ./ft1" "    parameters: {weight: 0.6}" \
+  "  - model: ./ft2" "    parameters: {weight: 0.7}" "parameters: {normalize: false}"
+check lora 0 "merge_method: linear" "models:" "  - model: ./base+./lora" "    parameters: {weight: 1.0}"
 check slerp 0 "merge_method: slerp" "base_model: ./base" "models:" "  - model: ./base" "  - model: ./ft1" \
   "parameters: {t: 0.3}"
 check slerp_gradient 0 "merge_method: slerp" "base_model: ./base" "models:" "  - model: ./base" \
@@ -118,6 +133,8 @@ check nuslerp_rows 0 "merge_method: nuslerp" "${W2[@]}" "parameters: {nuslerp_fl
 check nuslerp_cols 0 "merge_method: nuslerp" "${W2[@]}" "parameters: {nuslerp_flatten: false}"
 check breadcrumbs 1e-4 "merge_method: breadcrumbs" "base_model: ./base" "${TWO[@]}" "parameters: {gamma: 0.05}"
 check breadcrumbs_ties 1e-4 "merge_method: breadcrumbs_ties" "base_model: ./base" "${TWO[@]}" "parameters: {gamma: 0.05}"
+check lora_ties 1e-4 "merge_method: ties" "base_model: ./base" "models:" "  - model: ./base+./lora" \
+  "    parameters: {weight: 1.0, density: 0.5}" "  - model: ./ft1" "    parameters: {weight: 0.5, density: 0.5}"
 check arcee_fusion 5e-3 "merge_method: arcee_fusion" "base_model: ./base" "models:" "  - model: ./ft1"
 [ "$fails" -eq 0 ] || fail "$fails method(s) disagree with mergekit beyond what is documented"
 echo "interop_mergekit: ok"
