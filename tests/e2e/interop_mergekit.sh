@@ -1,7 +1,7 @@
 # Interoperability: the same recipes through mergekit (mergekit-yaml, torch
 # on the CPU) and through mergestream, on generated float32 models, compared
 # tensor by tensor. Optional and heavy (mergekit pulls torch): it runs only
-# when MS_MERGEKIT_VENV names a Python environment with mergekit installed
+# when MS_INTEROP_VENV names a Python environment with mergekit installed
 # (its bin/mergekit-yaml and bin/python, with safetensors and numpy), else it
 # skips (77). Set it up with:
 #   python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
@@ -24,10 +24,10 @@
 # DARE and DELLA draw from different random streams and are not compared.
 source "$(dirname "$0")/lib.bash"
 
-V=${MS_MERGEKIT_VENV:-}
+V=${MS_INTEROP_VENV:-}
 if [ -z "$V" ] || [ ! -x "$V/bin/mergekit-yaml" ] ||
   ! "$V/bin/python" -c 'import safetensors, numpy' 2>/dev/null; then
-  echo "MS_MERGEKIT_VENV does not name an environment with mergekit: skipped"
+  echo "MS_INTEROP_VENV does not name an environment with mergekit: skipped"
   exit 77
 fi
 

@@ -1,0 +1,131 @@
+# Interoperability: `mergestream perplexity` and `mergestream hessian` against
+# Hugging Face transformers' own forward pass (torch, float32 on the CPU), on
+# generated float32 models: Llama with and without tied embeddings, Llama with
+# llama3 rope scaling, Mistral, and Qwen2 with q/k/v biases. Calibration
+# lines of different lengths go through mergestream in padded batches of 4
+# and through transformers one unpadded line at a time. The mean token NLL
+# must agree to 1e-7 relative, and every layer's statistics H = 2/N sum x x^T
+# (transformers' side gathered by hooks on each Linear's input) to 1e-5 of
+# the statistic's largest value (ours sum in fp32, the reference in fp64).
+# Optional and heavy: runs only when MS_INTEROP_VENV names a Python
+# environment with torch, transformers and safetensors (mergekit's, see
+# interop_mergekit.sh), else skips (77).
+source "$(dirname "$0")/lib.bash"
+
+V=${MS_INTEROP_VENV:-}
+if [ -z "$V" ] || ! "$V/bin/python" -c 'import torch, transformers, safetensors' 2>/dev/null; then
+  echo "MS_INTEROP_VENV does not name an environment with torch and transformers: skipped"
+  exit 77
+fi
+PY="$V/bin/python"
+cd "$WORK"
+
+# 12 lines of 3 to 70 token ids (vocab 1024)
+awk 'BEGIN { srand(3); for (i = 0; i < 12; i++) { n = 3 + int(rand() * 68); s = "";
+  for (j = 0; j < n; j++) s = s (j ? " " : "") int(rand() * 1024); print s } }' > calib.txt
+
+"$MS_GEN" base llama --preset small --dtype f32 --seed 5
+"$MS_GEN" base tied --preset small --dtype f32 --seed 6 --tie-embeddings
+"$MS_GEN" base llama3 --preset small --dtype f32 --seed 7
+"$MS_GEN" base mistral --preset small --dtype f32 --seed 8
+"$MS_GEN" base qwen2 --preset small --dtype f32 --seed 9
+# the architectures gen_model does not write: config.json edits, and Qwen2's
+# q/k/v biases added to the weights
+"$PY" - <<'PYEOF'
+import json, torch
+from safetensors.torch import load_file, save_file
+
+def edit(d, f):
+    c = json.load(open(d + "/config.json"))
+    f(c)
+    json.dump(c, open(d + "/config.json", "w"), indent=1)
+
+def llama3(c):
+    c["rope_theta"] = 500000.0
+    c["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}
+
+def mistral(c):
+    c.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+
+def qwen2(c):
+    c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False, sliding_window=None)
+    for k in ("attention_bias", "mlp_bias", "head_dim"):
+        c.pop(k, None)
+
+edit("llama3", llama3)
+edit("mistral", mistral)
+edit("qwen2", qwen2)
+t = load_file("qwen2/model.safetensors")
+g = torch.Generator().manual_seed(0)
+layers = json.load(open("qwen2/config.json"))["num_hidden_layers"]
+for l in range(layers):
+    for p in "qkv":
+        w = t[f"model.layers.{l}.self_attn.{p}_proj.weight"]
+        t[f"model.layers.{l}.self_attn.{p}_proj.bias"] = torch.randn(w.shape[0], generator=g) * 0.1
+save_file(t, "qwen2/model.safetensors", metadata={"format": "pt"})
+PYEOF
+
+cat > reference.py <<'PYEOF'
+"""reference.py MODEL CALIB OUR_NLL OUR_HESSIANS: transformers' mean NLL and
+input statistics against ours; one line; exit 1 when they disagree."""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+
+model_dir, calib, our_nll, hess = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+m.eval()
+sums = {}
+
+def hook(name):
+    def gather(mod, inp):
+        x = inp[0].detach().double().reshape(-1, inp[0].shape[-1])
+        s = sums.setdefault(name, [0, 0])
+        s[0] = s[0] + x.T @ x
+        s[1] += x.shape[0]
+    return gather
+
+for name, mod in m.named_modules():
+    if isinstance(mod, torch.nn.Linear):
+        mod.register_forward_pre_hook(hook(name))
+total, n = 0.0, 0
+for line in open(calib):
+    ids = torch.tensor([[int(t) for t in line.split()]])
+    with torch.no_grad():
+        logp = torch.log_softmax(m(ids).logits.double()[0, :-1], -1)
+    total -= logp.gather(1, ids[0, 1:, None]).sum().item()
+    n += ids.shape[1] - 1
+nll = total / n
+ours = load_file(hess)
+worst, missing = 0.0, []
+for name, (xtx, rows) in sums.items():
+    key = name
+    for proj, shared in ((".q_proj", ".qkv_input"), (".k_proj", ".qkv_input"), (".v_proj", ".qkv_input"),
+                         (".gate_proj", ".gate_up_input"), (".up_proj", ".gate_up_input")):
+        key = key.replace(proj, shared)
+    if key not in ours:
+        missing.append(key)
+        continue
+    want = 2.0 * xtx / rows
+    got = ours[key].double()
+    got = torch.triu(got) + torch.triu(got, 1).T  # only the upper triangle is specified
+    worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+rel = abs(our_nll - nll) / abs(nll)
+ok = rel <= 1e-7 and worst <= 1e-5 and not missing
+print(f"mean NLL {our_nll:.10g} vs {nll:.10g} (relative {rel:.2g}); H: worst {worst:.3g} of the largest value "
+      f"over {len(sums)} linear layers{'; missing ' + ', '.join(missing) if missing else ''}: {'ok' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PYEOF
+
+fails=0
+for d in llama tied llama3 mistral qwen2; do
+  nll=$("$MS_BIN" perplexity "$d" --calib calib.txt --batch-size 4 --device cpu --json --quiet |
+    grep -oE '"mean_nll":[[:space:]]*[-0-9.e+]+' | grep -oE '[-0-9.e+]+$')
+  "$MS_BIN" hessian "$d" --calib calib.txt --batch-size 4 --device cpu -o "h_$d" --quiet
+  printf '%-8s ' "$d:"
+  "$PY" reference.py "$d" calib.txt "$nll" "h_$d/hessians.safetensors" 2> "ref_$d.err" ||
+    { fails=$((fails + 1)); tail -3 "ref_$d.err"; }
+done
+[ "$fails" -eq 0 ] || fail "$fails model(s) disagree with transformers"
+echo "interop_transformers: ok"
