@@ -7,6 +7,7 @@
 # must agree to 1e-7 relative, and every layer's statistics H = 2/N sum x x^T
 # (transformers' side gathered by hooks on each Linear's input) to 1e-5 of
 # the statistic's largest value (ours sum in fp32, the reference in fp64).
+# Then transformers loads a sharded merge output as it is.
 # Optional and heavy: runs only when MS_INTEROP_VENV names a Python
 # environment with torch, transformers and safetensors (mergekit's, see
 # interop_mergekit.sh), else skips (77).
@@ -128,4 +129,29 @@ for d in llama tied llama3 mistral qwen2; do
     { fails=$((fails + 1)); tail -3 "ref_$d.err"; }
 done
 [ "$fails" -eq 0 ] || fail "$fails model(s) disagree with transformers"
+
+# a merge's output directory (bf16, three shards and an index) is a model
+# transformers loads as it is: the class and dtype from config.json, every
+# weight the bytes of our shards
+"$MS_GEN" base b16 --preset tiny --dtype bf16 --seed 1
+"$MS_GEN" finetune b16 ft16 --seed 2
+printf 'merge_method: ties\nbase_model: ./b16\nmodels:\n  - model: ./ft16\n    parameters: {weight: 1, density: 0.3}\n' > ties.yml
+"$MS_BIN" merge ties.yml -o merged --out-shard-size 100KB --quiet
+[ -f merged/model.safetensors.index.json ] || fail "the merge wrote no shard index"
+"$PY" - <<'PYEOF' || fail "transformers does not load the merged model as written"
+import glob, torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+m = AutoModelForCausalLM.from_pretrained("merged")
+assert type(m).__name__ == "LlamaForCausalLM" and m.dtype == torch.bfloat16, (type(m).__name__, m.dtype)
+ours = {}
+for f in glob.glob("merged/*.safetensors"):
+    ours.update(load_file(f))
+state = m.state_dict()
+assert set(state) == set(ours), set(state) ^ set(ours)
+for k, v in ours.items():
+    assert torch.equal(state[k], v), k
+m(torch.tensor([[1, 2, 3]]))
+print(f"transformers loads the merged model: {len(ours)} tensors as written, bfloat16")
+PYEOF
 echo "interop_transformers: ok"
