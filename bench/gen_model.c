@@ -1272,13 +1272,13 @@ static int cmd_lora(const char *base_dir, const char *dir, const gen_options *o,
         cJSON_AddNumberToObject(cfg, "lora_alpha", alpha);
         cJSON_AddNumberToObject(cfg, "lora_dropout", 0.0);
         if (o->modules_to_save) {
-            /* PEFT lists module names; the last path component matches */
+            /* the names as given: PEFT wraps every module whose name ends
+             * with one of them, so "norm" alone would take in every layer's
+             * input_layernorm too (and expect their weights here) */
             cJSON *mts = cJSON_AddArrayToObject(cfg, "modules_to_save");
             char *copy = strdup(o->modules_to_save), *save = NULL;
-            for (char *t = copy ? strtok_r(copy, ",", &save) : NULL; t; t = strtok_r(NULL, ",", &save)) {
-                const char *last = strrchr(t, '.');
-                cJSON_AddItemToArray(mts, cJSON_CreateString(last ? last + 1 : t));
-            }
+            for (char *t = copy ? strtok_r(copy, ",", &save) : NULL; t; t = strtok_r(NULL, ",", &save))
+                cJSON_AddItemToArray(mts, cJSON_CreateString(t));
             free(copy);
         } else {
             cJSON_AddNullToObject(cfg, "modules_to_save");
