@@ -7,8 +7,9 @@
 #   python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
 #
 # What must hold, per method (bench/RESULTS.md has the figures):
-#   same bytes     ties (gradients, filters, slices), task_arithmetic, ram,
-#                  ramplus_tl, passthrough slices
+#   same values    ties (gradients, filters, slices, added tokens with
+#                  tokenizer_source base, int8_mask, out_dtype bfloat16),
+#                  task_arithmetic, ram, ramplus_tl, passthrough slices
 #   a few ulps     linear, a LoRA adapter applied (mergekit through PEFT),
 #                  slerp (scalar, gradients, slices), model_stock (and
 #                  filter_wise), nearswap, sce, multislerp, karcher, nuslerp
@@ -35,6 +36,7 @@ cd "$WORK"
 "$MS_GEN" base base --preset tiny --dtype f32 --seed 1 # 2 layers
 "$MS_GEN" finetune base ft1 --seed 2
 "$MS_GEN" finetune base ft2 --seed 3
+"$MS_GEN" finetune base ft_vocab --seed 5 --extra-vocab 4 # added tokens
 "$MS_GEN" lora base lora --seed 7 --rank 4 --targets all-linear
 
 cat > compare.py <<'PYEOF'
@@ -43,8 +45,8 @@ prints one line; exits 1 when the bits differ (BUDGET "same") or when more
 than the fraction BUDGET of the elements differ by more than 1e-6 of their
 tensor's largest |value|."""
 import glob, sys
-import numpy as np
-from safetensors.numpy import load_file
+import torch
+from safetensors.torch import load_file
 
 def load(d):
     out = {}
@@ -62,21 +64,22 @@ worst = 0.0
 for name in sorted(ours):
     a, b = ours[name], theirs[name]
     if a.shape != b.shape or a.dtype != b.dtype:
-        sys.exit(f"{name}: {a.dtype}{a.shape} here, {b.dtype}{b.shape} in mergekit's")
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    d = np.abs(x - y) / max(float(np.abs(x).max()), 1e-30)
-    total += a.size
-    equal += int((a.view(np.uint8) == b.view(np.uint8)).reshape(a.size, -1).all(axis=1).sum())
+        sys.exit(f"{name}: {a.dtype}{tuple(a.shape)} here, {b.dtype}{tuple(b.shape)} in mergekit's")
+    x, y = a.double(), b.double()
+    d = (x - y).abs() / max(float(x.abs().max()), 1e-30)
+    total += a.numel()
+    equal += int(((x == y) | (x.isnan() & y.isnan())).sum())
     beyond += int((d > 1e-6).sum())
     worst = max(worst, float(d.max()))
 ok = equal == total if exact else beyond <= budget * total
-print(f"{total} elements: {100.0 * equal / total:.3f}% the same bits, {beyond} beyond 1e-6 of their "
+print(f"{total} elements: {100.0 * equal / total:.3f}% the same values, {beyond} beyond 1e-6 of their "
       f"tensor's max, worst {worst:.3g}: {'ok' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 PYEOF
 
 fails=0
-# check NAME BUDGET RECIPE-LINES... (BUDGET: "same", or compare.py's fraction)
+# check NAME BUDGET RECIPE-LINES... (BUDGET: "same", or compare.py's fraction);
+# "dtype: float32" is appended
 check() {
   local name=$1 budget=$2; shift 2
   printf '%s\n' "$@" "dtype: float32" > "$name.yml"
@@ -101,6 +104,12 @@ check ties_slices same "merge_method: ties" "base_model: ./base" "slices:" "  - 
   "      - {model: ./base, layer_range: [0, 2]}" \
   "      - {model: ./ft1, layer_range: [0, 2], parameters: {weight: 0.5, density: 0.3}}" \
   "      - {model: ./ft2, layer_range: [0, 2], parameters: {weight: 0.5, density: 0.6}}"
+check ties_vocab same "merge_method: ties" "base_model: ./base" "models:" "  - model: ./ft_vocab" \
+  "    parameters: {weight: 0.6, density: 0.3}" "  - model: ./ft2" "    parameters: {weight: 0.4, density: 0.5}" \
+  "tokenizer_source: base"
+check ties_int8_mask same "merge_method: ties" "base_model: ./base" "${TWO[@]}" \
+  "parameters: {int8_mask: true, normalize: true}"
+check ties_out_bf16 same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "out_dtype: bfloat16"
 check ties_lambda same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "parameters: {normalize: false, lambda: 0.8}"
 check task_arithmetic same "merge_method: task_arithmetic" "base_model: ./base" "models:" "  - model: ./ft1" \
   "    parameters: {weight: 0.6}" "  - model: ./ft2" "    parameters: {weight: -0.4}" "parameters: {lambda: 1.3}"
