@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
@@ -17,7 +19,8 @@ static const char k_help[] =
     "usage: mergestream inspect PATH [--json] [--hash]\n"
     "\n"
     "Validates PATH (a .safetensors file, a model directory with model.safetensors\n"
-    "or sharded model.safetensors.index.json, or a PEFT adapter directory) and lists\n"
+    "or sharded model.safetensors.index.json, a PEFT adapter directory, or the\n"
+    "directory `mergestream hessian` wrote) and lists\n"
     "its tensors: name, dtype, shape, bytes and shard, then totals.\n"
     "\n"
     "  --json     print one JSON object instead of the table\n"
@@ -26,6 +29,25 @@ static const char k_help[] =
     "  -h, --help this text\n"
     "\n"
     "Exit codes: 0 valid, 3 invalid input (one line naming the file and the rule), 1 I/O error.\n";
+
+/* PATH itself, or the statistics file when PATH is a directory that
+ * `mergestream hessian` wrote (it holds hessians.safetensors and no model). */
+static const char *hessian_dir_file(const char *path, char *buf, size_t n)
+{
+    static const char *const k_model_files[] = {"model.safetensors", "model.safetensors.index.json",
+                                                "adapter_model.safetensors"};
+    struct stat sb;
+    if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        return path;
+    for (size_t k = 0; k < sizeof k_model_files / sizeof k_model_files[0]; k++) {
+        snprintf(buf, n, "%s/%s", path, k_model_files[k]);
+        if (access(buf, F_OK) == 0)
+            return path;
+    }
+    if ((size_t)snprintf(buf, n, "%s/hessians.safetensors", path) >= n || access(buf, F_OK) != 0)
+        return path;
+    return buf;
+}
 
 static const char *shard_label(const ms_model *m, unsigned shard)
 {
@@ -139,7 +161,8 @@ int ms_cmd_inspect(int argc, char **argv)
         return ms_cli_usage_error("inspect", "expected exactly one PATH");
     ms_error err = {0};
     ms_model *m = NULL;
-    if (ms_model_open(argv[optind], &m, &err) != 0)
+    char file[4096];
+    if (ms_model_open(hessian_dir_file(argv[optind], file, sizeof file), &m, &err) != 0)
         return ms_cli_fail(&err);
     int rc = json ? inspect_print_json(m, hash, &err) : inspect_print_table(m, hash, &err);
     ms_model_close(m);

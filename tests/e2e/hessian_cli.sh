@@ -33,6 +33,8 @@ grep -q "9 tensors" "$WORK/inspect.txt" || fail "expected 9 tensors"
 grep -qE "^model.layers.1.mlp.down_proj +F32 +\[128, 128\]" "$WORK/inspect.txt" || fail "down_proj statistic"
 grep -qE "^model.layers.0.self_attn.qkv_input +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "qkv statistic"
 grep -qE "^lm_head +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "lm_head statistic"
+# inspect also takes the output directory itself
+"$MS_BIN" inspect "$WORK/h" | diff - "$WORK/inspect.txt" > /dev/null || fail "inspect DIR differs from inspect DIR/hessians.safetensors"
 header=$(head -c 4096 "$WORK/h/hessians.safetensors" | tr -d '\0')
 echo "$header" | grep -q "\"n_tokens\":\"$tokens\"" || fail "n_tokens is not $tokens"
 echo "$header" | grep -q '"n_samples":"9"' || fail "n_samples is not 9"
