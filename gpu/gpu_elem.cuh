@@ -64,6 +64,31 @@ __device__ __forceinline__ void gpu_block_range(uint64_t elem0, uint64_t n, uint
     *hi = b > elem0 + n ? elem0 + n : b;
 }
 
+#define GPU_SUM_RUN 8u /* terms computed ahead of their additions */
+
+/* acc + term(j0) + ... + term(j1 - 1), added one at a time in index order
+ * (the fixed order of the fp64 sums). The terms of GPU_SUM_RUN consecutive
+ * j are computed first, their loads all in flight, then added: a thread's
+ * loads no longer wait on its chain of dependent additions, and the sum has
+ * the bits of the plain loop (term must not depend on acc). */
+template <typename Term>
+__device__ __forceinline__ double gpu_ordered_sum(double acc, uint64_t j0, uint64_t j1, Term term)
+{
+    uint64_t j = j0;
+    for (; j + GPU_SUM_RUN <= j1; j += GPU_SUM_RUN) {
+        double t[GPU_SUM_RUN];
+#pragma unroll
+        for (unsigned u = 0; u < GPU_SUM_RUN; u++)
+            t[u] = term(j + u);
+#pragma unroll
+        for (unsigned u = 0; u < GPU_SUM_RUN; u++)
+            acc = acc + t[u];
+    }
+    for (; j < j1; j++)
+        acc = acc + term(j);
+    return acc;
+}
+
 #define GPU_SCAN_THREADS 1024u
 
 /* The tie positions' scan: exclusive scan of cnt[0..n_seg) in segment

@@ -49,8 +49,8 @@
  *   sce, arcee_fusion  see gpu_merge_interp_keys.cu.
  * Products of two fp32 values are exact in fp64, so no contraction question
  * arises in the sums, and a thread may compute the products of its next
- * GI_RUN elements ahead of adding them (gi_gram_run: the loads overlap the
- * chain of additions, which stays in index order); nvcc gets --fmad=false
+ * GPU_SUM_RUN elements ahead of adding them (gpu_ordered_sum: the loads
+ * overlap the chain of additions, which stays in index order); nvcc gets --fmad=false
  * and no fast-math flag. */
 #include "gpu/gpu_internal.h"
 
@@ -465,28 +465,10 @@ __device__ __forceinline__ double gi_gram_add(const gi_args &a, unsigned s, uint
     return acc + gi_gram_prod(a, s, j);
 }
 
-#define GI_RUN 8u /* elements whose loads are issued before their additions */
-
-/* acc plus the terms of chunk elements [j0, j1) added one by one in index
- * order, as the CPU adds them. The products of GI_RUN elements are computed
- * (their loads all in flight) before the run's additions: a thread's loads
- * no longer wait on its chain of dependent fp64 additions, and since every
- * product is exact the sum has the same bits. */
+/* acc plus pair s's terms of chunk elements [j0, j1) in index order. */
 __device__ __forceinline__ double gi_gram_run(const gi_args &a, unsigned s, uint64_t j0, uint64_t j1, double acc)
 {
-    uint64_t j = j0;
-    for (; j + GI_RUN <= j1; j += GI_RUN) {
-        double prod[GI_RUN];
-#pragma unroll
-        for (unsigned u = 0; u < GI_RUN; u++)
-            prod[u] = gi_gram_prod(a, s, j + u);
-#pragma unroll
-        for (unsigned u = 0; u < GI_RUN; u++)
-            acc = acc + prod[u];
-    }
-    for (; j < j1; j++)
-        acc = gi_gram_add(a, s, j, acc);
-    return acc;
+    return gpu_ordered_sum(acc, j0, j1, [&](uint64_t j) { return gi_gram_prod(a, s, j); });
 }
 
 #define GI_FOR_ELEMS(j, n)                                                                                 \

@@ -173,8 +173,6 @@ static __global__ void k_sce_mask(const __grid_constant__ gi_sel_call a)
 
 /* ================================================================== sums */
 
-#define GK_RUN 8u /* elements whose loads are issued before their additions */
-
 /* tau_i^2 of chunk element j in fp64 (exact: the square of an fp32 value). */
 __device__ __forceinline__ double gk_tau_sq(const gi_sel_call &a, unsigned i, uint64_t j)
 {
@@ -194,20 +192,8 @@ static __global__ void k_sce_sumsq(const __grid_constant__ gi_sel_call a)
     unsigned i = (unsigned)(t % a.n_models) + 1;
     uint64_t lo, hi;
     gpu_block_range(a.elem0, a.n, k, &lo, &hi);
-    double acc = k == 0 ? a.open[i - 1] : 0.0;
-    uint64_t j = lo - a.elem0, j1 = hi - a.elem0;
-    for (; j + GK_RUN <= j1; j += GK_RUN) { /* the run's loads in flight before its additions */
-        double sq[GK_RUN];
-#pragma unroll
-        for (unsigned u = 0; u < GK_RUN; u++)
-            sq[u] = gk_tau_sq(a, i, j + u);
-#pragma unroll
-        for (unsigned u = 0; u < GK_RUN; u++)
-            acc = acc + sq[u];
-    }
-    for (; j < j1; j++)
-        acc = acc + gk_tau_sq(a, i, j);
-    a.blk[t] = acc;
+    double open = k == 0 ? a.open[i - 1] : 0.0;
+    a.blk[t] = gpu_ordered_sum(open, lo - a.elem0, hi - a.elem0, [&](uint64_t j) { return gk_tau_sq(a, i, j); });
 }
 
 /* arcee_fusion's KL divergence of chunk row lr (one thread per row), as cpu
