@@ -22,7 +22,8 @@
 #                  of the elements each); arcee_fusion: mergekit estimates
 #                  its quantile threshold from a random sample, we select
 #                  exactly (at most 0.5%)
-# DARE and DELLA draw from different random streams and are not compared.
+# DARE and DELLA draw from different random streams: only DARE at density 1
+# (nothing dropped: the consensus and the rescale's skip) is compared.
 source "$(dirname "$0")/lib.bash"
 
 V=${MS_INTEROP_VENV:-}
@@ -110,6 +111,10 @@ check ties_vocab same "merge_method: ties" "base_model: ./base" "models:" "  - m
 check ties_int8_mask same "merge_method: ties" "base_model: ./base" "${TWO[@]}" \
   "parameters: {int8_mask: true, normalize: true}"
 check ties_out_bf16 same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "out_dtype: bfloat16"
+D1=("models:" "  - model: ./ft1" "    parameters: {weight: 0.6, density: 1.0}"
+    "  - model: ./ft2" "    parameters: {weight: 0.4, density: 1.0}")
+check dare_ties_d1 same "merge_method: dare_ties" "base_model: ./base" "${D1[@]}"
+check dare_linear_d1 same "merge_method: dare_linear" "base_model: ./base" "${D1[@]}"
 check ties_lambda same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "parameters: {normalize: false, lambda: 0.8}"
 check task_arithmetic same "merge_method: task_arithmetic" "base_model: ./base" "models:" "  - model: ./ft1" \
   "    parameters: {weight: 0.6}" "  - model: ./ft2" "    parameters: {weight: -0.4}" "parameters: {lambda: 1.3}"
