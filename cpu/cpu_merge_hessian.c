@@ -92,7 +92,7 @@ static void hess_store(void *dst, st_dtype dt, uint64_t off, const float *src, s
 #define HESS_LANES CPU_MERGE_HESSIAN_LANES
 #define HESS_QUADS (HESS_LANES / 4)
 _Static_assert(HESS_LANES % 4 == 0 && HESS_LANES > 0, "lanes come in quads");
-#define HESS_JTILE 128u /* columns of b per pass over G: the tile (16 KiB) stays in L1 */
+#define HESS_JTILE 128u /* columns of b per pass over G: the tile (32 KiB) stays in L1 or L2 */
 #define HESS_PREFETCH_ROWS 8u /* rows of G ahead: four passes */
 #define HESS_ALIGN 64u
 

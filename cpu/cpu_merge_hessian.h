@@ -15,8 +15,12 @@
 #include "pipeline/merge_passes_hessian.h"
 
 /* Rows regmean solves side by side (one per fp64 lane, each with its own
- * row's scalar operation sequence): the scratch grows with it. */
-#define CPU_MERGE_HESSIAN_LANES 16u
+ * row's scalar operation sequence): the scratch grows with it. Each model's
+ * G (n x n) streams through memory once per group of rows, so more lanes
+ * read it less often: 32 made a 1B-shaped regmean merge 8-12% faster than
+ * 16 (bench/RESULTS.md); 64 spills the lane vectors out of registers and
+ * took 1.7x as long. */
+#define CPU_MERGE_HESSIAN_LANES 32u
 
 /* key[j] = ms_hessian_saliency_key(d[j], u[(e + j) % cols]) for j < n:
  * elements [e, e + n) of a tensor of `cols` columns (cols > 0). */
@@ -33,7 +37,7 @@ int cpu_merge_hessian_run_pass(const ms_tensor_params *p, ms_merge_state *st, un
 /* Upper bound of the host scratch cpu_merge_hessian_run_pass allocates with
  * n_threads threads: per thread (CPU_MERGE_HESSIAN_LANES + 1 + n_models)
  * fp32 rows and 2 * CPU_MERGE_HESSIAN_LANES fp64 rows of cols elements
- * (cols = 2048: 0.6 MiB with 2 models). UINT64_MAX on overflow. */
+ * (cols = 2048: 1.3 MiB with 2 models). UINT64_MAX on overflow. */
 uint64_t cpu_merge_hessian_scratch_bytes(const ms_tensor_params *p, unsigned n_threads);
 
 /* Test seam: regmean's fp64 solve (the kernels of cpu_merge_hessian_run_pass)
