@@ -258,25 +258,6 @@ const ms_param_info *ms_method_param_info(ms_method m, ms_param_id p)
     return ms_param_info_get(p);
 }
 
-bool ms_method_ignores_unused(ms_method m)
-{
-    switch (m) {
-    case MS_METHOD_SLERP:
-    case MS_METHOD_NUSLERP:
-    case MS_METHOD_MULTISLERP:
-    case MS_METHOD_KARCHER:
-    case MS_METHOD_MODEL_STOCK:
-    case MS_METHOD_NEARSWAP:
-    case MS_METHOD_SCE:
-    case MS_METHOD_RAM:
-    case MS_METHOD_RAMPLUS_TL:
-    case MS_METHOD_ARCEE_FUSION:
-        return true;
-    default:
-        return false;
-    }
-}
-
 void ms_method_model_count(ms_method m, unsigned *lo, unsigned *hi)
 {
     const ms_method_info *mi = ms_method_info_get(m);

@@ -31,10 +31,9 @@
  *     tol                  karcher, default 1e-5, in [0, 1)
  *     weight               also nuslerp and multislerp (per model, required);
  *                          the other interpolation methods take none
- * A parameter a method does not use is rejected by the recipe parser
- * (mergekit only warns; a typo'd or misplaced parameter silently changing
- * nothing is worse than an error), except by the interpolation and
- * model-soup methods, which warn and ignore it (ms_method_ignores_unused). */
+ * A known parameter a method does not use is ignored with a warning naming
+ * its line, as mergekit ignores it (without the warning); an unknown key is
+ * an error. */
 #ifndef MS_METHOD_TABLE_H
 #define MS_METHOD_TABLE_H
 
@@ -140,15 +139,6 @@ const ms_param_info *ms_param_info_get(ms_param_id p);
  * where m gives p another range (nearswap's t: > 0). NULL when p is not a
  * valid ms_param_id. */
 const ms_param_info *ms_method_param_info(ms_method m, ms_param_id p);
-
-/* True when the recipe parser ignores (with a warning) a known parameter
- * that method m does not use, and the parameters of the base listed among
- * the models, as mergekit does: the interpolation and model-soup methods,
- * whose published recipes often carry leftovers (weight, normalize,
- * int8_mask). The task-vector methods reject them (a misplaced density
- * silently changing nothing is a wrong merge). Unknown names are errors
- * for every method. */
-bool ms_method_ignores_unused(ms_method m);
 
 /* Merged models (besides the base) method m accepts: [*lo, *hi]. */
 void ms_method_model_count(ms_method m, unsigned *lo, unsigned *hi);

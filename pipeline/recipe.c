@@ -522,14 +522,12 @@ static int rp_params(const recipe_parser *p, const yaml_node_t *n, const char *w
         const ms_param_info *pi = ms_method_param_info(method, id);
         if (params[id].present)
             return rp_fail(p, line, "duplicate key '%s' in %s", key, where);
-        /* Strict on purpose: mergekit only warns about parameters a method
-         * ignores, and a silently ignored typo'd recipe is a wrong merge. */
+        /* A known parameter the method does not use: mergekit ignores it
+         * without a word, and published recipes often carry such leftovers
+         * (a density under task_arithmetic, a weight under slerp), so the
+         * recipe runs as in mergekit, with a warning naming the line (an
+         * unknown key, a typo, is an error above). */
         if (!ms_method_takes(method, id)) {
-            if (!ms_method_ignores_unused(method))
-                return rp_fail(p, line, "parameter '%s' in %s is not used by merge_method '%s'", key,
-                               where, ms_method_name(method));
-            /* published slerp / model_stock / nuslerp recipes often carry
-             * leftovers (weight, normalize, int8_mask): mergekit ignores them */
             ms_log_warn("%s:%u: parameter '%s' in %s is not used by merge_method '%s': ignored", p->path,
                         line, key, where, ms_method_name(method));
             continue;
@@ -801,12 +799,7 @@ static int rp_models(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
             if (r->base_listed)
                 return rp_fail(p, m->line, "model '%s' (the base) is listed twice in models",
                                m->name);
-            if (has_params && !ms_method_ignores_unused(r->method))
-                return rp_fail(p, m->line,
-                               "models[%u] ('%s') is the base model: in merge_method '%s' the base "
-                               "takes no parameters (remove them)",
-                               m->index, m->name, ms_method_name(r->method));
-            if (has_params)
+            if (has_params) /* as mergekit: ignored */
                 ms_log_warn("%s:%u: models[%u] ('%s') is the base model: merge_method '%s' ignores its "
                             "parameters",
                             p->path, m->line, m->index, m->name, ms_method_name(r->method));
@@ -1108,12 +1101,7 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
             if (base_used && same_model(m->path, m->adapter_path, base_path, base_adapter)) {
                 if (sl->has_base)
                     return rp_fail(p, m->line, "model '%s' (the base) is listed twice in slices[%zu]", m->name, i);
-                if (has_params && !ms_method_ignores_unused(r->method))
-                    return rp_fail(p, m->line,
-                                   "%s ('%s') is the base model: in merge_method '%s' the base takes no "
-                                   "parameters (remove them)",
-                                   m->label, m->name, ms_method_name(r->method));
-                if (has_params)
+                if (has_params) /* as mergekit: ignored */
                     ms_log_warn("%s:%u: %s ('%s') is the base model: merge_method '%s' ignores its parameters",
                                 p->path, m->line, m->label, m->name, ms_method_name(r->method));
                 sl->has_base = true;

@@ -274,8 +274,8 @@ typedef struct ms_recipe {
  * nothing else about the models is opened). Returns 0 and *out (free with
  * ms_recipe_free), or -1 with err set: MS_EXIT_RUNTIME when the file cannot
  * be read, MS_EXIT_USAGE for anything wrong in it ("RECIPE:LINE: ...").
- * May log warnings (an ignored chat_template; parameters an interpolation
- * method ignores, see ms_method_ignores_unused); touches no other global
+ * May log warnings (an ignored chat_template; parameters the method does
+ * not use; a base model's parameters); touches no other global
  * state, so separate recipes may be loaded from separate threads. */
 int ms_recipe_load(const char *path, ms_recipe **out, ms_error *err);
 

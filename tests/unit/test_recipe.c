@@ -822,14 +822,13 @@ static void test_slices_errors(void **state)
                 Y("      - {model: models/ft1, layer_range: [0, 1]}")
                 Y("      - {model: models/ft2, layer_range: [0, 1]}"),
                 5, "merges exactly 1 model besides the base_model in each slice", "slices[0] lists 2");
-    /* the base with parameters, twice, a model twice in one slice */
-    expect_fail(Y("merge_method: ties")
-                Y("base_model: models/base")
-                Y("slices:")
-                Y("  - sources:")
-                Y("      - {model: models/base, layer_range: [0, 1], parameters: {weight: 1}}")
-                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}"),
-                5, "slices[0].sources[0]", "takes no parameters");
+    /* the base with parameters (ignored, as mergekit), twice, a model twice in one slice */
+    ms_recipe_free(load_ok(Y("merge_method: ties")
+                           Y("base_model: models/base")
+                           Y("slices:")
+                           Y("  - sources:")
+                           Y("      - {model: models/base, layer_range: [0, 1], parameters: {weight: 1}}")
+                           Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")));
     expect_fail(Y("merge_method: ties")
                 Y("base_model: models/base")
                 Y("slices:")
@@ -1142,14 +1141,13 @@ static void test_slices_slice_key_errors(void **state)
                 Y("    parameters:")
                 Y("      densty: 0.5"),
                 8, "unknown key 'densty' in slices[0].parameters", NULL);
-    expect_fail(Y("merge_method: ties")
-                Y("base_model: models/base")
-                Y("slices:")
-                Y("  - sources:")
-                Y("      - {model: models/base, layer_range: [0, 1]}")
-                Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
-                Y("    parameters: {t: 0.5}"),
-                7, "parameter 't' in slices[0].parameters is not used by merge_method 'ties'", NULL);
+    ms_recipe_free(load_ok(Y("merge_method: ties") /* an unused parameter: ignored */
+                           Y("base_model: models/base")
+                           Y("slices:")
+                           Y("  - sources:")
+                           Y("      - {model: models/base, layer_range: [0, 1]}")
+                           Y("      - {model: models/ft1, layer_range: [0, 1], parameters: {weight: 1}}")
+                           Y("    parameters: {t: 0.5}")));
     expect_fail(Y("merge_method: ties")
                 Y("base_model: models/base")
                 Y("slices:")
@@ -1263,15 +1261,19 @@ static void test_base_in_models(void **state)
     assert_true(tp.weight[1] == 0.3f && tp.weight[2] == 0.7f);
     ms_recipe_free(r);
 
-    /* the base with parameters in a task-vector method */
-    expect_fail(Y("merge_method: ties")
+    /* the base with parameters in a task-vector method: ignored (mergekit) */
+    r = load_ok(Y("merge_method: ties")
                 Y("base_model: models/base")
                 Y("models:")
                 Y("  - model: models/ft1")
                 Y("    parameters: {weight: 0.1}")
                 Y("  - model: models/base")
-                Y("    parameters: {weight: 1.0}"),
-                6, "base model", "models[1]");
+                Y("    parameters: {weight: 1.0}"));
+    assert_true(r->base_listed);
+    assert_int_equal(r->n_models, 1);
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.weight[1] == 0.1f);
+    ms_recipe_free(r);
     /* the base alone */
     expect_fail(Y("merge_method: ties")
                 Y("base_model: models/base")
@@ -1610,35 +1612,46 @@ static void test_error_della(void **state)
     ms_recipe_free(r);
 }
 
-static void test_error_unused_parameter(void **state)
+/* A known parameter the method does not use loads (as in mergekit, with a
+ * warning) and changes nothing; misplacing a global parameter in a model's
+ * parameters stays an error. */
+static void test_unused_parameter_ignored(void **state)
 {
-    expect_fail(Y("merge_method: ties")
-                Y("base_model: models/base")
-                Y("models:")
-                Y("  - model: models/ft1")
-                Y("    parameters: {weight: 1, gamma: 0.1}"),
-                5, "'gamma'", "not used by merge_method 'ties'");
-    expect_fail(Y("merge_method: task_arithmetic")
+    ms_recipe *r = load_ok(Y("merge_method: ties")
+                           Y("base_model: models/base")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: {weight: 1, density: 0.5, gamma: 0.1}"));
+    ms_tensor_params tp = params_ok(r, "model.layers.0.mlp.up_proj.weight", 4);
+    assert_true(tp.gamma[1] == 0.0 && tp.density[1] == 0.5 && tp.sparsify == MS_SPARSIFY_MAGNITUDE);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: task_arithmetic")
                 Y("base_model: models/base")
                 Y("parameters:")
                 Y("  weight: 1")
                 Y("  density: 0.5")
                 Y("models:")
-                Y("  - model: models/ft1"),
-                5, "'density'", "task_arithmetic");
-    expect_fail(Y("merge_method: linear")
+                Y("  - model: models/ft1"));
+    tp = params_ok(r, "model.layers.0.mlp.up_proj.weight", 4);
+    assert_true(tp.density[1] == 1.0 && tp.weight[1] == 1.0f);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: linear")
                 Y("parameters: {weight: 1, lambda: 2}")
                 Y("models:")
-                Y("  - model: models/ft1"),
-                2, "'lambda'", "linear");
-    expect_fail(Y("merge_method: dare_ties")
+                Y("  - model: models/ft1"));
+    tp = params_ok(r, "model.layers.0.mlp.up_proj.weight", 4);
+    assert_true(tp.lambda == 1.0f);
+    ms_recipe_free(r);
+    /* the base listed among the models with parameters: they are ignored */
+    r = load_ok(Y("merge_method: dare_ties")
                 Y("base_model: models/base")
                 Y("models:")
+                Y("  - model: models/base")
+                Y("    parameters: {weight: 0.3, density: 0.9}")
                 Y("  - model: models/ft1")
-                Y("    parameters:")
-                Y("      weight: 1")
-                Y("      epsilon: 0.1"),
-                7, "'epsilon'", "dare_ties");
+                Y("    parameters: {weight: 1, density: 0.5}"));
+    assert_int_equal(r->n_models, 1);
+    ms_recipe_free(r);
     expect_fail(Y("merge_method: dare_ties")
                 Y("base_model: models/base")
                 Y("models:")
@@ -1647,6 +1660,12 @@ static void test_error_unused_parameter(void **state)
                 Y("      weight: 1")
                 Y("      lambda: 0.1"),
                 7, "'lambda' in models[0].parameters", "global parameter");
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {weight: 1, densty: 0.5}"),
+                5, "unknown key 'densty'", NULL);
 }
 
 static void test_error_paths(void **state)
@@ -2297,7 +2316,7 @@ int main(void)
         cmocka_unit_test(test_error_missing_weight),
         cmocka_unit_test(test_error_ranges),
         cmocka_unit_test(test_error_della),
-        cmocka_unit_test(test_error_unused_parameter),
+        cmocka_unit_test(test_unused_parameter_ignored),
         cmocka_unit_test(test_error_paths),
         cmocka_unit_test(test_error_scalars),
         cmocka_unit_test(test_error_yaml),
