@@ -118,6 +118,8 @@ check dare_linear_d1 same "merge_method: dare_linear" "base_model: ./base" "${D1
 check ties_lambda same "merge_method: ties" "base_model: ./base" "${TWO[@]}" "parameters: {normalize: false, lambda: 0.8}"
 check task_arithmetic same "merge_method: task_arithmetic" "base_model: ./base" "models:" "  - model: ./ft1" \
   "    parameters: {weight: 0.6}" "  - model: ./ft2" "    parameters: {weight: -0.4}" "parameters: {lambda: 1.3}"
+check leftovers same "merge_method: task_arithmetic" "base_model: ./base" "${TWO[@]}" "  - model: ./base" \
+  "    parameters: {weight: 0.5}" "parameters: {gamma: 0.1}"
 check ram same "merge_method: ram" "base_model: ./base" "models:" "  - model: ./ft1" "  - model: ./ft2"
 check ramplus_tl same "merge_method: ramplus_tl" "base_model: ./base" "models:" "  - model: ./ft1" "  - model: ./ft2"
 check passthrough same "merge_method: passthrough" "slices:" "  - sources:" "      - model: ./ft1" \
