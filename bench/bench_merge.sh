@@ -2,7 +2,7 @@
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
 #   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties|slerp|model_stock] [--max-memory 1G]
-#                        [--dir DIR] [--hot-only] [-- MERGE_OPTIONS]
+#                        [--dir DIR] [--hot-only] [--runs N] [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
@@ -11,10 +11,13 @@
 # the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
 # busy fractions (compute: summed over the compute workers, so up to 2 with a
 # GPU). "cold" drops the page cache (needs root); otherwise, or with
-# --hot-only, "hot" only. Needs a release build in build/ (or $MS_BUILD).
+# --hot-only, "hot" only. --runs N repeats each cache state N times (copy,
+# merge, copy, merge, ...) and then prints the medians of the copy, the merge
+# and the per-run ratio: on a machine whose fsync time varies the single
+# ratio says little. Needs a release build in build/ (or $MS_BUILD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0
+size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -23,6 +26,7 @@ while [ $# -gt 0 ]; do
     --max-memory) maxmem=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --hot-only) hot_only=1; shift ;;
+    --runs) runs=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -76,7 +80,11 @@ states=(hot)
 if [ "$hot_only" = 0 ] && [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem"
+# median of the numbers on stdin
+median() { sort -g | awk '{ v[NR] = $1 } END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 for state in "${states[@]}"; do
+ : > "$dir/runs.txt"
+ for run in $(seq "$runs"); do
   if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
   c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
   rm -f "$dir/copy.out"
@@ -94,4 +102,13 @@ for state in "${states[@]}"; do
   awk -v s="$state" -v c="$c" -v w="$wall" -v b="$in_bytes" -v cpu="$cpu_s" -v rss="$rss" -v rb="$rb" -v cb="$cb" -v wb="$wb" 'BEGIN {
     printf "cache=%s copy_s=%.2f copy_GBps=%.2f merge_s=%.2f merge_GBps=%.2f ratio=%.2f cpu_s_per_GB=%.2f peak_rss_MiB=%.0f busy(read/compute/write)=%.2f/%.2f/%.2f\n",
       s, c, b / c / 1e9, w, b / w / 1e9, w / c, cpu / (b / 1e9), rss / 1024, rb / w, cb / w, wb / w }'
+  echo "$c $wall" >> "$dir/runs.txt"
+ done
+ if [ "$runs" -gt 1 ]; then
+  mc=$(awk '{ print $1 }' "$dir/runs.txt" | median)
+  mw=$(awk '{ print $2 }' "$dir/runs.txt" | median)
+  mr=$(awk '{ print $2 / $1 }' "$dir/runs.txt" | median)
+  printf 'cache=%s runs=%s median: copy_s=%.2f merge_s=%.2f ratio=%.2f (per-run ratios %s)\n' "$state" "$runs" \
+    "$mc" "$mw" "$mr" "$(awk '{ printf "%.2f ", $2 / $1 }' "$dir/runs.txt" | sed 's/ $//')"
+ fi
 done
