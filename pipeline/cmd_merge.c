@@ -24,6 +24,7 @@
 #include "pipeline/output_dir.h"
 #include "pipeline/progress.h"
 #include "pipeline/size_parse.h"
+#include "pipeline/merge_dry_run.h"
 #include "pipeline/staging_pool.h"
 #include "pipeline/verify_output.h"
 
@@ -55,6 +56,8 @@ static const char k_help[] =
     "      --gpu-lanes 1|2       tensors in flight on the GPU (default 2: one tensor's copies\n"
     "                            to and from the GPU overlap another's kernels; 1: no overlap)\n"
     "      --no-verify           skip re-reading the output to check every hash at the end\n"
+    "      --dry-run             check the recipe and every input's headers, print what the merge\n"
+    "                            would do (with --json: per tensor), read and write nothing\n"
     "      --json                print the summary as JSON on stdout\n"
     "      --quiet               no progress or summary on stderr\n"
     "  -h, --help                this text\n"
@@ -67,7 +70,7 @@ typedef enum merge_device { DEVICE_AUTO, DEVICE_CPU, DEVICE_CUDA } merge_device;
 
 typedef struct merge_options {
     const char *recipe, *out_dir;
-    bool force, json, no_verify, resume;
+    bool force, json, no_verify, resume, dry_run;
     uint64_t max_memory, shard_size;
     unsigned threads;
     io_engine_kind io;
@@ -97,7 +100,7 @@ static unsigned compute_workers_for_tests(void)
 
 static int parse_options(int argc, char **argv, merge_options *o)
 {
-    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET };
+    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET, OPT_DRY_RUN };
     static const struct option k_opts[] = {
         {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
         {"no-verify", no_argument, NULL, OPT_NO_VERIFY}, {"resume", no_argument, NULL, OPT_RESUME},
@@ -105,7 +108,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
         {"io", required_argument, NULL, OPT_IO}, {"out-shard-size", required_argument, NULL, OPT_SHARD},
         {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory-limit", required_argument, NULL, OPT_GPULIM}, {"json", no_argument, NULL, OPT_JSON},
-        {"gpu-lanes", required_argument, NULL, OPT_GPULANES},
+        {"gpu-lanes", required_argument, NULL, OPT_GPULANES}, {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"quiet", no_argument, NULL, OPT_QUIET}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -167,6 +170,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
             o->gpu_lanes = (unsigned)(optarg[0] - '0');
             break;
         case OPT_JSON: o->json = true; break;
+        case OPT_DRY_RUN: o->dry_run = true; break;
         case OPT_QUIET: ms_log_set_quiet(true); break;
         case 'h': fputs(k_help, stdout); return -1;
         default: return ms_cli_usage_error("merge", "unknown option");
@@ -174,7 +178,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
     }
     if (optind != argc - 1)
         return ms_cli_usage_error("merge", "expected exactly one RECIPE");
-    if (!o->out_dir)
+    if (!o->out_dir && !o->dry_run)
         return ms_cli_usage_error("merge", "-o DIR is required");
     if (o->resume && o->force)
         return ms_cli_usage_error("merge", "--resume and --force exclude each other");
@@ -340,9 +344,15 @@ int ms_cmd_merge(int argc, char **argv)
     uint64_t want = MS_PLAN_CHUNKS_IN_POOL * plan->max_item_bytes;
     if (want < (64ull << 20))
         want = 64ull << 20;
-    if (ms_pool_open(want < plan->pool_bytes ? want : plan->pool_bytes, &pool, &err) != 0)
-        goto fail;
+    uint64_t pool_size = want < plan->pool_bytes ? want : plan->pool_bytes;
     if (build_layout(plan, o.shard_size, &layout, &err) != 0)
+        goto fail;
+    if (o.dry_run) { /* everything checked that can be without reading tensor data */
+        ms_merge_print_dry_run(plan, layout, pool_size, o.json);
+        rc = MS_EXIT_OK;
+        goto done;
+    }
+    if (ms_pool_open(pool_size, &pool, &err) != 0)
         goto fail;
     if (ms_output_dir_prepare(o.out_dir, o.force || o.resume, !o.resume, &created_dir, &err) != 0)
         goto fail;

@@ -70,6 +70,11 @@ for m in ties dare_ties breadcrumbs_ties della; do
   "$MS_BIN" merge "$S/$m.yml" -o "$S/whole_$m" --quiet
   "$MS_BIN" merge "$S/$m.yml" -o "$S/chunked_$m" --max-memory 30M --threads 2 --json --quiet > "$S/chunked.json"
   grep -qE '"tensors_chunked":[[:space:]]*0,' "$S/chunked.json" && fail "$m: --max-memory 30M chunked nothing"
+  # --dry-run foresees the same chunking
+  "$MS_BIN" merge "$S/$m.yml" --dry-run --max-memory 30M --threads 2 --json > "$S/dry.json"
+  [ "$(grep -oE '"tensors_chunked":[[:space:]]*[0-9]+' "$S/dry.json" | grep -oE '[0-9]+$')" = \
+    "$(grep -oE '"tensors_chunked":[[:space:]]*[0-9]+' "$S/chunked.json" | grep -oE '[0-9]+$')" ] ||
+    fail "$m: --dry-run and the merge chunk different tensors"
   same_bytes "$S/whole_$m" "$S/chunked_$m"
   # two compute workers (what a GPU gets), whole and chunked: jobs interleave
   # in the write queue, the bytes and hashes may not change
@@ -103,11 +108,22 @@ expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.weight' has XXH3" "$MS_BI
 expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --force --quiet
 
+# --dry-run: the plan, nothing read or written (not even with -o); recipe
+# errors still fail
+"$MS_BIN" merge "$WORK/ties.yml" --dry-run --json > "$WORK/dry.json"
+grep -qE '"dry_run":[[:space:]]*true' "$WORK/dry.json" || fail "--dry-run: no dry_run in the JSON"
+[ "$(grep -c '"action":' "$WORK/dry.json")" -eq "$(grep -oE '"tensors":[[:space:]]*[0-9]+' "$WORK/dry.json" | grep -oE '[0-9]+$')" ] ||
+  fail "--dry-run: one jobs entry per tensor"
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/dry_out" --dry-run 2> "$WORK/dry.err"
+grep -q "dry run: ties over 3 models: .*nothing was read or written" "$WORK/dry.err" || { cat "$WORK/dry.err"; fail "--dry-run summary"; }
+[ ! -e "$WORK/dry_out" ] || fail "--dry-run created the output directory"
+
 # recipe errors: exit 2 naming the key and line
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1, densty: 0.2}\n' > "$WORK/typo.yml"
 expect_fail 2 "typo.yml:5: .*densty" "$MS_BIN" merge "$WORK/typo.yml" -o "$WORK/o1"
 printf 'merge_method: tiez\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n' > "$WORK/method.yml"
 expect_fail 2 "method.yml:1: .*tiez" "$MS_BIN" merge "$WORK/method.yml" -o "$WORK/o2"
+expect_fail 2 "method.yml:1: .*tiez" "$MS_BIN" merge "$WORK/method.yml" --dry-run
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: meta-llama/Llama-3.2-1B\n    parameters: {weight: 1}\n' > "$WORK/hub.yml"
 expect_fail 2 "hub.yml:4: .*does not download" "$MS_BIN" merge "$WORK/hub.yml" -o "$WORK/o3"
 [ ! -e "$WORK/o1" ] && [ ! -e "$WORK/o2" ] && [ ! -e "$WORK/o3" ] || fail "a failed merge left an output directory"
