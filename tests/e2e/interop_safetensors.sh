@@ -2,10 +2,11 @@
 # validator) reads what gen_model and the shard writer produce: single and
 # sharded models, F32/F16/BF16, a PEFT adapter. Skipped (77) when python3 with
 # safetensors and numpy is missing; MS_PYTHON may name another interpreter
-# (e.g. a virtual environment's).
+# (e.g. a virtual environment's), else MS_INTEROP_VENV's is used when set.
 source "$(dirname "$0")/lib.bash"
 
-PY=${MS_PYTHON:-python3}
+PY=${MS_PYTHON:-${MS_INTEROP_VENV:+$MS_INTEROP_VENV/bin/python}}
+PY=${PY:-python3}
 "$PY" -c 'import safetensors, numpy' 2>/dev/null || { echo "safetensors/numpy not installed: skipped"; exit 77; }
 
 "$MS_GEN" base "$WORK/single" --preset tiny --dtype bf16 --seed 1
