@@ -7,7 +7,8 @@
 #   python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
 #
 # What must hold, per method (bench/RESULTS.md has the figures):
-#   same values    ties (gradients, filters, slices, added tokens with
+#   same values    mergekit's own slerp example (bf16 models, slices,
+#                  t gradients per filter), ties (gradients, filters, slices, added tokens with
 #                  tokenizer_source base, int8_mask, out_dtype bfloat16),
 #                  task_arithmetic, ram, ramplus_tl, passthrough slices
 #   a few ulps     linear, a LoRA adapter applied (mergekit through PEFT),
@@ -39,6 +40,8 @@ cd "$WORK"
 "$MS_GEN" finetune base ft2 --seed 3
 "$MS_GEN" finetune base ft_vocab --seed 5 --extra-vocab 4 # added tokens
 "$MS_GEN" lora base lora --seed 7 --rank 4 --targets all-linear
+"$MS_GEN" base base16 --preset tiny --dtype bf16 --seed 1 # for mergekit's own slerp example
+"$MS_GEN" finetune base16 ft16 --seed 2
 
 cat > compare.py <<'PYEOF'
 """compare.py OURS THEIRS BUDGET: every tensor of both, element by element;
@@ -80,10 +83,11 @@ PYEOF
 
 fails=0
 # check NAME BUDGET RECIPE-LINES... (BUDGET: "same", or compare.py's fraction);
-# "dtype: float32" is appended
+# "dtype: float32" is appended unless the recipe sets a dtype
 check() {
   local name=$1 budget=$2; shift 2
-  printf '%s\n' "$@" "dtype: float32" > "$name.yml"
+  printf '%s\n' "$@" > "$name.yml"
+  grep -q '^dtype:' "$name.yml" || echo "dtype: float32" >> "$name.yml"
   "$MS_BIN" merge "$name.yml" -o "ours_$name" --quiet
   "$V/bin/mergekit-yaml" "$name.yml" "theirs_$name" --lora-merge-cache lora_cache > "mergekit_$name.log" 2>&1 ||
     { tail -5 "mergekit_$name.log"; fail "$name: mergekit failed"; }
@@ -135,6 +139,9 @@ check slerp_gradient 0 "merge_method: slerp" "base_model: ./base" "models:" "  -
 check slerp_slices 0 "merge_method: slerp" "base_model: ./base" "slices:" "  - sources:" \
   "      - {model: ./base, layer_range: [0, 2]}" "      - {model: ./ft1, layer_range: [0, 2]}" \
   "    parameters:" "      t: [0.3, 0.6]" "parameters: {t: 0.95}"
+check slerp_example_bf16 same "slices:" "  - sources:" "      - model: ./base16" "        layer_range: [0, 2]" \
+  "      - model: ./ft16" "        layer_range: [0, 2]" "merge_method: slerp" "base_model: ./base16" "parameters:" \
+  "${SLERP_T[@]}" "dtype: bfloat16"
 check model_stock 0 "merge_method: model_stock" "base_model: ./base" "models:" "  - model: ./ft1" "  - model: ./ft2"
 check model_stock_fw 0 "merge_method: model_stock" "base_model: ./base" "models:" "  - model: ./ft1" \
   "  - model: ./ft2" "parameters: {filter_wise: true}"
