@@ -11,20 +11,20 @@
 #include <cjson/cJSON.h>
 
 #include "cpu/cpu_pool.h"
+#include "io/checksum.h"
 #include "io/io_engine.h"
+#include "io/range_hash.h"
 #include "io/st_writer.h"
 #include "pipeline/backend_registry.h"
 #include "pipeline/cli.h"
-#include "io/range_hash.h"
-#include "io/checksum.h"
 #include "pipeline/manifest.h"
+#include "pipeline/merge_dry_run.h"
 #include "pipeline/merge_journal.h"
 #include "pipeline/merge_plan.h"
 #include "pipeline/merge_run.h"
 #include "pipeline/output_dir.h"
 #include "pipeline/progress.h"
 #include "pipeline/size_parse.h"
-#include "pipeline/merge_dry_run.h"
 #include "pipeline/staging_pool.h"
 #include "pipeline/verify_output.h"
 

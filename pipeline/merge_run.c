@@ -476,8 +476,6 @@ typedef struct worker_arg {
     unsigned worker;
 } worker_arg;
 
-/* One compute worker: computes the items of its queue in order. The last
- * worker to stop closes the write queue. */
 /* NaN or Inf values among n elements of dtype (all exponent bits set). */
 static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
 {
@@ -516,6 +514,8 @@ static void account_output(run_ctx *ctx, run_item *it, ms_hasher *h)
         it->tensor_hash = ms_hasher_digest(h);
 }
 
+/* One compute worker: computes the items of its queue in order. The last
+ * worker to stop closes the write queue. */
 static void *compute_main(void *arg)
 {
     run_ctx *ctx = ((worker_arg *)arg)->ctx;
