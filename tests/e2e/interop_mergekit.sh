@@ -1,16 +1,19 @@
 # Interoperability: the same recipes through mergekit (mergekit-yaml, torch
-# on the CPU) and through mergestream, on generated float32 models, compared
-# tensor by tensor. Optional and heavy (mergekit pulls torch): it runs only
-# when MS_INTEROP_VENV names a Python environment with mergekit installed
-# (its bin/mergekit-yaml and bin/python, with safetensors and numpy), else it
+# on the CPU) and through mergestream, on generated float32 models (one
+# bfloat16 pair), compared tensor by tensor. Optional and heavy (mergekit
+# pulls torch): it runs only when MS_INTEROP_VENV names a Python environment
+# with mergekit installed (its bin/mergekit-yaml and bin/python), else it
 # skips (77). Set it up with:
 #   python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install mergekit
 #
-# What must hold, per method (bench/RESULTS.md has the figures):
-#   same values    mergekit's own slerp example (bf16 models, slices,
-#                  t gradients per filter), ties (gradients, filters, slices, added tokens with
-#                  tokenizer_source base, int8_mask, out_dtype bfloat16),
-#                  task_arithmetic, ram, ramplus_tl, passthrough slices
+# What must hold, per recipe (bench/RESULTS.md has the figures):
+#   same values    mergekit's own slerp example (bf16 models, a slice, t
+#                  gradients per filter); ties (gradients, filters, slices,
+#                  added tokens with tokenizer_source base, int8_mask,
+#                  out_dtype bfloat16); dare_ties and dare_linear at density
+#                  1; task_arithmetic (also with parameters it does not use,
+#                  ignored as mergekit ignores them); ram, ramplus_tl;
+#                  passthrough slices
 #   a few ulps     linear, a LoRA adapter applied (mergekit through PEFT),
 #                  slerp (scalar, gradients, slices), model_stock (and
 #                  filter_wise), nearswap, sce, multislerp, karcher, nuslerp
@@ -29,7 +32,7 @@ source "$(dirname "$0")/lib.bash"
 
 V=${MS_INTEROP_VENV:-}
 if [ -z "$V" ] || [ ! -x "$V/bin/mergekit-yaml" ] ||
-  ! "$V/bin/python" -c 'import safetensors, numpy' 2>/dev/null; then
+  ! "$V/bin/python" -c 'import safetensors, torch' 2>/dev/null; then
   echo "MS_INTEROP_VENV does not name an environment with mergekit: skipped"
   exit 77
 fi
