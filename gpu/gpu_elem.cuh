@@ -1,7 +1,7 @@
 /* What the CUDA merge kernel files share (private to gpu/; include after
  * gpu/gpu_internal.h): loads and stores of tensor elements in their
  * safetensors dtypes (pipeline/merge_math.h's conversions, so the bits are
- * the CPU's), grid sizes, warp histogram counts, the fp64 sums' block
+ * the CPU's), grid sizes, buffer layout, warp histogram counts, the fp64 sums' block
  * ranges, the tie positions' scan, the test-only trap kernel. */
 #ifndef MS_GPU_ELEM_CUH
 #define MS_GPU_ELEM_CUH
@@ -62,6 +62,34 @@ __device__ __forceinline__ void gpu_block_range(uint64_t elem0, uint64_t n, uint
     uint64_t a = (elem0 / MS_MERGE_BLOCK + k) * MS_MERGE_BLOCK, b = a + MS_MERGE_BLOCK;
     *lo = a < elem0 ? elem0 : a;
     *hi = b > elem0 + n ? elem0 + n : b;
+}
+
+/* A call's device memory is one pool request cut into buffers, each at an
+ * offset aligned to GPU_BUF_ALIGN; ok turns false when a size overflows. */
+#define GPU_BUF_ALIGN 256u
+typedef struct gpu_buf_acc {
+    uint64_t off;
+    bool ok;
+} gpu_buf_acc;
+
+/* Reserves count * size bytes (aligned) and returns their offset. */
+static inline uint64_t gpu_buf_take(gpu_buf_acc *acc, uint64_t count, uint64_t size)
+{
+    uint64_t bytes, at = acc->off;
+    if (__builtin_mul_overflow(count, size, &bytes) || bytes > UINT64_MAX - GPU_BUF_ALIGN) {
+        acc->ok = false;
+        return 0;
+    }
+    bytes = (bytes + GPU_BUF_ALIGN - 1) / GPU_BUF_ALIGN * GPU_BUF_ALIGN;
+    if (__builtin_add_overflow(acc->off, bytes, &acc->off))
+        acc->ok = false;
+    return at;
+}
+
+/* Bytes of one element of a chunk buffer (F32, F16 or BF16). */
+static inline uint64_t gpu_dtype_size(st_dtype dt)
+{
+    return dt == ST_F32 ? 4 : 2;
 }
 
 #define GPU_SUM_RUN 8u /* terms computed ahead of their additions */

@@ -51,7 +51,6 @@
 #define GM_DELLA_WIN_ELEMS ((uint64_t)1 << 22)  /* della sort window: whole rows, about this many elements */
 #define GM_DELLA_BITS 4u
 #define GM_DELLA_DIGITS (1u << GM_DELLA_BITS)
-#define GM_ALIGN 256u
 #define GM_NONE UINT64_MAX                      /* layout offset: region absent */
 
 /* della's sort window; only gpu_merge_set_della_window_for_tests changes it
@@ -146,31 +145,6 @@ typedef struct gm_layout {
     uint64_t work_bytes;
 } gm_layout;
 
-typedef struct gm_acc {
-    uint64_t off;
-    bool ok;
-} gm_acc;
-
-/* Reserves count * size bytes (aligned) and returns their offset; on
- * overflow marks the accumulator failed. */
-static uint64_t gm_take(gm_acc *acc, uint64_t count, uint64_t size)
-{
-    uint64_t bytes, at = acc->off;
-    if (__builtin_mul_overflow(count, size, &bytes) || bytes > UINT64_MAX - GM_ALIGN) {
-        acc->ok = false;
-        return 0;
-    }
-    bytes = (bytes + GM_ALIGN - 1) / GM_ALIGN * GM_ALIGN;
-    if (__builtin_add_overflow(acc->off, bytes, &acc->off))
-        acc->ok = false;
-    return at;
-}
-
-static uint64_t gm_dtype_size(st_dtype dt)
-{
-    return dt == ST_F32 ? 4 : 2;
-}
-
 static bool gm_needs_mask(const gm_plan *pl, ms_merge_pass_kind kind, unsigned i)
 {
     if (kind == MS_MERGE_PASS_L1)
@@ -203,7 +177,7 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
     bool hist = kind == MS_MERGE_PASS_HIST_HI || kind == MS_MERGE_PASS_HIST_LO;
     bool rows = kind == MS_MERGE_PASS_L1 || kind == MS_MERGE_PASS_APPLY;
 
-    gm_acc acc = {0, true};
+    gpu_buf_acc acc = {0, true};
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
         L->in_off[i] = GM_NONE;
     for (unsigned i = 0; i <= p->n_models; i++) {
@@ -218,19 +192,19 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
             need = true;
         if (!need)
             continue;
-        L->in_bytes[i] = n * gm_dtype_size(p->in_dtype[i]); /* <= 4 n: no overflow past n's check below */
-        L->in_off[i] = gm_take(&acc, n, gm_dtype_size(p->in_dtype[i]));
+        L->in_bytes[i] = n * gpu_dtype_size(p->in_dtype[i]); /* <= 4 n: no overflow past n's check below */
+        L->in_off[i] = gpu_buf_take(&acc, n, gpu_dtype_size(p->in_dtype[i]));
     }
     L->out_off = GM_NONE;
     if (kind == MS_MERGE_PASS_APPLY) {
-        L->out_bytes = n * gm_dtype_size(p->out_dtype);
-        L->out_off = gm_take(&acc, n, gm_dtype_size(p->out_dtype));
+        L->out_bytes = n * gpu_dtype_size(p->out_dtype);
+        L->out_off = gpu_buf_take(&acc, n, gpu_dtype_size(p->out_dtype));
     }
     L->data_bytes = acc.off;
     if (!acc.ok || n > UINT64_MAX / 4)
         return false;
 
-    gm_acc w = {0, true};
+    gpu_buf_acc w = {0, true};
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++) {
         L->hist_off[i][0] = L->hist_off[i][1] = GM_NONE;
         L->l1_off[i] = L->mask_off[i] = GM_NONE;
@@ -241,18 +215,18 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
     /* results, copied back */
     for (unsigned i = 1; i <= p->n_models; i++) {
         if (kind == MS_MERGE_PASS_HIST_HI && (pl->search[i][0] || pl->search[i][1]))
-            L->hist_off[i][0] = gm_take(&w, MS_MERGE_HI_BINS, sizeof(uint64_t));
+            L->hist_off[i][0] = gpu_buf_take(&w, MS_MERGE_HI_BINS, sizeof(uint64_t));
         if (kind == MS_MERGE_PASS_HIST_LO)
             for (unsigned bd = 0; bd < 2; bd++)
                 if (pl->search[i][bd])
-                    L->hist_off[i][bd] = gm_take(&w, MS_MERGE_LO_BINS, sizeof(uint64_t));
+                    L->hist_off[i][bd] = gpu_buf_take(&w, MS_MERGE_LO_BINS, sizeof(uint64_t));
     }
     if (rows && pl->any_split)
-        L->tot_off = gm_take(&w, (MS_MAX_MODELS + 1) * 2, sizeof(uint64_t));
+        L->tot_off = gpu_buf_take(&w, (MS_MAX_MODELS + 1) * 2, sizeof(uint64_t));
     if (kind == MS_MERGE_PASS_L1)
         for (unsigned i = 1; i <= p->n_models; i++)
             if (pl->rescale[i])
-                L->l1_off[i] = gm_take(&w, 2 * L->n_blocks, sizeof(double));
+                L->l1_off[i] = gpu_buf_take(&w, 2 * L->n_blocks, sizeof(double));
     L->res_bytes = w.off;
     /* device-only scratch */
     bool della = false;
@@ -260,11 +234,11 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
         for (unsigned bd = 0; bd < 2 && pl->any_split; bd++) {
             if (!pl->split[i][bd])
                 continue;
-            L->cnt_off[i][bd] = gm_take(&w, L->n_seg, sizeof(uint64_t));
-            L->start_off[i][bd] = gm_take(&w, L->n_seg, sizeof(uint64_t));
+            L->cnt_off[i][bd] = gpu_buf_take(&w, L->n_seg, sizeof(uint64_t));
+            L->start_off[i][bd] = gpu_buf_take(&w, L->n_seg, sizeof(uint64_t));
         }
         if (gm_needs_mask(pl, kind, i)) {
-            L->mask_off[i] = gm_take(&w, n, 1);
+            L->mask_off[i] = gpu_buf_take(&w, n, 1);
             della |= pl->sel[i] == MS_MERGE_SEL_DELLA;
         }
     }
@@ -278,8 +252,8 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
         uint64_t elems;
         if (__builtin_mul_overflow(win, p->cols, &elems))
             return false;
-        L->sort_off[0] = gm_take(&w, elems, sizeof(uint64_t));
-        L->sort_off[1] = gm_take(&w, elems, sizeof(uint64_t));
+        L->sort_off[0] = gpu_buf_take(&w, elems, sizeof(uint64_t));
+        L->sort_off[1] = gpu_buf_take(&w, elems, sizeof(uint64_t));
     }
     L->work_bytes = w.off;
     return w.ok;

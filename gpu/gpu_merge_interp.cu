@@ -69,7 +69,6 @@ extern "C" {
 #define GI_THREADS 256u            /* threads per block of the element kernels */
 #define GI_SUM_THREADS 64u         /* threads per block of the sequential-sum kernels */
 #define GI_MAX_GRID 65536u         /* grid-stride kernels: at most this many blocks */
-#define GI_ALIGN 256u
 #define GI_NONE UINT64_MAX         /* layout: region absent / chunk position unknown */
 #define GI_COUNT_WORDS (2u * (MS_MAX_MODELS + 1)) /* COUNT results: shared[0..16], unique[0..16] */
 
@@ -266,30 +265,15 @@ typedef struct gi_layout {
     uint64_t total;
 } gi_layout;
 
-typedef struct gi_acc {
-    uint64_t off;
-    bool ok;
-} gi_acc;
-
-/* Reserves a * b * size bytes (aligned) and returns their offset; on
- * overflow marks the accumulator failed. */
-static uint64_t gi_take(gi_acc *acc, uint64_t a, uint64_t b, uint64_t size)
+/* Reserves a * b * size bytes (aligned) and returns their offset (gpu_buf_take). */
+static uint64_t gi_take(gpu_buf_acc *acc, uint64_t a, uint64_t b, uint64_t size)
 {
-    uint64_t count, bytes, at = acc->off;
-    if (__builtin_mul_overflow(a, b, &count) || __builtin_mul_overflow(count, size, &bytes) ||
-        bytes > UINT64_MAX - GI_ALIGN) {
+    uint64_t count;
+    if (__builtin_mul_overflow(a, b, &count)) {
         acc->ok = false;
         return 0;
     }
-    bytes = (bytes + GI_ALIGN - 1) / GI_ALIGN * GI_ALIGN;
-    if (__builtin_add_overflow(acc->off, bytes, &acc->off))
-        acc->ok = false;
-    return at;
-}
-
-static uint64_t gi_dtype_size(st_dtype dt)
-{
-    return dt == ST_F32 ? 4 : 2;
+    return gpu_buf_take(acc, count, size);
 }
 
 /* Fills L for a chunk of n_rows rows starting at row row0 (GI_NONE: unknown,
@@ -320,7 +304,7 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
     for (unsigned r = 0; r < MS_INTERP_MAX_RANKS; r++)
         L->lo_off[r] = GI_NONE;
     bool sel_pass = nd->kind == MS_MERGE_PASS_SUMSQ || nd->kind == MS_MERGE_PASS_APPLY;
-    gi_acc acc = {0, true};
+    gpu_buf_acc acc = {0, true};
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
     case MS_MERGE_PASS_SUMSQ:
@@ -371,12 +355,12 @@ static bool gi_layout_compute(const ms_tensor_params *p, const gi_need *nd, uint
         L->in_off[i] = GI_NONE;
         if (i > p->n_models || !nd->slot[i])
             continue;
-        L->in_bytes[i] = n * gi_dtype_size(p->in_dtype[i]);
-        L->in_off[i] = gi_take(&acc, n, 1, gi_dtype_size(p->in_dtype[i]));
+        L->in_bytes[i] = n * gpu_dtype_size(p->in_dtype[i]);
+        L->in_off[i] = gi_take(&acc, n, 1, gpu_dtype_size(p->in_dtype[i]));
     }
     if (apply) {
-        L->out_bytes = n * gi_dtype_size(p->out_dtype);
-        L->out_off = gi_take(&acc, n, 1, gi_dtype_size(p->out_dtype));
+        L->out_bytes = n * gpu_dtype_size(p->out_dtype);
+        L->out_off = gi_take(&acc, n, 1, gpu_dtype_size(p->out_dtype));
     }
     if (apply && nd->apply == MS_INTERP_APPLY_STOCK_ROWS) {
         uint64_t segs;
