@@ -84,4 +84,9 @@ printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./model
 expect_fail 2 "two.yml:4: .*several sources" "$MS_BIN" merge "$WORK/two.yml" -o "$WORK/o3"
 printf 'merge_method: ties\nbase_model: ./models/base\nslices:\n  - sources:\n      - model: ./models/ft\n        layer_range: [0, 1]\n' > "$WORK/ties.yml"
 expect_fail 2 "ties.yml:4: slices\[0\] does not list the base_model" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o4"
+# the last slice's source gives lm_head: a tied model has none
+"$MS_GEN" base "$M/tied" --preset tiny --dtype bf16 --seed 5 --tie-embeddings
+printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./models/base\n        layer_range: [0, 2]\n  - sources:\n      - model: ./models/tied\n        layer_range: [0, 1]\n' > "$WORK/tied.yml"
+expect_fail 3 "tied.yml: tensor 'lm_head.weight' is missing from './models/tied' \(slices\[1\].sources\[0\]\)" \
+  "$MS_BIN" merge "$WORK/tied.yml" -o "$WORK/o5"
 echo "merge_passthrough: ok"
