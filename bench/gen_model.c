@@ -51,6 +51,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cpu/cpu_clones.h"
 #include "io/atomic_file.h"
 #include "io/checksum.h"
 #include "io/model_dir.h"
@@ -97,15 +98,10 @@ static inline float normal_from(uint64_t r)
  * for AVX-512 / AVX2. The arithmetic is integer plus exact or correctly
  * rounded fp32 operations with no contraction (-ffp-contract=off), so every
  * clone and every tail writes the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GEN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GEN_CLONES
-#endif
 #define GEN_BLOCK 16
 
 /* f[i] = add + scale * normal(stream key, element e0 + i). */
-GEN_CLONES static void normals_fill(float *restrict f, size_t n, uint64_t key, uint64_t e0, float add, float scale)
+CPU_CLONES static void normals_fill(float *restrict f, size_t n, uint64_t key, uint64_t e0, float add, float scale)
 {
     size_t i = 0;
     for (; i + GEN_BLOCK <= n; i += GEN_BLOCK)
@@ -129,7 +125,7 @@ static inline float delta_one(float v, uint64_t pick_key, uint64_t value_key, ui
     return ms_f32_from_bits((ms_f32_bits(d) & touched) | (ms_f32_bits(v) & ~touched));
 }
 
-GEN_CLONES static void deltas_add(float *restrict f, size_t n, uint64_t pick_key, uint64_t value_key, uint64_t e0,
+CPU_CLONES static void deltas_add(float *restrict f, size_t n, uint64_t pick_key, uint64_t value_key, uint64_t e0,
                                   uint32_t touched_below, uint32_t outlier_below, float small, float big)
 {
     size_t i = 0;
@@ -184,7 +180,7 @@ static const dtype_info *dtype_by_st(st_dtype d)
     return NULL;
 }
 
-GEN_CLONES static void floats_to_bf16(const float *restrict in, size_t n, uint16_t *restrict o)
+CPU_CLONES static void floats_to_bf16(const float *restrict in, size_t n, uint16_t *restrict o)
 {
     size_t i = 0;
     for (; i + GEN_BLOCK <= n; i += GEN_BLOCK)
@@ -208,7 +204,7 @@ static void floats_store(const float *in, size_t n, st_dtype d, void *out)
     }
 }
 
-GEN_CLONES static void bf16_to_floats(const uint16_t *restrict h, size_t n, float *restrict out)
+CPU_CLONES static void bf16_to_floats(const uint16_t *restrict h, size_t n, float *restrict out)
 {
     size_t i = 0;
     for (; i + GEN_BLOCK <= n; i += GEN_BLOCK)

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
 #include "cpu/cpu_merge_hessian.h"
 #include "cpu/cpu_merge_interp.h"
 #include "pipeline/merge_math.h"
@@ -258,14 +259,8 @@ static int ctx_alloc(cpu_ctx *x)
 
 /* ========================================================= load / store */
 
-/* The tile kernels are cloned for AVX-512 / AVX2 (they are the hot loops and
- * gcc vectorises them); without contraction every clone performs the same
- * IEEE operations in the same order, so all write the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CPU_CLONES
-#endif
+/* The tile kernels are the hot loops: gcc vectorises them and CPU_CLONES
+ * (cpu/cpu_clones.h) compiles them for AVX-512 and AVX2. */
 #define CPU_INLINE static inline __attribute__((always_inline))
 
 /* Element j of raw little-endian src of dtype dt (a constant where inlined)

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_hessian.h"
 #include "pipeline/merge_passes_hessian.h"
@@ -96,13 +97,6 @@ _Static_assert(HESS_LANES % 4 == 0 && HESS_LANES > 0, "lanes come in quads");
 #define HESS_PREFETCH_ROWS 8u /* rows of G ahead: four passes */
 #define HESS_ALIGN 64u
 
-/* The kernels are cloned for AVX-512 / AVX2; without contraction every
- * clone performs the same IEEE operations in the same order (cpu_merge.c). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HESS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HESS_CLONES
-#endif
 /* Helpers of the cloned loops: inlined, so they compile for each clone's ISA. */
 #define HESS_INLINE static inline __attribute__((always_inline))
 
@@ -160,7 +154,7 @@ typedef struct hess_ctx {
  * a tile of b stays in L1 while G streams by, two rows of G per pass. A
  * pass reads only a short piece of each row, too short for the hardware
  * prefetcher: the rows HESS_PREFETCH_ROWS ahead are prefetched by hand. */
-HESS_CLONES static void regmean_accumulate(double *restrict b, const double *restrict t, const float *restrict g,
+CPU_CLONES static void regmean_accumulate(double *restrict b, const double *restrict t, const float *restrict g,
                                            uint64_t n)
 {
     for (uint64_t j0 = 0; j0 < n; j0 += HESS_JTILE) {
@@ -208,7 +202,7 @@ HESS_CLONES static void regmean_accumulate(double *restrict b, const double *res
  * s_j) / L_jj with s_j = sum_{k<j} L_jk z_k sequential from 0.0. Rows j and
  * j + 1 are summed together (each its own chain, in k order) so that each
  * z_k is loaded once for both. */
-HESS_CLONES static void regmean_forward(const double *restrict L, uint64_t n, const double *restrict b,
+CPU_CLONES static void regmean_forward(const double *restrict L, uint64_t n, const double *restrict b,
                                         double *restrict z)
 {
     uint64_t j = 0;
@@ -270,7 +264,7 @@ HESS_CLONES static void regmean_forward(const double *restrict L, uint64_t n, co
  * Columns j and j - 1 are taken together: z_{j-1} gets its update from y_j
  * first, and every other z_k its two updates in the same order (j, then
  * j - 1), so each z_k is loaded and stored once for both. */
-HESS_CLONES static void regmean_backward(const double *restrict L, uint64_t n, double *restrict z,
+CPU_CLONES static void regmean_backward(const double *restrict L, uint64_t n, double *restrict z,
                                          double *restrict y)
 {
     uint64_t j = n;

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_interp.h"
 #include "pipeline/merge_passes_interp.h"
@@ -38,11 +39,6 @@
 #define IX_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* 2^24 */
 #define IX_ALIGN 64u
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define IX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define IX_CLONES
-#endif
 /* Helpers of the cloned loops: inlined, so they compile for each clone's ISA. */
 #define IX_INLINE static inline __attribute__((always_inline))
 
@@ -503,7 +499,7 @@ static unsigned gram_group_lanes(const ms_interp_state *is)
  * continuing from acc[i * q ...]: a group of segments at a time as the
  * lanes of one or two quads (a quad's missing lanes are zeros, their sums
  * dropped). */
-IX_CLONES static void gram_run(const ix_ctx *x, ix_scratch *s, const uint64_t *start, unsigned nseg,
+CPU_CLONES static void gram_run(const ix_ctx *x, ix_scratch *s, const uint64_t *start, unsigned nseg,
                                uint64_t len, double *acc)
 {
     unsigned K = x->is->n_vecs, q = x->is->n_sums, G = gram_group_lanes(x->is);
@@ -624,7 +620,7 @@ static void task_line_rows(void *vx, unsigned task, unsigned worker)
 /* LINE_GRAM, columns: the task's columns over the window's rows, each
  * column's open 65,536-row block in line_open, added to line_sum when the
  * block completes. */
-IX_CLONES static void task_line_cols(void *vx, unsigned task, unsigned worker)
+CPU_CLONES static void task_line_cols(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
@@ -1076,7 +1072,7 @@ IX_INLINE void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, 
     }
 }
 
-IX_CLONES static void task_apply(void *vx, unsigned task, unsigned worker)
+CPU_CLONES static void task_apply(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
@@ -1117,7 +1113,7 @@ IX_INLINE void row_line_mix(const ix_ctx *x, ix_scratch *s, uint64_t r)
 }
 
 /* APPLY over whole rows: nuslerp lines, model_stock filter_wise, arcee_fusion. */
-IX_CLONES static void task_apply_rows(void *vx, unsigned task, unsigned worker)
+CPU_CLONES static void task_apply_rows(void *vx, unsigned task, unsigned worker)
 {
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
 #include "pipeline/merge_math.h"
 
 #define CONVERT_TILE 2048u
@@ -81,5 +82,49 @@ void cpu_convert(const void *in, st_dtype in_dt, void *out, st_dtype out_dt, uin
         convert_widen(src + done * (uint64_t)in_size, in_dt, tile, m);
         convert_narrow(tile, dst + done * (uint64_t)out_size, out_dt, m);
         done += m;
+    }
+}
+
+/* Counts in blocks into 32-bit lanes, which vectorise 8 or 16 wide, instead
+ * of one 64-bit sum. */
+#define NONFINITE_BLOCK 4096u
+
+CPU_CLONES static uint64_t count_exp_all_ones16(const uint16_t *v, uint64_t n, uint16_t exp_mask)
+{
+    uint64_t count = 0;
+    for (uint64_t i = 0; i < n; i += NONFINITE_BLOCK) {
+        uint64_t m = n - i < NONFINITE_BLOCK ? n - i : NONFINITE_BLOCK;
+        uint32_t block = 0;
+        for (uint64_t j = 0; j < m; j++)
+            block += (v[i + j] & exp_mask) == exp_mask;
+        count += block;
+    }
+    return count;
+}
+
+CPU_CLONES static uint64_t count_exp_all_ones32(const uint32_t *v, uint64_t n)
+{
+    uint64_t count = 0;
+    for (uint64_t i = 0; i < n; i += NONFINITE_BLOCK) {
+        uint64_t m = n - i < NONFINITE_BLOCK ? n - i : NONFINITE_BLOCK;
+        uint32_t block = 0;
+        for (uint64_t j = 0; j < m; j++)
+            block += (v[i + j] & 0x7f800000u) == 0x7f800000u;
+        count += block;
+    }
+    return count;
+}
+
+uint64_t cpu_count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
+{
+    switch (dtype) {
+    case ST_F32:
+        return count_exp_all_ones32(buf, n);
+    case ST_BF16:
+        return count_exp_all_ones16(buf, n, 0x7f80u);
+    case ST_F16:
+        return count_exp_all_ones16(buf, n, 0x7c00u);
+    default:
+        return 0;
     }
 }

@@ -14,4 +14,9 @@
  * alignment and must not overlap. Never fails. */
 void cpu_convert(const void *in, st_dtype in_dt, void *out, st_dtype out_dt, uint64_t n);
 
+/* NaN and Inf values (every exponent bit set) among n elements of buf, of
+ * dtype F16, BF16 or F32; 0 for any other dtype. buf needs the dtype's
+ * alignment. The merge counts them in every output for its summary. */
+uint64_t cpu_count_nonfinite(const void *buf, st_dtype dtype, uint64_t n);
+
 #endif

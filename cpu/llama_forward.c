@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
+
 /* A broken invariant (a caller bug): cpu/ does not link io/'s MS_ASSERT. */
 #define LF_ASSERT(cond)                                                                                    \
     do {                                                                                                   \
@@ -19,14 +21,6 @@ _Noreturn static void lf_assert_fail(const char *file, int line, const char *wha
     fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
     abort();
 }
-
-/* The elementwise kernels are cloned for AVX-512 / AVX2. Without FMA
- * contraction (-ffp-contract=off) every clone does the same IEEE operations. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LF_CLONES
-#endif
 
 #define LF_LANES 16u      /* partial sums per reduction: a vectorisable fixed width */
 #define LF_ATTN_ROWS 512u /* query rows (all heads of a kv group) per attention GEMM */
@@ -433,7 +427,7 @@ typedef struct swiglu_job {
     uint64_t inter;
 } swiglu_job;
 
-LF_CLONES static void swiglu_row(float *restrict g, const float *restrict u, uint64_t n)
+CPU_CLONES static void swiglu_row(float *restrict g, const float *restrict u, uint64_t n)
 {
     for (uint64_t k = 0; k < n; k++)
         g[k] = (g[k] / (1.0f + lf_expf(-g[k]))) * u[k];
@@ -496,7 +490,7 @@ static uint64_t window_first(const uint32_t *pos, uint64_t i, uint64_t window)
 }
 
 /* Softmax of s[lo..hi] in place (inclusive), zeros elsewhere in [0, n). */
-LF_CLONES static void softmax_row(float *restrict s, uint64_t lo, uint64_t hi, uint64_t n)
+CPU_CLONES static void softmax_row(float *restrict s, uint64_t lo, uint64_t hi, uint64_t n)
 {
     float lane[LF_LANES];
     for (unsigned l = 0; l < LF_LANES; l++)
@@ -677,7 +671,7 @@ typedef struct nll_job {
 } nll_job;
 
 /* Max and sum of exp(l - mx) of one row of logits. */
-LF_CLONES static float row_max(const float *restrict l, uint64_t n)
+CPU_CLONES static float row_max(const float *restrict l, uint64_t n)
 {
     float lane[LF_LANES];
     for (unsigned k = 0; k < LF_LANES; k++)
@@ -694,7 +688,7 @@ LF_CLONES static float row_max(const float *restrict l, uint64_t n)
     return mx;
 }
 
-LF_CLONES static double row_sum_exp(const float *restrict l, uint64_t n, float mx)
+CPU_CLONES static double row_sum_exp(const float *restrict l, uint64_t n, float mx)
 {
     float lane[LF_LANES] = {0};
     double sum = 0;

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_clones.h"
 #include "cpu/dtype_convert.h"
 
 #define LORA_RB 4                 /* rows of a register tile */
@@ -14,15 +15,6 @@
 #define SUM_BLOCK 65536u          /* DESIGN.md's fixed-order reduction block */
 #define ROWS_PER_TASK_MIN 16u     /* pool tasks: at least this many rows ... */
 #define COLS_PER_TASK_MIN 256u    /* ... or columns (statistics pass) */
-
-/* The tile kernels are cloned for AVX-512 / AVX2; without contraction every
- * clone performs the same IEEE operations in the same order, so all write the
- * same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORA_CLONES
-#endif
 
 /* A broken invariant (a caller bug): cpu/ does not link io/'s MS_ASSERT. */
 #define LORA_ASSERT(cond)                                                                                  \
@@ -183,7 +175,7 @@ bool cpu_lora_needs_stats(const cpu_lora *l) { return l->dora && l->transposed; 
 /* out[ii][jj] += scale * sum_k L[ii][k] * R[k][jj] for a full LORA_RB x
  * LORA_CB tile: L points at the tile's first row (stride rank), R and out at
  * its first column (strides cols). */
-LORA_CLONES static void tile_add_full(const float *restrict L, uint64_t rank, const float *restrict R, uint64_t cols,
+CPU_CLONES static void tile_add_full(const float *restrict L, uint64_t rank, const float *restrict R, uint64_t cols,
                                       float scale, float *restrict out)
 {
     float acc[LORA_RB][LORA_CB];

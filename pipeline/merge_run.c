@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cpu/cpu_merge.h"
+#include "cpu/dtype_convert.h"
 #include "cpu/lora_delta.h"
 #include "io/checksum.h"
 #include "io/page_cache.h"
@@ -476,26 +477,6 @@ typedef struct worker_arg {
     unsigned worker;
 } worker_arg;
 
-/* NaN or Inf values among n elements of dtype (all exponent bits set). */
-static uint64_t count_nonfinite(const void *buf, st_dtype dtype, uint64_t n)
-{
-    uint64_t count = 0;
-    if (dtype == ST_F32) {
-        const uint32_t *v = buf;
-        for (uint64_t i = 0; i < n; i++)
-            count += (v[i] & 0x7f800000u) == 0x7f800000u;
-    } else if (dtype == ST_BF16) {
-        const uint16_t *v = buf;
-        for (uint64_t i = 0; i < n; i++)
-            count += (v[i] & 0x7f80u) == 0x7f80u;
-    } else if (dtype == ST_F16) {
-        const uint16_t *v = buf;
-        for (uint64_t i = 0; i < n; i++)
-            count += (v[i] & 0x7c00u) == 0x7c00u;
-    }
-    return count;
-}
-
 /* What the writer would otherwise do on its one thread, done here on the
  * compute worker that owns the job (a job's output items come to it in
  * order): the tensor's running hash, with its digest on the last item, and
@@ -508,7 +489,7 @@ static void account_output(run_ctx *ctx, run_item *it, ms_hasher *h)
         ms_hasher_reset(h);
     ms_hasher_update(h, it->out_buf, it->n_rows * row_bytes);
     if (job->kind == MS_JOB_MERGE)
-        ctx->results[it->job_index].nonfinite += count_nonfinite(it->out_buf, job->out_dtype,
+        ctx->results[it->job_index].nonfinite += cpu_count_nonfinite(it->out_buf, job->out_dtype,
                                                                  it->n_rows * job->params.cols);
     if (it->last_of_job)
         it->tensor_hash = ms_hasher_digest(h);
