@@ -51,7 +51,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_kernel.h"
 #include "io/atomic_file.h"
 #include "io/checksum.h"
 #include "io/model_dir.h"

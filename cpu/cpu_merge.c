@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_kernel.h"
 #include "cpu/cpu_merge_hessian.h"
 #include "cpu/cpu_merge_interp.h"
 #include "pipeline/merge_math.h"
@@ -40,19 +40,6 @@ void cpu_merge_set_windows_for_tests(uint64_t elems, uint64_t della_elems)
 {
     g_window_elems = elems ? elems : CPU_WINDOW_ELEMS;
     g_della_window_elems = della_elems ? della_elems : CPU_DELLA_WINDOW_ELEMS;
-}
-
-/* A broken invariant: cpu/ cannot link io/'s MS_ASSERT, so it has its own. */
-#define CPU_ASSERT(cond)                                                                                   \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            cpu_assert_fail(__FILE__, __LINE__, #cond);                                                    \
-    } while (0)
-
-_Noreturn static void cpu_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
 }
 
 /* ============================================================ scratch */
@@ -260,7 +247,7 @@ static int ctx_alloc(cpu_ctx *x)
 /* ========================================================= load / store */
 
 /* The tile kernels are the hot loops: gcc vectorises them and CPU_CLONES
- * (cpu/cpu_clones.h) compiles them for AVX-512 and AVX2. */
+ * (cpu/cpu_kernel.h) compiles them for AVX-512 and AVX2. */
 #define CPU_INLINE static inline __attribute__((always_inline))
 
 /* Element j of raw little-endian src of dtype dt (a constant where inlined)

@@ -7,24 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_kernel.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_hessian.h"
 #include "pipeline/merge_passes_hessian.h"
 
 #define HESS_TASKS_PER_WORKER 4u
-
-#define HESS_ASSERT(cond)                                                                                  \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            hess_assert_fail(__FILE__, __LINE__, #cond);                                                   \
-    } while (0)
-
-_Noreturn static void hess_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
-}
 
 /* ================================================================ keys */
 
@@ -62,7 +50,7 @@ static void hess_load(float *dst, const void *src, st_dtype dt, uint64_t off, si
         }
         break;
     default:
-        HESS_ASSERT(!"input dtype is not F16, BF16 or F32");
+        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
     }
 }
 
@@ -75,7 +63,7 @@ static void hess_store(void *dst, st_dtype dt, uint64_t off, const float *src, s
             uint32_t v = ms_merge_store_f32(src[j]);
             memcpy(d + (off + j) * 4, &v, 4);
         } else {
-            HESS_ASSERT(dt == ST_BF16 || dt == ST_F16);
+            CPU_ASSERT(dt == ST_BF16 || dt == ST_F16);
             uint16_t h = dt == ST_BF16 ? ms_merge_store_bf16(src[j]) : ms_merge_store_f16(src[j]);
             memcpy(d + (off + j) * 2, &h, 2);
         }
@@ -351,7 +339,7 @@ static void regmean_rows(const hess_ctx *x, hess_scratch *s, uint64_t row0, unsi
 int cpu_merge_hessian_solve_for_tests(const ms_hessian_state *hs, unsigned n_models, const float *tau, unsigned nr,
                                       double *y)
 {
-    HESS_ASSERT(hs && hs->regmean_solve && nr >= 1 && nr <= HESS_LANES);
+    CPU_ASSERT(hs && hs->regmean_solve && nr >= 1 && nr <= HESS_LANES);
     uint64_t n = hs->dim;
     double *b = calloc(n * HESS_LANES, sizeof *b), *z = calloc(n * HESS_LANES, sizeof *z);
     int rc = -ENOMEM;
@@ -429,12 +417,12 @@ static void *carve(unsigned char **at, uint64_t bytes)
 int cpu_merge_hessian_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned pass, const ms_chunk *c,
                                cpu_pool *pool)
 {
-    HESS_ASSERT(p->method == MS_METHOD_REGMEAN);
-    HESS_ASSERT(pass < st->n_passes && st->pass[pass] == MS_MERGE_PASS_APPLY);
-    HESS_ASSERT(c->elem0 == st->next_elem);
-    HESS_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
-    HESS_ASSERT(c->elem0 + c->n_elems <= p->numel && c->in[0]);
-    HESS_ASSERT(!st->hessian || !st->hessian->regmean_solve || st->hessian->dim == p->cols);
+    CPU_ASSERT(p->method == MS_METHOD_REGMEAN);
+    CPU_ASSERT(pass < st->n_passes && st->pass[pass] == MS_MERGE_PASS_APPLY);
+    CPU_ASSERT(c->elem0 == st->next_elem);
+    CPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
+    CPU_ASSERT(c->elem0 + c->n_elems <= p->numel && c->in[0]);
+    CPU_ASSERT(!st->hessian || !st->hessian->regmean_solve || st->hessian->dim == p->cols);
     if (c->n_elems == 0)
         return 0;
     unsigned nw = cpu_pool_size(pool);
@@ -466,7 +454,7 @@ int cpu_merge_hessian_run_pass(const ms_tensor_params *p, ms_merge_state *st, un
         s->base = carve(&at, cols * HESS_LANES * sizeof(float));
         s->out = carve(&at, cols * sizeof(float));
         s->x = carve(&at, cols * p->n_models * sizeof(float));
-        HESS_ASSERT(at <= m + wb);
+        CPU_ASSERT(at <= m + wb);
     }
     /* tasks of whole lane groups, about HESS_TASKS_PER_WORKER per worker */
     uint64_t want = (uint64_t)nw * HESS_TASKS_PER_WORKER;

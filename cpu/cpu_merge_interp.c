@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_kernel.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_interp.h"
 #include "pipeline/merge_passes_interp.h"
@@ -52,19 +52,6 @@ static uint64_t g_window = IX_WINDOW_ELEMS;
 void cpu_merge_interp_set_window_for_tests(uint64_t elems)
 {
     g_window = elems ? elems : IX_WINDOW_ELEMS;
-}
-
-/* A broken invariant (cpu/ does not link io/'s MS_ASSERT). */
-#define IX_ASSERT(cond)                                                                                    \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            ix_assert_fail(__FILE__, __LINE__, #cond);                                                     \
-    } while (0)
-
-_Noreturn static void ix_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
 }
 
 static uint64_t ix_min(uint64_t a, uint64_t b)
@@ -226,14 +213,14 @@ static int ctx_alloc(ix_ctx *x)
         CARVE(s->row, double, 2 * lay->row_cols);
         CARVE(s->hist, uint64_t, lay->hist_words);
 #undef CARVE
-        IX_ASSERT(o <= lay->worker_bytes);
+        CPU_ASSERT(o <= lay->worker_bytes);
         off += lay->worker_bytes;
     }
     x->blk = (double *)(mem + off);
     off += align_up(lay->max_blocks * lay->q * sizeof(double));
     x->task_pos = (uint64_t *)(mem + off);
     off += align_up(lay->max_tasks * sizeof(uint64_t));
-    IX_ASSERT(off <= lay->total);
+    CPU_ASSERT(off <= lay->total);
     return 0;
 }
 
@@ -278,7 +265,7 @@ IX_INLINE void ix_widen(float *restrict dst, const unsigned char *restrict src, 
         }
         break;
     default:
-        IX_ASSERT(!"input dtype is not F16, BF16 or F32");
+        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
     }
 }
 
@@ -324,7 +311,7 @@ IX_INLINE void ix_store(const ix_ctx *x, uint64_t e, const float *restrict src, 
         }
         break;
     default:
-        IX_ASSERT(!"output dtype is not F16, BF16 or F32");
+        CPU_ASSERT(!"output dtype is not F16, BF16 or F32");
     }
 }
 
@@ -338,7 +325,7 @@ static void part_elems(ix_ctx *x, uint64_t e0, uint64_t e1)
     uint64_t want = x->lay.max_tasks;
     x->bpt = (nb + want - 1) / want;
     x->n_tasks = (unsigned)((nb + x->bpt - 1) / x->bpt);
-    IX_ASSERT(x->n_tasks <= x->lay.max_tasks && nb <= x->lay.max_blocks);
+    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks && nb <= x->lay.max_blocks);
 }
 
 static void part_elem_range(const ix_ctx *x, unsigned task, uint64_t *a, uint64_t *b)
@@ -356,7 +343,7 @@ static void part_rows(ix_ctx *x, uint64_t r0, uint64_t r1)
     uint64_t want = x->lay.max_tasks, nr = r1 - r0;
     x->rpt = (nr + want - 1) / want;
     x->n_tasks = (unsigned)((nr + x->rpt - 1) / x->rpt);
-    IX_ASSERT(x->n_tasks <= x->lay.max_tasks);
+    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
 }
 
 static void part_row_range(const ix_ctx *x, unsigned task, uint64_t *ra, uint64_t *rb)
@@ -373,7 +360,7 @@ static void part_cols(ix_ctx *x, uint64_t r0, uint64_t r1)
     uint64_t want = x->lay.max_tasks, nc = x->p->cols;
     x->cpt = (nc + want - 1) / want;
     x->n_tasks = (unsigned)((nc + x->cpt - 1) / x->cpt);
-    IX_ASSERT(x->n_tasks <= x->lay.max_tasks);
+    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
 }
 
 /* ================================================================ Gram */
@@ -548,9 +535,9 @@ static void gram_rows(const ix_ctx *x, ix_scratch *s, uint64_t r, unsigned g, do
                 rowsum[i * q + k] = 0.0 + s->seg[i * q + k];
         return;
     }
-    IX_ASSERT(g == 1);
+    CPU_ASSERT(g == 1);
     uint64_t full = cols / MS_MERGE_BLOCK, nseg = (cols + MS_MERGE_BLOCK - 1) / MS_MERGE_BLOCK;
-    IX_ASSERT(nseg <= x->lay.max_segs);
+    CPU_ASSERT(nseg <= x->lay.max_segs);
     memset(s->seg, 0, (size_t)nseg * q * sizeof(double));
     for (uint64_t j = 0; j < nseg; j++)
         s->seg_start[j] = r * cols + j * MS_MERGE_BLOCK;
@@ -1002,7 +989,7 @@ IX_INLINE void tile_mix(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, co
         }
         first = false;
     }
-    IX_ASSERT(!first);
+    CPU_ASSERT(!first);
     if (is->add_base)
         for (size_t j = 0; j < n; j++)
             out[j] = base[j] + out[j];
@@ -1068,7 +1055,7 @@ IX_INLINE void tile_apply(const ix_ctx *x, ix_scratch *s, uint64_t e, size_t n, 
         break;
     }
     default:
-        IX_ASSERT(!"a row-wise APPLY in an element task");
+        CPU_ASSERT(!"a row-wise APPLY in an element task");
     }
 }
 
@@ -1138,7 +1125,7 @@ CPU_CLONES static void task_apply_rows(void *vx, unsigned task, unsigned worker)
                 }
             }
         } else {
-            IX_ASSERT(is->apply == MS_INTERP_APPLY_FUSION);
+            CPU_ASSERT(is->apply == MS_INTERP_APPLY_FUSION);
             double kl = is->row_kl[r], thr = is->threshold;
             for (uint64_t c = 0; c < cols; c += IX_TILE) {
                 size_t n = (size_t)ix_min(IX_TILE, cols - c);
@@ -1195,7 +1182,7 @@ static void run_elem_window(ix_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, 
         cpu_pool_run(pool, x->n_tasks, task_apply, x);
         break;
     default:
-        IX_ASSERT(!"not an element pass");
+        CPU_ASSERT(!"not an element pass");
     }
 }
 
@@ -1222,7 +1209,7 @@ static void run_row_window(ix_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, u
         cpu_pool_run(pool, x->n_tasks, task_apply_rows, x);
         break;
     default:
-        IX_ASSERT(!"not a row pass");
+        CPU_ASSERT(!"not a row pass");
     }
 }
 
@@ -1268,11 +1255,11 @@ static void workers_reduce(ix_ctx *x, ms_merge_pass_kind kind)
 int cpu_merge_interp_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned pass, const ms_chunk *c,
                               cpu_pool *pool)
 {
-    IX_ASSERT(pass < st->n_passes && st->interp);
-    IX_ASSERT(c->elem0 == st->next_elem);
-    IX_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
-    IX_ASSERT(c->elem0 + c->n_elems <= p->numel);
-    IX_ASSERT(!p->has_base || c->in[0]);
+    CPU_ASSERT(pass < st->n_passes && st->interp);
+    CPU_ASSERT(c->elem0 == st->next_elem);
+    CPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
+    CPU_ASSERT(c->elem0 + c->n_elems <= p->numel);
+    CPU_ASSERT(!p->has_base || c->in[0]);
     ms_merge_pass_kind kind = st->pass[pass];
     if (c->n_elems == 0)
         return 0;

@@ -5,20 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <stdio.h>
-
-/* A broken invariant (a caller bug): cpu/ does not link io/'s HESS_ASSERT. */
-#define HESS_ASSERT(cond)                                                                                  \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            hess_assert_fail(__FILE__, __LINE__, #cond);                                                   \
-    } while (0)
-
-_Noreturn static void hess_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
-}
+#include "cpu/cpu_kernel.h"
 
 struct cpu_hessian {
     uint64_t dim;
@@ -32,7 +19,7 @@ struct cpu_hessian {
 int cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
 {
     (void)ctx;
-    HESS_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx <= INT32_MAX && ldx >= dim);
+    CPU_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx <= INT32_MAX && ldx >= dim);
     cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)dim, (blasint)n_rows, 1.0f, x, (blasint)ldx, 1.0f, c,
                 (blasint)dim);
     return 0;
@@ -48,7 +35,7 @@ static void *hessian_alloc(uint64_t bytes) { return calloc(1, (size_t)bytes); }
 int cpu_hessian_open(uint64_t dim, uint64_t flush_rows, cpu_hessian **out)
 {
     *out = NULL;
-    HESS_ASSERT(dim > 0);
+    CPU_ASSERT(dim > 0);
     if (dim > (1u << 20) || dim * dim > SIZE_MAX / 8)
         return -EOVERFLOW;
     cpu_hessian *h = calloc(1, sizeof *h);
@@ -116,7 +103,7 @@ static int hessian_flush(cpu_hessian *h)
 
 int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ldx, cpu_gram_fn gram, void *gram_ctx)
 {
-    HESS_ASSERT(ldx >= h->dim);
+    CPU_ASSERT(ldx >= h->dim);
     while (n_rows > 0) {
         if (h->block == h->flush_rows) {
             int rc = hessian_flush(h);
@@ -150,7 +137,7 @@ static inline double hessian_upper(const cpu_hessian *h, uint64_t i, uint64_t j)
 void cpu_hessian_rows_out(const cpu_hessian *h, double scale, uint64_t row0, uint64_t n_rows, float *out)
 {
     uint64_t d = h->dim;
-    HESS_ASSERT(row0 <= d && n_rows <= d - row0);
+    CPU_ASSERT(row0 <= d && n_rows <= d - row0);
     /* On and above the diagonal: row i of the upper triangle, contiguous. */
     for (uint64_t r = 0; r < n_rows; r++) {
         uint64_t i = row0 + r;

@@ -7,20 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_clones.h"
-
-/* A broken invariant (a caller bug): cpu/ does not link io/'s MS_ASSERT. */
-#define LF_ASSERT(cond)                                                                                    \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            lf_assert_fail(__FILE__, __LINE__, #cond);                                                     \
-    } while (0)
-
-_Noreturn static void lf_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
-}
+#include "cpu/cpu_kernel.h"
 
 #define LF_LANES 16u      /* partial sums per reduction: a vectorisable fixed width */
 #define LF_ATTN_ROWS 512u /* query rows (all heads of a kv group) per attention GEMM */
@@ -167,7 +154,7 @@ static int blas_gemm(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k
 {
     (void)ctx;
     (void)flags; /* B is read in place: nothing to keep */
-    LF_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
+    CPU_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
               ldc <= INT32_MAX);
     if (m == 0 || n == 0)
         return 0;
@@ -283,9 +270,9 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
                    cpu_pool *pool, const cpu_llama_gemm *gemm, cpu_llama **out)
 {
     *out = NULL;
-    LF_ASSERT(cfg->hidden && cfg->intermediate && cfg->n_heads && cfg->n_kv_heads && cfg->head_dim && cfg->vocab);
-    LF_ASSERT(cfg->n_heads % cfg->n_kv_heads == 0 && cfg->head_dim % 2 == 0);
-    LF_ASSERT(max_tokens >= 1 && max_seq_tokens >= 1 && max_seq_tokens <= max_tokens && max_pos >= 1);
+    CPU_ASSERT(cfg->hidden && cfg->intermediate && cfg->n_heads && cfg->n_kv_heads && cfg->head_dim && cfg->vocab);
+    CPU_ASSERT(cfg->n_heads % cfg->n_kv_heads == 0 && cfg->head_dim % 2 == 0);
+    CPU_ASSERT(max_tokens >= 1 && max_seq_tokens >= 1 && max_seq_tokens <= max_tokens && max_pos >= 1);
     uint64_t total = cpu_llama_scratch_bytes(cfg, max_tokens, max_seq_tokens, max_pos);
     if (total == UINT64_MAX || total > SIZE_MAX)
         return -EOVERFLOW;
@@ -455,7 +442,7 @@ static void rope_rows(void *c, uint64_t r0, uint64_t r1)
     uint64_t hd = m->cfg.head_dim, half = hd / 2, ld = cpu_llama_qkv_rows(&m->cfg);
     uint64_t heads = m->cfg.n_heads + m->cfg.n_kv_heads; /* q heads, then k heads: contiguous */
     for (uint64_t r = r0; r < r1; r++) {
-        LF_ASSERT(j->pos[r] < m->max_pos);
+        CPU_ASSERT(j->pos[r] < m->max_pos);
         const float *cs = m->rope_cos + (uint64_t)j->pos[r] * half, *sn = m->rope_sin + (uint64_t)j->pos[r] * half;
         float *row = m->qkv + r * ld;
         for (uint64_t h = 0; h < heads; h++) {
@@ -605,7 +592,7 @@ int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_ll
              II = c->intermediate;
     const cpu_gemm_fn gemm = m->gemm.gemm;
     void *const ctx = m->gemm.ctx;
-    LF_ASSERT(T <= m->max_tokens && b->seq_start[0] == 0 && b->seq_start[b->n_seqs] == T);
+    CPU_ASSERT(T <= m->max_tokens && b->seq_start[0] == 0 && b->seq_start[b->n_seqs] == T);
     if (T == 0)
         return 0;
 
@@ -620,7 +607,7 @@ int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_ll
     par_rows(m, T, rope_rows, &rj);
     for (uint64_t s = 0; s < b->n_seqs; s++) {
         uint64_t r0 = b->seq_start[s], n = b->seq_start[s + 1] - r0;
-        LF_ASSERT(b->seq_start[s + 1] >= r0 && n <= m->max_seq);
+        CPU_ASSERT(b->seq_start[s + 1] >= r0 && n <= m->max_seq);
         if (n)
             LF_TRY(attend_sequence(m, r0, n, b->pos + r0));
     }
@@ -651,7 +638,7 @@ const float *cpu_llama_linear_input(const cpu_llama *m, cpu_llama_input which, u
     case CPU_LLAMA_IN_O: *ld = cpu_llama_q_dim(c); return m->attn;
     case CPU_LLAMA_IN_GATE_UP: *ld = c->hidden; return m->xn;
     case CPU_LLAMA_IN_DOWN: *ld = 2 * c->intermediate; return m->gu; /* the gate half holds silu(gate) * up */
-    default: LF_ASSERT(!"bad linear input"); return NULL;
+    default: CPU_ASSERT(!"bad linear input"); return NULL;
     }
 }
 

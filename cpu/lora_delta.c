@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_clones.h"
+#include "cpu/cpu_kernel.h"
 #include "cpu/dtype_convert.h"
 
 #define LORA_RB 4                 /* rows of a register tile */
@@ -15,19 +15,6 @@
 #define SUM_BLOCK 65536u          /* DESIGN.md's fixed-order reduction block */
 #define ROWS_PER_TASK_MIN 16u     /* pool tasks: at least this many rows ... */
 #define COLS_PER_TASK_MIN 256u    /* ... or columns (statistics pass) */
-
-/* A broken invariant (a caller bug): cpu/ does not link io/'s MS_ASSERT. */
-#define LORA_ASSERT(cond)                                                                                  \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            lora_assert_fail(__FILE__, __LINE__, #cond);                                                   \
-    } while (0)
-
-_Noreturn static void lora_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
-}
 
 struct cpu_lora {
     ms_lora_kind kind;
@@ -67,7 +54,7 @@ static void widen(const void *src, st_dtype dt, float *dst, uint64_t n) { cpu_co
 
 static unsigned dtype_bytes(st_dtype dt)
 {
-    LORA_ASSERT(dt == ST_F32 || dt == ST_BF16 || dt == ST_F16);
+    CPU_ASSERT(dt == ST_F32 || dt == ST_BF16 || dt == ST_F16);
     return dt == ST_F32 ? 4u : 2u;
 }
 
@@ -111,8 +98,8 @@ int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const v
         *out = l;
         return 0;
     }
-    LORA_ASSERT(a && b && t->A && t->B && t->rank >= 1);
-    LORA_ASSERT(!t->magnitude == !magnitude);
+    CPU_ASSERT(a && b && t->A && t->B && t->rank >= 1);
+    CPU_ASSERT(!t->magnitude == !magnitude);
     l->rank = t->rank;
     l->scale = t->scale;
     l->transposed = t->transposed;
@@ -149,7 +136,7 @@ int cpu_lora_open(const ms_lora_target *t, const void *a, const void *b, const v
     }
     if (l->dora) {
         uint64_t nf = l->transposed ? l->cols : l->rows;
-        LORA_ASSERT(t->magnitude->numel == nf);
+        CPU_ASSERT(t->magnitude->numel == nf);
         if (!(l->magnitude = alloc_floats(nf, sizeof(float))))
             goto oom;
         widen(magnitude, t->magnitude->dtype, l->magnitude, nf);
@@ -308,8 +295,8 @@ static uint64_t items_per_task(uint64_t n, unsigned threads, uint64_t min_items,
 void cpu_lora_rows(const cpu_lora *l, const void *base_rows, st_dtype base_dtype, uint64_t row0, uint64_t n_rows,
                    float *out, cpu_pool *pool)
 {
-    LORA_ASSERT(row0 <= l->rows && n_rows <= l->rows - row0);
-    LORA_ASSERT(!cpu_lora_needs_stats(l) || l->stats_rows == l->rows);
+    CPU_ASSERT(row0 <= l->rows && n_rows <= l->rows - row0);
+    CPU_ASSERT(!cpu_lora_needs_stats(l) || l->stats_rows == l->rows);
     if (n_rows == 0)
         return;
     unsigned threads = pool ? cpu_pool_size(pool) : 1;
@@ -320,7 +307,7 @@ void cpu_lora_rows(const cpu_lora *l, const void *base_rows, st_dtype base_dtype
         rows_compute(l, base_rows, base_dtype, row0, n_rows, out);
         return;
     }
-    LORA_ASSERT(n_tasks <= UINT32_MAX);
+    CPU_ASSERT(n_tasks <= UINT32_MAX);
     cpu_pool_run(pool, (unsigned)n_tasks, rows_task, &j);
 }
 
@@ -388,8 +375,8 @@ static void stats_task(void *ctx, unsigned task, unsigned worker)
 void cpu_lora_stats_rows(cpu_lora *l, const void *base_rows, st_dtype base_dtype, uint64_t row0, uint64_t n_rows,
                          cpu_pool *pool)
 {
-    LORA_ASSERT(cpu_lora_needs_stats(l));
-    LORA_ASSERT(row0 == l->stats_rows && n_rows <= l->rows - row0);
+    CPU_ASSERT(cpu_lora_needs_stats(l));
+    CPU_ASSERT(row0 == l->stats_rows && n_rows <= l->rows - row0);
     unsigned threads = pool ? cpu_pool_size(pool) : 1;
     stats_job s = {l, base_rows, base_dtype, dtype_bytes(base_dtype), row0, n_rows, 0};
     s.cols_per_task = items_per_task(l->cols, threads, COLS_PER_TASK_MIN, LORA_CB);

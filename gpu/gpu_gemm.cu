@@ -14,6 +14,8 @@
  * row-major X [n_rows, dim] is A A^T for the column-major A [dim, n_rows]:
  * cublasSsyrk with CUBLAS_OP_N; its lower triangle (column-major) is the
  * row-major upper triangle the accumulator keeps. */
+#include "gpu/gpu_internal.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,19 +30,6 @@
 
 #define GG_WEIGHTS 8u                          /* cached weights: a layer has 4, an lm_head slice 1 */
 #define GG_STAGE_BYTES ((uint64_t)32 << 20)    /* host buffer the Gram result comes back through */
-
-/* A broken invariant (a caller bug): print file:line and abort, as cpu/ does. */
-#define GG_ASSERT(cond)                                                                                    \
-    do {                                                                                                   \
-        if (!(cond))                                                                                       \
-            gg_assert_fail(__FILE__, __LINE__, #cond);                                                     \
-    } while (0)
-
-[[noreturn]] static void gg_assert_fail(const char *file, int line, const char *what)
-{
-    fprintf(stderr, "mergestream: internal error at %s:%d: %s\n", file, line, what);
-    abort();
-}
 
 /* A weight kept on the device: the host matrix it was copied from. */
 typedef struct gg_weight {
@@ -370,7 +359,7 @@ static void gg_scale_host(uint64_t m, uint64_t n, float beta, float *c, uint64_t
 int gpu_gemm_sgemm(gpu_gemm *g, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
                    uint64_t lda, const float *b, uint64_t ldb, bool b_is_weight, float beta, float *c, uint64_t ldc)
 {
-    GG_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda >= k && ldc >= n &&
+    GPU_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda >= k && ldc >= n &&
               ldb >= (trans_b ? k : n));
     int rc0 = gg_check_usable(g);
     if (rc0 < 0)
@@ -467,8 +456,8 @@ static cudaError_t gg_gram_add_back(gpu_gemm *g, const float *d_g, uint64_t dim,
 
 int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
 {
-    GG_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx >= dim);
-    GG_ASSERT(dim * 4 <= GG_STAGE_BYTES); /* one row of the result fits the stage */
+    GPU_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx >= dim);
+    GPU_ASSERT(dim * 4 <= GG_STAGE_BYTES); /* one row of the result fits the stage */
     int rc0 = gg_check_usable(g);
     if (rc0 < 0)
         return rc0;
