@@ -63,15 +63,7 @@ static const char k_help[] =
     "  --quiet               no progress or summary on stderr\n"
     "  -h, --help            this text\n"
     "\n"
-    "BASE_DIR+ADAPTER_DIR splits at the last '+' that follows an existing path and\n"
-    "precedes a directory holding adapter_config.json (else at the last '+' before\n"
-    "such a directory; a path that exists as written is never split), so both\n"
-    "paths may contain '+'. The weights are base + LoRA delta in fp32, as\n"
-    "`mergestream merge` materialises them.\n"
-    "\n"
-    "Exit codes: 0 ok, 1 runtime failure, 2 usage error or unsupported model or\n"
-    "adapter (PiSSA, ...), 3 invalid input data (a token id beyond the vocabulary,\n"
-    "a malformed file, an adapter that does not fit the base).\n";
+    MS_FWD_HELP_TAIL;
 
 /* ============================================================ shared options */
 
