@@ -7,7 +7,7 @@
 #include "io/checksum.h"
 #include "io/ms_fault.h"
 
-#define RANGE_HASH_BUF (8u << 20)
+#define RANGE_HASH_BUF (256u << 10)
 
 int ms_range_hash(int fd, uint64_t offset, uint64_t len, const char *where, uint64_t *out, ms_error *err)
 {
