@@ -14,11 +14,11 @@
 #include "io/model_dir.h"
 #include "io/range_hash.h"
 #include "io/small_file.h"
+#include "pipeline/progress.h"
 #include "pipeline/verify_output.h"
 
 #define MANIFEST_NAME "mergestream.json"
 #define MANIFEST_MAX_BYTES (256u << 20)
-
 
 static const char *base_name(const char *path)
 {
@@ -36,6 +36,7 @@ static int manifest_hash(const cJSON *obj, const char *where, uint64_t *out, ms_
 
 typedef struct hash_job {
     const st_file *f;
+    ms_progress *progress; /* a step per tensor hashed: a large output takes minutes to re-read */
     uint64_t *hashes;
     int *rc;       /* per tensor: 0 or -1 with errs[t] set */
     ms_error *errs;
@@ -48,12 +49,13 @@ static void hash_task(void *arg, unsigned t, unsigned worker)
     const st_tensor *ti = &j->f->header.tensors[t];
     j->rc[t] = ms_range_hash(j->f->fd, st_file_tensor_offset(j->f, ti), ti->end - ti->begin, j->f->path,
                              &j->hashes[t], &j->errs[t]);
+    ms_progress_step(j->progress, ti->name, "hash", ti->end - ti->begin);
 }
 
 /* Every tensor's XXH3 into hashes[], the tensors spread over cpu's threads
  * (one at a time when cpu is NULL); the first failure in tensor order is
  * reported, whatever thread met it. */
-static int hash_tensors(const st_file *f, cpu_pool *cpu, uint64_t *hashes, ms_error *err)
+static int hash_tensors(const st_file *f, cpu_pool *cpu, ms_progress *progress, uint64_t *hashes, ms_error *err)
 {
     size_t n = f->header.n_tensors;
     int *rc = calloc(n ? n : 1, sizeof *rc);
@@ -63,7 +65,7 @@ static int hash_tensors(const st_file *f, cpu_pool *cpu, uint64_t *hashes, ms_er
         free(errs);
         return ms_error_set(err, MS_EXIT_RUNTIME, f->path, "out of memory");
     }
-    hash_job j = {.f = f, .hashes = hashes, .rc = rc, .errs = errs};
+    hash_job j = {.f = f, .progress = progress, .hashes = hashes, .rc = rc, .errs = errs};
     if (cpu)
         cpu_pool_run(cpu, (unsigned)n, hash_task, &j);
     else
@@ -81,7 +83,7 @@ static int hash_tensors(const st_file *f, cpu_pool *cpu, uint64_t *hashes, ms_er
 }
 
 /* Recomputes shard s's tensor hashes and shard hash and compares them. */
-static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, const cJSON *tensors,
+static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progress *progress, const cJSON *tensors,
                         const cJSON *shard_entry, const char *manifest_path, ms_error *err)
 {
     const st_file *f = m->shards[s];
@@ -97,7 +99,7 @@ static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, const cJSO
         ms_error_set(err, MS_EXIT_DATA, f->path, "too many tensors");
         goto done;
     }
-    if (hash_tensors(f, cpu, hashes, err) != 0)
+    if (hash_tensors(f, cpu, progress, hashes, err) != 0)
         goto done;
     for (size_t t = 0; t < n; t++) {
         const st_tensor *ti = &f->header.tensors[t];
@@ -136,7 +138,8 @@ done:
     return rc;
 }
 
-static int verify_against_manifest(const ms_model *m, const char *manifest_path, cpu_pool *cpu, ms_error *err)
+static int verify_against_manifest(const ms_model *m, const char *manifest_path, cpu_pool *cpu, ms_progress *progress,
+                                   ms_error *err)
 {
     char *text = NULL;
     size_t len = 0;
@@ -172,7 +175,7 @@ static int verify_against_manifest(const ms_model *m, const char *manifest_path,
             ms_error_set(err, MS_EXIT_DATA, m->shards[s]->path, "shard is not listed in %s", manifest_path);
             goto done;
         }
-        if (verify_shard(m, s, cpu, tensors, entry, manifest_path, err) != 0)
+        if (verify_shard(m, s, cpu, progress, tensors, entry, manifest_path, err) != 0)
             goto done;
     }
     rc = 0;
@@ -193,7 +196,17 @@ int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_e
     res->have_manifest = m->kind == MS_MODEL_KIND_DIR && stat(manifest, &st) == 0;
     res->n_tensors = m->n_tensors;
     res->n_shards = m->n_shards;
-    int rc = res->have_manifest ? verify_against_manifest(m, manifest, cpu, err) : 0;
+    int rc = 0;
+    if (res->have_manifest) {
+        uint64_t bytes = 0;
+        for (unsigned s = 0; s < m->n_shards; s++)
+            bytes += m->shards[s]->file_size - m->shards[s]->data_start;
+        ms_progress progress;
+        ms_progress_init(&progress, m->n_tensors, bytes);
+        rc = verify_against_manifest(m, manifest, cpu, &progress, err);
+        ms_progress_finish(&progress);
+        ms_progress_destroy(&progress);
+    }
     ms_model_close(m);
     return rc;
 }

@@ -21,7 +21,8 @@ typedef struct ms_verify_result {
 /* Returns 0 when everything matches; -1 with err set (MS_EXIT_DATA naming the
  * file and tensor for a mismatch or an invalid file, MS_EXIT_RUNTIME for I/O;
  * the first failing tensor in file order). The tensors are hashed on cpu's
- * threads (NULL: on the calling thread). */
+ * threads (NULL: on the calling thread), with a progress line per tensor
+ * ("hash", pipeline/progress.h): re-reading a 140 GB output takes minutes. */
 int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_error *err);
 
 #endif

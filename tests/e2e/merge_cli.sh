@@ -140,6 +140,19 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   [ ! -e "$WORK/o6" ] || fail "a failed --device cuda merge left its output directory"
 fi
 
+# progress on a terminal (script(1) gives the merge a pseudo-terminal): the
+# merge's line per tensor ("[N/N] NAME cpu GB/s ETA"), then the final
+# verify's ("hash"); --quiet prints neither
+if command -v script >/dev/null; then
+  script -qec "$MS_BIN merge $WORK/ties.yml -o $WORK/tty --max-memory 64M" /dev/null > "$WORK/tty.log" 2>&1 \
+    || fail "merge on a terminal: $(tail -3 "$WORK/tty.log")"
+  n=$("$MS_BIN" inspect "$WORK/tty" --json | grep -c '"dtype"')
+  grep -qE "\[ *$n/$n\] .* cpu .*ETA" "$WORK/tty.log" || fail "no merge progress line for $n tensors"
+  grep -qE "\[ *$n/$n\] .* hash .*ETA" "$WORK/tty.log" || fail "no verify progress line"
+  script -qec "$MS_BIN merge $WORK/ties.yml -o $WORK/tty --force --quiet" /dev/null > "$WORK/tty_quiet.log" 2>&1
+  grep -q "ETA" "$WORK/tty_quiet.log" && fail "--quiet printed progress"
+fi
+
 # usage errors
 expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
