@@ -9,6 +9,7 @@
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
 #include "pipeline/merge_passes.h"
+#include "pipeline/staging_pool.h"
 
 
 static bool same_shape(const st_tensor *a, const st_tensor *b)
@@ -150,6 +151,15 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
         fit = 1;
     job->rows_per_chunk = fit >= rows ? rows : fit;
     job->n_chunks = (rows + job->rows_per_chunk - 1) / job->rows_per_chunk;
+    for (unsigned i = 0; i < job->n_inputs && job->n_chunks > 1; i++) {
+        const ms_lora_target *t = job->in[i].lora;
+        if (t && t->magnitude && t->transposed) /* its column norms span every row (cpu_lora_needs_stats) */
+            return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
+                                "a DoRA adapter over columns (fan_in_fan_out or embeddings) needs the whole tensor "
+                                "in one chunk (%.1f MiB of staging), but a chunk may take only a third of the "
+                                "%.1f MiB staging pool; raise --max-memory",
+                                (double)(per_row * rows + slack) / 1048576.0, (double)pool_bytes / 1048576.0);
+    }
     uint64_t in_bytes = 0;
     for (unsigned i = 0; i < job->n_inputs; i++)
         in_bytes += job->in[i].row_bytes * job->params.rows;
@@ -621,9 +631,12 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         }
     }
     if (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES > opt->pool_bytes) {
+        uint64_t need = MS_POOL_OVERHEAD_BYTES + plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES; /* ms_pool_capacity_for */
         ms_error_set(err, MS_EXIT_RUNTIME, recipe_path,
-                     "--max-memory is too small: the merge statistics and kernel scratch alone need %.1f MiB",
-                     (double)plan->extra_bytes / 1048576.0);
+                     "--max-memory is too small: this merge needs at least %" PRIu64 " MiB (%.1f MiB of merge "
+                     "statistics and kernel scratch, %.0f MiB of staging, %.0f MiB for the program itself)",
+                     (need + (1u << 20) - 1) >> 20, (double)plan->extra_bytes / 1048576.0,
+                     (double)MS_PLAN_MIN_POOL_BYTES / 1048576.0, (double)MS_POOL_OVERHEAD_BYTES / 1048576.0);
         goto fail;
     }
     plan->pool_bytes = opt->pool_bytes - plan->extra_bytes;

@@ -386,14 +386,7 @@ static int lora_prepare(const ms_job *job, unsigned i, cpu_lora **out, ms_error 
 {
     if (ms_lora_load(job->in[i].peft, job->in[i].lora, out, err) != 0)
         return -1;
-    if (cpu_lora_needs_stats(*out) && job->n_chunks > 1) {
-        ms_error_set(err, MS_EXIT_RUNTIME, job->name,
-                     "DoRA over columns (fan_in_fan_out or embeddings) needs the whole tensor in the staging pool; "
-                     "raise --max-memory");
-        cpu_lora_close(*out);
-        *out = NULL;
-        return -1;
-    }
+    MS_ASSERT(!cpu_lora_needs_stats(*out) || job->n_chunks == 1); /* planning refuses it (merge_plan.c) */
     return 0;
 }
 
