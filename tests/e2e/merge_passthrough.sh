@@ -74,6 +74,16 @@ grep o_proj "$WORK/scaled.h" | diff - <(grep o_proj "$WORK/ft.h") > /dev/null &&
 printf 'merge_method: passthrough\nmodels:\n  - model: ./models/ft\n' > "$WORK/copy.yml"
 "$MS_BIN" merge "$WORK/copy.yml" -o "$WORK/copy" --quiet
 hashes "$WORK/copy" | diff - "$WORK/ft.h" > /dev/null || fail "passthrough of one model is not a copy"
+# ... and with a base_model: the layers from the model, every other tensor
+# (embeddings, final norm, lm_head) from the base
+printf 'merge_method: passthrough\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft\n' > "$WORK/copy_base.yml"
+"$MS_BIN" merge "$WORK/copy_base.yml" -o "$WORK/copy_base" --quiet
+hashes "$WORK/copy_base" > "$WORK/copy_base.h"
+diff <(grep '^model\.layers\.' "$WORK/copy_base.h") <(grep '^model\.layers\.' "$WORK/ft.h") > /dev/null ||
+  fail "passthrough with a base: layers are not the model's"
+diff <(grep -v '^model\.layers\.' "$WORK/copy_base.h") <(grep -v '^model\.layers\.' "$WORK/base.h") > /dev/null ||
+  fail "passthrough with a base: non-layer tensors are not the base's"
+grep -vq '^model\.layers\.' "$WORK/copy_base.h" || fail "passthrough with a base: no non-layer tensors"
 
 # errors: exit 2 naming the key and its line
 printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./models/ft\n        layer_range: [0, 9]\n' > "$WORK/range.yml"
