@@ -98,6 +98,15 @@ static unsigned compute_workers_for_tests(void)
     return v && strcmp(v, "2") == 0 ? 2 : 1;
 }
 
+/* MERGESTREAM_GPU_PIN=0 leaves the pool pageable for GPU runs. Pinning costs
+ * about 0.35 s per GiB of pool at start (H200, bench/RESULTS.md) and saves on
+ * every copy; the variable lets a GPU session measure both. */
+static bool gpu_pin_pool(void)
+{
+    const char *v = getenv("MERGESTREAM_GPU_PIN");
+    return !(v && strcmp(v, "0") == 0);
+}
+
 static int parse_options(int argc, char **argv, merge_options *o)
 {
     enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET, OPT_DRY_RUN };
@@ -396,10 +405,14 @@ int ms_cmd_merge(int argc, char **argv)
             }
             ms_log_info("no usable GPU (%s): computing on the CPU", why);
         } else {
-            ms_pool_prefault(pool, cpu);
-            pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
-            if (!pool_pinned)
-                ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");
+            if (gpu_pin_pool()) {
+                ms_pool_prefault(pool, cpu);
+                pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
+                if (!pool_pinned)
+                    ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");
+            } else {
+                ms_log_info("staging pool left pageable (MERGESTREAM_GPU_PIN=0)");
+            }
             ms_gpu_set_lanes(gpu, o.gpu_lanes);
             ms_log_info("GPU: %s", ms_gpu_name(gpu));
         }

@@ -90,6 +90,7 @@ bench() { # LABEL BENCH_MERGE_ARGS...
 note "bench (TIES density 0.2, Llama-3.2-1B shapes, 3 x 2.47 GB bf16, --max-memory 8G, hot):"
 bench "device=cuda lanes=2" -- --device cuda
 bench "device=cuda lanes=1" -- --device cuda --gpu-lanes 1
+MERGESTREAM_GPU_PIN=0 bench "device=cuda pool-pageable" -- --device cuda  # pinning's start-up cost against its copy speed
 bench "device=cpu($(nproc) cores)" -- --device cpu
 note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
 for dev in cuda cpu; do

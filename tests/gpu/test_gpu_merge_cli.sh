@@ -62,6 +62,12 @@ grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/gpu.json" || fail "lora: nothi
 same_bytes "$WORK/cpu_lora" "$WORK/gpu_lora"
 echo "lora: GPU bytes == CPU bytes"
 
+# the staging pool left pageable (MERGESTREAM_GPU_PIN=0): said once, the same bytes
+MERGESTREAM_GPU_PIN=0 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/pageable" --device cuda --json > "$WORK/pageable.json" 2> "$WORK/pageable.err"
+grep -q "staging pool left pageable" "$WORK/pageable.err" || fail "MERGESTREAM_GPU_PIN=0: no log line"
+grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/pageable.json" || fail "pageable pool: nothing ran on the GPU"
+same_bytes "$WORK/cpu_ties" "$WORK/pageable"
+
 # a GPU memory cap small enough that the big tensors stay on the CPU
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/capped" --device cuda --gpu-memory-limit 2M --json --quiet > "$WORK/capped.json"
 grep -qE '"tensors_cpu":[[:space:]]*[1-9]' "$WORK/capped.json" || fail "--gpu-memory-limit 2M kept everything on the GPU"
