@@ -9,9 +9,9 @@
  * and pick the clone for the running CPU at load time. The build turns off
  * FMA contraction (-ffp-contract=off), so every clone performs the same IEEE
  * operations in the same order and writes the same bits: the vector width
- * changes the speed, never the output. Other compilers and architectures get
- * the one plain version. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+ * changes the speed, never the output. Other compilers and architectures, and
+ * builds with MERGESTREAM_CPU_CLONES=OFF, get the one plain version. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MERGESTREAM_NO_CPU_CLONES)
 #define CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CPU_CLONES

@@ -29,3 +29,14 @@ same_bytes() {
   done
   [ "$n" -gt 0 ] || fail "no safetensors files in $1"
 }
+
+# write_calib FILE SAMPLES LENGTH SEED: a calibration text file of SAMPLES
+# lines of LENGTH random token ids below 256 (the tiny and small presets'
+# vocabularies start at 256), the same for the same SEED.
+write_calib() {
+  local i j line
+  RANDOM=$4
+  for i in $(seq 1 "$2"); do
+    line=""; for j in $(seq 1 "$3"); do line="$line $((RANDOM % 256))"; done; echo "$line"
+  done > "$1"
+}

@@ -7,10 +7,7 @@ M="$WORK/models"
 "$MS_GEN" base "$M/base" --preset tiny --dtype bf16 --seed 1
 "$MS_GEN" finetune "$M/base" "$M/ft1" --seed 2
 "$MS_GEN" finetune "$M/base" "$M/ft2" --seed 3
-RANDOM=7
-for i in $(seq 1 12); do
-  line=""; for j in $(seq 1 24); do line="$line $((RANDOM % 256))"; done; echo "$line"
-done > "$WORK/calib.txt"
+write_calib "$WORK/calib.txt" 12 24 7
 for m in ft1 ft2; do
   "$MS_BIN" hessian "$M/$m" --calib "$WORK/calib.txt" -o "$WORK/h_$m" --quiet
 done
@@ -61,4 +58,26 @@ sed 's|./h_ft1|./h_missing|' "$WORK/ties_sparsegpt.yml" > "$WORK/missing.yml"
 expect_fail 2 "missing.yml:5: .*h_missing" "$MS_BIN" merge "$WORK/missing.yml" -o "$WORK/o1"
 sed 's/ties_sparsegpt/ties/' "$WORK/ties_sparsegpt.yml" > "$WORK/wrong.yml"
 expect_fail 2 "wrong.yml:5: .*hessian" "$MS_BIN" merge "$WORK/wrong.yml" -o "$WORK/o2"
+
+# Hessians written in shards (as for a large model) and `hessian:` naming the
+# file itself: the same bytes as the single-file directories
+"$MS_BIN" hessian "$M/ft1" --calib "$WORK/calib.txt" -o "$WORK/hs_ft1" --out-shard-size 40K --quiet
+[ -f "$WORK/hs_ft1/hessians.safetensors.index.json" ] || fail "no sharded Hessians"
+sed 's|./h_ft1}|./hs_ft1}|; s|./h_ft2}|./h_ft2/hessians.safetensors}|' "$WORK/regmean.yml" > "$WORK/split.yml"
+[ "$(grep -cE 'hs_ft1|hessians.safetensors' "$WORK/split.yml")" -eq 2 ] || fail "split.yml was not rewritten"
+"$MS_BIN" merge "$WORK/split.yml" -o "$WORK/out_split" --quiet
+same_bytes "$WORK/out_regmean" "$WORK/out_split"
+
+# a directory that holds no Hessians, and Hessians of a model of another shape:
+# exit 3 naming the directory, or the statistic, the weight and both shapes
+mkdir "$WORK/h_empty"
+sed 's|./h_ft1|./h_empty|' "$WORK/regmean.yml" > "$WORK/empty.yml"
+expect_fail 3 "h_empty: no hessians.safetensors or hessians.safetensors.index.json" \
+  "$MS_BIN" merge "$WORK/empty.yml" -o "$WORK/o3"
+"$MS_GEN" base "$M/narrow" --preset tiny --dtype bf16 --seed 4 --hidden 32 --heads 4 --kv-heads 2
+"$MS_BIN" hessian "$M/narrow" --calib "$WORK/calib.txt" -o "$WORK/h_narrow" --quiet
+sed 's|./h_ft1|./h_narrow|' "$WORK/regmean.yml" > "$WORK/narrow.yml"
+expect_fail 3 "h_narrow/hessians.safetensors: Hessian 'model.layers.0.self_attn.qkv_input' for 'model.layers.0.self_attn.q_proj.weight' is F32 \[32, 32\]; the weight needs F32 \[64, 64\]" \
+  "$MS_BIN" merge "$WORK/narrow.yml" -o "$WORK/o4"
+[ ! -e "$WORK/o3" ] && [ ! -e "$WORK/o4" ] || fail "a failed merge left its output directory"
 echo "merge_hessian: ok"
