@@ -153,7 +153,25 @@ expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.bias' is missing" \
   "$MS_BIN" perplexity "$WORK/qwen" --calib "$WORK/calib.txt"
 expect_fail 3 "no config.json" "$MS_BIN" perplexity "$WORK/m/model.safetensors" --calib "$WORK/calib.txt"
 expect_fail 3 "does-not-exist" "$MS_BIN" perplexity "$WORK/does-not-exist" --calib "$WORK/calib.txt"
+# -o naming a file, an unknown --device: one line, exit 2, the file untouched
+echo keep > "$WORK/afile"
+expect_fail 2 "afile: exists and is not a directory" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/afile"
+[ "$(cat "$WORK/afile")" = keep ] || fail "hessian -o FILE changed the file"
+expect_fail 2 "hessian: --device: expected auto, cpu or cuda, got 'bogus'" \
+  "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/bad" --device bogus
 [ ! -e "$WORK/bad" ] || fail "a failed run left $WORK/bad behind"
+
+# progress on a terminal (script(1) gives a pseudo-terminal): a live line
+# with samples/s and an ETA; --quiet prints none
+if command -v script >/dev/null; then
+  script -qec "$MS_BIN hessian $WORK/m --calib $WORK/calib.txt -o $WORK/h_tty --batch-size 2" /dev/null \
+    > "$WORK/tty.log" 2>&1 || fail "hessian on a terminal: $(tail -3 "$WORK/tty.log")"
+  grep -q $'\r\e\[Khessian: .* samples/s .* ETA ' "$WORK/tty.log" || fail "no live progress line on a terminal"
+  script -qec "$MS_BIN hessian $WORK/m --calib $WORK/calib.txt -o $WORK/h_tty --force --quiet" /dev/null \
+    > "$WORK/tty_quiet.log" 2>&1 || fail "hessian --quiet on a terminal: $(tail -3 "$WORK/tty_quiet.log")"
+  grep -qE "samples/s|ETA" "$WORK/tty_quiet.log" && fail "--quiet printed progress"
+fi
 
 # a failed write removes every file the run created
 rc=0
@@ -197,4 +215,9 @@ done
 "$MS_BIN" hessian --help | grep -q "usage: mergestream hessian" || fail "hessian --help"
 "$MS_BIN" hessian --help | grep -q "BASE_DIR+ADAPTER_DIR" || fail "hessian --help does not mention adapters"
 "$MS_BIN" perplexity --help | grep -q "usage: mergestream perplexity" || fail "perplexity --help"
+# the version, and no command at all: the usage on stderr, exit 2
+"$MS_BIN" --version | grep -qE '^mergestream [0-9]+\.[0-9]+\.[0-9]+' || fail "--version"
+rc=0; "$MS_BIN" > "$WORK/noargs.out" 2> "$WORK/noargs.err" || rc=$?
+[ "$rc" -eq 2 ] && [ ! -s "$WORK/noargs.out" ] && grep -q "^usage: mergestream COMMAND" "$WORK/noargs.err" ||
+  fail "mergestream without arguments: exit $rc, $(head -1 "$WORK/noargs.err")"
 echo "hessian_cli: ok"

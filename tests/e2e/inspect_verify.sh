@@ -33,6 +33,56 @@ expect_fail 3 "truncated.safetensors" "$MS_BIN" inspect "$WORK/truncated.safeten
 printf '\xff\xff\xff\xff\xff\xff\xff\xff{}' > "$WORK/huge.safetensors"
 expect_fail 3 "huge.safetensors" "$MS_BIN" inspect "$WORK/huge.safetensors"
 
+# a sharded index that lies: a shard outside the directory, a tensor listed
+# in the wrong shard, a stored tensor the index leaves out: exit 3 naming it
+index_case() { # NAME SED: a copy of the sharded model with its index edited
+  cp -r "$WORK/sharded" "$WORK/$1"
+  sed -i -E "$2" "$WORK/$1/model.safetensors.index.json"
+  cmp -s "$WORK/sharded/model.safetensors.index.json" "$WORK/$1/model.safetensors.index.json" && fail "$1: index unchanged"
+  return 0
+}
+cp "$WORK/sharded/model-00012-of-00012.safetensors" "$WORK/x.safetensors"
+index_case trav 's|("lm_head.weight":[[:space:]]*)"[^"]*"|\1"../x.safetensors"|'
+expect_fail 3 "trav/model.safetensors.index.json: shard name '../x.safetensors' must be a relative path inside the model directory" \
+  "$MS_BIN" inspect "$WORK/trav"
+index_case wrong 's|("lm_head.weight":[[:space:]]*)"[^"]*"|\1"model-00011-of-00012.safetensors"|'
+expect_fail 3 "wrong/model.safetensors.index.json: tensor 'lm_head.weight' is listed in shard 'model-00011-of-00012.safetensors' but not stored there" \
+  "$MS_BIN" inspect "$WORK/wrong"
+index_case unlisted '/"model.layers.0.self_attn.k_proj.weight":/d'
+expect_fail 3 "tensor 'model.layers.0.self_attn.k_proj.weight' is stored in '.*unlisted/model-00002-of-00012.safetensors' but not listed in the index" \
+  "$MS_BIN" inspect "$WORK/unlisted"
+
+# verify of a merge output changed after the merge (bit rot, a bad copy, an
+# edited manifest): exit 3 naming the shard, the tensor or the manifest
+"$MS_GEN" finetune "$WORK/base" "$WORK/ft" --seed 3
+printf 'merge_method: task_arithmetic\nbase_model: ./base\nmodels:\n  - model: ./ft\n    parameters: {weight: 0.5}\n' > "$WORK/r.yml"
+"$MS_BIN" merge "$WORK/r.yml" -o "$WORK/out" --out-shard-size 60K --quiet
+# the shard and the data offset of model.layers.0.mlp.gate_proj.weight
+read -r S O < <("$MS_BIN" inspect "$WORK/out" --json | awk '/"name":[[:space:]]*"model.layers.0.mlp.gate_proj.weight"/ { f = 1 }
+  f && /"shard"/ { gsub(/.*:[[:space:]]*"|",?$/, ""); s = $0 } f && /"offset"/ { gsub(/[^0-9]/, ""); print s, $0; exit }')
+[ -f "$WORK/out/$S" ] && [ -f "$WORK/out/model-00002-of-00004.safetensors" ] || fail "expected 4 output shards, gate_proj in '$S'"
+manifest_case() { # NAME SED: a copy of the output with its manifest edited
+  cp -r "$WORK/out" "$WORK/$1"
+  sed -i "$2" "$WORK/$1/mergestream.json"
+  cmp -s "$WORK/out/mergestream.json" "$WORK/$1/mergestream.json" && fail "$1: manifest unchanged"
+  return 0
+}
+manifest_case shard_hash "/\"file\":[[:space:]]*\"$S\"/,/xxh3/ s/\"xxh3\":\([[:space:]]*\)\"[0-9a-f]*\"/\"xxh3\":\1\"0123456789abcdef\"/"
+expect_fail 3 "shard_hash/$S: shard XXH3 [0-9a-f]{16} does not match the manifest's 0123456789abcdef" \
+  "$MS_BIN" verify "$WORK/shard_hash"
+cp -r "$WORK/out" "$WORK/flipped"
+printf '\125\252' | dd of="$WORK/flipped/$S" bs=1 seek="$((O + 6))" conv=notrunc status=none
+expect_fail 3 "flipped/$S: tensor 'model.layers.0.mlp.gate_proj.weight' has XXH3 [0-9a-f]{16}, the manifest says" \
+  "$MS_BIN" verify "$WORK/flipped"
+manifest_case extra_shard 's/"shards":\([[:space:]]*\)\[{/"shards":\1[{"file": "model-00005-of-00004.safetensors", "tensors": 1, "xxh3": "0000000000000000"}, {/'
+expect_fail 3 "extra_shard/mergestream.json: lists 5 shards but the output holds 4" "$MS_BIN" verify "$WORK/extra_shard"
+manifest_case fewer '/"model.layers.1.mlp.up_proj.weight":/,/}/d'
+expect_fail 3 "fewer/mergestream.json: lists 20 tensors but the output holds 21" "$MS_BIN" verify "$WORK/fewer"
+manifest_case renamed 's/"model.layers.1.mlp.up_proj.weight":/"model.layers.1.mlp.up_proj.weight2":/'
+expect_fail 3 "renamed/model-0000[0-9]-of-00004.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' is not in .*renamed/mergestream.json" \
+  "$MS_BIN" verify "$WORK/renamed"
+"$MS_BIN" verify "$WORK/out" --quiet || fail "verify of the untouched output"
+
 # usage errors: exit 2
 expect_fail 2 "expected exactly one PATH" "$MS_BIN" inspect
 expect_fail 2 "unknown command" "$MS_BIN" frobnicate

@@ -60,4 +60,73 @@ expect_fail 3 "small_vocab: tensor 'model.embed_tokens.weight' has shape \[200, 
 # a write that fails mid-run (as a full disk would): one line, nothing left
 MERGESTREAM_FAULT=write:3 expect_fail 1 "write" "$MS_BIN" merge "$WORK/vocab.yml" -o "$WORK/o_write"
 [ ! -e "$WORK/o_write" ] || [ -z "$(ls -A "$WORK/o_write")" ] || fail "failed merge left $(ls "$WORK/o_write")"
+
+# --no-verify skips the final re-read only: the same bytes, and a later
+# `mergestream verify` passes
+"$MS_BIN" merge "$WORK/vocab.yml" -o "$WORK/out_noverify" --no-verify --quiet 2>/dev/null
+same_bytes "$WORK/out_vocab" "$WORK/out_noverify"
+"$MS_BIN" verify "$WORK/out_noverify" --quiet || fail "verify after --no-verify"
+# --resume and --force together: a usage error, the output untouched
+expect_fail 2 "merge: --resume and --force exclude each other" \
+  "$MS_BIN" merge "$WORK/vocab.yml" -o "$WORK/out_vocab" --resume --force
+"$MS_BIN" verify "$WORK/out_vocab" --quiet || fail "a refused --resume --force changed the output"
+
+# a disk too small for the output (here a file size limit): the space is
+# reserved before any work, so the run fails at once and leaves no directory
+rc=0
+(ulimit -f 100; trap '' XFSZ; exec "$MS_BIN" merge "$WORK/vocab.yml" -o "$WORK/o_small") 2> "$WORK/small.err" || rc=$?
+[ "$rc" -eq 1 ] && grep -q "o_small/model.safetensors.partial: cannot reserve [0-9]* bytes" "$WORK/small.err" ||
+  { cat "$WORK/small.err"; fail "a too-small disk: exit $rc"; }
+[ ! -e "$WORK/o_small" ] || fail "a failed reservation left $(ls "$WORK/o_small")"
+
+# --resume after an interrupted merge. The state a kill leaves is built
+# without a kill: the journal of a complete run (a hard link made before the
+# run truncates and then removes it) cut after some records, and those
+# records' shards.
+run7() { "$MS_BIN" merge "$WORK/vocab.yml" -o "$1" --out-shard-size 40K "${@:2}"; } # 7 shards
+run7 "$WORK/ref7" --quiet 2>/dev/null
+mkdir "$WORK/jr"; touch "$WORK/jr/mergestream.journal"; ln "$WORK/jr/mergestream.journal" "$WORK/journal"
+run7 "$WORK/jr" --force --quiet 2>/dev/null
+[ "$(grep -c '^shard ' "$WORK/journal")" -eq 7 ] || fail "could not capture the journal of a complete run"
+interrupted() { # DIR LINES...: DIR with those journal lines (1 = header) and their records' shards
+  local d=$1 l; shift; mkdir "$d"
+  for l in "$@"; do sed -n "${l}p" "$WORK/journal"; done > "$d/mergestream.journal"
+  for l in "$@"; do [ "$l" -gt 1 ] && cp "$WORK/ref7/$(sed -n "${l}p" "$WORK/journal" | cut -d' ' -f3)" "$d/"; done
+  partial="$(sed -n 8p "$WORK/journal" | cut -d' ' -f3).partial"
+  echo junk > "$d/$partial" # the last shard, half written when the kill came
+}
+resumed() { # DIR KEPT: --resume ends with the uninterrupted bytes, having kept KEPT shards
+  run7 "$1" --resume 2> "$WORK/resume.err" || { cat "$WORK/resume.err"; fail "--resume of $1 failed"; }
+  grep -q "resuming: kept $2 of 7 shards" "$WORK/resume.err" || { cat "$WORK/resume.err"; fail "$1: not $2 shards kept"; }
+  same_bytes "$WORK/ref7" "$1"
+  [ ! -e "$1/mergestream.journal" ] && [ ! -e "$1/$partial" ] ||
+    fail "$1: left $(ls "$1")"
+}
+# a kept shard changed on disk since (two bytes of its last tensor): a
+# warning naming it, and it is redone
+interrupted "$WORK/res_changed" 1 2 3 4
+changed=$(sed -n 3p "$WORK/journal" | cut -d' ' -f3)
+printf '\125\252' | dd of="$WORK/res_changed/$changed" bs=1 seek="$(( $(stat -c %s "$WORK/res_changed/$changed") - 10 ))" \
+  conv=notrunc status=none
+resumed "$WORK/res_changed" 2
+grep -q "res_changed/$changed: does not match the journal any more: redoing it" "$WORK/resume.err" ||
+  { cat "$WORK/resume.err"; fail "no warning for the changed shard"; }
+# garbage and a torn last record (a kill mid-append) are ignored, though
+# the torn record's shard is there
+interrupted "$WORK/res_torn" 1 2 3
+{ echo "shard 9 garbage"; echo "not a record"; sed -n 5p "$WORK/journal"; sed -n 6p "$WORK/journal" | head -c 70; } \
+  >> "$WORK/res_torn/mergestream.journal"
+cp "$WORK/ref7/$(sed -n 5p "$WORK/journal" | cut -d' ' -f3)" "$WORK/ref7/$(sed -n 6p "$WORK/journal" | cut -d' ' -f3)" \
+  "$WORK/res_torn/"
+resumed "$WORK/res_torn" 3
+
+# models without config.json: the layer count comes from the tensor names, so a
+# weight gradient over the layers gives the bytes it gives with config.json
+for m in base ft1; do cp -r "$M/$m" "$M/${m}_nc"; rm "$M/${m}_nc/config.json"; done
+for nc in "" _nc; do
+  printf 'merge_method: linear\nmodels:\n  - model: ./models/base%s\n    parameters: {weight: [0.1, 0.9]}\n  - model: ./models/ft1%s\n    parameters: {weight: 0.5}\n' \
+    "$nc" "$nc" > "$WORK/grad$nc.yml"
+  "$MS_BIN" merge "$WORK/grad$nc.yml" -o "$WORK/out_grad$nc" --quiet
+done
+same_bytes "$WORK/out_grad" "$WORK/out_grad_nc"
 echo "merge_edge_cases: ok"

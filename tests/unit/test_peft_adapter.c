@@ -840,6 +840,123 @@ static void test_target_selection(void **state)
     tset_free(&all);
 }
 
+/* Whether the space-separated list holds word. */
+static bool word_in(const char *list, const char *word)
+{
+    size_t n = strlen(word);
+    for (const char *p = strstr(list, word); p; p = strstr(p + 1, word))
+        if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0'))
+            return true;
+    return false;
+}
+
+/* The Python regex -> POSIX translation, feature by feature, against what
+ * Python's re.fullmatch (re.match for layers_pattern) selects: an adapter
+ * with weights on exactly that set opens, and the same adapter plus one
+ * module Python leaves out fails naming it (a user whose config PEFT reads
+ * one way must not get another merge). Constructs without a POSIX
+ * equivalent, and malformed patterns, are errors naming the key. */
+static void test_regex_translation(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *cfg;
+        const char *projs;   /* the selected set: these projections */
+        unsigned layers;     /* in these layers (bit l: layer l) */
+        unsigned miss_layer; /* a module re.fullmatch does not select */
+        const char *miss_proj;
+    } k_cases[] = {
+        /* a negated class */
+        {"\"target_modules\": \"model\\\\.layers\\\\.\\\\d\\\\.self_attn\\\\.[^ko]_proj\"", "q_proj v_proj", 7, 1,
+         "k_proj"},
+        /* \s inside a negated class, \S, a non-capturing group */
+        {"\"target_modules\": \"model\\\\.layers\\\\.[^\\\\s0]\\\\.\\\\S+\\\\.(?:up|down)_proj\"", "up_proj down_proj", 6,
+         0, "down_proj"},
+        /* {m,} */
+        {"\"target_modules\": \"model\\\\.layers\\\\.\\\\d{1,}\\\\.mlp\\\\.\\\\w{3,}_proj\"", "gate_proj down_proj", 7, 2,
+         "up_proj"},
+        /* {,n} and a named group */
+        {"\"target_modules\": \"model\\\\.layers\\\\.[0-9]{,1}\\\\.self_attn\\\\.(?P<proj>q|o)_pro[j]\"", "q_proj o_proj",
+         7, 2, "v_proj"},
+        /* \D, a named group around a class */
+        {"\"target_modules\": \"model\\\\.layers\\\\.(?P<n>[12])\\\\.mlp\\\\.\\\\D+_proj\"", "gate_proj up_proj down_proj",
+         6, 0, "up_proj"},
+        /* \s matches no character of a module name (an alternative that selects nothing) */
+        {"\"target_modules\": \"model\\\\.layers\\\\.\\\\d\\\\.self_attn\\\\.q_proj|model\\\\s\\\\S+\"", "q_proj", 7, 0,
+         "v_proj"},
+        /* layers_pattern with \w and a class, and a list of them with a group */
+        {"\"target_modules\": [\"q_proj\", \"v_proj\"], \"layers_to_transform\": [0, 2], \"layers_pattern\": \"l\\\\w+s\"",
+         "q_proj v_proj", 5, 1, "q_proj"},
+        {"\"target_modules\": [\"q_proj\"], \"layers_to_transform\": [1], \"layers_pattern\": [\"h\", "
+         "\"(?:blocks|lay[^x]rs)\"]",
+         "q_proj", 2, 0, "q_proj"},
+    };
+    for (size_t k = 0; k < sizeof k_cases / sizeof k_cases[0]; k++) {
+        tset ad = {0};
+        size_t n = 0;
+        char module[200], cfg[600];
+        for (unsigned l = 0; l < LAYERS; l++)
+            for (size_t p = 0; p < 7; p++) {
+                const char *proj = p < 4 ? k_attn[p] : k_mlp[p - 4];
+                if ((k_cases[k].layers >> l & 1) && word_in(k_cases[k].projs, proj)) {
+                    uint64_t o, i;
+                    linear_shape(proj, &o, &i);
+                    module_path(module, sizeof module, l, proj);
+                    add_lora(&ad, module, 2, o, i, "");
+                    n++;
+                }
+            }
+        snprintf(cfg, sizeof cfg, "\"r\": 2, %s", k_cases[k].cfg);
+        char *dir = adapter_write("regex_ok", &ad, cfg);
+        ms_peft *a = NULL;
+        ms_error err = {0};
+        if (ms_peft_open(dir, g_base_model, &a, &err) != 0)
+            fail_msg("config %s: %s", cfg, err.msg);
+        if (ms_peft_n_targets(a) != n)
+            fail_msg("config %s: %zu targets, expected %zu", cfg, ms_peft_n_targets(a), n);
+        ms_peft_close(a);
+        free(dir);
+        uint64_t o, i;
+        linear_shape(k_cases[k].miss_proj, &o, &i);
+        module_path(module, sizeof module, k_cases[k].miss_layer, k_cases[k].miss_proj);
+        add_lora(&ad, module, 2, o, i, "");
+        char needle[256];
+        snprintf(needle, sizeof needle, "module '%s' has LoRA weights but target_modules", module);
+        error_case("regex_miss", &ad, cfg, MS_EXIT_DATA, needle, "does not select it", NULL);
+        tset_free(&ad);
+    }
+
+    /* unsupported or malformed: exit 2 (POSIX cannot say it) or 3 (invalid), naming the key */
+    static const struct {
+        const char *cfg;
+        int code;
+        const char *n1, *n2;
+    } k_bad[] = {
+        {"\"target_modules\": \"model\\\\.layers\\\\.[a\"", MS_EXIT_USAGE, "target_modules 'model\\.layers\\.[a'",
+         "an unterminated [...]"},
+        {"\"target_modules\": \".*_proj*+\"", MS_EXIT_USAGE, "target_modules '.*_proj*+'", "a possessive quantifier"},
+        {"\"target_modules\": \".*_pro{1}+j\"", MS_EXIT_USAGE, "target_modules", "a possessive quantifier"},
+        {"\"target_modules\": \"(?P<name.*_proj\"", MS_EXIT_USAGE, "target_modules", "an unterminated (?P<name>"},
+        {"\"target_modules\": \".*_proj\\\\\"", MS_EXIT_USAGE, "target_modules", "a trailing backslash"},
+        {"\"target_modules\": \".*[\\\\W]_proj\"", MS_EXIT_USAGE, "target_modules", "an escape inside [...]"},
+        {"\"target_modules\": \".*[a-\\\\d]_proj\"", MS_EXIT_USAGE, "target_modules", "a range with escaped"},
+        {"\"target_modules\": \"model{2,1}.*\"", MS_EXIT_DATA, "target_modules 'model{2,1}.*'",
+         "not a valid regular expression"},
+        {"\"target_modules\": [\"q_proj\"], \"layers_to_transform\": [0], \"layers_pattern\": \"lay[ers\"",
+         MS_EXIT_USAGE, "layers_pattern 'lay[ers'", "an unterminated [...]"},
+        {"\"target_modules\": [\"q_proj\"], \"rank_pattern\": {\"q_proj*+\": 4}", MS_EXIT_USAGE,
+         "rank_pattern key 'q_proj*+'", "a possessive quantifier"},
+    };
+    tset qv = {0};
+    add_lora_all_layers(&qv, "q_proj", 2);
+    for (size_t k = 0; k < sizeof k_bad / sizeof k_bad[0]; k++) {
+        char cfg[600];
+        snprintf(cfg, sizeof cfg, "\"r\": 2, %s", k_bad[k].cfg);
+        error_case("regex_bad", &qv, cfg, k_bad[k].code, k_bad[k].n1, k_bad[k].n2, NULL);
+    }
+    tset_free(&qv);
+}
+
 static void test_shape_and_rank_errors(void **state)
 {
     (void)state;
@@ -1165,6 +1282,7 @@ int main(void)
         cmocka_unit_test(test_embedding),
         cmocka_unit_test(test_modules_to_save_and_base_layer),
         cmocka_unit_test(test_target_selection),
+        cmocka_unit_test(test_regex_translation),
         cmocka_unit_test(test_shape_and_rank_errors),
         cmocka_unit_test(test_dora_errors),
         cmocka_unit_test(test_unsupported_configs),
