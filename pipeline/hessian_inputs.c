@@ -284,18 +284,34 @@ bool ms_hessian_set_find(const ms_hessian_set *s, const char *weight_name, uint6
     return true;
 }
 
+/* A weight with cols input columns needs an F32 [cols, cols] Hessian. */
+static int check_hessian_shape(const st_file *f, const st_tensor *t, const char *weight, uint64_t cols, ms_error *err)
+{
+    if (t->dtype == ST_F32 && t->ndim == 2 && t->shape[0] == cols && t->shape[1] == cols)
+        return 0;
+    char shape[64];
+    st_shape_format(t, shape, sizeof shape);
+    return ms_error_set(err, MS_EXIT_DATA, f->path, "Hessian '%s' for '%s' is %s %s; the weight needs F32 [%llu, %llu]",
+                        t->name, weight, st_dtype_name(t->dtype), shape, (unsigned long long)cols,
+                        (unsigned long long)cols);
+}
+
+int ms_hessian_set_check(const ms_hessian_set *s, const char *weight_name, uint64_t cols, ms_error *err)
+{
+    const st_file *f;
+    const st_tensor *t;
+    if (!s || !set_locate(s, weight_name, &f, &t))
+        return 0;
+    return check_hessian_shape(f, t, weight_name, cols, err);
+}
+
 /* Reads the [cols, cols] F32 Hessian into a new buffer (*out, caller frees). */
 static int read_hessian(const st_file *f, const st_tensor *t, const char *weight, uint64_t cols, float **out,
                         ms_error *err)
 {
     *out = NULL;
-    if (t->dtype != ST_F32 || t->ndim != 2 || t->shape[0] != cols || t->shape[1] != cols) {
-        char shape[64];
-        st_shape_format(t, shape, sizeof shape);
-        return ms_error_set(err, MS_EXIT_DATA, f->path,
-                            "Hessian '%s' for '%s' is %s %s; the weight needs F32 [%llu, %llu]", t->name, weight,
-                            st_dtype_name(t->dtype), shape, (unsigned long long)cols, (unsigned long long)cols);
-    }
+    if (check_hessian_shape(f, t, weight, cols, err) != 0)
+        return -1;
     uint64_t bytes = st_tensor_nbytes(t);
     if (bytes > SIZE_MAX || ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(*out = malloc((size_t)bytes)))
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, f->path, "cannot read Hessian '%s'", t->name);

@@ -36,6 +36,12 @@ const char *ms_hessian_set_path(const ms_hessian_set *s);
  * when hessian_map names it and the tensor exists; false otherwise. */
 bool ms_hessian_set_find(const ms_hessian_set *s, const char *weight_name, uint64_t *dim);
 
+/* Planning's check, from the headers: when s (may be NULL) holds a Hessian
+ * for weight_name, it must be F32 [cols, cols]. Returns 0, or -1 with err
+ * set (MS_EXIT_DATA naming the file, the Hessian, the weight and both
+ * shapes), so a Hessian of another model fails before any data is read. */
+int ms_hessian_set_check(const ms_hessian_set *s, const char *weight_name, uint64_t cols, ms_error *err);
+
 /* Prepares tensor `name`'s merge for a Hessian method (a no-op returning 0
  * for other methods): opens st->hessian, and for every model i (1..n) with
  * sets[i] != NULL and a Hessian for the weight, reads it ([cols, cols] F32;

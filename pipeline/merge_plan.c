@@ -9,6 +9,7 @@
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
 #include "pipeline/merge_passes.h"
+#include "pipeline/merge_passes_hessian.h"
 #include "pipeline/staging_pool.h"
 
 
@@ -620,6 +621,10 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         ms_job *job = &plan->jobs[j];
         job->out_row_bytes = job->kind == MS_JOB_COPY ? 0 : (uint64_t)st_dtype_bits(job->out_dtype) / 8 * job->params.cols;
         job->out_bytes = job->kind == MS_JOB_COPY ? job->params.rows : job->out_row_bytes * job->params.rows;
+        if (job->kind == MS_JOB_MERGE && ms_merge_hessian_method(job->params.method))
+            for (unsigned i = 1; i <= job->params.n_models; i++)
+                if (ms_hessian_set_check(plan->hessians[i], job->name, job->params.cols, err) != 0)
+                    goto fail;
         if (job->kind == MS_JOB_MERGE) {
             /* scratch is nearly independent of the row count: bound it with all rows */
             uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, opt->threads) +

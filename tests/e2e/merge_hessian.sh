@@ -77,7 +77,8 @@ expect_fail 3 "h_empty: no hessians.safetensors or hessians.safetensors.index.js
 "$MS_GEN" base "$M/narrow" --preset tiny --dtype bf16 --seed 4 --hidden 32 --heads 4 --kv-heads 2
 "$MS_BIN" hessian "$M/narrow" --calib "$WORK/calib.txt" -o "$WORK/h_narrow" --quiet
 sed 's|./h_ft1|./h_narrow|' "$WORK/regmean.yml" > "$WORK/narrow.yml"
-expect_fail 3 "h_narrow/hessians.safetensors: Hessian 'model.layers.0.self_attn.qkv_input' for 'model.layers.0.self_attn.q_proj.weight' is F32 \[32, 32\]; the weight needs F32 \[64, 64\]" \
-  "$MS_BIN" merge "$WORK/narrow.yml" -o "$WORK/o4"
+want="h_narrow/hessians.safetensors: Hessian 'model.layers.0.self_attn.qkv_input' for 'model.layers.0.self_attn.q_proj.weight' is F32 \[32, 32\]; the weight needs F32 \[64, 64\]"
+expect_fail 3 "$want" "$MS_BIN" merge "$WORK/narrow.yml" -o "$WORK/o4"
+expect_fail 3 "$want" "$MS_BIN" merge "$WORK/narrow.yml" -o "$WORK/o4" --dry-run # from the headers, while planning
 [ ! -e "$WORK/o3" ] && [ ! -e "$WORK/o4" ] || fail "a failed merge left its output directory"
 echo "merge_hessian: ok"
