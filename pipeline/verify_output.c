@@ -99,6 +99,15 @@ static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progres
         ms_error_set(err, MS_EXIT_DATA, f->path, "too many tensors");
         goto done;
     }
+    const cJSON *bytes = cJSON_GetObjectItemCaseSensitive(shard_entry, "bytes");
+    const cJSON *count = cJSON_GetObjectItemCaseSensitive(shard_entry, "tensors");
+    if (!cJSON_IsNumber(bytes) || bytes->valuedouble != (double)f->file_size || !cJSON_IsNumber(count) ||
+        count->valuedouble != (double)n) {
+        ms_error_set(err, MS_EXIT_DATA, f->path, "holds %zu tensors in %" PRIu64 " bytes; %s says %.0f tensors in %.0f bytes",
+                     n, f->file_size, manifest_path, cJSON_IsNumber(count) ? count->valuedouble : -1.0,
+                     cJSON_IsNumber(bytes) ? bytes->valuedouble : -1.0);
+        goto done;
+    }
     if (hash_tensors(f, cpu, progress, hashes, err) != 0)
         goto done;
     for (size_t t = 0; t < n; t++) {
@@ -106,6 +115,12 @@ static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progres
         const cJSON *entry = cJSON_GetObjectItemCaseSensitive(tensors, ti->name);
         if (!entry) {
             ms_error_set(err, MS_EXIT_DATA, f->path, "tensor '%s' is not in %s", ti->name, manifest_path);
+            goto done;
+        }
+        const cJSON *shard = cJSON_GetObjectItemCaseSensitive(entry, "shard");
+        if (!cJSON_IsString(shard) || strcmp(shard->valuestring, base_name(f->path)) != 0) {
+            ms_error_set(err, MS_EXIT_DATA, f->path, "tensor '%s' is in this shard, %s puts it in %s", ti->name,
+                         manifest_path, cJSON_IsString(shard) ? shard->valuestring : "no shard");
             goto done;
         }
         uint64_t want;

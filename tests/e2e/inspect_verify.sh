@@ -81,6 +81,15 @@ expect_fail 3 "fewer/mergestream.json: lists 20 tensors but the output holds 21"
 manifest_case renamed 's/"model.layers.1.mlp.up_proj.weight":/"model.layers.1.mlp.up_proj.weight2":/'
 expect_fail 3 "renamed/model-0000[0-9]-of-00004.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' is not in .*renamed/mergestream.json" \
   "$MS_BIN" verify "$WORK/renamed"
+# a shard's tensor count, and a tensor placed in another shard
+manifest_case count "/\"file\":[[:space:]]*\"$S\"/,/xxh3/ s/\"tensors\":\([[:space:]]*\)[0-9]*/\"tensors\":\1999/"
+expect_fail 3 "count/$S: holds [0-9]+ tensors in [0-9]+ bytes; .*count/mergestream.json says 999 tensors" \
+  "$MS_BIN" verify "$WORK/count"
+other=model-00004-of-00004.safetensors
+[ "$S" != "$other" ] || other=model-00001-of-00004.safetensors
+manifest_case moved "/\"model.layers.0.mlp.gate_proj.weight\":/,/}/ s/\"shard\":\([[:space:]]*\)\"[^\"]*\"/\"shard\":\1\"$other\"/"
+expect_fail 3 "moved/$S: tensor 'model.layers.0.mlp.gate_proj.weight' is in this shard, .*mergestream.json puts it in $other" \
+  "$MS_BIN" verify "$WORK/moved"
 "$MS_BIN" verify "$WORK/out" --quiet || fail "verify of the untouched output"
 
 # usage errors: exit 2
