@@ -175,12 +175,16 @@ static bool looks_like_hub_id(const char *s)
     return slash && slash != s && slash[1] && !strchr(slash + 1, '/');
 }
 
-/* rel joined to the recipe folder (absolute paths unchanged). NULL on ENOMEM. */
+/* rel joined to the recipe folder (absolute paths unchanged; a leading "./"
+ * dropped, so messages say DIR/models/x rather than DIR/./models/x). NULL on
+ * ENOMEM. */
 static char *rp_join(const recipe_parser *p, const char *rel)
 {
     char *out = NULL;
     if (rel[0] == '/' || !p->dir)
         return strdup(rel);
+    while (rel[0] == '.' && rel[1] == '/' && rel[2])
+        rel += 2;
     if (asprintf(&out, "%s/%s", p->dir, rel) < 0)
         return NULL;
     return out;

@@ -235,13 +235,13 @@ static void test_all_keys(void **state)
     assert_int_equal(r->method, MS_METHOD_TIES);
     assert_int_equal(r->method_line, 2);
     assert_string_equal(r->base_name, "./models/base");
-    assert_path(r->base_path, "./models/base");
+    assert_path(r->base_path, "models/base");
     assert_null(r->base_adapter_path);
     assert_int_equal(r->base_line, 3);
     assert_true(r->base_listed);
     assert_int_equal(r->n_models, 2);
     assert_string_equal(r->models[0].name, "./models/ft1");
-    assert_path(r->models[0].path, "./models/ft1");
+    assert_path(r->models[0].path, "models/ft1");
     assert_null(r->models[0].adapter_path);
     assert_int_equal(r->models[0].index, 1);
     assert_int_equal(r->models[0].line, 6);
@@ -254,7 +254,7 @@ static void test_all_keys(void **state)
     assert_false(r->models[1].params[MS_PARAM_WEIGHT].present);
     assert_true(r->has_dtype && r->dtype == ST_BF16);
     assert_true(r->has_out_dtype && r->out_dtype == ST_F16);
-    assert_path(r->tokenizer_source, "./models/ft1");
+    assert_path(r->tokenizer_source, "models/ft1");
     assert_true(r->has_random_seed);
     assert_true(r->random_seed == UINT64_MAX);
     assert_non_null(strstr(r->text, "chat_template: chatml"));
@@ -1888,9 +1888,9 @@ static void test_examples_load(void **state)
         assert_int_equal(r->n_models, 2);
         assert_true(r->has_dtype && r->dtype == ST_BF16);
         if (r->base_path)
-            assert_path(r->base_path, "./models/base");
-        assert_path(r->models[0].path, "./models/ft1");
-        assert_path(r->models[1].path, "./models/ft2");
+            assert_path(r->base_path, "models/base");
+        assert_path(r->models[0].path, "models/ft1");
+        assert_path(r->models[1].path, "models/ft2");
         for (unsigned layer = 0; layer < 4; layer++) {
             char name[64];
             snprintf(name, sizeof name, "model.layers.%u.self_attn.q_proj.weight", layer);
