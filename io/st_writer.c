@@ -685,6 +685,13 @@ int st_writer_write(st_writer *w, size_t tensor, uint64_t offset, const void *bu
     int rc = ms_pwrite_all(ss->fd, buf, (size_t)len, pt->offset + offset);
     if (rc < 0)
         return writer_io_error(w, err, -rc, ss->partial_path, "write failed");
+    /* Start writing these pages to disk now, without waiting: the shard's
+     * fsync at the end then finds little left to flush, and dirty output
+     * does not pile up in the page cache of a merge larger than RAM.
+     * Advisory (a file system may refuse it): crash safety rests on the
+     * fsync. A hot 400 MB TIES merge here: 0.79 s median against 0.96 s
+     * (runs in ABBA order); cold the same (bench/RESULTS.md). */
+    (void)sync_file_range(ss->fd, (off_t)(pt->offset + offset), (off_t)len, SYNC_FILE_RANGE_WRITE);
     if (writer_note_landed(w, tensor, offset, len, err) < 0) {
         w->failed = true; /* the range was checked above: this is no memory or I/O */
         return -1;
