@@ -11,10 +11,10 @@
 # the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
 # busy fractions (compute: summed over the compute workers, so up to 2 with a
 # GPU). "cold" drops the page cache (needs root); otherwise, or with
-# --hot-only, "hot" only. --runs N repeats each cache state N times (copy,
-# merge, copy, merge, ...) and then prints the medians of the copy, the merge
-# and the per-run ratio: on a machine whose fsync time varies the single
-# ratio says little. Needs a release build in build/ (or $MS_BUILD).
+# --hot-only, "hot" only. --runs N repeats each cache state N times (copy and
+# merge in turn, in the order copy merge merge copy copy merge ...) and then
+# prints the medians of the copy, the merge and the per-run ratio: on a
+# machine whose fsync time varies the single ratio says little. Needs a release build in build/ (or $MS_BUILD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1
@@ -82,14 +82,15 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
 echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem"
 # median of the numbers on stdin
 median() { sort -g | awk '{ v[NR] = $1 } END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-for state in "${states[@]}"; do
- : > "$dir/runs.txt"
- for run in $(seq "$runs"); do
-  if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
+prepare() { if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi; }
+measure_copy() { # sets c
+  prepare
   c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
   rm -f "$dir/copy.out"
+}
+measure_merge() { # sets wall, cpu_s, rss, rb, cb, wb
   rm -rf "$dir/out"
-  if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi
+  prepare
   /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
     > "$dir/merge.json" 2> "$dir/time.txt"
   # the whole process (planning, pool setup, the run, the final verify), not just the run
@@ -99,6 +100,15 @@ for state in "${states[@]}"; do
   rb=$(grep -o '"read_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
   cb=$(grep -o '"compute_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
   wb=$(grep -o '"write_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  rm -rf "$dir/out"
+}
+for state in "${states[@]}"; do
+ : > "$dir/runs.txt"
+ for run in $(seq "$runs"); do
+  # copy then merge in odd runs, merge then copy in even ones: on a VM whose
+  # runs alternate slow and fast (memory the previous run freed), a fixed
+  # order would put every copy on one side of that pattern
+  if [ $((run % 2)) -eq 1 ]; then measure_copy; measure_merge; else measure_merge; measure_copy; fi
   awk -v s="$state" -v c="$c" -v w="$wall" -v b="$in_bytes" -v cpu="$cpu_s" -v rss="$rss" -v rb="$rb" -v cb="$cb" -v wb="$wb" 'BEGIN {
     printf "cache=%s copy_s=%.2f copy_GBps=%.2f merge_s=%.2f merge_GBps=%.2f ratio=%.2f cpu_s_per_GB=%.2f peak_rss_MiB=%.0f busy(read/compute/write)=%.2f/%.2f/%.2f\n",
       s, c, b / c / 1e9, w, b / w / 1e9, w / c, cpu / (b / 1e9), rss / 1024, rb / w, cb / w, wb / w }'
