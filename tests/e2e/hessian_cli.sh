@@ -212,6 +212,21 @@ for site in read host_alloc; do
   done
 done
 
+# config.json values the forward pass cannot honour: one line naming the file
+# and the key (exit 3; an unsupported activation is a usage error, exit 2)
+bad_config() { # CODE PATTERN SED
+  rm -rf "$WORK/bad"; cp -r "$WORK/m" "$WORK/bad"; sed -i -E "$3" "$WORK/bad/config.json"
+  cmp -s "$WORK/m/config.json" "$WORK/bad/config.json" && fail "config.json unchanged by '$3'"
+  expect_fail "$1" "bad/config.json: $2" "$MS_BIN" perplexity "$WORK/bad" --calib "$WORK/calib.txt" --quiet
+}
+bad_config 3 '"rope_scaling" must be an object or null' 's/"rope_scaling":[[:space:]]*null/"rope_scaling": 5/'
+bad_config 3 'rope_scaling: "rope_type" must be a string' 's/"rope_scaling":[[:space:]]*null/"rope_scaling": {"rope_type": 7}/'
+bad_config 3 'rope_scaling: high_freq_factor must exceed low_freq_factor' \
+  's/"rope_scaling":[[:space:]]*null/"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1, "original_max_position_embeddings": 8192}/'
+bad_config 3 'num_key_value_heads \(2\) must divide num_attention_heads \(7\)' \
+  's/"head_dim":[[:space:]]*[0-9]*,//; s/"num_attention_heads":[[:space:]]*[0-9]*/"num_attention_heads": 7/'
+bad_config 2 "hidden_act 'gelu' is not supported" 's/"hidden_act":[[:space:]]*"silu"/"hidden_act": "gelu"/'
+
 "$MS_BIN" hessian --help | grep -q "usage: mergestream hessian" || fail "hessian --help"
 "$MS_BIN" hessian --help | grep -q "BASE_DIR+ADAPTER_DIR" || fail "hessian --help does not mention adapters"
 "$MS_BIN" perplexity --help | grep -q "usage: mergestream perplexity" || fail "perplexity --help"
