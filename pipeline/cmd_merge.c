@@ -30,6 +30,7 @@
 
 static const char k_help[] =
     "usage: mergestream merge RECIPE -o DIR [OPTIONS]\n"
+    "       mergestream merge RECIPE DIR [OPTIONS]       (mergekit-yaml's order)\n"
     "\n"
     "Merges the models named by RECIPE (mergekit-style YAML: merge_method, base_model,\n"
     "models, parameters, dtype, out_dtype, tokenizer_source, random_seed) into DIR,\n"
@@ -185,10 +186,14 @@ static int parse_options(int argc, char **argv, merge_options *o)
         default: return ms_cli_usage_error("merge", "unknown option");
         }
     }
-    if (optind != argc - 1)
-        return ms_cli_usage_error("merge", "expected exactly one RECIPE");
+    /* mergekit-yaml's order, RECIPE OUTPUT_DIR, is accepted too */
+    if (optind == argc - 2 && !o->out_dir)
+        o->out_dir = argv[argc - 1];
+    else if (optind != argc - 1)
+        return ms_cli_usage_error("merge", o->out_dir ? "expected exactly one RECIPE (and -o DIR or DIR, not both)"
+                                                      : "expected RECIPE and -o DIR (or RECIPE DIR)");
     if (!o->out_dir && !o->dry_run)
-        return ms_cli_usage_error("merge", "-o DIR is required");
+        return ms_cli_usage_error("merge", "-o DIR is required (or DIR after RECIPE)");
     if (o->resume && o->force)
         return ms_cli_usage_error("merge", "--resume and --force exclude each other");
     o->recipe = argv[optind];

@@ -155,6 +155,11 @@ fi
 
 # usage errors
 expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
+# mergekit-yaml's order, RECIPE DIR: the same merge as -o DIR
+"$MS_BIN" merge "$WORK/ties.yml" "$WORK/positional" --max-memory 64M --quiet
+same_bytes "$WORK/rerun" "$WORK/positional"
+expect_fail 2 "not both" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" -o "$WORK/o8"
+expect_fail 2 "expected RECIPE and -o DIR" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" "$WORK/o8"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
 expect_fail 2 "gpu-lanes: expected 1 or 2" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --gpu-lanes 3
 "$MS_BIN" merge --help | grep -q "usage: mergestream merge" || fail "merge --help"
