@@ -17,4 +17,12 @@ int ms_cli_fail(const ms_error *err);
 /* Prints "mergestream: error: usage: MSG" plus a hint to --help; returns 2. */
 int ms_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+struct option;
+
+/* getopt_long's '?' or ':' (the option strings start with ':', so getopt
+ * itself prints nothing): one usage error naming the option: unknown (with
+ * a hint for mergekit-yaml's own flags), missing its value, or given a value
+ * it does not take (opts: the command's table). Returns 2. */
+int ms_cli_bad_option(const char *cmd, int c, char **argv, const struct option *opts);
+
 #endif

@@ -108,7 +108,7 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     uint64_t v = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, with_output ? "o:h" : "h", k_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, with_output ? ":o:h" : ":h", k_opts, NULL)) != -1) {
         bool output_only = c == 'o' || c == OPT_SHARD || c == OPT_FORCE;
         if (output_only && !with_output)
             return ms_cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
@@ -158,7 +158,7 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
         case OPT_JSON: o->json = true; break;
         case OPT_QUIET: ms_log_set_quiet(true); break;
         case 'h': fputs(help, stdout); return -1;
-        default: return ms_cli_usage_error(cmd, "unknown option");
+        default: return ms_cli_bad_option(cmd, c, argv, k_opts);
         }
     }
     if (optind != argc - 1)

@@ -148,13 +148,13 @@ int ms_cmd_inspect(int argc, char **argv)
     bool json = false, hash = false;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "h", k_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":h", k_opts, NULL)) != -1) {
         switch (c) {
         case 'j': json = true; break;
         case 'H': hash = true; break;
         case 'q': ms_log_set_quiet(true); break;
         case 'h': fputs(k_help, stdout); return MS_EXIT_OK;
-        default: return ms_cli_usage_error("inspect", "unknown option");
+        default: return ms_cli_bad_option("inspect", c, argv, k_opts);
         }
     }
     if (optind != argc - 1)

@@ -53,6 +53,7 @@ static const char k_help[] =
     "      --random-seed N       seed for DARE/DELLA masks (overrides the recipe)\n"
     "      --device auto|cpu|cuda where to compute (default auto: the GPU when one is usable,\n"
     "                            tensor by tensor, with the CPU for what does not fit)\n"
+    "      --cuda                --device cuda (mergekit-yaml's flag)\n"
     "      --gpu-memory-limit SIZE  most GPU memory this merge may hold (shared GPUs)\n"
     "      --gpu-lanes 1|2       tensors in flight on the GPU (default 2: one tensor's copies\n"
     "                            to and from the GPU overlap another's kernels; 1: no overlap)\n"
@@ -110,7 +111,7 @@ static bool gpu_pin_pool(void)
 
 static int parse_options(int argc, char **argv, merge_options *o)
 {
-    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET, OPT_DRY_RUN };
+    enum { OPT_FORCE = 256, OPT_RESUME, OPT_NO_VERIFY, OPT_MAXMEM, OPT_THREADS, OPT_IO, OPT_SHARD, OPT_SEED, OPT_DEVICE, OPT_GPULIM, OPT_GPULANES, OPT_JSON, OPT_QUIET, OPT_DRY_RUN, OPT_CUDA };
     static const struct option k_opts[] = {
         {"output", required_argument, NULL, 'o'}, {"force", no_argument, NULL, OPT_FORCE},
         {"no-verify", no_argument, NULL, OPT_NO_VERIFY}, {"resume", no_argument, NULL, OPT_RESUME},
@@ -119,7 +120,8 @@ static int parse_options(int argc, char **argv, merge_options *o)
         {"random-seed", required_argument, NULL, OPT_SEED}, {"device", required_argument, NULL, OPT_DEVICE},
         {"gpu-memory-limit", required_argument, NULL, OPT_GPULIM}, {"json", no_argument, NULL, OPT_JSON},
         {"gpu-lanes", required_argument, NULL, OPT_GPULANES}, {"dry-run", no_argument, NULL, OPT_DRY_RUN},
-        {"quiet", no_argument, NULL, OPT_QUIET}, {"help", no_argument, NULL, 'h'}, {0, 0, 0, 0},
+        {"quiet", no_argument, NULL, OPT_QUIET}, {"help", no_argument, NULL, 'h'},
+        {"cuda", no_argument, NULL, OPT_CUDA}, {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
     o->max_memory = default_max_memory();
@@ -132,7 +134,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
     uint64_t v;
     char *end;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:h", k_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":o:h", k_opts, NULL)) != -1) {
         switch (c) {
         case 'o': o->out_dir = optarg; break;
         case OPT_FORCE: o->force = true; break;
@@ -170,6 +172,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
             else if (strcmp(optarg, "cuda") == 0) o->device = DEVICE_CUDA;
             else return ms_cli_usage_error("merge", "--device: expected auto, cpu or cuda, got '%s'", optarg);
             break;
+        case OPT_CUDA: o->device = DEVICE_CUDA; break; /* mergekit-yaml's flag */
         case OPT_GPULIM:
             if (ms_size_parse(optarg, &o->gpu_memory_limit) != 0 || o->gpu_memory_limit == 0)
                 return ms_cli_usage_error("merge", "--gpu-memory-limit: bad size '%s'", optarg);
@@ -183,7 +186,7 @@ static int parse_options(int argc, char **argv, merge_options *o)
         case OPT_DRY_RUN: o->dry_run = true; break;
         case OPT_QUIET: ms_log_set_quiet(true); break;
         case 'h': fputs(k_help, stdout); return -1;
-        default: return ms_cli_usage_error("merge", "unknown option");
+        default: return ms_cli_bad_option("merge", c, argv, k_opts);
         }
     }
     /* mergekit-yaml's order, RECIPE OUTPUT_DIR, is accepted too */

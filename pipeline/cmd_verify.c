@@ -22,11 +22,11 @@ int ms_cmd_verify(int argc, char **argv)
     };
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "h", k_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":h", k_opts, NULL)) != -1) {
         switch (c) {
         case 'q': ms_log_set_quiet(true); break;
         case 'h': fputs(k_help, stdout); return MS_EXIT_OK;
-        default: return ms_cli_usage_error("verify", "unknown option");
+        default: return ms_cli_bad_option("verify", c, argv, k_opts);
         }
     }
     if (optind != argc - 1)

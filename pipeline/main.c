@@ -1,4 +1,5 @@
 /* mergestream: the entry point. Dispatches to the subcommands in cmd_*.c. */
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -41,6 +42,50 @@ int ms_cli_usage_error(const char *cmd, const char *fmt, ...)
     va_end(ap);
     fprintf(stderr, "mergestream: error: %s: %s (see 'mergestream %s --help')\n", cmd, msg, cmd);
     return MS_EXIT_USAGE;
+}
+
+/* mergekit-yaml's flags that mean nothing here, and why. */
+static const struct {
+    const char *flag, *why;
+} k_mergekit_flags[] = {
+    {"--lazy-unpickle", "tensors are always read one at a time"},
+    {"--low-cpu-memory", "memory is bounded by --max-memory"},
+    {"--allow-crimes", "every method accepts every architecture it can read"},
+    {"--copy-tokenizer", "tokenizer files are always copied from the base or tokenizer_source"},
+    {"--no-copy-tokenizer", "tokenizer files are always copied from the base or tokenizer_source"},
+    {"--trust-remote-code", "no model code is ever run"},
+    {"--safe-serialization", "the output is always safetensors"},
+    {"--clone-tensors", "tensors are never shared between outputs"},
+    {"--lora-merge-cache", "adapters are applied on the fly, nothing is cached"},
+    {"--transformers-cache", "models are local directories, nothing is downloaded"},
+    {"--write-model-card", "no model card is written (the recipe is in mergestream.json)"},
+    {"--read-to-gpu", "placement is per tensor (--device)"},
+    {"--multi-gpu", "one GPU is used (--device)"},
+    {"--num-threads", "use --threads N"},
+};
+
+int ms_cli_bad_option(const char *cmd, int c, char **argv, const struct option *opts)
+{
+    extern int optind, optopt;
+    char name[128];
+    const char *arg = optind > 0 ? argv[optind - 1] : NULL;
+    if (arg && strncmp(arg, "--", 2) == 0) /* a long option (optopt is then 0 or its value code) */
+        snprintf(name, sizeof name, "%s", arg);
+    else
+        snprintf(name, sizeof name, "-%c", optopt > 0 && optopt < 128 ? optopt : '?');
+    char *eq = strchr(name, '=');
+    if (eq)
+        *eq = '\0';
+    if (c == ':')
+        return ms_cli_usage_error(cmd, "option '%s' needs a value", name);
+    for (const struct option *o = opts; eq && o->name; o++)
+        if (strcmp(name + 2, o->name) == 0)
+            return ms_cli_usage_error(cmd, "option '%s' takes no value", name);
+    for (size_t i = 0; i < sizeof k_mergekit_flags / sizeof k_mergekit_flags[0]; i++)
+        if (strcmp(name, k_mergekit_flags[i].flag) == 0)
+            return ms_cli_usage_error(cmd, "unknown option '%s' (mergekit-yaml's: not needed here, %s; drop it)",
+                                      name, k_mergekit_flags[i].why);
+    return ms_cli_usage_error(cmd, "unknown option '%s'", name);
 }
 
 int main(int argc, char **argv)

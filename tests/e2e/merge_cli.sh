@@ -137,6 +137,7 @@ ls "$WORK/o4" 2>/dev/null | grep -q safetensors && fail "a failed merge left a s
 # --device cuda where no GPU is usable: one line, exit 1 (skipped on a GPU machine)
 if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_fail 1 "--device cuda: no usable GPU" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o6" --device cuda
+  expect_fail 1 "--device cuda: no usable GPU" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o6" --cuda # mergekit's flag
   [ ! -e "$WORK/o6" ] || fail "a failed --device cuda merge left its output directory"
 fi
 
@@ -155,6 +156,13 @@ fi
 
 # usage errors
 expect_fail 2 "-o DIR is required" "$MS_BIN" merge "$WORK/ties.yml"
+# options: one line naming the option; mergekit-yaml's flags get a hint
+expect_fail 2 "merge: unknown option '--frobnicate'" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --frobnicate
+expect_fail 2 "unknown option '--lazy-unpickle' \(mergekit-yaml's: not needed here" \
+  "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --lazy-unpickle
+expect_fail 2 "option '--max-memory' needs a value" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --max-memory
+expect_fail 2 "option '--quiet' takes no value" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --quiet=yes
+expect_fail 2 "inspect: unknown option '-z'" "$MS_BIN" inspect "$WORK/ties.yml" -z
 # mergekit-yaml's order, RECIPE DIR: the same merge as -o DIR
 "$MS_BIN" merge "$WORK/ties.yml" "$WORK/positional" --max-memory 64M --quiet
 same_bytes "$WORK/rerun" "$WORK/positional"
