@@ -36,22 +36,7 @@ void cpu_merge_hessian_keys(const float *u, uint64_t cols, uint64_t e, size_t n,
 /* dst[j] = element off + j of src (dtype dt) widened to fp32. */
 static void hess_load(float *dst, const void *src, st_dtype dt, uint64_t off, size_t n)
 {
-    const unsigned char *s = (const unsigned char *)src;
-    switch (dt) {
-    case ST_F32:
-        memcpy(dst, s + off * 4, n * sizeof(float));
-        break;
-    case ST_BF16:
-    case ST_F16:
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, s + (off + j) * 2, 2);
-            dst[j] = dt == ST_BF16 ? ms_bf16_to_f32(h) : ms_f16_to_f32(h);
-        }
-        break;
-    default:
-        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
-    }
+    cpu_widen(dst, (const unsigned char *)src + off * (dt == ST_F32 ? 4 : 2), dt, n);
 }
 
 /* Rounds src[0..n) once to dt (NaN canonical) into element off.. of dst. */

@@ -239,43 +239,13 @@ static double *gram_buf(const ix_ctx *x, const ix_scratch *s, unsigned lane, uns
 
 /* ========================================================= load / store */
 
-/* dst[j] = element j of raw little-endian src of dtype dt, widened to fp32
- * (ms_bf16_to_f32 / ms_f16_to_f32 bit for bit: the bf16 quieting as a mask,
- * so the loop vectorises). */
-IX_INLINE void ix_widen(float *restrict dst, const unsigned char *restrict src, st_dtype dt, size_t n)
-{
-    switch (dt) {
-    case ST_F32:
-        memcpy(dst, src, n * sizeof(float));
-        break;
-    case ST_BF16:
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * j, 2);
-            uint32_t u = (uint32_t)h << 16;
-            uint32_t quiet = (0u - (uint32_t)((u & 0x7fffffffu) > 0x7f800000u)) & 0x00400000u;
-            dst[j] = ms_f32_from_bits(u | quiet);
-        }
-        break;
-    case ST_F16:
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * j, 2);
-            dst[j] = ms_f16_to_f32(h);
-        }
-        break;
-    default:
-        CPU_ASSERT(!"input dtype is not F16, BF16 or F32");
-    }
-}
-
 /* dst[j] = input slot's element e + j, widened to fp32. */
 IX_INLINE void ix_load(const ix_ctx *x, unsigned slot, uint64_t e, size_t n, float *dst)
 {
     uint64_t off = e - x->c->elem0;
     st_dtype dt = x->p->in_dtype[slot];
     const unsigned char *src = x->c->in[slot];
-    ix_widen(dst, src + off * (dt == ST_F32 ? 4 : 2), dt, n);
+    cpu_widen(dst, src + off * (dt == ST_F32 ? 4 : 2), dt, n);
 }
 
 /* The task vector of slot i: d[j] = ms_merge_delta(load(i), base[j]). */

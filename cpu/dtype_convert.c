@@ -21,29 +21,6 @@ static int convert_size(st_dtype dt)
     return dt == ST_F32 ? 4 : dt == ST_F16 || dt == ST_BF16 ? 2 : 0;
 }
 
-static void convert_widen(const unsigned char *src, st_dtype dt, float *dst, size_t n)
-{
-    switch (dt) {
-    case ST_F32:
-        memcpy(dst, src, n * sizeof(float));
-        break;
-    case ST_BF16:
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * j, 2);
-            dst[j] = ms_bf16_to_f32(h);
-        }
-        break;
-    default: /* ST_F16 */
-        for (size_t j = 0; j < n; j++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * j, 2);
-            dst[j] = ms_f16_to_f32(h);
-        }
-        break;
-    }
-}
-
 static void convert_narrow(const float *src, unsigned char *dst, st_dtype dt, size_t n)
 {
     switch (dt) {
@@ -79,7 +56,7 @@ void cpu_convert(const void *in, st_dtype in_dt, void *out, st_dtype out_dt, uin
     float tile[CONVERT_TILE];
     for (uint64_t done = 0; done < n;) {
         size_t m = n - done < CONVERT_TILE ? (size_t)(n - done) : CONVERT_TILE;
-        convert_widen(src + done * (uint64_t)in_size, in_dt, tile, m);
+        cpu_widen(tile, src + done * (uint64_t)in_size, in_dt, m);
         convert_narrow(tile, dst + done * (uint64_t)out_size, out_dt, m);
         done += m;
     }
