@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "cpu/cpu_kernel.h"
+#include "cpu/cpu_split.h"
 #include "cpu/cpu_merge_hessian.h"
 #include "cpu/cpu_merge_interp.h"
 #include "pipeline/merge_math.h"
@@ -156,11 +157,7 @@ typedef struct cpu_ctx {
     uint64_t *della_thr;   /* [n_models][cols] della: threshold by 0-based rank (model i: row i - 1) */
     float plain_div;       /* without consensus: fixed sum_i w_i */
     float wsum;            /* linear: sum_i w_i */
-    /* the current window and its partition */
-    uint64_t e0, e1;       /* element range [e0, e1), flat indices */
-    uint64_t bpt;          /* element tasks: blocks per task */
-    uint64_t r0, r1, rpt;  /* row tasks: rows [r0, r1), rows per task */
-    unsigned n_tasks;
+    cpu_split sp;          /* the current window and its cut into tasks */
     unsigned model;        /* per-model runs: the model (1-based) */
     bool l1_models[MS_MAX_MODELS + 1]; /* L1 sums run: models summed */
     bool l1_use_mask;      /* L1 sums: keep flags come from mask (della) */
@@ -816,38 +813,20 @@ static void tile_linear(const cpu_ctx *x, cpu_scratch *s, size_t n)
 
 /* ========================================================= partitions */
 
-/* Element tasks over [e0, e1) (e1 > e0): whole global blocks per task. */
+/* Element tasks over [e0, e1) (e1 > e0). */
 static void part_elems(cpu_ctx *x, uint64_t e0, uint64_t e1)
 {
-    x->e0 = e0;
-    x->e1 = e1;
-    uint64_t j0 = e0 / MS_MERGE_BLOCK, nb = (e1 - 1) / MS_MERGE_BLOCK - j0 + 1;
-    uint64_t want = (uint64_t)x->lay.n_workers * CPU_TASKS_PER_WORKER;
-    x->bpt = (nb + want - 1) / want;
-    x->n_tasks = (unsigned)((nb + x->bpt - 1) / x->bpt);
-    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks && nb <= x->lay.max_blocks);
+    cpu_split_elems(&x->sp, e0, e1, x->lay.max_tasks);
+    CPU_ASSERT(x->sp.n_tasks <= x->lay.max_tasks && cpu_split_blocks(&x->sp) <= x->lay.max_blocks);
 }
 
-static void part_elem_range(const cpu_ctx *x, unsigned task, uint64_t *a, uint64_t *b)
-{
-    uint64_t j0 = x->e0 / MS_MERGE_BLOCK;
-    uint64_t lo = (j0 + task * x->bpt) * MS_MERGE_BLOCK, hi = (j0 + (task + 1) * x->bpt) * MS_MERGE_BLOCK;
-    *a = lo > x->e0 ? lo : x->e0;
-    *b = hi < x->e1 ? hi : x->e1;
-}
-
-/* Row tasks over rows [r0, r1). */
+/* Row tasks over rows [r0, r1); the element range follows the rows. */
 static void part_rows(cpu_ctx *x, uint64_t r0, uint64_t r1)
 {
-    x->r0 = r0;
-    x->r1 = r1;
-    x->e0 = r0 * x->p->cols;
-    x->e1 = r1 * x->p->cols;
-    uint64_t want = (uint64_t)x->lay.n_workers * CPU_TASKS_PER_WORKER;
-    uint64_t nr = r1 - r0;
-    x->rpt = (nr + want - 1) / want;
-    x->n_tasks = (unsigned)((nr + x->rpt - 1) / x->rpt);
-    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
+    cpu_split_rows(&x->sp, r0, r1, x->lay.max_tasks);
+    x->sp.e0 = r0 * x->p->cols;
+    x->sp.e1 = r1 * x->p->cols;
+    CPU_ASSERT(x->sp.n_tasks <= x->lay.max_tasks);
 }
 
 /* ============================================================== tasks */
@@ -903,7 +882,7 @@ static void task_hist_hi(void *vx, unsigned task, unsigned worker)
     cpu_ctx *x = vx;
     cpu_scratch *s = &x->scratch[worker];
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += CPU_TILE) {
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
@@ -919,7 +898,7 @@ static void task_hist_lo(void *vx, unsigned task, unsigned worker)
     cpu_scratch *s = &x->scratch[worker];
     const ms_merge_model *m = &x->st->model[x->model];
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += CPU_TILE) {
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
@@ -944,7 +923,7 @@ static void task_count_eq(void *vx, unsigned task, unsigned worker)
     cpu_ctx *x = vx;
     cpu_scratch *s = &x->scratch[worker];
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (unsigned i = 1; i <= x->p->n_models; i++) {
         uint64_t *cnt = ctx_eq(x, task, i);
         cnt[0] = cnt[1] = 0;
@@ -988,8 +967,8 @@ static void task_l1(void *vx, unsigned task, unsigned worker)
     cpu_scratch *s = &x->scratch[worker];
     const ms_tensor_params *p = x->p;
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
-    uint64_t jw0 = x->e0 / MS_MERGE_BLOCK;
+    cpu_split_elem_range(&x->sp, task, &a, &b);
+    uint64_t jw0 = x->sp.e0 / MS_MERGE_BLOCK;
     uint64_t pos[MS_MAX_MODELS + 1][2];
     for (unsigned i = 1; i <= p->n_models; i++) {
         const uint64_t *start = ctx_eq(x, task, i);
@@ -1014,7 +993,7 @@ static void task_l1(void *vx, unsigned task, unsigned worker)
                 const uint8_t *keep = s->keep;
                 if (x->l1_use_mask) {
                     load_delta(x, i, e, n, s->base, s->x);
-                    keep = x->mask + (e - x->e0);
+                    keep = x->mask + (e - x->sp.e0);
                 } else {
                     tile_delta_keep(x, s, i, e, n, s->x, pos[i]);
                 }
@@ -1049,13 +1028,14 @@ static void task_della_mask(void *vx, unsigned task, unsigned worker)
     cpu_ctx *x = vx;
     cpu_scratch *s = &x->scratch[worker];
     uint64_t cols = x->p->cols;
-    uint64_t ra = x->r0 + (uint64_t)task * x->rpt, rb = ra + x->rpt < x->r1 ? ra + x->rpt : x->r1;
+    uint64_t ra, rb;
+    cpu_split_row_range(&x->sp, task, &ra, &rb);
     for (uint64_t r = ra; r < rb; r++) {
         uint64_t e = r * cols;
         load_base(x, e, (size_t)cols, s->base);
         load_delta(x, x->model, e, (size_t)cols, s->base, s->x);
         row_keep(x, s, x->model, r, s->x);
-        memcpy(x->mask + (e - x->e0), s->keep, (size_t)cols);
+        memcpy(x->mask + (e - x->sp.e0), s->keep, (size_t)cols);
     }
 }
 
@@ -1067,7 +1047,7 @@ static void task_apply(void *vx, unsigned task, unsigned worker)
     const ms_tensor_params *p = x->p;
     bool linear = p->method == MS_METHOD_LINEAR;
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     uint64_t pos[MS_MAX_MODELS + 1][2];
     for (unsigned i = 1; i <= p->n_models; i++) {
         const uint64_t *start = ctx_eq(x, task, i);
@@ -1101,7 +1081,8 @@ static void task_apply_rows(void *vx, unsigned task, unsigned worker)
     cpu_scratch *s = &x->scratch[worker];
     const ms_tensor_params *p = x->p;
     uint64_t cols = p->cols;
-    uint64_t ra = x->r0 + (uint64_t)task * x->rpt, rb = ra + x->rpt < x->r1 ? ra + x->rpt : x->r1;
+    uint64_t ra, rb;
+    cpu_split_row_range(&x->sp, task, &ra, &rb);
     for (uint64_t r = ra; r < rb; r++) {
         uint64_t e = r * cols;
         load_base(x, e, (size_t)cols, s->base);
@@ -1133,12 +1114,12 @@ static void run_eq_positions(cpu_ctx *x, cpu_pool *pool)
 {
     if (!x->st->any_split)
         return;
-    cpu_pool_run(pool, x->n_tasks, task_count_eq, x);
+    cpu_pool_run(pool, x->sp.n_tasks, task_count_eq, x);
     for (unsigned i = 1; i <= x->p->n_models; i++) {
         for (unsigned bd = 0; bd < 2; bd++) {
             ms_merge_bound *b = &x->st->model[i].bound[bd];
             uint64_t run = b->eq_seen;
-            for (unsigned t = 0; t < x->n_tasks; t++) {
+            for (unsigned t = 0; t < x->sp.n_tasks; t++) {
                 uint64_t *slot = &ctx_eq(x, t, i)[bd];
                 uint64_t count = b->split ? *slot : 0;
                 *slot = run;
@@ -1156,11 +1137,11 @@ static void run_hist(cpu_ctx *x, cpu_pool *pool, bool hi)
         if (!m->bound[0].search && !m->bound[1].search)
             continue;
         x->model = i;
-        CPU_ASSERT(x->e1 - x->e0 <= UINT32_MAX); /* the 32-bit worker counters cannot wrap */
+        CPU_ASSERT(x->sp.e1 - x->sp.e0 <= UINT32_MAX); /* the 32-bit worker counters cannot wrap */
         size_t words = hi ? HIST_SUBS * MS_MERGE_HI_BINS : 2 * MS_MERGE_LO_BINS;
         for (unsigned w = 0; w < x->lay.n_workers; w++)
             memset(x->scratch[w].hist, 0, words * sizeof(uint32_t));
-        cpu_pool_run(pool, x->n_tasks, hi ? task_hist_hi : task_hist_lo, x);
+        cpu_pool_run(pool, x->sp.n_tasks, hi ? task_hist_hi : task_hist_lo, x);
         for (unsigned w = 0; w < x->lay.n_workers; w++) {
             const uint32_t *h = x->scratch[w].hist;
             if (hi) {
@@ -1181,7 +1162,7 @@ static void run_l1_fold(cpu_ctx *x)
 {
     for (unsigned i = 1; i <= x->p->n_models; i++)
         if (x->l1_models[i])
-            ms_merge_l1_fold(&x->st->model[i], x->e0, x->e1 - x->e0, ctx_blk(x->blk_delta, x, i),
+            ms_merge_l1_fold(&x->st->model[i], x->sp.e0, x->sp.e1 - x->sp.e0, ctx_blk(x->blk_delta, x, i),
                              ctx_blk(x->blk_tau, x, i));
 }
 
@@ -1201,12 +1182,12 @@ static void run_elem_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind,
         x->l1_use_mask = false;
         for (unsigned i = 1; i <= x->p->n_models; i++)
             x->l1_models[i] = x->st->model[i].rescale;
-        cpu_pool_run(pool, x->n_tasks, task_l1, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_l1, x);
         run_l1_fold(x);
         break;
     case MS_MERGE_PASS_APPLY:
         run_eq_positions(x, pool);
-        cpu_pool_run(pool, x->n_tasks, task_apply, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_apply, x);
         break;
     default:
         CPU_ASSERT(!"an interpolation pass in the task-vector kernels");
@@ -1218,7 +1199,7 @@ static void run_row_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, 
 {
     if (kind == MS_MERGE_PASS_APPLY) {
         part_rows(x, r0, r1);
-        cpu_pool_run(pool, x->n_tasks, task_apply_rows, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_apply_rows, x);
         return;
     }
     CPU_ASSERT(kind == MS_MERGE_PASS_L1);
@@ -1227,12 +1208,12 @@ static void run_row_window(cpu_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, 
             continue;
         x->model = i;
         part_rows(x, r0, r1);
-        cpu_pool_run(pool, x->n_tasks, task_della_mask, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_della_mask, x);
         part_elems(x, r0 * x->p->cols, r1 * x->p->cols);
         memset(x->l1_models, 0, sizeof x->l1_models);
         x->l1_models[i] = true;
         x->l1_use_mask = true;
-        cpu_pool_run(pool, x->n_tasks, task_l1, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_l1, x);
         run_l1_fold(x);
     }
 }

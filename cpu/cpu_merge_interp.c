@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "cpu/cpu_kernel.h"
+#include "cpu/cpu_split.h"
 #include "pipeline/merge_math.h"
 #include "pipeline/merge_math_interp.h"
 #include "pipeline/merge_passes_interp.h"
@@ -175,11 +176,8 @@ typedef struct ix_ctx {
     ix_scratch *scratch;  /* [n_workers] */
     double *blk;          /* [max_blocks][q]: per-block sums of the window */
     uint64_t *task_pos;   /* [max_tasks]: sce's equal-key counts, then start positions */
-    /* the current window and its partition */
-    uint64_t e0, e1, bpt; /* element tasks: [e0, e1), blocks per task */
-    uint64_t r0, r1, rpt; /* row tasks: rows [r0, r1), rows per task */
-    uint64_t cpt;         /* column tasks: columns per task */
-    unsigned n_tasks;
+    cpu_split sp;         /* the current window and its cut into element or row tasks */
+    uint64_t cpt;         /* column tasks: columns per task (the rows are sp.r0 .. sp.r1) */
 } ix_ctx;
 
 static int ctx_alloc(ix_ctx *x)
@@ -289,48 +287,25 @@ IX_INLINE void ix_store(const ix_ctx *x, uint64_t e, const float *restrict src, 
 
 static void part_elems(ix_ctx *x, uint64_t e0, uint64_t e1)
 {
-    x->e0 = e0;
-    x->e1 = e1;
-    uint64_t j0 = e0 / MS_MERGE_BLOCK, nb = (e1 - 1) / MS_MERGE_BLOCK - j0 + 1;
-    uint64_t want = x->lay.max_tasks;
-    x->bpt = (nb + want - 1) / want;
-    x->n_tasks = (unsigned)((nb + x->bpt - 1) / x->bpt);
-    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks && nb <= x->lay.max_blocks);
-}
-
-static void part_elem_range(const ix_ctx *x, unsigned task, uint64_t *a, uint64_t *b)
-{
-    uint64_t j0 = x->e0 / MS_MERGE_BLOCK;
-    uint64_t lo = (j0 + task * x->bpt) * MS_MERGE_BLOCK, hi = (j0 + (task + 1) * x->bpt) * MS_MERGE_BLOCK;
-    *a = lo > x->e0 ? lo : x->e0;
-    *b = hi < x->e1 ? hi : x->e1;
+    cpu_split_elems(&x->sp, e0, e1, x->lay.max_tasks);
+    CPU_ASSERT(x->sp.n_tasks <= x->lay.max_tasks && cpu_split_blocks(&x->sp) <= x->lay.max_blocks);
 }
 
 static void part_rows(ix_ctx *x, uint64_t r0, uint64_t r1)
 {
-    x->r0 = r0;
-    x->r1 = r1;
-    uint64_t want = x->lay.max_tasks, nr = r1 - r0;
-    x->rpt = (nr + want - 1) / want;
-    x->n_tasks = (unsigned)((nr + x->rpt - 1) / x->rpt);
-    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
-}
-
-static void part_row_range(const ix_ctx *x, unsigned task, uint64_t *ra, uint64_t *rb)
-{
-    *ra = x->r0 + (uint64_t)task * x->rpt;
-    *rb = ix_min(*ra + x->rpt, x->r1);
+    cpu_split_rows(&x->sp, r0, r1, x->lay.max_tasks);
+    CPU_ASSERT(x->sp.n_tasks <= x->lay.max_tasks);
 }
 
 /* Column tasks over every column, for the rows [r0, r1). */
 static void part_cols(ix_ctx *x, uint64_t r0, uint64_t r1)
 {
-    x->r0 = r0;
-    x->r1 = r1;
+    x->sp.r0 = r0;
+    x->sp.r1 = r1;
     uint64_t want = x->lay.max_tasks, nc = x->p->cols;
     x->cpt = (nc + want - 1) / want;
-    x->n_tasks = (unsigned)((nc + x->cpt - 1) / x->cpt);
-    CPU_ASSERT(x->n_tasks <= x->lay.max_tasks);
+    x->sp.n_tasks = (unsigned)((nc + x->cpt - 1) / x->cpt);
+    CPU_ASSERT(x->sp.n_tasks <= x->lay.max_tasks);
 }
 
 /* ================================================================ Gram */
@@ -538,8 +513,8 @@ static void task_gram(void *vx, unsigned task, unsigned worker)
     const ms_interp_state *is = x->is;
     unsigned q = is->n_sums;
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
-    uint64_t jw0 = x->e0 / MS_MERGE_BLOCK, ja = a / MS_MERGE_BLOCK, jb = (b - 1) / MS_MERGE_BLOCK;
+    cpu_split_elem_range(&x->sp, task, &a, &b);
+    uint64_t jw0 = x->sp.e0 / MS_MERGE_BLOCK, ja = a / MS_MERGE_BLOCK, jb = (b - 1) / MS_MERGE_BLOCK;
     for (uint64_t j = ja; j <= jb; j++) {
         double *acc = x->blk + (j - jw0) * q;
         for (unsigned k = 0; k < q; k++) /* the window's first block continues the carried one */
@@ -566,7 +541,7 @@ static void task_line_rows(void *vx, unsigned task, unsigned worker)
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
     uint64_t ra, rb;
-    part_row_range(x, task, &ra, &rb);
+    cpu_split_row_range(&x->sp, task, &ra, &rb);
     for (uint64_t r = ra; r < rb;) {
         unsigned g = rows_group(x, r, rb);
         gram_rows(x, s, r, g, x->is->line_sum + r * 3);
@@ -584,7 +559,7 @@ CPU_CLONES static void task_line_cols(void *vx, unsigned task, unsigned worker)
     ms_interp_state *is = x->is;
     uint64_t cols = x->p->cols;
     uint64_t ca = (uint64_t)task * x->cpt, cb = ix_min(ca + x->cpt, cols);
-    for (uint64_t r = x->r0; r < x->r1; r++) {
+    for (uint64_t r = x->sp.r0; r < x->sp.r1; r++) {
         for (uint64_t cc = ca; cc < cb; cc += IX_TILE) {
             size_t n = (size_t)ix_min(IX_TILE, cb - cc);
             load_vecs(x, ix_buf(x, s, x->lay.nb - 1), ix_buf(x, s, 0), IX_TILE, r * cols + cc, n);
@@ -678,7 +653,7 @@ static void task_count_eq(void *vx, unsigned task, unsigned worker)
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
     uint64_t a, b, cnt = 0;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += IX_TILE) {
         size_t n = (size_t)ix_min(IX_TILE, b - e);
         sce_keys(x, s, e, n);
@@ -695,9 +670,9 @@ static void run_eq_positions(ix_ctx *x, cpu_pool *pool)
     ms_interp_state *is = x->is;
     if (is->sel != MS_INTERP_SEL_TOP || !is->sel_split)
         return;
-    cpu_pool_run(pool, x->n_tasks, task_count_eq, x);
+    cpu_pool_run(pool, x->sp.n_tasks, task_count_eq, x);
     uint64_t run = is->eq_seen;
-    for (unsigned t = 0; t < x->n_tasks; t++) {
+    for (unsigned t = 0; t < x->sp.n_tasks; t++) {
         uint64_t cnt = x->task_pos[t];
         x->task_pos[t] = run;
         run += cnt;
@@ -713,9 +688,9 @@ static void task_sumsq(void *vx, unsigned task, unsigned worker)
     const ms_interp_state *is = x->is;
     unsigned nm = x->p->n_models, q = is->n_sums;
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     uint64_t pos = x->task_pos[task];
-    uint64_t jw0 = x->e0 / MS_MERGE_BLOCK;
+    uint64_t jw0 = x->sp.e0 / MS_MERGE_BLOCK;
     for (uint64_t j = a / MS_MERGE_BLOCK; j * MS_MERGE_BLOCK < b; j++) {
         double *acc = x->blk + (j - jw0) * q;
         for (unsigned k = 0; k < q; k++)
@@ -843,7 +818,7 @@ static void task_keys_elems(ix_ctx *x, unsigned task, unsigned worker, bool hi)
 {
     ix_scratch *s = &x->scratch[worker];
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += IX_TILE) {
         size_t n = (size_t)ix_min(IX_TILE, b - e);
         tile_keys(x, s, e, n, 0);
@@ -856,7 +831,7 @@ static void task_keys_rows(ix_ctx *x, unsigned task, unsigned worker, bool hi)
 {
     ix_scratch *s = &x->scratch[worker];
     uint64_t cols = x->p->cols, ra, rb;
-    part_row_range(x, task, &ra, &rb);
+    cpu_split_row_range(&x->sp, task, &ra, &rb);
     for (uint64_t r = ra; r < rb; r++) {
         if (hi)
             x->is->row_kl[r] = fusion_kl(x, s, r);
@@ -905,7 +880,7 @@ static void task_count(void *vx, unsigned task, unsigned worker)
     unsigned nm = x->p->n_models;
     const float *eps = x->is->eps32;
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += IX_TILE) {
         size_t n = (size_t)ix_min(IX_TILE, b - e);
         load_deltas(x, s, e, n);
@@ -1034,7 +1009,7 @@ CPU_CLONES static void task_apply(void *vx, unsigned task, unsigned worker)
     ix_ctx *x = vx;
     ix_scratch *s = &x->scratch[worker];
     uint64_t a, b;
-    part_elem_range(x, task, &a, &b);
+    cpu_split_elem_range(&x->sp, task, &a, &b);
     uint64_t pos = x->task_pos[task];
     for (uint64_t e = a; e < b; e += IX_TILE) {
         size_t n = (size_t)ix_min(IX_TILE, b - e);
@@ -1076,7 +1051,7 @@ CPU_CLONES static void task_apply_rows(void *vx, unsigned task, unsigned worker)
     ix_scratch *s = &x->scratch[worker];
     const ms_interp_state *is = x->is;
     uint64_t cols = x->p->cols, ra, rb;
-    part_row_range(x, task, &ra, &rb);
+    cpu_split_row_range(&x->sp, task, &ra, &rb);
     for (uint64_t r = ra; r < rb;) {
         unsigned g = 1;
         if (is->apply == MS_INTERP_APPLY_LINE_MIX) {
@@ -1129,27 +1104,27 @@ static void run_elem_window(ix_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, 
     memset(x->task_pos, 0, x->lay.max_tasks * sizeof(uint64_t));
     switch (kind) {
     case MS_MERGE_PASS_GRAM:
-        cpu_pool_run(pool, x->n_tasks, task_gram, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_gram, x);
         ms_interp_fold(is->sum, is->open, is->n_sums, e0, e1 - e0, x->blk);
         break;
     case MS_MERGE_PASS_KEY_HI:
-        cpu_pool_run(pool, x->n_tasks, task_key_hi, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_key_hi, x);
         break;
     case MS_MERGE_PASS_KEY_LO:
-        cpu_pool_run(pool, x->n_tasks, task_key_lo, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_key_lo, x);
         break;
     case MS_MERGE_PASS_SUMSQ:
         run_eq_positions(x, pool);
-        cpu_pool_run(pool, x->n_tasks, task_sumsq, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_sumsq, x);
         ms_interp_fold(is->sum, is->open, is->n_sums, e0, e1 - e0, x->blk);
         break;
     case MS_MERGE_PASS_COUNT:
-        cpu_pool_run(pool, x->n_tasks, task_count, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_count, x);
         break;
     case MS_MERGE_PASS_APPLY:
         if (is->apply == MS_INTERP_APPLY_SCE)
             run_eq_positions(x, pool);
-        cpu_pool_run(pool, x->n_tasks, task_apply, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_apply, x);
         break;
     default:
         CPU_ASSERT(!"not an element pass");
@@ -1161,22 +1136,22 @@ static void run_row_window(ix_ctx *x, cpu_pool *pool, ms_merge_pass_kind kind, u
 {
     if (kind == MS_MERGE_PASS_LINE_GRAM && x->is->line_cols) {
         part_cols(x, r0, r1);
-        cpu_pool_run(pool, x->n_tasks, task_line_cols, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_line_cols, x);
         return;
     }
     part_rows(x, r0, r1);
     switch (kind) {
     case MS_MERGE_PASS_LINE_GRAM:
-        cpu_pool_run(pool, x->n_tasks, task_line_rows, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_line_rows, x);
         break;
     case MS_MERGE_PASS_KEY_HI:
-        cpu_pool_run(pool, x->n_tasks, task_key_hi, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_key_hi, x);
         break;
     case MS_MERGE_PASS_KEY_LO:
-        cpu_pool_run(pool, x->n_tasks, task_key_lo, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_key_lo, x);
         break;
     case MS_MERGE_PASS_APPLY:
-        cpu_pool_run(pool, x->n_tasks, task_apply_rows, x);
+        cpu_pool_run(pool, x->sp.n_tasks, task_apply_rows, x);
         break;
     default:
         CPU_ASSERT(!"not a row pass");
