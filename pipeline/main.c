@@ -50,7 +50,7 @@ static const struct {
 } k_mergekit_flags[] = {
     {"--lazy-unpickle", "tensors are always read one at a time"},
     {"--low-cpu-memory", "memory is bounded by --max-memory"},
-    {"--allow-crimes", "every method accepts every architecture it can read"},
+    {"--allow-crimes", "there is no architecture check to override: tensors are matched by name and shape"},
     {"--copy-tokenizer", "tokenizer files are always copied from the base or tokenizer_source"},
     {"--no-copy-tokenizer", "tokenizer files are always copied from the base or tokenizer_source"},
     {"--trust-remote-code", "no model code is ever run"},
@@ -66,7 +66,6 @@ static const struct {
 
 int ms_cli_bad_option(const char *cmd, int c, char **argv, const struct option *opts)
 {
-    extern int optind, optopt;
     char name[128];
     const char *arg = optind > 0 ? argv[optind - 1] : NULL;
     if (arg && strncmp(arg, "--", 2) == 0) /* a long option (optopt is then 0 or its value code) */
