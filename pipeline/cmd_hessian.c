@@ -106,12 +106,12 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     o->threads = ncpu > 0 ? (unsigned)ncpu : 1;
     uint64_t v = 0;
-    int c;
+    int c, longindex = -1;
     optind = 1;
-    while ((c = getopt_long(argc, argv, with_output ? ":o:h" : ":h", k_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, with_output ? ":o:h" : ":h", k_opts, &longindex)) != -1) {
         bool output_only = c == 'o' || c == OPT_SHARD || c == OPT_FORCE;
-        if (output_only && !with_output)
-            return ms_cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
+        if (output_only && !with_output) /* named from the table: argv[optind - 1] may be the option's value */
+            return ms_cli_usage_error(cmd, "unknown option '--%s'", k_opts[longindex].name);
         switch (c) {
         case OPT_CALIB: o->calib = optarg; break;
         case 'o': o->out_dir = optarg; break;

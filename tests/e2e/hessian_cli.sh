@@ -137,6 +137,9 @@ expect_fail 2 "--seq-len: expected an integer" \
 expect_fail 2 "--seq-len: expected an integer" \
   "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --seq-len 12abc
 expect_fail 2 "--batch-size" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --batch-size -1
+# hessian's output options are not perplexity's: named as the option, not as its value
+expect_fail 2 "perplexity: unknown option '--out-shard-size'" \
+  "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --out-shard-size 5G
 expect_fail 2 "--calib FILE is required" "$MS_BIN" hessian "$WORK/m" -o "$WORK/bad"
 expect_fail 2 "-o DIR is required" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt"
 # --device cuda where no GPU is usable: one line, exit 2 (skipped on a GPU machine)
