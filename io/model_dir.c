@@ -24,6 +24,7 @@ const char *ms_model_kind_name(ms_model_kind kind)
     case MS_MODEL_KIND_DIR: return "model directory";
     case MS_MODEL_KIND_FILE: return "safetensors file";
     case MS_MODEL_KIND_ADAPTER: return "PEFT adapter";
+    case MS_MODEL_KIND_INDEX: return "safetensors index";
     }
     return "?";
 }
@@ -261,7 +262,16 @@ int ms_model_open(const char *path, ms_model **out, ms_error *err)
         m->path[--len] = '\0';
 
     char p1[PATH_MAX], p2[PATH_MAX];
-    if (S_ISREG(st.st_mode)) {
+    if (S_ISREG(st.st_mode) && has_suffix(m->path, ".safetensors.index.json")) {
+        m->kind = MS_MODEL_KIND_INDEX; /* shard names in the index are relative to its folder */
+        char *slash = strrchr(m->path, '/');
+        if (slash)
+            *slash = '\0';
+        else
+            strcpy(m->path, ".");
+        if (model_open_sharded(m, path, err) != 0)
+            goto fail;
+    } else if (S_ISREG(st.st_mode)) {
         if (is_pickle_name(path)) {
             refuse_pickle(path, err);
             goto fail;

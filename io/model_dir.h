@@ -1,7 +1,8 @@
 /* Model inputs on disk: a model directory (config.json plus model.safetensors,
  * or shards listed in model.safetensors.index.json), a single .safetensors
- * file, or a PEFT adapter directory (adapter_config.json plus
- * adapter_model.safetensors).
+ * file, a PEFT adapter directory (adapter_config.json plus
+ * adapter_model.safetensors), or the shards one index file lists (any
+ * NAME.safetensors.index.json, e.g. the Hessians of `mergestream hessian`).
  *
  * Opening validates every shard header and the index against the shards both
  * ways before any tensor data is read. Pickle checkpoints (.bin, .pt, .pth)
@@ -21,6 +22,7 @@ typedef enum ms_model_kind {
     MS_MODEL_KIND_DIR,     /* a model directory */
     MS_MODEL_KIND_FILE,    /* one .safetensors file */
     MS_MODEL_KIND_ADAPTER, /* a PEFT adapter directory */
+    MS_MODEL_KIND_INDEX,   /* an index file's shards; path is the directory holding them */
 } ms_model_kind;
 
 typedef struct ms_model_tensor {

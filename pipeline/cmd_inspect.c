@@ -19,8 +19,8 @@ static const char k_help[] =
     "usage: mergestream inspect PATH [--json] [--hash]\n"
     "\n"
     "Validates PATH (a .safetensors file, a model directory with model.safetensors\n"
-    "or sharded model.safetensors.index.json, a PEFT adapter directory, or the\n"
-    "directory `mergestream hessian` wrote) and lists\n"
+    "or sharded model.safetensors.index.json, an index file itself, a PEFT adapter\n"
+    "directory, or the directory `mergestream hessian` wrote) and lists\n"
     "its tensors: name, dtype, shape, bytes and shard, then totals.\n"
     "\n"
     "  --json     print one JSON object instead of the table\n"
@@ -30,12 +30,14 @@ static const char k_help[] =
     "\n"
     "Exit codes: 0 valid, 3 invalid input (one line naming the file and the rule), 1 I/O error.\n";
 
-/* PATH itself, or the statistics file when PATH is a directory that
- * `mergestream hessian` wrote (it holds hessians.safetensors and no model). */
+/* PATH itself, or the statistics when PATH is a directory that `mergestream
+ * hessian` wrote (it holds hessians.safetensors, or shards and their
+ * hessians.safetensors.index.json, and no model). */
 static const char *hessian_dir_file(const char *path, char *buf, size_t n)
 {
     static const char *const k_model_files[] = {"model.safetensors", "model.safetensors.index.json",
                                                 "adapter_model.safetensors"};
+    static const char *const k_hessian_files[] = {"hessians.safetensors", "hessians.safetensors.index.json"};
     struct stat sb;
     if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
         return path;
@@ -44,9 +46,10 @@ static const char *hessian_dir_file(const char *path, char *buf, size_t n)
         if (access(buf, F_OK) == 0)
             return path;
     }
-    if ((size_t)snprintf(buf, n, "%s/hessians.safetensors", path) >= n || access(buf, F_OK) != 0)
-        return path;
-    return buf;
+    for (size_t k = 0; k < sizeof k_hessian_files / sizeof k_hessian_files[0]; k++)
+        if ((size_t)snprintf(buf, n, "%s/%s", path, k_hessian_files[k]) < n && access(buf, F_OK) == 0)
+            return buf;
+    return path;
 }
 
 static const char *shard_label(const ms_model *m, unsigned shard)

@@ -11,14 +11,13 @@
 
 #include <cjson/cJSON.h>
 
+#include "io/model_dir.h"
 #include "io/ms_fault.h"
-#include "io/small_file.h"
 #include "io/st_format.h"
 #include "pipeline/merge_passes_hessian.h"
 
 #define HESSIAN_SINGLE "hessians.safetensors"
 #define HESSIAN_INDEX "hessians.safetensors.index.json"
-#define HESSIAN_INDEX_MAX (64u << 20)
 
 typedef struct hessian_entry {
     char *module; /* "model.layers.3.self_attn.k_proj" */
@@ -40,8 +39,7 @@ typedef struct hessian_u_entry {
 
 struct ms_hessian_set {
     char *path;
-    st_file **shards;
-    unsigned n_shards;
+    ms_model *files; /* hessians.safetensors, or the shards its index lists (io/model_dir.h) */
     hessian_entry *map; /* sorted by module */
     size_t n_map;
     /* The u cache, shared by the compute workers: every field under u_lock. */
@@ -65,9 +63,7 @@ void ms_hessian_set_close(ms_hessian_set *s)
     for (unsigned k = 0; k < HESSIAN_U_CACHE; k++)
         free(s->u_cache[k].u);
     pthread_mutex_destroy(&s->u_lock);
-    for (unsigned i = 0; i < s->n_shards; i++)
-        st_file_close(s->shards[i]);
-    free(s->shards);
+    ms_model_close(s->files);
     for (size_t i = 0; i < s->n_map; i++) {
         free(s->map[i].module);
         free(s->map[i].tensor);
@@ -75,61 +71,6 @@ void ms_hessian_set_close(ms_hessian_set *s)
     free(s->map);
     free(s->path);
     free(s);
-}
-
-static int set_add_shard(ms_hessian_set *s, const char *file, ms_error *err)
-{
-    for (unsigned i = 0; i < s->n_shards; i++) /* listed once per tensor in an index */
-        if (strcmp(s->shards[i]->path, file) == 0)
-            return 0;
-    st_file **grown = realloc(s->shards, (s->n_shards + 1) * sizeof *grown);
-    if (!grown)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, file, "cannot open the Hessians");
-    s->shards = grown;
-    if (st_file_open(file, &s->shards[s->n_shards], err) < 0)
-        return -1;
-    s->n_shards++;
-    return 0;
-}
-
-/* The shards an index lists (its weight_map's values). */
-static int set_open_index(ms_hessian_set *s, const char *index, ms_error *err)
-{
-    char *text = NULL, *file = NULL;
-    size_t len = 0;
-    int rc = -1;
-    cJSON *root = NULL;
-    if (ms_small_file_read(index, HESSIAN_INDEX_MAX, &text, &len, err) < 0)
-        return -1;
-    root = cJSON_ParseWithLength(text, len);
-    const cJSON *wm = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
-    if (!cJSON_IsObject(wm)) {
-        ms_error_set(err, MS_EXIT_DATA, index, "not a safetensors index (no weight_map object)");
-        goto done;
-    }
-    const cJSON *it;
-    cJSON_ArrayForEach(it, wm)
-    {
-        if (!cJSON_IsString(it) || strchr(it->valuestring, '/')) {
-            ms_error_set(err, MS_EXIT_DATA, index, "weight_map entry '%s' is not a shard file name", it->string);
-            goto done;
-        }
-        if (asprintf(&file, "%s/%s", s->path, it->valuestring) < 0) {
-            file = NULL;
-            ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, index, "cannot open the Hessians");
-            goto done;
-        }
-        if (set_add_shard(s, file, err) < 0)
-            goto done;
-        free(file);
-        file = NULL;
-    }
-    rc = 0;
-done:
-    free(file);
-    cJSON_Delete(root);
-    free(text);
-    return rc;
 }
 
 static int entry_cmp(const void *a, const void *b)
@@ -141,12 +82,12 @@ static int entry_cmp(const void *a, const void *b)
 static int set_parse_map(ms_hessian_set *s, ms_error *err)
 {
     const char *text = NULL, *where = s->path;
-    for (unsigned i = 0; i < s->n_shards && !text; i++) {
-        const st_header *h = &s->shards[i]->header;
+    for (unsigned i = 0; i < s->files->n_shards && !text; i++) {
+        const st_header *h = &s->files->shards[i]->header;
         for (size_t k = 0; k < h->n_meta; k++)
             if (strcmp(h->meta_keys[k], "hessian_map") == 0) {
                 text = h->meta_values[k];
-                where = s->shards[i]->path;
+                where = s->files->shards[i]->path;
             }
     }
     if (!text)
@@ -187,6 +128,13 @@ done:
     return rc;
 }
 
+/* DIR/NAME in a new string, or NULL (out of memory). */
+static char *dir_file(const char *dir, const char *name)
+{
+    char *path;
+    return asprintf(&path, "%s/%s", dir, name) < 0 ? NULL : path;
+}
+
 int ms_hessian_set_open(const char *dir, ms_hessian_set **out, ms_error *err)
 {
     *out = NULL;
@@ -206,34 +154,25 @@ int ms_hessian_set_open(const char *dir, ms_hessian_set **out, ms_error *err)
         ms_error_errno(err, MS_EXIT_DATA, errno, dir, "cannot open the Hessians");
         goto fail;
     }
-    if (!S_ISDIR(sb.st_mode)) {
-        if (set_add_shard(s, dir, err) < 0)
-            goto fail;
-    } else {
-        if (asprintf(&file, "%s/%s", dir, HESSIAN_SINGLE) < 0) {
-            file = NULL;
+    /* a directory: its hessians.safetensors, else the index of its shards */
+    if (S_ISDIR(sb.st_mode)) {
+        file = dir_file(dir, HESSIAN_SINGLE);
+        if (file && access(file, F_OK) != 0) {
+            free(file);
+            file = dir_file(dir, HESSIAN_INDEX);
+        }
+        if (!file) {
             ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
             goto fail;
         }
-        if (access(file, F_OK) == 0) {
-            if (set_add_shard(s, file, err) < 0)
-                goto fail;
-        } else {
-            free(file);
-            if (asprintf(&file, "%s/%s", dir, HESSIAN_INDEX) < 0) {
-                file = NULL;
-                ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, dir, "cannot open the Hessians");
-                goto fail;
-            }
-            if (access(file, F_OK) != 0) {
-                ms_error_set(err, MS_EXIT_DATA, dir,
-                             "no " HESSIAN_SINGLE " or " HESSIAN_INDEX " (run `mergestream hessian` first)");
-                goto fail;
-            }
-            if (set_open_index(s, file, err) < 0)
-                goto fail;
+        if (access(file, F_OK) != 0) {
+            ms_error_set(err, MS_EXIT_DATA, dir,
+                         "no " HESSIAN_SINGLE " or " HESSIAN_INDEX " (run `mergestream hessian` first)");
+            goto fail;
         }
     }
+    if (ms_model_open(file ? file : dir, &s->files, err) < 0)
+        goto fail;
     if (set_parse_map(s, err) < 0)
         goto fail;
     free(file);
@@ -263,15 +202,12 @@ static bool set_locate(const ms_hessian_set *s, const char *weight_name, const s
     const hessian_entry *e = bsearch(&key, s->map, s->n_map, sizeof *s->map, entry_cmp);
     if (!e)
         return false;
-    for (unsigned i = 0; i < s->n_shards; i++) {
-        long k = st_header_find(&s->shards[i]->header, e->tensor);
-        if (k >= 0) {
-            *file = s->shards[i];
-            *tensor = &s->shards[i]->header.tensors[k];
-            return true;
-        }
-    }
-    return false;
+    long t = ms_model_find(s->files, e->tensor);
+    if (t < 0)
+        return false;
+    *file = ms_model_tensor_file(s->files, (size_t)t);
+    *tensor = s->files->tensors[t].info;
+    return true;
 }
 
 bool ms_hessian_set_find(const ms_hessian_set *s, const char *weight_name, uint64_t *dim)

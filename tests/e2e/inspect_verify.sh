@@ -9,6 +9,10 @@ source "$(dirname "$0")/lib.bash"
 grep -q "model.layers.1.mlp.down_proj.weight" "$WORK/inspect.txt" || fail "inspect misses a tensor"
 grep -q "model directory" "$WORK/inspect.txt" || fail "inspect summary line"
 "$MS_BIN" inspect "$WORK/sharded" --json > "$WORK/inspect.json"
+# the index file itself names the same model
+"$MS_BIN" inspect "$WORK/sharded/model.safetensors.index.json" --json > "$WORK/inspect_index.json"
+diff <(grep -v '"kind"\|"path"' "$WORK/inspect.json") <(grep -v '"kind"\|"path"' "$WORK/inspect_index.json") > /dev/null ||
+  fail "inspect of the index file lists other tensors than inspect of its directory"
 grep -q '"model-00001-of-' "$WORK/inspect.json" || fail "inspect --json lists no shards"
 "$MS_BIN" inspect "$WORK/base/model.safetensors" --hash | grep -qE ' [0-9a-f]{16}$' || fail "inspect --hash"
 "$MS_BIN" inspect --help | grep -q "usage: mergestream inspect" || fail "inspect --help"

@@ -63,6 +63,12 @@ expect_fail 2 "wrong.yml:5: .*hessian" "$MS_BIN" merge "$WORK/wrong.yml" -o "$WO
 # file itself: the same bytes as the single-file directories
 "$MS_BIN" hessian "$M/ft1" --calib "$WORK/calib.txt" -o "$WORK/hs_ft1" --out-shard-size 40K --quiet
 [ -f "$WORK/hs_ft1/hessians.safetensors.index.json" ] || fail "no sharded Hessians"
+# inspect reads them as the directory or as its index file, every shard's statistics listed
+for p in "$WORK/hs_ft1" "$WORK/hs_ft1/hessians.safetensors.index.json"; do
+  "$MS_BIN" inspect "$p" > "$WORK/hs.txt" || fail "inspect $p"
+  grep -q "safetensors index, .* in [2-9][0-9]* files" "$WORK/hs.txt" || fail "inspect $p: $(tail -1 "$WORK/hs.txt")"
+  grep -q "^model.layers.0.mlp.down_proj " "$WORK/hs.txt" || fail "inspect $p lists no down_proj statistic"
+done
 sed 's|./h_ft1}|./hs_ft1}|; s|./h_ft2}|./h_ft2/hessians.safetensors}|' "$WORK/regmean.yml" > "$WORK/split.yml"
 [ "$(grep -cE 'hs_ft1|hessians.safetensors' "$WORK/split.yml")" -eq 2 ] || fail "split.yml was not rewritten"
 "$MS_BIN" merge "$WORK/split.yml" -o "$WORK/out_split" --quiet
