@@ -23,7 +23,6 @@
 #include "pipeline/merge_plan.h"
 #include "pipeline/merge_run.h"
 #include "pipeline/output_dir.h"
-#include "pipeline/pool_pinning.h"
 #include "pipeline/progress.h"
 #include "pipeline/size_parse.h"
 #include "pipeline/staging_pool.h"
@@ -53,9 +52,7 @@ static const char k_help[] =
     "      --out-shard-size SIZE cut output shards at SIZE (default 5GB)\n"
     "      --random-seed N       seed for DARE/DELLA masks (overrides the recipe)\n"
     "      --device auto|cpu|cuda where to compute (default auto: the GPU when one is usable,\n"
-    "                            tensor by tensor, with the CPU for what does not fit; the CPU\n"
-    "                            starts while the staging pool is pinned for the GPU;\n"
-    "                            cuda: pins first, every tensor that fits goes to the GPU)\n"
+    "                            tensor by tensor, with the CPU for what does not fit)\n"
     "      --cuda                --device cuda (mergekit-yaml's flag)\n"
     "      --gpu-memory-limit SIZE  most GPU memory this merge may hold (shared GPUs)\n"
     "      --gpu-lanes 1|2       tensors in flight on the GPU (default 2: one tensor's copies\n"
@@ -101,6 +98,15 @@ static unsigned compute_workers_for_tests(void)
 {
     const char *v = getenv("MERGESTREAM_COMPUTE_WORKERS");
     return v && strcmp(v, "2") == 0 ? 2 : 1;
+}
+
+/* MERGESTREAM_GPU_PIN=0 leaves the pool pageable for GPU runs. Pinning costs
+ * about 0.35 s per GiB of pool at start (H200, bench/RESULTS.md) and saves on
+ * every copy; the variable lets a GPU session measure both. */
+static bool gpu_pin_pool(void)
+{
+    const char *v = getenv("MERGESTREAM_GPU_PIN");
+    return !(v && strcmp(v, "0") == 0);
 }
 
 static int parse_options(int argc, char **argv, merge_options *o)
@@ -343,7 +349,7 @@ int ms_cmd_merge(int argc, char **argv)
     ms_journal_shard *kept = NULL;
     size_t n_kept = 0;
     ms_gpu *gpu = NULL;
-    ms_pool_pinning *pinning = NULL;
+    bool pool_pinned = false;
 
     uint64_t budget = ms_pool_capacity_for(o.max_memory);
     ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
@@ -407,9 +413,16 @@ int ms_cmd_merge(int argc, char **argv)
             }
             ms_log_info("no usable GPU (%s): computing on the CPU", why);
         } else {
-            ms_log_info("GPU: %s", ms_gpu_name(gpu));
-            pinning = ms_pool_pinning_start(pool, cpu, o.device == DEVICE_AUTO);
+            if (gpu_pin_pool()) {
+                ms_pool_prefault(pool, cpu);
+                pool_pinned = ms_gpu_host_register(ms_pool_base(pool), ms_pool_capacity(pool));
+                if (!pool_pinned)
+                    ms_log_info("cannot pin the staging pool for the GPU: using pageable memory");
+            } else {
+                ms_log_info("staging pool left pageable (MERGESTREAM_GPU_PIN=0)");
+            }
             ms_gpu_set_lanes(gpu, o.gpu_lanes);
+            ms_log_info("GPU: %s", ms_gpu_name(gpu));
         }
     }
     ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u threads, %.0f MiB staging, %s",
@@ -417,7 +430,6 @@ int ms_cmd_merge(int argc, char **argv)
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine));
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
                       .journal = journal, .skip_job = skip_job, .gpu = gpu,
-                      .gpu_ready = ms_pool_pinning_ready(pinning),
                       .compute_workers = gpu ? o.gpu_lanes : compute_workers_for_tests(),
                       .readahead_cap = gpu ? UINT64_MAX : 0};
     if (ms_merge_run(&env, &stats, &err) != 0)
@@ -471,7 +483,8 @@ done:
     free(skip_job);
     ms_run_stats_free(&stats);
     io_engine_close(engine);
-    ms_pool_pinning_end(pinning);
+    if (pool_pinned)
+        ms_gpu_host_unregister(ms_pool_base(pool));
     ms_gpu_close(gpu);
     cpu_pool_close(cpu);
     st_writer_close(writer);

@@ -348,8 +348,6 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
     ms_gpu *gpu = ctx->env->gpu;
     if (!gpu || atomic_load(&ctx->gpu_disabled) || !ms_gpu_supports(&job->params))
         return false;
-    if (ctx->env->gpu_ready && !atomic_load_explicit(ctx->env->gpu_ready, memory_order_acquire))
-        return false; /* still pinning the pool: this pass runs on the CPU */
     uint64_t need = ms_gpu_chunk_bytes(&job->params, n_rows);
     if (need > ms_gpu_free_estimate(gpu))
         return false;

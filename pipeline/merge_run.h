@@ -21,7 +21,6 @@
 #ifndef MS_MERGE_RUN_H
 #define MS_MERGE_RUN_H
 
-#include <stdatomic.h>
 #include <stdint.h>
 
 #include "cpu/cpu_pool.h"
@@ -63,7 +62,6 @@ typedef struct ms_run_env {
     ms_journal *journal;   /* finished shards are recorded here (may be NULL) */
     const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
     ms_gpu *gpu;           /* the GPU backend, or NULL: CPU only */
-    const atomic_bool *gpu_ready; /* NULL, or passes go to gpu only once this is true (pipeline/pool_pinning.h) */
     unsigned compute_workers; /* 1 or 2 (0 is taken as 1): 2 overlaps tensors on a GPU */
     uint64_t readahead_cap;   /* most staging bytes in use before the reader reads more: 0 picks it from the
                                * largest chunk and whether the inputs are in the page cache (merge_run.c),

@@ -13,7 +13,7 @@
 #      the GPU against the CPU
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
 #      another process holds nearly all GPU memory
-#   4. bench (hot page cache): TIES copy / GPU / auto / pageable pool / CPU on
+#   4. bench (hot page cache): TIES copy / GPU two lanes / one lane / CPU on
 #      every core; slerp and model_stock on GPU and CPU; hessian tokens/s
 #      against the GEMM peak on GPU and CPU
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
@@ -89,7 +89,7 @@ bench() { # LABEL BENCH_MERGE_ARGS...
 }
 note "bench (TIES density 0.2, Llama-3.2-1B shapes, 3 x 2.47 GB bf16, --max-memory 8G, hot):"
 bench "device=cuda lanes=2" -- --device cuda
-bench "device=auto (pinning in the background, the CPU starts)" -- --device auto
+bench "device=cuda lanes=1" -- --device cuda --gpu-lanes 1
 MERGESTREAM_GPU_PIN=0 bench "device=cuda pool-pageable" -- --device cuda  # pinning's start-up cost against its copy speed
 bench "device=cpu($(nproc) cores)" -- --device cpu
 note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"

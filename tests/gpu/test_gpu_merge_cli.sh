@@ -68,16 +68,6 @@ grep -q "staging pool left pageable" "$WORK/pageable.err" || fail "MERGESTREAM_G
 grep -qE '"tensors_gpu":[[:space:]]*[1-9]' "$WORK/pageable.json" || fail "pageable pool: nothing ran on the GPU"
 same_bytes "$WORK/cpu_ties" "$WORK/pageable"
 
-# --device auto: the pool is pinned in the background while the CPU starts;
-# the GPU says when it joins, and wherever each tensor ran, the same bytes
-for m in ties della; do
-  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/auto_$m" --device auto --json > "$WORK/auto.json" 2> "$WORK/auto.err"
-  grep -q "pinning the .* staging pool for the GPU; the CPU starts meanwhile" "$WORK/auto.err" || fail "auto: no pinning line"
-  grep -q "GPU ready after .* s (staging pool pinned)" "$WORK/auto.err" || fail "auto: no GPU-ready line"
-  same_bytes "$WORK/cpu_$m" "$WORK/auto_$m"
-  echo "$m --device auto: $(grep -oE '"tensors_(gpu|cpu|mixed)":[^,]*' "$WORK/auto.json" | tr -d '\n ')"
-done
-
 # a GPU memory cap small enough that the big tensors stay on the CPU
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/capped" --device cuda --gpu-memory-limit 2M --json --quiet > "$WORK/capped.json"
 grep -qE '"tensors_cpu":[[:space:]]*[1-9]' "$WORK/capped.json" || fail "--gpu-memory-limit 2M kept everything on the GPU"
