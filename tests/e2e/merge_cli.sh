@@ -148,7 +148,7 @@ if command -v script >/dev/null; then
   script -qec "$MS_BIN merge $WORK/ties.yml -o $WORK/tty --max-memory 64M" /dev/null > "$WORK/tty.log" 2>&1 \
     || fail "merge on a terminal: $(tail -3 "$WORK/tty.log")"
   n=$("$MS_BIN" inspect "$WORK/tty" --json | grep -c '"dtype"')
-  grep -qE "\[ *$n/$n\] .* cpu .*ETA" "$WORK/tty.log" || fail "no merge progress line for $n tensors"
+  grep -qE "\[ *$n/$n\] .* (cpu|cuda) .*ETA" "$WORK/tty.log" || fail "no merge progress line for $n tensors"
   grep -qE "\[ *$n/$n\] .* hash .*ETA" "$WORK/tty.log" || fail "no verify progress line"
   script -qec "$MS_BIN merge $WORK/ties.yml -o $WORK/tty --force --quiet" /dev/null > "$WORK/tty_quiet.log" 2>&1
   grep -q "ETA" "$WORK/tty_quiet.log" && fail "--quiet printed progress"
