@@ -1040,18 +1040,9 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
     return status;
 }
 
-bool gpu_interp_unverified_enabled(void)
-{
-    const char *v = getenv("MERGESTREAM_GPU_UNVERIFIED");
-    return v && strcmp(v, "1") == 0;
-}
-
 bool gpu_interp_supports(const ms_tensor_params *p)
 {
     if (!ms_merge_interp_method(p->method)) /* every interpolation method */
-        return false;
-    bool unverified = p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION;
-    if (unverified && !gpu_interp_unverified_enabled())
         return false;
     if (p->n_models < 1 || p->n_models > MS_MAX_MODELS || !gi_dtype_ok(p->out_dtype))
         return false;

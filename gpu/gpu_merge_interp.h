@@ -33,13 +33,8 @@ extern "C" {
 #endif
 
 /* True when every pass of p's plan runs here (the method is one of those
- * listed above and its dtypes are F32, F16 or BF16). sce's and
- * arcee_fusion's kernels have not run on a GPU yet: until
- * tests/gpu/device_check.sh has shown their bytes equal to the CPU's they
- * count as supported only with MERGESTREAM_GPU_UNVERIFIED=1 (the GPU tests
- * and the device check set it), so a merge computes them on the CPU. */
+ * listed above and its dtypes are F32, F16 or BF16). */
 bool gpu_interp_supports(const ms_tensor_params *p);
-bool gpu_interp_unverified_enabled(void);
 
 /* Device bytes one gpu_interp_run_pass call on a chunk of at most n_rows rows
  * of p allocates (one pool request; its size class included): an upper bound

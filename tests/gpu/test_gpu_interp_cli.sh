@@ -10,9 +10,6 @@
 # histograms carried between them). The recipes are
 # tests/e2e/interp_recipes.bash's. Exit 77 where no GPU is usable.
 source "$(dirname "$0")/../e2e/lib.bash"
-# sce's and arcee_fusion's kernels go to the GPU only with this until a
-# device run has verified them (gpu/gpu_merge_interp.h)
-export MERGESTREAM_GPU_UNVERIFIED=1
 
 M="$WORK/models"
 "$MS_GEN" base "$M/base" --preset small --dtype bf16 --seed 51

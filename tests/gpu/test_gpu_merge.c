@@ -444,8 +444,7 @@ static void test_chunk_bytes_bound(void **state)
     memset(&empty, 0, sizeof empty);
     empty.n_models = 1;
     assert_int_equal(gpu_merge_chunk_bytes(&empty, 5), 0);
-    /* the task-vector and interpolation methods run on the GPU (sce and
-     * arcee_fusion only with MERGESTREAM_GPU_UNVERIFIED=1 for now), the
+    /* the task-vector and interpolation methods run on the GPU, the
      * Hessian-aware methods and passthrough never */
     for (int m = 0; m < MS_METHOD_COUNT; m++) {
         ms_tensor_params q;
@@ -458,9 +457,7 @@ static void test_chunk_bytes_bound(void **state)
         for (unsigned i = 0; i <= q.n_models; i++)
             q.in_dtype[i] = ST_BF16;
         q.out_dtype = ST_BF16;
-        bool unverified = m == MS_METHOD_SCE || m == MS_METHOD_ARCEE_FUSION;
-        bool want = m <= MS_METHOD_DELLA_LINEAR || (m >= MS_METHOD_SLERP && m <= MS_METHOD_ARCEE_FUSION &&
-                                                    (!unverified || gpu_interp_unverified_enabled()));
+        bool want = m <= MS_METHOD_DELLA_LINEAR || (m >= MS_METHOD_SLERP && m <= MS_METHOD_ARCEE_FUSION);
         assert_int_equal(gpu_merge_supports(&q), want);
         if (!want)
             assert_true(gpu_merge_chunk_bytes(&q, 1) == UINT64_MAX);

@@ -1173,9 +1173,6 @@ static void test_fault_walk(void **state)
 
 int main(void)
 {
-    /* sce's and arcee_fusion's kernels are placed on the GPU only with this
-     * until a device run has verified them (gpu_merge_interp.h) */
-    setenv("MERGESTREAM_GPU_UNVERIFIED", "1", 1);
     const char *seed_env = getenv("MS_TEST_SEED");
     g_seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
     g_rng = g_seed;
