@@ -117,6 +117,45 @@ __device__ __forceinline__ double gpu_ordered_sum(double acc, uint64_t j0, uint6
     return acc;
 }
 
+/* gpu_ordered_sum for a whole warp: the same additions in the same order,
+ * so the same bits, but lane l computes the terms of j = base + l (the warp's
+ * loads coalesced, GPU_SUM_RUN rounds of 32 in flight) and every lane adds
+ * all 32 of a round in lane order, each term taken from its lane with a
+ * shuffle. Every lane returns the sum. The whole warp must call it with the
+ * same acc, j0 and j1 (no lane may have returned). A thread walking its own
+ * 65,536-element block alone reads one sector per element from memory
+ * 65,536 elements away from its neighbours'; the warp reads whole lines. */
+template <typename Term>
+__device__ __forceinline__ double gpu_warp_ordered_sum(double acc, uint64_t j0, uint64_t j1, Term term)
+{
+    const unsigned lane = threadIdx.x & 31u;
+    const uint64_t round = 32u * GPU_SUM_RUN;
+    for (uint64_t base = j0; base < j1; base += round) {
+        double t[GPU_SUM_RUN];
+#pragma unroll
+        for (unsigned u = 0; u < GPU_SUM_RUN; u++) {
+            uint64_t j = base + 32u * u + lane;
+            t[u] = j < j1 ? term(j) : 0.0;
+        }
+        if (j1 - base >= round) { /* a full round: no bound to check */
+#pragma unroll
+            for (unsigned u = 0; u < GPU_SUM_RUN; u++)
+#pragma unroll
+                for (unsigned src = 0; src < 32u; src++)
+                    acc = acc + __shfl_sync(0xffffffffu, t[u], (int)src);
+        } else { /* the last: only the terms of j < j1 (warp-uniform bound) */
+            unsigned left = (unsigned)(j1 - base);
+#pragma unroll
+            for (unsigned u = 0; u < GPU_SUM_RUN; u++)
+#pragma unroll
+                for (unsigned src = 0; src < 32u; src++)
+                    if (32u * u + src < left)
+                        acc = acc + __shfl_sync(0xffffffffu, t[u], (int)src);
+        }
+    }
+    return acc;
+}
+
 #define GPU_SCAN_THREADS 1024u
 
 /* The tie positions' scan: exclusive scan of cnt[0..n_seg) in segment

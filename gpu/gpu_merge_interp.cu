@@ -27,13 +27,14 @@
  * is stored for the chunk's rows.
  *
  * Exactness, kernel by kernel:
- *   k_gram_blocks  GRAM: one thread per (65,536-element block, pair a <= b)
- *                  walks the chunk's part of the block in index order,
+ *   k_gram_blocks  GRAM: one warp per (65,536-element block, pair a <= b)
+ *                  walks the chunk's part of the block in index order
+ *                  (gpu_warp_ordered_sum: lanes load, every lane adds),
  *                  starting from the carried open sum (the chunk's first
  *                  block) or 0.0; the host folds the block sums in block
  *                  order with ms_interp_fold, as the CPU does per window.
  *   k_gram_rows    per-row sums (nuslerp rows, model_stock filter_wise): one
- *                  thread per (row, 65,536-column segment, pair) from 0.0;
+ *                  warp per (row, 65,536-column segment, pair) from 0.0;
  *                  the segment sums are added in segment order from 0.0 (on
  *                  the host for LINE_GRAM, in k_stock_coef for model_stock).
  *   k_line_cols    nuslerp columns: one thread per (column, pair) walks the
@@ -48,10 +49,10 @@
  *                  cpu_merge_interp.c's tiles, then ms_merge_store_*.
  *   sce, arcee_fusion  see gpu_merge_interp_keys.cu.
  * Products of two fp32 values are exact in fp64, so no contraction question
- * arises in the sums, and a thread may compute the products of its next
- * GPU_SUM_RUN elements ahead of adding them (gpu_ordered_sum: the loads
- * overlap the chain of additions, which stays in index order); nvcc gets --fmad=false
- * and no fast-math flag. */
+ * arises in the sums, and the products of the next elements may be computed
+ * ahead of adding them (gpu_ordered_sum, gpu_warp_ordered_sum: the loads
+ * overlap the chain of additions, which stays in index order); nvcc gets
+ * --fmad=false and no fast-math flag. */
 #include "gpu/gpu_internal.h"
 
 #include <inttypes.h>
@@ -449,43 +450,56 @@ __device__ __forceinline__ double gi_gram_add(const gi_args &a, unsigned s, uint
     return acc + gi_gram_prod(a, s, j);
 }
 
-/* acc plus pair s's terms of chunk elements [j0, j1) in index order. */
+/* acc plus pair s's terms of chunk elements [j0, j1) in index order, summed
+ * by the calling warp (every lane gets the sum). */
 __device__ __forceinline__ double gi_gram_run(const gi_args &a, unsigned s, uint64_t j0, uint64_t j1, double acc)
 {
-    return gpu_ordered_sum(acc, j0, j1, [&](uint64_t j) { return gi_gram_prod(a, s, j); });
+    return gpu_warp_ordered_sum(acc, j0, j1, [&](uint64_t j) { return gi_gram_prod(a, s, j); });
 }
 
 #define GI_FOR_ELEMS(j, n)                                                                                 \
     for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
          j += (uint64_t)gridDim.x * blockDim.x)
 
-/* GRAM: thread t = k * q + s sums pair s over the chunk's part of its k-th
+/* The sum kernels below run one warp per sum: launched with 32 threads per
+ * item (gi_warp_grid), warp w = item w; a warp past the last item returns
+ * whole. */
+__device__ __forceinline__ uint64_t gi_warp_item(void)
+{
+    return ((uint64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32u;
+}
+
+/* GRAM: warp t = k * q + s sums pair s over the chunk's part of its k-th
  * block, in index order; block 0 continues the carried open sum.
  * blk: [n_blocks][q] (ms_interp_fold's layout). */
 __global__ void k_gram_blocks(const __grid_constant__ gi_args a, uint64_t n_blocks, double *blk)
 {
-    uint64_t t = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    uint64_t t = gi_warp_item();
     if (t >= n_blocks * a.q)
         return;
     uint64_t k = t / a.q;
     unsigned s = (unsigned)(t % a.q);
     uint64_t lo, hi;
     gpu_block_range(a.elem0, a.n, k, &lo, &hi);
-    blk[t] = gi_gram_run(a, s, lo - a.elem0, hi - a.elem0, k == 0 ? a.open[s] : 0.0);
+    double sum = gi_gram_run(a, s, lo - a.elem0, hi - a.elem0, k == 0 ? a.open[s] : 0.0);
+    if ((threadIdx.x & 31u) == 0)
+        blk[t] = sum;
 }
 
-/* Per-row sums: thread t = (lr * segs_row + g) * q + s sums pair s over
+/* Per-row sums: warp t = (lr * segs_row + g) * q + s sums pair s over
  * columns [g * 65,536, (g + 1) * 65,536) of chunk row lr, from 0.0.
  * out: [n_rows][segs_row][q]. */
 __global__ void k_gram_rows(const __grid_constant__ gi_args a, uint64_t segs_row, double *out)
 {
-    uint64_t t = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    uint64_t t = gi_warp_item();
     if (t >= a.n_rows * segs_row * a.q)
         return;
     unsigned s = (unsigned)(t % a.q);
     uint64_t g = (t / a.q) % segs_row, lr = (t / a.q) / segs_row;
     uint64_t c0 = g * MS_MERGE_BLOCK, c1 = c0 + MS_MERGE_BLOCK < a.cols ? c0 + MS_MERGE_BLOCK : a.cols;
-    out[t] = gi_gram_run(a, s, lr * a.cols + c0, lr * a.cols + c1, 0.0);
+    double sum = gi_gram_run(a, s, lr * a.cols + c0, lr * a.cols + c1, 0.0);
+    if ((threadIdx.x & 31u) == 0)
+        out[t] = sum;
 }
 
 /* LINE_GRAM columns: thread t = col * 3 + s walks the chunk's rows in order
@@ -654,6 +668,12 @@ static unsigned gi_sum_grid(uint64_t items)
     uint64_t blocks = (items + GI_SUM_THREADS - 1) / GI_SUM_THREADS;
     GPU_ASSERT(blocks <= 0x7fffffffu);
     return (unsigned)(blocks ? blocks : 1);
+}
+
+/* Blocks for one warp per item (k_gram_blocks, k_gram_rows). */
+static unsigned gi_warp_grid(uint64_t items)
+{
+    return gi_sum_grid(items * 32u);
 }
 
 /* The inputs' and output's device addresses and dtypes (NULL where the
@@ -828,7 +848,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     bool sel = p->method == MS_METHOD_SCE || p->method == MS_METHOD_ARCEE_FUSION;
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
-        k_gram_blocks<<<gi_sum_grid(L->n_blocks * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->n_blocks, (double *)dev);
+        k_gram_blocks<<<gi_warp_grid(L->n_blocks * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->n_blocks, (double *)dev);
         GI_CHECK(cudaSuccess, "GRAM kernel");
         break;
     case MS_MERGE_PASS_LINE_GRAM:
@@ -836,7 +856,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
             k_line_cols<<<gi_sum_grid(p->cols * 3), GI_SUM_THREADS, 0, comp>>>(a, L->n_rseg, (double *)dev);
             GI_CHECK(cudaSuccess, "column Gram kernel");
         } else {
-            k_gram_rows<<<gi_sum_grid(c->n_rows * L->segs_row * 3), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
+            k_gram_rows<<<gi_warp_grid(c->n_rows * L->segs_row * 3), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
                                                                                               (double *)dev);
             GI_CHECK(cudaSuccess, "row Gram kernel");
         }
@@ -865,7 +885,7 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
         }
         if (nd->apply == MS_INTERP_APPLY_STOCK_ROWS) {
             double *seg = (double *)(dev + L->rowsum_off);
-            k_gram_rows<<<gi_sum_grid(c->n_rows * L->segs_row * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
+            k_gram_rows<<<gi_warp_grid(c->n_rows * L->segs_row * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
                                                                                                    seg);
             GI_CHECK(cudaSuccess, "row Gram kernel");
             k_stock_coef<<<gi_sum_grid(c->n_rows), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row, seg,
