@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine check: one call on a machine with an NVIDIA GPU (the
-# `device` tool), about 7 minutes on an H100/H200. Writes $OUT/summary.txt
+# `device` tool), about 5 minutes on an H100/H200 (FULL=1 adds the benches
+# marked below, about a minute more). Writes $OUT/summary.txt
 # (the figures for bench/RESULTS.md) and the logs beside it. Most important
 # first, every section appending to the summary as it goes, so a run cut
 # short still reports what it did:
@@ -13,11 +14,12 @@
 #      the GPU against the CPU
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
 #      another process holds nearly all GPU memory
-#   4. bench (hot page cache): TIES copy / GPU two lanes / one lane / CPU on
-#      every core; slerp and model_stock on GPU and CPU; hessian tokens/s
-#      against the GEMM peak on GPU and CPU
+#   4. bench (hot page cache): TIES copy / GPU / CPU on every core; slerp
+#      and model_stock on GPU and CPU; FULL=1: TIES with one GPU lane and
+#      with the pool pageable, hessian tokens/s against the GEMM peak on GPU
+#      and CPU
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
-#      the e2e merges on it)
+#      the e2e merges on it), run beside step 2 (neither is timed)
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
 # C libraries: carry their Debian packages in .devdeps/ (see README).
 set -uo pipefail
@@ -45,10 +47,15 @@ cmake -S . -B build-gpu -G Ninja -DMERGESTREAM_CUDA=ON -DMERGESTREAM_CUDA_ARCHS=
 if cmake --build build-gpu -j "$(nproc)" > "$OUT/build.log" 2>&1; then note "build (CUDA ON, sm_$ARCHS): ok, $(elapsed)"; else
   note "build (CUDA ON): FAILED"; grep -E "error" "$OUT/build.log" | head -20 | tee -a "$summary"; exit 1; fi
 
-# 2. the GPU tests
+# 2. the GPU tests, and 5. every other test beside them
+ctest --test-dir build-gpu -j 8 --output-on-failure -LE "slow|gpu" --timeout 300 > "$OUT/ctest.log" 2>&1 &
+others=$!
 ctest --test-dir build-gpu -j 4 --output-on-failure -L gpu --timeout 300 > "$OUT/ctest_gpu.log" 2>&1
 note "gpu tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest_gpu.log" | tail -1), $(elapsed)"
 grep -E "Test +#[0-9]+: " "$OUT/ctest_gpu.log" | sed -E 's/^ *[0-9]+\/[0-9]+ Test +#[0-9]+: /  /' | tee -a "$summary"
+wait $others
+note "other tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1), $(elapsed)"
+grep -E "^\s+[0-9]+ - .*\((Failed|Timeout)" "$OUT/ctest.log" | sed 's/^/  /' | tee -a "$summary"
 
 # 3. a 1B-shaped merge: same bytes on the GPU, and beside a GPU memory hog
 bin=build-gpu/pipeline/mergestream gen=build-gpu/bench/gen_model
@@ -86,23 +93,19 @@ bench() { # LABEL BENCH_MERGE_ARGS...
 }
 note "bench (TIES density 0.2, Llama-3.2-1B shapes, 3 x 2.47 GB bf16, --max-memory 8G, hot):"
 bench "device=cuda lanes=2" -- --device cuda
-bench "device=cuda lanes=1" -- --device cuda --gpu-lanes 1
-MERGESTREAM_GPU_PIN=0 bench "device=cuda pool-pageable" -- --device cuda  # pinning's start-up cost against its copy speed
 bench "device=cpu($(nproc) cores)" -- --device cpu
-note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
-for dev in cuda cpu; do
-  SAMPLES=4 bash bench/bench_hessian.sh --device $dev build-gpu > "$OUT/hessian_$dev.log" 2>&1
-  grep -vE "^\s*$" "$OUT/hessian_$dev.log" | tail -12 | sed "s/^/  $dev: /" | tee -a "$summary"
-done
+if [ "${FULL:-0}" = 1 ]; then
+  bench "device=cuda lanes=1" -- --device cuda --gpu-lanes 1
+  MERGESTREAM_GPU_PIN=0 bench "device=cuda pool-pageable" -- --device cuda  # pinning's start-up cost against its copy speed
+  note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
+  for dev in cuda cpu; do
+    SAMPLES=4 bash bench/bench_hessian.sh --device $dev build-gpu > "$OUT/hessian_$dev.log" 2>&1
+    grep -vE "^\s*$" "$OUT/hessian_$dev.log" | tail -12 | sed "s/^/  $dev: /" | tee -a "$summary"
+  done
+fi
 for m in slerp model_stock; do
   note "bench ($m, hot):"
   bench "device=cuda $m" --method $m -- --device cuda
   bench "device=cpu $m" --method $m -- --device cpu
 done
-note "bench done: $(elapsed)"
-
-# 5. everything else, on a machine with a GPU
-ctest --test-dir build-gpu -j 8 --output-on-failure -LE "slow|gpu" --timeout 300 > "$OUT/ctest.log" 2>&1
-note "other tests: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
-grep -E "^\s+[0-9]+ - .*\((Failed|Timeout)" "$OUT/ctest.log" | sed 's/^/  /' | tee -a "$summary"
 note "elapsed: $(elapsed)"
