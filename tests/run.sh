@@ -2,6 +2,7 @@
 # Builds mergestream and runs the whole test suite (unit, e2e, gpu, slow).
 #   tests/run.sh              release build in build/, every test
 #   tests/run.sh --sanitize   ASan+UBSan build in build-asan/, every test
+#   tests/run.sh --tsan       ThreadSanitizer build in build-tsan/, every test
 #   tests/run.sh --fuzz       clang build with the libFuzzer targets in build-fuzz/
 # GPU tests exit 77 (skipped) where no GPU is present. Extra arguments after
 # the options go to ctest (e.g. -L unit).
@@ -19,6 +20,16 @@ if [ "${1:-}" = "--sanitize" ]; then
   cmake_args+=(-DMERGESTREAM_SANITIZE=address,undefined -DMERGESTREAM_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug
     -DMERGESTREAM_CPU_CLONES=OFF)
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+elif [ "${1:-}" = "--tsan" ]; then
+  shift
+  build=build-tsan
+  # the three stages, the cpu pool and the staging pool under ThreadSanitizer;
+  # optimised (TSan slows a Debug build too much for the e2e merges), CUDA
+  # out, no kernel clones (their ifunc resolvers run before TSan's runtime
+  # is up and crash)
+  cmake_args+=(-DMERGESTREAM_SANITIZE=thread -DMERGESTREAM_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+    -DMERGESTREAM_CPU_CLONES=OFF)
+  export TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/tests/tsan.supp"
 elif [ "${1:-}" = "--fuzz" ]; then
   shift
   build=build-fuzz
