@@ -458,24 +458,6 @@ static void rope_rows(void *c, uint64_t r0, uint64_t r1)
 
 /* ============================================================ attention */
 
-/* The first row j <= i of a sequence whose position lies inside query i's
- * window (pos[j] > pos[i] - window); 0 without a window. */
-static uint64_t window_first(const uint32_t *pos, uint64_t i, uint64_t window)
-{
-    if (window == 0 || pos[i] < window)
-        return 0;
-    uint64_t limit = pos[i] - window; /* keys need pos > limit */
-    uint64_t lo = 0, hi = i;          /* pos[i] > limit, so the answer is in [0, i] */
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        if (pos[mid] > limit)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return lo;
-}
-
 /* Softmax of s[lo..hi] in place (inclusive), zeros elsewhere in [0, n). */
 CPU_CLONES static void softmax_row(float *restrict s, uint64_t lo, uint64_t hi, uint64_t n)
 {
@@ -530,7 +512,7 @@ static void softmax_rows(void *c, uint64_t r0, uint64_t r1)
     const softmax_job *j = c;
     for (uint64_t r = r0; r < r1; r++) {
         uint64_t i = j->q0 + r % j->nq;
-        uint64_t lo = window_first(j->pos, i, j->window);
+        uint64_t lo = cpu_llama_window_first(j->pos, i, j->window);
         softmax_row(j->s + r * j->nk, lo - j->kl, i - j->kl, j->nk);
     }
 }
@@ -548,7 +530,7 @@ static int attend_sequence(cpu_llama *m, uint64_t r0, uint64_t T, const uint32_t
         const float *V = K + kvd;
         for (uint64_t q0 = 0; q0 < T; q0 += m->q_block) {
             uint64_t q1 = q0 + m->q_block < T ? q0 + m->q_block : T, nq = q1 - q0;
-            uint64_t kl = window_first(pos, q0, c->sliding_window), nk = q1 - kl;
+            uint64_t kl = cpu_llama_window_first(pos, q0, c->sliding_window), nk = q1 - kl;
             uint64_t rows = m->n_rep * nq;
             for (uint64_t rep = 0; rep < m->n_rep; rep++)
                 for (uint64_t i = 0; i < nq; i++)
@@ -608,8 +590,15 @@ int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_ll
     for (uint64_t s = 0; s < b->n_seqs; s++) {
         uint64_t r0 = b->seq_start[s], n = b->seq_start[s + 1] - r0;
         CPU_ASSERT(b->seq_start[s + 1] >= r0 && n <= m->max_seq);
-        if (n)
+        if (n && !m->gemm.attend)
             LF_TRY(attend_sequence(m, r0, n, b->pos + r0));
+    }
+    if (m->gemm.attend) {
+        cpu_llama_attend_args aa = {.n_tokens = T, .n_seqs = b->n_seqs, .seq_start = b->seq_start, .pos = b->pos,
+                                    .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+                                    .window = c->sliding_window, .scale = m->attn_scale, .qkv = m->qkv,
+                                    .attn = m->attn};
+        LF_TRY(m->gemm.attend(m->gemm.ctx, &aa));
     }
     LF_TRY(gemm(ctx, true, T, H, Q, 1.0f, m->attn, Q, w->w_o, Q, 0.0f, m->proj, H, CPU_GEMM_B_WEIGHT));
     residual_job oj = {x, m->proj, w->b_o, H};

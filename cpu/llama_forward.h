@@ -146,10 +146,57 @@ typedef int (*cpu_gemm_fn)(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint
                            const float *a, uint64_t lda, const float *b, uint64_t ldb, float beta, float *c,
                            uint64_t ldc, unsigned flags);
 
+/* The causal attention of a whole batch, the layer's step between RoPE and
+ * o_proj, for an implementation that keeps it where its GEMMs run (a GPU:
+ * the scores never cross the bus). Same semantics as the CPU's (see the
+ * top of this file), fp32, results within rounding of the CPU's. */
+typedef struct cpu_llama_attend_args {
+    uint64_t n_tokens, n_seqs;
+    const uint64_t *seq_start; /* cpu_llama_batch's */
+    const uint32_t *pos;       /* cpu_llama_batch's */
+    uint64_t n_heads, n_kv_heads, head_dim;
+    uint64_t window;           /* sliding window, 0: none */
+    float scale;               /* applied to the scores: 1 / sqrt(head_dim) rounded to fp32 */
+    const float *qkv;          /* n_tokens x (q_dim + 2 kv_dim): q and k after RoPE, v (dense rows) */
+    float *attn;               /* n_tokens x q_dim: out (dense rows) */
+} cpu_llama_attend_args;
+
+#ifdef __CUDACC__
+#define CPU_LLAMA_HD __host__ __device__
+#else
+#define CPU_LLAMA_HD
+#endif
+
+/* The first row j <= i of a sequence (pos: its positions, increasing) whose
+ * position lies inside query i's window, pos[j] > pos[i] - window; 0 without
+ * a window. Shared with the GPU's attention kernels. */
+CPU_LLAMA_HD static inline uint64_t cpu_llama_window_first(const uint32_t *pos, uint64_t i, uint64_t window)
+{
+    if (window == 0 || pos[i] < window)
+        return 0;
+    uint64_t limit = pos[i] - window; /* keys need pos > limit */
+    uint64_t lo = 0, hi = i;          /* pos[i] > limit, so the answer is in [0, i] */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (pos[mid] > limit)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+/* Returns 0, -ENOMEM or -EIO (cpu_gemm_fn's contract; attn unspecified on
+ * failure). */
+typedef int (*cpu_attend_fn)(void *ctx, const cpu_llama_attend_args *a);
+
 typedef struct cpu_llama_gemm {
     void *ctx;        /* passed to every function */
     cpu_gemm_fn gemm; /* linear layers, attention, logits */
     cpu_gram_fn gram; /* Hessian statistics (cpu/hessian_accum.h) */
+    /* The attention of a batch in one call; NULL: the scores and weighted
+     * values go through gemm, the softmax runs on the cpu_pool. */
+    cpu_attend_fn attend;
     /* The weights passed with CPU_GEMM_B_WEIGHT changed (a new layer was
      * loaded into the same memory): forget any copy. NULL: nothing kept. */
     void (*weights_changed)(void *ctx);

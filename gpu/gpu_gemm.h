@@ -88,6 +88,19 @@ uint64_t gpu_gemm_held_bytes(const gpu_gemm *g);
  * Returns it, or -1 with gpu_gemm_last_error set. */
 double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds);
 
+/* The causal attention of a batch on the device (cpu_attend_fn's contract,
+ * cpu/llama_forward.h): the q/k/v rows go up once, the scores, their
+ * softmax and the weighted values stay on the device, the attention rows
+ * come back. The softmax uses the device's expf, so the result is within
+ * rounding of the CPU's, not identical. Returns 0, -ENOMEM or -EIO (attn
+ * untouched on failure). */
+struct cpu_llama_attend_args;
+int gpu_gemm_attend(gpu_gemm *g, const struct cpu_llama_attend_args *a);
+
+/* Tests only: query rows per block of the scores (0: as many as fit 256 MiB),
+ * so small sequences cross block boundaries. Call before any attention. */
+void gpu_gemm_set_attend_block_for_tests(uint64_t rows);
+
 /* Tests only (the sticky path on demand): the next gpu_gemm_sgemm or
  * gpu_gemm_gram fails as if the device had hit a sticky error (-EIO, the
  * object broken) without touching the device. */

@@ -1,6 +1,8 @@
 #include "pipeline/backend_registry.h"
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_backend.h"
@@ -96,6 +98,13 @@ void ms_gpu_host_unregister(void *p) { (void)p; }
 
 /* ============================================================ forward-pass GEMMs */
 
+bool ms_gpu_unverified_enabled(void)
+{
+    const char *v = getenv("MERGESTREAM_GPU_UNVERIFIED");
+    return v && strcmp(v, "1") == 0;
+}
+
+
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_gemm.h"
 
@@ -119,13 +128,18 @@ static int seam_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, u
     return gpu_gemm_gram((gpu_gemm *)ctx, x, n_rows, dim, ldx, c);
 }
 
+static int seam_attend(void *ctx, const cpu_llama_attend_args *a) { return gpu_gemm_attend((gpu_gemm *)ctx, a); }
 static void seam_weights_changed(void *ctx) { gpu_gemm_forget_weights((gpu_gemm *)ctx); }
 static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((const gpu_gemm *)ctx); }
 
 cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
 {
-    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .weights_changed = seam_weights_changed,
-                            .last_error = seam_last_error};
+    /* the device attention (gpu_gemm_attend) has not run on a GPU yet: until
+     * tests/gpu/device_check.sh shows it agrees with the CPU's, the scores go
+     * through the GEMMs and the CPU's softmax unless MERGESTREAM_GPU_UNVERIFIED=1 */
+    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram,
+                            .attend = ms_gpu_unverified_enabled() ? seam_attend : NULL,
+                            .weights_changed = seam_weights_changed, .last_error = seam_last_error};
 }
 
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)

@@ -432,6 +432,99 @@ static void test_peak(void **state)
     gpu_gemm_close(g);
 }
 
+/* ============================================================ attention */
+
+/* The seam of the test below: OpenBLAS for the GEMMs, the device for the
+ * attention (blas_gemm and cpu_gram_blas ignore ctx, gpu_gemm_attend takes
+ * the gpu_gemm). */
+static int attend_on_gpu(void *ctx, const cpu_llama_attend_args *a) { return gpu_gemm_attend((gpu_gemm *)ctx, a); }
+
+/* One decoder layer over a batch of several sequences (padding gaps in the
+ * positions, a GQA config, with and without a sliding window, score blocks
+ * of every size from 1 row): the residual rows with the device's attention
+ * against the CPU's, within rounding. The attention rows themselves are
+ * compared too (the o_proj input). */
+static void test_attend_layer(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    for (unsigned round = 0; round < 6; round++) {
+        cpu_llama_config c = {.hidden = 48, .intermediate = 72, .n_layers = 1, .n_heads = 6,
+                              .n_kv_heads = round % 2 ? 2 : 3, .head_dim = 8, .vocab = 10, .rms_eps = 1e-5,
+                              .rope_theta = 10000, .rope_kind = CPU_ROPE_DEFAULT,
+                              .sliding_window = round % 3 == 0 ? 0 : rng_range(2, 9), .qkv_bias = round % 2 == 0};
+        uint64_t n_seqs = rng_range(1, 4), seq_start[5] = {0};
+        uint32_t pos[400];
+        for (uint64_t s = 0; s < n_seqs; s++) {
+            uint64_t n = rng_range(1, 90), p = rng_range(0, 3);
+            for (uint64_t i = 0; i < n; i++) {
+                pos[seq_start[s] + i] = (uint32_t)p;
+                p += rng_range(1, 2); /* a gap now and then: padding left out */
+            }
+            seq_start[s + 1] = seq_start[s] + n;
+        }
+        uint64_t T = seq_start[n_seqs];
+        cpu_llama_batch b = {.n_tokens = T, .n_seqs = n_seqs, .seq_start = seq_start, .pos = pos};
+        cpu_llama_layer w;
+        assert_int_equal(cpu_llama_layer_alloc(&c, &w), 0);
+        uint64_t H = c.hidden, QKV = cpu_llama_qkv_rows(&c), Q = cpu_llama_q_dim(&c), II = c.intermediate;
+        float *arrays[] = {w.attn_norm, w.w_qkv, w.b_qkv, w.w_o, w.mlp_norm, w.w_gate_up, w.w_down};
+        uint64_t sizes[] = {H, QKV * H, w.b_qkv ? QKV : 0, H * Q, H, 2 * II * H, H * II};
+        for (unsigned k = 0; k < 7; k++)
+            for (uint64_t i = 0; i < sizes[k]; i++)
+                arrays[k][i] = k == 0 || k == 4 ? 1.0f + 0.1f * rng_float() : 0.3f * rng_float();
+        float *x_cpu = rand_floats(T * H), *x_gpu = copy_floats(x_cpu, T * H);
+        cpu_llama_gemm cpu_seam = cpu_llama_gemm_blas(), mixed = cpu_llama_gemm_blas();
+        mixed.ctx = g;
+        mixed.attend = attend_on_gpu;
+        gpu_gemm_set_attend_block_for_tests(round < 2 ? 0 : rng_range(1, 20));
+        cpu_llama *m_cpu = NULL, *m_gpu = NULL;
+        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &cpu_seam, &m_cpu), 0);
+        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &mixed, &m_gpu), 0);
+        assert_int_equal(cpu_llama_layer_forward(m_cpu, &w, &b, x_cpu), 0);
+        int rc = cpu_llama_layer_forward(m_gpu, &w, &b, x_gpu);
+        if (rc != 0)
+            fail_msg("round %u: gpu_gemm_attend returned %d (%s)", round, rc, gpu_gemm_last_error(g));
+        uint64_t ld_c, ld_g;
+        const float *a_cpu = cpu_llama_linear_input(m_cpu, CPU_LLAMA_IN_O, &ld_c);
+        const float *a_gpu = cpu_llama_linear_input(m_gpu, CPU_LLAMA_IN_O, &ld_g);
+        for (uint64_t r = 0; r < T; r++)
+            for (uint64_t j = 0; j < Q; j++) {
+                double want = a_cpu[r * ld_c + j], got = a_gpu[r * ld_g + j];
+                if (fabs(got - want) > 1e-5 + 1e-4 * fabs(want))
+                    fail_msg("round %u (T %" PRIu64 ", window %" PRIu64 "): attention row %" PRIu64 " col %" PRIu64
+                             ": %g, CPU %g", round, T, c.sliding_window, r, j, got, want);
+            }
+        for (uint64_t i = 0; i < T * H; i++)
+            if (fabs((double)x_gpu[i] - x_cpu[i]) > 1e-4 + 1e-4 * fabs((double)x_cpu[i]))
+                fail_msg("round %u: residual %" PRIu64 ": %g, CPU %g", round, i, x_gpu[i], x_cpu[i]);
+        cpu_llama_close(m_cpu);
+        cpu_llama_close(m_gpu);
+        cpu_llama_layer_free(&w);
+        free(x_cpu);
+        free(x_gpu);
+    }
+    gpu_gemm_set_attend_block_for_tests(0);
+    /* out of device memory: -ENOMEM, the error says so, and the next call works */
+    gpu_gemm *tiny = open_gpu(1 << 12);
+    cpu_llama_config c = {.hidden = 16, .intermediate = 24, .n_layers = 1, .n_heads = 2, .n_kv_heads = 1,
+                          .head_dim = 8, .vocab = 10, .rms_eps = 1e-5, .rope_theta = 10000};
+    uint64_t seq_start[2] = {0, 40};
+    uint32_t pos[40];
+    for (uint32_t i = 0; i < 40; i++)
+        pos[i] = i;
+    float *qkv = rand_floats(40 * cpu_llama_qkv_rows(&c)), *attn = rand_floats(40 * cpu_llama_q_dim(&c));
+    cpu_llama_attend_args aa = {.n_tokens = 40, .n_seqs = 1, .seq_start = seq_start, .pos = pos, .n_heads = 2,
+                                .n_kv_heads = 1, .head_dim = 8, .scale = 0.35f, .qkv = qkv, .attn = attn};
+    assert_int_equal(gpu_gemm_attend(tiny, &aa), -ENOMEM);
+    assert_non_null(strstr(gpu_gemm_last_error(tiny), "needs"));
+    assert_int_equal(gpu_gemm_attend(g, &aa), 0);
+    free(qkv);
+    free(attn);
+    gpu_gemm_close(tiny);
+    gpu_gemm_close(g);
+}
+
 int main(void)
 {
     const char *seed = getenv("MS_TEST_SEED");
@@ -451,7 +544,7 @@ int main(void)
         cmocka_unit_test(test_sgemm_random),  cmocka_unit_test(test_sgemm_weight_cache),
         cmocka_unit_test(test_gram_random),   cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_sticky),        cmocka_unit_test(test_fault_seam),
-        cmocka_unit_test(test_peak),
+        cmocka_unit_test(test_peak),          cmocka_unit_test(test_attend_layer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
