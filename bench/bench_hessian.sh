@@ -56,9 +56,12 @@ field() { awk -v k="\"$1\":" '$1 == k { gsub(/,/, "", $2); print $2 }' "$WORK/ru
 tok_s=$(field tokens_per_second) gflops=$(field gflops_per_second) secs=$(field seconds)
 tokens=$(field n_tokens) gflop=$(field gflop) rss=$(field peak_rss_bytes) out_s=$(field output_seconds)
 on_gpu=$(field batches_gpu) on_cpu=$(field batches_cpu) fallbacks=$(field gpu_fallbacks)
+lay_s=$(field layers_seconds) lin_s=$(field linear_gemm_seconds) att_s=$(field attention_seconds)
+stat_s=$(field statistics_seconds)
 awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tokens" -v f="$gflop" \
   -v rss="$rss" -v layers="$LAYERS" -v threads="$THREADS" -v out_s="$out_s" -v x="$prefix" -v dev="$DEVICE" \
-  -v gpu="$gpu_name" -v on_gpu="$on_gpu" -v on_cpu="$on_cpu" -v fb="$fallbacks" 'BEGIN {
+  -v gpu="$gpu_name" -v on_gpu="$on_gpu" -v on_cpu="$on_cpu" -v fb="$fallbacks" -v lay="$lay_s" -v lin="$lin_s" \
+  -v att="$att_s" -v st="$stat_s" 'BEGIN {
   peak = p1 > p2 ? p1 : p2
   printf "model llama-3.2-1b-shapes layers %d, %d tokens, %d threads, device %s%s\n", layers, n, threads, dev,
     gpu != "" ? " (" gpu ")" : ""
@@ -66,6 +69,8 @@ awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tok
   printf "%shessian_seconds %.1f\n", x, s
   printf "%shessian_tokens_per_second %.1f\n", x, t
   printf "%shessian_output_seconds %.1f (writing and fsyncing the statistics)\n", x, out_s
+  printf "%shessian_time_split linear GEMMs %.2f s, attention %.2f s, other layer work %.2f s, statistics %.2f s\n", \
+    x, lin, att, lay - lin - att, st
   printf "%shessian_gflop_per_token %.3f (all layers)\n", x, f / n
   printf "%shessian_gflops %.1f\n", x, g
   printf "%stokens_per_second_at_peak %.1f\n", x, t * peak / g

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cpu/cpu_kernel.h"
 
@@ -34,7 +35,16 @@ struct cpu_llama {
     float *att_o; /* (n_rep * q_block, head_dim) */
     /* RoPE */
     float *rope_cos, *rope_sin; /* (max_pos, head_dim / 2) */
+    /* seconds inside cpu_llama_layer_forward, for cpu_llama_times */
+    double t_layers, t_linear, t_attention;
 };
+
+static double lf_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 /* ============================================================ exp */
 
@@ -567,53 +577,92 @@ void cpu_llama_set_gemm(cpu_llama *m, const cpu_llama_gemm *gemm) { m->gemm = *g
             return rc_;                                                                                    \
     } while (0)
 
+/* A linear layer's GEMM through the seam, its time counted. */
+static int linear_gemm(cpu_llama *m, uint64_t T, uint64_t n, uint64_t k, const float *a, uint64_t lda,
+                       const float *w, float *c, uint64_t ldc)
+{
+    double t0 = lf_now();
+    int rc = m->gemm.gemm(m->gemm.ctx, true, T, n, k, 1.0f, a, lda, w, k, 0.0f, c, ldc, CPU_GEMM_B_WEIGHT);
+    m->t_linear += lf_now() - t0;
+    return rc;
+}
+
+/* The causal attention of every sequence of the batch into m->attn: through
+ * the seam's attend when it has one, else as GEMMs and a softmax here. */
+static int attend_batch(cpu_llama *m, const cpu_llama_batch *b)
+{
+    const cpu_llama_config *c = &m->cfg;
+    double t0 = lf_now();
+    int rc = 0;
+    if (m->gemm.attend) {
+        cpu_llama_attend_args aa = {.n_tokens = b->n_tokens, .n_seqs = b->n_seqs, .seq_start = b->seq_start,
+                                    .pos = b->pos, .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads,
+                                    .head_dim = c->head_dim, .window = c->sliding_window, .scale = m->attn_scale,
+                                    .qkv = m->qkv, .attn = m->attn};
+        rc = m->gemm.attend(m->gemm.ctx, &aa);
+    } else {
+        for (uint64_t s = 0; s < b->n_seqs && rc == 0; s++) {
+            uint64_t r0 = b->seq_start[s], n = b->seq_start[s + 1] - r0;
+            if (n)
+                rc = attend_sequence(m, r0, n, b->pos + r0);
+        }
+    }
+    m->t_attention += lf_now() - t0;
+    return rc;
+}
+
+static int layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x);
+
 int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x)
+{
+    double t0 = lf_now();
+    int rc = layer_forward(m, w, b, x);
+    m->t_layers += lf_now() - t0;
+    return rc;
+}
+
+void cpu_llama_times(const cpu_llama *m, double *layers_s, double *linear_s, double *attention_s)
+{
+    *layers_s = m->t_layers;
+    *linear_s = m->t_linear;
+    *attention_s = m->t_attention;
+}
+
+static int layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x)
 {
     const cpu_llama_config *c = &m->cfg;
     uint64_t T = b->n_tokens, H = c->hidden, QKV = cpu_llama_qkv_rows(c), Q = cpu_llama_q_dim(c),
              II = c->intermediate;
-    const cpu_gemm_fn gemm = m->gemm.gemm;
-    void *const ctx = m->gemm.ctx;
     CPU_ASSERT(T <= m->max_tokens && b->seq_start[0] == 0 && b->seq_start[b->n_seqs] == T);
     if (T == 0)
         return 0;
 
     /* attention */
     cpu_llama_rms_norm(m, x, w->attn_norm, T, m->xn_attn);
-    LF_TRY(gemm(ctx, true, T, QKV, H, 1.0f, m->xn_attn, H, w->w_qkv, H, 0.0f, m->qkv, QKV, CPU_GEMM_B_WEIGHT));
+    LF_TRY(linear_gemm(m, T, QKV, H, m->xn_attn, H, w->w_qkv, m->qkv, QKV));
     if (w->b_qkv) {
         bias_job bj = {m->qkv, w->b_qkv, QKV, QKV};
         par_rows(m, T, bias_rows, &bj);
     }
     rope_job rj = {m, b->pos};
     par_rows(m, T, rope_rows, &rj);
-    for (uint64_t s = 0; s < b->n_seqs; s++) {
-        uint64_t r0 = b->seq_start[s], n = b->seq_start[s + 1] - r0;
-        CPU_ASSERT(b->seq_start[s + 1] >= r0 && n <= m->max_seq);
-        if (n && !m->gemm.attend)
-            LF_TRY(attend_sequence(m, r0, n, b->pos + r0));
-    }
-    if (m->gemm.attend) {
-        cpu_llama_attend_args aa = {.n_tokens = T, .n_seqs = b->n_seqs, .seq_start = b->seq_start, .pos = b->pos,
-                                    .n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
-                                    .window = c->sliding_window, .scale = m->attn_scale, .qkv = m->qkv,
-                                    .attn = m->attn};
-        LF_TRY(m->gemm.attend(m->gemm.ctx, &aa));
-    }
-    LF_TRY(gemm(ctx, true, T, H, Q, 1.0f, m->attn, Q, w->w_o, Q, 0.0f, m->proj, H, CPU_GEMM_B_WEIGHT));
+    for (uint64_t s = 0; s < b->n_seqs; s++)
+        CPU_ASSERT(b->seq_start[s + 1] >= b->seq_start[s] && b->seq_start[s + 1] - b->seq_start[s] <= m->max_seq);
+    LF_TRY(attend_batch(m, b));
+    LF_TRY(linear_gemm(m, T, H, Q, m->attn, Q, w->w_o, m->proj, H));
     residual_job oj = {x, m->proj, w->b_o, H};
     par_rows(m, T, residual_rows, &oj);
 
     /* MLP */
     cpu_llama_rms_norm(m, x, w->mlp_norm, T, m->xn);
-    LF_TRY(gemm(ctx, true, T, 2 * II, H, 1.0f, m->xn, H, w->w_gate_up, H, 0.0f, m->gu, 2 * II, CPU_GEMM_B_WEIGHT));
+    LF_TRY(linear_gemm(m, T, 2 * II, H, m->xn, H, w->w_gate_up, m->gu, 2 * II));
     if (w->b_gate_up) {
         bias_job bj = {m->gu, w->b_gate_up, 2 * II, 2 * II};
         par_rows(m, T, bias_rows, &bj);
     }
     swiglu_job sj = {m->gu, II};
     par_rows(m, T, swiglu_rows, &sj);
-    LF_TRY(gemm(ctx, true, T, H, II, 1.0f, m->gu, 2 * II, w->w_down, II, 0.0f, m->proj, H, CPU_GEMM_B_WEIGHT));
+    LF_TRY(linear_gemm(m, T, H, II, m->gu, 2 * II, w->w_down, m->proj, H));
     residual_job dj = {x, m->proj, w->b_down, H};
     par_rows(m, T, residual_rows, &dj);
     return 0;

@@ -264,6 +264,12 @@ void cpu_llama_set_gemm(cpu_llama *m, const cpu_llama_gemm *gemm);
  * batch from its copy of x. Blocks. */
 int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x);
 
+/* Seconds spent so far in cpu_llama_layer_forward: in all, in the linear
+ * layers' GEMMs (through the seam, copies to and from a device included)
+ * and in the attention (scores, softmax, weighted values). The rest of
+ * *layers_s is the norms, RoPE, biases, SwiGLU and residual adds. */
+void cpu_llama_times(const cpu_llama *m, double *layers_s, double *linear_s, double *attention_s);
+
 /* The batch's input rows of one of the linear layers of the last successful
  * cpu_llama_layer_forward (n_tokens rows, leading dimension *ld), valid
  * until the next call on m. */

@@ -423,6 +423,10 @@ static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const 
         cJSON_AddNumberToObject(j, "bytes_written", (double)st_plan_total_bytes(plan));
         cJSON_AddNumberToObject(j, "seconds", r->seconds);
         cJSON_AddNumberToObject(j, "output_seconds", r->output_seconds + finish_s);
+        cJSON_AddNumberToObject(j, "layers_seconds", r->layer_seconds);
+        cJSON_AddNumberToObject(j, "linear_gemm_seconds", r->linear_seconds);
+        cJSON_AddNumberToObject(j, "attention_seconds", r->attention_seconds);
+        cJSON_AddNumberToObject(j, "statistics_seconds", r->stats_seconds);
         cJSON_AddNumberToObject(j, "tokens_per_second", tok_s);
         cJSON_AddNumberToObject(j, "gflop", r->flops / 1e9);
         cJSON_AddNumberToObject(j, "gflops_per_second", gflops);

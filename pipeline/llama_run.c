@@ -885,8 +885,10 @@ static int run_layers(run_state *s, ms_error *err)
             if (layer_step(s, &w, &bt, x, where, &on_gpu, err) < 0)
                 goto fail;
             /* The statistics only after the batch's forward pass succeeded. */
+            double t_stats = ms_now_seconds();
             if (layer_stats(s, h, l, bt.n_tokens, on_gpu, where, err) < 0)
                 goto fail;
+            s->res->stats_seconds += ms_now_seconds() - t_stats;
             bool all_gpu = on_gpu && s->gpu_on;
             if (all_gpu && s->has_gpu)
                 s->res->steps_gpu++;
@@ -1145,6 +1147,7 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
     res->batches = s.n_batches;
     res->flops = run_flops(&s);
     res->seconds = ms_now_seconds() - t_start;
+    cpu_llama_times(s.fw, &res->layer_seconds, &res->linear_seconds, &res->attention_seconds);
     rc = 0;
 done:
     progress_end(&s.prog);

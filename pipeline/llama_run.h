@@ -194,6 +194,12 @@ typedef struct ms_llama_result {
                              the keys each query sees), Gram updates (k(k+1) per row
                              of width k) and the head */
     double output_seconds; /* of which inside on_stats (writing the statistics out) */
+    /* Where the decoder layers' time went (seconds, for benchmarks): in all,
+     * the linear layers' GEMMs, the attention (both through the seam: a
+     * GPU's copies included), and adding the decoder layers' statistics
+     * (Gram updates). The layers' rest is norms, RoPE, SwiGLU and residual
+     * adds on the CPU. */
+    double layer_seconds, linear_seconds, attention_seconds, stats_seconds;
     bool spilled;         /* the residual stream lived in a spill file */
     uint64_t act_bytes;   /* its size */
     uint64_t batches;
