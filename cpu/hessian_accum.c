@@ -124,6 +124,36 @@ int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ld
     return 0;
 }
 
+int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void *ctx)
+{
+    if (rows == 0)
+        return 0;
+    uint64_t d = h->dim, step = ((uint64_t)8 << 20) / (d * sizeof(double));
+    step = step < 1 ? 1 : step > d ? d : step;
+    double *buf = malloc((size_t)(step * d) * sizeof *buf);
+    if (!buf || hessian_alloc_fp64(h) < 0) {
+        free(buf);
+        return -ENOMEM;
+    }
+    for (uint64_t r0 = 0; r0 < d; r0 += step) {
+        uint64_t n = d - r0 < step ? d - r0 : step;
+        int rc = get(ctx, r0, n, buf);
+        if (rc < 0) {
+            free(buf);
+            return rc;
+        }
+        for (uint64_t i = r0; i < r0 + n; i++) {
+            double *dst = h->h64 + i * d;
+            const double *src = buf + (i - r0) * d;
+            for (uint64_t j = i; j < d; j++)
+                dst[j] += src[j];
+        }
+    }
+    free(buf);
+    h->rows += rows;
+    return 0;
+}
+
 uint64_t cpu_hessian_rows(const cpu_hessian *h) { return h->rows; }
 uint64_t cpu_hessian_dim(const cpu_hessian *h) { return h->dim; }
 

@@ -77,6 +77,17 @@ int cpu_hessian_reserve(cpu_hessian *h, uint64_t more_rows);
 int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ldx, cpu_gram_fn gram,
                     void *gram_ctx);
 
+/* Rows [r0, r0 + n) of a sum of x^T x computed elsewhere (a GPU's
+ * accumulator), written into buf (n x dim fp64, row-major; only the upper
+ * triangle, j >= i, is read). Returns 0 or a negative errno. */
+typedef int (*cpu_sum_rows_fn)(void *ctx, uint64_t r0, uint64_t n, double *buf);
+
+/* Adds such a sum over `rows` rows into the fp64 matrix, a few rows at a
+ * time through a buffer of at most 8 MiB, and counts the rows. Returns 0,
+ * -ENOMEM (the fp64 matrix or the buffer: nothing added), or get's error:
+ * then part of the sum was added and the accumulator must be closed. */
+int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void *ctx);
+
 /* Rows added so far, and the width. */
 uint64_t cpu_hessian_rows(const cpu_hessian *h);
 uint64_t cpu_hessian_dim(const cpu_hessian *h);

@@ -197,6 +197,18 @@ typedef struct cpu_llama_gemm {
     /* The attention of a batch in one call; NULL: the scores and weighted
      * values go through gemm, the softmax runs on the cpu_pool. */
     cpu_attend_fn attend;
+    /* Statistics kept where the implementation computes (a GPU's memory)
+     * for a whole layer, so no Gram update comes back per batch; NULL: every
+     * update goes through gram into the host accumulator. Slots 0..7.
+     * stat_begin(slot, dim, flush_rows): 0, -ENOSPC (better kept on the
+     * host: no room to spare), -ENOMEM (use the host's) or -EIO. stat_add: as gram, into the slot (0; -ENOMEM before anything
+     * was added; -EIO: the slot's sum is lost). stat_finish(slot, h): adds
+     * the slot's sum and rows into h (cpu_hessian_add_sum) and frees the
+     * slot; h NULL frees only. Returns 0, -ENOMEM (nothing added) or -EIO
+     * (h partly updated: close it). */
+    int (*stat_begin)(void *ctx, unsigned slot, uint64_t dim, uint64_t flush_rows);
+    int (*stat_add)(void *ctx, unsigned slot, const float *x, uint64_t n_rows, uint64_t ldx);
+    int (*stat_finish)(void *ctx, unsigned slot, cpu_hessian *h);
     /* The weights passed with CPU_GEMM_B_WEIGHT changed (a new layer was
      * loaded into the same memory): forget any copy. NULL: nothing kept. */
     void (*weights_changed)(void *ctx);

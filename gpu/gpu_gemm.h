@@ -88,6 +88,26 @@ uint64_t gpu_gemm_held_bytes(const gpu_gemm *g);
  * Returns it, or -1 with gpu_gemm_last_error set. */
 double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds);
 
+/* Statistics held on the device for a whole layer: the accumulator of
+ * cpu/hessian_accum.h (fp32 blocks of at most flush_rows rows, added into
+ * fp64) in device memory, so a batch's Gram update sends its rows up and
+ * nothing back; the sum comes back once, at the end. Slots 0..7.
+ *   stat_begin  allocates and zeroes a slot for dim-wide rows: 0, -ENOSPC
+ *               (it would take more than half of the memory left: kept
+ *               for the layer's weights and operands), -ENOMEM or -EIO.
+ *   stat_add    adds X^T X of n_rows rows (cpu_gram_fn's X): 0; -ENOMEM
+ *               before anything was added (the rows may be added elsewhere);
+ *               -EIO (sticky) otherwise: the slot's sum is lost.
+ *   stat_rows   rows added so far (0 for a closed slot).
+ *   stat_read   rows [r0, r0 + n) of the sum in fp64 (row-major, upper
+ *               triangle; cpu_sum_rows_fn's contract): 0 or -EIO.
+ *   stat_end    frees the slot (a closed slot: no-op). */
+int gpu_gemm_stat_begin(gpu_gemm *g, unsigned slot, uint64_t dim, uint64_t flush_rows);
+int gpu_gemm_stat_add(gpu_gemm *g, unsigned slot, const float *x, uint64_t n_rows, uint64_t ldx);
+uint64_t gpu_gemm_stat_rows(const gpu_gemm *g, unsigned slot);
+int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, double *buf);
+void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot);
+
 /* The causal attention of a batch on the device (cpu_attend_fn's contract,
  * cpu/llama_forward.h): the q/k/v rows go up once, the scores, their
  * softmax and the weighted values stay on the device, the attention rows

@@ -129,17 +129,54 @@ static int seam_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, u
 }
 
 static int seam_attend(void *ctx, const cpu_llama_attend_args *a) { return gpu_gemm_attend((gpu_gemm *)ctx, a); }
+
+static int seam_stat_begin(void *ctx, unsigned slot, uint64_t dim, uint64_t flush_rows)
+{
+    return gpu_gemm_stat_begin((gpu_gemm *)ctx, slot, dim, flush_rows);
+}
+
+static int seam_stat_add(void *ctx, unsigned slot, const float *x, uint64_t n_rows, uint64_t ldx)
+{
+    return gpu_gemm_stat_add((gpu_gemm *)ctx, slot, x, n_rows, ldx);
+}
+
+typedef struct stat_source {
+    gpu_gemm *g;
+    unsigned slot;
+} stat_source;
+
+static int stat_read(void *ctx, uint64_t r0, uint64_t n, double *buf)
+{
+    const stat_source *src = ctx;
+    return gpu_gemm_stat_read(src->g, src->slot, r0, n, buf);
+}
+
+static int seam_stat_finish(void *ctx, unsigned slot, cpu_hessian *h)
+{
+    gpu_gemm *g = ctx;
+    stat_source src = {g, slot};
+    int rc = h ? cpu_hessian_add_sum(h, gpu_gemm_stat_rows(g, slot), stat_read, &src) : 0;
+    gpu_gemm_stat_end(g, slot);
+    return rc;
+}
 static void seam_weights_changed(void *ctx) { gpu_gemm_forget_weights((gpu_gemm *)ctx); }
 static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((const gpu_gemm *)ctx); }
 
 cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
 {
-    /* the device attention (gpu_gemm_attend) has not run on a GPU yet: until
-     * tests/gpu/device_check.sh shows it agrees with the CPU's, the scores go
-     * through the GEMMs and the CPU's softmax unless MERGESTREAM_GPU_UNVERIFIED=1 */
-    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram,
-                            .attend = ms_gpu_unverified_enabled() ? seam_attend : NULL,
-                            .weights_changed = seam_weights_changed, .last_error = seam_last_error};
+    cpu_llama_gemm seam = {.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .weights_changed = seam_weights_changed,
+                           .last_error = seam_last_error};
+    /* The device attention (gpu_gemm_attend) and the statistics held on the
+     * device (gpu_gemm_stat_*) have not run on a GPU yet: until
+     * tests/gpu/device_check.sh shows they agree with the CPU's, only with
+     * MERGESTREAM_GPU_UNVERIFIED=1. */
+    if (ms_gpu_unverified_enabled()) {
+        seam.attend = seam_attend;
+        seam.stat_begin = seam_stat_begin;
+        seam.stat_add = seam_stat_add;
+        seam.stat_finish = seam_stat_finish;
+    }
+    return seam;
 }
 
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)

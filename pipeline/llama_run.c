@@ -671,6 +671,8 @@ typedef struct run_state {
     bool has_gpu;        /* the caller gave a (fallible) seam */
     bool gpu_on;         /* has_gpu and no sticky error yet */
     float *x_save;       /* has_gpu: a batch's residual rows before a layer, for a rerun on the CPU */
+    bool dev_stat[MS_LLAMA_STAT_COUNT]; /* this layer's statistic k is held on the GPU (gpu.stat_*) */
+    bool said_stats_on_host;            /* the GPU declined to hold one: logged once */
     run_progress prog;
     ms_llama_result *res;
 } run_state;
@@ -718,6 +720,7 @@ static int gpu_failed(run_state *s, int rc, const char *where, ms_error *err)
     ms_log_warn("GPU error on %s (%s): the CPU computes the rest of the run", where, why && *why ? why : "no details");
     s->gpu_on = false;
     s->res->gpu_disabled = true;
+    use_cpu(s); /* the forward pass too, whichever step failed */
     return 0;
 }
 
@@ -746,6 +749,70 @@ static int stat_add(run_state *s, cpu_hessian *h, const float *x, uint64_t n, ui
     return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot add the statistics") : 0;
 }
 
+/* A statistic held on the GPU is lost (a sticky error, or no host memory
+ * to take it back): the layer's inputs are gone, so nothing can redo it. */
+static int dev_stat_lost(run_state *s, int rc, const char *name, ms_error *err)
+{
+    const char *why = s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "";
+    s->gpu_on = false;
+    s->res->gpu_disabled = true;
+    use_cpu(s);
+    return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name,
+                          "the statistics held on the GPU are lost (%s); rerun with --device cpu",
+                          why && *why ? why : "no details");
+}
+
+/* Where the layer's statistics accumulate: on the GPU for a whole layer
+ * when its seam can hold them (no Gram update comes back per batch), else
+ * in the host accumulators h. Out of GPU memory for one: that one on the
+ * host, one line. */
+static int dev_stats_begin(run_state *s, cpu_hessian *const *h, uint64_t layer, const char *what, ms_error *err)
+{
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        s->dev_stat[k] = false;
+        if (!h[k] || !s->gpu_on || !s->gpu.stat_begin)
+            continue;
+        uint64_t flush = s->opt->flush_rows ? s->opt->flush_rows : CPU_HESSIAN_FLUSH_ROWS;
+        int rc = s->gpu.stat_begin(s->gpu.ctx, k, cpu_hessian_dim(h[k]), flush);
+        if (rc == 0) {
+            s->dev_stat[k] = true;
+            continue;
+        }
+        if (rc == -ENOSPC) { /* the GPU's memory is better spent on the layer itself: said once */
+            if (!s->said_stats_on_host && s->opt->label)
+                ms_log_info("%s: statistics on the host (%s)", s->opt->label,
+                            s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "");
+            s->said_stats_on_host = true;
+            continue;
+        }
+        char name[128], where[256];
+        ms_llama_stat_name(layer, (ms_llama_stat)k, name, sizeof name);
+        snprintf(where, sizeof where, "%s (statistics %s)", what, name);
+        if (gpu_failed(s, rc, where, err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The GPU-held statistics into the host accumulators (keep = false: only
+ * free them, on a failure path). */
+static int dev_stats_end(run_state *s, cpu_hessian *const *h, uint64_t layer, bool keep, ms_error *err)
+{
+    int rc = 0;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        if (!s->dev_stat[k])
+            continue;
+        s->dev_stat[k] = false;
+        int frc = s->gpu.stat_finish(s->gpu.ctx, k, keep && rc == 0 ? h[k] : NULL);
+        if (frc < 0 && keep && rc == 0) {
+            char name[128];
+            ms_llama_stat_name(layer, (ms_llama_stat)k, name, sizeof name);
+            rc = dev_stat_lost(s, frc, name, err);
+        }
+    }
+    return rc;
+}
+
 /* Every linear input of the layer just run into its statistic. */
 static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint64_t n, bool on_gpu,
                        const char *where, ms_error *err)
@@ -757,7 +824,19 @@ static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint
         ms_llama_stat_name(layer, (ms_llama_stat)k, name, sizeof name);
         uint64_t ld;
         const float *in = cpu_llama_linear_input(s->fw, (cpu_llama_input)k, &ld);
-        if (stat_add(s, h[k], in, n, ld, on_gpu && s->gpu_on, where, name, err) < 0)
+        if (s->dev_stat[k] && s->gpu_on) {
+            int rc = s->gpu.stat_add(s->gpu.ctx, k, in, n, ld);
+            if (rc == 0)
+                continue;
+            if (rc != -ENOMEM)
+                return dev_stat_lost(s, rc, name, err);
+            char what[256];
+            snprintf(what, sizeof what, "%s (statistics %s)", where, name);
+            if (gpu_failed(s, rc, what, err) < 0)
+                return -1;
+            /* these rows on the host; the GPU keeps what it holds */
+        }
+        if (stat_add(s, h[k], in, n, ld, on_gpu && s->gpu_on && !s->dev_stat[k], where, name, err) < 0)
             return -1;
     }
     return 0;
@@ -872,6 +951,8 @@ static int run_layers(run_state *s, ms_error *err)
             cpu_hessian_reset(h[k]);
         char what[64];
         snprintf(what, sizeof what, "layer %" PRIu64 "/%" PRIu64, l + 1, c->n_layers);
+        if (s->opt->on_stats && dev_stats_begin(s, h, l, what, err) < 0)
+            goto fail;
         for (uint64_t b = 0; b < s->n_batches; b++) {
             uint64_t t0;
             cpu_llama_batch bt;
@@ -899,6 +980,10 @@ static int run_layers(run_state *s, ms_error *err)
             progress_step(&s->prog, (double)bt.n_tokens, what);
         }
         if (s->opt->on_stats) {
+            double t_back = ms_now_seconds();
+            if (dev_stats_end(s, h, l, true, err) < 0)
+                goto fail;
+            s->res->stats_seconds += ms_now_seconds() - t_back;
             double t0 = ms_now_seconds();
             if (s->opt->on_stats(s->opt->stats_ctx, l, h, MS_LLAMA_STAT_COUNT, err) < 0)
                 goto fail;
@@ -909,6 +994,7 @@ static int run_layers(run_state *s, ms_error *err)
     cpu_llama_layer_free(&w);
     return 0;
 fail:
+    dev_stats_end(s, h, 0, false, NULL);
     close_stats(h, MS_LLAMA_STAT_COUNT);
     cpu_llama_layer_free(&w);
     return -1;

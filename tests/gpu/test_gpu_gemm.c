@@ -432,6 +432,79 @@ static void test_peak(void **state)
     gpu_gemm_close(g);
 }
 
+/* ============================================================ statistics on the device */
+
+typedef struct stat_src {
+    gpu_gemm *g;
+    unsigned slot;
+} stat_src;
+
+static int read_stat(void *ctx, uint64_t r0, uint64_t n, double *buf)
+{
+    const stat_src *src = ctx;
+    return gpu_gemm_stat_read(src->g, src->slot, r0, n, buf);
+}
+
+/* Rows in random pieces (crossing the fp32 block boundaries of a small
+ * flush_rows) into a device slot, some rows into the host accumulator
+ * instead, the slot's sum then added to the host's: X^T X in float64 within
+ * rounding. Two slots at once, a closed slot reads 0 rows, and a slot that
+ * would take more than half of a small --gpu-memory-limit is declined. */
+static void test_stats_on_device(void **state)
+{
+    (void)state;
+    gpu_gemm *g = open_gpu(0);
+    for (unsigned round = 0; round < 4; round++) {
+        uint64_t dim = rng_range(1, 300), ld = dim + rng_range(0, 3), rows = rng_range(1, 900);
+        uint64_t flush = round == 0 ? 4096 : rng_range(1, 200);
+        float *x = rand_floats(rows * ld);
+        cpu_hessian *h = NULL;
+        assert_int_equal(cpu_hessian_open(dim, flush, &h), 0);
+        assert_int_equal(gpu_gemm_stat_rows(g, 3), 0);
+        assert_int_equal(gpu_gemm_stat_begin(g, 3, dim, flush), 0);
+        assert_int_equal(gpu_gemm_stat_begin(g, 5, dim + 1, flush), 0); /* a second slot beside it */
+        uint64_t done = 0, on_host = 0;
+        while (done < rows) {
+            uint64_t take = rng_range(1, 150);
+            take = take < rows - done ? take : rows - done;
+            if (rng_range(0, 3) == 0) { /* now and then on the host, as after a GPU out-of-memory */
+                assert_int_equal(cpu_hessian_add(h, x + done * ld, take, ld, cpu_gram_blas, NULL), 0);
+                on_host += take;
+            } else {
+                int rc = gpu_gemm_stat_add(g, 3, x + done * ld, take, ld);
+                if (rc != 0)
+                    fail_msg("gpu_gemm_stat_add: %d (%s)", rc, gpu_gemm_last_error(g));
+            }
+            done += take;
+        }
+        assert_int_equal(gpu_gemm_stat_rows(g, 3), rows - on_host);
+        stat_src src = {g, 3};
+        assert_int_equal(cpu_hessian_add_sum(h, gpu_gemm_stat_rows(g, 3), read_stat, &src), 0);
+        gpu_gemm_stat_end(g, 3);
+        gpu_gemm_stat_end(g, 5);
+        assert_int_equal(gpu_gemm_stat_rows(g, 3), 0);
+        assert_int_equal(cpu_hessian_rows(h), rows);
+        float *got = calloc(dim * dim, sizeof(float)), *zero = calloc(dim * dim, sizeof(float));
+        cpu_hessian_rows_out(h, 1.0, 0, dim, got);
+        for (uint64_t i = 0; i < dim; i++) /* rows_out fills both triangles: compare the upper one */
+            for (uint64_t j = 0; j < i; j++)
+                got[i * dim + j] = 0.0f;
+        char who[64];
+        snprintf(who, sizeof who, "device statistics, flush %" PRIu64 ", %" PRIu64 " rows on the host", flush, on_host);
+        check_gram(x, rows, dim, ld, zero, got, who);
+        free(got);
+        free(zero);
+        free(x);
+        cpu_hessian_close(h);
+    }
+    gpu_gemm_close(g);
+    gpu_gemm *small = open_gpu(16 << 20);
+    assert_int_equal(gpu_gemm_stat_begin(small, 0, 1024, 4096), -ENOSPC); /* 12 MiB of 16 */
+    assert_non_null(strstr(gpu_gemm_last_error(small), "more than half"));
+    assert_int_equal(gpu_gemm_stat_begin(small, 0, 256, 4096), 0); /* 0.75 MiB */
+    gpu_gemm_close(small); /* closes the open slot too */
+}
+
 /* ============================================================ attention */
 
 /* The seam of the test below: OpenBLAS for the GEMMs, the device for the
@@ -545,6 +618,7 @@ int main(void)
         cmocka_unit_test(test_gram_random),   cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_sticky),        cmocka_unit_test(test_fault_seam),
         cmocka_unit_test(test_peak),          cmocka_unit_test(test_attend_layer),
+        cmocka_unit_test(test_stats_on_device),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

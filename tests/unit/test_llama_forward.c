@@ -859,6 +859,27 @@ static void test_batching_and_knobs(void **state)
     free_weights(&m);
 }
 
+/* A sum of x^T x held elsewhere, for cpu_hessian_add_sum: rows [r0, r0 + n)
+ * of the float64 sum, upper triangle only (the rest is garbage that must not
+ * be read). */
+typedef struct sum_src {
+    const float *x;
+    uint64_t rows, d, ld;
+} sum_src;
+
+static int sum_rows(void *ctx, uint64_t r0, uint64_t n, double *buf)
+{
+    const sum_src *s = ctx;
+    for (uint64_t i = r0; i < r0 + n; i++)
+        for (uint64_t j = 0; j < s->d; j++) {
+            double acc = 0;
+            for (uint64_t r = 0; r < s->rows; r++)
+                acc += (double)s->x[r * s->ld + i] * (double)s->x[r * s->ld + j];
+            buf[(i - r0) * s->d + j] = j >= i ? acc : NAN;
+        }
+    return 0;
+}
+
 /* The accumulator alone: random rows in random pieces, with and without fp64
  * blocks, against X^T X in float64; leading dimensions wider than dim. */
 static void test_hessian_accum(void **state)
@@ -908,6 +929,18 @@ static void test_hessian_accum(void **state)
             assert_int_equal(cpu_hessian_add(h, x, rows, ld, g.gram, g.ctx), 0);
             assert_int_equal(cpu_hessian_rows(h), rows);
             cpu_hessian_rows_out(h, scale, 0, d, out);
+            expect_close(what, out, ref, d * d, 1e-5);
+            /* the first rows added as rows, the rest as a finished fp64 sum
+             * (a GPU's accumulator, cpu_hessian_add_sum): the same result */
+            cpu_hessian_reset(h);
+            uint64_t split = rng_below(rows + 1);
+            assert_int_equal(cpu_hessian_add(h, x, split, ld, g.gram, g.ctx), 0);
+            sum_src src = {.x = x + split * ld, .rows = rows - split, .d = d, .ld = ld};
+            assert_int_equal(cpu_hessian_add_sum(h, rows - split, sum_rows, &src), 0);
+            assert_int_equal(cpu_hessian_rows(h), rows);
+            cpu_hessian_rows_out(h, scale, 0, d, out);
+            snprintf(what, sizeof what, "rows + sum, dim %" PRIu64 " flush %" PRIu64 " split %" PRIu64, d,
+                     k_flush[fi], split);
             expect_close(what, out, ref, d * d, 1e-5);
             free(out);
             cpu_hessian_close(h);

@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,19 +31,36 @@ static ms_llama_session g_s;
 
 /* ============================================================ the fake seam */
 
+/* A statistic "on the device" (dev_stats): cpu/hessian_accum.h's
+ * accumulator written out again, fp32 blocks of flush rows by the CPU's Gram
+ * into fp64, so a layer whose rows all go there sums them exactly as the
+ * host accumulator would. */
+typedef struct fake_stat {
+    float *blk;
+    double *acc;
+    uint64_t dim, flush, in_block, rows;
+} fake_stat;
+
 typedef struct fake_seam {
-    uint64_t calls;    /* GEMM and Gram calls so far */
+    uint64_t calls;    /* GEMM and Gram calls so far (and stat_* with dev_stats) */
     uint64_t fail_at;  /* 1-based call that fails; 0: none */
     bool from_on;      /* every call from fail_at on fails */
     int rc;            /* what a failing call returns */
     bool gram_only;    /* only Gram calls count and fail */
     uint64_t forgets;  /* weights_changed calls */
+    bool dev_stats;    /* offer stat_begin/add/finish */
+    bool broken;       /* a -EIO happened: every later call fails (a sticky device error) */
+    uint64_t stat_opens;
+    fake_stat stat[8];
 } fake_seam;
 
 static bool fake_fails(fake_seam *f)
 {
     f->calls++;
-    return f->fail_at && (f->calls == f->fail_at || (f->from_on && f->calls > f->fail_at));
+    bool fails = f->broken || (f->fail_at && (f->calls == f->fail_at || (f->from_on && f->calls > f->fail_at)));
+    if (fails && f->rc == -EIO)
+        f->broken = true;
+    return fails;
 }
 
 static int fake_gemm(void *ctx, bool trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha, const float *a,
@@ -70,6 +88,72 @@ static int fake_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, u
 }
 
 static void fake_forget(void *ctx) { ((fake_seam *)ctx)->forgets++; }
+
+static int fake_stat_begin(void *ctx, unsigned slot, uint64_t dim, uint64_t flush)
+{
+    fake_seam *f = ctx;
+    if (!f->gram_only && fake_fails(f))
+        return f->rc;
+    fake_stat *st = &f->stat[slot];
+    assert_null(st->blk);
+    *st = (fake_stat){.blk = calloc(dim * dim, sizeof(float)), .acc = calloc(dim * dim, sizeof(double)),
+                      .dim = dim, .flush = flush};
+    assert_true(st->blk && st->acc);
+    f->stat_opens++;
+    return 0;
+}
+
+static void fake_stat_flush(fake_stat *st)
+{
+    for (uint64_t i = 0; i < st->dim * st->dim; i++) {
+        st->acc[i] += (double)st->blk[i];
+        st->blk[i] = 0.0f;
+    }
+    st->in_block = 0;
+}
+
+static int fake_stat_add(void *ctx, unsigned slot, const float *x, uint64_t n, uint64_t ldx)
+{
+    fake_seam *f = ctx;
+    if (fake_fails(f))
+        return f->rc;
+    fake_stat *st = &f->stat[slot];
+    while (n > 0) {
+        if (st->in_block == st->flush)
+            fake_stat_flush(st);
+        uint64_t take = st->flush - st->in_block < n ? st->flush - st->in_block : n;
+        cpu_gram_blas(NULL, x, take, st->dim, ldx, st->blk);
+        st->in_block += take;
+        st->rows += take;
+        x += take * ldx;
+        n -= take;
+    }
+    return 0;
+}
+
+static int fake_stat_rows(void *ctx, uint64_t r0, uint64_t n, double *buf)
+{
+    fake_stat *st = ctx;
+    memcpy(buf, st->acc + r0 * st->dim, (size_t)(n * st->dim) * sizeof(double));
+    return 0;
+}
+
+static int fake_stat_finish(void *ctx, unsigned slot, cpu_hessian *h)
+{
+    fake_seam *f = ctx;
+    fake_stat *st = &f->stat[slot];
+    int rc = 0;
+    if (h && f->broken) {
+        rc = -EIO; /* the device's memory went with the error */
+    } else if (h) {
+        fake_stat_flush(st);
+        rc = cpu_hessian_add_sum(h, st->rows, fake_stat_rows, st);
+    }
+    free(st->blk);
+    free(st->acc);
+    *st = (fake_stat){0};
+    return rc;
+}
 static const char *fake_why(void *ctx) { (void)ctx; return "needs 1 MiB, 0 MiB free"; }
 
 /* ============================================================ a run */
@@ -105,6 +189,11 @@ static int run(fake_seam *fake, run_out *o, ms_error *err)
                              .on_stats = collect, .stats_ctx = o, .head_stats = true, .nll = true};
     cpu_llama_gemm seam = {.ctx = fake, .gemm = fake_gemm, .gram = fake_gram, .weights_changed = fake_forget,
                            .last_error = fake_why};
+    if (fake && fake->dev_stats) {
+        seam.stat_begin = fake_stat_begin;
+        seam.stat_add = fake_stat_add;
+        seam.stat_finish = fake_stat_finish;
+    }
     return ms_llama_run(&g_s.src, &g_s.config.llama, g_s.calib, &opt, NULL, fake ? &seam : NULL, &o->res, err);
 }
 
@@ -171,6 +260,74 @@ static void test_gram_corrupt(void **state)
     free(got.H);
 }
 
+/* ============================================================ statistics on the device */
+
+/* The statistics within rounding of the CPU-only run's (rows split between
+ * the device's accumulator and the host's change which rows share an fp32
+ * block) and the NLL bit for bit (it does not depend on them). */
+static void close_to(const run_out *want, const run_out *got, const char *what)
+{
+    assert_int_equal(got->n_H, want->n_H);
+    for (uint64_t i = 0; i < want->n_H; i++) {
+        double w = want->H[i], g = got->H[i];
+        if (!(fabs(g - w) <= 1e-6 + 1e-5 * fabs(w)))
+            fail_msg("%s: statistic element %" PRIu64 ": %.9g, the CPU-only run %.9g", what, i, g, w);
+    }
+    if (got->res.nll_sum != want->res.nll_sum || got->res.n_tokens != want->res.n_tokens)
+        fail_msg("%s: NLL %.17g, the CPU-only run %.17g", what, got->res.nll_sum, want->res.nll_sum);
+}
+
+/* A seam that holds each layer's statistics (stat_begin/add/finish): with
+ * no failure, every statistic comes out bit for bit as on the CPU (the same
+ * rows in the same fp32 blocks), one slot per statistic and layer. Then
+ * every call fails in turn: with -ENOMEM the run completes (a declined
+ * slot or batch goes to the host) within rounding of the CPU's; with -EIO
+ * either the error came before the layer's statistics were on the device
+ * (the run completes on the CPU) or the run fails saying they are lost. */
+static void test_dev_stats(void **state)
+{
+    (void)state;
+    ms_error err = {0};
+    run_out want, got;
+    assert_int_equal(run(NULL, &want, &err), 0);
+    uint64_t steps = want.res.steps_cpu;
+    fake_seam clean = {.dev_stats = true};
+    assert_int_equal(run(&clean, &got, &err), 0);
+    same_as(&want, &got, "statistics on the device, no failure");
+    assert_int_equal(clean.stat_opens, g_s.config.llama.n_layers * MS_LLAMA_STAT_COUNT);
+    assert_true(got.res.steps_gpu == steps && got.res.gpu_fallbacks == 0);
+    free(got.H);
+    uint64_t total = clean.calls;
+    for (int pass = 0; pass < 2; pass++) {
+        int rc = pass == 0 ? -ENOMEM : -EIO;
+        uint64_t completed = 0, lost = 0;
+        for (uint64_t n = 1; n <= total; n++) {
+            fake_seam f = {.fail_at = n, .rc = rc, .dev_stats = true};
+            char what[96];
+            snprintf(what, sizeof what, "statistics on the device, call %" PRIu64 "/%" PRIu64 " fails with %d", n,
+                     total, rc);
+            if (run(&f, &got, &err) != 0) {
+                if (rc != -EIO || !strstr(err.msg, "statistics held on the GPU are lost"))
+                    fail_msg("%s: the run failed: %s", what, err.msg);
+                lost++;
+            } else {
+                close_to(&want, &got, what);
+                if (got.res.gpu_fallbacks < 1)
+                    fail_msg("%s: no fallback counted", what);
+                completed++;
+            }
+            for (unsigned k = 0; k < 8; k++) /* every slot freed, whatever happened */
+                assert_null(f.stat[k].blk);
+            free(got.H);
+        }
+        if (rc == -ENOMEM)
+            assert_int_equal(completed, total);
+        else
+            assert_true(completed > 0 && lost > 0);
+    }
+    free(want.H);
+}
+
 /* ============================================================ setup */
 
 static int setup(void **state)
@@ -228,7 +385,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oom_walk),      cmocka_unit_test(test_oom_from_walk),
         cmocka_unit_test(test_sticky_walk),   cmocka_unit_test(test_gram_oom_walk),
-        cmocka_unit_test(test_gram_corrupt),
+        cmocka_unit_test(test_gram_corrupt),  cmocka_unit_test(test_dev_stats),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
