@@ -35,6 +35,10 @@ struct cpu_llama {
     float *att_o; /* (n_rep * q_block, head_dim) */
     /* RoPE */
     float *rope_cos, *rope_sin; /* (max_pos, head_dim / 2) */
+    /* who allocated the batch buffers above (xn_attn .. gu): the seam given
+     * to cpu_llama_open (host_free non-NULL), or malloc */
+    void *alloc_ctx;
+    void (*host_free)(void *ctx, void *p);
     /* seconds inside cpu_llama_layer_forward, for cpu_llama_times */
     double t_layers, t_linear, t_attention;
 };
@@ -276,6 +280,48 @@ static void rope_inv_freq(const cpu_llama_config *c, float *inv)
     }
 }
 
+/* The buffers a batch's GEMMs read and write, in one place. */
+static float **batch_buffer(cpu_llama *m, unsigned i)
+{
+    float **all[] = {&m->xn_attn, &m->xn, &m->qkv, &m->attn, &m->proj, &m->gu};
+    return all[i];
+}
+
+static void batch_buffers_free(cpu_llama *m)
+{
+    for (unsigned i = 0; i < 6; i++) {
+        float **p = batch_buffer(m, i);
+        if (m->host_free)
+            m->host_free(m->alloc_ctx, *p);
+        else
+            free(*p);
+        *p = NULL;
+    }
+    m->host_free = NULL;
+}
+
+/* From the seam's allocator when it has one (all six or none), else
+ * malloc; a failure leaves NULLs for cpu_llama_open to report. */
+static void batch_buffers_alloc(cpu_llama *m, const cpu_llama_gemm *gemm)
+{
+    const cpu_llama_config *c = &m->cfg;
+    uint64_t T = m->max_tokens;
+    uint64_t bytes[6] = {T * c->hidden * 4, T * c->hidden * 4, T * cpu_llama_qkv_rows(c) * 4,
+                         T * cpu_llama_q_dim(c) * 4, T * c->hidden * 4, T * 2 * c->intermediate * 4};
+    if (gemm->host_alloc && gemm->host_free) {
+        m->alloc_ctx = gemm->ctx;
+        m->host_free = gemm->host_free;
+        bool all = true;
+        for (unsigned i = 0; i < 6; i++)
+            all = all && (*batch_buffer(m, i) = gemm->host_alloc(gemm->ctx, bytes[i])) != NULL;
+        if (all)
+            return;
+        batch_buffers_free(m);
+    }
+    for (unsigned i = 0; i < 6; i++)
+        *batch_buffer(m, i) = malloc((size_t)bytes[i]);
+}
+
 int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t max_seq_tokens, uint64_t max_pos,
                    cpu_pool *pool, const cpu_llama_gemm *gemm, cpu_llama **out)
 {
@@ -298,13 +344,8 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
     m->n_rep = cfg->n_heads / cfg->n_kv_heads;
     m->q_block = q_block_of(cfg, max_seq_tokens);
     m->attn_scale = (float)(1.0 / sqrt((double)cfg->head_dim));
-    uint64_t T = max_tokens, att_rows = m->n_rep * m->q_block, half = cfg->head_dim / 2;
-    m->xn_attn = malloc((size_t)(T * cfg->hidden * 4));
-    m->xn = malloc((size_t)(T * cfg->hidden * 4));
-    m->qkv = malloc((size_t)(T * cpu_llama_qkv_rows(cfg) * 4));
-    m->attn = malloc((size_t)(T * cpu_llama_q_dim(cfg) * 4));
-    m->proj = malloc((size_t)(T * cfg->hidden * 4));
-    m->gu = malloc((size_t)(T * 2 * cfg->intermediate * 4));
+    uint64_t att_rows = m->n_rep * m->q_block, half = cfg->head_dim / 2;
+    batch_buffers_alloc(m, gemm);
     m->att_q = malloc((size_t)(att_rows * cfg->head_dim * 4));
     m->att_s = malloc((size_t)(att_rows * max_seq_tokens * 4));
     m->att_o = malloc((size_t)(att_rows * cfg->head_dim * 4));
@@ -334,12 +375,7 @@ void cpu_llama_close(cpu_llama *m)
 {
     if (!m)
         return;
-    free(m->xn_attn);
-    free(m->xn);
-    free(m->qkv);
-    free(m->attn);
-    free(m->proj);
-    free(m->gu);
+    batch_buffers_free(m);
     free(m->att_q);
     free(m->att_s);
     free(m->att_o);

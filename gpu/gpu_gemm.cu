@@ -524,6 +524,26 @@ int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, ui
     return 0;
 }
 
+/* ================================================================ host memory */
+
+void *gpu_gemm_host_alloc(gpu_gemm *g, uint64_t bytes)
+{
+    (void)g;
+    void *p = NULL;
+    if (cudaMallocHost(&p, (size_t)(bytes ? bytes : 1)) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+void gpu_gemm_host_free(gpu_gemm *g, void *p)
+{
+    (void)g;
+    if (p && cudaFreeHost(p) != cudaSuccess)
+        cudaGetLastError();
+}
+
 /* ================================================================ statistics on the device */
 
 /* acc += blk, blk = 0 (the CPU's hessian_flush over the whole matrix: the

@@ -108,6 +108,13 @@ uint64_t gpu_gemm_stat_rows(const gpu_gemm *g, unsigned slot);
 int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, double *buf);
 void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot);
 
+/* Pinned host memory (cudaMallocHost) for the forward pass's batch buffers:
+ * their copies to and from the device run at full PCIe speed. NULL when it
+ * cannot be had (the caller uses malloc). gpu_gemm_host_free(NULL) is a
+ * no-op. */
+void *gpu_gemm_host_alloc(gpu_gemm *g, uint64_t bytes);
+void gpu_gemm_host_free(gpu_gemm *g, void *p);
+
 /* The causal attention of a batch on the device (cpu_attend_fn's contract,
  * cpu/llama_forward.h): the q/k/v rows go up once, the scores, their
  * softmax and the weighted values stay on the device, the attention rows

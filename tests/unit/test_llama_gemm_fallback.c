@@ -52,6 +52,8 @@ typedef struct fake_seam {
     bool broken;       /* a -EIO happened: every later call fails (a sticky device error) */
     uint64_t stat_opens;
     fake_stat stat[8];
+    bool host_mem;                  /* offer host_alloc/host_free */
+    uint64_t host_allocs, host_frees, host_fail_at; /* host_fail_at: that allocation returns NULL */
 } fake_seam;
 
 static bool fake_fails(fake_seam *f)
@@ -88,6 +90,22 @@ static int fake_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, u
 }
 
 static void fake_forget(void *ctx) { ((fake_seam *)ctx)->forgets++; }
+
+static void *fake_host_alloc(void *ctx, uint64_t bytes)
+{
+    fake_seam *f = ctx;
+    if (++f->host_allocs == f->host_fail_at)
+        return NULL;
+    return malloc((size_t)bytes);
+}
+
+static void fake_host_free(void *ctx, void *p)
+{
+    fake_seam *f = ctx;
+    if (p)
+        f->host_frees++;
+    free(p);
+}
 
 static int fake_stat_begin(void *ctx, unsigned slot, uint64_t dim, uint64_t flush)
 {
@@ -189,6 +207,10 @@ static int run(fake_seam *fake, run_out *o, ms_error *err)
                              .on_stats = collect, .stats_ctx = o, .head_stats = true, .nll = true};
     cpu_llama_gemm seam = {.ctx = fake, .gemm = fake_gemm, .gram = fake_gram, .weights_changed = fake_forget,
                            .last_error = fake_why};
+    if (fake && fake->host_mem) {
+        seam.host_alloc = fake_host_alloc;
+        seam.host_free = fake_host_free;
+    }
     if (fake && fake->dev_stats) {
         seam.stat_begin = fake_stat_begin;
         seam.stat_add = fake_stat_add;
@@ -328,6 +350,27 @@ static void test_dev_stats(void **state)
     free(want.H);
 }
 
+/* The batch buffers from the seam's allocator: every one given back to it,
+ * and when one allocation fails, all from malloc instead; the same results
+ * either way. */
+static void test_host_alloc(void **state)
+{
+    (void)state;
+    ms_error err = {0};
+    run_out want, got;
+    assert_int_equal(run(NULL, &want, &err), 0);
+    for (uint64_t fail_at = 0; fail_at <= 6; fail_at += 3) {
+        fake_seam f = {.host_mem = true, .host_fail_at = fail_at};
+        assert_int_equal(run(&f, &got, &err), 0);
+        same_as(&want, &got, "batch buffers from the seam");
+        uint64_t got_back = fail_at ? fail_at - 1 : 6; /* the ones handed out before the failure */
+        assert_int_equal(f.host_frees, got_back);
+        assert_int_equal(f.host_allocs, fail_at ? fail_at : 6);
+        free(got.H);
+    }
+    free(want.H);
+}
+
 /* ============================================================ setup */
 
 static int setup(void **state)
@@ -386,6 +429,7 @@ int main(void)
         cmocka_unit_test(test_oom_walk),      cmocka_unit_test(test_oom_from_walk),
         cmocka_unit_test(test_sticky_walk),   cmocka_unit_test(test_gram_oom_walk),
         cmocka_unit_test(test_gram_corrupt),  cmocka_unit_test(test_dev_stats),
+        cmocka_unit_test(test_host_alloc),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
