@@ -39,6 +39,10 @@ struct cpu_llama {
      * to cpu_llama_open (host_free non-NULL), or malloc */
     void *alloc_ctx;
     void (*host_free)(void *ctx, void *p);
+    /* the seam's layer function: what it adds where, what comes back */
+    int layer_slot[CPU_LLAMA_IN_COUNT];
+    bool layer_want[CPU_LLAMA_IN_COUNT];
+    bool layer_added_stats; /* the last successful layer ran through it */
     /* seconds inside cpu_llama_layer_forward, for cpu_llama_times */
     double t_layers, t_linear, t_attention;
 };
@@ -341,6 +345,10 @@ int cpu_llama_open(const cpu_llama_config *cfg, uint64_t max_tokens, uint64_t ma
     m->max_tokens = max_tokens;
     m->max_seq = max_seq_tokens;
     m->max_pos = max_pos;
+    for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+        m->layer_slot[k] = -1;   /* nothing added where the seam runs ... */
+        m->layer_want[k] = true; /* ... and every input back on the host */
+    }
     m->n_rep = cfg->n_heads / cfg->n_kv_heads;
     m->q_block = q_block_of(cfg, max_seq_tokens);
     m->attn_scale = (float)(1.0 / sqrt((double)cfg->head_dim));
@@ -649,10 +657,44 @@ static int attend_batch(cpu_llama *m, const cpu_llama_batch *b)
 
 static int layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x);
 
+void cpu_llama_set_layer_outputs(cpu_llama *m, const int slot[CPU_LLAMA_IN_COUNT],
+                                 const bool want[CPU_LLAMA_IN_COUNT])
+{
+    memcpy(m->layer_slot, slot, sizeof m->layer_slot);
+    memcpy(m->layer_want, want, sizeof m->layer_want);
+}
+
+bool cpu_llama_layer_added_stats(const cpu_llama *m) { return m->layer_added_stats; }
+
+/* The layer through the seam's layer function: the same computation where
+ * the seam runs it. */
+static int layer_on_seam(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x)
+{
+    cpu_llama_layer_args a = {.cfg = &m->cfg, .w = w, .b = b, .rope_cos = m->rope_cos, .rope_sin = m->rope_sin,
+                              .max_pos = m->max_pos, .attn_scale = m->attn_scale, .x = x};
+    for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+        a.stat_slot[k] = m->layer_slot[k];
+        a.input[k] = m->layer_want[k] ? (float *)cpu_llama_linear_input(m, (cpu_llama_input)k, &a.input_ld[k]) : NULL;
+    }
+    return m->gemm.layer(m->gemm.ctx, &a);
+}
+
 int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama_batch *b, float *x)
 {
     double t0 = lf_now();
-    int rc = layer_forward(m, w, b, x);
+    m->layer_added_stats = false;
+    CPU_ASSERT(b->n_tokens <= m->max_tokens);
+    for (uint64_t s = 0; s < b->n_seqs; s++)
+        CPU_ASSERT(b->seq_start[s + 1] >= b->seq_start[s] && b->seq_start[s + 1] - b->seq_start[s] <= m->max_seq);
+    for (uint64_t r = 0; r < b->n_tokens; r++)
+        CPU_ASSERT(b->pos[r] < m->max_pos);
+    int rc;
+    if (m->gemm.layer) {
+        rc = layer_on_seam(m, w, b, x);
+        m->layer_added_stats = rc == 0;
+    } else {
+        rc = layer_forward(m, w, b, x);
+    }
     m->t_layers += lf_now() - t0;
     return rc;
 }
@@ -682,8 +724,6 @@ static int layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_llama
     }
     rope_job rj = {m, b->pos};
     par_rows(m, T, rope_rows, &rj);
-    for (uint64_t s = 0; s < b->n_seqs; s++)
-        CPU_ASSERT(b->seq_start[s + 1] >= b->seq_start[s] && b->seq_start[s + 1] - b->seq_start[s] <= m->max_seq);
     LF_TRY(attend_batch(m, b));
     LF_TRY(linear_gemm(m, T, H, Q, m->attn, Q, w->w_o, m->proj, H));
     residual_job oj = {x, m->proj, w->b_o, H};

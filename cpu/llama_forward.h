@@ -190,6 +190,10 @@ CPU_LLAMA_HD static inline uint64_t cpu_llama_window_first(const uint32_t *pos, 
  * failure). */
 typedef int (*cpu_attend_fn)(void *ctx, const cpu_llama_attend_args *a);
 
+/* A whole decoder layer in one call (cpu_llama_layer_args, below). */
+struct cpu_llama_layer_args;
+typedef int (*cpu_layer_fn)(void *ctx, const struct cpu_llama_layer_args *a);
+
 typedef struct cpu_llama_gemm {
     void *ctx;        /* passed to every function */
     cpu_gemm_fn gemm; /* linear layers, attention, logits */
@@ -214,6 +218,11 @@ typedef struct cpu_llama_gemm {
      * malloc. host_alloc may return NULL: then malloc is used. */
     void *(*host_alloc)(void *ctx, uint64_t bytes);
     void (*host_free)(void *ctx, void *p);
+    /* A whole decoder layer where the implementation computes (a GPU: the
+     * residual rows go up and come back once, everything between stays
+     * there, the statistics included); NULL: the layer step by step
+     * through gemm and attend. */
+    cpu_layer_fn layer;
     /* The weights passed with CPU_GEMM_B_WEIGHT changed (a new layer was
      * loaded into the same memory): forget any copy. NULL: nothing kept. */
     void (*weights_changed)(void *ctx);
@@ -249,6 +258,23 @@ typedef enum cpu_llama_input {
     CPU_LLAMA_IN_DOWN,    /* silu(gate) * up feeding down_proj */
     CPU_LLAMA_IN_COUNT
 } cpu_llama_input;
+
+/* What a seam's layer function gets (cpu_llama_layer_forward fills it). */
+typedef struct cpu_llama_layer_args {
+    const cpu_llama_config *cfg;
+    const cpu_llama_layer *w;
+    const cpu_llama_batch *b;
+    const float *rope_cos, *rope_sin; /* (max_pos, head_dim / 2): the RoPE table */
+    uint64_t max_pos;
+    float attn_scale;
+    float *x;                          /* n_tokens x hidden: the residual rows, overwritten with the output */
+    int stat_slot[CPU_LLAMA_IN_COUNT]; /* >= 0: X^T X of linear input k into that statistics slot (stat_*) */
+    float *input[CPU_LLAMA_IN_COUNT];  /* non-NULL: linear input k copied back there ... */
+    uint64_t input_ld[CPU_LLAMA_IN_COUNT]; /* ... with this leading dimension */
+} cpu_llama_layer_args;
+/* A layer function returns 0; -ENOMEM (x, the slots and the inputs
+ * untouched: the caller reruns the layer elsewhere); or -EIO (sticky: x
+ * and the inputs unspecified, the slots' sums lost). */
 
 /* ============================================================ the pass */
 
@@ -286,6 +312,16 @@ int cpu_llama_layer_forward(cpu_llama *m, const cpu_llama_layer *w, const cpu_ll
  * and in the attention (scores, softmax, weighted values). The rest of
  * *layers_s is the norms, RoPE, biases, SwiGLU and residual adds. */
 void cpu_llama_times(const cpu_llama *m, double *layers_s, double *linear_s, double *attention_s);
+
+/* For the seam's layer function (when it has one): which linear inputs the
+ * next layers add into statistics slots where they run (slot[k] >= 0) and
+ * which come back to the host for cpu_llama_linear_input (want[k]). The
+ * step-by-step path keeps every input on the host and adds nothing. */
+void cpu_llama_set_layer_outputs(cpu_llama *m, const int slot[CPU_LLAMA_IN_COUNT],
+                                 const bool want[CPU_LLAMA_IN_COUNT]);
+/* True when the last successful cpu_llama_layer_forward ran through the
+ * seam's layer function: its slots got their rows. */
+bool cpu_llama_layer_added_stats(const cpu_llama *m);
 
 /* The batch's input rows of one of the linear layers of the last successful
  * cpu_llama_layer_forward (n_tokens rows, leading dimension *ld), valid

@@ -124,6 +124,16 @@ void gpu_gemm_host_free(gpu_gemm *g, void *p);
 struct cpu_llama_attend_args;
 int gpu_gemm_attend(gpu_gemm *g, const struct cpu_llama_attend_args *a);
 
+/* A whole decoder layer on the device (cpu_layer_fn's contract,
+ * cpu/llama_forward.h): the residual rows go up, every step of the layer
+ * runs on the stream with the weights (and the RoPE table) cached on the
+ * device, the statistics slots named in a->stat_slot get the linear
+ * inputs' X^T X, and the residual rows and the inputs a->input asks for
+ * come back. Within rounding of the CPU's layer. 0, -ENOMEM (before any
+ * work: nothing changed) or -EIO. */
+struct cpu_llama_layer_args;
+int gpu_gemm_layer(gpu_gemm *g, const struct cpu_llama_layer_args *a);
+
 /* Tests only: query rows per block of the scores (0: as many as fit 256 MiB),
  * so small sequences cross block boundaries. Call before any attention. */
 void gpu_gemm_set_attend_block_for_tests(uint64_t rows);

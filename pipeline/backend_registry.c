@@ -130,6 +130,7 @@ static int seam_gram(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, u
 
 static int seam_attend(void *ctx, const cpu_llama_attend_args *a) { return gpu_gemm_attend((gpu_gemm *)ctx, a); }
 
+static int seam_layer(void *ctx, const cpu_llama_layer_args *a) { return gpu_gemm_layer((gpu_gemm *)ctx, a); }
 static void *seam_host_alloc(void *ctx, uint64_t bytes) { return gpu_gemm_host_alloc((gpu_gemm *)ctx, bytes); }
 static void seam_host_free(void *ctx, void *p) { gpu_gemm_host_free((gpu_gemm *)ctx, p); }
 
@@ -169,10 +170,11 @@ cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
 {
     cpu_llama_gemm seam = {.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .weights_changed = seam_weights_changed,
                            .last_error = seam_last_error};
-    /* The device attention (gpu_gemm_attend), the statistics held on the
-     * device (gpu_gemm_stat_*) and the pinned batch buffers have not run on
-     * a GPU yet: until tests/gpu/device_check.sh shows they agree with the
-     * CPU's, only with MERGESTREAM_GPU_UNVERIFIED=1. */
+    /* The whole layer on the device (gpu_gemm_layer), its attention
+     * (gpu_gemm_attend), the statistics held on the device (gpu_gemm_stat_*)
+     * and the pinned batch buffers have not run on a GPU yet: until
+     * tests/gpu/device_check.sh shows they agree with the CPU's, only with
+     * MERGESTREAM_GPU_UNVERIFIED=1. */
     if (ms_gpu_unverified_enabled()) {
         seam.attend = seam_attend;
         seam.stat_begin = seam_stat_begin;
@@ -180,6 +182,7 @@ cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
         seam.stat_finish = seam_stat_finish;
         seam.host_alloc = seam_host_alloc;
         seam.host_free = seam_host_free;
+        seam.layer = seam_layer;
     }
     return seam;
 }

@@ -824,6 +824,8 @@ static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint
         ms_llama_stat_name(layer, (ms_llama_stat)k, name, sizeof name);
         uint64_t ld;
         const float *in = cpu_llama_linear_input(s->fw, (cpu_llama_input)k, &ld);
+        if (s->dev_stat[k] && on_gpu && cpu_llama_layer_added_stats(s->fw))
+            continue; /* the GPU's layer added them where they are */
         if (s->dev_stat[k] && s->gpu_on) {
             int rc = s->gpu.stat_add(s->gpu.ctx, k, in, n, ld);
             if (rc == 0)
@@ -844,13 +846,23 @@ static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint
 
 /* One batch through decoder layer w: on the GPU when it is on (the batch's
  * rows saved first), else, or after a GPU failure, on the CPU from the
- * saved rows. *on_gpu says where it ran. Returns 0 or -1 with err set. */
+ * saved rows. *on_gpu says where it ran. When the GPU's seam runs a whole
+ * layer, it adds the linear inputs of the statistics held there itself
+ * (cpu_llama_layer_added_stats) and sends back only the others. Returns 0
+ * or -1 with err set. */
 static int layer_step(run_state *s, const cpu_llama_layer *w, const cpu_llama_batch *bt, float *x,
                       const char *where, bool *on_gpu, ms_error *err)
 {
     uint64_t bytes = bt->n_tokens * s->cfg->hidden * sizeof(float);
     *on_gpu = s->gpu_on;
     if (*on_gpu) {
+        int slot[CPU_LLAMA_IN_COUNT];
+        bool want[CPU_LLAMA_IN_COUNT];
+        for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+            slot[k] = s->dev_stat[k] ? (int)k : -1;
+            want[k] = s->opt->on_stats && !s->dev_stat[k]; /* perplexity needs none back */
+        }
+        cpu_llama_set_layer_outputs(s->fw, slot, want);
         memcpy(s->x_save, x, (size_t)bytes);
         int rc = cpu_llama_layer_forward(s->fw, w, bt, x);
         if (rc == 0)

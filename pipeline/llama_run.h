@@ -198,7 +198,8 @@ typedef struct ms_llama_result {
      * the linear layers' GEMMs, the attention (both through the seam: a
      * GPU's copies included), and adding the decoder layers' statistics
      * (Gram updates). The layers' rest is norms, RoPE, SwiGLU and residual
-     * adds on the CPU. */
+     * adds on the CPU; a GPU seam that runs whole layers (cpu_llama_gemm's
+     * layer) counts all of a layer there, and its statistics in the layer. */
     double layer_seconds, linear_seconds, attention_seconds, stats_seconds;
     bool spilled;         /* the residual stream lived in a spill file */
     uint64_t act_bytes;   /* its size */

@@ -511,12 +511,24 @@ static void test_stats_on_device(void **state)
  * attention (blas_gemm and cpu_gram_blas ignore ctx, gpu_gemm_attend takes
  * the gpu_gemm). */
 static int attend_on_gpu(void *ctx, const cpu_llama_attend_args *a) { return gpu_gemm_attend((gpu_gemm *)ctx, a); }
+static int layer_on_gpu(void *ctx, const cpu_llama_layer_args *a) { return gpu_gemm_layer((gpu_gemm *)ctx, a); }
+
+/* got within rounding of want (n values, what for the message). */
+static void expect_near(const float *got, const float *want, uint64_t n, double tol, const char *what, unsigned round)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (!(fabs((double)got[i] - want[i]) <= tol + tol * fabs((double)want[i])))
+            fail_msg("round %u: %s %" PRIu64 ": %g, CPU %g (seed %" PRIu64 ")", round, what, i, got[i], want[i],
+                     g_seed);
+}
 
 /* One decoder layer over a batch of several sequences (padding gaps in the
- * positions, a GQA config, with and without a sliding window, score blocks
- * of every size from 1 row): the residual rows with the device's attention
- * against the CPU's, within rounding. The attention rows themselves are
- * compared too (the o_proj input). */
+ * positions, a GQA config, with and without a sliding window and q/k/v
+ * biases, score blocks of every size from 1 row), against the CPU's, within
+ * rounding: with the device's attention (the attention rows compared too),
+ * and as a whole layer on the device (gpu_gemm_layer: the residual rows and
+ * every linear input back, or in odd rounds the inputs' X^T X into
+ * statistics slots instead). */
 static void test_attend_layer(void **state)
 {
     (void)state;
@@ -546,7 +558,7 @@ static void test_attend_layer(void **state)
         for (unsigned k = 0; k < 7; k++)
             for (uint64_t i = 0; i < sizes[k]; i++)
                 arrays[k][i] = k == 0 || k == 4 ? 1.0f + 0.1f * rng_float() : 0.3f * rng_float();
-        float *x_cpu = rand_floats(T * H), *x_gpu = copy_floats(x_cpu, T * H);
+        float *x_cpu = rand_floats(T * H), *x_gpu = copy_floats(x_cpu, T * H), *x_save = copy_floats(x_cpu, T * H);
         cpu_llama_gemm cpu_seam = cpu_llama_gemm_blas(), mixed = cpu_llama_gemm_blas();
         mixed.ctx = g;
         mixed.attend = attend_on_gpu;
@@ -571,6 +583,74 @@ static void test_attend_layer(void **state)
         for (uint64_t i = 0; i < T * H; i++)
             if (fabs((double)x_gpu[i] - x_cpu[i]) > 1e-4 + 1e-4 * fabs((double)x_cpu[i]))
                 fail_msg("round %u: residual %" PRIu64 ": %g, CPU %g", round, i, x_gpu[i], x_cpu[i]);
+        /* the whole layer on the device: the residual rows and every linear
+         * input back, or (odd rounds) the inputs' X^T X into statistics slots */
+        float *x_dev = copy_floats(x_save, T * H);
+        cpu_llama_gemm whole = cpu_llama_gemm_blas();
+        whole.ctx = g;
+        whole.layer = layer_on_gpu;
+        cpu_llama *m_dev = NULL;
+        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &whole, &m_dev), 0);
+        bool stats = round % 2 == 1;
+        int slot[CPU_LLAMA_IN_COUNT];
+        bool want_in[CPU_LLAMA_IN_COUNT];
+        uint64_t width[CPU_LLAMA_IN_COUNT] = {H, Q, H, II};
+        for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+            slot[k] = stats ? (int)k : -1;
+            want_in[k] = !stats;
+            if (stats)
+                assert_int_equal(gpu_gemm_stat_begin(g, k, width[k], 4096), 0);
+        }
+        cpu_llama_set_layer_outputs(m_dev, slot, want_in);
+        rc = cpu_llama_layer_forward(m_dev, &w, &b, x_dev);
+        if (rc != 0)
+            fail_msg("round %u: gpu_gemm_layer returned %d (%s)", round, rc, gpu_gemm_last_error(g));
+        assert_true(cpu_llama_layer_added_stats(m_dev));
+        expect_near(x_dev, x_cpu, T * H, 1e-4, "whole layer: residual", round);
+        for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+            uint64_t ldc, ldd;
+            const float *in_cpu = cpu_llama_linear_input(m_cpu, (cpu_llama_input)k, &ldc);
+            const float *in_dev = cpu_llama_linear_input(m_dev, (cpu_llama_input)k, &ldd);
+            if (!stats) {
+                for (uint64_t r = 0; r < T; r++)
+                    expect_near(in_dev + r * ldd, in_cpu + r * ldc, width[k], 1e-4, "whole layer: linear input", round);
+                continue;
+            }
+            /* the slot's sum against X^T X of the CPU's input rows */
+            cpu_hessian *h = NULL;
+            assert_int_equal(cpu_hessian_open(width[k], 4096, &h), 0);
+            stat_src src = {g, k};
+            assert_int_equal(gpu_gemm_stat_rows(g, k), T);
+            assert_int_equal(cpu_hessian_add_sum(h, T, read_stat, &src), 0);
+            gpu_gemm_stat_end(g, k);
+            float *got = calloc(width[k] * width[k], sizeof(float)), *zero = calloc(width[k] * width[k], sizeof(float));
+            cpu_hessian_rows_out(h, 1.0, 0, width[k], got);
+            for (uint64_t i = 0; i < width[k]; i++)
+                for (uint64_t j = 0; j < i; j++)
+                    got[i * width[k] + j] = 0.0f;
+            /* the device's inputs differ from the CPU's by rounding: a looser bound than check_gram's */
+            float *x_in = malloc(T * width[k] * sizeof(float));
+            for (uint64_t r = 0; r < T; r++)
+                memcpy(x_in + r * width[k], in_cpu + r * ldc, width[k] * sizeof(float));
+            cpu_hessian *ref = NULL;
+            assert_int_equal(cpu_hessian_open(width[k], 4096, &ref), 0);
+            assert_int_equal(cpu_hessian_add(ref, x_in, T, width[k], cpu_gram_blas, NULL), 0);
+            float *want_h = calloc(width[k] * width[k], sizeof(float));
+            cpu_hessian_rows_out(ref, 1.0, 0, width[k], want_h);
+            for (uint64_t i = 0; i < width[k]; i++)
+                for (uint64_t j = 0; j < i; j++)
+                    want_h[i * width[k] + j] = 0.0f;
+            expect_near(got, want_h, width[k] * width[k], 1e-3, "whole layer: statistic", round);
+            cpu_hessian_close(ref);
+            cpu_hessian_close(h);
+            free(x_in);
+            free(want_h);
+            free(got);
+            free(zero);
+        }
+        cpu_llama_close(m_dev);
+        free(x_dev);
+        free(x_save);
         cpu_llama_close(m_cpu);
         cpu_llama_close(m_gpu);
         cpu_llama_layer_free(&w);

@@ -52,6 +52,9 @@ typedef struct fake_seam {
     bool broken;       /* a -EIO happened: every later call fails (a sticky device error) */
     uint64_t stat_opens;
     fake_stat stat[8];
+    bool whole_layer;               /* offer layer: the CPU's layer on a private cpu_llama, "on the device" */
+    cpu_llama *layer_fw;
+    uint64_t layers_run;
     bool host_mem;                  /* offer host_alloc/host_free */
     uint64_t host_allocs, host_frees, host_fail_at; /* host_fail_at: that allocation returns NULL */
 } fake_seam;
@@ -107,6 +110,36 @@ static void fake_host_free(void *ctx, void *p)
     free(p);
 }
 
+static void fake_stat_accumulate(fake_stat *st, const float *x, uint64_t n, uint64_t ldx);
+
+/* The seam's whole-layer function: the CPU's layer on a cpu_llama of its
+ * own (its buffers play the device's), the statistics slots fed from its
+ * inputs, the wanted inputs copied out; a failing call changes nothing. */
+static int fake_layer(void *ctx, const cpu_llama_layer_args *a)
+{
+    fake_seam *f = ctx;
+    if (fake_fails(f))
+        return f->rc;
+    if (!f->layer_fw) {
+        cpu_llama_gemm cpu = cpu_llama_gemm_blas();
+        assert_int_equal(cpu_llama_open(a->cfg, 256, 256, a->max_pos, NULL, &cpu, &f->layer_fw), 0);
+    }
+    assert_int_equal(cpu_llama_layer_forward(f->layer_fw, a->w, a->b, a->x), 0);
+    for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+        uint64_t ld;
+        const float *in = cpu_llama_linear_input(f->layer_fw, (cpu_llama_input)k, &ld);
+        uint64_t width = k == CPU_LLAMA_IN_DOWN ? a->cfg->intermediate : k == CPU_LLAMA_IN_O ? cpu_llama_q_dim(a->cfg)
+                                                                                             : a->cfg->hidden;
+        if (a->stat_slot[k] >= 0)
+            fake_stat_accumulate(&f->stat[a->stat_slot[k]], in, a->b->n_tokens, ld);
+        if (a->input[k])
+            for (uint64_t r = 0; r < a->b->n_tokens; r++)
+                memcpy(a->input[k] + r * a->input_ld[k], in + r * ld, (size_t)width * sizeof(float));
+    }
+    f->layers_run++;
+    return 0;
+}
+
 static int fake_stat_begin(void *ctx, unsigned slot, uint64_t dim, uint64_t flush)
 {
     fake_seam *f = ctx;
@@ -135,7 +168,13 @@ static int fake_stat_add(void *ctx, unsigned slot, const float *x, uint64_t n, u
     fake_seam *f = ctx;
     if (fake_fails(f))
         return f->rc;
-    fake_stat *st = &f->stat[slot];
+    fake_stat_accumulate(&f->stat[slot], x, n, ldx);
+    return 0;
+}
+
+static void fake_stat_accumulate(fake_stat *st, const float *x, uint64_t n, uint64_t ldx)
+{
+    assert_non_null(st->blk);
     while (n > 0) {
         if (st->in_block == st->flush)
             fake_stat_flush(st);
@@ -146,7 +185,6 @@ static int fake_stat_add(void *ctx, unsigned slot, const float *x, uint64_t n, u
         x += take * ldx;
         n -= take;
     }
-    return 0;
 }
 
 static int fake_stat_rows(void *ctx, uint64_t r0, uint64_t n, double *buf)
@@ -207,6 +245,8 @@ static int run(fake_seam *fake, run_out *o, ms_error *err)
                              .on_stats = collect, .stats_ctx = o, .head_stats = true, .nll = true};
     cpu_llama_gemm seam = {.ctx = fake, .gemm = fake_gemm, .gram = fake_gram, .weights_changed = fake_forget,
                            .last_error = fake_why};
+    if (fake && fake->whole_layer)
+        seam.layer = fake_layer;
     if (fake && fake->host_mem) {
         seam.host_alloc = fake_host_alloc;
         seam.host_free = fake_host_free;
@@ -350,6 +390,48 @@ static void test_dev_stats(void **state)
     free(want.H);
 }
 
+/* A seam that runs whole layers and holds their statistics: bit for bit
+ * the CPU's with no failure (every batch through it, no Gram call); then
+ * every call failing in turn, as in test_dev_stats. And for the NLL alone
+ * (no statistics) the same. */
+static void test_whole_layer(void **state)
+{
+    (void)state;
+    ms_error err = {0};
+    run_out want, got;
+    assert_int_equal(run(NULL, &want, &err), 0);
+    uint64_t steps = want.res.steps_cpu;
+    for (int with_stats = 1; with_stats >= 0; with_stats--) {
+        fake_seam clean = {.dev_stats = with_stats, .whole_layer = true};
+        assert_int_equal(run(&clean, &got, &err), 0);
+        same_as(&want, &got, with_stats ? "whole layers, statistics on the device" : "whole layers");
+        assert_true(clean.layers_run > 0 && got.res.gpu_fallbacks == 0 && got.res.steps_gpu == steps);
+        cpu_llama_close(clean.layer_fw);
+        free(got.H);
+        uint64_t total = clean.calls;
+        for (int pass = 0; pass < 2; pass++) {
+            int rc = pass == 0 ? -ENOMEM : -EIO;
+            for (uint64_t n = 1; n <= total; n++) {
+                fake_seam f = {.fail_at = n, .rc = rc, .dev_stats = with_stats, .whole_layer = true};
+                char what[128];
+                snprintf(what, sizeof what, "whole layers%s, call %" PRIu64 "/%" PRIu64 " fails with %d",
+                         with_stats ? " and statistics" : "", n, total, rc);
+                if (run(&f, &got, &err) != 0) {
+                    if (rc != -EIO || !strstr(err.msg, "statistics held on the GPU are lost"))
+                        fail_msg("%s: the run failed: %s", what, err.msg);
+                } else {
+                    close_to(&want, &got, what);
+                }
+                for (unsigned k = 0; k < 8; k++)
+                    assert_null(f.stat[k].blk);
+                cpu_llama_close(f.layer_fw);
+                free(got.H);
+            }
+        }
+    }
+    free(want.H);
+}
+
 /* The batch buffers from the seam's allocator: every one given back to it,
  * and when one allocation fails, all from malloc instead; the same results
  * either way. */
@@ -429,7 +511,7 @@ int main(void)
         cmocka_unit_test(test_oom_walk),      cmocka_unit_test(test_oom_from_walk),
         cmocka_unit_test(test_sticky_walk),   cmocka_unit_test(test_gram_oom_walk),
         cmocka_unit_test(test_gram_corrupt),  cmocka_unit_test(test_dev_stats),
-        cmocka_unit_test(test_host_alloc),
+        cmocka_unit_test(test_host_alloc),    cmocka_unit_test(test_whole_layer),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
