@@ -104,7 +104,7 @@ if [ "${FULL:-0}" = 1 ]; then
 fi
 hessian() { # LABEL DEVICE: bench_hessian.sh's figures
   SAMPLES=4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
-  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -12 | sed "s/^/  $1: /" | tee -a "$summary"
+  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
 }
 note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
 hessian cuda cuda # attention on the device (MERGESTREAM_GPU_UNVERIFIED=1)
