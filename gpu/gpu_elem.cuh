@@ -1,8 +1,9 @@
-/* What the CUDA merge kernel files share (private to gpu/; include after
+/* What the CUDA kernel files share (private to gpu/; include after
  * gpu/gpu_internal.h): loads and stores of tensor elements in their
  * safetensors dtypes (pipeline/merge_math.h's conversions, so the bits are
- * the CPU's), grid sizes, buffer layout, warp histogram counts, the fp64 sums' block
- * ranges, the tie positions' scan, the test-only trap kernel. */
+ * the CPU's), grid sizes and grid-stride loops, buffer layout, warp
+ * histogram counts, the fp64 sums' block ranges, the tie positions' scan,
+ * the test-only trap kernel. */
 #ifndef MS_GPU_ELEM_CUH
 #define MS_GPU_ELEM_CUH
 
@@ -45,6 +46,12 @@ __device__ __forceinline__ void gpu_warp_count(unsigned long long *hist, uint32_
     if (valid && lane == (unsigned)(__ffs((int)peers) - 1))
         atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
 }
+
+/* Grid-stride loop: element j of n for this thread, then every
+ * gridDim.x * blockDim.x further. */
+#define GPU_FOR_ELEMS(j, n)                                                                                \
+    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
+         j += (uint64_t)gridDim.x * blockDim.x)
 
 /* Grid-stride loop over whole warps (blockDim.x a multiple of 32): every
  * lane of a warp runs the same iterations (j may be past n: then it is not

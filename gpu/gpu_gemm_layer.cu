@@ -9,6 +9,7 @@
  * another order, and SiLU and the softmax use the device's expf: results
  * within rounding of the CPU's. */
 #include "gpu/gpu_gemm_internal.h"
+#include "gpu/gpu_elem.cuh"
 
 #include <errno.h>
 #include <stdio.h>
@@ -17,14 +18,7 @@
 #define GL_THREADS 256u
 #define GL_MAX_GRID 65536u
 
-#define GL_FOR_ELEMS(i, n)                                                                                   \
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (uint64_t)gridDim.x * blockDim.x)
-
-static unsigned gl_grid(uint64_t n)
-{
-    uint64_t blocks = (n + GL_THREADS - 1) / GL_THREADS;
-    return (unsigned)(blocks < 1 ? 1 : blocks > GL_MAX_GRID ? GL_MAX_GRID : blocks);
-}
+static unsigned gl_grid(uint64_t n) { return gpu_grid(n, GL_THREADS, GL_MAX_GRID); }
 
 /* out[r] = w * (x[r] * inv), inv = 1 / sqrt(mean(x[r]^2) + eps) with the
  * mean summed in fp64 (norm_rows). One block per row. */
@@ -52,7 +46,7 @@ __global__ static void k_rmsnorm(const float *x, const float *w, float *out, uin
 /* y[r, c] += b[c] for the n_rows x d block of leading dimension ld (bias_rows). */
 __global__ static void k_bias(float *y, const float *b, uint64_t n_rows, uint64_t d, uint64_t ld)
 {
-    GL_FOR_ELEMS(i, n_rows * d)
+    GPU_FOR_ELEMS(i, n_rows * d)
     {
         uint64_t r = i / d, c = i % d;
         y[r * ld + c] += b[c];
@@ -65,7 +59,7 @@ __global__ static void k_rope(float *qkv, const float *cs, const float *sn, cons
                               uint64_t heads, uint64_t hd, uint64_t ld)
 {
     uint64_t hh = hd / 2;
-    GL_FOR_ELEMS(e, n_rows * heads * hh)
+    GPU_FOR_ELEMS(e, n_rows * heads * hh)
     {
         uint64_t i = e % hh, h = (e / hh) % heads, r = e / (hh * heads);
         const float *c = cs + (uint64_t)pos[r] * hh, *s = sn + (uint64_t)pos[r] * hh;
@@ -79,7 +73,7 @@ __global__ static void k_rope(float *qkv, const float *cs, const float *sn, cons
 /* x = x + (p + bias), or x + p without a bias (residual_rows). */
 __global__ static void k_residual(float *x, const float *p, const float *bias, uint64_t n_rows, uint64_t d)
 {
-    GL_FOR_ELEMS(i, n_rows * d)
+    GPU_FOR_ELEMS(i, n_rows * d)
     {
         x[i] = bias ? x[i] + (p[i] + bias[i % d]) : x[i] + p[i];
     }
@@ -88,7 +82,7 @@ __global__ static void k_residual(float *x, const float *p, const float *bias, u
 /* gate = silu(gate) * up in the gate half of each row (swiglu_row). */
 __global__ static void k_swiglu(float *gu, uint64_t n_rows, uint64_t inter)
 {
-    GL_FOR_ELEMS(i, n_rows * inter)
+    GPU_FOR_ELEMS(i, n_rows * inter)
     {
         float *g = gu + (i / inter) * 2 * inter + i % inter;
         g[0] = (g[0] / (1.0f + expf(-g[0]))) * g[inter];

@@ -1,5 +1,6 @@
 /* Statistics held on the device for a whole layer (gpu_gemm.h, gpu_gemm_stat_*). */
 #include "gpu/gpu_gemm_internal.h"
+#include "gpu/gpu_elem.cuh"
 
 #include <errno.h>
 #include <stdio.h>
@@ -9,7 +10,8 @@
  * lower row-major triangle of blk is 0 and stays so). */
 __global__ static void k_stat_flush(float *blk, double *acc, uint64_t n)
 {
-    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    GPU_FOR_ELEMS(i, n)
+    {
         acc[i] += (double)blk[i];
         blk[i] = 0.0f;
     }
@@ -17,9 +19,8 @@ __global__ static void k_stat_flush(float *blk, double *acc, uint64_t n)
 
 static cudaError_t gg_stat_flush(gpu_gemm *g, gg_stat *st)
 {
-    uint64_t n = st->dim * st->dim, blocks = (n + 255) / 256;
-    k_stat_flush<<<(unsigned)(blocks < 65536 ? blocks : 65536), 256, 0, g->stream>>>((float *)st->blk.ptr,
-                                                                                     (double *)st->acc.ptr, n);
+    uint64_t n = st->dim * st->dim;
+    k_stat_flush<<<gpu_grid(n, 256, 65536), 256, 0, g->stream>>>((float *)st->blk.ptr, (double *)st->acc.ptr, n);
     st->in_block = 0;
     return cudaPeekAtLastError();
 }

@@ -328,10 +328,6 @@ __device__ __forceinline__ bool gm_keep(const gm_args &a, unsigned i, uint64_t j
     }
 }
 
-#define GM_FOR_ELEMS(j, n)                                                                                 \
-    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
-         j += (uint64_t)gridDim.x * blockDim.x)
-
 /* HIST_HI: hist[key >> 16]++ for model i. */
 __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigned long long *hist)
 {
@@ -428,7 +424,7 @@ __global__ void k_keep_sel(const __grid_constant__ gm_args a, unsigned i)
 /* ALL / NONE / RANDOM keep flags of model i into its mask (L1 pass). */
 __global__ void k_keep_elem(const __grid_constant__ gm_args a, unsigned i)
 {
-    GM_FOR_ELEMS(j, a.n)
+    GPU_FOR_ELEMS(j, a.n)
     {
         a.m[i].mask[j] = gm_keep(a, i, j) ? 1 : 0;
     }
@@ -528,7 +524,7 @@ __global__ void k_l1(const __grid_constant__ gm_args a, unsigned i, uint64_t n_b
 /* APPLY: the merged output of every element. */
 __global__ void k_apply(const __grid_constant__ gm_args a)
 {
-    GM_FOR_ELEMS(j, a.n)
+    GPU_FOR_ELEMS(j, a.n)
     {
         float v;
         if (a.linear) {

@@ -457,10 +457,6 @@ __device__ __forceinline__ double gi_gram_run(const gi_args &a, unsigned s, uint
     return gpu_warp_ordered_sum(acc, j0, j1, [&](uint64_t j) { return gi_gram_prod(a, s, j); });
 }
 
-#define GI_FOR_ELEMS(j, n)                                                                                 \
-    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
-         j += (uint64_t)gridDim.x * blockDim.x)
-
 /* The sum kernels below run one warp per sum: launched with 32 threads per
  * item (gi_warp_grid), warp w = item w; a warp past the last item returns
  * whole. */
@@ -558,7 +554,7 @@ __global__ void k_count(const __grid_constant__ gi_args a, unsigned long long *r
         sh[i] = un[i] = 0;
     __syncthreads();
     unsigned my_sh[MS_MAX_MODELS] = {0}, my_un[MS_MAX_MODELS] = {0};
-    GI_FOR_ELEMS(j, a.n)
+    GPU_FOR_ELEMS(j, a.n)
     {
         float b = gi_slot(a, 0, j);
         unsigned nz = 0, count = 0;
@@ -618,7 +614,7 @@ __device__ __forceinline__ float gi_stock(const gi_args &a, uint64_t j, float sa
 /* APPLY: the merged output of every element of the chunk. */
 __global__ void k_apply(const __grid_constant__ gi_args a)
 {
-    GI_FOR_ELEMS(j, a.n)
+    GPU_FOR_ELEMS(j, a.n)
     {
         float v;
         switch (a.apply) {
