@@ -86,8 +86,15 @@ int gg_cuda_fail(gpu_gemm *g, cudaError_t rc, const char *what, uint64_t needs)
 {
     if (rc == cudaErrorMemoryAllocation)
         return gg_oom(g, needs);
+    return gg_sticky(g, what, CUBLAS_STATUS_SUCCESS, rc);
+}
+
+int gg_sticky(gpu_gemm *g, const char *what, cublasStatus_t st, cudaError_t rc)
+{
+    cudaGetLastError(); /* a sticky error stays; anything else is not left for the next call */
     g->broken = true;
-    snprintf(g->err, sizeof g->err, "%s: %s", what, cudaGetErrorString(rc));
+    snprintf(g->err, sizeof g->err, "%s: %s", what,
+             st != CUBLAS_STATUS_SUCCESS ? gg_blas_string(st) : cudaGetErrorString(rc));
     return -EIO;
 }
 
@@ -467,9 +474,7 @@ int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, ui
     if (rc != cudaSuccess) {
         /* C holds some of the rows' sums: whatever the error, it cannot be
          * retried; the caller must drop the statistics. */
-        cudaGetLastError();
-        g->broken = true;
-        snprintf(g->err, sizeof g->err, "cudaMemcpy (Gram back): %s", cudaGetErrorString(rc));
+        gg_sticky(g, "cudaMemcpy (Gram back)", CUBLAS_STATUS_SUCCESS, rc);
         return -EFAULT;
     }
     return 0;

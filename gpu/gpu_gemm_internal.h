@@ -71,6 +71,10 @@ void gg_mib(char *buf, size_t n, uint64_t bytes);
 /* Out of device memory for a call that needs `needs` bytes: clears the (not
  * sticky) error, trims, describes it. Returns -ENOMEM. */
 int gg_oom(gpu_gemm *g, uint64_t needs);
+/* A failure after work that cannot be undone (sums held on the device or in
+ * the caller's memory partly updated): whatever the error (st if it is not
+ * success, else rc), the object is broken from now on. Returns -EIO. */
+int gg_sticky(gpu_gemm *g, const char *what, cublasStatus_t st, cudaError_t rc);
 /* A CUDA error: -ENOMEM for an allocation failure, else sticky -EIO. */
 int gg_cuda_fail(gpu_gemm *g, cudaError_t rc, const char *what, uint64_t needs);
 /* A cuBLAS error: -ENOMEM for ALLOC_FAILED, else sticky -EIO. */

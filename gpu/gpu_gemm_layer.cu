@@ -11,10 +11,6 @@
 #include "gpu/gpu_gemm_internal.h"
 #include "gpu/gpu_elem.cuh"
 
-#include <errno.h>
-#include <stdio.h>
-#include <string.h>
-
 #define GL_THREADS 256u
 #define GL_MAX_GRID 65536u
 
@@ -234,13 +230,6 @@ int gpu_gemm_layer(gpu_gemm *g, const cpu_llama_layer_args *a)
         rc = rc != cudaSuccess ? rc : rc2;
     }
     gg_give(g, buf, GL_BUFS);
-    if (st != CUBLAS_STATUS_SUCCESS || rc != cudaSuccess) {
-        /* the slots may hold part of this batch: sticky, whatever the error */
-        cudaGetLastError();
-        g->broken = true;
-        snprintf(g->err, sizeof g->err, "decoder layer on the device: %s",
-                 st != CUBLAS_STATUS_SUCCESS ? gg_blas_string(st) : cudaGetErrorString(rc));
-        return -EIO;
-    }
-    return 0;
+    /* the slots may hold part of this batch: sticky, whatever the error */
+    return st == CUBLAS_STATUS_SUCCESS && rc == cudaSuccess ? 0 : gg_sticky(g, "decoder layer on the device", st, rc);
 }

@@ -119,13 +119,8 @@ int gpu_gemm_stat_add(gpu_gemm *g, unsigned slot, const float *x, uint64_t n_row
     cudaError_t rc2 = gg_drain(g); /* x's buffer may be released only now */
     gg_give(g, &xb, 1);
     rc = rc != cudaSuccess ? rc : rc2;
-    if (st_rc != CUBLAS_STATUS_SUCCESS || rc != cudaSuccess) {
-        cudaGetLastError();
-        g->broken = true;
-        snprintf(g->err, sizeof g->err, "statistics on the device: %s",
-                 st_rc != CUBLAS_STATUS_SUCCESS ? gg_blas_string(st_rc) : cudaGetErrorString(rc));
-        return -EIO;
-    }
+    if (st_rc != CUBLAS_STATUS_SUCCESS || rc != cudaSuccess)
+        return gg_sticky(g, "statistics on the device", st_rc, rc);
     return 0;
 }
 
@@ -148,13 +143,7 @@ int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, doub
                              cudaMemcpyDeviceToHost, g->stream);
     cudaError_t rc2 = gg_drain(g);
     rc = rc != cudaSuccess ? rc : rc2;
-    if (rc != cudaSuccess) {
-        cudaGetLastError();
-        g->broken = true;
-        snprintf(g->err, sizeof g->err, "statistics back from the device: %s", cudaGetErrorString(rc));
-        return -EIO;
-    }
-    return 0;
+    return rc == cudaSuccess ? 0 : gg_sticky(g, "statistics back from the device", CUBLAS_STATUS_SUCCESS, rc);
 }
 
 void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot)
