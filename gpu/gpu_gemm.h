@@ -101,11 +101,17 @@ double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds);
  *   stat_rows   rows added so far (0 for a closed slot).
  *   stat_read   rows [r0, r0 + n) of the sum in fp64 (row-major, upper
  *               triangle; cpu_sum_rows_fn's contract): 0 or -EIO.
+ *   stat_finish adds the slot's sum and rows into the host accumulator h
+ *               (cpu_hessian_add_sum, reading through stat_read) and frees
+ *               the slot; h NULL only frees it. 0, -ENOMEM (nothing added)
+ *               or -EIO (h partly updated: close it).
  *   stat_end    frees the slot (a closed slot: no-op). */
 int gpu_gemm_stat_begin(gpu_gemm *g, unsigned slot, uint64_t dim, uint64_t flush_rows);
 int gpu_gemm_stat_add(gpu_gemm *g, unsigned slot, const float *x, uint64_t n_rows, uint64_t ldx);
 uint64_t gpu_gemm_stat_rows(const gpu_gemm *g, unsigned slot);
 int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, double *buf);
+struct cpu_hessian;
+int gpu_gemm_stat_finish(gpu_gemm *g, unsigned slot, struct cpu_hessian *h);
 void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot);
 
 /* Pinned host memory (cudaMallocHost) for the forward pass's batch buffers:

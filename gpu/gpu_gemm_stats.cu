@@ -146,6 +146,25 @@ int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, doub
     return rc == cudaSuccess ? 0 : gg_sticky(g, "statistics back from the device", CUBLAS_STATUS_SUCCESS, rc);
 }
 
+typedef struct gg_stat_source {
+    gpu_gemm *g;
+    unsigned slot;
+} gg_stat_source;
+
+static int gg_stat_rows_back(void *ctx, uint64_t r0, uint64_t n, double *buf)
+{
+    const gg_stat_source *src = (const gg_stat_source *)ctx;
+    return gpu_gemm_stat_read(src->g, src->slot, r0, n, buf);
+}
+
+int gpu_gemm_stat_finish(gpu_gemm *g, unsigned slot, cpu_hessian *h)
+{
+    gg_stat_source src = {g, slot};
+    int rc = h ? cpu_hessian_add_sum(h, gpu_gemm_stat_rows(g, slot), gg_stat_rows_back, &src) : 0;
+    gpu_gemm_stat_end(g, slot);
+    return rc;
+}
+
 void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot)
 {
     GPU_ASSERT(slot < GG_STATS);

@@ -104,7 +104,6 @@ bool ms_gpu_unverified_enabled(void)
     return v && strcmp(v, "1") == 0;
 }
 
-
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_gemm.h"
 
@@ -144,24 +143,9 @@ static int seam_stat_add(void *ctx, unsigned slot, const float *x, uint64_t n_ro
     return gpu_gemm_stat_add((gpu_gemm *)ctx, slot, x, n_rows, ldx);
 }
 
-typedef struct stat_source {
-    gpu_gemm *g;
-    unsigned slot;
-} stat_source;
-
-static int stat_read(void *ctx, uint64_t r0, uint64_t n, double *buf)
-{
-    const stat_source *src = ctx;
-    return gpu_gemm_stat_read(src->g, src->slot, r0, n, buf);
-}
-
 static int seam_stat_finish(void *ctx, unsigned slot, cpu_hessian *h)
 {
-    gpu_gemm *g = ctx;
-    stat_source src = {g, slot};
-    int rc = h ? cpu_hessian_add_sum(h, gpu_gemm_stat_rows(g, slot), stat_read, &src) : 0;
-    gpu_gemm_stat_end(g, slot);
-    return rc;
+    return gpu_gemm_stat_finish((gpu_gemm *)ctx, slot, h);
 }
 static void seam_weights_changed(void *ctx) { gpu_gemm_forget_weights((gpu_gemm *)ctx); }
 static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((const gpu_gemm *)ctx); }

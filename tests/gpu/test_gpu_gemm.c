@@ -434,17 +434,6 @@ static void test_peak(void **state)
 
 /* ============================================================ statistics on the device */
 
-typedef struct stat_src {
-    gpu_gemm *g;
-    unsigned slot;
-} stat_src;
-
-static int read_stat(void *ctx, uint64_t r0, uint64_t n, double *buf)
-{
-    const stat_src *src = ctx;
-    return gpu_gemm_stat_read(src->g, src->slot, r0, n, buf);
-}
-
 /* Rows in random pieces (crossing the fp32 block boundaries of a small
  * flush_rows) into a device slot, some rows into the host accumulator
  * instead, the slot's sum then added to the host's: X^T X in float64 within
@@ -478,9 +467,7 @@ static void test_stats_on_device(void **state)
             done += take;
         }
         assert_int_equal(gpu_gemm_stat_rows(g, 3), rows - on_host);
-        stat_src src = {g, 3};
-        assert_int_equal(cpu_hessian_add_sum(h, gpu_gemm_stat_rows(g, 3), read_stat, &src), 0);
-        gpu_gemm_stat_end(g, 3);
+        assert_int_equal(gpu_gemm_stat_finish(g, 3, h), 0);
         gpu_gemm_stat_end(g, 5);
         assert_int_equal(gpu_gemm_stat_rows(g, 3), 0);
         assert_int_equal(cpu_hessian_rows(h), rows);
@@ -619,10 +606,8 @@ static void test_attend_layer(void **state)
             /* the slot's sum against X^T X of the CPU's input rows */
             cpu_hessian *h = NULL;
             assert_int_equal(cpu_hessian_open(width[k], 4096, &h), 0);
-            stat_src src = {g, k};
             assert_int_equal(gpu_gemm_stat_rows(g, k), T);
-            assert_int_equal(cpu_hessian_add_sum(h, T, read_stat, &src), 0);
-            gpu_gemm_stat_end(g, k);
+            assert_int_equal(gpu_gemm_stat_finish(g, k, h), 0);
             float *got = calloc(width[k] * width[k], sizeof(float)), *zero = calloc(width[k] * width[k], sizeof(float));
             cpu_hessian_rows_out(h, 1.0, 0, width[k], got);
             for (uint64_t i = 0; i < width[k]; i++)
