@@ -698,26 +698,33 @@ static void use_cpu(run_state *s)
     cpu_llama_set_gemm(s->fw, &s->gemm);
 }
 
+/* The GPU seam's account of its last failure, for a message. */
+static const char *gpu_why(const run_state *s)
+{
+    const char *why = s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : NULL;
+    return why && *why ? why : "no details";
+}
+
 /* A GPU call of step `where` returned rc: one warning line, and the GPU off
  * for good on a sticky error. Returns 0 when the CPU may redo the work, or
  * -1 with err set (a failure the CPU cannot mend: statistics partly
  * updated, or an error no GPU seam reports). */
 static int gpu_failed(run_state *s, int rc, const char *where, ms_error *err)
 {
-    const char *why = s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "";
+    const char *why = gpu_why(s);
     if (!s->gpu_on || (rc != -ENOMEM && rc != -EIO)) {
         if (rc == -EFAULT)
             s->res->gpu_disabled = true;
         return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, where,
                               "the GPU failed while adding statistics (%s): they are lost; rerun with --device cpu",
-                              why && *why ? why : "no details");
+                              why);
     }
     s->res->gpu_fallbacks++;
     if (rc == -ENOMEM) {
-        ms_log_warn("GPU out of memory on %s (%s): using CPU", where, why && *why ? why : "no details");
+        ms_log_warn("GPU out of memory on %s (%s): using CPU", where, why);
         return 0;
     }
-    ms_log_warn("GPU error on %s (%s): the CPU computes the rest of the run", where, why && *why ? why : "no details");
+    ms_log_warn("GPU error on %s (%s): the CPU computes the rest of the run", where, why);
     s->gpu_on = false;
     s->res->gpu_disabled = true;
     use_cpu(s); /* the forward pass too, whichever step failed */
@@ -750,16 +757,13 @@ static int stat_add(run_state *s, cpu_hessian *h, const float *x, uint64_t n, ui
 }
 
 /* A statistic held on the GPU is lost (a sticky error, or no host memory
- * to take it back): the layer's inputs are gone, so nothing can redo it. */
+ * to take it back): the layer's inputs are gone, so nothing can redo it and
+ * the run ends here. */
 static int dev_stat_lost(run_state *s, int rc, const char *name, ms_error *err)
 {
-    const char *why = s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "";
-    s->gpu_on = false;
     s->res->gpu_disabled = true;
-    use_cpu(s);
     return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name,
-                          "the statistics held on the GPU are lost (%s); rerun with --device cpu",
-                          why && *why ? why : "no details");
+                          "the statistics held on the GPU are lost (%s); rerun with --device cpu", gpu_why(s));
 }
 
 /* Where the layer's statistics accumulate: on the GPU for a whole layer
@@ -780,8 +784,7 @@ static int dev_stats_begin(run_state *s, cpu_hessian *const *h, uint64_t layer, 
         }
         if (rc == -ENOSPC) { /* the GPU's memory is better spent on the layer itself: said once */
             if (!s->said_stats_on_host && s->opt->label)
-                ms_log_info("%s: statistics on the host (%s)", s->opt->label,
-                            s->gpu.last_error ? s->gpu.last_error(s->gpu.ctx) : "");
+                ms_log_info("%s: statistics on the host (%s)", s->opt->label, gpu_why(s));
             s->said_stats_on_host = true;
             continue;
         }
@@ -844,25 +847,32 @@ static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint
     return 0;
 }
 
+/* For a GPU seam that runs whole layers: the statistics this layer holds on
+ * the GPU are added there, only the others' inputs come back (perplexity
+ * needs none). */
+static void layer_outputs(run_state *s)
+{
+    int slot[CPU_LLAMA_IN_COUNT];
+    bool want[CPU_LLAMA_IN_COUNT];
+    for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
+        slot[k] = s->dev_stat[k] ? (int)k : -1;
+        want[k] = s->opt->on_stats && !s->dev_stat[k];
+    }
+    cpu_llama_set_layer_outputs(s->fw, slot, want);
+}
+
 /* One batch through decoder layer w: on the GPU when it is on (the batch's
  * rows saved first), else, or after a GPU failure, on the CPU from the
  * saved rows. *on_gpu says where it ran. When the GPU's seam runs a whole
  * layer, it adds the linear inputs of the statistics held there itself
- * (cpu_llama_layer_added_stats) and sends back only the others. Returns 0
- * or -1 with err set. */
+ * (cpu_llama_layer_added_stats) and sends back only the others
+ * (layer_outputs). Returns 0 or -1 with err set. */
 static int layer_step(run_state *s, const cpu_llama_layer *w, const cpu_llama_batch *bt, float *x,
                       const char *where, bool *on_gpu, ms_error *err)
 {
     uint64_t bytes = bt->n_tokens * s->cfg->hidden * sizeof(float);
     *on_gpu = s->gpu_on;
     if (*on_gpu) {
-        int slot[CPU_LLAMA_IN_COUNT];
-        bool want[CPU_LLAMA_IN_COUNT];
-        for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT; k++) {
-            slot[k] = s->dev_stat[k] ? (int)k : -1;
-            want[k] = s->opt->on_stats && !s->dev_stat[k]; /* perplexity needs none back */
-        }
-        cpu_llama_set_layer_outputs(s->fw, slot, want);
         memcpy(s->x_save, x, (size_t)bytes);
         int rc = cpu_llama_layer_forward(s->fw, w, bt, x);
         if (rc == 0)
@@ -965,6 +975,7 @@ static int run_layers(run_state *s, ms_error *err)
         snprintf(what, sizeof what, "layer %" PRIu64 "/%" PRIu64, l + 1, c->n_layers);
         if (s->opt->on_stats && dev_stats_begin(s, h, l, what, err) < 0)
             goto fail;
+        layer_outputs(s);
         for (uint64_t b = 0; b < s->n_batches; b++) {
             uint64_t t0;
             cpu_llama_batch bt;
