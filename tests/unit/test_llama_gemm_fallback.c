@@ -339,6 +339,40 @@ static void close_to(const run_out *want, const run_out *got, const char *what)
         fail_msg("%s: NLL %.17g, the CPU-only run %.17g", what, got->res.nll_sum, want->res.nll_sum);
 }
 
+/* Runs with each of the `total` seam calls failing in turn with rc (the
+ * seam as proto describes it; fail_at and rc are set here): each run either
+ * completes within rounding of want with a fallback counted, or (rc -EIO)
+ * fails saying the statistics held on the GPU are lost; every slot is freed
+ * either way. *completed and *lost count the two. */
+static void fail_each_call(const run_out *want, fake_seam proto, uint64_t total, int rc, const char *label,
+                           uint64_t *completed, uint64_t *lost)
+{
+    ms_error err = {0};
+    run_out got;
+    *completed = *lost = 0;
+    for (uint64_t n = 1; n <= total; n++) {
+        fake_seam f = proto;
+        f.fail_at = n;
+        f.rc = rc;
+        char what[128];
+        snprintf(what, sizeof what, "%s, call %" PRIu64 "/%" PRIu64 " fails with %d", label, n, total, rc);
+        if (run(&f, &got, &err) != 0) {
+            if (rc != -EIO || !strstr(err.msg, "statistics held on the GPU are lost"))
+                fail_msg("%s: the run failed: %s", what, err.msg);
+            (*lost)++;
+        } else {
+            close_to(want, &got, what);
+            if (got.res.gpu_fallbacks < 1)
+                fail_msg("%s: no fallback counted", what);
+            (*completed)++;
+        }
+        for (unsigned k = 0; k < 8; k++)
+            assert_null(f.stat[k].blk);
+        cpu_llama_close(f.layer_fw);
+        free(got.H);
+    }
+}
+
 /* A seam that holds each layer's statistics (stat_begin/add/finish): with
  * no failure, every statistic comes out bit for bit as on the CPU (the same
  * rows in the same fp32 blocks), one slot per statistic and layer. Then
@@ -359,41 +393,20 @@ static void test_dev_stats(void **state)
     assert_int_equal(clean.stat_opens, g_s.config.llama.n_layers * MS_LLAMA_STAT_COUNT);
     assert_true(got.res.steps_gpu == steps && got.res.gpu_fallbacks == 0);
     free(got.H);
-    uint64_t total = clean.calls;
-    for (int pass = 0; pass < 2; pass++) {
-        int rc = pass == 0 ? -ENOMEM : -EIO;
-        uint64_t completed = 0, lost = 0;
-        for (uint64_t n = 1; n <= total; n++) {
-            fake_seam f = {.fail_at = n, .rc = rc, .dev_stats = true};
-            char what[96];
-            snprintf(what, sizeof what, "statistics on the device, call %" PRIu64 "/%" PRIu64 " fails with %d", n,
-                     total, rc);
-            if (run(&f, &got, &err) != 0) {
-                if (rc != -EIO || !strstr(err.msg, "statistics held on the GPU are lost"))
-                    fail_msg("%s: the run failed: %s", what, err.msg);
-                lost++;
-            } else {
-                close_to(&want, &got, what);
-                if (got.res.gpu_fallbacks < 1)
-                    fail_msg("%s: no fallback counted", what);
-                completed++;
-            }
-            for (unsigned k = 0; k < 8; k++) /* every slot freed, whatever happened */
-                assert_null(f.stat[k].blk);
-            free(got.H);
-        }
-        if (rc == -ENOMEM)
-            assert_int_equal(completed, total);
-        else
-            assert_true(completed > 0 && lost > 0);
-    }
+    uint64_t completed, lost;
+    fail_each_call(&want, (fake_seam){.dev_stats = true}, clean.calls, -ENOMEM, "statistics on the device",
+                   &completed, &lost);
+    assert_int_equal(completed, clean.calls);
+    fail_each_call(&want, (fake_seam){.dev_stats = true}, clean.calls, -EIO, "statistics on the device", &completed,
+                   &lost);
+    assert_true(completed > 0 && lost > 0);
     free(want.H);
 }
 
 /* A seam that runs whole layers and holds their statistics: bit for bit
  * the CPU's with no failure (every batch through it, no Gram call); then
- * every call failing in turn, as in test_dev_stats. And for the NLL alone
- * (no statistics) the same. */
+ * every call failing in turn, as in test_dev_stats. And with the
+ * statistics on the host the same. */
 static void test_whole_layer(void **state)
 {
     (void)state;
@@ -403,31 +416,19 @@ static void test_whole_layer(void **state)
     uint64_t steps = want.res.steps_cpu;
     for (int with_stats = 1; with_stats >= 0; with_stats--) {
         fake_seam clean = {.dev_stats = with_stats, .whole_layer = true};
+        const char *label = with_stats ? "whole layers, statistics on the device" : "whole layers";
         assert_int_equal(run(&clean, &got, &err), 0);
-        same_as(&want, &got, with_stats ? "whole layers, statistics on the device" : "whole layers");
+        same_as(&want, &got, label);
         assert_true(clean.layers_run > 0 && got.res.gpu_fallbacks == 0 && got.res.steps_gpu == steps);
         cpu_llama_close(clean.layer_fw);
         free(got.H);
-        uint64_t total = clean.calls;
-        for (int pass = 0; pass < 2; pass++) {
-            int rc = pass == 0 ? -ENOMEM : -EIO;
-            for (uint64_t n = 1; n <= total; n++) {
-                fake_seam f = {.fail_at = n, .rc = rc, .dev_stats = with_stats, .whole_layer = true};
-                char what[128];
-                snprintf(what, sizeof what, "whole layers%s, call %" PRIu64 "/%" PRIu64 " fails with %d",
-                         with_stats ? " and statistics" : "", n, total, rc);
-                if (run(&f, &got, &err) != 0) {
-                    if (rc != -EIO || !strstr(err.msg, "statistics held on the GPU are lost"))
-                        fail_msg("%s: the run failed: %s", what, err.msg);
-                } else {
-                    close_to(&want, &got, what);
-                }
-                for (unsigned k = 0; k < 8; k++)
-                    assert_null(f.stat[k].blk);
-                cpu_llama_close(f.layer_fw);
-                free(got.H);
-            }
-        }
+        uint64_t completed, lost;
+        fail_each_call(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, -ENOMEM, label,
+                       &completed, &lost);
+        assert_int_equal(completed, clean.calls);
+        fail_each_call(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, -EIO, label,
+                       &completed, &lost);
+        assert_true(completed > 0 && (with_stats ? lost > 0 : lost == 0));
     }
     free(want.H);
 }
