@@ -31,6 +31,7 @@
 #define CPU_ALIGN 64u
 #define HIST_SUBS 4u                         /* HIST_HI sub-histograms per worker */
 #define HIST_WORDS (2u * MS_MERGE_LO_BINS)   /* uint32 counters per worker: max(HI, LO) use */
+#define CAPTURE_SLACK 16u                    /* capture_select writes 16 keys past its last match */
 
 /* Window sizes; only cpu_merge_set_windows_for_tests changes them (before any
  * pass runs, from the one test thread). */
@@ -57,6 +58,7 @@ typedef struct cpu_scratch {
     uint32_t *rnd;  /* [span] philox words */
     uint8_t *keep;  /* [span] */
     uint32_t *hist; /* [HIST_WORDS] (histogram passes) */
+    uint32_t *capture_key, *capture_index; /* [span + CAPTURE_SLACK] (histogram passes): one tile's capture */
     uint64_t *sort_a, *sort_b, *thr; /* [cols] (della) */
 } cpu_scratch;
 
@@ -113,7 +115,8 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
          layout_add(&w, span, sizeof(uint32_t)) && layout_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
          layout_add(&w, span, 1); /* keep */
     if (hist)
-        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t));
+        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t)) && layout_add(&w, span + CAPTURE_SLACK, sizeof(uint32_t)) &&
+             layout_add(&w, span + CAPTURE_SLACK, sizeof(uint32_t));
     for (int k = 0; k < 3 && della; k++) /* sort_a, sort_b, thr */
         ok = ok && layout_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
     if (!ok)
@@ -211,9 +214,13 @@ static int ctx_alloc(cpu_ctx *x)
         CARVE(s->rnd, uint32_t, span);
         CARVE(s->keep, uint8_t, span);
         s->hist = NULL;
+        s->capture_key = s->capture_index = NULL;
         s->sort_a = s->sort_b = s->thr = NULL;
-        if (lay->hist)
+        if (lay->hist) {
             CARVE(s->hist, uint32_t, HIST_WORDS);
+            CARVE(s->capture_key, uint32_t, span + CAPTURE_SLACK);
+            CARVE(s->capture_index, uint32_t, span + CAPTURE_SLACK);
+        }
         if (lay->della) {
             uint64_t cols = lay->cols ? lay->cols : 1;
             CARVE(s->sort_a, uint64_t, cols);
@@ -876,7 +883,174 @@ CPU_CLONES static void hist_lo_add(uint32_t *restrict h, const uint32_t *restric
             h[key[j] & 0xffffu]++;
 }
 
-/* HIST_HI: histogram of key >> 16 of x->model into the worker's hist. */
+/* ============================================================ capture */
+
+/* HIST_HI's capture (ms_merge_capture in pipeline/merge_passes.h): a sample
+ * of the pass's first chunk places each searched bound's range of bins, and
+ * every tile of the pass then appends its keys inside the range. Placing it
+ * is cheap next to what it saves: HIST_LO's sweep over the tensor and, for a
+ * split bound, the tie counts' sweep before every L1 and APPLY window. */
+#define CAPTURE_RUN 16u        /* contiguous elements per sample run */
+#define CAPTURE_MAX_RUNS 4096u /* at most 65,536 sampled keys, at most 1/16 of the chunk */
+#define CAPTURE_SIGMAS 4.0     /* the range: sample ranks within 4 binomial standard deviations */
+
+/* Arms model i's searched bounds from runs of CAPTURE_RUN keys spread evenly
+ * over the chunk, binned like HIST_HI into worker 0's histogram (before the
+ * pass uses it). Each range grows from the bin of the bound's sample rank
+ * towards the bins of the sample ranks CAPTURE_SIGMAS standard deviations
+ * away, as far as the capture has room; when the bound's bin turns out to be
+ * outside, or the capture overflows, HIST_LO runs as planned. */
+static void capture_arm(cpu_ctx *x, unsigned i)
+{
+    ms_merge_model *m = &x->st->model[i];
+    if (!(m->bound[0].search && m->bound[0].capture.cap) && !(m->bound[1].search && m->bound[1].capture.cap))
+        return;
+    cpu_scratch *s = &x->scratch[0];
+    uint64_t e0 = x->c->elem0, n = x->c->n_elems;
+    uint64_t runs = n / (16u * CAPTURE_RUN);
+    runs = runs < 1 ? 1 : runs > CAPTURE_MAX_RUNS ? CAPTURE_MAX_RUNS : runs;
+    memset(s->hist, 0, MS_MERGE_HI_BINS * sizeof *s->hist);
+    uint64_t sampled = 0;
+    for (uint64_t r = 0; r < runs; r++) {
+        uint64_t e = e0 + r * (n / runs);
+        size_t len = e0 + n - e < CAPTURE_RUN ? (size_t)(e0 + n - e) : CAPTURE_RUN;
+        load_base(x, e, len, s->base);
+        load_keys(x, i, e, len, s->base, NULL, s->x, s->key);
+        for (size_t j = 0; j < len; j++)
+            s->hist[s->key[j] >> 16]++;
+        sampled += len;
+    }
+    for (unsigned bd = 0; bd < 2; bd++) {
+        const ms_merge_bound *b = &m->bound[bd];
+        ms_merge_capture *c = &m->bound[bd].capture;
+        if (!b->search || c->cap == 0)
+            continue;
+        double q = (double)b->rank / (double)x->p->numel, centre = q * (double)sampled;
+        double margin = CAPTURE_SIGMAS * sqrt((double)sampled * q * (1.0 - q)) + 1.0;
+        double lo = centre - margin, hi = centre + margin, last = (double)(sampled - 1);
+        uint64_t mid_rank = centre < last ? (uint64_t)centre : sampled - 1;
+        uint64_t lo_rank = lo > 0.0 ? (lo < last ? (uint64_t)lo : sampled - 1) : 0;
+        uint64_t hi_rank = hi > 0.0 ? (hi < last ? (uint64_t)hi : sampled - 1) : 0;
+        /* the bins holding sample ranks lo_rank, mid_rank and hi_rank */
+        uint32_t bin_at[3] = {MS_MERGE_HI_BINS, MS_MERGE_HI_BINS, MS_MERGE_HI_BINS};
+        const uint64_t rank_at[3] = {lo_rank, mid_rank, hi_rank};
+        uint64_t below = 0;
+        for (uint32_t k = 0; k < MS_MERGE_HI_BINS && bin_at[2] == MS_MERGE_HI_BINS; k++) {
+            below += s->hist[k];
+            for (int r = 0; r < 3; r++)
+                if (bin_at[r] == MS_MERGE_HI_BINS && rank_at[r] < below)
+                    bin_at[r] = k;
+        }
+        CPU_ASSERT(bin_at[0] <= bin_at[1] && bin_at[1] <= bin_at[2] && bin_at[2] < MS_MERGE_HI_BINS);
+        /* From the middle bin outwards, a bin at a time on the side whose
+         * next bin the sample fills least, while the range stays inside
+         * [lo_rank, hi_rank]'s bins and the sample, scaled to the tensor,
+         * fills at most four fifths of the capture. */
+        double per_sample = (double)x->p->numel / (double)sampled, room = (double)c->cap * 0.8;
+        uint32_t bin_lo = bin_at[1], bin_hi = bin_at[1];
+        double expected = (double)s->hist[bin_at[1]] * per_sample;
+        if (expected > room)
+            continue;
+        for (;;) {
+            bool down = bin_lo > bin_at[0], up = bin_hi < bin_at[2];
+            if (!down && !up)
+                break;
+            if (down && up)
+                down = s->hist[bin_lo - 1] <= s->hist[bin_hi + 1];
+            double more = (double)s->hist[down ? bin_lo - 1 : bin_hi + 1] * per_sample;
+            if (expected + more > room)
+                break;
+            expected += more;
+            if (down)
+                bin_lo--;
+            else
+                bin_hi++;
+        }
+        c->bin_lo = bin_lo;
+        c->bin_hi = bin_hi;
+        c->armed = true;
+    }
+}
+
+/* The tile's keys inside bins [bin_lo, bin_lo + bins] and their flat
+ * indices (e + j) into out_key and out_index (room for n + CAPTURE_SLACK);
+ * returns how many. About 2% of the keys match, at unpredictable places:
+ * a branch per key or per group of keys would cost more than the histogram
+ * itself, so the selection never branches on the data. The AVX-512 version
+ * compresses 16 keys at a time; the portable one appends every key and
+ * advances by its flag. Either gives the same entries in the same order. */
+static size_t capture_select_plain(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins,
+                                   uint32_t e, uint32_t *restrict out_key, uint32_t *restrict out_index)
+{
+    size_t got = 0;
+    for (size_t j = 0; j < n; j++) {
+        out_key[got] = key[j];
+        out_index[got] = e + (uint32_t)j;
+        got += (key[j] >> 16) - bin_lo <= bins;
+    }
+    return got;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MERGESTREAM_NO_CPU_CLONES)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) static size_t capture_select_avx512(const uint32_t *restrict key, size_t n,
+                                                                       uint32_t bin_lo, uint32_t bins, uint32_t e,
+                                                                       uint32_t *restrict out_key,
+                                                                       uint32_t *restrict out_index)
+{
+    const __m512i lo = _mm512_set1_epi32((int)bin_lo), span = _mm512_set1_epi32((int)bins);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)e),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    size_t got = 0, j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512i k = _mm512_loadu_si512(key + j);
+        __mmask16 m = _mm512_cmple_epu32_mask(_mm512_sub_epi32(_mm512_srli_epi32(k, 16), lo), span);
+        /* compressed in registers, stored whole: a compressing store to memory is slow on some CPUs */
+        _mm512_storeu_si512(out_key + got, _mm512_maskz_compress_epi32(m, k));
+        _mm512_storeu_si512(out_index + got, _mm512_maskz_compress_epi32(m, index));
+        got += (size_t)__builtin_popcount(m);
+        index = _mm512_add_epi32(index, step);
+    }
+    return got + capture_select_plain(key + j, n - j, bin_lo, bins, e + (uint32_t)j, out_key + got, out_index + got);
+}
+#define CAPTURE_HAS_AVX512 1
+#endif
+
+static size_t capture_select(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins, uint32_t e,
+                             uint32_t *restrict out_key, uint32_t *restrict out_index)
+{
+#ifdef CAPTURE_HAS_AVX512
+    if (__builtin_cpu_supports("avx512f"))
+        return capture_select_avx512(key, n, bin_lo, bins, e, out_key, out_index);
+#endif
+    return capture_select_plain(key, n, bin_lo, bins, e, out_key, out_index);
+}
+
+/* Appends the tile's keys inside model i's armed ranges to their captures;
+ * space is claimed atomically, and a claim past the end only counts (the
+ * capture has overflowed and will not be used). */
+static void capture_tile(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n)
+{
+    for (unsigned bd = 0; bd < 2; bd++) {
+        ms_merge_capture *c = &x->st->model[i].bound[bd].capture;
+        if (!c->armed)
+            continue;
+        /* e < numel <= 2^32 (ms_merge_capture) */
+        size_t got = capture_select(s->key, n, c->bin_lo, c->bin_hi - c->bin_lo, (uint32_t)e, s->capture_key,
+                                    s->capture_index);
+        if (got == 0)
+            continue;
+        uint64_t at = __atomic_fetch_add(&c->n, (uint64_t)got, __ATOMIC_RELAXED);
+        if (at < c->cap && got <= c->cap - at) {
+            memcpy(c->key + at, s->capture_key, got * sizeof *c->key);
+            memcpy(c->index + at, s->capture_index, got * sizeof *c->index);
+        }
+    }
+}
+
+/* HIST_HI: histogram of key >> 16 of x->model into the worker's hist, and
+ * its captures. */
 static void task_hist_hi(void *vx, unsigned task, unsigned worker)
 {
     cpu_ctx *x = vx;
@@ -888,6 +1062,7 @@ static void task_hist_hi(void *vx, unsigned task, unsigned worker)
         load_base(x, e, n, s->base);
         load_keys(x, x->model, e, n, s->base, NULL, s->x, s->key);
         hist_hi_add(s->hist, s->key, n);
+        capture_tile(x, s, x->model, e, n);
     }
 }
 
@@ -917,7 +1092,13 @@ CPU_CLONES static uint64_t count_eq(const uint32_t *key, size_t n, uint32_t t)
     return k;
 }
 
-/* Counts of key == t of every split bound in the task's range. */
+/* Split bounds whose tie positions need counting (no captured index list). */
+static bool bound_counts_eq(const ms_merge_bound *b)
+{
+    return b->split && !b->capture.eq_index;
+}
+
+/* Counts of key == t of every split bound without an index in the task's range. */
 static void task_count_eq(void *vx, unsigned task, unsigned worker)
 {
     cpu_ctx *x = vx;
@@ -933,12 +1114,12 @@ static void task_count_eq(void *vx, unsigned task, unsigned worker)
         load_base(x, e, n, s->base);
         for (unsigned i = 1; i <= x->p->n_models; i++) {
             const ms_merge_model *m = &x->st->model[i];
-            if (!m->bound[0].split && !m->bound[1].split)
+            if (!bound_counts_eq(&m->bound[0]) && !bound_counts_eq(&m->bound[1]))
                 continue;
             load_keys(x, i, e, n, s->base, NULL, s->x, s->key);
             uint64_t *cnt = ctx_eq(x, task, i);
             for (unsigned bd = 0; bd < 2; bd++)
-                if (m->bound[bd].split)
+                if (bound_counts_eq(&m->bound[bd]))
                     cnt[bd] += count_eq(s->key, n, m->bound[bd].key);
         }
     }
@@ -1108,16 +1289,30 @@ static bool ctx_della_rows(const ms_tensor_params *p, const ms_merge_state *st)
     return false;
 }
 
-/* Counts key == t per task for split bounds, turns them into start
- * positions, and advances eq_seen past the window. */
+/* Each task's start positions for split bounds (a binary search where the
+ * capture left an index, else counts of key == t per task turned into
+ * starts), and eq_seen advanced past the window. */
 static void run_eq_positions(cpu_ctx *x, cpu_pool *pool)
 {
     if (!x->st->any_split)
         return;
-    cpu_pool_run(pool, x->sp.n_tasks, task_count_eq, x);
+    bool sweep = false;
+    for (unsigned i = 1; i <= x->p->n_models; i++)
+        sweep |= bound_counts_eq(&x->st->model[i].bound[0]) || bound_counts_eq(&x->st->model[i].bound[1]);
+    if (sweep)
+        cpu_pool_run(pool, x->sp.n_tasks, task_count_eq, x);
     for (unsigned i = 1; i <= x->p->n_models; i++) {
         for (unsigned bd = 0; bd < 2; bd++) {
             ms_merge_bound *b = &x->st->model[i].bound[bd];
+            if (b->split && b->capture.eq_index) {
+                for (unsigned t = 0; t < x->sp.n_tasks; t++) {
+                    uint64_t a, e;
+                    cpu_split_elem_range(&x->sp, t, &a, &e);
+                    ctx_eq(x, t, i)[bd] = ms_merge_eq_pos_before(b, a);
+                }
+                b->eq_seen = ms_merge_eq_pos_before(b, x->sp.e1);
+                continue;
+            }
             uint64_t run = b->eq_seen;
             for (unsigned t = 0; t < x->sp.n_tasks; t++) {
                 uint64_t *slot = &ctx_eq(x, t, i)[bd];
@@ -1262,6 +1457,9 @@ int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned p
             run_row_window(&x, pool, kind, r, r1);
         }
     } else {
+        if (kind == MS_MERGE_PASS_HIST_HI && c->elem0 == 0)
+            for (unsigned i = 1; i <= p->n_models; i++)
+                capture_arm(&x, i);
         for (uint64_t e = c->elem0; e < end;) {
             uint64_t we = (e / g_window_elems + 1) * g_window_elems;
             if (we > end)
@@ -1269,6 +1467,10 @@ int cpu_merge_run_pass(const ms_tensor_params *p, ms_merge_state *st, unsigned p
             run_elem_window(&x, pool, kind, e, we);
             e = we;
         }
+        for (unsigned i = 1; i <= p->n_models && kind == MS_MERGE_PASS_HIST_HI; i++)
+            for (unsigned bd = 0; bd < 2; bd++)
+                if (st->model[i].bound[bd].capture.armed)
+                    st->model[i].bound[bd].capture.covered += c->n_elems;
     }
     st->next_elem = end;
     free(x.mem);

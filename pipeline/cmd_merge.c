@@ -290,6 +290,7 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "tensors_copied", (double)s->tensors_copied);
         cJSON_AddNumberToObject(j, "tensors_kept", (double)s->tensors_kept);
         cJSON_AddNumberToObject(j, "tensors_chunked", (double)s->chunked_tensors);
+        cJSON_AddNumberToObject(j, "tensors_chunked_read_once_less", (double)s->chunked_pass_skipped);
         cJSON_AddNumberToObject(j, "tensors_gpu", (double)s->tensors_gpu);
         cJSON_AddNumberToObject(j, "tensors_gpu_and_cpu", (double)s->tensors_mixed);
         cJSON_AddNumberToObject(j, "gpu_fallbacks", (double)s->gpu_fallbacks);
@@ -313,13 +314,20 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
     }
     if (ms_log_is_quiet())
         return;
+    /* a tensor in row chunks reads its chunks again for every pass; a
+     * selection threshold found in the first pass saves one of them */
+    char chunked[128] = "";
+    if (s->chunked_pass_skipped)
+        snprintf(chunked, sizeof chunked, " (some in row chunks, %" PRIu64 " of them read once less than planned)",
+                 s->chunked_pass_skipped);
+    else if (s->chunked_tensors)
+        snprintf(chunked, sizeof chunked, " (some in row chunks)");
     fprintf(stderr,
             "mergestream: merged %zu tensors into %s: %" PRIu64 " on cpu, %" PRIu64 " on cuda, %" PRIu64
             " on both, %" PRIu64 " copied, %" PRIu64 " kept, %" PRIu64 " GPU fallbacks"
             "%s; read %.2f GB, wrote %.2f GB in %.2f s (%.2f GB/s, %s); peak RSS %.0f MiB\n",
             plan->n_jobs, o->out_dir, s->tensors_cpu, s->tensors_gpu, s->tensors_mixed, s->tensors_copied,
-            s->tensors_kept, s->gpu_fallbacks,
-            s->chunked_tensors ? " (some in row chunks)" : "", (double)s->bytes_read / 1e9,
+            s->tensors_kept, s->gpu_fallbacks, chunked, (double)s->bytes_read / 1e9,
             (double)s->bytes_written / 1e9, s->wall_s, gbps, engine, (double)rss / 1048576.0);
     if (s->nonfinite_values)
         ms_log_warn("%" PRIu64 " NaN/Inf values in %" PRIu64 " output tensors (see mergestream.json)",

@@ -87,6 +87,10 @@ typedef struct ms_tensor_params {
     unsigned max_iter;      /* karcher */
     double tol;             /* karcher */
     double regmean_alpha;   /* regmean: off-diagonal scale of each G_i, [0, 1] (default 0.1) */
+    /* HIST_HI's capture (ms_merge_capture in pipeline/merge_passes.h): room
+     * for this many entries per searched bound; 0: none. The planner sizes it
+     * (merge_plan.c); it changes the speed, never the bytes. */
+    uint64_t capture_entries;
 } ms_tensor_params;
 
 /* One contiguous range of whole rows of a tensor, with its input and output

@@ -122,6 +122,11 @@ static void plan_state(const ms_tensor_params *p, ms_merge_state *st)
         search |= model_searches(&st->model[i]);
         rescale |= st->model[i].rescale;
     }
+    /* 32-bit indices: no capture past 2^32 elements, whatever the caller asks */
+    uint64_t capture = p->numel <= (uint64_t)UINT32_MAX + 1 ? p->capture_entries : 0;
+    for (unsigned i = 1; i <= p->n_models; i++)
+        for (unsigned b = 0; b < 2; b++)
+            st->model[i].bound[b].capture.cap = st->model[i].bound[b].search ? capture : 0;
     if (search) {
         st->pass[st->n_passes++] = MS_MERGE_PASS_HIST_HI;
         st->pass[st->n_passes++] = MS_MERGE_PASS_HIST_LO;
@@ -135,20 +140,33 @@ static void plan_state(const ms_tensor_params *p, ms_merge_state *st)
         ms_merge_hessian_plan(p, st);
 }
 
-/* Histogram words the plan needs. */
-static uint64_t plan_hist_words(const ms_merge_state *st)
+/* Histogram and capture words the plan needs (the captures come last). */
+static uint64_t plan_hist_words(const ms_merge_state *st, uint64_t *capture_words)
 {
-    uint64_t words = 0;
+    uint64_t words = 0, capture = 0;
     for (unsigned i = 1; i <= st->n_models; i++) {
         const ms_merge_model *m = &st->model[i];
         if (!model_searches(m))
             continue;
         words += MS_MERGE_HI_BINS;
-        for (unsigned b = 0; b < 2; b++)
+        for (unsigned b = 0; b < 2; b++) {
             if (m->bound[b].search)
                 words += MS_MERGE_LO_BINS;
+            capture += m->bound[b].capture.cap;
+        }
     }
-    return words;
+    *capture_words = capture;
+    return words + capture;
+}
+
+unsigned ms_merge_searched_bounds(const ms_tensor_params *p)
+{
+    ms_merge_state st;
+    plan_state(p, &st);
+    unsigned n = 0;
+    for (unsigned i = 1; i <= p->n_models; i++)
+        n += st.model[i].bound[0].search + st.model[i].bound[1].search;
+    return n;
 }
 
 unsigned ms_merge_pass_count(const ms_tensor_params *p)
@@ -166,7 +184,8 @@ uint64_t ms_merge_state_bytes(const ms_tensor_params *p)
     uint64_t hessian = ms_hessian_state_bytes(p); /* 0 unless a Hessian method */
     if (hessian > UINT64_MAX / 2)
         return UINT64_MAX;
-    return sizeof st + plan_hist_words(&st) * sizeof(uint64_t) + interp + hessian;
+    uint64_t capture_words;
+    return sizeof st + plan_hist_words(&st, &capture_words) * sizeof(uint64_t) + interp + hessian;
 }
 
 int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
@@ -178,11 +197,12 @@ int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
     if (!st)
         return -ENOMEM;
     plan_state(p, st);
-    uint64_t words = plan_hist_words(st);
+    uint64_t capture_words;
+    uint64_t words = plan_hist_words(st, &capture_words);
     if (words > 0) {
         if (ms_fault_hit(MS_FAULT_HOST_ALLOC))
             goto fail;
-        st->hist_mem = calloc(words, sizeof(uint64_t));
+        st->hist_mem = calloc(words - capture_words, sizeof(uint64_t));
         if (!st->hist_mem)
             goto fail;
         uint64_t *h = st->hist_mem;
@@ -200,6 +220,19 @@ int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
             }
         }
     }
+    if (capture_words > 0) {
+        /* not zeroed: only the entries appended are read */
+        if (ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(st->capture_mem = malloc(capture_words * sizeof(uint64_t))))
+            goto fail;
+        uint64_t *e = st->capture_mem;
+        for (unsigned i = 1; i <= st->n_models; i++)
+            for (unsigned b = 0; b < 2; b++) {
+                ms_merge_capture *c = &st->model[i].bound[b].capture;
+                c->key = c->cap ? (uint32_t *)e : NULL;
+                c->index = c->key + c->cap;
+                e += c->cap; /* two uint32 arrays of cap */
+            }
+    }
     if (ms_merge_interp_method(p->method) && ms_merge_interp_state_open(p, st) != 0)
         goto fail;
     *out = st;
@@ -214,6 +247,7 @@ void ms_merge_state_close(ms_merge_state *st)
     if (!st)
         return;
     free(st->hist_mem);
+    free(st->capture_mem);
     ms_merge_interp_state_close(st->interp);
     ms_hessian_state_close(st->hessian);
     free(st);
@@ -266,6 +300,95 @@ static void finish_hist_lo(const ms_merge_model *m, ms_merge_bound *b, uint64_t 
     MS_ASSERT(!"rank beyond the histogram");
 }
 
+/* Stable LSD radix sort of a[0..n) ascending, 8 bits a pass, through tmp[0..n). */
+static void sort_indices(uint32_t *a, uint32_t *tmp, uint64_t n)
+{
+    for (unsigned shift = 0; shift < 32; shift += 8) {
+        uint64_t start[256] = {0};
+        for (uint64_t j = 0; j < n; j++)
+            start[(a[j] >> shift) & 0xff]++;
+        uint64_t run = 0;
+        for (unsigned d = 0; d < 256; d++) {
+            uint64_t c = start[d];
+            start[d] = run;
+            run += c;
+        }
+        for (uint64_t j = 0; j < n; j++)
+            tmp[start[(a[j] >> shift) & 0xff]++] = a[j];
+        uint32_t *t = a;
+        a = tmp;
+        tmp = t;
+    }
+    /* four passes: the sorted keys are back in the caller's a */
+}
+
+/* After HIST_HI: resolves b from its capture when the capture can (see
+ * ms_merge_capture): the exact low-bits histogram of b's bin from the
+ * captured keys, then HIST_LO's finish; for a split bound, the sorted flat
+ * indices of the keys equal to t. */
+static void capture_resolve(ms_merge_model *m, ms_merge_bound *b, uint64_t numel)
+{
+    ms_merge_capture *c = &b->capture;
+    if (!c->armed || c->n > c->cap || c->covered != numel || b->bin < c->bin_lo || b->bin > c->bin_hi)
+        return;
+    for (uint64_t j = 0; j < c->n; j++) /* hist_lo is still all zero: HIST_LO has not run */
+        if (c->key[j] >> 16 == b->bin)
+            b->hist_lo[c->key[j] & 0xffffu]++;
+    finish_hist_lo(m, b, numel); /* checks the bin's count against hist_hi's */
+    b->search = false;
+    if (!b->split)
+        return;
+    uint64_t n_eq = 0;
+    for (uint64_t j = 0; j < c->n; j++)
+        if (c->key[j] == b->key)
+            c->index[n_eq++] = c->index[j];
+    MS_ASSERT(n_eq == b->n_eq);
+    sort_indices(c->index, c->key, n_eq); /* the keys are spent */
+    c->n = n_eq;
+    c->eq_index = true;
+}
+
+uint64_t ms_merge_eq_pos_before(const ms_merge_bound *b, uint64_t e)
+{
+    MS_ASSERT(b->capture.eq_index);
+    const uint32_t *idx = b->capture.index;
+    uint64_t lo = 0, hi = b->capture.n; /* first position whose index is >= e */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (idx[mid] < e)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+bool ms_merge_pass_idle(const ms_merge_state *st, unsigned pass)
+{
+    MS_ASSERT(pass < st->n_passes);
+    if (st->pass[pass] != MS_MERGE_PASS_HIST_LO || st->interp)
+        return false;
+    for (unsigned i = 1; i <= st->n_models; i++)
+        if (model_searches(&st->model[i]))
+            return false;
+    return true;
+}
+
+bool ms_merge_pass_may_idle(const ms_tensor_params *p, unsigned pass)
+{
+    if (p->capture_entries == 0)
+        return false;
+    ms_merge_state st;
+    plan_state(p, &st);
+    return pass < st.n_passes && st.pass[pass] == MS_MERGE_PASS_HIST_LO && !ms_merge_interp_method(p->method);
+}
+
+void ms_merge_pass_skip_chunk(ms_merge_state *st, const ms_chunk *c)
+{
+    MS_ASSERT(c->elem0 == st->next_elem);
+    st->next_elem += c->n_elems;
+}
+
 static void reset_eq_seen(ms_merge_state *st)
 {
     for (unsigned i = 1; i <= st->n_models; i++)
@@ -286,10 +409,16 @@ void ms_merge_pass_finish(ms_merge_state *st, const ms_tensor_params *p, unsigne
     }
     switch (st->pass[pass]) {
     case MS_MERGE_PASS_HIST_HI:
-        for (unsigned i = 1; i <= st->n_models; i++)
-            for (unsigned b = 0; b < 2; b++)
-                if (st->model[i].bound[b].search)
-                    finish_hist_hi(&st->model[i], &st->model[i].bound[b], p->numel);
+        for (unsigned i = 1; i <= st->n_models; i++) {
+            for (unsigned b = 0; b < 2; b++) {
+                ms_merge_bound *bd = &st->model[i].bound[b];
+                if (!bd->search)
+                    continue;
+                finish_hist_hi(&st->model[i], bd, p->numel);
+                capture_resolve(&st->model[i], bd, p->numel);
+                st->any_split |= bd->split;
+            }
+        }
         break;
     case MS_MERGE_PASS_HIST_LO:
         st->any_split = false;

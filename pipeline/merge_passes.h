@@ -38,13 +38,15 @@
  * eq_pos(b) = number of elements with key == b.key and a smaller flat index;
  * only needed where b.split (else pass 0). A backend computes it as b.eq_seen
  * (elements of earlier chunks of this pass) + a prefix count inside the chunk,
- * and adds the chunk's count to b.eq_seen after the chunk.
+ * and adds the chunk's count to b.eq_seen after the chunk; where the bound
+ * has a captured index list, ms_merge_eq_pos_before gives it directly.
  * Then tau = ms_merge_tau(delta, keep, factor), W_i = w_i * tau, and the
  * output is ms_merge_combine (or ms_merge_linear for linear), stored with
  * ms_merge_store_*.
  *
  * What a backend does per chunk and pass kind (st->pass[pass]):
- *   HIST_HI  for each model with hist_hi: hist_hi[key >> 16]++ over the chunk.
+ *   HIST_HI  for each model with hist_hi: hist_hi[key >> 16]++ over the chunk;
+ *            optionally the bounds' captures (ms_merge_capture).
  *   HIST_LO  for each model, each bound with search: if key >> 16 == bin:
  *            bound.hist_lo[key & 0xffff]++.
  *   L1       for each model with rescale: compute block sums (see
@@ -91,6 +93,28 @@ typedef enum ms_merge_sel {
     MS_MERGE_SEL_DELLA,
 } ms_merge_sel;
 
+/* HIST_HI's shortcut past HIST_LO, for a backend that takes it (the CPU's,
+ * cpu/cpu_merge.c; the others leave it alone and nothing changes). While it
+ * counts HIST_HI, the backend also keeps every key of the hi-bins
+ * [bin_lo, bin_hi] with its flat index: a range it chose from a sample of the
+ * pass's first chunk, which the bound's bin will very likely fall in. When
+ * the capture saw the whole pass, did not overflow and holds the bound's
+ * bin, HIST_HI's finish resolves the bound exactly as HIST_LO's would and
+ * clears its search, so HIST_LO has nothing left to do for it
+ * (ms_merge_pass_idle); a split bound also keeps the ascending flat indices
+ * of its keys equal to t, so that a backend finds eq_pos by binary search
+ * (ms_merge_eq_pos_before) instead of counting over the tensor again. */
+typedef struct ms_merge_capture {
+    uint32_t *key;    /* [cap]: the captured keys, in no particular order */
+    uint32_t *index;  /* [cap]: their flat indices */
+    uint64_t cap;     /* entries there is room for; 0: this bound never captures */
+    uint64_t n;       /* entries appended (backends add atomically); n > cap: overflowed */
+    uint64_t covered; /* elements of the pass the capturing backend saw */
+    uint32_t bin_lo, bin_hi;
+    bool armed;       /* the range is chosen (by the pass's first chunk) */
+    bool eq_index;    /* resolved with a split: index[0..n) are the sorted indices of key == t */
+} ms_merge_capture;
+
 /* One selection boundary: the key at ascending position `rank` (keys sorted
  * ascending, any order among equals) and how many equal elements fall on the
  * selected side. */
@@ -106,6 +130,7 @@ typedef struct ms_merge_bound {
     bool split;          /* 0 < take < n_eq: eq_pos matters */
     uint64_t eq_seen;    /* elements with key == t in the chunks of this pass so far */
     uint64_t *hist_lo;   /* search: [MS_MERGE_LO_BINS], part of the state's memory */
+    ms_merge_capture capture; /* searched bounds, when p->capture_entries > 0 */
 } ms_merge_bound;
 
 typedef struct ms_merge_model {
@@ -128,6 +153,7 @@ typedef struct ms_merge_state {
     uint64_t next_elem;        /* the flat index the current pass's next chunk starts at */
     ms_merge_model model[MS_MAX_MODELS + 1]; /* [1..n_models]; [0] unused */
     uint64_t *hist_mem;        /* owns every histogram */
+    uint64_t *capture_mem;     /* owns every capture's entries */
     /* The interpolation and model-soup methods' statistics and coefficients
      * (pipeline/merge_passes_interp.h); NULL for the task-vector methods.
      * Owned by the state. */
@@ -152,9 +178,25 @@ unsigned ms_merge_pass_count(const ms_tensor_params *p);
  * tensor exactly once. Calling it after the last pass is a no-op. */
 void ms_merge_pass_finish(ms_merge_state *st, const ms_tensor_params *p, unsigned pass);
 
-/* Host bytes the state holds for p (struct and histograms): for the memory
- * budget. */
+/* Host bytes the state holds for p (struct, histograms and captures): for
+ * the memory budget. */
 uint64_t ms_merge_state_bytes(const ms_tensor_params *p);
+
+/* True when pass `pass` has nothing to do: a HIST_LO pass whose bounds were
+ * all resolved by HIST_HI's capture. The caller then skips the kernels and
+ * calls ms_merge_pass_skip_chunk for each chunk instead. */
+bool ms_merge_pass_idle(const ms_merge_state *st, unsigned pass);
+/* Whether pass `pass` of p's plan can turn out idle (a HIST_LO pass of a
+ * tensor whose bounds capture): known before any state exists. */
+bool ms_merge_pass_may_idle(const ms_tensor_params *p, unsigned pass);
+void ms_merge_pass_skip_chunk(ms_merge_state *st, const ms_chunk *c);
+
+/* A bound with a captured index list (capture.eq_index): how many elements
+ * with key == t have a flat index below e. */
+uint64_t ms_merge_eq_pos_before(const ms_merge_bound *b, uint64_t e);
+
+/* Bounds the histogram passes search for (each may capture: p->capture_entries). */
+unsigned ms_merge_searched_bounds(const ms_tensor_params *p);
 
 /* key = {lo32(h), hi32(h)} with h = XXH3_64bits_withSeed(name, strlen(name), seed). */
 void ms_merge_philox_key(const char *tensor_name, uint64_t seed, uint32_t key[2]);

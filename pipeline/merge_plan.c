@@ -134,6 +134,35 @@ static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tenso
  * output) takes at most a third of the pool, so reading, computing and
  * writing can overlap. Kernel scratch and merge statistics live outside the
  * pool (ms_plan's extra_bytes). */
+/* Room for HIST_HI's capture (ms_merge_capture) per searched bound: an
+ * eighth of the tensor's elements (bf16 deltas pile up in a few bins near the
+ * threshold, up to 1% of the elements each), within an eighth of
+ * budget_bytes shared by the bounds (8 bytes an entry); none for tensors
+ * under 2^18 elements, which a sweep costs little and a sample places
+ * poorly. */
+#define PLAN_CAPTURE_MIN_NUMEL (1ull << 18)
+static uint64_t plan_capture_entries(const ms_tensor_params *p, uint64_t budget_bytes)
+{
+    unsigned bounds = ms_merge_searched_bounds(p);
+    if (bounds == 0 || p->numel < PLAN_CAPTURE_MIN_NUMEL)
+        return 0;
+    uint64_t share = budget_bytes / 8 / 8 / bounds;
+    return p->numel / 8 < share ? p->numel / 8 : share;
+}
+
+/* Raises plan->extra_bytes to what merge job `job` holds beside the staging
+ * pool: kernel scratch (nearly independent of the row count: bounded with
+ * all rows), the merge state, LoRA factors. */
+static void plan_note_extra(ms_plan *plan, const ms_job *job, unsigned threads)
+{
+    uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, threads) +
+                     ms_merge_state_bytes(&job->params);
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        extra += job->in[i].lora ? cpu_lora_host_bytes(job->in[i].lora) : 0;
+    if (extra > plan->extra_bytes)
+        plan->extra_bytes = extra;
+}
+
 static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
 {
     uint64_t rows = job->params.rows ? job->params.rows : 1;
@@ -625,15 +654,19 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
             for (unsigned i = 1; i <= job->params.n_models; i++)
                 if (ms_hessian_set_check(plan->hessians[i], job->name, job->params.cols, err) != 0)
                     goto fail;
-        if (job->kind == MS_JOB_MERGE) {
-            /* scratch is nearly independent of the row count: bound it with all rows */
-            uint64_t extra = cpu_merge_scratch_bytes(&job->params, job->params.rows, opt->threads) +
-                             ms_merge_state_bytes(&job->params);
-            for (unsigned i = 0; i < job->n_inputs; i++)
-                extra += job->in[i].lora ? cpu_lora_host_bytes(job->in[i].lora) : 0;
-            if (extra > plan->extra_bytes)
-                plan->extra_bytes = extra;
-        }
+        if (job->kind == MS_JOB_MERGE)
+            plan_note_extra(plan, job, opt->threads);
+    }
+    /* the captures (HIST_HI's shortcut) get an eighth of what the least
+     * staging leaves, so they never make a merge need more memory */
+    uint64_t spare = opt->pool_bytes - (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES < opt->pool_bytes
+                                            ? plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES
+                                            : opt->pool_bytes);
+    for (size_t j = 0; j < plan->n_jobs && spare > 0; j++) {
+        ms_job *job = &plan->jobs[j];
+        if (job->kind != MS_JOB_MERGE || !(job->params.capture_entries = plan_capture_entries(&job->params, spare)))
+            continue;
+        plan_note_extra(plan, job, opt->threads);
     }
     if (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES > opt->pool_bytes) {
         uint64_t need = MS_POOL_OVERHEAD_BYTES + plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES; /* ms_pool_capacity_for */

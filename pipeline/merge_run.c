@@ -20,6 +20,8 @@
 #define RUN_QUEUE_DEPTH 64 /* items between two stages; the pool bounds the bytes */
 #define RUN_MAX_WORKERS 2  /* compute workers: one per GPU lane (gpu/gpu_internal.h) */
 
+enum { RUN_PASS_UNKNOWN, RUN_PASS_NEEDED, RUN_PASS_IDLE }; /* run_ctx.pass_found */
+
 /* One chunk of one job, for one or more passes. Owned by whichever stage
  * holds it: the reader creates it, the writer (or compute, for chunks that
  * write nothing) frees it. */
@@ -29,6 +31,7 @@ typedef struct run_item {
     unsigned pass_first, pass_last;
     uint64_t row0, n_rows;
     bool writes_output;
+    bool no_read;                         /* a chunk of a pass found idle (ms_merge_pass_idle): nothing read */
     bool last_of_job;                     /* the job's final item */
     uint64_t tensor_hash;                 /* last_of_job: the output's XXH3-64 (compute sets it) */
     unsigned worker;                      /* the compute worker that owns the job */
@@ -54,6 +57,13 @@ typedef struct run_ctx {
     ms_error err;            /* first failure; guarded by err_lock */
     atomic_bool gpu_disabled;      /* compute: a sticky GPU error happened */
     atomic_uint_fast64_t gpu_fallbacks; /* compute */
+    /* Per job with a pass that may turn out idle (ms_merge_pass_may_idle):
+     * what compute found once the pass before it finished, RUN_PASS_*. A
+     * tensor in row chunks reads every chunk again for each pass, so the
+     * reader waits for the answer and reads nothing for an idle pass. */
+    atomic_uint *pass_found;
+    pthread_mutex_t found_lock; /* with found_cv: the reader waits for pass_found */
+    pthread_cond_t found_cv;
     /* Each field below is written by one stage (or one worker) only and read
      * by the caller after every thread was joined. */
     uint64_t readahead_cap;  /* reader: most pool bytes in use before it reads more */
@@ -82,6 +92,9 @@ static void run_fail(run_ctx *ctx, const ms_error *err)
     for (unsigned w = 0; w < ctx->n_workers; w++)
         ms_queue_close(&ctx->compute_q[w]);
     ms_queue_close(&ctx->write_q);
+    pthread_mutex_lock(&ctx->found_lock); /* a reader waiting in reader_pass_idle */
+    pthread_cond_broadcast(&ctx->found_cv);
+    pthread_mutex_unlock(&ctx->found_lock);
 }
 
 static void item_free(run_ctx *ctx, run_item *it)
@@ -233,13 +246,15 @@ static int reader_submit_item(reader_state *rs, run_item *it)
     uint64_t in_bytes = job->kind == MS_JOB_MERGE ? stage_layout(job, it->n_rows, it->in_off, it->mat_off) : 0;
     uint64_t out_bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * it->n_rows
                                                   : (it->writes_output ? job->out_row_bytes * it->n_rows : 0);
+    if (it->no_read)
+        in_bytes = out_bytes = 0; /* never the output pass: that is never idle */
     /* the cap on the item's first buffer, for the whole item */
     if (in_bytes && !(it->in_buf = reader_alloc(rs, in_bytes, in_bytes + out_bytes)))
         return -1;
     if (out_bytes && !(it->out_buf = reader_alloc(rs, out_bytes, in_bytes ? 0 : out_bytes)))
         return -1;
     double t0 = ms_now_seconds();
-    for (unsigned i = 0; i < job->n_inputs; i++) {
+    for (unsigned i = 0; i < job->n_inputs && !it->no_read; i++) {
         const ms_job_input *in = &job->in[i];
         uint64_t len = in->row_bytes * it->n_rows;
         if (!in->file || len == 0)
@@ -272,6 +287,35 @@ static int reader_submit_item(reader_state *rs, run_item *it)
     return reader_reap(rs, false);
 }
 
+/* For job j's pass that may turn out idle: waits until compute has finished
+ * the pass before it and says whether it is (pass_found), handing on every
+ * finished read meanwhile (compute needs them to get there). Costs one
+ * chunk's read time of overlap per tensor in row chunks; saves reading the
+ * whole tensor once more when the pass is idle. */
+static bool reader_pass_idle(reader_state *rs, size_t j)
+{
+    run_ctx *ctx = rs->ctx;
+    io_engine *engine = ctx->env->engine;
+    for (;;) {
+        unsigned found = atomic_load(&ctx->pass_found[j]);
+        if (found != RUN_PASS_UNKNOWN)
+            return found == RUN_PASS_IDLE;
+        if (atomic_load(&ctx->failed))
+            return false;
+        if (io_engine_outstanding(engine) > 0) {
+            if (reader_reap(rs, true) != 0)
+                return false;
+            continue;
+        }
+        if (reader_push_ready(rs) != 0)
+            return false;
+        pthread_mutex_lock(&ctx->found_lock);
+        while (atomic_load(&ctx->pass_found[j]) == RUN_PASS_UNKNOWN && !atomic_load(&ctx->failed))
+            pthread_cond_wait(&ctx->found_cv, &ctx->found_lock);
+        pthread_mutex_unlock(&ctx->found_lock);
+    }
+}
+
 static void *reader_main(void *arg)
 {
     reader_state rs = {.ctx = arg};
@@ -285,6 +329,7 @@ static void *reader_main(void *arg)
          * re-reads every chunk in row order */
         unsigned blocks = job->n_chunks == 1 ? 1 : job->n_passes;
         for (unsigned b = 0; b < blocks && !atomic_load(&ctx->failed); b++) {
+            bool no_read = blocks > 1 && ms_merge_pass_may_idle(&job->params, b) && reader_pass_idle(&rs, j);
             for (uint64_t c = 0; c < job->n_chunks && !atomic_load(&ctx->failed); c++) {
                 run_item *it = calloc(1, sizeof *it);
                 if (!it) {
@@ -301,6 +346,7 @@ static void *reader_main(void *arg)
                 uint64_t rows = job->params.rows;
                 it->n_rows = rows - it->row0 < job->rows_per_chunk ? rows - it->row0 : job->rows_per_chunk;
                 it->writes_output = it->pass_last == job->n_passes - 1;
+                it->no_read = no_read;
                 it->last_of_job = it->writes_output && c == job->n_chunks - 1;
                 if (reader_submit_item(&rs, it) != 0) {
                     if (!rs.tail || rs.tail != it)
@@ -406,6 +452,16 @@ static void lora_materialise(run_ctx *ctx, const ms_job *job, const run_item *it
     }
 }
 
+/* Tells the reader (reader_pass_idle) what the pass after the one just
+ * finished turned out to be. */
+static void pass_found_set(run_ctx *ctx, size_t job, unsigned found)
+{
+    pthread_mutex_lock(&ctx->found_lock);
+    atomic_store(&ctx->pass_found[job], found);
+    pthread_cond_broadcast(&ctx->found_cv);
+    pthread_mutex_unlock(&ctx->found_lock);
+}
+
 static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
 {
     const ms_job *job = &ctx->env->plan->jobs[it->job_index];
@@ -431,14 +487,20 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
     ms_chunk chunk = {.row0 = it->row0, .n_rows = it->n_rows, .out = it->out_buf};
     chunk.elem0 = it->row0 * job->params.cols;
     chunk.n_elems = it->n_rows * job->params.cols;
-    for (unsigned i = 0; i < job->n_inputs; i++)
+    for (unsigned i = 0; i < job->n_inputs && it->in_buf; i++)
         chunk.in[i] = job->in[i].file ? (const uint8_t *)it->in_buf + it->in_off[i] : NULL;
-    pthread_mutex_lock(&ctx->cpu_lock);
-    lora_materialise(ctx, job, it, js, &chunk);
-    pthread_mutex_unlock(&ctx->cpu_lock);
+    if (!it->no_read) {
+        pthread_mutex_lock(&ctx->cpu_lock);
+        lora_materialise(ctx, job, it, js, &chunk);
+        pthread_mutex_unlock(&ctx->cpu_lock);
+    }
     ms_tensor_result *res = &ctx->results[it->job_index];
     for (unsigned p = it->pass_first; p <= it->pass_last; p++) {
-        if (!compute_pass_on_gpu(ctx, job, *state, p, &chunk, it->n_rows)) {
+        if (ms_merge_pass_idle(*state, p)) { /* HIST_HI's capture did HIST_LO's work */
+            ms_merge_pass_skip_chunk(*state, &chunk);
+        } else if (it->no_read) {
+            MS_ASSERT(!"a chunk without its data in a pass that is not idle");
+        } else if (!compute_pass_on_gpu(ctx, job, *state, p, &chunk, it->n_rows)) {
             pthread_mutex_lock(&ctx->cpu_lock);
             int rc = cpu_merge_run_pass(&job->params, *state, p, &chunk, ctx->env->cpu);
             pthread_mutex_unlock(&ctx->cpu_lock);
@@ -449,8 +511,11 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
             res->used_gpu = true;
         }
         bool pass_complete = job->n_chunks == 1 || it->chunk == job->n_chunks - 1;
-        if (p + 1 < job->n_passes && pass_complete)
+        if (p + 1 < job->n_passes && pass_complete) {
             ms_merge_pass_finish(*state, &job->params, p);
+            if (ms_merge_pass_may_idle(&job->params, p + 1))
+                pass_found_set(ctx, it->job_index, ms_merge_pass_idle(*state, p + 1) ? RUN_PASS_IDLE : RUN_PASS_NEEDED);
+        }
     }
     res->backend = res->used_gpu ? (res->used_cpu ? "cuda+cpu" : "cuda") : "cpu";
     /* a merge that changes nothing is worth a warning (see the summary) */
@@ -661,20 +726,24 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     ctx->dispatch_worker = ctx->n_workers - 1; /* the first job goes to worker 0 */
     ctx->results = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->results);
     ctx->shard_recorded = calloc(st_plan_n_shards(env->layout), sizeof *ctx->shard_recorded);
+    ctx->pass_found = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->pass_found);
     bool queues_ok = ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) == 0;
     for (unsigned w = 0; w < ctx->n_workers; w++)
         queues_ok = ms_queue_init(&ctx->compute_q[w], RUN_QUEUE_DEPTH) == 0 && queues_ok;
-    if (!ctx->results || !ctx->shard_recorded || !queues_ok) {
+    if (!ctx->results || !ctx->shard_recorded || !ctx->pass_found || !queues_ok) {
         for (unsigned w = 0; w < ctx->n_workers; w++)
             ms_queue_destroy(&ctx->compute_q[w]);
         ms_queue_destroy(&ctx->write_q);
         free(ctx->results);
         free(ctx->shard_recorded);
+        free(ctx->pass_found);
         free(ctx);
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
     }
     pthread_mutex_init(&ctx->err_lock, NULL);
     pthread_mutex_init(&ctx->cpu_lock, NULL);
+    pthread_mutex_init(&ctx->found_lock, NULL);
+    pthread_cond_init(&ctx->found_cv, NULL);
     size_t n_items = 0;
     uint64_t to_read = 0;
     for (size_t j = 0; j < env->plan->n_jobs; j++) {
@@ -745,6 +814,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
             else
                 stats->tensors_cpu++;
             stats->chunked_tensors += job->n_chunks > 1;
+            stats->chunked_pass_skipped += job->n_chunks > 1 && atomic_load(&ctx->pass_found[j]) == RUN_PASS_IDLE;
             stats->tensors_equal_to_base += job->kind == MS_JOB_MERGE && !ctx->results[j].differs_from_base &&
                                             !(env->skip_job && env->skip_job[j]);
             stats->nonfinite_values += ctx->results[j].nonfinite;
@@ -768,6 +838,9 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     pthread_mutex_destroy(&ctx->err_lock);
     pthread_mutex_destroy(&ctx->cpu_lock);
     free(ctx->shard_recorded);
+    free(ctx->pass_found);
+    pthread_mutex_destroy(&ctx->found_lock);
+    pthread_cond_destroy(&ctx->found_cv);
     free(ctx);
     return rc;
 }

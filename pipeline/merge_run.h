@@ -45,6 +45,7 @@ typedef struct ms_run_stats {
     uint64_t bytes_read, bytes_written;
     uint64_t nonfinite_values, nonfinite_tensors;
     uint64_t chunked_tensors;
+    uint64_t chunked_pass_skipped; /* tensors in row chunks read once less: HIST_HI's capture made HIST_LO idle */
     uint64_t tensors_equal_to_base; /* merged tensors whose output bytes equal the base's */
     double wall_s;
     double busy_read_s, busy_compute_s, busy_write_s; /* per-stage busy time (compute: summed over workers) */

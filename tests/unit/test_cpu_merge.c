@@ -10,8 +10,10 @@
  * (so the fp64 L1 sums round and their order shows), -0 bases, NaN/Inf
  * inputs. Each case then runs
  * again cut into random row chunks (different per pass) with 2 and 3
- * threads and small windows: the bytes must not change. The seed is printed;
- * set MS_TEST_SEED to replay. */
+ * threads and small windows, and whole on 2 threads, each with HIST_HI's
+ * capture (ms_merge_capture) given room for every element, for a few, or
+ * none: the bytes must not change. The seed is printed; set MS_TEST_SEED to
+ * replay. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -36,6 +38,24 @@
 
 /* ============================================================== running */
 
+/* Searched bounds over every run so far: resolved by HIST_HI's capture (with
+ * a tie index list), and left to HIST_LO although the capture was armed. A
+ * test of the capture checks both happen. */
+static unsigned g_captured, g_captured_split, g_capture_missed;
+
+static void count_captures(const ms_merge_state *st)
+{
+    for (unsigned i = 1; i <= st->n_models; i++)
+        for (unsigned b = 0; b < 2; b++) {
+            const ms_merge_bound *bd = &st->model[i].bound[b];
+            if (!bd->capture.armed)
+                continue;
+            g_captured += !bd->search;
+            g_captured_split += bd->capture.eq_index;
+            g_capture_missed += bd->search;
+        }
+}
+
 /* Runs every pass; chunked: random row counts, different in each pass. When
  * l1 is not NULL it receives each rescaled model's L1 sums after the L1
  * pass (the others are left alone). */
@@ -51,10 +71,15 @@ static void run_cpu(const tcase *tc, void *out, cpu_pool *pool, bool chunked, do
         do {
             uint64_t nr = test_chunk_rows(p->rows, r, chunked);
             ms_chunk c = test_chunk(p, tc->in, out, r, nr);
-            assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, pool), 0);
+            if (ms_merge_pass_idle(st, pass)) /* as the pipeline does */
+                ms_merge_pass_skip_chunk(st, &c);
+            else
+                assert_int_equal(cpu_merge_run_pass(p, st, pass, &c, pool), 0);
             r += nr;
         } while (r < p->rows);
         ms_merge_pass_finish(st, p, pass);
+        if (st->pass[pass] == MS_MERGE_PASS_HIST_HI)
+            count_captures(st);
         if (l1 && st->pass[pass] == MS_MERGE_PASS_L1)
             for (unsigned i = 1; i <= p->n_models; i++)
                 if (st->model[i].rescale) {
@@ -102,8 +127,10 @@ static void expect_same_l1(const tcase *tc, double (*got)[2], double (*want)[2],
     }
 }
 
-/* The reference, then whole-tensor on 1 thread, then random chunks on 2
- * threads (windows of 1.5 blocks) and 3 threads (windows of 1 block). */
+/* The reference, then whole-tensor on 1 thread (no capture), random chunks
+ * on 2 threads (windows of 1.5 blocks, room to capture every element) and 3
+ * threads (windows of 1 block, room for a few), and whole on 2 threads with
+ * room for every element. */
 static void check_case(tcase *tc)
 {
     const ms_tensor_params *p = &tc->p;
@@ -119,18 +146,27 @@ static void check_case(tcase *tc)
     expect_same(tc, got, want, "whole tensor, 1 thread");
     expect_same_l1(tc, got_l1, want_l1, "whole tensor, 1 thread");
     assert_int_equal(got[bytes - 8], 0xa5); /* nothing written past the end */
-    for (unsigned t = 2; t <= 3; t++) {
-        if (t == 2)
+    static const struct {
+        unsigned threads;
+        bool chunked;
+        const char *what;
+    } k_runs[] = {{2, true, "chunked, 2 threads"}, {3, true, "chunked, 3 threads"}, {2, false, "whole, 2 threads"}};
+    for (unsigned r = 0; r < 3; r++) {
+        if (r == 0)
             cpu_merge_set_windows_for_tests(3 * MS_MERGE_BLOCK / 2, 3000);
-        else
+        else if (r == 1)
             cpu_merge_set_windows_for_tests(MS_MERGE_BLOCK, 20000);
+        else
+            cpu_merge_set_windows_for_tests(0, 0);
+        tc->p.capture_entries = r == 1 ? 1 + p->numel / 64 : p->numel;
         memset(got, 0x5a, bytes);
         for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
             got_l1[i][0] = got_l1[i][1] = L1_UNSET;
-        run_cpu(tc, got, g_pool[t], true, got_l1);
-        expect_same(tc, got, want, t == 2 ? "chunked, 2 threads" : "chunked, 3 threads");
-        expect_same_l1(tc, got_l1, want_l1, t == 2 ? "chunked, 2 threads" : "chunked, 3 threads");
+        run_cpu(tc, got, g_pool[k_runs[r].threads], k_runs[r].chunked, got_l1);
+        expect_same(tc, got, want, k_runs[r].what);
+        expect_same_l1(tc, got_l1, want_l1, k_runs[r].what);
     }
+    tc->p.capture_entries = 0;
     cpu_merge_set_windows_for_tests(0, 0);
     free(got);
     free(want);
@@ -166,13 +202,24 @@ static void check_method(const method_def *def)
         (void)state;                                                                                       \
         check_method(&k_methods[idx]);                                                                     \
     }
+/* The methods that search: the random cases must also have taken HIST_HI's
+ * capture, ties by index included (quantised inputs). */
+#define SEARCH_METHOD_TEST(fn, idx)                                                                        \
+    static void fn(void **state)                                                                           \
+    {                                                                                                      \
+        (void)state;                                                                                       \
+        g_captured = g_captured_split = 0;                                                                 \
+        check_method(&k_methods[idx]);                                                                     \
+        assert_true(g_captured > 0);                                                                       \
+        assert_true(g_captured_split > 0);                                                                 \
+    }
 METHOD_TEST(test_linear, 0)
 METHOD_TEST(test_task_arithmetic, 1)
-METHOD_TEST(test_ties, 2)
+SEARCH_METHOD_TEST(test_ties, 2)
 METHOD_TEST(test_dare_ties, 3)
 METHOD_TEST(test_dare_linear, 4)
-METHOD_TEST(test_breadcrumbs, 5)
-METHOD_TEST(test_breadcrumbs_ties, 6)
+SEARCH_METHOD_TEST(test_breadcrumbs, 5)
+SEARCH_METHOD_TEST(test_breadcrumbs_ties, 6)
 METHOD_TEST(test_della, 7)
 METHOD_TEST(test_della_linear, 8)
 
@@ -218,6 +265,66 @@ static void test_selection_by_hand(void **state)
         assert_true(out[e] == (kept ? ((float *)tc.in[1])[e] : 0.0f));
     }
     case_free(&tc);
+}
+
+/* HIST_HI's capture when the first chunk misleads its sample: the range it
+ * places misses the bound's bin (the first rows' deltas are far smaller than
+ * the rest), or holds it but overflows (6% of the first rows' deltas, and
+ * every later one, equal one key v at the first rows' 80th percentile).
+ * Both must fall back to HIST_LO, and the tie counts, with the reference's
+ * bytes. The overflow's data is fixed, not random, so that the sample
+ * always finds v. */
+static void test_capture_fallbacks(void **state)
+{
+    (void)state;
+    enum { ROWS = 64, COLS = 1024, FIRST = 32 };
+    for (int overflow = 0; overflow < 2; overflow++) {
+        tcase tc;
+        case_make(&tc, &k_methods[2], ROWS, COLS, 1, -1, ST_DTYPE_COUNT); /* ties */
+        ms_tensor_params *p = &tc.p;
+        p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
+        p->density[1] = 0.2;
+        p->capture_entries = ROWS * COLS / 8;
+        free(tc.in[0]);
+        free(tc.in[1]);
+        tc.in[0] = calloc(ROWS * COLS, sizeof(float)); /* the inputs as f32 */
+        tc.in[1] = malloc(ROWS * COLS * sizeof(float));
+        float *x = tc.in[1];
+        for (int e = 0; e < ROWS * COLS; e++) {
+            bool first = e < FIRST * COLS;
+            if (!overflow) /* small deltas first, then large ones */
+                x[e] = (float)(first ? 1e-3 * rng_unit() : 1.0 + rng_unit());
+            else if (!first || (e % 100 >= 77 && e % 100 < 83)) /* v */
+                x[e] = 0x1p-4f;
+            else /* distinct keys: 77% in [v/4, v/2), 17% in [2v, 4v) */
+                x[e] = (e % 100 < 77 ? 0x1p-6f : 0x1p-3f) * (1.0f + (float)(e % 4093) / 4096.0f);
+        }
+        size_t bytes = (size_t)ROWS * COLS * sizeof(float);
+        float *want = malloc(bytes), *got = malloc(bytes);
+        ref_merge(p, (const void *const *)tc.in, want, NULL);
+        ms_merge_state *st = NULL;
+        assert_int_equal(ms_merge_state_open(p, &st), 0);
+        for (unsigned pass = 0; pass < st->n_passes; pass++) {
+            ms_chunk c0 = test_chunk(p, tc.in, got, 0, FIRST), c1 = test_chunk(p, tc.in, got, FIRST, ROWS - FIRST);
+            assert_int_equal(cpu_merge_run_pass(p, st, pass, &c0, g_pool[2]), 0);
+            assert_int_equal(cpu_merge_run_pass(p, st, pass, &c1, g_pool[2]), 0);
+            ms_merge_pass_finish(st, p, pass);
+            if (st->pass[pass] != MS_MERGE_PASS_HIST_HI)
+                continue;
+            const ms_merge_capture *cap = &st->model[1].bound[0].capture;
+            assert_true(cap->armed);
+            assert_true(st->model[1].bound[0].search); /* left to HIST_LO */
+            if (overflow)
+                assert_true(cap->n > cap->cap);
+            else
+                assert_true(st->model[1].bound[0].bin > cap->bin_hi);
+        }
+        ms_merge_state_close(st);
+        assert_memory_equal(got, want, bytes);
+        free(got);
+        free(want);
+        case_free(&tc);
+    }
 }
 
 /* dare's keep test on both sides of its boundary: density u / 2^32 gives the
@@ -397,6 +504,7 @@ int main(void)
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_selection_by_hand),
         cmocka_unit_test(test_random_boundary),
+        cmocka_unit_test(test_capture_fallbacks),
         cmocka_unit_test(test_linear),
         cmocka_unit_test(test_task_arithmetic),
         cmocka_unit_test(test_ties),
