@@ -374,6 +374,14 @@ bool ms_merge_pass_idle(const ms_merge_state *st, unsigned pass)
     return true;
 }
 
+bool ms_merge_capturing(const ms_merge_state *st)
+{
+    for (unsigned i = 1; i <= st->n_models; i++)
+        if (st->model[i].bound[0].capture.armed || st->model[i].bound[1].capture.armed)
+            return true;
+    return false;
+}
+
 bool ms_merge_pass_may_idle(const ms_tensor_params *p, unsigned pass)
 {
     if (p->capture_entries == 0)

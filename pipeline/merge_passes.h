@@ -186,6 +186,10 @@ uint64_t ms_merge_state_bytes(const ms_tensor_params *p);
  * all resolved by HIST_HI's capture. The caller then skips the kernels and
  * calls ms_merge_pass_skip_chunk for each chunk instead. */
 bool ms_merge_pass_idle(const ms_merge_state *st, unsigned pass);
+/* Whether some bound's capture is armed (a backend took HIST_HI's first
+ * chunk and placed its ranges): false means HIST_LO will run. */
+bool ms_merge_capturing(const ms_merge_state *st);
+
 /* Whether pass `pass` of p's plan can turn out idle (a HIST_LO pass of a
  * tensor whose bounds capture): known before any state exists. */
 bool ms_merge_pass_may_idle(const ms_tensor_params *p, unsigned pass);

@@ -511,9 +511,12 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
             res->used_gpu = true;
         }
         bool pass_complete = job->n_chunks == 1 || it->chunk == job->n_chunks - 1;
+        bool may_idle = p + 1 < job->n_passes && ms_merge_pass_may_idle(&job->params, p + 1);
+        if (may_idle && it->chunk == 0 && !pass_complete && !ms_merge_capturing(*state))
+            pass_found_set(ctx, it->job_index, RUN_PASS_NEEDED); /* nothing captures (a GPU pass): no need to wait */
         if (p + 1 < job->n_passes && pass_complete) {
             ms_merge_pass_finish(*state, &job->params, p);
-            if (ms_merge_pass_may_idle(&job->params, p + 1))
+            if (may_idle)
                 pass_found_set(ctx, it->job_index, ms_merge_pass_idle(*state, p + 1) ? RUN_PASS_IDLE : RUN_PASS_NEEDED);
         }
     }
