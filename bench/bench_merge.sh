@@ -2,7 +2,7 @@
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
 #   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties|slerp|model_stock] [--max-memory 1G]
-#                        [--dir DIR] [--hot-only] [--runs N] [-- MERGE_OPTIONS]
+#                        [--dir DIR] [--hot-only] [--runs N] [--ram SIZE] [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
@@ -14,10 +14,15 @@
 # --hot-only, "hot" only. --runs N repeats each cache state N times (copy and
 # merge in turn, in the order copy merge merge copy copy merge ...) and then
 # prints the medians of the copy, the merge and the per-run ratio: on a
-# machine whose fsync time varies the single ratio says little. Needs a release build in build/ (or $MS_BUILD).
+# machine whose fsync time varies the single ratio says little. --ram SIZE
+# runs the copy and the merge in a memory cgroup of SIZE (root; cgroup v2 or
+# v1), page cache included: inputs larger than SIZE cannot stay cached, as on
+# a machine with less RAM than the model, so a tensor in row chunks reads
+# its chunks from the disk again for every pass. Needs a release build in
+# build/ (or $MS_BUILD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1
+size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1 ram=
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -27,6 +32,7 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --hot-only) hot_only=1; shift ;;
     --runs) runs=$2; shift 2 ;;
+    --ram) ram=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -76,22 +82,35 @@ in_bytes=$(cat "${inputs[@]}" | wc -c)
 out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
 
 drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
+cg=
+if [ -n "$ram" ]; then
+  bytes=$(numfmt --from=iec "$ram")
+  if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
+    cg=/sys/fs/cgroup/ms-bench; mkdir -p "$cg"; echo "$bytes" > "$cg/memory.max"
+  elif [ -d /sys/fs/cgroup/memory ] && mkdir -p /sys/fs/cgroup/memory/ms-bench 2>/dev/null; then
+    cg=/sys/fs/cgroup/memory/ms-bench; echo "$bytes" > "$cg/memory.limit_in_bytes"
+  else
+    echo "--ram needs root and a memory cgroup (v2 or v1)" >&2; exit 2
+  fi
+fi
+# runs "$@" inside the --ram cgroup, if any
+limited() { if [ -n "$cg" ]; then sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"; else "$@"; fi; }
 states=(hot)
 if [ "$hot_only" = 0 ] && [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
-echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem"
+echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem${ram:+, RAM limited to $ram}"
 # median of the numbers on stdin
 median() { sort -g | awk '{ v[NR] = $1 } END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 prepare() { if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi; }
 measure_copy() { # sets c
   prepare
-  c=$($copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
+  c=$(limited $copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
   rm -f "$dir/copy.out"
 }
 measure_merge() { # sets wall, cpu_s, rss, rb, cb, wb
   rm -rf "$dir/out"
   prepare
-  /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
+  limited /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
     > "$dir/merge.json" 2> "$dir/time.txt"
   # the whole process (planning, pool setup, the run, the final verify), not just the run
   wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s}' "$dir/time.txt")
