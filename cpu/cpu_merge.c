@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_capture.h"
 #include "cpu/cpu_kernel.h"
 #include "cpu/cpu_split.h"
 #include "cpu/cpu_merge_hessian.h"
@@ -31,7 +32,6 @@
 #define CPU_ALIGN 64u
 #define HIST_SUBS 4u                         /* HIST_HI sub-histograms per worker */
 #define HIST_WORDS (2u * MS_MERGE_LO_BINS)   /* uint32 counters per worker: max(HI, LO) use */
-#define CAPTURE_SLACK 16u                    /* capture_select writes 16 keys past its last match */
 
 /* Window sizes; only cpu_merge_set_windows_for_tests changes them (before any
  * pass runs, from the one test thread). */
@@ -58,7 +58,7 @@ typedef struct cpu_scratch {
     uint32_t *rnd;  /* [span] philox words */
     uint8_t *keep;  /* [span] */
     uint32_t *hist; /* [HIST_WORDS] (histogram passes) */
-    uint32_t *capture_key, *capture_index; /* [span + CAPTURE_SLACK] (histogram passes): one tile's capture */
+    uint32_t *capture_key, *capture_index; /* [span + CPU_CAPTURE_SLACK] (histogram passes): one tile's capture */
     uint64_t *sort_a, *sort_b, *thr; /* [cols] (della) */
 } cpu_scratch;
 
@@ -115,8 +115,9 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
          layout_add(&w, span, sizeof(uint32_t)) && layout_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
          layout_add(&w, span, 1); /* keep */
     if (hist)
-        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t)) && layout_add(&w, span + CAPTURE_SLACK, sizeof(uint32_t)) &&
-             layout_add(&w, span + CAPTURE_SLACK, sizeof(uint32_t));
+        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t)) && /* hist, capture_key, capture_index */
+             layout_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t)) &&
+             layout_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t));
     for (int k = 0; k < 3 && della; k++) /* sort_a, sort_b, thr */
         ok = ok && layout_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
     if (!ok)
@@ -218,8 +219,8 @@ static int ctx_alloc(cpu_ctx *x)
         s->sort_a = s->sort_b = s->thr = NULL;
         if (lay->hist) {
             CARVE(s->hist, uint32_t, HIST_WORDS);
-            CARVE(s->capture_key, uint32_t, span + CAPTURE_SLACK);
-            CARVE(s->capture_index, uint32_t, span + CAPTURE_SLACK);
+            CARVE(s->capture_key, uint32_t, span + CPU_CAPTURE_SLACK);
+            CARVE(s->capture_index, uint32_t, span + CPU_CAPTURE_SLACK);
         }
         if (lay->della) {
             uint64_t cols = lay->cols ? lay->cols : 1;
@@ -892,14 +893,12 @@ CPU_CLONES static void hist_lo_add(uint32_t *restrict h, const uint32_t *restric
  * split bound, the tie counts' sweep before every L1 and APPLY window. */
 #define CAPTURE_RUN 16u        /* contiguous elements per sample run */
 #define CAPTURE_MAX_RUNS 4096u /* at most 65,536 sampled keys, at most 1/16 of the chunk */
-#define CAPTURE_SIGMAS 4.0     /* the range: sample ranks within 4 binomial standard deviations */
 
 /* Arms model i's searched bounds from runs of CAPTURE_RUN keys spread evenly
  * over the chunk, binned like HIST_HI into worker 0's histogram (before the
- * pass uses it). Each range grows from the bin of the bound's sample rank
- * towards the bins of the sample ranks CAPTURE_SIGMAS standard deviations
- * away, as far as the capture has room; when the bound's bin turns out to be
- * outside, or the capture overflows, HIST_LO runs as planned. */
+ * pass uses it), each range placed by cpu_capture_range. When the bound's
+ * bin turns out to be outside, or the capture overflows, HIST_LO runs as
+ * planned. */
 static void capture_arm(cpu_ctx *x, unsigned i)
 {
     ms_merge_model *m = &x->st->model[i];
@@ -925,106 +924,9 @@ static void capture_arm(cpu_ctx *x, unsigned i)
         ms_merge_capture *c = &m->bound[bd].capture;
         if (!b->search || c->cap == 0)
             continue;
-        double q = (double)b->rank / (double)x->p->numel, centre = q * (double)sampled;
-        double margin = CAPTURE_SIGMAS * sqrt((double)sampled * q * (1.0 - q)) + 1.0;
-        double lo = centre - margin, hi = centre + margin, last = (double)(sampled - 1);
-        uint64_t mid_rank = centre < last ? (uint64_t)centre : sampled - 1;
-        uint64_t lo_rank = lo > 0.0 ? (lo < last ? (uint64_t)lo : sampled - 1) : 0;
-        uint64_t hi_rank = hi > 0.0 ? (hi < last ? (uint64_t)hi : sampled - 1) : 0;
-        /* the bins holding sample ranks lo_rank, mid_rank and hi_rank */
-        uint32_t bin_at[3] = {MS_MERGE_HI_BINS, MS_MERGE_HI_BINS, MS_MERGE_HI_BINS};
-        const uint64_t rank_at[3] = {lo_rank, mid_rank, hi_rank};
-        uint64_t below = 0;
-        for (uint32_t k = 0; k < MS_MERGE_HI_BINS && bin_at[2] == MS_MERGE_HI_BINS; k++) {
-            below += s->hist[k];
-            for (int r = 0; r < 3; r++)
-                if (bin_at[r] == MS_MERGE_HI_BINS && rank_at[r] < below)
-                    bin_at[r] = k;
-        }
-        CPU_ASSERT(bin_at[0] <= bin_at[1] && bin_at[1] <= bin_at[2] && bin_at[2] < MS_MERGE_HI_BINS);
-        /* From the middle bin outwards, a bin at a time on the side whose
-         * next bin the sample fills least, while the range stays inside
-         * [lo_rank, hi_rank]'s bins and the sample, scaled to the tensor,
-         * fills at most four fifths of the capture. */
-        double per_sample = (double)x->p->numel / (double)sampled, room = (double)c->cap * 0.8;
-        uint32_t bin_lo = bin_at[1], bin_hi = bin_at[1];
-        double expected = (double)s->hist[bin_at[1]] * per_sample;
-        if (expected > room)
-            continue;
-        for (;;) {
-            bool down = bin_lo > bin_at[0], up = bin_hi < bin_at[2];
-            if (!down && !up)
-                break;
-            if (down && up)
-                down = s->hist[bin_lo - 1] <= s->hist[bin_hi + 1];
-            double more = (double)s->hist[down ? bin_lo - 1 : bin_hi + 1] * per_sample;
-            if (expected + more > room)
-                break;
-            expected += more;
-            if (down)
-                bin_lo--;
-            else
-                bin_hi++;
-        }
-        c->bin_lo = bin_lo;
-        c->bin_hi = bin_hi;
-        c->armed = true;
+        double q = (double)b->rank / (double)x->p->numel;
+        c->armed = cpu_capture_range(s->hist, sampled, q, x->p->numel, c->cap, &c->bin_lo, &c->bin_hi);
     }
-}
-
-/* The tile's keys inside bins [bin_lo, bin_lo + bins] and their flat
- * indices (e + j) into out_key and out_index (room for n + CAPTURE_SLACK);
- * returns how many. About 2% of the keys match, at unpredictable places:
- * a branch per key or per group of keys would cost more than the histogram
- * itself, so the selection never branches on the data. The AVX-512 version
- * compresses 16 keys at a time; the portable one appends every key and
- * advances by its flag. Either gives the same entries in the same order. */
-static size_t capture_select_plain(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins,
-                                   uint32_t e, uint32_t *restrict out_key, uint32_t *restrict out_index)
-{
-    size_t got = 0;
-    for (size_t j = 0; j < n; j++) {
-        out_key[got] = key[j];
-        out_index[got] = e + (uint32_t)j;
-        got += (key[j] >> 16) - bin_lo <= bins;
-    }
-    return got;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MERGESTREAM_NO_CPU_CLONES)
-#include <immintrin.h>
-__attribute__((target("avx512f"))) static size_t capture_select_avx512(const uint32_t *restrict key, size_t n,
-                                                                       uint32_t bin_lo, uint32_t bins, uint32_t e,
-                                                                       uint32_t *restrict out_key,
-                                                                       uint32_t *restrict out_index)
-{
-    const __m512i lo = _mm512_set1_epi32((int)bin_lo), span = _mm512_set1_epi32((int)bins);
-    const __m512i step = _mm512_set1_epi32(16);
-    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int)e),
-                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    size_t got = 0, j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512i k = _mm512_loadu_si512(key + j);
-        __mmask16 m = _mm512_cmple_epu32_mask(_mm512_sub_epi32(_mm512_srli_epi32(k, 16), lo), span);
-        /* compressed in registers, stored whole: a compressing store to memory is slow on some CPUs */
-        _mm512_storeu_si512(out_key + got, _mm512_maskz_compress_epi32(m, k));
-        _mm512_storeu_si512(out_index + got, _mm512_maskz_compress_epi32(m, index));
-        got += (size_t)__builtin_popcount(m);
-        index = _mm512_add_epi32(index, step);
-    }
-    return got + capture_select_plain(key + j, n - j, bin_lo, bins, e + (uint32_t)j, out_key + got, out_index + got);
-}
-#define CAPTURE_HAS_AVX512 1
-#endif
-
-static size_t capture_select(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins, uint32_t e,
-                             uint32_t *restrict out_key, uint32_t *restrict out_index)
-{
-#ifdef CAPTURE_HAS_AVX512
-    if (__builtin_cpu_supports("avx512f"))
-        return capture_select_avx512(key, n, bin_lo, bins, e, out_key, out_index);
-#endif
-    return capture_select_plain(key, n, bin_lo, bins, e, out_key, out_index);
 }
 
 /* Appends the tile's keys inside model i's armed ranges to their captures;
@@ -1037,8 +939,8 @@ static void capture_tile(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t 
         if (!c->armed)
             continue;
         /* e < numel <= 2^32 (ms_merge_capture) */
-        size_t got = capture_select(s->key, n, c->bin_lo, c->bin_hi - c->bin_lo, (uint32_t)e, s->capture_key,
-                                    s->capture_index);
+        size_t got = cpu_capture_select(s->key, n, c->bin_lo, c->bin_hi - c->bin_lo, (uint32_t)e, s->capture_key,
+                                        s->capture_index);
         if (got == 0)
             continue;
         uint64_t at = __atomic_fetch_add(&c->n, (uint64_t)got, __ATOMIC_RELAXED);

@@ -30,6 +30,7 @@
 #include <time.h>
 #include <xxhash.h>
 
+#include "cpu/cpu_capture.h"
 #include "cpu/cpu_merge.h"
 #include "pipeline/merge_passes.h"
 #include "merge_cases.h"
@@ -327,6 +328,51 @@ static void test_capture_fallbacks(void **state)
     }
 }
 
+/* cpu_capture_select (AVX-512 where the CPU has it) against the obvious loop,
+ * on every tile length up to 70 and random ranges; cpu_capture_range on
+ * samples whose answer is known. */
+static void test_capture_pieces(void **state)
+{
+    (void)state;
+    uint32_t key[1024], got_key[1024 + CPU_CAPTURE_SLACK], got_index[1024 + CPU_CAPTURE_SLACK];
+    for (int round = 0; round < 400; round++) {
+        size_t n = round < 71 ? (size_t)round : 1 + rng_next() % 1024;
+        uint32_t bin_lo = 100 + (uint32_t)(rng_next() % 8), bins = (uint32_t)(rng_next() % 4);
+        for (size_t j = 0; j < n; j++) /* bins 96..115, so about a fifth match */
+            key[j] = (uint32_t)(96 + rng_next() % 20) << 16 | (uint32_t)(rng_next() & 0xffff);
+        uint32_t e = (uint32_t)rng_next();
+        size_t got = cpu_capture_select(key, n, bin_lo, bins, e, got_key, got_index), want = 0;
+        for (size_t j = 0; j < n; j++) {
+            if (key[j] >> 16 < bin_lo || key[j] >> 16 > bin_lo + bins)
+                continue;
+            assert_true(want < got);
+            assert_int_equal(got_key[want], key[j]);
+            assert_int_equal(got_index[want], e + (uint32_t)j);
+            want++;
+        }
+        assert_int_equal(got, want);
+    }
+    static uint32_t hist[MS_MERGE_HI_BINS];
+    uint32_t lo, hi;
+    memset(hist, 0, sizeof hist);
+    hist[500] = 1000; /* every sample in one bin */
+    assert_true(cpu_capture_range(hist, 1000, 0.8, 1000000, 1250000, &lo, &hi)); /* 4/5 of it: just room */
+    assert_int_equal(lo, 500);
+    assert_int_equal(hi, 500);
+    assert_false(cpu_capture_range(hist, 1000, 0.8, 1000000, 1249999, &lo, &hi)); /* no room */
+    /* one sample a bin, 10,000 bins: the median's bin, then about 4 standard
+     * deviations (200 samples) to either side, room permitting */
+    memset(hist, 0, sizeof hist);
+    for (uint32_t k = 0; k < 10000; k++)
+        hist[1000 + k] = 1;
+    assert_true(cpu_capture_range(hist, 10000, 0.5, 10000, 10000, &lo, &hi));
+    assert_int_equal(lo, 1000 + 5000 - 201);
+    assert_int_equal(hi, 1000 + 5000 + 201);
+    assert_true(cpu_capture_range(hist, 10000, 0.5, 10000, 100, &lo, &hi)); /* 80 bins of room */
+    assert_int_equal(hi - lo + 1, 80);
+    assert_true(lo <= 6000 && 6000 <= hi);
+}
+
 /* dare's keep test on both sides of its boundary: density u / 2^32 gives the
  * threshold u exactly, so the element whose word is u is dropped; one more
  * keeps it. */
@@ -505,6 +551,7 @@ int main(void)
         cmocka_unit_test(test_selection_by_hand),
         cmocka_unit_test(test_random_boundary),
         cmocka_unit_test(test_capture_fallbacks),
+        cmocka_unit_test(test_capture_pieces),
         cmocka_unit_test(test_linear),
         cmocka_unit_test(test_task_arithmetic),
         cmocka_unit_test(test_ties),
