@@ -96,6 +96,8 @@ json_number() { grep -oE "\"$1\":[[:space:]]*[0-9]+" "$2" | grep -oE '[0-9]+$'; 
   fail "ties at 34M: no tensor in row chunks skipped HIST_LO's reads"
 [ "$(json_number bytes_read "$S/once.json")" -lt "$(json_number bytes_to_read "$S/once_dry.json")" ] ||
   fail "ties at 34M: read as much as planned although HIST_LO was skipped"
+[ "$(json_number bytes_read "$S/once.json")" -eq "$(json_number bytes_to_read_at_least "$S/once_dry.json")" ] ||
+  fail "ties at 34M: read more than --dry-run's bytes_to_read_at_least (every tensor in chunks captures here)"
 same_bytes "$S/whole_ties" "$S/once_less"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
