@@ -894,11 +894,11 @@ CPU_CLONES static void hist_lo_add(uint32_t *restrict h, const uint32_t *restric
 #define CAPTURE_RUN 16u        /* contiguous elements per sample run */
 #define CAPTURE_MAX_RUNS 4096u /* at most 65,536 sampled keys, at most 1/16 of the chunk */
 
-/* Arms model i's searched bounds from runs of CAPTURE_RUN keys spread evenly
- * over the chunk, binned like HIST_HI into worker 0's histogram (before the
- * pass uses it), each range placed by cpu_capture_range. When the bound's
- * bin turns out to be outside, or the capture overflows, HIST_LO runs as
- * planned. */
+/* Arms model i's searched bounds from runs of CAPTURE_RUN keys, one in each
+ * of `runs` equal strides of the chunk, binned like HIST_HI into worker 0's
+ * histogram (before the pass uses it), each range placed by
+ * cpu_capture_range. When the bound's bin turns out to be outside, or the
+ * capture overflows, HIST_LO runs as planned. */
 static void capture_arm(cpu_ctx *x, unsigned i)
 {
     ms_merge_model *m = &x->st->model[i];
@@ -909,9 +909,15 @@ static void capture_arm(cpu_ctx *x, unsigned i)
     uint64_t runs = n / (16u * CAPTURE_RUN);
     runs = runs < 1 ? 1 : runs > CAPTURE_MAX_RUNS ? CAPTURE_MAX_RUNS : runs;
     memset(s->hist, 0, MS_MERGE_HI_BINS * sizeof *s->hist);
-    uint64_t sampled = 0;
+    uint64_t sampled = 0, stride = n / runs;
     for (uint64_t r = 0; r < runs; r++) {
-        uint64_t e = e0 + r * (n / runs);
+        /* one run at a pseudo-random place in each stride: at a fixed place
+         * every run would fall in the same few columns whenever the stride
+         * is a multiple of the row length, and columns differ (a weight's
+         * input channels; saliency keys scale by column) */
+        uint64_t jitter =
+            stride > CAPTURE_RUN ? ((r + 1) * 0x9E3779B97F4A7C15ull >> 32) % (stride - CAPTURE_RUN + 1) : 0;
+        uint64_t e = e0 + r * stride + jitter;
         size_t len = e0 + n - e < CAPTURE_RUN ? (size_t)(e0 + n - e) : CAPTURE_RUN;
         load_base(x, e, len, s->base);
         load_keys(x, i, e, len, s->base, NULL, s->x, s->key);

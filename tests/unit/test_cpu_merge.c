@@ -328,6 +328,40 @@ static void test_capture_fallbacks(void **state)
     }
 }
 
+/* Deltas whose size grows with the column (as a weight's input channels
+ * differ, and as saliency keys scale by column): the sample must still
+ * place the range over the threshold, whatever the row length is against
+ * the sample's stride (here the stride is a quarter of a row). */
+static void test_capture_columns(void **state)
+{
+    (void)state;
+    enum { ROWS = 256, COLS = 1024 };
+    tcase tc;
+    case_make(&tc, &k_methods[2], ROWS, COLS, 1, -1, ST_DTYPE_COUNT); /* ties */
+    ms_tensor_params *p = &tc.p;
+    p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
+    p->density[1] = 0.2;
+    p->capture_entries = ROWS * COLS / 8;
+    free(tc.in[0]);
+    free(tc.in[1]);
+    tc.in[0] = calloc(ROWS * COLS, sizeof(float));
+    tc.in[1] = malloc(ROWS * COLS * sizeof(float));
+    float *x = tc.in[1];
+    for (int e = 0; e < ROWS * COLS; e++)
+        x[e] = (float)((1.0 + 15.0 * (e % COLS) / COLS) * (rng_unit() - 0.5));
+    size_t bytes = (size_t)ROWS * COLS * sizeof(float);
+    float *want = malloc(bytes), *got = malloc(bytes);
+    ref_merge(p, (const void *const *)tc.in, want, NULL);
+    g_captured = g_capture_missed = 0;
+    run_cpu(&tc, got, g_pool[2], false, NULL);
+    assert_int_equal(g_captured, 1);
+    assert_int_equal(g_capture_missed, 0);
+    assert_memory_equal(got, want, bytes);
+    free(got);
+    free(want);
+    case_free(&tc);
+}
+
 /* cpu_capture_select (AVX-512 where the CPU has it) against the obvious loop,
  * on every tile length up to 70 and random ranges; cpu_capture_range on
  * samples whose answer is known. */
@@ -552,6 +586,7 @@ int main(void)
         cmocka_unit_test(test_random_boundary),
         cmocka_unit_test(test_capture_fallbacks),
         cmocka_unit_test(test_capture_pieces),
+        cmocka_unit_test(test_capture_columns),
         cmocka_unit_test(test_linear),
         cmocka_unit_test(test_task_arithmetic),
         cmocka_unit_test(test_ties),
