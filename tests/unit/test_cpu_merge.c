@@ -268,6 +268,24 @@ static void test_selection_by_hand(void **state)
     case_free(&tc);
 }
 
+/* A TIES case of one f32 model over a zero f32 base, density 0.2, room to
+ * capture an eighth of the elements; returns the model's values to fill. */
+static float *capture_case(tcase *tc, uint64_t rows, uint64_t cols)
+{
+    case_make(tc, &k_methods[2], rows, cols, 1, -1, ST_DTYPE_COUNT); /* ties */
+    ms_tensor_params *p = &tc->p;
+    p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
+    p->density[1] = 0.2;
+    p->capture_entries = rows * cols / 8;
+    free(tc->in[0]);
+    free(tc->in[1]);
+    tc->in[0] = calloc(rows * cols, sizeof(float));
+    tc->in[1] = malloc(rows * cols * sizeof(float));
+    assert_non_null(tc->in[0]);
+    assert_non_null(tc->in[1]);
+    return tc->in[1];
+}
+
 /* HIST_HI's capture when the first chunk misleads its sample: the range it
  * places misses the bound's bin (the first rows' deltas are far smaller than
  * the rest), or holds it but overflows (6% of the first rows' deltas, and
@@ -281,16 +299,8 @@ static void test_capture_fallbacks(void **state)
     enum { ROWS = 64, COLS = 1024, FIRST = 32 };
     for (int overflow = 0; overflow < 2; overflow++) {
         tcase tc;
-        case_make(&tc, &k_methods[2], ROWS, COLS, 1, -1, ST_DTYPE_COUNT); /* ties */
+        float *x = capture_case(&tc, ROWS, COLS);
         ms_tensor_params *p = &tc.p;
-        p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
-        p->density[1] = 0.2;
-        p->capture_entries = ROWS * COLS / 8;
-        free(tc.in[0]);
-        free(tc.in[1]);
-        tc.in[0] = calloc(ROWS * COLS, sizeof(float)); /* the inputs as f32 */
-        tc.in[1] = malloc(ROWS * COLS * sizeof(float));
-        float *x = tc.in[1];
         for (int e = 0; e < ROWS * COLS; e++) {
             bool first = e < FIRST * COLS;
             if (!overflow) /* small deltas first, then large ones */
@@ -337,16 +347,8 @@ static void test_capture_columns(void **state)
     (void)state;
     enum { ROWS = 256, COLS = 1024 };
     tcase tc;
-    case_make(&tc, &k_methods[2], ROWS, COLS, 1, -1, ST_DTYPE_COUNT); /* ties */
+    float *x = capture_case(&tc, ROWS, COLS);
     ms_tensor_params *p = &tc.p;
-    p->in_dtype[0] = p->in_dtype[1] = p->out_dtype = ST_F32;
-    p->density[1] = 0.2;
-    p->capture_entries = ROWS * COLS / 8;
-    free(tc.in[0]);
-    free(tc.in[1]);
-    tc.in[0] = calloc(ROWS * COLS, sizeof(float));
-    tc.in[1] = malloc(ROWS * COLS * sizeof(float));
-    float *x = tc.in[1];
     for (int e = 0; e < ROWS * COLS; e++)
         x[e] = (float)((1.0 + 15.0 * (e % COLS) / COLS) * (rng_unit() - 0.5));
     size_t bytes = (size_t)ROWS * COLS * sizeof(float);
