@@ -59,9 +59,10 @@ bool cpu_capture_range(const uint32_t *hist, uint64_t sampled, double q, uint64_
 
 /* About 2% of a tile's keys match, at unpredictable places: a branch per key
  * or per group of keys would cost more than the histogram itself, so the
- * selection never branches on the data. The AVX-512 version compresses 16
- * keys at a time; the portable one appends every key and advances by its
- * flag. Either gives the same entries in the same order. */
+ * selection never branches on the data. The vector versions compress 16
+ * (AVX-512) or 8 (AVX2, through a table of lane orders) keys at a time; the
+ * portable one appends every key and advances by its flag. All give the
+ * same entries in the same order. */
 static size_t capture_select_plain(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins,
                                    uint32_t e, uint32_t *restrict out_key, uint32_t *restrict out_index)
 {
@@ -76,6 +77,9 @@ static size_t capture_select_plain(const uint32_t *restrict key, size_t n, uint3
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MERGESTREAM_NO_CPU_CLONES)
 #include <immintrin.h>
+#include <pthread.h>
+#define CAPTURE_HAS_VECTORS 1
+
 __attribute__((target("avx512f"))) static size_t capture_select_avx512(const uint32_t *restrict key, size_t n,
                                                                        uint32_t bin_lo, uint32_t bins, uint32_t e,
                                                                        uint32_t *restrict out_key,
@@ -97,15 +101,87 @@ __attribute__((target("avx512f"))) static size_t capture_select_avx512(const uin
     }
     return got + capture_select_plain(key + j, n - j, bin_lo, bins, e + (uint32_t)j, out_key + got, out_index + got);
 }
-#define CAPTURE_HAS_AVX512 1
+
+/* g_lanes[m]: the lanes whose bit is set in m, in order, as 8 bytes (the
+ * rest 0); built once. AVX2 has no compress: a permute by this order does
+ * it. */
+static uint64_t g_lanes[256];
+static pthread_once_t g_lanes_once = PTHREAD_ONCE_INIT;
+
+static void lanes_build(void)
+{
+    for (unsigned m = 0; m < 256; m++) {
+        uint64_t order = 0;
+        unsigned k = 0;
+        for (unsigned lane = 0; lane < 8; lane++)
+            if (m >> lane & 1)
+                order |= (uint64_t)lane << (8 * k++);
+        g_lanes[m] = order;
+    }
+}
+
+__attribute__((target("avx2"))) static size_t capture_select_avx2(const uint32_t *restrict key, size_t n,
+                                                                  uint32_t bin_lo, uint32_t bins, uint32_t e,
+                                                                  uint32_t *restrict out_key,
+                                                                  uint32_t *restrict out_index)
+{
+    pthread_once(&g_lanes_once, lanes_build);
+    /* unsigned (key >> 16) - bin_lo <= bins, as a signed compare after flipping the top bit */
+    const __m256i flip = _mm256_set1_epi32((int)0x80000000u), lo = _mm256_set1_epi32((int)bin_lo);
+    const __m256i limit = _mm256_set1_epi32((int)(bins ^ 0x80000000u)), step = _mm256_set1_epi32(8);
+    __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int)e), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    size_t got = 0, j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i k = _mm256_loadu_si256((const __m256i *)(key + j));
+        __m256i off = _mm256_xor_si256(_mm256_sub_epi32(_mm256_srli_epi32(k, 16), lo), flip);
+        unsigned m = 0xffu & ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(off, limit)));
+        __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)g_lanes[m]));
+        _mm256_storeu_si256((__m256i *)(out_key + got), _mm256_permutevar8x32_epi32(k, order));
+        _mm256_storeu_si256((__m256i *)(out_index + got), _mm256_permutevar8x32_epi32(index, order));
+        got += (size_t)__builtin_popcount(m);
+        index = _mm256_add_epi32(index, step);
+    }
+    return got + capture_select_plain(key + j, n - j, bin_lo, bins, e + (uint32_t)j, out_key + got, out_index + got);
+}
 #endif
+
+bool cpu_capture_isa_available(cpu_capture_isa isa)
+{
+    switch (isa) {
+    case CPU_CAPTURE_PLAIN:
+        return true;
+#ifdef CAPTURE_HAS_VECTORS
+    case CPU_CAPTURE_AVX2:
+        return __builtin_cpu_supports("avx2");
+    case CPU_CAPTURE_AVX512:
+        return __builtin_cpu_supports("avx512f");
+#endif
+    default:
+        return false;
+    }
+}
+
+size_t cpu_capture_select_isa(cpu_capture_isa isa, const uint32_t *restrict key, size_t n, uint32_t bin_lo,
+                              uint32_t bins, uint32_t e, uint32_t *restrict out_key, uint32_t *restrict out_index)
+{
+    CPU_ASSERT(cpu_capture_isa_available(isa));
+    switch (isa) {
+#ifdef CAPTURE_HAS_VECTORS
+    case CPU_CAPTURE_AVX512:
+        return capture_select_avx512(key, n, bin_lo, bins, e, out_key, out_index);
+    case CPU_CAPTURE_AVX2:
+        return capture_select_avx2(key, n, bin_lo, bins, e, out_key, out_index);
+#endif
+    default:
+        return capture_select_plain(key, n, bin_lo, bins, e, out_key, out_index);
+    }
+}
 
 size_t cpu_capture_select(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins, uint32_t e,
                           uint32_t *restrict out_key, uint32_t *restrict out_index)
 {
-#ifdef CAPTURE_HAS_AVX512
-    if (__builtin_cpu_supports("avx512f"))
-        return capture_select_avx512(key, n, bin_lo, bins, e, out_key, out_index);
-#endif
-    return capture_select_plain(key, n, bin_lo, bins, e, out_key, out_index);
+    cpu_capture_isa isa = cpu_capture_isa_available(CPU_CAPTURE_AVX512) ? CPU_CAPTURE_AVX512
+                          : cpu_capture_isa_available(CPU_CAPTURE_AVX2) ? CPU_CAPTURE_AVX2
+                                                                          : CPU_CAPTURE_PLAIN;
+    return cpu_capture_select_isa(isa, key, n, bin_lo, bins, e, out_key, out_index);
 }

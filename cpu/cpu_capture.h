@@ -24,8 +24,16 @@ bool cpu_capture_range(const uint32_t *hist, uint64_t sampled, double q, uint64_
 
 /* The keys key[0..n) inside bins [bin_lo, bin_lo + bins] and their flat
  * indices (e + j) into out_key and out_index, each with room for
- * n + CPU_CAPTURE_SLACK; returns how many, in index order. */
+ * n + CPU_CAPTURE_SLACK; returns how many, in index order. Uses the widest
+ * vectors the CPU has. */
 size_t cpu_capture_select(const uint32_t *restrict key, size_t n, uint32_t bin_lo, uint32_t bins, uint32_t e,
                           uint32_t *restrict out_key, uint32_t *restrict out_index);
+
+/* The same with one implementation, for the tests: whether it was built and
+ * runs on this CPU, and the selection with it (it must be available). */
+typedef enum cpu_capture_isa { CPU_CAPTURE_PLAIN, CPU_CAPTURE_AVX2, CPU_CAPTURE_AVX512 } cpu_capture_isa;
+bool cpu_capture_isa_available(cpu_capture_isa isa);
+size_t cpu_capture_select_isa(cpu_capture_isa isa, const uint32_t *restrict key, size_t n, uint32_t bin_lo,
+                              uint32_t bins, uint32_t e, uint32_t *restrict out_key, uint32_t *restrict out_index);
 
 #endif
