@@ -22,10 +22,12 @@ bool cpu_capture_range(const uint32_t *hist, uint64_t sampled, double q, uint64_
         centre < last ? (uint64_t)centre : sampled - 1,
         hi > 0.0 ? (hi < last ? (uint64_t)hi : sampled - 1) : 0,
     };
-    /* the bins holding sample ranks rank_at[0..2] */
+    /* the bins holding sample ranks rank_at[0..2], and the samples below the middle one */
     uint32_t bin_at[3] = {CAPTURE_BINS, CAPTURE_BINS, CAPTURE_BINS};
-    uint64_t below = 0;
+    uint64_t below = 0, below_mid = 0;
     for (uint32_t k = 0; k < CAPTURE_BINS && bin_at[2] == CAPTURE_BINS; k++) {
+        if (bin_at[1] == CAPTURE_BINS)
+            below_mid = below;
         below += hist[k];
         for (int r = 0; r < 3; r++)
             if (bin_at[r] == CAPTURE_BINS && rank_at[r] < below)
@@ -37,20 +39,22 @@ bool cpu_capture_range(const uint32_t *hist, uint64_t sampled, double q, uint64_
     double expected = (double)hist[bin_at[1]] * per_sample;
     if (expected > room)
         return false;
+    /* [first, end): the sample ranks the range holds */
+    uint64_t first = below_mid, end = below_mid + hist[bin_at[1]];
     for (;;) {
-        bool down = bin_lo > bin_at[0], up = bin_hi < bin_at[2];
+        bool down = bin_lo > bin_at[0] && (double)(expected + hist[bin_lo - 1] * per_sample) <= room;
+        bool up = bin_hi < bin_at[2] && (double)(expected + hist[bin_hi + 1] * per_sample) <= room;
         if (!down && !up)
             break;
-        if (down && up)
-            down = hist[bin_lo - 1] <= hist[bin_hi + 1];
-        double more = (double)hist[down ? bin_lo - 1 : bin_hi + 1] * per_sample;
-        if (expected + more > room)
-            break;
-        expected += more;
-        if (down)
-            bin_lo--;
-        else
-            bin_hi++;
+        if (down && up) /* the side where the range reaches less far from the centre */
+            down = centre - (double)first < (double)end - centre;
+        if (down) {
+            expected += hist[--bin_lo] * per_sample;
+            first -= hist[bin_lo];
+        } else {
+            expected += hist[++bin_hi] * per_sample;
+            end += hist[bin_hi];
+        }
     }
     *bin_lo_out = bin_lo;
     *bin_hi_out = bin_hi;

@@ -14,11 +14,12 @@
 /* The range [*bin_lo, *bin_hi] of hi-bins (key >> 16) to capture for a bound
  * at ascending fraction q of a tensor of numel elements, from hist[32,768]:
  * the histogram of `sampled` (> 0) keys sampled from it. The range grows from
- * the bin holding the sample's rank q * sampled, a bin at a time towards the
- * side whose next bin the sample fills least, as far as the bins holding the
- * sample ranks 4 binomial standard deviations away, while the sample's share
- * of it, scaled to numel, fills at most four fifths of cap entries. Returns
- * false (nothing to capture) when the middle bin alone would not fit. */
+ * the bin holding the sample's rank q * sampled, a bin at a time on the
+ * side where it reaches less far from that rank, as far as the bins holding
+ * the sample ranks 4 binomial standard deviations away, while the sample's
+ * share of it, scaled to numel, fills at most four fifths of cap entries.
+ * Returns false (nothing to capture) when the middle bin alone would not
+ * fit. */
 bool cpu_capture_range(const uint32_t *hist, uint64_t sampled, double q, uint64_t numel, uint64_t cap,
                        uint32_t *bin_lo, uint32_t *bin_hi);
 

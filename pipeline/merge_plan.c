@@ -136,17 +136,16 @@ static int plan_job_input(ms_plan *plan, ms_job *job, unsigned i, const st_tenso
  * pool (ms_plan's extra_bytes). */
 /* Room for HIST_HI's capture (ms_merge_capture) per searched bound: an
  * eighth of the tensor's elements (bf16 deltas pile up in a few bins near the
- * threshold, up to 1% of the elements each), within an eighth of
- * budget_bytes shared by the bounds (8 bytes an entry); none for tensors
- * under 2^18 elements, which a sweep costs little and a sample places
- * poorly. */
+ * threshold, up to 1% of the elements each), within budget_bytes shared by
+ * the bounds (8 bytes an entry); none for tensors under 2^18 elements, which
+ * a sweep costs little and a sample places poorly. */
 #define PLAN_CAPTURE_MIN_NUMEL (1ull << 18)
 static uint64_t plan_capture_entries(const ms_tensor_params *p, uint64_t budget_bytes)
 {
     unsigned bounds = ms_merge_searched_bounds(p);
     if (bounds == 0 || p->numel < PLAN_CAPTURE_MIN_NUMEL)
         return 0;
-    uint64_t share = budget_bytes / 8 / 8 / bounds;
+    uint64_t share = budget_bytes / 8 / bounds;
     return p->numel / 8 < share ? p->numel / 8 : share;
 }
 
@@ -163,13 +162,47 @@ static void plan_note_extra(ms_plan *plan, const ms_job *job, unsigned threads)
         plan->extra_bytes = extra;
 }
 
-static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
+#define PLAN_CHUNK_SLACK (2 * 4096) /* two allocations per chunk, each rounded up to a page */
+
+/* Staging bytes of one row of a job: its inputs as staged and its output. */
+static uint64_t job_stage_row_bytes(const ms_job *job)
 {
-    uint64_t rows = job->params.rows ? job->params.rows : 1;
     uint64_t per_row = job->out_row_bytes;
     for (unsigned i = 0; i < job->n_inputs; i++)
         per_row += ms_job_input_stage_row_bytes(&job->in[i], job->params.cols);
-    uint64_t slack = 2 * 4096; /* two allocations per chunk, each rounded up to a page */
+    return per_row;
+}
+
+/* The memory HIST_HI's captures may take from the staging pool, given the
+ * budget and the other extras (plan->extra_bytes so far): what the pool can
+ * give up without cutting one more tensor into row chunks (each pass would
+ * read its chunks again, which costs more than any capture saves), at most a
+ * quarter of the pool. So the captures never make a merge need more
+ * --max-memory, nor read more. */
+static uint64_t plan_capture_budget(const ms_plan *plan, uint64_t pool_bytes)
+{
+    if (plan->extra_bytes >= pool_bytes)
+        return 0;
+    uint64_t pool = pool_bytes - plan->extra_bytes, keep = MS_PLAN_MIN_POOL_BYTES;
+    for (size_t j = 0; j < plan->n_jobs; j++) {
+        const ms_job *job = &plan->jobs[j];
+        uint64_t rows = job->params.rows ? job->params.rows : 1, per_row = job_stage_row_bytes(job), whole;
+        if (per_row > UINT64_MAX / rows / MS_PLAN_CHUNKS_IN_POOL - PLAN_CHUNK_SLACK)
+            continue; /* whole at no pool size */
+        whole = MS_PLAN_CHUNKS_IN_POOL * (per_row * rows + PLAN_CHUNK_SLACK);
+        if (whole <= pool && whole > keep)
+            keep = whole;
+    }
+    if (keep >= pool)
+        return 0;
+    return pool - keep < pool / 4 ? pool - keep : pool / 4;
+}
+
+static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
+{
+    uint64_t rows = job->params.rows ? job->params.rows : 1;
+    uint64_t per_row = job_stage_row_bytes(job);
+    uint64_t slack = PLAN_CHUNK_SLACK;
     if (per_row + slack > pool_bytes)
         return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
                             "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
@@ -657,11 +690,7 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         if (job->kind == MS_JOB_MERGE)
             plan_note_extra(plan, job, opt->threads);
     }
-    /* the captures (HIST_HI's shortcut) get an eighth of what the least
-     * staging leaves, so they never make a merge need more memory */
-    uint64_t spare = opt->pool_bytes - (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES < opt->pool_bytes
-                                            ? plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES
-                                            : opt->pool_bytes);
+    uint64_t spare = plan_capture_budget(plan, opt->pool_bytes);
     for (size_t j = 0; j < plan->n_jobs && spare > 0; j++) {
         ms_job *job = &plan->jobs[j];
         if (job->kind != MS_JOB_MERGE || !(job->params.capture_entries = plan_capture_entries(&job->params, spare)))

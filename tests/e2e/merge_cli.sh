@@ -94,6 +94,11 @@ json_number() { grep -oE "\"$1\":[[:space:]]*[0-9]+" "$2" | grep -oE '[0-9]+$'; 
 "$MS_BIN" merge "$S/ties.yml" --dry-run --max-memory 34M --json > "$S/once_dry.json"
 [ "$(json_number tensors_chunked_read_once_less "$S/once.json")" -ge 1 ] ||
   fail "ties at 34M: no tensor in row chunks skipped HIST_LO's reads"
+# the captures' memory comes out of the pool, but never so much that another
+# tensor is cut into chunks (it would read them once per pass): the two
+# embeddings only, as without captures
+[ "$(json_number tensors_chunked "$S/once.json")" -eq 2 ] ||
+  fail "ties at 34M: the captures cut more tensors than the embeddings into row chunks"
 [ "$(json_number bytes_read "$S/once.json")" -lt "$(json_number bytes_to_read "$S/once_dry.json")" ] ||
   fail "ties at 34M: read as much as planned although HIST_LO was skipped"
 [ "$(json_number bytes_read "$S/once.json")" -eq "$(json_number bytes_to_read_at_least "$S/once_dry.json")" ] ||

@@ -411,6 +411,16 @@ static void test_capture_pieces(void **state)
     assert_true(cpu_capture_range(hist, 10000, 0.5, 10000, 100, &lo, &hi)); /* 80 bins of room */
     assert_int_equal(hi - lo + 1, 80);
     assert_true(lo <= 6000 && 6000 <= hi);
+    /* the rank sits at the bottom of its bin (1012 in [1010, 1060)): with room
+     * for one more bin, the one below, though the one above is smaller */
+    memset(hist, 0, sizeof hist);
+    hist[99] = hist[103] = 1000;
+    hist[100] = 10;
+    hist[101] = 50;
+    hist[102] = 5;
+    assert_true(cpu_capture_range(hist, 2065, 1012.5 / 2065, 2065, 75, &lo, &hi)); /* room 60 */
+    assert_int_equal(lo, 100);
+    assert_int_equal(hi, 101);
 }
 
 /* dare's keep test on both sides of its boundary: density u / 2^32 gives the
