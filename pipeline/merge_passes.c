@@ -228,9 +228,11 @@ int ms_merge_state_open(const ms_tensor_params *p, ms_merge_state **out)
         for (unsigned i = 1; i <= st->n_models; i++)
             for (unsigned b = 0; b < 2; b++) {
                 ms_merge_capture *c = &st->model[i].bound[b].capture;
-                c->key = c->cap ? (uint32_t *)e : NULL;
+                if (c->cap == 0)
+                    continue;
+                c->key = (uint32_t *)e; /* two uint32 arrays of cap */
                 c->index = c->key + c->cap;
-                e += c->cap; /* two uint32 arrays of cap */
+                e += c->cap;
             }
     }
     if (ms_merge_interp_method(p->method) && ms_merge_interp_state_open(p, st) != 0)
