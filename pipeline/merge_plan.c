@@ -187,7 +187,7 @@ static uint64_t plan_capture_budget(const ms_plan *plan, uint64_t pool_bytes)
     for (size_t j = 0; j < plan->n_jobs; j++) {
         const ms_job *job = &plan->jobs[j];
         uint64_t rows = job->params.rows ? job->params.rows : 1, per_row = job_stage_row_bytes(job), whole;
-        if (per_row > UINT64_MAX / rows / MS_PLAN_CHUNKS_IN_POOL - PLAN_CHUNK_SLACK)
+        if (per_row > (UINT64_MAX / MS_PLAN_CHUNKS_IN_POOL - PLAN_CHUNK_SLACK) / rows)
             continue; /* whole at no pool size */
         whole = MS_PLAN_CHUNKS_IN_POOL * (per_row * rows + PLAN_CHUNK_SLACK);
         if (whole <= pool && whole > keep)
