@@ -58,6 +58,8 @@ typedef struct cpu_scratch {
     uint32_t *rnd;  /* [span] philox words */
     uint8_t *keep;  /* [span] */
     uint32_t *hist; /* [HIST_WORDS] (histogram passes) */
+    bool hist_used;  /* hist holds counts of the histogram run in progress (run_hist) */
+    bool hist_clean; /* hist is all zero (folded and cleared, or never written since a memset) */
     uint32_t *capture_key, *capture_index; /* [span + CPU_CAPTURE_SLACK] (histogram passes): one tile's capture */
     uint64_t *sort_a, *sort_b, *thr; /* [cols] (della) */
 } cpu_scratch;
@@ -163,6 +165,7 @@ typedef struct cpu_ctx {
     float wsum;            /* linear: sum_i w_i */
     cpu_split sp;          /* the current window and its cut into tasks */
     unsigned model;        /* per-model runs: the model (1-based) */
+    bool hist_hi_run;      /* run_hist: HIST_HI (else HIST_LO) */
     bool l1_models[MS_MAX_MODELS + 1]; /* L1 sums run: models summed */
     bool l1_use_mask;      /* L1 sums: keep flags come from mask (della) */
 } cpu_ctx;
@@ -215,6 +218,7 @@ static int ctx_alloc(cpu_ctx *x)
         CARVE(s->rnd, uint32_t, span);
         CARVE(s->keep, uint8_t, span);
         s->hist = NULL;
+        s->hist_used = s->hist_clean = false;
         s->capture_key = s->capture_index = NULL;
         s->sort_a = s->sort_b = s->thr = NULL;
         if (lay->hist) {
@@ -909,6 +913,7 @@ static void capture_arm(cpu_ctx *x, unsigned i)
     uint64_t runs = n / (16u * CAPTURE_RUN);
     runs = runs < 1 ? 1 : runs > CAPTURE_MAX_RUNS ? CAPTURE_MAX_RUNS : runs;
     memset(s->hist, 0, MS_MERGE_HI_BINS * sizeof *s->hist);
+    s->hist_clean = false; /* the sample's counts stay in it */
     uint64_t sampled = 0, stride = n / runs;
     for (uint64_t r = 0; r < runs; r++) {
         /* one run at a pseudo-random place in each stride: at a fixed place
@@ -957,12 +962,25 @@ static void capture_tile(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t 
     }
 }
 
+/* A worker's first histogram task of a run: its histogram starts from zero
+ * (cleared by the last fold, else here). */
+static void hist_begin(cpu_scratch *s)
+{
+    if (s->hist_used)
+        return;
+    if (!s->hist_clean)
+        memset(s->hist, 0, HIST_WORDS * sizeof *s->hist);
+    s->hist_used = true;
+    s->hist_clean = false;
+}
+
 /* HIST_HI: histogram of key >> 16 of x->model into the worker's hist, and
  * its captures. */
 static void task_hist_hi(void *vx, unsigned task, unsigned worker)
 {
     cpu_ctx *x = vx;
     cpu_scratch *s = &x->scratch[worker];
+    hist_begin(s);
     uint64_t a, b;
     cpu_split_elem_range(&x->sp, task, &a, &b);
     for (uint64_t e = a; e < b; e += CPU_TILE) {
@@ -979,6 +997,7 @@ static void task_hist_lo(void *vx, unsigned task, unsigned worker)
 {
     cpu_ctx *x = vx;
     cpu_scratch *s = &x->scratch[worker];
+    hist_begin(s);
     const ms_merge_model *m = &x->st->model[x->model];
     uint64_t a, b;
     cpu_split_elem_range(&x->sp, task, &a, &b);
@@ -1233,31 +1252,59 @@ static void run_eq_positions(cpu_ctx *x, cpu_pool *pool)
     }
 }
 
+/* Folds bins [k0, k1) of the workers' histograms (hist_used) into x->model's
+ * 64-bit ones and clears them: bin ranges are tasks, so the fold runs on
+ * every thread (a serial fold of every worker's histogram grows with the
+ * thread count, per window and model). */
+#define HIST_FOLD_TASKS_PER_WORKER 4u
+static void task_hist_fold(void *vx, unsigned task, unsigned worker)
+{
+    (void)worker;
+    cpu_ctx *x = vx;
+    ms_merge_model *m = &x->st->model[x->model];
+    size_t bins = x->hist_hi_run ? MS_MERGE_HI_BINS : MS_MERGE_LO_BINS;
+    size_t n_tasks = (size_t)x->lay.n_workers * HIST_FOLD_TASKS_PER_WORKER;
+    size_t k0 = bins * task / n_tasks, k1 = bins * (task + 1) / n_tasks;
+    for (unsigned w = 0; w < x->lay.n_workers; w++) {
+        uint32_t *h = x->scratch[w].hist;
+        if (!x->scratch[w].hist_used)
+            continue;
+        if (x->hist_hi_run) {
+            for (unsigned sub = 0; sub < HIST_SUBS; sub++) {
+                uint32_t *hs = h + (size_t)sub * MS_MERGE_HI_BINS;
+                for (size_t k = k0; k < k1; k++)
+                    m->hist_hi[k] += hs[k];
+                memset(hs + k0, 0, (k1 - k0) * sizeof *hs);
+            }
+        } else {
+            for (unsigned bd = 0; bd < 2; bd++) {
+                if (!m->bound[bd].search)
+                    continue; /* never written */
+                uint32_t *hb = h + (size_t)bd * MS_MERGE_LO_BINS;
+                for (size_t k = k0; k < k1; k++)
+                    m->bound[bd].hist_lo[k] += hb[k];
+                memset(hb + k0, 0, (k1 - k0) * sizeof *hb);
+            }
+        }
+    }
+}
+
 static void run_hist(cpu_ctx *x, cpu_pool *pool, bool hi)
 {
+    x->hist_hi_run = hi;
     for (unsigned i = 1; i <= x->p->n_models; i++) {
         ms_merge_model *m = &x->st->model[i];
         if (!m->bound[0].search && !m->bound[1].search)
             continue;
         x->model = i;
         CPU_ASSERT(x->sp.e1 - x->sp.e0 <= UINT32_MAX); /* the 32-bit worker counters cannot wrap */
-        size_t words = hi ? HIST_SUBS * MS_MERGE_HI_BINS : 2 * MS_MERGE_LO_BINS;
         for (unsigned w = 0; w < x->lay.n_workers; w++)
-            memset(x->scratch[w].hist, 0, words * sizeof(uint32_t));
+            x->scratch[w].hist_used = false;
         cpu_pool_run(pool, x->sp.n_tasks, hi ? task_hist_hi : task_hist_lo, x);
-        for (unsigned w = 0; w < x->lay.n_workers; w++) {
-            const uint32_t *h = x->scratch[w].hist;
-            if (hi) {
-                for (unsigned sub = 0; sub < HIST_SUBS; sub++)
-                    for (size_t k = 0; k < MS_MERGE_HI_BINS; k++)
-                        m->hist_hi[k] += h[sub * MS_MERGE_HI_BINS + k];
-            } else {
-                for (unsigned bd = 0; bd < 2; bd++)
-                    if (m->bound[bd].search)
-                        for (size_t k = 0; k < MS_MERGE_LO_BINS; k++)
-                            m->bound[bd].hist_lo[k] += h[bd * MS_MERGE_LO_BINS + k];
-            }
-        }
+        cpu_pool_run(pool, x->lay.n_workers * HIST_FOLD_TASKS_PER_WORKER, task_hist_fold, x);
+        for (unsigned w = 0; w < x->lay.n_workers; w++)
+            if (x->scratch[w].hist_used)
+                x->scratch[w].hist_clean = true;
     }
 }
 
