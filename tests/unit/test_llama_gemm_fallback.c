@@ -373,6 +373,19 @@ static void fail_each_call(const run_out *want, fake_seam proto, uint64_t total,
     }
 }
 
+/* Both walks of fail_each_call over a seam of kind proto whose clean run
+ * made `calls` calls: with -ENOMEM every run completes; with -EIO some
+ * complete, and some are lost exactly when the statistics stay on the
+ * device. */
+static void fail_each_call_walks(const run_out *want, fake_seam proto, uint64_t calls, const char *label)
+{
+    uint64_t completed, lost;
+    fail_each_call(want, proto, calls, -ENOMEM, label, &completed, &lost);
+    assert_int_equal(completed, calls);
+    fail_each_call(want, proto, calls, -EIO, label, &completed, &lost);
+    assert_true(completed > 0 && (proto.dev_stats ? lost > 0 : lost == 0));
+}
+
 /* A seam that holds each layer's statistics (stat_begin/add/finish): with
  * no failure, every statistic comes out bit for bit as on the CPU (the same
  * rows in the same fp32 blocks), one slot per statistic and layer. Then
@@ -393,13 +406,7 @@ static void test_dev_stats(void **state)
     assert_int_equal(clean.stat_opens, g_s.config.llama.n_layers * MS_LLAMA_STAT_COUNT);
     assert_true(got.res.steps_gpu == steps && got.res.gpu_fallbacks == 0);
     free(got.H);
-    uint64_t completed, lost;
-    fail_each_call(&want, (fake_seam){.dev_stats = true}, clean.calls, -ENOMEM, "statistics on the device",
-                   &completed, &lost);
-    assert_int_equal(completed, clean.calls);
-    fail_each_call(&want, (fake_seam){.dev_stats = true}, clean.calls, -EIO, "statistics on the device", &completed,
-                   &lost);
-    assert_true(completed > 0 && lost > 0);
+    fail_each_call_walks(&want, (fake_seam){.dev_stats = true}, clean.calls, "statistics on the device");
     free(want.H);
 }
 
@@ -422,13 +429,7 @@ static void test_whole_layer(void **state)
         assert_true(clean.layers_run > 0 && got.res.gpu_fallbacks == 0 && got.res.steps_gpu == steps);
         cpu_llama_close(clean.layer_fw);
         free(got.H);
-        uint64_t completed, lost;
-        fail_each_call(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, -ENOMEM, label,
-                       &completed, &lost);
-        assert_int_equal(completed, clean.calls);
-        fail_each_call(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, -EIO, label,
-                       &completed, &lost);
-        assert_true(completed > 0 && (with_stats ? lost > 0 : lost == 0));
+        fail_each_call_walks(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, label);
     }
     free(want.H);
 }
