@@ -2,7 +2,7 @@
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
 #   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties|slerp|model_stock] [--max-memory 1G]
-#                        [--dir DIR] [--hot-only] [--runs N] [--ram SIZE] [-- MERGE_OPTIONS]
+#                        [--dir DIR] [--hot-only|--cold-only] [--runs N] [--ram SIZE] [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
@@ -11,7 +11,7 @@
 # the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
 # busy fractions (compute: summed over the compute workers, so up to 2 with a
 # GPU). "cold" drops the page cache (needs root); otherwise, or with
-# --hot-only, "hot" only. --runs N repeats each cache state N times (copy and
+# --hot-only, "hot" only; --cold-only skips "hot". --runs N repeats each cache state N times (copy and
 # merge in turn, in the order copy merge merge copy copy merge ...) and then
 # prints the medians of the copy, the merge and the per-run ratio: on a
 # machine whose fsync time varies the single ratio says little. --ram SIZE
@@ -31,6 +31,7 @@ while [ $# -gt 0 ]; do
     --max-memory) maxmem=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --hot-only) hot_only=1; shift ;;
+    --cold-only) hot_only=-1; shift ;;
     --runs) runs=$2; shift 2 ;;
     --ram) ram=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
@@ -96,7 +97,9 @@ fi
 # runs "$@" inside the --ram cgroup, if any
 limited() { if [ -n "$cg" ]; then sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"; else "$@"; fi; }
 states=(hot)
-if [ "$hot_only" = 0 ] && [ "$(id -u)" -eq 0 ] && drop; then states=(cold hot); fi
+if [ "$hot_only" != 1 ] && [ "$(id -u)" -eq 0 ] && drop; then
+  if [ "$hot_only" = 0 ]; then states=(cold hot); else states=(cold); fi
+fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem${ram:+, RAM limited to $ram}"
 # median of the numbers on stdin

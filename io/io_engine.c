@@ -96,6 +96,13 @@ static void piece_complete(io_engine *e, io_piece *p, int64_t res)
         piece_issue(e, p);
         return;
     }
+    if (res >= 0 && (uint64_t)res < p->len && r->need && p->offset + (uint64_t)res >= r->offset + r->need) {
+        /* the end of the file, after everything the request needs */
+        r->done_bytes += (uint64_t)res;
+        e->stats.bytes += (uint64_t)res;
+        piece_release(e, p);
+        return;
+    }
     if (res > 0) {
         MS_ASSERT((uint64_t)res <= p->len);
         r->done_bytes += (uint64_t)res;
@@ -279,6 +286,8 @@ int io_engine_submit(io_engine *e, io_request *req)
     if (req->len > 0 && !req->buf)
         return -EINVAL;
     if (req->offset > (uint64_t)INT64_MAX || req->len > (uint64_t)INT64_MAX - req->offset)
+        return -EINVAL;
+    if (req->need > req->len || (req->need && req->op != IO_OP_READ))
         return -EINVAL;
     req->result = 0;
     req->done_bytes = 0;

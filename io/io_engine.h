@@ -10,7 +10,9 @@
  * most queue_depth pieces are in flight (the back-pressure; the rest wait
  * inside the engine, in submission order). Short reads and -EAGAIN are
  * re-queued inside the engine; a read that hits end of file before `len`
- * bytes completes with -ENODATA (the input changed underneath us). Any other
+ * bytes completes with -ENODATA (the input changed underneath us), unless
+ * it asked for its first `need` bytes only and got them (an O_DIRECT read,
+ * rounded up to whole blocks, may reach past the end of the file). Any other
  * error completes the request with that -errno and stops issuing its
  * remaining pieces.
  *
@@ -57,6 +59,8 @@ typedef struct io_request {
     uint64_t offset;
     uint64_t len;
     void *buf;
+    uint64_t need;     /* reads: 0 (all len bytes), or the bytes that must
+                          arrive; the file may end anywhere after them */
     void *user;        /* the caller's tag, untouched */
     int result;        /* set at completion: 0, or -errno */
     /* engine-private bookkeeping */
@@ -99,7 +103,7 @@ int io_engine_open(const io_engine_config *cfg, io_engine **out, ms_error *err);
 /* Queues req. Never blocks for I/O completion; requests beyond the in-flight
  * cap wait inside the engine. Returns 0; -EINVAL (req not queued) for a
  * malformed request (op, NULL buf with len > 0, offset + len beyond
- * INT64_MAX); or the engine's -errno if the engine is broken. A zero-length
+ * INT64_MAX, need > len or on a write); or the engine's -errno if the engine is broken. A zero-length
  * request completes at once with result 0. */
 int io_engine_submit(io_engine *e, io_request *req);
 

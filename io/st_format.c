@@ -925,7 +925,7 @@ int st_file_open(const char *path, st_file **out, ms_error *err)
     }
     f = calloc(1, sizeof *f);
     if (f)
-        f->fd = -1;
+        f->fd = f->direct_fd = -1;
     if (!f || !(f->path = strdup(path))) {
         ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "opening");
         goto fail;
@@ -1015,6 +1015,8 @@ void st_file_close(st_file *f)
         return;
     if (f->fd >= 0)
         close(f->fd);
+    if (f->direct_fd >= 0)
+        close(f->direct_fd);
     free(f->path);
     st_header_free(&f->header);
     free(f);

@@ -123,6 +123,7 @@ long st_header_find(const st_header *h, const char *name);
 typedef struct st_file {
     char *path;
     int fd;              /* O_RDONLY, owned */
+    int direct_fd;       /* -1, or an O_DIRECT descriptor of it (io/direct_read.h), owned */
     uint64_t file_size;
     int64_t mtime_ns;    /* st_mtim at open, to notice a file replaced during a merge */
     uint64_t data_start; /* 8 + header_len: absolute offset of the data section */
@@ -136,7 +137,7 @@ typedef struct st_file {
  * MS_EXIT_RUNTIME for an I/O error or out of memory (the message ends with
  * strerror). Reads go through the fault seam (MS_FAULT_READ). */
 int st_file_open(const char *path, st_file **out, ms_error *err);
-/* Closes the descriptor and frees everything; st_file_close(NULL) is a no-op. */
+/* Closes the descriptors and frees everything; st_file_close(NULL) is a no-op. */
 void st_file_close(st_file *f);
 
 /* Checks that f still has the size and modification time it had when opened

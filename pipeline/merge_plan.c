@@ -8,6 +8,7 @@
 
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
+#include "io/direct_read.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/merge_passes_hessian.h"
 #include "pipeline/staging_pool.h"
@@ -162,7 +163,18 @@ static void plan_note_extra(ms_plan *plan, const ms_job *job, unsigned threads)
         plan->extra_bytes = extra;
 }
 
-#define PLAN_CHUNK_SLACK (2 * 4096) /* two allocations per chunk, each rounded up to a page */
+/* Staging bytes a chunk may need beside its rows: its two allocations, each
+ * rounded up to a page, and for each input the blocks around its rows when
+ * it is read with O_DIRECT (pipeline/merge_run.c: stage_layout). The plan
+ * counts them whether or not the merge reads with O_DIRECT, so it does not
+ * depend on the page cache. */
+static uint64_t job_chunk_slack(const ms_job *job)
+{
+    uint64_t slack = 2 * 4096;
+    for (unsigned i = 0; i < job->n_inputs; i++)
+        slack += job->in[i].file ? MS_DIRECT_SLACK : 0;
+    return slack;
+}
 
 /* Staging bytes of one row of a job: its inputs as staged and its output. */
 static uint64_t job_stage_row_bytes(const ms_job *job)
@@ -187,9 +199,10 @@ static uint64_t plan_capture_budget(const ms_plan *plan, uint64_t pool_bytes)
     for (size_t j = 0; j < plan->n_jobs; j++) {
         const ms_job *job = &plan->jobs[j];
         uint64_t rows = job->params.rows ? job->params.rows : 1, per_row = job_stage_row_bytes(job), whole;
-        if (per_row > (UINT64_MAX / MS_PLAN_CHUNKS_IN_POOL - PLAN_CHUNK_SLACK) / rows)
+        uint64_t slack = job_chunk_slack(job);
+        if (per_row > (UINT64_MAX / MS_PLAN_CHUNKS_IN_POOL - slack) / rows)
             continue; /* whole at no pool size */
-        whole = MS_PLAN_CHUNKS_IN_POOL * (per_row * rows + PLAN_CHUNK_SLACK);
+        whole = MS_PLAN_CHUNKS_IN_POOL * (per_row * rows + slack);
         if (whole <= pool && whole > keep)
             keep = whole;
     }
@@ -202,7 +215,7 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
 {
     uint64_t rows = job->params.rows ? job->params.rows : 1;
     uint64_t per_row = job_stage_row_bytes(job);
-    uint64_t slack = PLAN_CHUNK_SLACK;
+    uint64_t slack = job_chunk_slack(job);
     if (per_row + slack > pool_bytes)
         return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
                             "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
@@ -238,7 +251,7 @@ static uint64_t job_max_item_bytes(const ms_job *job)
     for (unsigned i = 0; i < job->n_inputs; i++)
         in += ms_job_input_stage_row_bytes(&job->in[i], job->params.cols) * job->rows_per_chunk;
     uint64_t out = job->kind == MS_JOB_COPY ? 0 : job->out_row_bytes * job->rows_per_chunk;
-    return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096;
+    return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096 + job_chunk_slack(job) - 2 * 4096;
 }
 
 static int plan_merge_job(ms_plan *plan, ms_job *job, const st_tensor *lt, ms_error *err)

@@ -11,6 +11,7 @@
 #include "cpu/dtype_convert.h"
 #include "cpu/lora_delta.h"
 #include "io/checksum.h"
+#include "io/direct_read.h"
 #include "io/page_cache.h"
 #include "pipeline/bounded_queue.h"
 #include "pipeline/lora_load.h"
@@ -73,6 +74,7 @@ typedef struct run_ctx {
     double busy_compute_s[RUN_MAX_WORKERS]; /* compute, per worker */
     double busy_write_s;     /* writer */
     uint64_t bytes_read;     /* reader */
+    uint64_t bytes_read_direct; /* reader: of bytes_read, those read with O_DIRECT */
     uint64_t bytes_written;  /* writer */
     ms_tensor_result *results; /* compute (backend, nonfinite) */
     bool *shard_recorded;    /* writer: shards already in the journal */
@@ -113,19 +115,41 @@ typedef struct reader_state {
     run_item *head, *tail; /* in flight, plan order */
 } reader_state;
 
+/* Whether input i of the job reads its rows with O_DIRECT: when its file has
+ * a direct descriptor (ms_merge_open_direct) and the tensor is read once,
+ * whole. A tensor in row chunks reads every chunk again for each pass, and
+ * the page cache may still hold them then; a COPY job's buffer goes to the
+ * writer as read, so its bytes must start where the buffer does. */
+static bool input_reads_direct(const ms_job *job, unsigned i)
+{
+    return job->kind == MS_JOB_MERGE && job->n_chunks == 1 && job->in[i].file && job->in[i].file->direct_fd >= 0;
+}
+
 /* Lays a chunk's inputs out in one staging buffer: for each input the rows
  * as read, then (LoRA inputs) their fp32 materialisation; every area starts
- * 64-byte aligned. Returns the buffer's size; fills the offsets when given. */
-static uint64_t stage_layout(const ms_job *job, uint64_t n_rows, uint64_t *in_off, uint64_t *mat_off)
+ * 64-byte aligned, and an O_DIRECT input's read area MS_DIRECT_ALIGN-aligned
+ * (its rows start ms_direct_head bytes into it). Returns the buffer's size;
+ * fills the offsets of the rows (in_off) and materialisations (mat_off) when
+ * given. */
+static uint64_t stage_layout(const ms_job *job, uint64_t row0, uint64_t n_rows, uint64_t *in_off, uint64_t *mat_off)
 {
     uint64_t off = 0;
     for (unsigned i = 0; i < job->n_inputs; i++) {
         const ms_job_input *in = &job->in[i];
         if (!in->file)
             continue;
-        if (in_off)
-            in_off[i] = off;
-        off = (off + in->row_bytes * n_rows + 63) / 64 * 64;
+        uint64_t len = in->row_bytes * n_rows;
+        if (input_reads_direct(job, i)) {
+            uint64_t at = in->offset + in->row_bytes * row0;
+            off = (off + MS_DIRECT_ALIGN - 1) / MS_DIRECT_ALIGN * MS_DIRECT_ALIGN;
+            if (in_off)
+                in_off[i] = off + ms_direct_head(at);
+            off += ms_direct_span(at, len);
+        } else {
+            if (in_off)
+                in_off[i] = off;
+            off = (off + len + 63) / 64 * 64;
+        }
         if (in->lora) {
             if (mat_off)
                 mat_off[i] = off;
@@ -243,7 +267,7 @@ static int reader_submit_item(reader_state *rs, run_item *it)
 {
     run_ctx *ctx = rs->ctx;
     const ms_job *job = &ctx->env->plan->jobs[it->job_index];
-    uint64_t in_bytes = job->kind == MS_JOB_MERGE ? stage_layout(job, it->n_rows, it->in_off, it->mat_off) : 0;
+    uint64_t in_bytes = job->kind == MS_JOB_MERGE ? stage_layout(job, it->row0, it->n_rows, it->in_off, it->mat_off) : 0;
     uint64_t out_bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * it->n_rows
                                                   : (it->writes_output ? job->out_row_bytes * it->n_rows : 0);
     if (it->no_read)
@@ -267,6 +291,15 @@ static int reader_submit_item(reader_state *rs, run_item *it)
         r->len = len;
         r->buf = job->kind == MS_JOB_COPY ? it->out_buf : (uint8_t *)it->in_buf + it->in_off[i];
         r->user = it;
+        if (input_reads_direct(job, i)) { /* the blocks that hold the rows (stage_layout) */
+            uint64_t head = ms_direct_head(r->offset);
+            r->fd = in->file->direct_fd;
+            r->buf = (uint8_t *)r->buf - head;
+            r->need = head + len;
+            r->len = ms_direct_span(r->offset, len);
+            r->offset -= head;
+            ctx->bytes_read_direct += len;
+        }
         it->reqs_pending++;
         int rc = io_engine_submit(ctx->env->engine, r);
         if (rc != 0) {
@@ -684,6 +717,25 @@ static bool inputs_in_page_cache(const ms_plan *plan)
     return total > 0 && (double)resident >= RUN_HOT_FRACTION * (double)total;
 }
 
+unsigned ms_merge_open_direct(const ms_plan *plan)
+{
+    unsigned opened = 0;
+    for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
+        const ms_model *m = ms_plan_input_model(plan, i);
+        for (unsigned s = 0; m && s < m->n_shards; s++) {
+            st_file *f = m->shards[s];
+            MS_ASSERT(f->direct_fd < 0); /* every input opens its files (ms_plan_build): once each */
+            int fd = ms_direct_open(f->fd, f->path);
+            if (fd < 0)
+                ms_log_info("%s: cannot read it with O_DIRECT (%s): reading it through the page cache", f->path,
+                            strerror(-fd));
+            f->direct_fd = fd < 0 ? -1 : fd;
+            opened += fd >= 0;
+        }
+    }
+    return opened;
+}
+
 static uint64_t readahead_cap_for(const ms_plan *plan)
 {
     uint64_t largest = 0;
@@ -691,7 +743,7 @@ static uint64_t readahead_cap_for(const ms_plan *plan)
         const ms_job *job = &plan->jobs[j];
         uint64_t rows = job->rows_per_chunk < job->params.rows ? job->rows_per_chunk : job->params.rows;
         uint64_t bytes = job->kind == MS_JOB_COPY ? job->in[0].row_bytes * rows
-                                                  : stage_layout(job, rows, NULL, NULL) + job->out_row_bytes * rows;
+                                                  : stage_layout(job, 0, rows, NULL, NULL) + job->out_row_bytes * rows;
         if (bytes > largest)
             largest = bytes;
     }
@@ -827,6 +879,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     stats->gpu_fallbacks = atomic_load(&ctx->gpu_fallbacks);
     stats->gpu_disabled = atomic_load(&ctx->gpu_disabled);
     stats->bytes_read = ctx->bytes_read;
+    stats->bytes_read_direct = ctx->bytes_read_direct;
     stats->bytes_written = ctx->bytes_written;
     stats->busy_read_s = ctx->busy_read_s;
     for (unsigned w = 0; w < ctx->n_workers; w++)

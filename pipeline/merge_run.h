@@ -43,6 +43,7 @@ typedef struct ms_run_stats {
     uint64_t gpu_fallbacks;  /* passes that ran on the CPU after a GPU out-of-memory */
     bool gpu_disabled;       /* a sticky GPU error stopped GPU use mid-run */
     uint64_t bytes_read, bytes_written;
+    uint64_t bytes_read_direct;    /* of bytes_read, read with O_DIRECT (ms_merge_open_direct) */
     uint64_t nonfinite_values, nonfinite_tensors;
     uint64_t chunked_tensors;
     uint64_t chunked_pass_skipped; /* tensors in row chunks read once less: HIST_HI's capture made HIST_LO idle */
@@ -69,6 +70,19 @@ typedef struct ms_run_env {
                                * so a hot merge keeps reusing the pool's first pages; UINT64_MAX is the
                                * whole pool (a pinned, prefaulted pool) */
 } ms_run_env;
+
+/* Opens O_DIRECT descriptors of the plan's input files (io/direct_read.h),
+ * through which ms_merge_run then reads every tensor it reads once, whole
+ * (--direct-io). Keeps the page cache for a file whose file system refuses
+ * O_DIRECT (one line says so). Call before ms_merge_run, from the thread
+ * that owns the plan. Returns the number of input files read with O_DIRECT.
+ *
+ * Not the default: on this project's VM a cold 7 GB merge took 6.5-8.7 s
+ * with it against 8.6-11 s without (reading through the cache fills it with
+ * fresh pages, costly there), but 7.0-7.4 s against 6.0-6.5 s in a 1 GiB
+ * memory cgroup, where the cache recycles its pages (bench/RESULTS.md); and
+ * a merge that reads through the cache leaves the next run a hot one. */
+unsigned ms_merge_open_direct(const ms_plan *plan);
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set
  * (the first failure of any stage). The writer is not finished or aborted

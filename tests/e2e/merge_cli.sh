@@ -104,6 +104,29 @@ json_number() { grep -oE "\"$1\":[[:space:]]*[0-9]+" "$2" | grep -oE '[0-9]+$'; 
 [ "$(json_number bytes_read "$S/once.json")" -eq "$(json_number bytes_to_read_at_least "$S/once_dry.json")" ] ||
   fail "ties at 34M: read more than --dry-run's bytes_to_read_at_least (every tensor in chunks captures here)"
 same_bytes "$S/whole_ties" "$S/once_less"
+# --direct-io: every tensor read once, whole, comes with O_DIRECT (the
+# blocks around it, into the pool), the embeddings in row chunks through the
+# page cache; the same bytes with either engine. A file system refusing
+# O_DIRECT (MERGESTREAM_DIRECT_REFUSE=1 pretends so) costs one line per file
+# and nothing else. Without the option nothing is read with O_DIRECT.
+"$MS_BIN" merge "$S/ties.yml" -o "$S/direct" --max-memory 34M --direct-io --json > "$S/direct.json" 2> "$S/direct.err"
+if grep -q "cannot read it with O_DIRECT" "$S/direct.err"; then
+  echo "note: this file system refuses O_DIRECT: the direct reads are not checked"
+else
+  [ "$(json_number bytes_read_direct "$S/direct.json")" -gt 0 ] || fail "--direct-io read nothing with O_DIRECT"
+  [ "$(json_number bytes_read_direct "$S/direct.json")" -lt "$(json_number bytes_read "$S/direct.json")" ] ||
+    fail "--direct-io at 34M read the embeddings' row chunks with O_DIRECT too"
+  grep -q "GB with O_DIRECT)" "$S/direct.err" || fail "the summary does not say how much was read with O_DIRECT"
+fi
+same_bytes "$S/whole_ties" "$S/direct"
+"$MS_BIN" merge "$S/dare_ties.yml" -o "$S/direct_pread" --direct-io --io pread --quiet
+same_bytes "$S/whole_dare_ties" "$S/direct_pread"
+MERGESTREAM_DIRECT_REFUSE=1 "$MS_BIN" merge "$S/ties.yml" -o "$S/refused" --direct-io --json > "$S/refused.json" \
+  2> "$S/refused.err"
+[ "$(grep -c "cannot read it with O_DIRECT" "$S/refused.err")" -eq 4 ] || fail "a refused O_DIRECT: not one line per input file"
+[ "$(json_number bytes_read_direct "$S/refused.json")" -eq 0 ] || fail "O_DIRECT refused, yet bytes read with it"
+same_bytes "$S/whole_ties" "$S/refused"
+[ "$(json_number bytes_read_direct "$S/once.json")" -eq 0 ] || fail "read with O_DIRECT without --direct-io"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
 "$MS_BIN" verify "$WORK/sharded" --quiet
@@ -189,5 +212,6 @@ expect_fail 2 "not both" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" -o "$WORK/o
 expect_fail 2 "expected RECIPE and -o DIR" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" "$WORK/o8"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
 expect_fail 2 "gpu-lanes: expected 1 or 2" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --gpu-lanes 3
+expect_fail 2 "option '--direct-io' takes no value" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --direct-io=on
 "$MS_BIN" merge --help | grep -q "usage: mergestream merge" || fail "merge --help"
 echo "merge_cli: ok"

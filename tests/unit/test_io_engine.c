@@ -1,7 +1,8 @@
 /* The I/O engine (io/io_engine.h), both backends, checked against plain
  * pread/pwrite on fresh random data: random unaligned reads and writes with
  * many more pieces than the in-flight cap, registered and unregistered
- * buffers, end of file, bad descriptors, malformed requests, close draining,
+ * buffers, end of file (with and without `need`), O_DIRECT reads of
+ * unaligned ranges, bad descriptors, malformed requests, close draining,
  * and the AUTO fallback. Fault injection lives in test_io_engine_fault.c
  * (MERGESTREAM_FAULT must be set before the first ms_fault_hit). */
 #include <setjmp.h>
@@ -20,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "io/direct_read.h"
 #include "io/io_engine.h"
 
 /* ---------------------------------------------------------------- fixtures */
@@ -416,21 +418,30 @@ static void test_end_of_file(void **state)
     unsigned char *buf = malloc(8 * piece), *ref = malloc(8 * piece);
     assert_non_null(buf);
     assert_non_null(ref);
+    /* need: a read asking for its first `need` bytes only completes when
+     * the file ends after them, in any piece */
     struct {
-        uint64_t off, len;
+        uint64_t off, len, need;
         int want;
     } cases[] = {
-        {g_size - 100, 100, 0},                  /* ends exactly at EOF */
-        {g_size - 100, 101, -ENODATA},           /* one byte past */
-        {g_size - 100, 200, -ENODATA},
-        {g_size, 1, -ENODATA},                   /* starts at EOF */
-        {g_size + 5000, 10, -ENODATA},           /* starts beyond */
-        {g_size - 3 * piece, 3 * piece, 0},      /* several pieces up to EOF */
-        {g_size - 3 * piece - 7, 5 * piece, -ENODATA}, /* EOF inside the 4th of 5 pieces */
+        {g_size - 100, 100, 0, 0},                  /* ends exactly at EOF */
+        {g_size - 100, 101, 0, -ENODATA},           /* one byte past */
+        {g_size - 100, 200, 0, -ENODATA},
+        {g_size, 1, 0, -ENODATA},                   /* starts at EOF */
+        {g_size + 5000, 10, 0, -ENODATA},           /* starts beyond */
+        {g_size - 3 * piece, 3 * piece, 0, 0},      /* several pieces up to EOF */
+        {g_size - 3 * piece - 7, 5 * piece, 0, -ENODATA}, /* EOF inside the 4th of 5 pieces */
+        {g_size - 100, 4096, 100, 0},               /* EOF inside the only piece, after need */
+        {g_size - 100, 4096, 101, -ENODATA},
+        {g_size - 3 * piece - 7, 5 * piece, 3 * piece + 7, 0},
+        {g_size - 3 * piece - 7, 5 * piece, 3 * piece + 8, -ENODATA},
+        {g_size - 2 * piece, 2 * piece, 2 * piece, 0}, /* need = len, up to EOF */
+        {1000, 3 * piece, 10, 0},                   /* no EOF: every byte read all the same */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        memset(buf, 0, 8 * piece);
         io_request r = {.op = IO_OP_READ, .fd = g_fd, .offset = cases[i].off, .len = cases[i].len,
-                        .buf = buf};
+                        .need = cases[i].need, .buf = buf};
         int got = run_one(e, &r);
         if (got != cases[i].want)
             print_message("case %zu: off %llu len %llu: got %d want %d\n", i,
@@ -438,10 +449,16 @@ static void test_end_of_file(void **state)
                           cases[i].want);
         assert_int_equal(got, cases[i].want);
         if (cases[i].want == 0) {
-            pread_all(g_fd, ref, cases[i].len, cases[i].off);
-            assert_memory_equal(buf, ref, cases[i].len);
+            uint64_t have = cases[i].off + cases[i].len <= g_size ? cases[i].len : g_size - cases[i].off;
+            pread_all(g_fd, ref, have, cases[i].off);
+            assert_memory_equal(buf, ref, have);
         }
     }
+    /* malformed: need beyond len, need on a write */
+    io_request bad = {.op = IO_OP_READ, .fd = g_fd, .offset = 0, .len = 10, .need = 11, .buf = buf};
+    assert_int_equal(io_engine_submit(e, &bad), -EINVAL);
+    io_request wr = {.op = IO_OP_WRITE, .fd = g_fd, .offset = 0, .len = 10, .need = 5, .buf = buf};
+    assert_int_equal(io_engine_submit(e, &wr), -EINVAL);
 
     /* A failing request among good ones fails alone. */
     test_req reqs[3];
@@ -466,6 +483,46 @@ static void test_end_of_file(void **state)
         free(bufs[i]);
     }
     io_engine_close(e);
+    free(buf);
+    free(ref);
+}
+
+/* What the merge's reader does with O_DIRECT: the blocks covering an
+ * unaligned range, into an aligned buffer, the last ones past the end of
+ * the file; the range's bytes start ms_direct_head bytes in. Also with every
+ * transfer cut to one block (aligned re-queues). Skipped where the file
+ * system refuses O_DIRECT. */
+static void test_direct_ranges(void **state)
+{
+    io_engine_kind kind = *(io_engine_kind *)*state;
+    SKIP_WITHOUT_URING(kind);
+    int dfd = ms_direct_open(g_fd, "test file");
+    if (dfd < 0) {
+        print_message("note: O_DIRECT refused here (%s); skipping\n", strerror(-dfd));
+        skip();
+    }
+    unsigned char *buf = NULL, *ref = malloc(g_size);
+    assert_int_equal(posix_memalign((void **)&buf, MS_DIRECT_ALIGN, g_size + 2 * MS_DIRECT_ALIGN), 0);
+    assert_non_null(ref);
+    pread_all(g_fd, ref, g_size, 0);
+    for (int cut = 0; cut < 2; cut++) {
+        if (cut)
+            assert_int_equal(setenv("MERGESTREAM_IO_SHORT", "4096", 1), 0);
+        io_engine *e = NULL;
+        assert_true(open_kind(kind, 3 * MS_DIRECT_ALIGN, 4, NULL, 0, &e));
+        for (int i = 0; i < 200; i++) {
+            uint64_t off = i == 0 ? g_size - 1 : rnd_below(g_size), len = 1 + rnd_below(g_size - off);
+            if (i % 4 == 1)
+                len = g_size - off; /* to the end of the file */
+            io_request r = {.op = IO_OP_READ, .fd = dfd, .offset = off - ms_direct_head(off),
+                            .len = ms_direct_span(off, len), .need = ms_direct_head(off) + len, .buf = buf};
+            assert_int_equal(run_one(e, &r), 0);
+            assert_memory_equal(buf + ms_direct_head(off), ref + off, len);
+        }
+        io_engine_close(e);
+    }
+    assert_int_equal(unsetenv("MERGESTREAM_IO_SHORT"), 0);
+    close(dfd);
     free(buf);
     free(ref);
 }
@@ -736,6 +793,8 @@ int main(void)
         cmocka_unit_test_prestate(test_short_transfers, &k_pread),
         cmocka_unit_test_prestate(test_end_of_file, &k_uring),
         cmocka_unit_test_prestate(test_end_of_file, &k_pread),
+        cmocka_unit_test_prestate(test_direct_ranges, &k_uring),
+        cmocka_unit_test_prestate(test_direct_ranges, &k_pread),
         cmocka_unit_test_prestate(test_bad_descriptors, &k_uring),
         cmocka_unit_test_prestate(test_bad_descriptors, &k_pread),
         cmocka_unit_test_prestate(test_close_drains, &k_uring),
