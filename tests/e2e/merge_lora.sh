@@ -28,6 +28,10 @@ EOR
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/chunked_$m" --max-memory $mem --threads 1 --io pread --json --quiet > "$WORK/c.json"
   grep -qE '"tensors_chunked":[[:space:]]*0,' "$WORK/c.json" && fail "$m: nothing chunked"
   same_bytes "$WORK/whole_$m" "$WORK/chunked_$m"
+  # O_DIRECT reads of BASE+ADAPTER inputs: the base rows land off the block
+  # start, their fp32 materialisation follows them in the staging buffer
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/direct_$m" --direct-io --quiet
+  same_bytes "$WORK/whole_$m" "$WORK/direct_$m"
 done
 cmp -s "$WORK/whole_ties/model.safetensors" "$M/base/model.safetensors" && fail "the adapters changed nothing"
 

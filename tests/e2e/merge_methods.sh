@@ -61,10 +61,12 @@ grep -q "nuslerp_published.yml:14: parameter 'normalize' in parameters is not us
   "$WORK/warn.txt" || { cat "$WORK/warn.txt" >&2; fail "no warning for an ignored parameter"; }
 same_bytes "$WORK/out_nuslerp" "$WORK/out_nuslerp_published"
 
-# same bytes: 1 thread and pread
+# same bytes: 1 thread and pread; O_DIRECT reads (--direct-io)
 for m in slerp model_stock sce arcee_fusion nuslerp_cols karcher; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --quiet
   same_bytes "$WORK/out_$m" "$WORK/t1_$m"
+  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/direct_$m" --direct-io --quiet
+  same_bytes "$WORK/out_$m" "$WORK/direct_$m"
 done
 
 # chunked == whole-tensor bytes: "small" models (512 KB embeddings) through
