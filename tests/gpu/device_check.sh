@@ -18,7 +18,7 @@
 #      tokens/s on the GPU against its GEMM peak; slerp and model_stock on
 #      GPU and CPU; FULL=1: TIES with one GPU lane and with the pool
 #      pageable, hessian with the attention's scores through the GEMM seam,
-#      and on the CPU
+#      and on the CPU, and a cold CPU TIES with and without --direct-io
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
 #      the e2e merges on it), run beside step 2 (neither is timed)
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
@@ -117,4 +117,16 @@ for m in slerp model_stock; do
   bench "device=cuda $m" --method $m -- --device cuda
   bench "device=cpu $m" --method $m -- --device cpu
 done
+if [ "${FULL:-0}" = 1 ] && [ "$(id -u)" -eq 0 ]; then
+  # --direct-io on a many-core host with a real disk (bench_merge.sh drops
+  # the page cache: root only); this project's VM could not tell whether it
+  # should be the default (bench/RESULTS.md, seventh session)
+  cold() { # LABEL BENCH_MERGE_ARGS...
+    MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench --cold-only \
+      --runs 2 "${@:2}" 2>&1 | grep -E "median" | sed "s/^/  $1 /" | tee -a "$summary"
+  }
+  note "bench (TIES, cold, CPU, through the page cache and with --direct-io):"
+  cold "device=cpu page-cache" -- --device cpu
+  cold "device=cpu direct-io" -- --device cpu --direct-io
+fi
 note "elapsed: $(elapsed)"
