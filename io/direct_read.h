@@ -26,8 +26,10 @@ static inline uint64_t ms_direct_span(uint64_t offset, uint64_t len)
     return (ms_direct_head(offset) + len + MS_DIRECT_ALIGN - 1) / MS_DIRECT_ALIGN * MS_DIRECT_ALIGN;
 }
 
-/* Room a staging area needs for ms_direct_span of any len bytes, at most. */
-#define MS_DIRECT_SLACK (2ull * MS_DIRECT_ALIGN)
+/* Room beyond len that a block-aligned staging area for ms_direct_span of
+ * len bytes needs, at most: up to a block less one byte to align its start
+ * after another area, and up to two blocks less two bytes of span. */
+#define MS_DIRECT_SLACK (3ull * MS_DIRECT_ALIGN)
 
 /* Opens a read-only O_DIRECT descriptor of the file open as fd (through
  * /proc/self/fd, so it is the same file even if path was replaced; path when

@@ -163,17 +163,23 @@ static void plan_note_extra(ms_plan *plan, const ms_job *job, unsigned threads)
         plan->extra_bytes = extra;
 }
 
-/* Staging bytes a chunk may need beside its rows: its two allocations, each
- * rounded up to a page, and for each input the blocks around its rows when
- * it is read with O_DIRECT (pipeline/merge_run.c: stage_layout). The plan
- * counts them whether or not the merge reads with O_DIRECT, so it does not
- * depend on the page cache. */
-static uint64_t job_chunk_slack(const ms_job *job)
+/* Staging bytes the inputs of a chunk may need beside their rows when read
+ * with O_DIRECT: the blocks around them (pipeline/merge_run.c:
+ * stage_layout). The plan counts them whether or not the merge reads with
+ * O_DIRECT (--direct-io), so it does not depend on the option. */
+static uint64_t job_direct_slack(const ms_job *job)
 {
-    uint64_t slack = 2 * 4096;
+    uint64_t slack = 0;
     for (unsigned i = 0; i < job->n_inputs; i++)
         slack += job->in[i].file ? MS_DIRECT_SLACK : 0;
     return slack;
+}
+
+/* Staging bytes a chunk may need beside its rows: its two allocations, each
+ * rounded up to a page, and the O_DIRECT blocks. */
+static uint64_t job_chunk_slack(const ms_job *job)
+{
+    return 2 * 4096 + job_direct_slack(job);
 }
 
 /* Staging bytes of one row of a job: its inputs as staged and its output. */
@@ -244,14 +250,14 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
 }
 
 /* Staging bytes of a job's largest chunk: its inputs and its output, each
- * rounded up to the pool's page granularity. */
+ * rounded up to the pool's page granularity, and the inputs' O_DIRECT blocks. */
 static uint64_t job_max_item_bytes(const ms_job *job)
 {
     uint64_t in = 0;
     for (unsigned i = 0; i < job->n_inputs; i++)
         in += ms_job_input_stage_row_bytes(&job->in[i], job->params.cols) * job->rows_per_chunk;
     uint64_t out = job->kind == MS_JOB_COPY ? 0 : job->out_row_bytes * job->rows_per_chunk;
-    return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096 + job_chunk_slack(job) - 2 * 4096;
+    return (in + 4095) / 4096 * 4096 + (out + 4095) / 4096 * 4096 + job_direct_slack(job);
 }
 
 static int plan_merge_job(ms_plan *plan, ms_job *job, const st_tensor *lt, ms_error *err)
