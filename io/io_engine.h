@@ -27,7 +27,9 @@
  *   MERGESTREAM_IO_SHORT=N (tests only) makes every transfer count as at most
  *   N bytes and every third one as -EAGAIN, so the re-queue paths run on
  *   demand with either engine. The bytes past N are transferred again, which
- *   is harmless: a read or write at a fixed offset is idempotent.
+ *   is harmless: a read or write at a fixed offset is idempotent. On an
+ *   O_DIRECT descriptor N must be a multiple of the block size (a re-queued
+ *   rest must start on a block).
  *
  * Threading: one thread (the stage that owns the engine) calls submit and
  * reap; the engine may run helper threads internally. */
