@@ -719,12 +719,17 @@ static bool inputs_in_page_cache(const ms_plan *plan)
 
 unsigned ms_merge_open_direct(const ms_plan *plan)
 {
-    unsigned opened = 0;
+    unsigned opened = 0, cached = 0;
     for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
         const ms_model *m = ms_plan_input_model(plan, i);
         for (unsigned s = 0; m && s < m->n_shards; s++) {
             st_file *f = m->shards[s];
             MS_ASSERT(f->direct_fd < 0); /* every input opens its files (ms_plan_build): once each */
+            /* reading from the disk what memory holds would only cost */
+            if ((double)ms_page_cache_resident(f->fd, f->file_size) >= RUN_HOT_FRACTION * (double)f->file_size) {
+                cached++;
+                continue;
+            }
             int fd = ms_direct_open(f->fd, f->path);
             if (fd < 0)
                 ms_log_info("%s: cannot read it with O_DIRECT (%s): reading it through the page cache", f->path,
@@ -733,6 +738,9 @@ unsigned ms_merge_open_direct(const ms_plan *plan)
             opened += fd >= 0;
         }
     }
+    if (cached)
+        ms_log_info("--direct-io: %u input file%s already in the page cache, read through it", cached,
+                    cached == 1 ? " is" : "s are");
     return opened;
 }
 

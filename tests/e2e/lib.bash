@@ -20,6 +20,15 @@ expect_fail() {
   grep -qE -- "$pattern" "$WORK/err.txt" || { cat "$WORK/err.txt" >&2; fail "error does not match /$pattern/: $*"; }
 }
 
+# evict_cache DIR...: drops the page cache of every *.safetensors file under
+# the DIRs (after a sync; a file system that keeps them, as tmpfs does, keeps
+# them), so that `merge --direct-io` reads them with O_DIRECT: it reads a
+# file the page cache holds through the cache.
+evict_cache() {
+  sync
+  find "$@" -name '*.safetensors' -exec dd if={} iflag=nocache count=0 status=none \;
+}
+
 # same_bytes DIR1 DIR2: every *.safetensors file of DIR1 is identical in DIR2.
 same_bytes() {
   local f n=0

@@ -108,10 +108,12 @@ same_bytes "$S/whole_ties" "$S/once_less"
 # blocks around it, into the pool), the embeddings in row chunks through the
 # page cache; the same bytes with either engine. A file system refusing
 # O_DIRECT (MERGESTREAM_DIRECT_REFUSE=1 pretends so) costs one line per file
-# and nothing else. Without the option nothing is read with O_DIRECT.
+# and nothing else; so does a file already in the page cache. Without the
+# option nothing is read with O_DIRECT.
+evict_cache "$S/models"
 "$MS_BIN" merge "$S/ties.yml" -o "$S/direct" --max-memory 34M --direct-io --json > "$S/direct.json" 2> "$S/direct.err"
-if grep -q "cannot read it with O_DIRECT" "$S/direct.err"; then
-  echo "note: this file system refuses O_DIRECT: the direct reads are not checked"
+if grep -qE "cannot read it with O_DIRECT|already in the page cache" "$S/direct.err"; then
+  echo "note: O_DIRECT refused here, or the page cache kept the inputs: the direct reads are not checked"
 else
   [ "$(json_number bytes_read_direct "$S/direct.json")" -gt 0 ] || fail "--direct-io read nothing with O_DIRECT"
   [ "$(json_number bytes_read_direct "$S/direct.json")" -lt "$(json_number bytes_read "$S/direct.json")" ] ||
@@ -119,13 +121,21 @@ else
   grep -q "GB with O_DIRECT)" "$S/direct.err" || fail "the summary does not say how much was read with O_DIRECT"
 fi
 same_bytes "$S/whole_ties" "$S/direct"
+evict_cache "$S/models"
 "$MS_BIN" merge "$S/dare_ties.yml" -o "$S/direct_pread" --direct-io --io pread --quiet
 same_bytes "$S/whole_dare_ties" "$S/direct_pread"
+evict_cache "$S/models"
 MERGESTREAM_DIRECT_REFUSE=1 "$MS_BIN" merge "$S/ties.yml" -o "$S/refused" --direct-io --json > "$S/refused.json" \
   2> "$S/refused.err"
-[ "$(grep -c "cannot read it with O_DIRECT" "$S/refused.err")" -eq 4 ] || fail "a refused O_DIRECT: not one line per input file"
+grep -q "already in the page cache" "$S/refused.err" ||
+  [ "$(grep -c "cannot read it with O_DIRECT" "$S/refused.err")" -eq 4 ] || fail "a refused O_DIRECT: not one line per input file"
 [ "$(json_number bytes_read_direct "$S/refused.json")" -eq 0 ] || fail "O_DIRECT refused, yet bytes read with it"
 same_bytes "$S/whole_ties" "$S/refused"
+cat "$S"/models/*/*.safetensors > /dev/null
+"$MS_BIN" merge "$S/ties.yml" -o "$S/cached" --direct-io --json > "$S/cached.json" 2> "$S/cached.err"
+grep -q -- "--direct-io: 4 input files are already in the page cache, read through it" "$S/cached.err" ||
+  fail "--direct-io on cached inputs: no line saying they are read through the page cache"
+[ "$(json_number bytes_read_direct "$S/cached.json")" -eq 0 ] || fail "--direct-io read cached inputs from the disk"
 [ "$(json_number bytes_read_direct "$S/once.json")" -eq 0 ] || fail "read with O_DIRECT without --direct-io"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"

@@ -41,6 +41,7 @@ sed 's/ties_sparsegpt/ties/; s/, hessian: .\/h_ft[12]//' "$WORK/ties_sparsegpt.y
 for m in ties_sparsegpt dare_sparsegpt regmean; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/out_$m" --quiet
   "$MS_BIN" verify "$WORK/out_$m" --quiet
+  evict_cache "$M"
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --direct-io --quiet
   same_bytes "$WORK/out_$m" "$WORK/t1_$m"
   # two compute workers (what a GPU gets): the factorisations share the cpu

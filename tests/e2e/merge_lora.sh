@@ -30,6 +30,7 @@ EOR
   same_bytes "$WORK/whole_$m" "$WORK/chunked_$m"
   # O_DIRECT reads of BASE+ADAPTER inputs: the base rows land off the block
   # start, their fp32 materialisation follows them in the staging buffer
+  evict_cache "$M"
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/direct_$m" --direct-io --quiet
   same_bytes "$WORK/whole_$m" "$WORK/direct_$m"
 done

@@ -65,6 +65,7 @@ same_bytes "$WORK/out_nuslerp" "$WORK/out_nuslerp_published"
 for m in slerp model_stock sce arcee_fusion nuslerp_cols karcher; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/t1_$m" --threads 1 --io pread --quiet
   same_bytes "$WORK/out_$m" "$WORK/t1_$m"
+  evict_cache "$WORK/models"
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/direct_$m" --direct-io --quiet
   same_bytes "$WORK/out_$m" "$WORK/direct_$m"
 done
