@@ -165,6 +165,7 @@ typedef struct cpu_ctx {
     float wsum;            /* linear: sum_i w_i */
     cpu_split sp;          /* the current window and its cut into tasks */
     unsigned model;        /* per-model runs: the model (1-based) */
+    unsigned model_b;      /* HIST_HI: a second model counted in the same sweep, or 0 */
     bool hist_hi_run;      /* run_hist: HIST_HI (else HIST_LO) */
     bool l1_models[MS_MAX_MODELS + 1]; /* L1 sums run: models summed */
     bool l1_use_mask;      /* L1 sums: keep flags come from mask (della) */
@@ -864,6 +865,26 @@ CPU_CLONES static void hist_hi_add(uint32_t *restrict h, const uint32_t *restric
         h0[key[j] >> 16]++;
 }
 
+/* Two models' keys in one sweep (run_hist pairs them, so the base is loaded
+ * once): two sub-histograms each, the models' increments alternating, so a
+ * counter is again touched at most every fourth increment. */
+CPU_CLONES static void hist_hi_add2(uint32_t *restrict h, const uint32_t *restrict ka, const uint32_t *restrict kb,
+                                    size_t n)
+{
+    uint32_t *a0 = h, *a1 = h + MS_MERGE_HI_BINS, *b0 = h + 2 * MS_MERGE_HI_BINS, *b1 = h + 3 * MS_MERGE_HI_BINS;
+    size_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+        a0[ka[j] >> 16]++;
+        b0[kb[j] >> 16]++;
+        a1[ka[j + 1] >> 16]++;
+        b1[kb[j + 1] >> 16]++;
+    }
+    for (; j < n; j++) {
+        a0[ka[j] >> 16]++;
+        b0[kb[j] >> 16]++;
+    }
+}
+
 /* Few keys fall in the bin: the match flags are computed in one vector loop
  * (into flag[0..n)), then only the 16-element groups holding a match are
  * walked one by one. */
@@ -940,17 +961,17 @@ static void capture_arm(cpu_ctx *x, unsigned i)
     }
 }
 
-/* Appends the tile's keys inside model i's armed ranges to their captures;
+/* Appends the tile's keys (key) inside model i's armed ranges to their captures;
  * space is claimed atomically, and a claim past the end only counts (the
  * capture has overflowed and will not be used). */
-static void capture_tile(const cpu_ctx *x, cpu_scratch *s, unsigned i, uint64_t e, size_t n)
+static void capture_tile(const cpu_ctx *x, cpu_scratch *s, unsigned i, const uint32_t *key, uint64_t e, size_t n)
 {
     for (unsigned bd = 0; bd < 2; bd++) {
         ms_merge_capture *c = &x->st->model[i].bound[bd].capture;
         if (!c->armed)
             continue;
         /* e < numel <= 2^32 (ms_merge_capture) */
-        size_t got = cpu_capture_select(s->key, n, c->bin_lo, c->bin_hi - c->bin_lo, (uint32_t)e, s->capture_key,
+        size_t got = cpu_capture_select(key, n, c->bin_lo, c->bin_hi - c->bin_lo, (uint32_t)e, s->capture_key,
                                         s->capture_index);
         if (got == 0)
             continue;
@@ -974,8 +995,9 @@ static void hist_begin(cpu_scratch *s)
     s->hist_clean = false;
 }
 
-/* HIST_HI: histogram of key >> 16 of x->model into the worker's hist, and
- * its captures. */
+/* HIST_HI: histogram of key >> 16 of x->model (and x->model_b: s->rnd,
+ * unused by this pass, holds its keys) into the worker's hist, and their
+ * captures. */
 static void task_hist_hi(void *vx, unsigned task, unsigned worker)
 {
     cpu_ctx *x = vx;
@@ -987,8 +1009,14 @@ static void task_hist_hi(void *vx, unsigned task, unsigned worker)
         size_t n = b - e < CPU_TILE ? (size_t)(b - e) : CPU_TILE;
         load_base(x, e, n, s->base);
         load_keys(x, x->model, e, n, s->base, NULL, s->x, s->key);
-        hist_hi_add(s->hist, s->key, n);
-        capture_tile(x, s, x->model, e, n);
+        if (x->model_b) {
+            load_keys(x, x->model_b, e, n, s->base, NULL, s->x, s->rnd);
+            hist_hi_add2(s->hist, s->key, s->rnd, n);
+            capture_tile(x, s, x->model_b, s->rnd, e, n);
+        } else {
+            hist_hi_add(s->hist, s->key, n);
+        }
+        capture_tile(x, s, x->model, s->key, e, n);
     }
 }
 
@@ -1270,10 +1298,12 @@ static void task_hist_fold(void *vx, unsigned task, unsigned worker)
         if (!x->scratch[w].hist_used)
             continue;
         if (x->hist_hi_run) {
+            /* one model: every sub-histogram; a pair: two each (hist_hi_add2) */
             for (unsigned sub = 0; sub < HIST_SUBS; sub++) {
                 uint32_t *hs = h + (size_t)sub * MS_MERGE_HI_BINS;
+                ms_merge_model *into = x->model_b && sub >= HIST_SUBS / 2 ? &x->st->model[x->model_b] : m;
                 for (size_t k = k0; k < k1; k++)
-                    m->hist_hi[k] += hs[k];
+                    into->hist_hi[k] += hs[k];
                 memset(hs + k0, 0, (k1 - k0) * sizeof *hs);
             }
         } else {
@@ -1289,14 +1319,27 @@ static void task_hist_fold(void *vx, unsigned task, unsigned worker)
     }
 }
 
+static bool model_searches(const cpu_ctx *x, unsigned i)
+{
+    return x->st->model[i].bound[0].search || x->st->model[i].bound[1].search;
+}
+
+/* HIST_HI counts the searching models two at a time, each pair in one sweep
+ * that loads the base once; HIST_LO one at a time. */
 static void run_hist(cpu_ctx *x, cpu_pool *pool, bool hi)
 {
+    _Static_assert(HIST_SUBS == 4, "hist_hi_add2 and the fold give a pair's models two sub-histograms each");
     x->hist_hi_run = hi;
     for (unsigned i = 1; i <= x->p->n_models; i++) {
-        ms_merge_model *m = &x->st->model[i];
-        if (!m->bound[0].search && !m->bound[1].search)
+        if (!model_searches(x, i))
             continue;
         x->model = i;
+        x->model_b = 0;
+        for (unsigned j = i + 1; hi && j <= x->p->n_models && !x->model_b; j++)
+            if (model_searches(x, j))
+                x->model_b = j;
+        if (x->model_b)
+            i = x->model_b; /* counted in this sweep */
         CPU_ASSERT(x->sp.e1 - x->sp.e0 <= UINT32_MAX); /* the 32-bit worker counters cannot wrap */
         for (unsigned w = 0; w < x->lay.n_workers; w++)
             x->scratch[w].hist_used = false;
