@@ -717,7 +717,7 @@ static bool inputs_in_page_cache(const ms_plan *plan)
     return total > 0 && (double)resident >= RUN_HOT_FRACTION * (double)total;
 }
 
-unsigned ms_merge_open_direct(const ms_plan *plan)
+unsigned ms_merge_open_direct(ms_plan *plan)
 {
     unsigned opened = 0, cached = 0;
     for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {

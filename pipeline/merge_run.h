@@ -75,15 +75,15 @@ typedef struct ms_run_env {
  * through which ms_merge_run then reads every tensor it reads once, whole
  * (--direct-io). Keeps the page cache for a file that is (90%) in it
  * already, and for one whose file system refuses O_DIRECT (a line says
- * which). Call before ms_merge_run, from the thread
- * that owns the plan. Returns the number of input files read with O_DIRECT.
+ * which). Call before ms_merge_run, from the thread that owns the plan.
+ * Returns the number of input files read with O_DIRECT.
  *
  * Not the default: on this project's VM a cold 7 GB merge took 6.5-8.7 s
  * with it against 8.6-11 s without (reading through the cache fills it with
  * fresh pages, costly there), but 7.0-7.4 s against 6.0-6.5 s in a 1 GiB
  * memory cgroup, where the cache recycles its pages (bench/RESULTS.md); and
  * a merge that reads through the cache leaves the next run a hot one. */
-unsigned ms_merge_open_direct(const ms_plan *plan);
+unsigned ms_merge_open_direct(ms_plan *plan);
 
 /* Runs every job of env->plan. Returns 0 and fills *stats, or -1 with err set
  * (the first failure of any stage). The writer is not finished or aborted
