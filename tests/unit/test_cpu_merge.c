@@ -286,6 +286,17 @@ static float *capture_case(tcase *tc, uint64_t rows, uint64_t cols)
     return tc->in[1];
 }
 
+/* Checks got (a capture_case's f32 output) against the reference merge. */
+static void expect_reference(const tcase *tc, const float *got)
+{
+    size_t bytes = (size_t)tc->p.numel * sizeof(float);
+    float *want = malloc(bytes);
+    assert_non_null(want);
+    ref_merge(&tc->p, (const void *const *)tc->in, want, NULL);
+    assert_memory_equal(got, want, bytes);
+    free(want);
+}
+
 /* HIST_HI's capture when the first chunk misleads its sample: the range it
  * places misses the bound's bin (the first rows' deltas are far smaller than
  * the rest), or holds it but overflows (6% of the first rows' deltas, and
@@ -310,9 +321,8 @@ static void test_capture_fallbacks(void **state)
             else /* distinct keys: 77% in [v/4, v/2), 17% in [2v, 4v) */
                 x[e] = (e % 100 < 77 ? 0x1p-6f : 0x1p-3f) * (1.0f + (float)(e % 4093) / 4096.0f);
         }
-        size_t bytes = (size_t)ROWS * COLS * sizeof(float);
-        float *want = malloc(bytes), *got = malloc(bytes);
-        ref_merge(p, (const void *const *)tc.in, want, NULL);
+        float *got = malloc((size_t)ROWS * COLS * sizeof(float));
+        assert_non_null(got);
         ms_merge_state *st = NULL;
         assert_int_equal(ms_merge_state_open(p, &st), 0);
         for (unsigned pass = 0; pass < st->n_passes; pass++) {
@@ -331,9 +341,8 @@ static void test_capture_fallbacks(void **state)
                 assert_true(st->model[1].bound[0].bin > cap->bin_hi);
         }
         ms_merge_state_close(st);
-        assert_memory_equal(got, want, bytes);
+        expect_reference(&tc, got);
         free(got);
-        free(want);
         case_free(&tc);
     }
 }
@@ -348,19 +357,16 @@ static void test_capture_columns(void **state)
     enum { ROWS = 256, COLS = 1024 };
     tcase tc;
     float *x = capture_case(&tc, ROWS, COLS);
-    ms_tensor_params *p = &tc.p;
     for (int e = 0; e < ROWS * COLS; e++)
         x[e] = (float)((1.0 + 15.0 * (e % COLS) / COLS) * (rng_unit() - 0.5));
-    size_t bytes = (size_t)ROWS * COLS * sizeof(float);
-    float *want = malloc(bytes), *got = malloc(bytes);
-    ref_merge(p, (const void *const *)tc.in, want, NULL);
+    float *got = malloc((size_t)ROWS * COLS * sizeof(float));
+    assert_non_null(got);
     g_captured = g_capture_missed = 0;
     run_cpu(&tc, got, g_pool[2], false, NULL);
     assert_int_equal(g_captured, 1);
     assert_int_equal(g_capture_missed, 0);
-    assert_memory_equal(got, want, bytes);
+    expect_reference(&tc, got);
     free(got);
-    free(want);
     case_free(&tc);
 }
 
