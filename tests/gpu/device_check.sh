@@ -14,11 +14,12 @@
 #      the GPU against the CPU
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
 #      another process holds nearly all GPU memory
-#   4. bench (hot page cache): TIES copy / GPU / CPU on every core; hessian
-#      tokens/s on the GPU against its GEMM peak; slerp and model_stock on
-#      GPU and CPU; FULL=1: TIES with one GPU lane and with the pool
-#      pageable, hessian with the attention's scores through the GEMM seam,
-#      and on the CPU, and a cold CPU TIES with and without --direct-io
+#   4. bench (hot page cache): hessian tokens/s on the GPU against its GEMM
+#      peak (first: its device path is the newest GPU code); TIES copy / GPU
+#      / CPU on every core; slerp and model_stock on GPU and CPU; FULL=1:
+#      TIES with one GPU lane and with the pool pageable, hessian with the
+#      attention's scores through the GEMM seam, and on the CPU, and a cold
+#      CPU TIES with and without --direct-io
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
 #      the e2e merges on it), run beside step 2 (neither is timed)
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
@@ -91,6 +92,16 @@ if [ $rc -eq 0 ] && cmp -s $B/cpu/model.safetensors $B/hogged/model.safetensors;
 rm -rf $B/cpu $B/gpu $B/hogged
 
 # 4. bench, hot page cache
+hessian() { # LABEL DEVICE: bench_hessian.sh's figures
+  SAMPLES=4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
+  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
+}
+note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
+hessian cuda cuda # attention on the device (MERGESTREAM_GPU_UNVERIFIED=1)
+if [ "${FULL:-0}" = 1 ]; then
+  MERGESTREAM_GPU_UNVERIFIED=0 hessian cuda-gemm-attention cuda # scores through the GEMM seam, softmax on the CPU
+  hessian cpu cpu
+fi
 bench() { # LABEL BENCH_MERGE_ARGS...
   MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench --hot-only "${@:2}" \
     2>&1 | grep -E "cache=" | sed "s/^/  $1 /" | tee -a "$summary"
@@ -101,16 +112,6 @@ bench "device=cpu($(nproc) cores)" -- --device cpu
 if [ "${FULL:-0}" = 1 ]; then
   bench "device=cuda lanes=1" -- --device cuda --gpu-lanes 1
   MERGESTREAM_GPU_PIN=0 bench "device=cuda pool-pageable" -- --device cuda  # pinning's start-up cost against its copy speed
-fi
-hessian() { # LABEL DEVICE: bench_hessian.sh's figures
-  SAMPLES=4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
-  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
-}
-note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
-hessian cuda cuda # attention on the device (MERGESTREAM_GPU_UNVERIFIED=1)
-if [ "${FULL:-0}" = 1 ]; then
-  MERGESTREAM_GPU_UNVERIFIED=0 hessian cuda-gemm-attention cuda # scores through the GEMM seam, softmax on the CPU
-  hessian cpu cpu
 fi
 for m in slerp model_stock; do
   note "bench ($m, hot):"
