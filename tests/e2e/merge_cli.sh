@@ -87,11 +87,12 @@ for m in ties dare_ties breadcrumbs_ties della; do
 done
 # A tensor in row chunks reads every chunk again for each pass. When HIST_HI's
 # capture finds ties' threshold, HIST_LO has nothing left to do and its chunks
-# are not read: at 34M the embeddings (2^18 elements) are in chunks and there
-# is room to capture.
+# are not read: at 34M with two threads (each worker's scratch comes out of
+# the pool) the embeddings (2^18 elements) are in chunks and there is room to
+# capture.
 json_number() { grep -oE "\"$1\":[[:space:]]*[0-9]+" "$2" | grep -oE '[0-9]+$'; }
-"$MS_BIN" merge "$S/ties.yml" -o "$S/once_less" --max-memory 34M --json --quiet > "$S/once.json"
-"$MS_BIN" merge "$S/ties.yml" --dry-run --max-memory 34M --json > "$S/once_dry.json"
+"$MS_BIN" merge "$S/ties.yml" -o "$S/once_less" --device cpu --max-memory 34M --threads 2 --json --quiet > "$S/once.json"
+"$MS_BIN" merge "$S/ties.yml" --dry-run --device cpu --max-memory 34M --threads 2 --json > "$S/once_dry.json"
 [ "$(json_number tensors_chunked_read_once_less "$S/once.json")" -ge 1 ] ||
   fail "ties at 34M: no tensor in row chunks skipped HIST_LO's reads"
 # the captures' memory comes out of the pool, but never so much that another
@@ -111,7 +112,7 @@ same_bytes "$S/whole_ties" "$S/once_less"
 # and nothing else; so does a file already in the page cache. Without the
 # option nothing is read with O_DIRECT.
 evict_cache "$S/models"
-"$MS_BIN" merge "$S/ties.yml" -o "$S/direct" --max-memory 34M --direct-io --json > "$S/direct.json" 2> "$S/direct.err"
+"$MS_BIN" merge "$S/ties.yml" -o "$S/direct" --max-memory 34M --threads 2 --direct-io --json > "$S/direct.json" 2> "$S/direct.err"
 if grep -qE "cannot read it with O_DIRECT|already in the page cache" "$S/direct.err"; then
   echo "note: O_DIRECT refused here, or the page cache kept the inputs: the direct reads are not checked"
 else

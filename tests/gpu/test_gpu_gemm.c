@@ -551,8 +551,8 @@ static void test_attend_layer(void **state)
         mixed.attend = attend_on_gpu;
         gpu_gemm_set_attend_block_for_tests(round < 2 ? 0 : rng_range(1, 20));
         cpu_llama *m_cpu = NULL, *m_gpu = NULL;
-        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &cpu_seam, &m_cpu), 0);
-        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &mixed, &m_gpu), 0);
+        assert_int_equal(cpu_llama_open(&c, T, T, 400, NULL, &cpu_seam, &m_cpu), 0);
+        assert_int_equal(cpu_llama_open(&c, T, T, 400, NULL, &mixed, &m_gpu), 0);
         assert_int_equal(cpu_llama_layer_forward(m_cpu, &w, &b, x_cpu), 0);
         int rc = cpu_llama_layer_forward(m_gpu, &w, &b, x_gpu);
         if (rc != 0)
@@ -577,7 +577,7 @@ static void test_attend_layer(void **state)
         whole.ctx = g;
         whole.layer = layer_on_gpu;
         cpu_llama *m_dev = NULL;
-        assert_int_equal(cpu_llama_open(&c, T, 90, 400, NULL, &whole, &m_dev), 0);
+        assert_int_equal(cpu_llama_open(&c, T, T, 400, NULL, &whole, &m_dev), 0);
         bool stats = round % 2 == 1;
         int slot[CPU_LLAMA_IN_COUNT];
         bool want_in[CPU_LLAMA_IN_COUNT];
