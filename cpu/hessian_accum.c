@@ -12,6 +12,11 @@ struct cpu_hessian {
     uint64_t flush_rows;
     float *h32;      /* dim x dim, upper triangle: the rows since the last flush */
     double *h64;     /* dim x dim, upper triangle: flushed blocks; NULL until the first flush */
+    /* false: the matrix is zero whatever its memory holds. A reset only
+     * clears these, so a layer's statistics cost no pass over the memory
+     * before they start: h32 is zeroed when the first rows come, and the
+     * first flush or sum into h64 assigns instead of adding. */
+    bool h32_live, h64_live;
     uint64_t rows;   /* all rows added */
     uint64_t block;  /* rows in h32 */
 };
@@ -63,9 +68,7 @@ void cpu_hessian_close(cpu_hessian *h)
 
 void cpu_hessian_reset(cpu_hessian *h)
 {
-    memset(h->h32, 0, (size_t)(h->dim * h->dim) * sizeof *h->h32);
-    if (h->h64)
-        memset(h->h64, 0, (size_t)(h->dim * h->dim) * sizeof *h->h64);
+    h->h32_live = h->h64_live = false;
     h->rows = h->block = 0;
 }
 
@@ -83,20 +86,42 @@ int cpu_hessian_reserve(cpu_hessian *h, uint64_t more_rows)
     return flushes ? hessian_alloc_fp64(h) : 0;
 }
 
+/* dst[j] += src[j] for j in [j0, d), into a zero matrix (live false) as
+ * 0.0 + src[j]: the same value an add to a zeroed matrix gave. */
+static void add_row_f32(double *dst, const float *src, uint64_t j0, uint64_t d, bool live)
+{
+    if (live)
+        for (uint64_t j = j0; j < d; j++)
+            dst[j] += (double)src[j];
+    else
+        for (uint64_t j = j0; j < d; j++)
+            dst[j] = 0.0 + (double)src[j];
+}
+
+static void add_row_f64(double *dst, const double *src, uint64_t j0, uint64_t d, bool live)
+{
+    if (live)
+        for (uint64_t j = j0; j < d; j++)
+            dst[j] += src[j];
+    else
+        for (uint64_t j = j0; j < d; j++)
+            dst[j] = 0.0 + src[j];
+}
+
 /* h64 += h32 (upper triangle), h32 = 0. */
 static int hessian_flush(cpu_hessian *h)
 {
+    CPU_ASSERT(h->h32_live);
     int rc = hessian_alloc_fp64(h);
     if (rc < 0)
         return rc;
     uint64_t d = h->dim;
     for (uint64_t i = 0; i < d; i++) {
-        double *dst = h->h64 + i * d;
         float *src = h->h32 + i * d;
-        for (uint64_t j = i; j < d; j++)
-            dst[j] += (double)src[j];
+        add_row_f32(h->h64 + i * d, src, i, d, h->h64_live);
         memset(src + i, 0, (size_t)(d - i) * sizeof *src);
     }
+    h->h64_live = true;
     h->block = 0;
     return 0;
 }
@@ -113,6 +138,10 @@ int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ld
         uint64_t take = h->flush_rows - h->block;
         if (take > n_rows)
             take = n_rows;
+        if (!h->h32_live) { /* the Gram function adds to what is there */
+            memset(h->h32, 0, (size_t)(h->dim * h->dim) * sizeof *h->h32);
+            h->h32_live = true;
+        }
         int grc = gram(gram_ctx, x, take, h->dim, ldx, h->h32);
         if (grc < 0)
             return grc;
@@ -135,6 +164,8 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
         free(buf);
         return -ENOMEM;
     }
+    bool live = h->h64_live;
+    h->h64_live = true; /* from here a failure leaves the matrix unusable */
     for (uint64_t r0 = 0; r0 < d; r0 += step) {
         uint64_t n = d - r0 < step ? d - r0 : step;
         int rc = get(ctx, r0, n, buf);
@@ -142,12 +173,8 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
             free(buf);
             return rc;
         }
-        for (uint64_t i = r0; i < r0 + n; i++) {
-            double *dst = h->h64 + i * d;
-            const double *src = buf + (i - r0) * d;
-            for (uint64_t j = i; j < d; j++)
-                dst[j] += src[j];
-        }
+        for (uint64_t i = r0; i < r0 + n; i++)
+            add_row_f64(h->h64 + i * d, buf + (i - r0) * d, i, d, live);
     }
     free(buf);
     h->rows += rows;
@@ -157,22 +184,26 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
 uint64_t cpu_hessian_rows(const cpu_hessian *h) { return h->rows; }
 uint64_t cpu_hessian_dim(const cpu_hessian *h) { return h->dim; }
 
-/* Element (i, j) with i <= j of the accumulated sum, in fp64. */
-static inline double hessian_upper(const cpu_hessian *h, uint64_t i, uint64_t j)
+/* Element k (upper triangle) of the sum in fp64: the fp64 matrix plus the
+ * fp32 block, a matrix that is not live counting as zero (h32 and h64 are
+ * NULL then). The same expression as when both were kept zeroed. */
+static inline double hessian_at(const double *h64, const float *h32, uint64_t k)
 {
-    uint64_t k = i * h->dim + j;
-    return h->h64 ? h->h64[k] + (double)h->h32[k] : (double)h->h32[k];
+    double b = h32 ? (double)h32[k] : 0.0;
+    return h64 ? h64[k] + b : b;
 }
 
 void cpu_hessian_rows_out(const cpu_hessian *h, double scale, uint64_t row0, uint64_t n_rows, float *out)
 {
     uint64_t d = h->dim;
     CPU_ASSERT(row0 <= d && n_rows <= d - row0);
+    const double *h64 = h->h64_live ? h->h64 : NULL;
+    const float *h32 = h->h32_live ? h->h32 : NULL;
     /* On and above the diagonal: row i of the upper triangle, contiguous. */
     for (uint64_t r = 0; r < n_rows; r++) {
         uint64_t i = row0 + r;
         for (uint64_t j = i; j < d; j++)
-            out[r * d + j] = (float)(scale * hessian_upper(h, i, j));
+            out[r * d + j] = (float)(scale * hessian_at(h64, h32, i * d + j));
     }
     /* Below: element (i, j), j < i, is the upper triangle's (j, i). Walking j
      * outermost reads row j of the upper triangle contiguously and writes one
@@ -181,6 +212,6 @@ void cpu_hessian_rows_out(const cpu_hessian *h, double scale, uint64_t row0, uin
     for (uint64_t j = 0; j + 1 < last; j++) {
         uint64_t first_i = j + 1 > row0 ? j + 1 : row0;
         for (uint64_t i = first_i; i < last; i++)
-            out[(i - row0) * d + j] = (float)(scale * hessian_upper(h, j, i));
+            out[(i - row0) * d + j] = (float)(scale * hessian_at(h64, h32, j * d + i));
     }
 }

@@ -56,7 +56,9 @@ int cpu_hessian_open(uint64_t dim, uint64_t flush_rows, cpu_hessian **out);
 void cpu_hessian_close(cpu_hessian *h);
 
 /* Back to zero rows, keeping the allocations (the next layer's statistics
- * reuse the same memory instead of faulting in fresh pages). */
+ * reuse the same memory instead of faulting in fresh pages). No pass over
+ * the memory: the matrices are marked zero and cleared, or assigned, when
+ * rows next come. */
 void cpu_hessian_reset(cpu_hessian *h);
 
 /* Allocates now the fp64 matrix that adding more_rows rows would need (a

@@ -942,6 +942,28 @@ static void test_hessian_accum(void **state)
             snprintf(what, sizeof what, "rows + sum, dim %" PRIu64 " flush %" PRIu64 " split %" PRIu64, d,
                      k_flush[fi], split);
             expect_close(what, out, ref, d * d, 1e-5);
+            /* after a reset the old fp64 sums count for nothing even where
+             * the new rows never reach a flush, and a sum from elsewhere
+             * lands on zero: the bytes of a fresh accumulator given the same
+             * rows and sum */
+            cpu_hessian_reset(h);
+            uint64_t few = 1 + rng_below(k_flush[fi] > 1 && k_flush[fi] < rows ? k_flush[fi] - 1 : rows);
+            cpu_hessian *fresh = NULL;
+            assert_int_equal(cpu_hessian_open(d, k_flush[fi], &fresh), 0);
+            sum_src rest = {.x = x + few * ld, .rows = rows - few, .d = d, .ld = ld};
+            cpu_hessian *both[2] = {h, fresh};
+            for (unsigned b = 0; b < 2; b++) {
+                assert_int_equal(cpu_hessian_add(both[b], x, few, ld, g.gram, g.ctx), 0);
+                assert_int_equal(cpu_hessian_add_sum(both[b], rows - few, sum_rows, &rest), 0);
+            }
+            float *want = malloc(d * d * sizeof(float));
+            cpu_hessian_rows_out(h, scale, 0, d, out);
+            cpu_hessian_rows_out(fresh, scale, 0, d, want);
+            if (memcmp(out, want, d * d * sizeof(float)) != 0)
+                fail_msg("dim %" PRIu64 " flush %" PRIu64 ": %" PRIu64 " rows and a sum after a reset differ "
+                         "from a fresh accumulator's", d, k_flush[fi], few);
+            free(want);
+            cpu_hessian_close(fresh);
             free(out);
             cpu_hessian_close(h);
         }
