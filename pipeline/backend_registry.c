@@ -1,8 +1,6 @@
 #include "pipeline/backend_registry.h"
 
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_backend.h"
@@ -98,12 +96,6 @@ void ms_gpu_host_unregister(void *p) { (void)p; }
 
 /* ============================================================ forward-pass GEMMs */
 
-bool ms_gpu_unverified_enabled(void)
-{
-    const char *v = getenv("MERGESTREAM_GPU_UNVERIFIED");
-    return v && strcmp(v, "1") == 0;
-}
-
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_gemm.h"
 
@@ -152,23 +144,11 @@ static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((cons
 
 cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
 {
-    cpu_llama_gemm seam = {.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .weights_changed = seam_weights_changed,
-                           .last_error = seam_last_error};
-    /* The whole layer on the device (gpu_gemm_layer), its attention
-     * (gpu_gemm_attend), the statistics held on the device (gpu_gemm_stat_*)
-     * and the pinned batch buffers have not run on a GPU yet: until
-     * tests/gpu/device_check.sh shows they agree with the CPU's, only with
-     * MERGESTREAM_GPU_UNVERIFIED=1. */
-    if (ms_gpu_unverified_enabled()) {
-        seam.attend = seam_attend;
-        seam.stat_begin = seam_stat_begin;
-        seam.stat_add = seam_stat_add;
-        seam.stat_finish = seam_stat_finish;
-        seam.host_alloc = seam_host_alloc;
-        seam.host_free = seam_host_free;
-        seam.layer = seam_layer;
-    }
-    return seam;
+    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .attend = seam_attend,
+                            .layer = seam_layer, .stat_begin = seam_stat_begin, .stat_add = seam_stat_add,
+                            .stat_finish = seam_stat_finish, .host_alloc = seam_host_alloc,
+                            .host_free = seam_host_free, .weights_changed = seam_weights_changed,
+                            .last_error = seam_last_error};
 }
 
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)

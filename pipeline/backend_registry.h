@@ -62,11 +62,6 @@ void ms_gpu_host_unregister(void *p);
 
 typedef struct ms_gpu_gemm ms_gpu_gemm;
 
-/* MERGESTREAM_GPU_UNVERIFIED=1: GPU code written but not yet run on a GPU
- * takes part (now: the forward pass's attention and the Hessian statistics
- * on the device); the GPU tests and tests/gpu/device_check.sh set it. */
-bool ms_gpu_unverified_enabled(void);
-
 /* Opens GPU 0 for the forward pass with at most memory_limit bytes of device
  * buffers (0: no cap). Returns 0 and *out, or -1 with a one-line reason in
  * why ("built without CUDA", "no CUDA device", a driver error). */

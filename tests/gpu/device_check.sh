@@ -15,20 +15,16 @@
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
 #      another process holds nearly all GPU memory
 #   4. bench (hot page cache): hessian tokens/s on the GPU against its GEMM
-#      peak (first: its device path is the newest GPU code); TIES copy / GPU
+#      peak (whole decoder layers on the device); TIES copy / GPU
 #      / CPU on every core; slerp and model_stock on GPU and CPU; FULL=1:
-#      TIES with one GPU lane and with the pool pageable, hessian with the
-#      attention's scores through the GEMM seam, and on the CPU, and a cold
-#      CPU TIES with and without --direct-io
+#      TIES with one GPU lane and with the pool pageable, hessian on the
+#      CPU, and a cold CPU TIES with and without --direct-io
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
 #      the e2e merges on it), run beside step 2 (neither is timed)
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
 # C libraries: carry their Debian packages in .devdeps/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-# GPU code not yet verified on a GPU (now: the forward pass's attention on
-# the device) takes part in every run below (pipeline/backend_registry.h)
-export MERGESTREAM_GPU_UNVERIFIED=1
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
@@ -97,11 +93,8 @@ hessian() { # LABEL DEVICE: bench_hessian.sh's figures
   grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
 }
 note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
-hessian cuda cuda # attention on the device (MERGESTREAM_GPU_UNVERIFIED=1)
-if [ "${FULL:-0}" = 1 ]; then
-  MERGESTREAM_GPU_UNVERIFIED=0 hessian cuda-gemm-attention cuda # scores through the GEMM seam, softmax on the CPU
-  hessian cpu cpu
-fi
+hessian cuda cuda
+[ "${FULL:-0}" = 1 ] && hessian cpu cpu
 bench() { # LABEL BENCH_MERGE_ARGS...
   MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench --hot-only "${@:2}" \
     2>&1 | grep -E "cache=" | sed "s/^/  $1 /" | tee -a "$summary"

@@ -7,9 +7,6 @@
 # batches to the CPU, each with a "GPU out of memory on ...: using CPU" line,
 # and the results still match the CPU's. Exit 77 where no GPU is usable.
 source "$(dirname "$0")/../e2e/lib.bash"
-# the attention on the device (gpu_gemm_attend) takes part only with this
-# until a device run has verified it (pipeline/backend_registry.h)
-export MERGESTREAM_GPU_UNVERIFIED=1
 
 M="$WORK/m"
 "$MS_GEN" base "$M" --preset small --dtype bf16 --seed 5 # 4 layers, hidden 256, inter 688, vocab 1024
