@@ -63,10 +63,13 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
  * BASE_DIR+ADAPTER_DIR, ms_llama_session_open) and OpenBLAS's threads, and
  * fills the run options every command shares: batch size, activation budget
  * (--max-memory minus what one layer and the weight source hold; a warning
- * when that alone exceeds it), progress label. Returns 0, or -1 with err set
- * (nothing left open, *pool NULL). */
-int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
-                     cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
+ * when that alone exceeds it), progress label. stats_buf: NULL for a run
+ * without statistics (perplexity); else it receives the bytes of the
+ * statistics' output buffer (hessian_sink.h), counted in the budget: a
+ * whole layer's where the activations still fit, else 16 MiB. Returns 0,
+ * or -1 with err set (nothing left open, *pool NULL). */
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf,
+                     ms_llama_session *s, cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
 
 /* --device: opens the GPU for the GEMMs (ms_gpu_gemm_open with
  * --gpu-memory-limit) unless cpu. auto without a usable GPU logs one line

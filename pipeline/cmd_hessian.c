@@ -16,15 +16,15 @@
 #include <cjson/cJSON.h>
 
 #include "cpu/llama_forward.h"
-#include "io/checksum.h"
 #include "io/st_writer.h"
 #include "pipeline/cli.h"
 #include "pipeline/cli_hessian.h"
+#include "pipeline/hessian_sink.h"
 #include "pipeline/progress.h"
 #include "pipeline/size_parse.h"
 
 #define HESSIAN_STEM "hessians"
-#define WRITE_CHUNK_BYTES (4u << 20)
+#define STATS_PIECE_BYTES (16u << 20) /* the statistics' output buffer when a layer's does not fit */
 #define AUTO_BATCH_TOKENS 2048u
 
 static const char k_help[] =
@@ -51,7 +51,9 @@ static const char k_help[] =
     "  --batch-size N        samples per batch (default: about 2048 tokens)\n"
     "  --max-memory SIZE     memory for weights, statistics and activations; activations\n"
     "                        beyond it go to a temporary file in DIR (default: a quarter\n"
-    "                        of RAM, at most 8G)\n"
+    "                        of RAM, at most 8G). A layer's statistics are written while\n"
+    "                        the next layer runs where a copy of them fits beside the\n"
+    "                        activations\n"
     "  --threads N           compute threads (default: all cores)\n"
     "  --device auto|cpu|cuda where the GEMMs and Gram updates run (default auto: the\n"
     "                        GPU when one is usable, else the CPU); a batch the GPU has\n"
@@ -171,8 +173,8 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     return 0;
 }
 
-int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, bool stats, ms_llama_session *s,
-                     cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf,
+                     ms_llama_session *s, cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
 {
     *pool = NULL;
     int rc = cpu_pool_open(o->threads, pool); /* first: a LoRA source computes its deltas on it */
@@ -201,10 +203,24 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, boo
     batch = batch < 1 ? 1 : batch > cal->n_samples ? cal->n_samples : batch;
     uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;
     uint64_t seq = cal->seq_len < rows ? cal->seq_len : rows;
-    uint64_t fixed = ms_llama_fixed_bytes(c, stats, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
+    uint64_t fixed = ms_llama_fixed_bytes(c, stats_buf != NULL, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
     if (fixed != UINT64_MAX)
         fixed = fixed + s->src.host_bytes < fixed ? UINT64_MAX : fixed + s->src.host_bytes;
     uint64_t act = cal->n_real * c->hidden * 4;
+    if (stats_buf) {
+        /* The statistics' output buffer: a whole layer's where that leaves
+         * the activations in memory (its writing then overlaps the next
+         * layer), else pieces (hessian_sink.h). */
+        uint64_t whole = ms_hessian_layer_bytes(c), piece = STATS_PIECE_BYTES;
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            uint64_t row = ms_llama_stat_dim(c, (ms_llama_stat)k) * 4;
+            piece = row > piece ? row : piece;
+        }
+        bool fits = fixed != UINT64_MAX && fixed + whole + act <= o->max_memory;
+        *stats_buf = fits ? whole : piece;
+        if (fixed != UINT64_MAX)
+            fixed += *stats_buf;
+    }
     if (fixed >= o->max_memory)
         ms_log_warn("one layer's weights, statistics and batch scratch take %.2f GB, more than --max-memory "
                     "(%.2f GB): activations go to a temporary file",
@@ -297,43 +313,6 @@ static int outdir_check(const char *dir, bool force, bool *exists, ms_error *err
     return rc;
 }
 
-typedef struct hess_sink {
-    st_writer *w;
-    const st_plan *plan;
-    uint64_t n_layers;
-    float *buf;
-    uint64_t buf_floats;
-    ms_hasher hasher;
-    uint64_t bytes_written;
-} hess_sink;
-
-/* on_stats: each statistic, scaled by 2 / N, written in row chunks. */
-static int sink_stats(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err)
-{
-    hess_sink *s = ctx;
-    for (unsigned k = 0; k < n; k++) {
-        size_t idx = layer < s->n_layers ? (size_t)(layer * MS_LLAMA_STAT_COUNT + k)
-                                         : (size_t)(s->n_layers * MS_LLAMA_STAT_COUNT);
-        const st_plan_tensor *pt = st_plan_tensor_at(s->plan, idx);
-        uint64_t d = cpu_hessian_dim(stats[k]);
-        MS_ASSERT(pt->shape[0] == d && pt->shape[1] == d);
-        double scale = 2.0 / (double)cpu_hessian_rows(stats[k]);
-        uint64_t per = s->buf_floats / d;
-        MS_ASSERT(per >= 1);
-        ms_hasher_reset(&s->hasher);
-        for (uint64_t r0 = 0; r0 < d; r0 += per) {
-            uint64_t nr = d - r0 < per ? d - r0 : per;
-            cpu_hessian_rows_out(stats[k], scale, r0, nr, s->buf);
-            ms_hasher_update(&s->hasher, s->buf, (size_t)(nr * d * 4));
-            if (st_writer_write(s->w, idx, r0 * d * 4, s->buf, nr * d * 4, err) < 0)
-                return -1;
-        }
-        st_writer_set_tensor_hash(s->w, idx, ms_hasher_digest(&s->hasher));
-        s->bytes_written += d * d * 4;
-    }
-    return 0;
-}
-
 /* The plan: every statistic in order, metadata first. */
 static int build_plan(const ms_fwd_cli *o, const ms_llama_session *s, st_plan **out, ms_error *err)
 {
@@ -401,8 +380,8 @@ fail:
 
 /* ============================================================ the command */
 
-/* finish_s: the st_writer_finish after the run (its directory fsync and
- * index), counted with the run's output time. */
+/* finish_s: after the run, the statistics' last writes and st_writer_finish
+ * (its directory fsync and index), counted with the run's output time. */
 static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const ms_llama_result *r,
                           const st_plan *plan, double finish_s, const ms_gpu_gemm *gpu)
 {
@@ -457,13 +436,14 @@ int ms_cmd_hessian(int argc, char **argv)
     ms_gpu_gemm *gpu = NULL;
     st_plan *plan = NULL;
     st_writer *w = NULL;
-    hess_sink sink = {0};
+    ms_hessian_sink *sink = NULL;
+    uint64_t stats_buf = 0;
     bool existed = false, created = false;
     ms_llama_run_opts ro;
     ms_llama_result res;
     if (outdir_check(o.out_dir, o.force, &existed, &err) < 0)
         goto fail;
-    if (ms_fwd_cli_setup(&o, "hessian", false, true, &s, &pool, &ro, &err) < 0)
+    if (ms_fwd_cli_setup(&o, "hessian", false, &stats_buf, &s, &pool, &ro, &err) < 0)
         goto fail;
     if (ms_fwd_cli_gpu_open(&o, "hessian", &gpu, &err) < 0)
         goto fail;
@@ -481,47 +461,38 @@ int ms_cmd_hessian(int argc, char **argv)
     for (size_t sh = 0; sh < st_plan_n_shards(plan); sh++) /* a full disk fails now, not after the run */
         if (st_writer_shard_open(w, sh, &err) < 0)
             goto fail;
-    uint64_t widest = s.config.llama.hidden;
-    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
-        uint64_t d = ms_llama_stat_dim(&s.config.llama, (ms_llama_stat)k);
-        widest = d > widest ? d : widest;
-    }
-    sink = (hess_sink){.w = w, .plan = plan, .n_layers = s.config.llama.n_layers};
-    sink.buf_floats = WRITE_CHUNK_BYTES / 4 > widest ? WRITE_CHUNK_BYTES / 4 : widest;
-    sink.buf = malloc((size_t)sink.buf_floats * sizeof(float));
-    if (!sink.buf || ms_hasher_init(&sink.hasher) < 0) {
-        ms_error_errno(&err, MS_EXIT_RUNTIME, ENOMEM, o.out_dir, "cannot allocate the write buffer");
+    if (ms_hessian_sink_open(w, plan, s.config.llama.n_layers, stats_buf, pool, &sink, &err) < 0)
         goto fail;
-    }
-    ro.on_stats = sink_stats;
-    ro.stats_ctx = &sink;
+    ro.on_stats = ms_hessian_sink_stats;
+    ro.stats_ctx = sink;
     ro.head_stats = true;
     ro.spill_dir = o.out_dir;
     cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
     if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, gpu ? &seam : NULL, &res, &err) < 0)
         goto fail;
+    double t_finish = ms_now_seconds(); /* the last writes, then the shards' fsync and the index */
+    if (ms_hessian_sink_drain(sink, &err) < 0)
+        goto fail;
+    ms_hessian_sink_close(sink);
+    sink = NULL;
     if (ms_llama_session_check_unchanged(&s, &err) < 0)
         goto fail;
-    double t_finish = ms_now_seconds();
     if (st_writer_finish(w, &err) < 0)
         goto fail;
     st_writer_close(w);
     double finish_s = ms_now_seconds() - t_finish;
     res.seconds += finish_s;
     print_summary(&o, &s, &res, plan, finish_s, gpu);
-    free(sink.buf);
-    ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
     ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */
     cpu_pool_close(pool);
     return MS_EXIT_OK;
 fail:
+    ms_hessian_sink_close(sink); /* its thread writes through w */
     st_writer_abort(w);
     if (created)
         rmdir(o.out_dir); /* only if nothing else landed in it */
-    free(sink.buf);
-    ms_hasher_free(&sink.hasher);
     st_plan_free(plan);
     ms_gpu_gemm_close(gpu);
     ms_llama_session_close(&s); /* before the pool its LoRA source computes on */

@@ -1,0 +1,54 @@
+/* Where `hessian`'s statistics go once a layer's are complete: the output's
+ * bytes (each statistic's full symmetric matrix, scaled by 2 / N, in fp32)
+ * are made on the thread pool into a buffer, and a writer thread of the
+ * sink's own hashes and writes them while the next layer runs.
+ *
+ * With a buffer that holds a layer's statistics (ms_hessian_layer_bytes),
+ * the layer's output is converted at once and its writing overlaps the next
+ * layer; with a smaller one the statistics go in pieces of the buffer's
+ * size, each converted once the last piece is written, and only the last
+ * piece overlaps. One buffer in flight either way: memory is the buffer.
+ *
+ * Thread use: ms_hessian_sink_stats and the rest from one thread, the one
+ * that runs the layers (it also uses the pool); the writer thread only
+ * writes through the st_writer, which nothing else may touch until
+ * ms_hessian_sink_drain has returned. */
+#ifndef MS_HESSIAN_SINK_H
+#define MS_HESSIAN_SINK_H
+
+#include <stdint.h>
+
+#include "cpu/cpu_pool.h"
+#include "cpu/hessian_accum.h"
+#include "cpu/llama_forward.h"
+#include "io/ms_error.h"
+#include "io/st_writer.h"
+
+typedef struct ms_hessian_sink ms_hessian_sink;
+
+/* Bytes of one layer's statistics as written (the largest set the sink is
+ * handed: the head's statistic is one hidden x hidden matrix). */
+uint64_t ms_hessian_layer_bytes(const cpu_llama_config *cfg);
+
+/* A sink writing into w, laid out by plan: layer l's statistic k is tensor
+ * l * MS_LLAMA_STAT_COUNT + k, the head's the one after the last layer's.
+ * buf_bytes: the buffer, at least one row of the widest statistic. Returns 0
+ * and *out, or -1 with err set (nothing left open). */
+int ms_hessian_sink_open(st_writer *w, const st_plan *plan, uint64_t n_layers, uint64_t buf_bytes, cpu_pool *pool,
+                         ms_hessian_sink **out, ms_error *err);
+
+/* ms_llama_run_opts.on_stats (ctx: the sink): waits until the writer has
+ * taken the last layer's output, converts these statistics and hands them
+ * to the writer. Returns 0, or -1 with err set: a write of an earlier
+ * layer's failed (its message), and the sink writes nothing more. */
+int ms_hessian_sink_stats(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err);
+
+/* Waits for every write handed over; returns 0, or -1 with the first
+ * failure's message in err. */
+int ms_hessian_sink_drain(ms_hessian_sink *s, ms_error *err);
+
+/* Stops the writer after the write in progress (a failed run does not wait
+ * for the rest) and frees the sink. NULL is a no-op. */
+void ms_hessian_sink_close(ms_hessian_sink *s);
+
+#endif

@@ -1,0 +1,182 @@
+/* hessian's statistics sink (pipeline/hessian_sink.h): layers of random
+ * statistics through the sink, with a buffer for a whole layer, for a few
+ * rows of the widest statistic, and sizes between that cut the statistics
+ * into pieces across tensors; one to four pool threads; shards of one to
+ * many tensors. The accumulators are reset and refilled for the next layer
+ * as soon as the sink returns (as hessian does), so the writer must only
+ * read what the sink converted. Every tensor's bytes and hash are compared
+ * with cpu_hessian_rows_out's matrix made before the reset. The random seed
+ * is printed; MS_TEST_SEED=N replays a run. */
+#include <ftw.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "cpu/cpu_pool.h"
+#include "io/checksum.h"
+#include "io/st_writer.h"
+#include "pipeline/hessian_sink.h"
+#include "pipeline/llama_run.h"
+#include "test_rng.h"
+
+/* Uniform in [lo, hi]. */
+static uint64_t rnd_range(uint64_t lo, uint64_t hi) { return lo + rng_next() % (hi - lo + 1); }
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+/* A tensor's expected bytes, filled as its statistic is handed over. */
+typedef struct expected {
+    float *data;
+    uint64_t dim;
+} expected;
+
+/* Adds rows of random values (a few rows per statistic, some statistics
+ * given more than a flush's worth) into h and records the output the sink
+ * must write for it. */
+static void fill_stat(cpu_hessian *h, expected *want)
+{
+    uint64_t d = cpu_hessian_dim(h), rows = rnd_range(1, 40);
+    float *x = malloc(rows * d * sizeof *x);
+    for (uint64_t i = 0; i < rows * d; i++)
+        x[i] = (float)(rng_unit() - 0.5);
+    assert_int_equal(cpu_hessian_add(h, x, rows, d, cpu_gram_blas, NULL), 0);
+    free(x);
+    want->dim = d;
+    want->data = malloc(d * d * sizeof(float));
+    cpu_hessian_rows_out(h, 2.0 / (double)cpu_hessian_rows(h), 0, d, want->data);
+}
+
+static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t buf_bytes, unsigned threads,
+                     uint64_t shard_limit)
+{
+    char tmpl[] = "/tmp/ms_sink_test_XXXXXX";
+    char *dir = mkdtemp(tmpl);
+    assert_non_null(dir);
+    ms_error err = {0};
+    st_plan *plan = NULL;
+    assert_int_equal(st_plan_create(shard_limit, &plan, &err), 0);
+    size_t n_tensors = (size_t)(n_layers * MS_LLAMA_STAT_COUNT + 1);
+    for (size_t i = 0; i < n_tensors; i++) {
+        uint64_t d = i < n_tensors - 1 ? ms_llama_stat_dim(cfg, (ms_llama_stat)(i % MS_LLAMA_STAT_COUNT))
+                                       : cfg->hidden;
+        uint64_t shape[2] = {d, d};
+        char name[32];
+        snprintf(name, sizeof name, "stat.%zu", i);
+        assert_int_equal(st_plan_add_tensor(plan, name, ST_F32, 2, shape, NULL, &err), 0);
+    }
+    assert_int_equal(st_plan_layout(plan, &err), 0);
+    st_writer *w = NULL;
+    assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
+    cpu_pool *pool = NULL;
+    assert_int_equal(cpu_pool_open(threads, &pool), 0);
+    ms_hessian_sink *sink = NULL;
+    if (ms_hessian_sink_open(w, plan, n_layers, buf_bytes, pool, &sink, &err) < 0)
+        fail_msg("%s", err.msg);
+
+    expected *want = calloc(n_tensors, sizeof *want);
+    cpu_hessian *h[MS_LLAMA_STAT_COUNT] = {0};
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) /* flush 16: some statistics reach fp64 */
+        assert_int_equal(cpu_hessian_open(ms_llama_stat_dim(cfg, (ms_llama_stat)k), 16, &h[k]), 0);
+    for (uint64_t l = 0; l < n_layers; l++) {
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            cpu_hessian_reset(h[k]);
+            fill_stat(h[k], &want[l * MS_LLAMA_STAT_COUNT + k]);
+        }
+        if (ms_hessian_sink_stats(sink, l, h, MS_LLAMA_STAT_COUNT, &err) < 0)
+            fail_msg("layer %" PRIu64 ": %s", l, err.msg);
+    }
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) { /* what the sink was handed changes at once */
+        cpu_hessian_reset(h[k]);
+        expected scratch;
+        fill_stat(h[k], &scratch);
+        free(scratch.data);
+    }
+    cpu_hessian *head = NULL;
+    assert_int_equal(cpu_hessian_open(cfg->hidden, 16, &head), 0);
+    fill_stat(head, &want[n_tensors - 1]);
+    if (ms_hessian_sink_stats(sink, n_layers, &head, 1, &err) < 0)
+        fail_msg("head: %s", err.msg);
+    cpu_hessian_close(head);
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++)
+        cpu_hessian_close(h[k]);
+    if (ms_hessian_sink_drain(sink, &err) < 0)
+        fail_msg("drain: %s", err.msg);
+    ms_hessian_sink_close(sink);
+    if (st_writer_finish(w, &err) < 0)
+        fail_msg("finish: %s", err.msg);
+
+    for (size_t i = 0; i < n_tensors; i++) {
+        const st_plan_tensor *t = st_plan_tensor_at(plan, i);
+        const st_plan_shard *sh = st_plan_shard_at(plan, t->shard);
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s", dir, sh->file_name);
+        FILE *f = fopen(path, "rb");
+        assert_non_null(f);
+        uint64_t bytes = want[i].dim * want[i].dim * 4;
+        assert_true(t->nbytes == bytes);
+        float *got = malloc(bytes);
+        assert_int_equal(fseeko(f, (off_t)t->offset, SEEK_SET), 0);
+        assert_int_equal(fread(got, 1, bytes, f), bytes);
+        fclose(f);
+        if (memcmp(got, want[i].data, bytes) != 0)
+            fail_msg("tensor %zu (dim %" PRIu64 ", buffer %" PRIu64 " bytes, %u threads): bytes differ", i,
+                     want[i].dim, buf_bytes, threads);
+        if (st_writer_tensor_hash(w, i) != ms_hash64(got, bytes))
+            fail_msg("tensor %zu: recorded hash differs from its bytes' hash", i);
+        free(got);
+        free(want[i].data);
+    }
+    free(want);
+    st_writer_close(w);
+    cpu_pool_close(pool);
+    st_plan_free(plan);
+    nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
+static void test_sink_pieces(void **state)
+{
+    (void)state;
+    for (unsigned round = 0; round < 24; round++) {
+        cpu_llama_config cfg = {.hidden = rnd_range(3, 40), .n_heads = rnd_range(1, 4), .n_kv_heads = 1,
+                                .head_dim = 2 * rnd_range(1, 6), .intermediate = rnd_range(3, 90)};
+        uint64_t widest = cfg.hidden;
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            uint64_t d = ms_llama_stat_dim(&cfg, (ms_llama_stat)k);
+            widest = d > widest ? d : widest;
+        }
+        uint64_t whole = ms_hessian_layer_bytes(&cfg), buf;
+        switch (round % 4) {
+        case 0: buf = whole; break;
+        case 1: buf = widest * 4; break; /* one row of the widest: every piece is rows of one statistic */
+        case 2: buf = widest * 4 * rnd_range(1, 5) + 4 * rnd_range(0, 7); break;
+        default: buf = rnd_range(widest * 4, whole); break;
+        }
+        uint64_t shard_limit = rng_next() % 2 ? (uint64_t)1 << 40 : rnd_range(1, 4 * widest * widest);
+        run_case(&cfg, rnd_range(1, 4), buf, (unsigned)rnd_range(1, 4), shard_limit);
+    }
+}
+
+int main(void)
+{
+    const char *env = getenv("MS_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+    printf("seed %" PRIu64 " (MS_TEST_SEED replays it)\n", seed);
+    g_rng = seed;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sink_pieces),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
