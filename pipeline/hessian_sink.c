@@ -10,9 +10,10 @@
 #include "io/checksum.h"
 #include "pipeline/llama_run.h"
 
-/* Rows of output per conversion task: about 256 KB, enough to keep a task's
- * start-up small and many tasks for the pool's threads. */
-#define SINK_TASK_BYTES (256u << 10)
+/* Rows of output per conversion task: about 2 MB (64 rows at d = 8192), so
+ * that a task's transposed reads (cpu_hessian_rows_out) take 512 bytes of
+ * each row they visit, and a layer still makes over a hundred tasks. */
+#define SINK_TASK_BYTES (2u << 20)
 
 /* One stretch of a tensor in the buffer: rows [row0, row0 + n_rows) of a
  * statistic, bytes [offset, offset + len) of its tensor. */
