@@ -88,13 +88,13 @@ if [ $rc -eq 0 ] && cmp -s $B/cpu/model.safetensors $B/hogged/model.safetensors;
 rm -rf $B/cpu $B/gpu $B/hogged
 
 # 4. bench, hot page cache
-hessian() { # LABEL DEVICE: bench_hessian.sh's figures
-  SAMPLES=4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
+hessian() { # LABEL DEVICE LAYERS SAMPLES: bench_hessian.sh's figures
+  LAYERS=$3 SAMPLES=$4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
   grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
 }
-note "hessian (Llama-3.2-1B layer shapes, 2 layers, 4 x 2048 tokens):"
-hessian cuda cuda
-[ "${FULL:-0}" = 1 ] && hessian cpu cpu
+note "hessian (Llama-3.2-1B shapes: on the GPU all 16 layers, 32 x 2048 tokens; FULL=1 on the CPU 2 layers, 4 x 2048):"
+hessian cuda cuda 16 32
+[ "${FULL:-0}" = 1 ] && hessian cpu cpu 2 4
 bench() { # LABEL BENCH_MERGE_ARGS...
   MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench --hot-only "${@:2}" \
     2>&1 | grep -E "cache=" | sed "s/^/  $1 /" | tee -a "$summary"
