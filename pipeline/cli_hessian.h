@@ -66,9 +66,11 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
  * when that alone exceeds it), progress label. stats_buf: NULL for a run
  * without statistics (perplexity); else it receives the bytes of the
  * statistics' output buffer (hessian_sink.h), counted in the budget: a
- * whole layer's where the activations still fit, else 16 MiB. Returns 0,
- * or -1 with err set (nothing left open, *pool NULL). */
-int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf,
+ * whole layer's where the activations still fit, else 16 MiB. gpu: a GPU
+ * runs the layers; then the next layer's weights are loaded meanwhile where
+ * they fit too (ms_llama_run_opts.prefetch_weights). Returns 0, or -1 with
+ * err set (nothing left open, *pool NULL). */
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf, bool gpu,
                      ms_llama_session *s, cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err);
 
 /* --device: opens the GPU for the GEMMs (ms_gpu_gemm_open with

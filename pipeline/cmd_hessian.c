@@ -173,7 +173,7 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     return 0;
 }
 
-int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf,
+int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf, bool gpu,
                      ms_llama_session *s, cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
 {
     *pool = NULL;
@@ -221,12 +221,22 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uin
         if (fixed != UINT64_MAX)
             fixed += *stats_buf;
     }
+    /* With a GPU running the layers the host's cores wait, so the next
+     * layer's weights load meanwhile where a second layer's fit beside the
+     * activations (layer_prefetch.h). On the CPU the loader would only take
+     * a core from the layer's GEMMs: 16 Llama-1B-shaped layers on two vCPUs
+     * took as long either way (bench/RESULTS.md). */
+    uint64_t second = cpu_llama_layer_bytes(c);
+    bool prefetch = gpu && !s->src.uses_pool && fixed != UINT64_MAX && second != UINT64_MAX &&
+                    fixed + second + act <= o->max_memory;
+    if (prefetch)
+        fixed += second;
     if (fixed >= o->max_memory)
         ms_log_warn("one layer's weights, statistics and batch scratch take %.2f GB, more than --max-memory "
                     "(%.2f GB): activations go to a temporary file",
                     (double)fixed / 1e9, (double)o->max_memory / 1e9);
     *ro = (ms_llama_run_opts){.batch_size = batch, .act_budget = fixed < o->max_memory ? o->max_memory - fixed : 0,
-                              .label = label};
+                              .label = label, .prefetch_weights = prefetch};
     ms_log_info("%s: %s (%s, %" PRIu64 " layers), %" PRIu64 " samples x %" PRIu64 " positions, %" PRIu64
                 " tokens, batches of %" PRIu64 " samples; memory: %.2f GB per layer + %.2f GB activations%s",
                 label, o->model, ms_arch_name(s->config.arch), c->n_layers, cal->n_samples, cal->seq_len,
@@ -443,9 +453,9 @@ int ms_cmd_hessian(int argc, char **argv)
     ms_llama_result res;
     if (outdir_check(o.out_dir, o.force, &existed, &err) < 0)
         goto fail;
-    if (ms_fwd_cli_setup(&o, "hessian", false, &stats_buf, &s, &pool, &ro, &err) < 0)
-        goto fail;
     if (ms_fwd_cli_gpu_open(&o, "hessian", &gpu, &err) < 0)
+        goto fail;
+    if (ms_fwd_cli_setup(&o, "hessian", false, &stats_buf, gpu != NULL, &s, &pool, &ro, &err) < 0)
         goto fail;
     if (build_plan(&o, &s, &plan, &err) < 0)
         goto fail;

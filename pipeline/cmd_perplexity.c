@@ -52,9 +52,9 @@ int ms_cmd_perplexity(int argc, char **argv)
     ms_gpu_gemm *gpu = NULL;
     ms_llama_run_opts ro;
     ms_llama_result r;
-    if (ms_fwd_cli_setup(&o, "perplexity", true, NULL, &s, &pool, &ro, &err) < 0)
-        goto fail;
     if (ms_fwd_cli_gpu_open(&o, "perplexity", &gpu, &err) < 0)
+        goto fail;
+    if (ms_fwd_cli_setup(&o, "perplexity", true, NULL, gpu != NULL, &s, &pool, &ro, &err) < 0)
         goto fail;
     ro.nll = true;
     cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();

@@ -16,6 +16,7 @@
 #include "cpu/lora_delta.h"
 #include "io/atomic_file.h"
 #include "io/ms_fault.h"
+#include "pipeline/layer_prefetch.h"
 #include "pipeline/progress.h"
 
 #define SRC_STAGE_BYTES (8u << 20)        /* model source: raw bytes per pread */
@@ -288,7 +289,7 @@ int ms_llama_source_lora(const ms_model *m, const ms_peft *peft, cpu_pool *pool,
     s->peft = peft;
     s->pool = pool;
     *out = (ms_llama_source){.ctx = s, .where = s->where, .find = lora_find, .read_rows = lora_read_rows,
-                             .close = lora_close, .host_bytes = stage + factors};
+                             .close = lora_close, .host_bytes = stage + factors, .uses_pool = pool != NULL};
     return 0;
 }
 
@@ -952,12 +953,20 @@ static int open_stat(uint64_t dim, uint64_t flush, cpu_hessian **h, const char *
 static int run_layers(run_state *s, ms_error *err)
 {
     const cpu_llama_config *c = s->cfg;
-    cpu_llama_layer w = {0};
+    /* Two layers' weights when the next one loads while this one runs. */
+    bool prefetch = s->opt->prefetch_weights && !s->src->uses_pool && c->n_layers > 1;
+    cpu_llama_layer w[2] = {0};
+    ms_layer_prefetch pf = {0};
     cpu_hessian *h[MS_LLAMA_STAT_COUNT] = {0};
-    int rc = cpu_llama_layer_alloc(c, &w);
-    if (rc < 0)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, s->src->where, "cannot hold one layer's weights (%" PRIu64
-                              " bytes)", cpu_llama_layer_bytes(c));
+    for (unsigned i = 0; i < (prefetch ? 2u : 1u); i++) {
+        int rc = cpu_llama_layer_alloc(c, &w[i]);
+        if (rc < 0) {
+            cpu_llama_layer_free(&w[0]);
+            return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, s->src->where,
+                                  "cannot hold %s layer's weights (%" PRIu64 " bytes)", i ? "a second" : "one",
+                                  cpu_llama_layer_bytes(c));
+        }
+    }
     /* One set of accumulators, reset between layers: the memory is reused. */
     for (unsigned k = 0; s->opt->on_stats && k < MS_LLAMA_STAT_COUNT; k++) {
         char name[128];
@@ -966,8 +975,13 @@ static int run_layers(run_state *s, ms_error *err)
             goto fail;
     }
     for (uint64_t l = 0; l < c->n_layers; l++) {
-        if (ms_llama_layer_load(s->src, c, l, &w, err) < 0)
+        cpu_llama_layer *cur = &w[prefetch ? l % 2 : 0];
+        int load_rc = prefetch && l > 0 ? ms_layer_prefetch_wait(&pf, err) /* loaded during layer l - 1 */
+                                        : ms_llama_layer_load(s->src, c, l, cur, err);
+        if (load_rc < 0)
             goto fail;
+        if (prefetch && l + 1 < c->n_layers)
+            ms_layer_prefetch_start(&pf, s->src, c, l + 1, &w[(l + 1) % 2]);
         weights_changed(s);
         for (unsigned k = 0; s->opt->on_stats && l > 0 && k < MS_LLAMA_STAT_COUNT; k++)
             cpu_hessian_reset(h[k]);
@@ -986,7 +1000,7 @@ static int run_layers(run_state *s, ms_error *err)
             char where[96];
             step_name(where, sizeof where, what, b, s->n_batches);
             bool on_gpu;
-            if (layer_step(s, &w, &bt, x, where, &on_gpu, err) < 0)
+            if (layer_step(s, cur, &bt, x, where, &on_gpu, err) < 0)
                 goto fail;
             /* The statistics only after the batch's forward pass succeeded. */
             double t_stats = ms_now_seconds();
@@ -1014,12 +1028,15 @@ static int run_layers(run_state *s, ms_error *err)
         }
     }
     close_stats(h, MS_LLAMA_STAT_COUNT);
-    cpu_llama_layer_free(&w);
+    cpu_llama_layer_free(&w[0]);
+    cpu_llama_layer_free(&w[1]);
     return 0;
 fail:
+    ms_layer_prefetch_wait(&pf, NULL); /* its error, if any, comes after this one */
     dev_stats_end(s, h, 0, false, NULL);
     close_stats(h, MS_LLAMA_STAT_COUNT);
-    cpu_llama_layer_free(&w);
+    cpu_llama_layer_free(&w[0]);
+    cpu_llama_layer_free(&w[1]);
     return -1;
 }
 

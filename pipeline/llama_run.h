@@ -65,6 +65,7 @@ typedef struct ms_llama_source {
     void (*close)(void *ctx); /* frees ctx; NULL when nothing to free */
     uint64_t host_bytes;      /* the most host memory the source holds at once (read buffers, prepared
                                  LoRA factors), for the memory budget; 0 when negligible */
+    bool uses_pool;           /* reads compute on a cpu_pool: only while nothing else runs on it */
 } ms_llama_source;
 
 /* A source reading m (which must outlive it) with pread, MS_FAULT_READ
@@ -167,6 +168,10 @@ typedef struct ms_llama_run_opts {
     uint64_t vocab_chunk; /* lm_head rows per slice; 0: about 256 MiB of fp32 per slice and logits */
     uint64_t flush_rows;  /* Hessian rows per fp32 block; 0: CPU_HESSIAN_FLUSH_ROWS */
     const char *label;    /* progress prefix ("hessian"); NULL: no progress lines */
+    /* Load layer l + 1's weights on a thread of their own while layer l
+     * runs (pipeline/layer_prefetch.h): one more layer's weights in memory
+     * (cpu_llama_layer_bytes). Ignored for a source that uses_pool. */
+    bool prefetch_weights;
     /* Statistics (NULL: none). Called after each decoder layer with its
      * MS_LLAMA_STAT_COUNT accumulators (layer < n_layers), and, when
      * head_stats, once more with layer = n_layers and the head's one. The

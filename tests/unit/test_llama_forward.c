@@ -548,6 +548,7 @@ static void on_logits(void *ctx, const ms_llama_tokens *tok, uint64_t t0, uint64
 typedef struct run_knobs {
     uint64_t batch_size, act_budget, vocab_chunk, flush_rows;
     unsigned threads;
+    bool prefetch; /* the next layer's weights on a thread of their own */
 } run_knobs;
 
 static void got_free(got_out *g)
@@ -576,7 +577,7 @@ static void run_source(const ms_llama_source *src, const cpu_llama_config *c, co
     ms_llama_run_opts o = {.batch_size = kn->batch_size, .act_budget = kn->act_budget,
                            .vocab_chunk = kn->vocab_chunk, .flush_rows = kn->flush_rows,
                            .on_stats = on_stats, .stats_ctx = g, .head_stats = true, .nll = true,
-                           .on_logits = on_logits, .logits_ctx = g};
+                           .on_logits = on_logits, .logits_ctx = g, .prefetch_weights = kn->prefetch};
     if (ms_llama_run(src, c, cal, &o, pool, NULL, &g->res, &err) != 0)
         fail_msg("%s", err.msg);
     cpu_pool_close(pool);
@@ -824,8 +825,10 @@ static void test_padding_excluded(void **state)
 }
 
 /* Batch size 1, 3 and everything at once; the spill file; small flush blocks
- * and vocabulary slices; 1 and 3 threads: the same statistics within fp32
- * tolerance, and the spill file exactly the same bits as RAM. */
+ * and vocabulary slices; 1 and 3 threads; the next layer's weights loaded
+ * beside the current one's: the same statistics within fp32 tolerance, and
+ * the spill file with weights prefetched exactly the same bits as RAM
+ * without. */
 static void test_batching_and_knobs(void **state)
 {
     (void)state;
@@ -836,9 +839,9 @@ static void test_batching_and_knobs(void **state)
     ref_forward(&m, cal, false, &r);
     static const run_knobs k_knobs[] = {
         {.batch_size = 7, .act_budget = UINT64_MAX, .threads = 1},
-        {.batch_size = 1, .act_budget = UINT64_MAX, .threads = 3},
+        {.batch_size = 1, .act_budget = UINT64_MAX, .threads = 3, .prefetch = true},
         {.batch_size = 3, .act_budget = UINT64_MAX, .threads = 2, .flush_rows = 5, .vocab_chunk = 7},
-        {.batch_size = 3, .act_budget = 0, .threads = 2, .flush_rows = 5, .vocab_chunk = 7}, /* spilled */
+        {.batch_size = 3, .act_budget = 0, .threads = 2, .flush_rows = 5, .vocab_chunk = 7, .prefetch = true}, /* spilled */
         {.batch_size = 2, .act_budget = 0, .threads = 1, .flush_rows = 1, .vocab_chunk = 1},
     };
     got_out g[5];
