@@ -118,7 +118,6 @@ static int wait_idle(ms_hessian_sink *s, ms_error *err)
 
 typedef struct convert_ctx {
     const sink_segment *seg;
-    unsigned n_seg;
     uint64_t band[MS_LLAMA_STAT_COUNT];   /* rows per task in each segment */
     unsigned first[MS_LLAMA_STAT_COUNT + 1]; /* each segment's first task; the total last */
 } convert_ctx;
@@ -144,7 +143,7 @@ static int flush_piece(ms_hessian_sink *s, ms_error *err)
         return 0;
     if (wait_idle(s, err) < 0)
         return -1;
-    convert_ctx c = {.seg = s->fill, .n_seg = s->n_fill};
+    convert_ctx c = {.seg = s->fill};
     for (unsigned k = 0; k < s->n_fill; k++) {
         uint64_t band = SINK_TASK_BYTES / (s->fill[k].dim * 4);
         c.band[k] = band < 1 ? 1 : band;
