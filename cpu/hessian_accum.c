@@ -98,16 +98,6 @@ static void add_row_f32(double *dst, const float *src, uint64_t j0, uint64_t d, 
             dst[j] = 0.0 + (double)src[j];
 }
 
-static void add_row_f64(double *dst, const double *src, uint64_t j0, uint64_t d, bool live)
-{
-    if (live)
-        for (uint64_t j = j0; j < d; j++)
-            dst[j] += src[j];
-    else
-        for (uint64_t j = j0; j < d; j++)
-            dst[j] = 0.0 + src[j];
-}
-
 /* h64 += h32 (upper triangle), h32 = 0. */
 static int hessian_flush(cpu_hessian *h)
 {
@@ -157,6 +147,16 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
 {
     if (rows == 0)
         return 0;
+    if (!h->h64_live) { /* nothing to add to: the sum lands in place, in one call */
+        if (hessian_alloc_fp64(h) < 0)
+            return -ENOMEM;
+        h->h64_live = true; /* from here a failure leaves the matrix unusable */
+        int rc = get(ctx, 0, h->dim, h->h64);
+        if (rc < 0)
+            return rc;
+        h->rows += rows;
+        return 0;
+    }
     uint64_t d = h->dim, step = ((uint64_t)8 << 20) / (d * sizeof(double));
     step = step < 1 ? 1 : step > d ? d : step;
     double *buf = malloc((size_t)(step * d) * sizeof *buf);
@@ -164,8 +164,6 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
         free(buf);
         return -ENOMEM;
     }
-    bool live = h->h64_live;
-    h->h64_live = true; /* from here a failure leaves the matrix unusable */
     for (uint64_t r0 = 0; r0 < d; r0 += step) {
         uint64_t n = d - r0 < step ? d - r0 : step;
         int rc = get(ctx, r0, n, buf);
@@ -173,8 +171,12 @@ int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void
             free(buf);
             return rc;
         }
-        for (uint64_t i = r0; i < r0 + n; i++)
-            add_row_f64(h->h64 + i * d, buf + (i - r0) * d, i, d, live);
+        for (uint64_t i = r0; i < r0 + n; i++) {
+            double *dst = h->h64 + i * d;
+            const double *src = buf + (i - r0) * d;
+            for (uint64_t j = i; j < d; j++)
+                dst[j] += src[j];
+        }
     }
     free(buf);
     h->rows += rows;

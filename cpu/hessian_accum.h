@@ -84,10 +84,12 @@ int cpu_hessian_add(cpu_hessian *h, const float *x, uint64_t n_rows, uint64_t ld
  * triangle, j >= i, is read). Returns 0 or a negative errno. */
 typedef int (*cpu_sum_rows_fn)(void *ctx, uint64_t r0, uint64_t n, double *buf);
 
-/* Adds such a sum over `rows` rows into the fp64 matrix, a few rows at a
- * time through a buffer of at most 8 MiB, and counts the rows. Returns 0,
- * -ENOMEM (the fp64 matrix or the buffer: nothing added), or get's error:
- * then part of the sum was added and the accumulator must be closed. */
+/* Adds such a sum over `rows` rows into the fp64 matrix and counts the
+ * rows: where the matrix holds nothing yet (no flush since the last reset,
+ * the GPU's usual case) get writes all of it in place in one call, else a
+ * few rows at a time through a buffer of at most 8 MiB. Returns 0, -ENOMEM
+ * (the fp64 matrix or the buffer: nothing added), or get's error: then part
+ * of the sum was added and the accumulator must be closed. */
 int cpu_hessian_add_sum(cpu_hessian *h, uint64_t rows, cpu_sum_rows_fn get, void *ctx);
 
 /* Rows added so far, and the width. */
