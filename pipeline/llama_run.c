@@ -533,6 +533,7 @@ static int tokens_pack(const ms_calib *c, ms_llama_tokens *t, ms_error *err)
 typedef struct act_store {
     uint64_t rows, width;
     float *ram; /* all rows, or NULL when spilled */
+    const cpu_llama_gemm *pinned; /* ram came from its host_alloc */
     int fd;     /* spill file, or -1 */
     float *buf; /* spilled: one batch (max_rows rows) */
     uint64_t max_rows;
@@ -558,12 +559,19 @@ static int spill_open(const char *dir, ms_error *err)
     return fd;
 }
 
+/* gpu (NULL: none): the rows in RAM come from its host allocator where it
+ * gives them (pinned: a GPU layer's rows go up and come back at full bus
+ * speed each batch), else from malloc. */
 static int act_open(act_store *a, uint64_t rows, uint64_t width, uint64_t max_rows, uint64_t budget,
-                    const char *dir, ms_error *err)
+                    const char *dir, const cpu_llama_gemm *gpu, ms_error *err)
 {
     *a = (act_store){.rows = rows, .width = width, .fd = -1, .max_rows = max_rows};
     uint64_t bytes = rows * width * 4;
     if (bytes <= budget) {
+        if (gpu && gpu->host_alloc && gpu->host_free && (a->ram = gpu->host_alloc(gpu->ctx, bytes)) != NULL) {
+            a->pinned = gpu;
+            return 0;
+        }
         a->ram = malloc((size_t)bytes);
         if (!a->ram)
             return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "activations", "cannot hold %" PRIu64 " bytes",
@@ -582,7 +590,10 @@ static int act_open(act_store *a, uint64_t rows, uint64_t width, uint64_t max_ro
 
 static void act_close(act_store *a)
 {
-    free(a->ram);
+    if (a->pinned)
+        a->pinned->host_free(a->pinned->ctx, a->ram);
+    else
+        free(a->ram);
     free(a->buf);
     free(a->where);
     if (a->fd >= 0)
@@ -1248,7 +1259,8 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
                        cpu_llama_scratch_bytes(cfg, max_tokens, max_seq, max_pos));
         goto done;
     }
-    if (act_open(&s.act, s.tok.n, cfg->hidden, max_tokens, opt->act_budget, opt->spill_dir, err) < 0)
+    if (act_open(&s.act, s.tok.n, cfg->hidden, max_tokens, opt->act_budget, opt->spill_dir,
+                 s.has_gpu ? &s.gpu : NULL, err) < 0)
         goto done;
     res->spilled = s.act.ram == NULL;
     res->act_bytes = s.tok.n * cfg->hidden * 4;

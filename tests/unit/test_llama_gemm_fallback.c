@@ -434,22 +434,29 @@ static void test_whole_layer(void **state)
     free(want.H);
 }
 
-/* The batch buffers from the seam's allocator: every one given back to it,
- * and when one allocation fails, all from malloc instead; the same results
- * either way. */
+/* The six batch buffers, then the residual stream, from the seam's
+ * allocator: every one given back to it; when a batch buffer's allocation
+ * fails all six come from malloc instead, when the stream's fails it does;
+ * the same results either way. */
 static void test_host_alloc(void **state)
 {
     (void)state;
     ms_error err = {0};
     run_out want, got;
     assert_int_equal(run(NULL, &want, &err), 0);
-    for (uint64_t fail_at = 0; fail_at <= 6; fail_at += 3) {
+    static const uint64_t k_fail_at[] = {0, 3, 6, 7};
+    for (size_t i = 0; i < sizeof k_fail_at / sizeof *k_fail_at; i++) {
+        uint64_t fail_at = k_fail_at[i];
         fake_seam f = {.host_mem = true, .host_fail_at = fail_at};
         assert_int_equal(run(&f, &got, &err), 0);
-        same_as(&want, &got, "batch buffers from the seam");
-        uint64_t got_back = fail_at ? fail_at - 1 : 6; /* the ones handed out before the failure */
+        same_as(&want, &got, "batch buffers and residual stream from the seam");
+        /* asked for: up to the failing batch buffer, then the stream's */
+        uint64_t asked = fail_at == 0 || fail_at > 6 ? 7 : fail_at + 1;
+        /* given back: the batch buffers handed out before a failure among
+         * them (all six otherwise), and the stream's unless it failed */
+        uint64_t got_back = (fail_at >= 1 && fail_at <= 6 ? fail_at - 1 : 6) + (fail_at == 7 ? 0 : 1);
+        assert_int_equal(f.host_allocs, asked);
         assert_int_equal(f.host_frees, got_back);
-        assert_int_equal(f.host_allocs, fail_at ? fail_at : 6);
         free(got.H);
     }
     free(want.H);
