@@ -53,6 +53,7 @@ int cpu_hessian_open(uint64_t dim, uint64_t flush_rows, cpu_hessian **out)
         free(h);
         return -ENOMEM;
     }
+    h->h32_live = true; /* calloc's zeros: the first rows need no clearing pass */
     *out = h;
     return 0;
 }
