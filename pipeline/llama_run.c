@@ -885,13 +885,25 @@ static int layer_step(run_state *s, const cpu_llama_layer *w, const cpu_llama_ba
     uint64_t bytes = bt->n_tokens * s->cfg->hidden * sizeof(float);
     *on_gpu = s->gpu_on;
     if (*on_gpu) {
-        memcpy(s->x_save, x, (size_t)bytes);
+        /* A copy of the rows to rerun from on the CPU; not needed for a
+         * whole layer on the device with statistics held there: -ENOMEM
+         * leaves x untouched, and any other failure loses those statistics
+         * and ends the run. That saves copying every batch's rows. */
+        bool held = false;
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++)
+            held = held || s->dev_stat[k];
+        bool save = !(s->gpu.layer && held);
+        if (save)
+            memcpy(s->x_save, x, (size_t)bytes);
         int rc = cpu_llama_layer_forward(s->fw, w, bt, x);
         if (rc == 0)
             return 0;
+        if (!save && rc != -ENOMEM)
+            return dev_stat_lost(s, rc, where, err);
         if (gpu_failed(s, rc, where, err) < 0)
             return -1;
-        memcpy(x, s->x_save, (size_t)bytes);
+        if (save)
+            memcpy(x, s->x_save, (size_t)bytes);
         *on_gpu = false;
         use_cpu(s);
     }
