@@ -19,6 +19,11 @@ struct cpu_hessian {
     bool h32_live, h64_live;
     uint64_t rows;   /* all rows added */
     uint64_t block;  /* rows in h32 */
+    /* where h64 comes from (cpu_hessian_set_fp64_alloc); h64_alloced: it did */
+    void *(*alloc)(void *ctx, uint64_t bytes);
+    void (*alloc_free)(void *ctx, void *p);
+    void *alloc_ctx;
+    bool h64_alloced;
 };
 
 int cpu_gram_blas(void *ctx, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
@@ -63,8 +68,20 @@ void cpu_hessian_close(cpu_hessian *h)
     if (!h)
         return;
     free(h->h32);
-    free(h->h64);
+    if (h->h64_alloced)
+        h->alloc_free(h->alloc_ctx, h->h64);
+    else
+        free(h->h64);
     free(h);
+}
+
+void cpu_hessian_set_fp64_alloc(cpu_hessian *h, void *(*alloc)(void *ctx, uint64_t bytes),
+                                void (*free_fn)(void *ctx, void *p), void *ctx)
+{
+    CPU_ASSERT(!h->h64 && alloc && free_fn);
+    h->alloc = alloc;
+    h->alloc_free = free_fn;
+    h->alloc_ctx = ctx;
 }
 
 void cpu_hessian_reset(cpu_hessian *h)
@@ -73,10 +90,18 @@ void cpu_hessian_reset(cpu_hessian *h)
     h->rows = h->block = 0;
 }
 
+/* Its contents do not matter: h64_live is false until the first flush or
+ * sum assigns all of it that is read. */
 static int hessian_alloc_fp64(cpu_hessian *h)
 {
-    if (!h->h64)
-        h->h64 = hessian_alloc(h->dim * h->dim * sizeof(double));
+    if (h->h64)
+        return 0;
+    uint64_t bytes = h->dim * h->dim * sizeof(double);
+    if (h->alloc && (h->h64 = h->alloc(h->alloc_ctx, bytes)) != NULL) {
+        h->h64_alloced = true;
+        return 0;
+    }
+    h->h64 = hessian_alloc(bytes);
     return h->h64 ? 0 : -ENOMEM;
 }
 

@@ -55,6 +55,13 @@ int cpu_hessian_open(uint64_t dim, uint64_t flush_rows, cpu_hessian **out);
 /* NULL is a no-op. */
 void cpu_hessian_close(cpu_hessian *h);
 
+/* The fp64 matrix from alloc (ctx theirs; freed with free_fn) instead of
+ * calloc: a GPU's pinned host memory, so that a sum held on the device
+ * comes back at the bus's full speed. alloc may return NULL: calloc then.
+ * Only before the fp64 matrix exists. */
+void cpu_hessian_set_fp64_alloc(cpu_hessian *h, void *(*alloc)(void *ctx, uint64_t bytes),
+                                void (*free_fn)(void *ctx, void *p), void *ctx);
+
 /* Back to zero rows, keeping the allocations (the next layer's statistics
  * reuse the same memory instead of faulting in fresh pages). No pass over
  * the memory: the matrices are marked zero and cleared, or assigned, when

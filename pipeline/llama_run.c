@@ -967,10 +967,16 @@ static void close_stats(cpu_hessian **h, unsigned n)
     }
 }
 
-static int open_stat(uint64_t dim, uint64_t flush, cpu_hessian **h, const char *name, ms_error *err)
+/* With a GPU, the fp64 matrix from its host allocator (pinned): statistics
+ * held on the device come back into it once per layer. */
+static int open_stat(const run_state *s, uint64_t dim, cpu_hessian **h, const char *name, ms_error *err)
 {
-    int rc = ms_fault_hit(MS_FAULT_HOST_ALLOC) ? -ENOMEM : cpu_hessian_open(dim, flush, h);
-    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot allocate the statistics") : 0;
+    int rc = ms_fault_hit(MS_FAULT_HOST_ALLOC) ? -ENOMEM : cpu_hessian_open(dim, s->opt->flush_rows, h);
+    if (rc < 0)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, name, "cannot allocate the statistics");
+    if (s->has_gpu && s->gpu.host_alloc && s->gpu.host_free)
+        cpu_hessian_set_fp64_alloc(*h, s->gpu.host_alloc, s->gpu.host_free, s->gpu.ctx);
+    return 0;
 }
 
 static int run_layers(run_state *s, ms_error *err)
@@ -994,7 +1000,7 @@ static int run_layers(run_state *s, ms_error *err)
     for (unsigned k = 0; s->opt->on_stats && k < MS_LLAMA_STAT_COUNT; k++) {
         char name[128];
         ms_llama_stat_name(0, (ms_llama_stat)k, name, sizeof name);
-        if (open_stat(ms_llama_stat_dim(c, (ms_llama_stat)k), s->opt->flush_rows, &h[k], name, err) < 0)
+        if (open_stat(s, ms_llama_stat_dim(c, (ms_llama_stat)k), &h[k], name, err) < 0)
             goto fail;
     }
     for (uint64_t l = 0; l < c->n_layers; l++) {
@@ -1074,7 +1080,7 @@ static int run_final_norm(run_state *s, ms_error *err)
     if (s->src->read_rows(s->src->ctx, "model.norm.weight", 0, 1, norm, err) < 0)
         goto fail;
     if (s->opt->on_stats && s->opt->head_stats &&
-        open_stat(c->hidden, s->opt->flush_rows, &h, MS_LLAMA_HEAD_STAT, err) < 0)
+        open_stat(s, c->hidden, &h, MS_LLAMA_HEAD_STAT, err) < 0)
         goto fail;
     for (uint64_t b = 0; b < s->n_batches; b++) {
         uint64_t t0;
