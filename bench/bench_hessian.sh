@@ -21,8 +21,9 @@
 # fraction is never flattered by a slow peak measurement). The run's rate is
 # its useful FLOPs (linear layers, causal attention, Gram updates) over its
 # wall time, weight reads, statistics output and fsync included; the second
-# fraction leaves the output (a fixed ~330 MB per layer at these shapes,
-# whatever the token count) out. Prints one "key value" line per figure.
+# fraction leaves out the time the run waited on the output (a fixed ~330 MB
+# per layer at these shapes, whatever the token count, written while the
+# next layer runs). Prints one "key value" line per figure.
 set -euo pipefail
 DEVICE=cpu
 if [ "${1:-}" = "--device" ]; then DEVICE=${2:?--device needs cpu or cuda}; shift 2; fi
@@ -68,7 +69,7 @@ awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tok
   printf "%ssgemm_peak_gflops %.1f (before %.1f, after %.1f)\n", x, peak, p1, p2
   printf "%shessian_seconds %.1f\n", x, s
   printf "%shessian_tokens_per_second %.1f\n", x, t
-  printf "%shessian_output_seconds %.1f (writing and fsyncing the statistics)\n", x, out_s
+  printf "%shessian_output_seconds %.1f (the run waiting on the statistics: converting them, their writes, fsync)\n", x, out_s
   printf "%shessian_time_split linear GEMMs %.2f s, attention %.2f s, other layer work %.2f s, statistics %.2f s\n", \
     x, lin, att, lay - lin - att, st
   printf "%shessian_gflop_per_token %.3f (all layers)\n", x, f / n

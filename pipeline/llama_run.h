@@ -198,7 +198,8 @@ typedef struct ms_llama_result {
                              multiply-add), causal attention (scores and values of
                              the keys each query sees), Gram updates (k(k+1) per row
                              of width k) and the head */
-    double output_seconds; /* of which inside on_stats (writing the statistics out) */
+    double output_seconds; /* of which inside on_stats (hessian: converting the statistics, waiting for the
+                              last layer's writes) */
     /* Where the decoder layers' time went (seconds, for benchmarks): in all,
      * the linear layers' GEMMs, the attention (both through the seam: a
      * GPU's copies included), and adding the decoder layers' statistics
