@@ -1,7 +1,8 @@
 /* hessian's statistics sink (pipeline/hessian_sink.h): layers of random
  * statistics through the sink, with a buffer for a whole layer, for a few
  * rows of the widest statistic, and sizes between that cut the statistics
- * into pieces across tensors; one to four pool threads; shards of one to
+ * into pieces across tensors; every case on pools of one, two and three
+ * threads (test_pools.h); shards of one to
  * many tensors. The accumulators are reset and refilled for the next layer
  * as soon as the sink returns (as hessian does), so the writer must only
  * read what the sink converted. Every tensor's bytes and hash are compared
@@ -16,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -26,6 +26,7 @@
 #include "io/st_writer.h"
 #include "pipeline/hessian_sink.h"
 #include "pipeline/llama_run.h"
+#include "test_pools.h"
 #include "test_rng.h"
 
 /* Uniform in [lo, hi]. */
@@ -80,8 +81,7 @@ static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t bu
     assert_int_equal(st_plan_layout(plan, &err), 0);
     st_writer *w = NULL;
     assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
-    cpu_pool *pool = NULL;
-    assert_int_equal(cpu_pool_open(threads, &pool), 0);
+    cpu_pool *pool = g_pool[threads];
     ms_hessian_sink *sink = NULL;
     if (ms_hessian_sink_open(w, plan, n_layers, buf_bytes, pool, &sink, &err) < 0)
         fail_msg("%s", err.msg);
@@ -141,7 +141,6 @@ static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t bu
     }
     free(want);
     st_writer_close(w);
-    cpu_pool_close(pool);
     st_plan_free(plan);
     nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 }
@@ -165,18 +164,17 @@ static void test_sink_pieces(void **state)
         default: buf = rnd_range(widest * 4, whole); break;
         }
         uint64_t shard_limit = rng_next() % 2 ? (uint64_t)1 << 40 : rnd_range(1, 4 * widest * widest);
-        run_case(&cfg, rnd_range(1, 4), buf, (unsigned)rnd_range(1, 4), shard_limit);
+        uint64_t n_layers = rnd_range(1, 4);
+        for (unsigned t = 1; t <= 3; t++)
+            run_case(&cfg, n_layers, buf, t, shard_limit);
     }
 }
 
 int main(void)
 {
-    const char *env = getenv("MS_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
-    printf("seed %" PRIu64 " (MS_TEST_SEED replays it)\n", seed);
-    g_rng = seed;
+    g_rng = test_seed("test_hessian_sink");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sink_pieces),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return cmocka_run_group_tests(tests, pools_open, pools_close);
 }
