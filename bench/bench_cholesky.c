@@ -1,13 +1,17 @@
 /* bench_cholesky: the Hessian methods' fp64 Cholesky factorisation
  * (ms_hessian_cholesky_pool) on one random SPD matrix, blocked on 1..T
  * threads, against the plain row-oriented loop it replaced (a copy kept
- * here); the factors must be the same bits.
+ * here); the factors must be the same bits. --gpu: also on the GPU
+ * (gpu_hessian_cholesky, the same order; the whole factor back, and only
+ * its diagonal as the saliency coefficients need), which must give the
+ * same bits too.
  *
- *   bench_cholesky [--n N] [--threads T] [--no-old]
+ *   bench_cholesky [--n N] [--threads T] [--no-old] [--gpu]
  *
  * Defaults: n 2048, T = all cores. --no-old skips the slow reference (the
- * bit comparison is then only between thread counts). Prints one "key
- * value" line per figure: seconds and GFLOP/s (n^3 / 3 flops). */
+ * bit comparison is then only between thread counts and the GPU). Prints
+ * one "key value" line per figure: seconds and GFLOP/s (n^3 / 3 flops; the
+ * GPU's seconds include the copies both ways). */
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>
@@ -18,6 +22,7 @@
 #include <unistd.h>
 
 #include "cpu/cpu_pool.h"
+#include "pipeline/backend_registry.h"
 #include "pipeline/merge_passes_hessian.h"
 
 static double now_s(void)
@@ -86,11 +91,49 @@ static double factor_seconds(const double *a, double *work, uint64_t n, cpu_pool
     return t;
 }
 
+/* The factorisation on the GPU, best of three, against ref's bits: 1 same,
+ * 0 not, -1 no GPU (said on stderr). */
+static int gpu_figures(const double *a, const double *ref, double *work, uint64_t n, double gflop)
+{
+    char why[256];
+    ms_gpu *gpu = NULL;
+    if (ms_gpu_open(0, &gpu, why, sizeof why) != 0) {
+        fprintf(stderr, "bench_cholesky: no GPU: %s\n", why);
+        return -1;
+    }
+    printf("gpu %s\n", ms_gpu_name(gpu));
+    size_t bytes = (size_t)(n * n) * sizeof *a;
+    int same = 1;
+    for (int diag_only = 0; diag_only <= 1; diag_only++) {
+        double best = 1e300;
+        for (int rep = 0; rep < 3; rep++) {
+            memcpy(work, a, bytes);
+            bool not_pd = false;
+            double t0 = now_s();
+            ms_gpu_result r = ms_gpu_cholesky(gpu, work, n, diag_only, &not_pd, why, sizeof why);
+            double t = now_s() - t0;
+            if (r != MS_GPU_OK || not_pd) {
+                fprintf(stderr, "bench_cholesky: GPU factorisation failed: %s\n", not_pd ? "not positive definite" : why);
+                ms_gpu_close(gpu);
+                return 0;
+            }
+            best = t < best ? t : best;
+        }
+        for (uint64_t r = 0; r < n; r++)
+            for (uint64_t c = 0; c <= r; c++)
+                if ((!diag_only || r == c) && memcmp(&work[r * n + c], &ref[r * n + c], sizeof(double)) != 0)
+                    same = 0;
+        printf("gpu_%s_seconds %.3f (%.2f GFLOP/s)\n", diag_only ? "diagonal" : "factor", best, gflop / best);
+    }
+    ms_gpu_close(gpu);
+    return same;
+}
+
 int main(int argc, char **argv)
 {
     uint64_t n = 2048;
     unsigned threads = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
-    int run_old = 1;
+    int run_old = 1, run_gpu = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--n") == 0 && i + 1 < argc)
             n = strtoull(argv[++i], NULL, 10);
@@ -98,8 +141,10 @@ int main(int argc, char **argv)
             threads = (unsigned)strtoul(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--no-old") == 0)
             run_old = 0;
+        else if (strcmp(argv[i], "--gpu") == 0)
+            run_gpu = 1;
         else {
-            fprintf(stderr, "usage: bench_cholesky [--n N] [--threads T] [--no-old]\n");
+            fprintf(stderr, "usage: bench_cholesky [--n N] [--threads T] [--no-old] [--gpu]\n");
             return 2;
         }
     }
@@ -137,7 +182,12 @@ int main(int argc, char **argv)
             same = 0;
         }
     }
-    printf("bit_identical %s\n", same ? (run_old ? "yes (old and every thread count)" : "yes (thread counts)") : "NO");
+    int gpu_same = run_gpu ? gpu_figures(a, ref, got, n, gflop) : -1;
+    if (gpu_same == 0)
+        same = 0;
+    printf("bit_identical %s%s\n",
+           same ? (run_old ? "yes (old and every thread count" : "yes (thread counts") : "NO",
+           same ? (gpu_same == 1 ? ", the GPU)" : ")") : "");
     free(a);
     free(ref);
     free(got);

@@ -54,8 +54,10 @@ void gpu_backend_close(gpu_backend *b); /* NULL is a no-op */
 uint64_t gpu_backend_free_estimate(gpu_backend *b);
 
 /* True when the GPU backend computes p's method: the task-vector methods
- * (linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*). The
- * interpolation and model-soup methods run on the CPU only. */
+ * (linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*), the
+ * saliency-selecting ones (ties_sparsegpt, dare_sparsegpt: their u vectors,
+ * st->hessian, are prepared on the host) and the interpolation methods of
+ * gpu_merge_interp.h. regmean runs on the CPU. */
 bool gpu_merge_supports(const ms_tensor_params *p);
 
 /* Device bytes one gpu_merge_run_pass call on a chunk of at most n_rows rows
@@ -73,6 +75,23 @@ uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
  * the CUDA error). */
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len);
+
+/* The Hessian-aware methods' Cholesky factorisation
+ * (pipeline/merge_passes_hessian.h, ms_hessian_cholesky) on the device, bit
+ * for bit the CPU's: the same operations in the same order
+ * (gpu_hessian_chol.cu). a: [n][n] doubles, row-major, its lower triangle
+ * read. On GPU_OK either *not_pd (a pivot is not > 0, or NaN; a unchanged)
+ * or a's lower triangle := L, its strict upper triangle left as it was
+ * (diag_only: only L's diagonal is written back, the rest of a is left as
+ * it was). GPU_OOM: a unchanged, msg says what it needed; GPU_FATAL (a
+ * sticky error, the backend broken): a may be partly overwritten. Runs on a
+ * lane like gpu_merge_run_pass and is thread-safe like it; blocks. */
+gpu_status gpu_hessian_cholesky(gpu_backend *b, double *a, uint64_t n, bool diag_only, bool *not_pd, char *msg,
+                                size_t msg_len);
+
+/* Device bytes gpu_hessian_cholesky allocates for an n x n matrix (the
+ * pool's size class): about 8 n^2 + 2 KiB n. UINT64_MAX when too large. */
+uint64_t gpu_hessian_cholesky_bytes(uint64_t n);
 
 /* Frees cached device memory the pool holds but does not use. (The pool
  * caches released blocks by size class, so same-sized chunks allocate nothing

@@ -120,6 +120,18 @@ void gpu_lane_abandon(gpu_backend *b, gpu_lane *l);
  * string" for GPU_FATAL (the caller writes the OOM message). */
 gpu_status gpu_backend_classify(gpu_backend *b, cudaError_t rc, const char *what, char *msg, size_t msg_len);
 
+/* In a function with `b`, `msg` and `msg_len` in scope that returns
+ * gpu_status: when expr (a CUDA call, or cudaSuccess after a launch) or the
+ * launch before it failed, returns gpu_backend_classify's verdict. */
+#define GPU_CHECK(expr, what)                                                                              \
+    do {                                                                                                   \
+        cudaError_t rc_ = (expr);                                                                          \
+        if (rc_ == cudaSuccess)                                                                            \
+            rc_ = cudaGetLastError();                                                                      \
+        if (rc_ != cudaSuccess)                                                                            \
+            return gpu_backend_classify(b, rc_, what, msg, msg_len);                                       \
+    } while (0)
+
 /* True once a sticky error happened; msg then receives "GPU disabled by an
  * earlier error: ...". */
 bool gpu_backend_is_broken(gpu_backend *b, char *msg, size_t msg_len);

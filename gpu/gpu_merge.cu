@@ -33,11 +33,20 @@
  *               sorted row is the element's 0-based rank.
  *   apply       one thread per element: ms_merge_delta, ms_merge_tau,
  *               ms_merge_combine / ms_merge_linear, ms_merge_store_*.
+ *   keys        ms_merge_key of the delta, or for ties_sparsegpt and
+ *               dare_sparsegpt (a model with a saliency vector u in
+ *               st->hessian) ms_hessian_saliency_key with its column's u,
+ *               which each call copies up beside the inputs.
  * nvcc gets --fmad=false and no fast-math flag; float division and double
  * arithmetic are IEEE round-to-nearest on the device. */
 #include "gpu/gpu_internal.h"
 #include "gpu/gpu_elem.cuh"
 #include "gpu/gpu_merge_interp.h"
+
+extern "C" {
+#include "pipeline/merge_math_hessian.h"
+#include "pipeline/merge_passes_hessian.h"
+}
 
 #include <inttypes.h>
 #include <string.h>
@@ -70,6 +79,7 @@ typedef struct gm_plan {
     bool search[MS_MAX_MODELS + 1][2];
     bool split[MS_MAX_MODELS + 1][2];
     bool rescale[MS_MAX_MODELS + 1];
+    bool saliency[MS_MAX_MODELS + 1]; /* keys from st->hessian->u[i] */
     bool any_split;
 } gm_plan;
 
@@ -81,6 +91,7 @@ static void gm_plan_from_state(const ms_tensor_params *p, const ms_merge_state *
         const ms_merge_model *m = &st->model[i];
         pl->sel[i] = m->sel;
         pl->rescale[i] = m->rescale;
+        pl->saliency[i] = st->hessian && st->hessian->u[i];
         for (unsigned bd = 0; bd < 2; bd++) {
             pl->search[i][bd] = m->bound[bd].search;
             pl->split[i][bd] = st->any_split && m->bound[bd].split;
@@ -118,6 +129,7 @@ static void gm_plan_worst(const ms_tensor_params *p, gm_plan *pl)
             pl->search[i][bd] = pl->split[i][bd] = searches;
         pl->any_split |= searches;
         pl->rescale[i] = !linear && p->rescale && sel != MS_MERGE_SEL_ALL;
+        pl->saliency[i] = ms_merge_hessian_method(p->method);
     }
 }
 
@@ -132,6 +144,7 @@ typedef struct gm_layout {
     uint64_t win_rows; /* della: rows per sort window */
     /* data request */
     uint64_t in_off[MS_MAX_MODELS + 1], in_bytes[MS_MAX_MODELS + 1]; /* in_off GM_NONE: not copied */
+    uint64_t u_off[MS_MAX_MODELS + 1];                                 /* [cols] floats, GM_NONE: magnitude keys */
     uint64_t out_off, out_bytes;
     uint64_t data_bytes;
     /* work request; [0, res_bytes) is copied back */
@@ -195,6 +208,11 @@ static bool gm_layout_compute(const ms_tensor_params *p, const gm_plan *pl, ms_m
         L->in_bytes[i] = n * gpu_dtype_size(p->in_dtype[i]); /* <= 4 n: no overflow past n's check below */
         L->in_off[i] = gpu_buf_take(&acc, n, gpu_dtype_size(p->in_dtype[i]));
     }
+    for (unsigned i = 0; i <= MS_MAX_MODELS; i++)
+        L->u_off[i] = GM_NONE;
+    for (unsigned i = 1; i <= p->n_models && !linear; i++)
+        if (pl->saliency[i] && L->in_off[i] != GM_NONE) /* every kernel that reads the input may compute keys */
+            L->u_off[i] = gpu_buf_take(&acc, p->cols, sizeof(float));
     L->out_off = GM_NONE;
     if (kind == MS_MERGE_PASS_APPLY) {
         L->out_bytes = n * gpu_dtype_size(p->out_dtype);
@@ -272,6 +290,7 @@ typedef struct gm_model {
     uint64_t take[2];
     int split[2];                /* eq_pos needed (else 0 is passed) */
     const uint64_t *eq_start[2]; /* split: eq_pos of each segment's first element */
+    const float *u;              /* [cols] saliency coefficients, NULL: magnitude keys */
     float factor;                /* rescale factor (1 until the L1 pass finished) */
     double density, epsilon;     /* DELLA */
 } gm_model;
@@ -311,6 +330,15 @@ __device__ __forceinline__ float gm_delta(const gm_args &a, unsigned i, uint64_t
     return ms_merge_delta(gpu_load(a.m[i].in, a.m[i].dtype, j), b);
 }
 
+/* Model i's selection key of chunk element j (base value b): its delta's
+ * magnitude, or its saliency with the coefficient of the element's column. */
+__device__ __forceinline__ uint32_t gm_key(const gm_args &a, unsigned i, uint64_t j, float b)
+{
+    float d = gm_delta(a, i, j, b);
+    const float *u = a.m[i].u;
+    return u ? ms_hessian_saliency_key(d, u[(a.elem0 + j) % a.cols]) : ms_merge_key(d);
+}
+
 /* Model i's keep flag of chunk element j: computed for ALL, NONE, RANDOM,
  * read from the mask for TOP, BAND, DELLA. */
 __device__ __forceinline__ bool gm_keep(const gm_args &a, unsigned i, uint64_t j)
@@ -334,7 +362,7 @@ __global__ void k_hist_hi(const __grid_constant__ gm_args a, unsigned i, unsigne
     GPU_FOR_WARP_ELEMS(j, a.n)
     {
         bool valid = j < a.n;
-        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        uint32_t key = valid ? gm_key(a, i, j, gm_base(a, j)) : 0u;
         gpu_warp_count(hist, key >> 16, valid);
     }
 }
@@ -347,7 +375,7 @@ __global__ void k_hist_lo(const __grid_constant__ gm_args a, unsigned i, uint32_
     GPU_FOR_WARP_ELEMS(j, a.n)
     {
         bool valid = j < a.n;
-        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        uint32_t key = valid ? gm_key(a, i, j, gm_base(a, j)) : 0u;
         gpu_warp_count(h0, key & 0xffffu, valid && h0 && (key >> 16) == bin0);
         gpu_warp_count(h1, key & 0xffffu, valid && h1 && (key >> 16) == bin1);
     }
@@ -363,7 +391,7 @@ __global__ void k_eq_count(const __grid_constant__ gm_args a, unsigned i, uint64
     for (unsigned s = 0; s < GM_SEG_SUB; s++) {
         uint64_t j = seg * GM_SEG + (uint64_t)s * GM_THREADS + threadIdx.x;
         bool valid = j < a.n;
-        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        uint32_t key = valid ? gm_key(a, i, j, gm_base(a, j)) : 0u;
         c0 += (uint64_t)__syncthreads_count(valid && cnt0 && key == m.t[0]);
         c1 += (uint64_t)__syncthreads_count(valid && cnt1 && key == m.t[1]);
     }
@@ -388,7 +416,7 @@ __global__ void k_keep_sel(const __grid_constant__ gm_args a, unsigned i)
     for (unsigned s = 0; s < GM_SEG_SUB; s++) {
         uint64_t j = seg * GM_SEG + (uint64_t)s * GM_THREADS + threadIdx.x;
         bool valid = j < a.n;
-        uint32_t key = valid ? ms_merge_key(gm_delta(a, i, j, gm_base(a, j))) : 0u;
+        uint32_t key = valid ? gm_key(a, i, j, gm_base(a, j)) : 0u;
         unsigned b0 = __ballot_sync(0xffffffffu, valid && m.split[0] && key == m.t[0]);
         unsigned b1 = __ballot_sync(0xffffffffu, valid && m.split[1] && key == m.t[1]);
         if (lane == 0) {
@@ -579,6 +607,7 @@ static void gm_args_fill(gm_args *a, const ms_tensor_params *p, const ms_merge_s
         g->dtype = p->in_dtype[i];
         g->in = L->in_off[i] != GM_NONE ? data + L->in_off[i] : NULL;
         g->mask = L->mask_off[i] != GM_NONE ? work + L->mask_off[i] : NULL;
+        g->u = L->u_off[i] != GM_NONE ? (const float *)(data + L->u_off[i]) : NULL;
         g->random_threshold = m->random_threshold;
         for (unsigned bd = 0; bd < 2; bd++) {
             g->t[bd] = m->bound[bd].key;
@@ -592,16 +621,6 @@ static void gm_args_fill(gm_args *a, const ms_tensor_params *p, const ms_merge_s
     }
 }
 
-/* A launch or an enqueued operation failed: classify rc (not cudaSuccess). */
-#define GM_CHECK(expr, what)                                                                               \
-    do {                                                                                                   \
-        cudaError_t rc_ = (expr);                                                                          \
-        if (rc_ == cudaSuccess)                                                                            \
-            rc_ = cudaGetLastError();                                                                      \
-        if (rc_ != cudaSuccess)                                                                            \
-            return gpu_backend_classify(b, rc_, what, msg, msg_len);                                       \
-    } while (0)
-
 /* Enqueues the whole call: copies in on copy_in, kernels on compute, copies
  * out on copy_out, ordered by lane l's events (gpu_internal.h). */
 static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, const ms_merge_state *st,
@@ -610,18 +629,23 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
 {
     for (unsigned i = 0; i <= p->n_models; i++)
         if (L->in_off[i] != GM_NONE)
-            GM_CHECK(cudaMemcpyAsync(data + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice,
+            GPU_CHECK(cudaMemcpyAsync(data + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice,
                                      b->copy_in),
                      "copying inputs to the GPU");
-    GM_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
+    for (unsigned i = 1; i <= p->n_models; i++)
+        if (L->u_off[i] != GM_NONE)
+            GPU_CHECK(cudaMemcpyAsync(data + L->u_off[i], st->hessian->u[i], p->cols * sizeof(float),
+                                     cudaMemcpyHostToDevice, b->copy_in),
+                     "copying saliency coefficients to the GPU");
+    GPU_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
     cudaStream_t s = b->compute;
     if (b->fail_next) {
         b->fail_next = false;
         gpu_poison_kernel<<<1, 1, 0, s>>>();
-        GM_CHECK(cudaSuccess, "test poison kernel");
+        GPU_CHECK(cudaSuccess, "test poison kernel");
     }
     if (L->res_bytes)
-        GM_CHECK(cudaMemsetAsync(work, 0, L->res_bytes, s), "clearing GPU histograms");
+        GPU_CHECK(cudaMemsetAsync(work, 0, L->res_bytes, s), "clearing GPU histograms");
     gm_args a;
     gm_args_fill(&a, p, st, pl, L, c, data, work);
     unsigned grid = gpu_grid(L->n, GM_THREADS, GM_MAX_GRID);
@@ -631,7 +655,7 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
             if (L->hist_off[i][0] == GM_NONE)
                 continue;
             k_hist_hi<<<grid, GM_THREADS, 0, s>>>(a, i, (unsigned long long *)(work + L->hist_off[i][0]));
-            GM_CHECK(cudaSuccess, "HIST_HI kernel");
+            GPU_CHECK(cudaSuccess, "HIST_HI kernel");
         }
         break;
     case MS_MERGE_PASS_HIST_LO:
@@ -643,7 +667,7 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
                 h[bd] = L->hist_off[i][bd] == GM_NONE ? NULL : (unsigned long long *)(work + L->hist_off[i][bd]);
             k_hist_lo<<<grid, GM_THREADS, 0, s>>>(a, i, st->model[i].bound[0].bin, st->model[i].bound[1].bin, h[0],
                                                   h[1]);
-            GM_CHECK(cudaSuccess, "HIST_LO kernel");
+            GPU_CHECK(cudaSuccess, "HIST_LO kernel");
         }
         break;
     case MS_MERGE_PASS_L1:
@@ -656,14 +680,14 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
             for (unsigned bd = 0; bd < 2; bd++)
                 cnt[bd] = L->cnt_off[i][bd] == GM_NONE ? NULL : (uint64_t *)(work + L->cnt_off[i][bd]);
             k_eq_count<<<(unsigned)L->n_seg, GM_THREADS, 0, s>>>(a, i, cnt[0], cnt[1]);
-            GM_CHECK(cudaSuccess, "tie count kernel");
+            GPU_CHECK(cudaSuccess, "tie count kernel");
             for (unsigned bd = 0; bd < 2; bd++) {
                 if (!cnt[bd])
                     continue;
                 unsigned long long *tot = (unsigned long long *)(work + L->tot_off) + 2 * i + bd;
                 gpu_eq_scan<<<1, GPU_SCAN_THREADS, 0, s>>>(cnt[bd], L->n_seg, st->model[i].bound[bd].eq_seen,
                                                         (uint64_t *)(work + L->start_off[i][bd]), tot);
-                GM_CHECK(cudaSuccess, "tie scan kernel");
+                GPU_CHECK(cudaSuccess, "tie scan kernel");
             }
         }
         for (unsigned i = 1; i <= p->n_models; i++) {
@@ -673,7 +697,7 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
             case MS_MERGE_SEL_TOP:
             case MS_MERGE_SEL_BAND:
                 k_keep_sel<<<(unsigned)L->n_seg, GM_THREADS, 0, s>>>(a, i);
-                GM_CHECK(cudaSuccess, "selection kernel");
+                GPU_CHECK(cudaSuccess, "selection kernel");
                 break;
             case MS_MERGE_SEL_DELLA:
                 GPU_ASSERT(p->cols - 1 <= 0xffffffffu);
@@ -681,12 +705,12 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
                     uint64_t nr = L->n_rows - r < L->win_rows ? L->n_rows - r : L->win_rows;
                     k_della<<<(unsigned)nr, GM_THREADS, 0, s>>>(a, i, r, (uint64_t *)(work + L->sort_off[0]),
                                                                 (uint64_t *)(work + L->sort_off[1]));
-                    GM_CHECK(cudaSuccess, "della rank kernel");
+                    GPU_CHECK(cudaSuccess, "della rank kernel");
                 }
                 break;
             default:
                 k_keep_elem<<<grid, GM_THREADS, 0, s>>>(a, i);
-                GM_CHECK(cudaSuccess, "keep kernel");
+                GPU_CHECK(cudaSuccess, "keep kernel");
                 break;
             }
         }
@@ -697,24 +721,24 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
                 unsigned blocks = (unsigned)((L->n_blocks + GM_L1_THREADS - 1) / GM_L1_THREADS);
                 k_l1<<<blocks, GM_L1_THREADS, 0, s>>>(a, i, L->n_blocks, st->model[i].blk_delta, st->model[i].blk_tau,
                                                       (double *)(work + L->l1_off[i]));
-                GM_CHECK(cudaSuccess, "L1 kernel");
+                GPU_CHECK(cudaSuccess, "L1 kernel");
             }
         } else {
             k_apply<<<grid, GM_THREADS, 0, s>>>(a);
-            GM_CHECK(cudaSuccess, "merge kernel");
+            GPU_CHECK(cudaSuccess, "merge kernel");
         }
         break;
     default:
         GPU_ASSERT(!"a pass kind of the interpolation methods");
     }
-    GM_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
+    GPU_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
     if (kind == MS_MERGE_PASS_APPLY)
-        GM_CHECK(cudaMemcpyAsync(c->out, data + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, b->copy_out),
+        GPU_CHECK(cudaMemcpyAsync(c->out, data + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, b->copy_out),
                  "copying the output from the GPU");
     if (L->res_bytes)
-        GM_CHECK(cudaMemcpyAsync(l->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, b->copy_out),
+        GPU_CHECK(cudaMemcpyAsync(l->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, b->copy_out),
                  "copying results from the GPU");
-    GM_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
+    GPU_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
     return GPU_OK;
 }
 
@@ -874,6 +898,8 @@ bool gpu_merge_supports(const ms_tensor_params *p)
     case MS_METHOD_BREADCRUMBS_TIES:
     case MS_METHOD_DELLA:
     case MS_METHOD_DELLA_LINEAR:
+    case MS_METHOD_TIES_SPARSEGPT:
+    case MS_METHOD_DARE_SPARSEGPT:
         return true;
     default:
         return gpu_interp_supports(p);

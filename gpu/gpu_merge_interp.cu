@@ -789,16 +789,6 @@ static void gi_sel_fill(gi_sel_call *a, const ms_tensor_params *p, const ms_inte
     a->threshold = is->threshold;
 }
 
-/* A launch or an enqueued operation failed: classify rc (not cudaSuccess). */
-#define GI_CHECK(expr, what)                                                                               \
-    do {                                                                                                   \
-        cudaError_t rc_ = (expr);                                                                          \
-        if (rc_ == cudaSuccess)                                                                            \
-            rc_ = cudaGetLastError();                                                                      \
-        if (rc_ != cudaSuccess)                                                                            \
-            return gpu_backend_classify(b, rc_, what, msg, msg_len);                                       \
-    } while (0)
-
 /* Takes the test knob (gpu_backend_fail_next_for_tests) under the lock. */
 static bool gi_take_poison(gpu_backend *b)
 {
@@ -818,24 +808,24 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     cudaStream_t in = b->copy_in, comp = b->compute, out = b->copy_out;
     for (unsigned i = 0; i <= p->n_models; i++)
         if (L->in_off[i] != GI_NONE)
-            GI_CHECK(cudaMemcpyAsync(dev + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice, in),
+            GPU_CHECK(cudaMemcpyAsync(dev + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice, in),
                      "copying inputs to the GPU");
     if (L->open_off != GI_NONE)
-        GI_CHECK(cudaMemcpyAsync(dev + L->open_off, is->line_open, L->open_bytes, cudaMemcpyHostToDevice, in),
+        GPU_CHECK(cudaMemcpyAsync(dev + L->open_off, is->line_open, L->open_bytes, cudaMemcpyHostToDevice, in),
                  "copying column sums to the GPU");
     if (L->coef_off != GI_NONE) {
         const float *coef = is->line_cols ? is->line_coef : is->line_coef + c->row0 * 2;
-        GI_CHECK(cudaMemcpyAsync(dev + L->coef_off, coef, L->coef_bytes, cudaMemcpyHostToDevice, in),
+        GPU_CHECK(cudaMemcpyAsync(dev + L->coef_off, coef, L->coef_bytes, cudaMemcpyHostToDevice, in),
                  "copying line coefficients to the GPU");
     }
     if (L->klin_off != GI_NONE)
-        GI_CHECK(cudaMemcpyAsync(dev + L->klin_off, is->row_kl + c->row0, L->klin_bytes, cudaMemcpyHostToDevice, in),
+        GPU_CHECK(cudaMemcpyAsync(dev + L->klin_off, is->row_kl + c->row0, L->klin_bytes, cudaMemcpyHostToDevice, in),
                  "copying row divergences to the GPU");
-    GI_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
+    GPU_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
 
     if (gi_take_poison(b)) {
         gpu_poison_kernel<<<1, 1, 0, comp>>>();
-        GI_CHECK(cudaSuccess, "test poison kernel");
+        GPU_CHECK(cudaSuccess, "test poison kernel");
     }
     gi_args a;
     gi_args_fill(&a, p, is, nd, L, c, dev);
@@ -845,64 +835,64 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     switch (nd->kind) {
     case MS_MERGE_PASS_GRAM:
         k_gram_blocks<<<gi_warp_grid(L->n_blocks * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->n_blocks, (double *)dev);
-        GI_CHECK(cudaSuccess, "GRAM kernel");
+        GPU_CHECK(cudaSuccess, "GRAM kernel");
         break;
     case MS_MERGE_PASS_LINE_GRAM:
         if (nd->line_cols) {
             k_line_cols<<<gi_sum_grid(p->cols * 3), GI_SUM_THREADS, 0, comp>>>(a, L->n_rseg, (double *)dev);
-            GI_CHECK(cudaSuccess, "column Gram kernel");
+            GPU_CHECK(cudaSuccess, "column Gram kernel");
         } else {
             k_gram_rows<<<gi_warp_grid(c->n_rows * L->segs_row * 3), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
                                                                                               (double *)dev);
-            GI_CHECK(cudaSuccess, "row Gram kernel");
+            GPU_CHECK(cudaSuccess, "row Gram kernel");
         }
         break;
     case MS_MERGE_PASS_COUNT:
-        GI_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU counters");
+        GPU_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU counters");
         k_count<<<gpu_grid(L->n, GI_THREADS, GI_MAX_GRID), GI_THREADS, 0, comp>>>(a, (unsigned long long *)dev);
-        GI_CHECK(cudaSuccess, "COUNT kernel");
+        GPU_CHECK(cudaSuccess, "COUNT kernel");
         break;
     case MS_MERGE_PASS_KEY_HI:
     case MS_MERGE_PASS_KEY_LO:
         GPU_ASSERT(sel);
         if (L->res_bytes)
-            GI_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU histograms");
-        GI_CHECK(gi_sel_enqueue(&sc, comp), "selection histogram kernels");
+            GPU_CHECK(cudaMemsetAsync(dev, 0, L->res_bytes, comp), "clearing GPU histograms");
+        GPU_CHECK(gi_sel_enqueue(&sc, comp), "selection histogram kernels");
         break;
     case MS_MERGE_PASS_SUMSQ:
         GPU_ASSERT(sel);
-        GI_CHECK(gi_sel_enqueue(&sc, comp), "sce sum of squares kernels");
+        GPU_CHECK(gi_sel_enqueue(&sc, comp), "sce sum of squares kernels");
         break;
     case MS_MERGE_PASS_APPLY:
         if (nd->apply == MS_INTERP_APPLY_SCE || nd->apply == MS_INTERP_APPLY_FUSION) {
             GPU_ASSERT(sel);
-            GI_CHECK(gi_sel_enqueue(&sc, comp), "merge kernels");
+            GPU_CHECK(gi_sel_enqueue(&sc, comp), "merge kernels");
             break;
         }
         if (nd->apply == MS_INTERP_APPLY_STOCK_ROWS) {
             double *seg = (double *)(dev + L->rowsum_off);
             k_gram_rows<<<gi_warp_grid(c->n_rows * L->segs_row * nd->q), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row,
                                                                                                    seg);
-            GI_CHECK(cudaSuccess, "row Gram kernel");
+            GPU_CHECK(cudaSuccess, "row Gram kernel");
             k_stock_coef<<<gi_sum_grid(c->n_rows), GI_SUM_THREADS, 0, comp>>>(a, L->segs_row, seg,
                                                                               (float *)(dev + L->ab_off));
-            GI_CHECK(cudaSuccess, "model_stock row coefficient kernel");
+            GPU_CHECK(cudaSuccess, "model_stock row coefficient kernel");
         }
         k_apply<<<gpu_grid(L->n, GI_THREADS, GI_MAX_GRID), GI_THREADS, 0, comp>>>(a);
-        GI_CHECK(cudaSuccess, "merge kernel");
+        GPU_CHECK(cudaSuccess, "merge kernel");
         break;
     default:
         GPU_ASSERT(!"a pass kind the GPU interp kernels do not run");
     }
-    GI_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
+    GPU_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
 
     if (L->out_off != GI_NONE)
-        GI_CHECK(cudaMemcpyAsync(c->out, dev + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, out),
+        GPU_CHECK(cudaMemcpyAsync(c->out, dev + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, out),
                  "copying the output from the GPU");
     if (L->res_bytes)
-        GI_CHECK(cudaMemcpyAsync(l->host_tmp, dev, L->res_bytes, cudaMemcpyDeviceToHost, out),
+        GPU_CHECK(cudaMemcpyAsync(l->host_tmp, dev, L->res_bytes, cudaMemcpyDeviceToHost, out),
                  "copying results from the GPU");
-    GI_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
+    GPU_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
     return GPU_OK;
 }
 

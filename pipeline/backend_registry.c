@@ -1,6 +1,8 @@
 #include "pipeline/backend_registry.h"
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_backend.h"
@@ -44,7 +46,37 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
     return gpu_backend_open(0, memory_limit, (gpu_backend **)out, why, why_len);
 }
 
-bool ms_gpu_supports(const ms_tensor_params *p) { return gpu_merge_supports(p); }
+/* GPU code that has not yet run on a GPU stays off unless
+ * MERGESTREAM_GPU_UNVERIFIED=1 (tests/gpu/device_check.sh sets it), so that
+ * a user's merge never depends on it: now the Hessians' factorisations and
+ * the saliency-keyed selection of ties_sparsegpt and dare_sparsegpt. The
+ * GPU tests call the gpu/ functions directly, without this gate. */
+static bool gpu_unverified_allowed(void)
+{
+    const char *v = getenv("MERGESTREAM_GPU_UNVERIFIED");
+    return v && strcmp(v, "1") == 0;
+}
+
+bool ms_gpu_supports(const ms_tensor_params *p)
+{
+    bool unverified = p->method == MS_METHOD_TIES_SPARSEGPT || p->method == MS_METHOD_DARE_SPARSEGPT;
+    return gpu_merge_supports(p) && (!unverified || gpu_unverified_allowed());
+}
+
+uint64_t ms_gpu_cholesky_bytes(uint64_t n)
+{
+    return gpu_unverified_allowed() ? gpu_hessian_cholesky_bytes(n) : UINT64_MAX;
+}
+
+ms_gpu_result ms_gpu_cholesky(ms_gpu *g, double *a, uint64_t n, bool diag_only, bool *not_pd, char *msg,
+                              size_t msg_len)
+{
+    switch (gpu_hessian_cholesky((gpu_backend *)g, a, n, diag_only, not_pd, msg, msg_len)) {
+    case GPU_OK: return MS_GPU_OK;
+    case GPU_OOM: return MS_GPU_OOM;
+    default: return MS_GPU_FATAL;
+    }
+}
 void ms_gpu_close(ms_gpu *g) { gpu_backend_close((gpu_backend *)g); }
 const char *ms_gpu_name(const ms_gpu *g) { return gpu_backend_device_name((const gpu_backend *)g); }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { return gpu_backend_free_estimate((gpu_backend *)g); }
@@ -75,6 +107,16 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
 }
 
 bool ms_gpu_supports(const ms_tensor_params *p) { (void)p; return false; }
+uint64_t ms_gpu_cholesky_bytes(uint64_t n) { (void)n; return UINT64_MAX; }
+
+ms_gpu_result ms_gpu_cholesky(ms_gpu *g, double *a, uint64_t n, bool diag_only, bool *not_pd, char *msg,
+                              size_t msg_len)
+{
+    (void)g; (void)a; (void)n; (void)diag_only;
+    *not_pd = false;
+    snprintf(msg, msg_len, "built without CUDA");
+    return MS_GPU_FATAL;
+}
 void ms_gpu_close(ms_gpu *g) { (void)g; }
 const char *ms_gpu_name(const ms_gpu *g) { (void)g; return ""; }
 uint64_t ms_gpu_free_estimate(ms_gpu *g) { (void)g; return 0; }

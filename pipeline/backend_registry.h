@@ -42,13 +42,25 @@ void ms_gpu_set_lanes(ms_gpu *g, unsigned lanes);
 uint64_t ms_gpu_free_estimate(ms_gpu *g);
 uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 
-/* True when the GPU backend implements p's method. */
+/* True when the GPU backend implements p's method (ties_sparsegpt and
+ * dare_sparsegpt only with MERGESTREAM_GPU_UNVERIFIED=1 until they have
+ * run on a GPU). */
 bool ms_gpu_supports(const ms_tensor_params *p);
 
 /* One pass over one chunk (cpu_merge_run_pass's contract). On MS_GPU_OOM or
  * MS_GPU_FATAL the state is untouched and msg holds one line. */
 ms_gpu_result ms_gpu_run_pass(ms_gpu *g, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len);
+
+/* The Hessian-aware methods' Cholesky factorisation on the GPU, the CPU's
+ * bits (gpu/gpu_backend.h, gpu_hessian_cholesky; a [n][n], lower triangle).
+ * MS_GPU_OK: *not_pd, or a factored (diag_only: only its diagonal written);
+ * MS_GPU_OOM: a unchanged; MS_GPU_FATAL: a may be partly overwritten. */
+ms_gpu_result ms_gpu_cholesky(ms_gpu *g, double *a, uint64_t n, bool diag_only, bool *not_pd, char *msg,
+                              size_t msg_len);
+/* Device bytes it needs for n; UINT64_MAX: the GPU does not factor (built
+ * without CUDA, or not enabled yet: MERGESTREAM_GPU_UNVERIFIED). */
+uint64_t ms_gpu_cholesky_bytes(uint64_t n);
 
 /* Pins host memory for faster copies; false (memory stays pageable) on failure. */
 bool ms_gpu_host_register(void *p, size_t len);

@@ -299,6 +299,7 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "tensors_gpu", (double)s->tensors_gpu);
         cJSON_AddNumberToObject(j, "tensors_gpu_and_cpu", (double)s->tensors_mixed);
         cJSON_AddNumberToObject(j, "gpu_fallbacks", (double)s->gpu_fallbacks);
+        cJSON_AddNumberToObject(j, "hessian_factorisations_gpu", (double)s->gpu_factorisations);
         cJSON_AddBoolToObject(j, "gpu_disabled", s->gpu_disabled);
         cJSON_AddNumberToObject(j, "bytes_read", (double)s->bytes_read);
         cJSON_AddNumberToObject(j, "bytes_read_direct", (double)s->bytes_read_direct);

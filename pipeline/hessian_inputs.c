@@ -337,11 +337,11 @@ static void u_cache_put(ms_hessian_set *set, const st_tensor *t, uint64_t dim, c
 }
 
 /* Model i's saliency u from Hessian t of set: from the cache, else read and
- * factored (on pool, holding pool_lock) and cached. Returns 0 (*edom: not
+ * factored (where f says, holding pool_lock) and cached. Returns 0 (*edom: not
  * positive definite), or -1 with err set. */
 static int prepare_saliency(ms_merge_state *st, const ms_tensor_params *p, const char *name, unsigned i,
-                            ms_hessian_set *set, const st_file *f, const st_tensor *t, cpu_pool *pool,
-                            pthread_mutex_t *pool_lock, bool *edom, ms_error *err)
+                            ms_hessian_set *set, const st_file *f, const st_tensor *t,
+                            const ms_hessian_factoriser *fz, pthread_mutex_t *pool_lock, bool *edom, ms_error *err)
 {
     int rc = 0;
     *edom = false;
@@ -353,7 +353,7 @@ static int prepare_saliency(ms_merge_state *st, const ms_tensor_params *p, const
             pthread_mutex_lock(pool_lock);
         /* a worker that held the lock may have just factored the same Hessian */
         if (!u_cache_take(set, t, st, p, i, edom, &rc)) {
-            rc = ms_hessian_state_add(st, p, i, H, pool);
+            rc = ms_hessian_state_add(st, p, i, H, fz);
             if (rc == 0 || rc == -EDOM)
                 u_cache_put(set, t, p->cols, rc == 0 ? st->hessian->u[i] : NULL);
             *edom = rc == -EDOM;
@@ -369,8 +369,8 @@ static int prepare_saliency(ms_merge_state *st, const ms_tensor_params *p, const
 }
 
 int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char *name,
-                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], cpu_pool *pool, pthread_mutex_t *pool_lock,
-                       ms_error *err)
+                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], const ms_hessian_factoriser *fz,
+                       pthread_mutex_t *pool_lock, ms_error *err)
 {
     if (!ms_merge_hessian_method(p->method))
         return 0;
@@ -399,7 +399,7 @@ int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char
             if (rc == -ENOMEM)
                 return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, name, "out of memory for Hessian coefficients");
             edom = rc == -EDOM;
-        } else if (prepare_saliency(st, p, name, i, sets[i], f, t, pool, pool_lock, &edom, err) < 0) {
+        } else if (prepare_saliency(st, p, name, i, sets[i], f, t, fz, pool_lock, &edom, err) < 0) {
             return -1;
         }
         if (edom)
@@ -408,7 +408,7 @@ int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char
     }
     if (pool_lock)
         pthread_mutex_lock(pool_lock);
-    int rc = ms_hessian_state_finish(st, p, pool);
+    int rc = ms_hessian_state_finish(st, p, fz);
     if (pool_lock)
         pthread_mutex_unlock(pool_lock);
     if (rc == -ENOMEM)

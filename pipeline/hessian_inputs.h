@@ -12,10 +12,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "cpu/cpu_pool.h"
 #include "io/ms_error.h"
 #include "pipeline/merge_params.h"
 #include "pipeline/merge_passes.h"
+#include "pipeline/merge_passes_hessian.h"
 
 typedef struct ms_hessian_set ms_hessian_set;
 
@@ -47,9 +47,11 @@ int ms_hessian_set_check(const ms_hessian_set *s, const char *weight_name, uint6
  * sets[i] != NULL and a Hessian for the weight, reads it ([cols, cols] F32;
  * another shape is an MS_EXIT_DATA error naming the tensor and the file) and
  * adds it (ms_hessian_state_add), then finishes (regmean's factorisation).
- * The Cholesky factorisations run on pool (NULL: this thread only; the bits
- * are the same) while holding pool_lock (NULL: the caller is pool's only
- * user); nothing else is done under the lock. A sparsegpt model's u is
+ * The Cholesky factorisations run where fz says (a GPU first when it has
+ * one, then its CPU pool; NULL: this thread only; the bits are the same
+ * everywhere) while holding pool_lock (NULL: the caller is the pool's only
+ * user), which also keeps two workers from factoring one Hessian at once;
+ * nothing else is done under the lock. A sparsegpt model's u is
  * cached in its set (a few vectors, freed by ms_hessian_set_close): the
  * weights that share a Hessian (q, k, v; gate, up) read and factor it once.
  * Models without a Hessian, and Hessians that are not positive definite
@@ -62,7 +64,7 @@ int ms_hessian_set_check(const ms_hessian_set *s, const char *weight_name, uint6
  * out of memory); st->hessian is then closed by ms_merge_state_close as
  * usual. */
 int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char *name,
-                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], cpu_pool *pool, pthread_mutex_t *pool_lock,
-                       ms_error *err);
+                       ms_hessian_set *const sets[MS_MAX_MODELS + 1], const ms_hessian_factoriser *fz,
+                       pthread_mutex_t *pool_lock, ms_error *err);
 
 #endif

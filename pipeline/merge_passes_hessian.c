@@ -253,15 +253,29 @@ void ms_hessian_damp(const float *H, uint64_t n, double *h)
         h[j * n + j] = h[j * n + j] + damp;
 }
 
-int ms_hessian_saliency_u(const float *H, uint64_t n, double *work, float *u)
+/* Factors a (built by build(ctx, a)) where f says: the device first, the
+ * CPU when it declines, from a built anew. */
+static int factor_with(double *a, uint64_t n, bool diag_only, const ms_hessian_factoriser *f,
+                       void (*build)(const void *ctx, uint64_t n, double *a), const void *ctx)
 {
-    return ms_hessian_saliency_u_pool(H, n, work, u, NULL);
+    build(ctx, n, a);
+    if (f && f->device) {
+        int rc = f->device(f->device_ctx, a, n, diag_only);
+        if (rc != -EAGAIN)
+            return rc;
+        build(ctx, n, a);
+    }
+    return ms_hessian_cholesky_pool(a, n, f ? f->pool : NULL);
 }
 
-int ms_hessian_saliency_u_pool(const float *H, uint64_t n, double *work, float *u, cpu_pool *pool)
+int ms_hessian_saliency_u(const float *H, uint64_t n, double *work, float *u)
 {
-    if (n == 0)
-        return 0;
+    return ms_hessian_saliency_u_with(H, n, work, u, NULL);
+}
+
+/* work := J H_damped J (the matrix whose factor gives u). */
+static void saliency_matrix(const void *H, uint64_t n, double *work)
+{
     ms_hessian_damp(H, n, work);
     /* reverse rows and columns in place: work := J H J */
     for (uint64_t a = 0; a < n; a++) {
@@ -274,7 +288,13 @@ int ms_hessian_saliency_u_pool(const float *H, uint64_t n, double *work, float *
             }
         }
     }
-    int rc = ms_hessian_cholesky_pool(work, n, pool);
+}
+
+int ms_hessian_saliency_u_with(const float *H, uint64_t n, double *work, float *u, const ms_hessian_factoriser *f)
+{
+    if (n == 0)
+        return 0;
+    int rc = factor_with(work, n, true, f, saliency_matrix, H);
     if (rc != 0)
         return rc;
     for (uint64_t j = 0; j < n; j++) {
@@ -341,7 +361,7 @@ static float *saliency_slot(ms_hessian_state *hs, const ms_tensor_params *p, uns
 }
 
 static int add_saliency(ms_hessian_state *hs, const ms_tensor_params *p, unsigned i, const float *H,
-                        cpu_pool *pool)
+                        const ms_hessian_factoriser *f)
 {
     uint64_t n = hs->dim;
     float *u = saliency_slot(hs, p, i);
@@ -352,7 +372,7 @@ static int add_saliency(ms_hessian_state *hs, const ms_tensor_params *p, unsigne
     double *work = malloc((size_t)(n * n) * sizeof(double));
     if (!work)
         return -ENOMEM;
-    int rc = ms_hessian_saliency_u_pool(H, n, work, u, pool);
+    int rc = ms_hessian_saliency_u_with(H, n, work, u, f);
     free(work);
     if (rc == 0)
         hs->u[i] = u;
@@ -386,7 +406,7 @@ static int add_regmean(ms_hessian_state *hs, const ms_tensor_params *p, unsigned
 }
 
 int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *H,
-                         cpu_pool *pool)
+                         const ms_hessian_factoriser *f)
 {
     ms_hessian_state *hs = st->hessian;
     MS_ASSERT(hs && i >= 1 && i <= p->n_models && hs->dim == p->cols);
@@ -394,7 +414,7 @@ int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned
         return add_regmean(hs, p, i, H);
     if (!ms_hessian_model_uses_u(st, p, i))
         return 0;
-    return add_saliency(hs, p, i, H, pool);
+    return add_saliency(hs, p, i, H, f);
 }
 
 int ms_hessian_state_set_u(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *u)
@@ -409,7 +429,24 @@ int ms_hessian_state_set_u(ms_merge_state *st, const ms_tensor_params *p, unsign
     return 0;
 }
 
-int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, cpu_pool *pool)
+typedef struct regmean_terms {
+    const ms_hessian_state *hs;
+    unsigned n_models;
+} regmean_terms;
+
+/* S = sum_i G_i in fp64, model order (regmean). */
+static void regmean_sum(const void *ctx, uint64_t n, double *s)
+{
+    const regmean_terms *rt = ctx;
+    for (uint64_t e = 0; e < n * n; e++) {
+        double v = (double)rt->hs->g[1][e];
+        for (unsigned i = 2; i <= rt->n_models; i++)
+            v = v + (double)rt->hs->g[i][e];
+        s[e] = v;
+    }
+}
+
+int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, const ms_hessian_factoriser *f)
 {
     ms_hessian_state *hs = st->hessian;
     MS_ASSERT(hs);
@@ -420,15 +457,8 @@ int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, cpu_p
         all = hs->g_set[i];
     int rc = 0;
     if (all) {
-        uint64_t n = hs->dim;
-        double *s = hs->chol;
-        for (uint64_t e = 0; e < n * n; e++) {
-            double v = (double)hs->g[1][e];
-            for (unsigned i = 2; i <= p->n_models; i++)
-                v = v + (double)hs->g[i][e];
-            s[e] = v;
-        }
-        rc = ms_hessian_cholesky_pool(s, n, pool);
+        regmean_terms rt = {hs, p->n_models};
+        rc = factor_with(hs->chol, hs->dim, false, f, regmean_sum, &rt);
         if (rc == 0) {
             hs->regmean_solve = true;
             return 0;

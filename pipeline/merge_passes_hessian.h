@@ -76,6 +76,19 @@ typedef struct ms_hessian_state {
     void *gmem;                           /* G_i and L */
 } ms_hessian_state;
 
+/* Where a tensor's Cholesky factorisations run: on `device` first when it
+ * is set (a GPU: it reproduces the order below, so the bits are the same),
+ * on the CPU when it declines or fails. */
+typedef struct ms_hessian_factoriser {
+    cpu_pool *pool; /* the CPU's factorisations: NULL, the calling thread only */
+    /* Factors a as ms_hessian_cholesky does; diag_only: only L's diagonal
+     * is needed (the rest of a may be left as it was). Returns 0, -EDOM
+     * (not positive definite), or -EAGAIN: not done, a possibly overwritten
+     * (the caller builds it again for the CPU). */
+    int (*device)(void *ctx, double *a, uint64_t n, bool diag_only);
+    void *device_ctx;
+} ms_hessian_factoriser;
+
 /* True for ties_sparsegpt, dare_sparsegpt and regmean. */
 bool ms_merge_hessian_method(ms_method m);
 
@@ -90,13 +103,13 @@ int ms_hessian_state_open(ms_merge_state *st, const ms_tensor_params *p);
 
 /* Model i's (1..n_models) raw Hessian H ([p->cols][p->cols] fp32, row
  * major; read only) into st->hessian: sparsegpt's u (only for a model that
- * selects by key, else nothing is done; its Cholesky runs on pool, NULL:
- * this thread only, the bits are the same), regmean's G_i (pool unused).
+ * selects by key, else nothing is done; its Cholesky runs where f says,
+ * NULL: this thread only, the bits are the same), regmean's G_i (f unused).
  * Returns 0, -ENOMEM, or -EDOM when H is not positive definite after
  * damping (model i then has no Hessian: the caller logs the fallback).
  * The caller must be pool's only user meanwhile. */
 int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *H,
-                         cpu_pool *pool);
+                         const ms_hessian_factoriser *f);
 
 /* Model i's saliency u ([p->cols] floats, copied), computed earlier by
  * ms_hessian_state_add from the same Hessian (the cache of
@@ -104,11 +117,11 @@ int ms_hessian_state_add(ms_merge_state *st, const ms_tensor_params *p, unsigned
  * selects by key (ms_hessian_model_uses_u). Returns 0 or -ENOMEM. */
 int ms_hessian_state_set_u(ms_merge_state *st, const ms_tensor_params *p, unsigned i, const float *u);
 
-/* After the adds: regmean factors S (on pool, as above) when every model
+/* After the adds: regmean factors S (where f says, as above) when every model
  * has G_i (else the mean, memory freed). Returns 0, -ENOMEM, or -EDOM (S not
  * positive definite: the mean is used; the caller logs it). A no-op for the
  * sparsegpt methods. */
-int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, cpu_pool *pool);
+int ms_hessian_state_finish(ms_merge_state *st, const ms_tensor_params *p, const ms_hessian_factoriser *f);
 
 /* Frees hs. NULL is a no-op. */
 void ms_hessian_state_close(ms_hessian_state *hs);
@@ -144,7 +157,7 @@ void ms_hessian_damp(const float *H, uint64_t n, double *h);
  * doubles. Returns 0 or -EDOM. */
 int ms_hessian_saliency_u(const float *H, uint64_t n, double *work, float *u);
 
-/* The same, its Cholesky on pool (ms_hessian_cholesky_pool). */
-int ms_hessian_saliency_u_pool(const float *H, uint64_t n, double *work, float *u, cpu_pool *pool);
+/* The same, its Cholesky where f says (NULL: this thread). */
+int ms_hessian_saliency_u_with(const float *H, uint64_t n, double *work, float *u, const ms_hessian_factoriser *f);
 
 #endif

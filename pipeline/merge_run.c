@@ -58,6 +58,7 @@ typedef struct run_ctx {
     ms_error err;            /* first failure; guarded by err_lock */
     atomic_bool gpu_disabled;      /* compute: a sticky GPU error happened */
     atomic_uint_fast64_t gpu_fallbacks; /* compute */
+    atomic_uint_fast64_t gpu_factorisations; /* compute: Hessians factored on the GPU */
     /* Per job with a pass that may turn out idle (ms_merge_pass_may_idle):
      * what compute found once the pass before it finished, RUN_PASS_*. A
      * tensor in row chunks reads every chunk again for each pass, so the
@@ -446,6 +447,34 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
     }
 }
 
+/* The Hessians' Cholesky factorisations (ms_hessian_factoriser's device)
+ * under the same rules: on the GPU when it fits the live estimate, out of
+ * memory one warning and the CPU, a sticky error the GPU off. The bits are
+ * the same either way. */
+static int factor_on_gpu(void *vctx, double *a, uint64_t n, bool diag_only)
+{
+    run_ctx *ctx = vctx;
+    ms_gpu *gpu = ctx->env->gpu;
+    if (!gpu || atomic_load(&ctx->gpu_disabled) || ms_gpu_cholesky_bytes(n) > ms_gpu_free_estimate(gpu))
+        return -EAGAIN;
+    char msg[256] = "";
+    bool not_pd = false;
+    switch (ms_gpu_cholesky(gpu, a, n, diag_only, &not_pd, msg, sizeof msg)) {
+    case MS_GPU_OK:
+        atomic_fetch_add(&ctx->gpu_factorisations, 1);
+        return not_pd ? -EDOM : 0;
+    case MS_GPU_OOM:
+        atomic_fetch_add(&ctx->gpu_fallbacks, 1);
+        ms_log_warn("GPU out of memory factoring a %" PRIu64 " x %" PRIu64 " Hessian (%s): using CPU", n, n, msg);
+        return -EAGAIN;
+    case MS_GPU_FATAL:
+    default:
+        atomic_store(&ctx->gpu_disabled, true);
+        ms_log_warn("GPU error factoring a Hessian (%s): the CPU finishes the merge", msg);
+        return -EAGAIN;
+    }
+}
+
 /* What the compute stage holds for the tensor in progress. */
 typedef struct job_state {
     ms_merge_state *merge;
@@ -508,9 +537,11 @@ static int compute_item(run_ctx *ctx, run_item *it, job_state *js)
         if (ms_merge_state_open(&job->params, &js->merge) != 0)
             return ms_error_set(&e, MS_EXIT_RUNTIME, job->name, "out of memory for merge statistics"),
                    run_fail(ctx, &e), -1;
-        /* the factorisations use the cpu pool, under cpu_lock (taken inside, around them only) */
-        if (ms_hessian_prepare(js->merge, &job->params, job->name, ctx->env->plan->hessians, ctx->env->cpu,
-                               &ctx->cpu_lock, &e) != 0)
+        /* the factorisations use the GPU or the cpu pool, under cpu_lock (taken inside, around them only) */
+        ms_hessian_factoriser fz = {.pool = ctx->env->cpu, .device = ctx->env->gpu ? factor_on_gpu : NULL,
+                                    .device_ctx = ctx};
+        if (ms_hessian_prepare(js->merge, &job->params, job->name, ctx->env->plan->hessians, &fz, &ctx->cpu_lock,
+                               &e) != 0)
             return run_fail(ctx, &e), -1;
         for (unsigned i = 0; i < job->n_inputs; i++)
             if (job->in[i].lora && lora_prepare(job, i, &js->lora[i], &e) != 0)
@@ -885,6 +916,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
         }
     }
     stats->gpu_fallbacks = atomic_load(&ctx->gpu_fallbacks);
+    stats->gpu_factorisations = atomic_load(&ctx->gpu_factorisations);
     stats->gpu_disabled = atomic_load(&ctx->gpu_disabled);
     stats->bytes_read = ctx->bytes_read;
     stats->bytes_read_direct = ctx->bytes_read_direct;

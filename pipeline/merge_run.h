@@ -40,7 +40,8 @@ typedef struct ms_tensor_result {
 
 typedef struct ms_run_stats {
     uint64_t tensors_cpu, tensors_gpu, tensors_mixed, tensors_copied, tensors_kept; /* kept: from an earlier run (--resume); mixed: some chunks on each */
-    uint64_t gpu_fallbacks;  /* passes that ran on the CPU after a GPU out-of-memory */
+    uint64_t gpu_fallbacks;  /* passes (and Hessian factorisations) that ran on the CPU after a GPU out-of-memory */
+    uint64_t gpu_factorisations; /* Hessian-aware methods: Cholesky factorisations on the GPU */
     bool gpu_disabled;       /* a sticky GPU error stopped GPU use mid-run */
     uint64_t bytes_read, bytes_written;
     uint64_t bytes_read_direct;    /* of bytes_read, read with O_DIRECT (ms_merge_open_direct) */

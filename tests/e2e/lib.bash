@@ -42,6 +42,34 @@ same_bytes() {
 # write_calib FILE SAMPLES LENGTH SEED: a calibration text file of SAMPLES
 # lines of LENGTH random token ids below 256 (the tiny and small presets'
 # vocabularies start at 256), the same for the same SEED.
+# skip_without_gpu MODEL_DIR: exit 77 (skipped) unless a linear merge of
+# MODEL_DIR (a model under $WORK) runs with --device cuda.
+skip_without_gpu() {
+  printf 'merge_method: linear\nmodels:\n  - model: %s\n    parameters: {weight: 1}\n' "$1" > "$WORK/probe.yml"
+  if ! "$MS_BIN" merge "$WORK/probe.yml" -o "$WORK/probe" --device cuda --quiet 2> "$WORK/probe.err"; then
+    echo "SKIP: $(cat "$WORK/probe.err")"
+    exit 77
+  fi
+}
+
+# walk_gpu_alloc RECIPE WANT_DIR MAX_N: merges RECIPE on the GPU with the
+# Nth device allocation failing (MERGESTREAM_FAULT=gpu_alloc:N), N = 1, 2, ...
+# until a run falls back no more (at most MAX_N runs): each run must finish,
+# say "GPU out of memory ...: using CPU" and give WANT_DIR's bytes.
+walk_gpu_alloc() {
+  local n rc
+  for n in $(seq 1 "$3"); do
+    rc=0
+    MERGESTREAM_FAULT="gpu_alloc:$n" "$MS_BIN" merge "$1" -o "$WORK/f$n" --device cuda --json \
+      > "$WORK/f.json" 2> "$WORK/f.err" || rc=$?
+    [ "$rc" -eq 0 ] || { cat "$WORK/f.err"; fail "gpu_alloc:$n failed the merge"; }
+    same_bytes "$2" "$WORK/f$n"
+    rm -rf "$WORK/f$n"
+    if grep -qE '"gpu_fallbacks":[[:space:]]*0' "$WORK/f.json"; then echo "gpu_alloc walk: no fallback from N=$n on"; return; fi
+    grep -qE "GPU out of memory (on|factoring) .*: using CPU" "$WORK/f.err" || { cat "$WORK/f.err"; fail "gpu_alloc:$n: no fallback line"; }
+  done
+}
+
 write_calib() {
   local i j line
   RANDOM=$4

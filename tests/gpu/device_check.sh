@@ -13,7 +13,10 @@
 #      --gpu-memory-limit fallbacks, cuBLAS GEMMs and hessian/perplexity on
 #      the GPU against the CPU
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
-#      another process holds nearly all GPU memory
+#      another process holds nearly all GPU memory; the Hessian-aware merges
+#      of a one-layer 1B-shaped model (Hessians factored on the GPU): same
+#      bytes, and their times on the GPU and the CPU; bench_cholesky at
+#      down_proj's n = 8192
 #   4. bench (hot page cache): hessian tokens/s on the GPU against its GEMM
 #      peak (whole decoder layers on the device); TIES copy / GPU
 #      / CPU on every core; slerp and model_stock on GPU and CPU; FULL=1:
@@ -25,6 +28,9 @@
 # C libraries: carry their Debian packages in .devdeps/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# GPU code not yet run on a GPU (pipeline/backend_registry.c) is on for every
+# test and bench below: this run is what verifies it
+export MERGESTREAM_GPU_UNVERIFIED=1
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
@@ -86,6 +92,27 @@ note "merge beside a GPU memory hog ($(head -1 "$OUT/hog.log")): exit $rc, $(gre
 if [ $rc -eq 0 ] && cmp -s $B/cpu/model.safetensors $B/hogged/model.safetensors; then note "  bytes == CPU-only merge"; else
   note "  BYTES DIFFER or merge failed"; tail -5 "$OUT/hogged.err" | tee -a "$summary"; fi
 rm -rf $B/cpu $B/gpu $B/hogged
+
+# the Hessian-aware merges, one 1B-shaped layer (vocab 4096), Hessians from 16 x 512 tokens
+H=/tmp/ms-bench/hess1
+mkdir -p $H
+[ -f $H/base/config.json ] || $gen base $H/base --preset llama-1b --layers 1 --vocab 4096 --dtype bf16 --seed 1 > /dev/null
+[ -f $H/ft1/config.json ] || $gen finetune $H/base $H/ft1 --seed 2 > /dev/null
+[ -f $H/ft2/config.json ] || $gen finetune $H/base $H/ft2 --seed 3 > /dev/null
+for i in $(seq 1 16); do seq 1 512 | awk -v s=$i '{printf "%d ", ($1 * 7919 + s * 104729) % 4096} END {print ""}'; done > $H/calib.txt
+for m in ft1 ft2; do $bin hessian $H/$m --calib $H/calib.txt -o $H/h_$m --device cuda --quiet --force; done
+for m in ties_sparsegpt regmean; do
+  p="weight: 0.5, density: 0.2, "; [ $m = regmean ] && p=""
+  printf 'merge_method: %s\nbase_model: ./base\nmodels:\n  - model: ./ft1\n    parameters: {%shessian: ./h_ft1}\n  - model: ./ft2\n    parameters: {%shessian: ./h_ft2}\ndtype: bfloat16\n' $m "$p" "$p" > $H/$m.yml
+  $bin merge $H/$m.yml -o $H/cpu --device cpu --json --quiet --force > "$OUT/${m}_cpu.json"
+  $bin merge $H/$m.yml -o $H/gpu --device cuda --json --quiet --force > "$OUT/${m}_gpu.json"
+  w() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]+$'; }
+  same="GPU BYTES DIFFER"; cmp -s $H/cpu/model.safetensors $H/gpu/model.safetensors && same="GPU bytes == CPU bytes"
+  note "1B-shaped layer, $m: $same; cpu $(w "$OUT/${m}_cpu.json" wall_seconds) s, cuda $(w "$OUT/${m}_gpu.json" wall_seconds) s ($(w "$OUT/${m}_gpu.json" hessian_factorisations_gpu) factorisations, $(w "$OUT/${m}_gpu.json" tensors_gpu) tensors on the GPU)"
+done
+rm -rf $H/cpu $H/gpu
+note "bench_cholesky --n 8192 (down_proj's Hessian; GPU seconds with the copies):"
+build-gpu/bench/bench_cholesky --n 8192 --no-old --gpu 2>&1 | sed 's/^/  /' | tee -a "$summary"
 
 # 4. bench, hot page cache
 hessian() { # LABEL DEVICE LAYERS SAMPLES: bench_hessian.sh's figures

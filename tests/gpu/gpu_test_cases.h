@@ -17,6 +17,7 @@
 #include "cpu/cpu_pool.h"
 #include "gpu/gpu_backend.h"
 #include "pipeline/merge_passes.h"
+#include "pipeline/merge_passes_hessian.h"
 
 #include "../unit/merge_cases.h"
 #include "../unit/test_chunks.h"
@@ -56,12 +57,45 @@ static inline const char *sel_name(ms_merge_sel s)
     return (unsigned)s < 6 ? names[s] : "?";
 }
 
+/* Random saliency coefficients (tc->u) for ties_sparsegpt / dare_sparsegpt
+ * cases; one model in four keeps magnitude keys (no Hessian). Mostly
+ * 2^-10..2^11, and some 0 (the 1e-10 guard), tiny (scores that overflow to
+ * +Inf) and huge ones (scores that underflow to 0: many equal keys). */
+static inline void case_add_saliency(tcase *tc)
+{
+    for (unsigned i = 1; i <= tc->p.n_models; i++) {
+        if (rng_next() % 4 == 0)
+            continue;
+        float *u = malloc(tc->p.cols * sizeof *u);
+        for (uint64_t c = 0; c < tc->p.cols; c++) {
+            unsigned r = (unsigned)(rng_next() % 16);
+            u[c] = r == 0 ? 0.0f : r == 1 ? 1e-30f : r == 2 ? 1e30f
+                                                          : (float)ldexp(0.5 + rng_unit(), (int)(rng_next() % 22) - 10);
+        }
+        tc->u[i] = u;
+    }
+}
+
+/* A merge state for tc; for a Hessian method, with tc->u for the models
+ * that select by key. 0 or the first failure's negative errno. */
+static inline int case_state_open(const tcase *tc, ms_merge_state **st)
+{
+    int rc = ms_merge_state_open(&tc->p, st);
+    if (rc != 0 || !ms_merge_hessian_method(tc->p.method))
+        return rc;
+    rc = ms_hessian_state_open(*st, &tc->p);
+    for (unsigned i = 1; i <= tc->p.n_models && rc == 0; i++)
+        if (tc->u[i] && ms_hessian_model_uses_u(*st, &tc->p, i))
+            rc = ms_hessian_state_set_u(*st, &tc->p, i, tc->u[i]);
+    return rc;
+}
+
 /* The whole tensor on the CPU, every pass (chunked: random row chunks). */
 static inline bool run_cpu_only(const tcase *tc, void *out, cpu_pool *pool, bool chunked)
 {
     const ms_tensor_params *p = &tc->p;
     ms_merge_state *st = NULL;
-    if (ms_merge_state_open(p, &st) != 0)
+    if (case_state_open(tc, &st) != 0)
         return false;
     bool ok = true;
     for (unsigned pass = 0; pass < st->n_passes && ok; pass++) {

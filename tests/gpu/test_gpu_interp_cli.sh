@@ -16,12 +16,7 @@ M="$WORK/models"
 "$MS_GEN" finetune "$M/base" "$M/ft1" --seed 52
 "$MS_GEN" finetune "$M/base" "$M/ft2" --seed 53 --dtype f16
 "$MS_GEN" finetune "$M/base" "$M/ft3" --seed 54 --dtype f32 --touched-fraction 0.3
-probe=$(printf 'merge_method: linear\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n')
-echo "$probe" > "$WORK/probe.yml"
-if ! "$MS_BIN" merge "$WORK/probe.yml" -o "$WORK/probe" --device cuda --quiet 2> "$WORK/probe.err"; then
-  echo "SKIP: $(cat "$WORK/probe.err")"
-  exit 77
-fi
+skip_without_gpu "$M/ft1"
 
 source "$(dirname "$0")/../e2e/interp_recipes.bash"
 

@@ -5,6 +5,9 @@
  * 1,500 and 5,000 columns), quantised inputs (many exact ties in |delta|, so
  * the tie rule's eq_pos matters), NaN/Inf inputs.
  *
+ * ties_sparsegpt and dare_sparsegpt too, with random saliency coefficients
+ * (zero, tiny and huge ones among them) and some models on magnitude keys.
+ *
  * Each case runs the CPU and the GPU side by side over the same chunks
  * (whole tensor, then random chunks that differ per pass) and compares the
  * merge states after every chunk (histograms, bounds, eq_seen, L1 sums and
@@ -67,6 +70,10 @@ static void ref_verdict(const tcase *tc, uint64_t e, const void *cpu_out, const 
         snprintf(buf, len, "reference not run (tensor too large)");
         return;
     }
+    if (ms_merge_hessian_method(p->method)) { /* test_cpu_merge_hessian.c checks the CPU's against its own */
+        snprintf(buf, len, "reference not run (saliency keys)");
+        return;
+    }
     size_t osz = ref_dtype_size(p->out_dtype);
     unsigned char *ref = malloc(p->numel * osz + 8);
     if (!ref) {
@@ -109,8 +116,8 @@ static void check_lockstep(gpu_backend *gb, const tcase *tc, bool chunked, const
     memset(oc, 0xa5, bytes);
     memset(og, 0x5a, bytes);
     ms_merge_state *sc = NULL, *sg = NULL;
-    assert_int_equal(ms_merge_state_open(p, &sc), 0);
-    assert_int_equal(ms_merge_state_open(p, &sg), 0);
+    assert_int_equal(case_state_open(tc, &sc), 0);
+    assert_int_equal(case_state_open(tc, &sg), 0);
     char why[512], what[2048], msg[256], verdict[256];
     for (unsigned pass = 0; pass < sc->n_passes; pass++) {
         ms_merge_pass_kind kind = sc->pass[pass];
@@ -174,7 +181,7 @@ static void check_mixed(const tcase *tc, const void *want, const char *label)
     assert_non_null(out);
     memset(out, 0x3c, p->numel * osz + 8);
     ms_merge_state *st = NULL;
-    assert_int_equal(ms_merge_state_open(p, &st), 0);
+    assert_int_equal(case_state_open(tc, &st), 0);
     char log[1024] = "", msg[256], why[512], what[2048];
     size_t lo = 0;
     for (unsigned pass = 0; pass < st->n_passes; pass++) {
@@ -225,6 +232,7 @@ static void check_case(const tcase *tc, unsigned idx)
 
 static void check_method(const method_def *def)
 {
+    bool saliency = def->method == MS_METHOD_TIES_SPARSEGPT || def->method == MS_METHOD_DARE_SPARSEGPT;
     static const uint64_t shapes[][2] = {
         {1, 1},    {1, 7},     {5, 2},    {9, 1},     {1, 1000}, {37, 129}, {200, 33},
         {3, 5000}, {1, 70001}, /* 1-D, more than one L1 block */
@@ -238,6 +246,10 @@ static void check_method(const method_def *def)
         unsigned n_models = 1 + (unsigned)(rng_next() % (rows * cols > 100000 ? 3 : 5));
         tcase tc;
         case_make(&tc, def, rows, cols, n_models, k % 2 ? 1 : -1, k_dtypes[k % 3]);
+        if (saliency) {
+            tc.p.rescale = false; /* not a parameter of theirs */
+            case_add_saliency(&tc);
+        }
         check_case(&tc, k);
         case_free(&tc);
     }
@@ -258,6 +270,25 @@ METHOD_TEST(test_breadcrumbs, 5)
 METHOD_TEST(test_breadcrumbs_ties, 6)
 METHOD_TEST(test_della, 7)
 METHOD_TEST(test_della_linear, 8)
+
+/* ties' plan with saliency keys: their coefficients are in st->hessian (as
+ * the Hessians' preparation leaves them), copied up with every call. */
+static const method_def k_saliency_methods[] = {
+    {"ties_sparsegpt", MS_METHOD_TIES_SPARSEGPT, MS_SPARSIFY_MAGNITUDE, true, true, false},
+    {"dare_sparsegpt", MS_METHOD_DARE_SPARSEGPT, MS_SPARSIFY_MAGNITUDE, true, true, false},
+};
+
+static void test_ties_sparsegpt(void **state)
+{
+    (void)state;
+    check_method(&k_saliency_methods[0]);
+}
+
+static void test_dare_sparsegpt(void **state)
+{
+    (void)state;
+    check_method(&k_saliency_methods[1]);
+}
 
 /* Millions of elements: more tie segments than the scan has threads, many
  * L1 blocks per chunk, several della windows per chunk. */
@@ -390,10 +421,14 @@ static void test_chunk_bytes_bound(void **state)
 {
     (void)state;
     char msg[256], why[512], what[1024];
-    for (unsigned m = 0; m < N_METHODS; m++) {
+    for (unsigned m = 0; m < N_METHODS + 2; m++) {
+        const method_def *def = m < N_METHODS ? &k_methods[m] : &k_saliency_methods[m - N_METHODS];
+        bool saliency = m >= N_METHODS;
         tcase tc;
-        case_make(&tc, &k_methods[m], 64, 3000, 1 + (unsigned)(rng_next() % 4), 1, ST_DTYPE_COUNT);
-        tc.p.rescale = k_methods[m].method != MS_METHOD_LINEAR;
+        case_make(&tc, def, 64, 3000, 1 + (unsigned)(rng_next() % 4), 1, ST_DTYPE_COUNT);
+        tc.p.rescale = def->method != MS_METHOD_LINEAR && !saliency;
+        if (saliency)
+            case_add_saliency(&tc);
         const ms_tensor_params *p = &tc.p;
         size_t osz = ref_dtype_size(p->out_dtype);
         unsigned char *want = malloc(p->numel * osz), *got = malloc(p->numel * osz);
@@ -413,7 +448,7 @@ static void test_chunk_bytes_bound(void **state)
             assert_int_equal(gpu_backend_open(0, limit, &b, msg, sizeof msg), 0);
             assert_true(gpu_backend_free_estimate(b) <= limit);
             ms_merge_state *st = NULL;
-            assert_int_equal(ms_merge_state_open(p, &st), 0);
+            assert_int_equal(case_state_open(&tc, &st), 0);
             memset(got, 0, p->numel * osz);
             for (unsigned pass = 0; pass < st->n_passes; pass++) {
                 for (uint64_t r = 0; r < p->rows; r += R) {
@@ -444,8 +479,8 @@ static void test_chunk_bytes_bound(void **state)
     memset(&empty, 0, sizeof empty);
     empty.n_models = 1;
     assert_int_equal(gpu_merge_chunk_bytes(&empty, 5), 0);
-    /* the task-vector and interpolation methods run on the GPU, the
-     * Hessian-aware methods and passthrough never */
+    /* the task-vector, saliency-keyed and interpolation methods run on the
+     * GPU, regmean and passthrough never */
     for (int m = 0; m < MS_METHOD_COUNT; m++) {
         ms_tensor_params q;
         memset(&q, 0, sizeof q);
@@ -457,7 +492,8 @@ static void test_chunk_bytes_bound(void **state)
         for (unsigned i = 0; i <= q.n_models; i++)
             q.in_dtype[i] = ST_BF16;
         q.out_dtype = ST_BF16;
-        bool want = m <= MS_METHOD_DELLA_LINEAR || (m >= MS_METHOD_SLERP && m <= MS_METHOD_ARCEE_FUSION);
+        bool want = m <= MS_METHOD_DELLA_LINEAR || (m >= MS_METHOD_SLERP && m <= MS_METHOD_ARCEE_FUSION) ||
+                    m == MS_METHOD_TIES_SPARSEGPT || m == MS_METHOD_DARE_SPARSEGPT;
         assert_int_equal(gpu_merge_supports(&q), want);
         if (!want)
             assert_true(gpu_merge_chunk_bytes(&q, 1) == UINT64_MAX);
@@ -559,6 +595,8 @@ int main(void)
         cmocka_unit_test(test_breadcrumbs_ties),
         cmocka_unit_test(test_della),
         cmocka_unit_test(test_della_linear),
+        cmocka_unit_test(test_ties_sparsegpt),
+        cmocka_unit_test(test_dare_sparsegpt),
         cmocka_unit_test(test_large),
         cmocka_unit_test(test_concurrent_calls),
         cmocka_unit_test(test_chunk_bytes_bound),

@@ -8,12 +8,7 @@ M="$WORK/models"
 "$MS_GEN" base "$M/base" --preset small --dtype bf16 --seed 1
 "$MS_GEN" finetune "$M/base" "$M/ft1" --seed 2 --dtype f16
 "$MS_GEN" finetune "$M/base" "$M/ft2" --seed 3
-probe=$(printf 'merge_method: linear\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n')
-echo "$probe" > "$WORK/probe.yml"
-if ! "$MS_BIN" merge "$WORK/probe.yml" -o "$WORK/probe" --device cuda --quiet 2> "$WORK/probe.err"; then
-  echo "SKIP: $(cat "$WORK/probe.err")"
-  exit 77
-fi
+skip_without_gpu "$M/ft1"
 
 recipe() { # FILE METHOD PARAMS
   cat > "$1" <<EOR
@@ -74,14 +69,5 @@ grep -qE '"tensors_cpu":[[:space:]]*[1-9]' "$WORK/capped.json" || fail "--gpu-me
 same_bytes "$WORK/cpu_ties" "$WORK/capped"
 
 # walk gpu_alloc faults: each run falls back (one warning line) and keeps the bytes
-for n in $(seq 1 60); do
-  rc=0
-  MERGESTREAM_FAULT="gpu_alloc:$n" "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/f$n" --device cuda --json \
-    > "$WORK/f.json" 2> "$WORK/f.err" || rc=$?
-  [ "$rc" -eq 0 ] || { cat "$WORK/f.err"; fail "gpu_alloc:$n failed the merge"; }
-  same_bytes "$WORK/cpu_dare_ties" "$WORK/f$n"
-  rm -rf "$WORK/f$n"
-  if grep -qE '"gpu_fallbacks":[[:space:]]*0' "$WORK/f.json"; then echo "gpu_alloc walk: no fallback from N=$n on"; break; fi
-  grep -q "GPU out of memory on .*: using CPU" "$WORK/f.err" || { cat "$WORK/f.err"; fail "gpu_alloc:$n: no fallback line"; }
-done
+walk_gpu_alloc "$WORK/dare_ties.yml" "$WORK/cpu_dare_ties" 60
 echo "test_gpu_merge_cli: ok"

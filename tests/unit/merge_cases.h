@@ -53,6 +53,7 @@ typedef struct tcase {
     const method_def *def;
     ms_tensor_params p;
     void *in[MS_MAX_MODELS + 1];
+    float *u[MS_MAX_MODELS + 1]; /* ties_sparsegpt, dare_sparsegpt: [cols] saliency coefficients, NULL: magnitude */
     bool ties, wide, specials;
 } tcase;
 
@@ -168,7 +169,9 @@ static inline void case_free(tcase *tc)
 {
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++) {
         free(tc->in[i]);
+        free(tc->u[i]);
         tc->in[i] = NULL;
+        tc->u[i] = NULL;
     }
 }
 

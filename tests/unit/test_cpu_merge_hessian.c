@@ -228,10 +228,11 @@ static ms_merge_state *open_state(const hcase *tc, unsigned drop, cpu_pool *pool
     ms_merge_state *st = NULL;
     assert_int_equal(ms_merge_state_open(p, &st), 0);
     assert_int_equal(ms_hessian_state_open(st, p), 0);
+    ms_hessian_factoriser f = {.pool = pool};
     for (unsigned i = 1; i <= p->n_models; i++)
         if (i != drop && tc->H[i])
-            assert_int_equal(ms_hessian_state_add(st, p, i, tc->H[i], pool), 0);
-    assert_int_equal(ms_hessian_state_finish(st, p, pool), 0);
+            assert_int_equal(ms_hessian_state_add(st, p, i, tc->H[i], &f), 0);
+    assert_int_equal(ms_hessian_state_finish(st, p, &f), 0);
     return st;
 }
 
@@ -598,6 +599,109 @@ static void test_regmean_exact(void **state)
             check_regmean_exact(rows[a], cols[c], 1 + (a + c) % 3);
 }
 
+/* ---- a device behind ms_hessian_factoriser (a GPU in the pipeline) */
+
+typedef enum fake_mode {
+    FAKE_FACTOR,    /* factors (ms_hessian_cholesky); diag_only: NaN in the rest of the lower triangle */
+    FAKE_DECLINE,   /* -EAGAIN with a untouched (out of device memory) */
+    FAKE_SCRIBBLE,  /* -EAGAIN with a overwritten (a sticky error while the factor came back) */
+    FAKE_NOT_PD,    /* -EDOM */
+} fake_mode;
+
+typedef struct fake_device {
+    fake_mode mode;
+    unsigned calls, diag_only_calls;
+} fake_device;
+
+static int fake_factor(void *ctx, double *a, uint64_t n, bool diag_only)
+{
+    fake_device *d = ctx;
+    d->calls++;
+    d->diag_only_calls += diag_only;
+    switch (d->mode) {
+    case FAKE_DECLINE:
+        return -EAGAIN;
+    case FAKE_SCRIBBLE:
+        for (uint64_t e = 0; e < n * n; e++)
+            a[e] = 1e300 * (double)(e % 7);
+        return -EAGAIN;
+    case FAKE_NOT_PD:
+        return -EDOM;
+    default:
+        break;
+    }
+    int rc = ms_hessian_cholesky(a, n);
+    for (uint64_t r = 0; r < n && diag_only; r++)
+        for (uint64_t c = 0; c < r; c++)
+            a[r * n + c] = NAN;
+    return rc;
+}
+
+/* Each model's u and regmean's factor, as the CPU alone makes them. */
+static void device_case_states(const hcase *tc, fake_device *dev, ms_merge_state **st_cpu, ms_merge_state **st_dev,
+                               int *add_rc, int *finish_rc)
+{
+    const ms_tensor_params *p = &tc->p;
+    *st_cpu = open_state(tc, 0, g_pool[2]);
+    assert_int_equal(ms_merge_state_open(p, st_dev), 0);
+    assert_int_equal(ms_hessian_state_open(*st_dev, p), 0);
+    ms_hessian_factoriser f = {.pool = g_pool[2], .device = fake_factor, .device_ctx = dev};
+    *add_rc = 0;
+    for (unsigned i = 1; i <= p->n_models; i++) {
+        int rc = ms_hessian_state_add(*st_dev, p, i, tc->H[i], &f);
+        if (rc != 0)
+            *add_rc = rc;
+    }
+    *finish_rc = ms_hessian_state_finish(*st_dev, p, &f);
+}
+
+/* The factorisations go to the device first: its factor is used as it
+ * comes back (only the diagonal for u), a device that declines leaves the
+ * CPU a matrix built anew, and its "not positive definite" is the
+ * fallback's as the CPU's would be. */
+static void test_device_factoriser(void **state)
+{
+    (void)state;
+    static const ms_method methods[] = {MS_METHOD_TIES_SPARSEGPT, MS_METHOD_REGMEAN};
+    for (unsigned m = 0; m < 2; m++) {
+        bool regmean = methods[m] == MS_METHOD_REGMEAN;
+        for (fake_mode mode = FAKE_FACTOR; mode <= FAKE_NOT_PD; mode++) {
+            hcase tc;
+            hcase_make(&tc, methods[m], 3, 37, 2);
+            tc.p.density[2] = 0.5; /* both models select by key */
+            fake_device dev = {.mode = mode};
+            ms_merge_state *want = NULL, *got = NULL;
+            int add_rc, finish_rc;
+            device_case_states(&tc, &dev, &want, &got, &add_rc, &finish_rc);
+            assert_int_equal(dev.calls, regmean ? 1 : 2);
+            assert_int_equal(dev.diag_only_calls, regmean ? 0 : 2);
+            const ms_hessian_state *a = want->hessian, *b = got->hessian;
+            if (mode == FAKE_NOT_PD) {
+                assert_int_equal(regmean ? finish_rc : add_rc, -EDOM);
+                if (regmean)
+                    assert_false(b->regmean_solve);
+                else
+                    assert_null(b->u[1]);
+            } else {
+                assert_int_equal(add_rc, 0);
+                assert_int_equal(finish_rc, 0);
+                if (regmean) {
+                    assert_true(b->regmean_solve);
+                    uint64_t n = tc.p.cols;
+                    for (uint64_t r = 0; r < n; r++) /* L: the lower triangle */
+                        assert_memory_equal(a->chol + r * n, b->chol + r * n, (r + 1) * sizeof(double));
+                } else {
+                    for (unsigned i = 1; i <= 2; i++)
+                        assert_memory_equal(a->u[i], b->u[i], tc.p.cols * sizeof(float));
+                }
+            }
+            ms_merge_state_close(want);
+            ms_merge_state_close(got);
+            hcase_free(&tc);
+        }
+    }
+}
+
 /* The plan never depends on the Hessians; dare_sparsegpt's factor. */
 static void test_plan(void **state)
 {
@@ -627,7 +731,7 @@ int main(void)
         cmocka_unit_test(test_saliency_u),   cmocka_unit_test(test_saliency_key),
         cmocka_unit_test(test_plan),         cmocka_unit_test(test_ties_sparsegpt),
         cmocka_unit_test(test_dare_sparsegpt), cmocka_unit_test(test_regmean),
-        cmocka_unit_test(test_regmean_exact),
+        cmocka_unit_test(test_regmean_exact), cmocka_unit_test(test_device_factoriser),
     };
     return cmocka_run_group_tests(tests, pools_open, pools_close);
 }
