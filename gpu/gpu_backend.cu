@@ -4,6 +4,8 @@
  * gpu_merge_run_pass are in gpu_merge.cu. */
 #include "gpu/gpu_internal.h"
 
+#include <inttypes.h>
+
 #include <string.h>
 
 #define GPU_RESERVE_MIN ((uint64_t)256 << 20) /* at least 256 MiB stay free */
@@ -160,6 +162,38 @@ uint64_t gpu_backend_free_estimate(gpu_backend *b)
     }
     pthread_mutex_unlock(&b->lock);
     return est;
+}
+
+static void gpu_oom_msg(gpu_backend *b, uint64_t need, char *msg, size_t msg_len)
+{
+    if (msg && msg_len)
+        snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", (need + (1u << 20) - 1) >> 20,
+                 gpu_backend_free_estimate(b) >> 20);
+}
+
+gpu_status gpu_backend_run_call(gpu_backend *b, gpu_lane *l, uint64_t bytes, gpu_call_fn enqueue, void *ctx,
+                                char *msg, size_t msg_len)
+{
+    void *dev = NULL;
+    uint64_t dev_size = 0;
+    cudaError_t rc = gpu_backend_alloc(b, bytes, &dev, &dev_size);
+    if (rc != cudaSuccess) {
+        if (rc != cudaErrorMemoryAllocation)
+            return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
+        cudaGetLastError();
+        gpu_backend_trim(b);
+        gpu_oom_msg(b, gpu_mempool_class_size(bytes), msg, msg_len);
+        return GPU_OOM;
+    }
+    gpu_status status = enqueue(ctx, (unsigned char *)dev, msg, msg_len);
+    if (status != GPU_OK)
+        gpu_lane_abandon(b, l);
+    gpu_backend_release(b, dev, dev_size);
+    if (status == GPU_OOM) {
+        gpu_backend_trim(b);
+        gpu_oom_msg(b, dev_size, msg, msg_len);
+    }
+    return status;
 }
 
 void gpu_backend_trim(gpu_backend *b)

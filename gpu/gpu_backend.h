@@ -55,9 +55,9 @@ uint64_t gpu_backend_free_estimate(gpu_backend *b);
 
 /* True when the GPU backend computes p's method: the task-vector methods
  * (linear, task_arithmetic, ties, dare_*, breadcrumbs*, della*), the
- * saliency-selecting ones (ties_sparsegpt, dare_sparsegpt: their u vectors,
- * st->hessian, are prepared on the host) and the interpolation methods of
- * gpu_merge_interp.h. regmean runs on the CPU. */
+ * Hessian-aware ones (ties_sparsegpt and dare_sparsegpt with the u vectors
+ * and regmean with the G_i and L that st->hessian holds, prepared on the
+ * host) and the interpolation methods of gpu_merge_interp.h. */
 bool gpu_merge_supports(const ms_tensor_params *p);
 
 /* Device bytes one gpu_merge_run_pass call on a chunk of at most n_rows rows

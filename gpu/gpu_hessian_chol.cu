@@ -282,51 +282,34 @@ static gpu_status ch_copy_back(gpu_backend *b, gpu_lane *l, double *a, uint64_t 
     return GPU_OK;
 }
 
-static gpu_status ch_run_on_lane(gpu_backend *b, gpu_lane *l, double *a, uint64_t n, bool diag_only, bool *not_pd,
-                                 const ch_layout *L, char *msg, size_t msg_len)
+typedef struct ch_call {
+    gpu_backend *b;
+    gpu_lane *l;
+    double *a;
+    uint64_t n;
+    bool diag_only, *not_pd;
+    const ch_layout *L;
+} ch_call;
+
+/* gpu_call_fn: the factorisation, then what comes back into a. */
+static gpu_status ch_call_run(void *ctx, unsigned char *dev, char *msg, size_t msg_len)
 {
-    if (!gpu_lane_reserve(l, (size_t)(8 + n * sizeof(double)))) {
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " KiB of pinned host memory: out of memory",
-                     (8 + n * 8) / 1024 + 1);
-        return GPU_OOM;
-    }
-    void *dev = NULL;
-    uint64_t dev_size = 0;
-    cudaError_t rc = gpu_backend_alloc(b, L->bytes, &dev, &dev_size);
-    if (rc != cudaSuccess) {
-        if (rc != cudaErrorMemoryAllocation)
-            return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
-        gpu_backend_trim(b);
-        cudaGetLastError();
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free",
-                     gpu_mempool_class_size(L->bytes) >> 20, gpu_backend_free_estimate(b) >> 20);
-        return GPU_OOM;
-    }
-    gpu_status status = ch_enqueue(b, l, a, n, diag_only, (unsigned char *)dev, L, msg, msg_len);
-    if (status == GPU_OK) {
-        int flag;
-        memcpy(&flag, l->host_tmp, sizeof flag);
-        *not_pd = flag != 0;
-        if (!*not_pd && !diag_only) {
-            status = ch_copy_back(b, l, a, n, (const unsigned char *)dev, L, msg, msg_len);
-        } else if (!*not_pd) {
-            const unsigned char *diag = (const unsigned char *)l->host_tmp + 8;
-            for (uint64_t j = 0; j < n; j++)
-                memcpy(&a[j * n + j], diag + j * sizeof(double), sizeof(double));
-        }
-    }
+    const ch_call *k = (const ch_call *)ctx;
+    gpu_backend *b = k->b;
+    gpu_status status = ch_enqueue(b, k->l, k->a, k->n, k->diag_only, dev, k->L, msg, msg_len);
     if (status != GPU_OK)
-        gpu_lane_abandon(b, l); /* nothing may still use the buffer */
-    gpu_backend_release(b, dev, dev_size);
-    if (status == GPU_OOM) {
-        gpu_backend_trim(b);
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", dev_size >> 20,
-                     gpu_backend_free_estimate(b) >> 20);
-    }
-    return status;
+        return status;
+    int flag;
+    memcpy(&flag, k->l->host_tmp, sizeof flag);
+    *k->not_pd = flag != 0;
+    if (*k->not_pd)
+        return GPU_OK;
+    if (!k->diag_only)
+        return ch_copy_back(b, k->l, k->a, k->n, dev, k->L, msg, msg_len);
+    const unsigned char *diag = (const unsigned char *)k->l->host_tmp + 8;
+    for (uint64_t j = 0; j < k->n; j++)
+        memcpy(&k->a[j * k->n + j], diag + j * sizeof(double), sizeof(double));
+    return GPU_OK;
 }
 
 gpu_status gpu_hessian_cholesky(gpu_backend *b, double *a, uint64_t n, bool diag_only, bool *not_pd, char *msg,
@@ -350,7 +333,15 @@ gpu_status gpu_hessian_cholesky(gpu_backend *b, double *a, uint64_t n, bool diag
     if (rc != cudaSuccess)
         return gpu_backend_classify(b, rc, "cudaSetDevice", msg, msg_len);
     gpu_lane *l = gpu_lane_acquire(b);
-    gpu_status status = ch_run_on_lane(b, l, a, n, diag_only, not_pd, &L, msg, msg_len);
+    gpu_status status;
+    if (!gpu_lane_reserve(l, (size_t)(8 + n * sizeof(double)))) {
+        if (msg && msg_len)
+            snprintf(msg, msg_len, "needs %" PRIu64 " KiB of pinned host memory: out of memory", (8 + n * 8) / 1024 + 1);
+        status = GPU_OOM;
+    } else {
+        ch_call k = {b, l, a, n, diag_only, not_pd, &L};
+        status = gpu_backend_run_call(b, l, L.bytes, ch_call_run, &k, msg, msg_len);
+    }
     gpu_lane_release(b, l);
     return status;
 }

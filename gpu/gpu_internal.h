@@ -114,6 +114,17 @@ cudaError_t gpu_lane_inputs_sent(gpu_backend *b, gpu_lane *l);
  * the steady state. */
 void gpu_lane_abandon(gpu_backend *b, gpu_lane *l);
 
+/* A call whose device memory is one pool request of `bytes` on lane l:
+ * allocates it (out of memory: the pool trimmed, GPU_OOM, msg "needs X MiB,
+ * Y MiB free"), runs enqueue(ctx, dev, msg, msg_len), which enqueues the
+ * whole call and waits for it (gpu_lane_wait) or fails; after a failure
+ * waits until nothing enqueued still uses the buffer; releases it. Returns
+ * enqueue's status (GPU_OOM from inside the runtime: trimmed, msg as
+ * above). */
+typedef gpu_status (*gpu_call_fn)(void *ctx, unsigned char *dev, char *msg, size_t msg_len);
+gpu_status gpu_backend_run_call(gpu_backend *b, gpu_lane *l, uint64_t bytes, gpu_call_fn enqueue, void *ctx,
+                                char *msg, size_t msg_len);
+
 /* Classifies a CUDA error that is not cudaSuccess: cudaErrorMemoryAllocation
  * is cleared (cudaGetLastError) and gives GPU_OOM; anything else marks the
  * backend broken and gives GPU_FATAL. msg receives "WHAT: CUDA's error

@@ -42,6 +42,7 @@
 #include "gpu/gpu_internal.h"
 #include "gpu/gpu_elem.cuh"
 #include "gpu/gpu_merge_interp.h"
+#include "gpu/gpu_merge_regmean.h"
 
 extern "C" {
 #include "pipeline/merge_math_hessian.h"
@@ -840,12 +841,14 @@ static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_pa
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len)
 {
-    if (gpu_interp_supports(p)) { /* the interpolation methods: gpu_merge_interp.cu */
+    bool interp = gpu_interp_supports(p);
+    if (interp || gpu_regmean_supports(p)) { /* gpu_merge_interp.cu, gpu_merge_regmean.cu */
         cudaError_t rc = cudaSetDevice(b->device);
         if (rc != cudaSuccess)
             return gpu_backend_classify(b, rc, "cudaSetDevice", msg, msg_len);
         gpu_lane *l = gpu_lane_acquire(b);
-        gpu_status status = gpu_interp_run_pass(b, l, p, st, pass, c, msg, msg_len);
+        gpu_status status = interp ? gpu_interp_run_pass(b, l, p, st, pass, c, msg, msg_len)
+                                   : gpu_regmean_run_pass(b, l, p, st, pass, c, msg, msg_len);
         gpu_lane_release(b, l);
         return status;
     }
@@ -901,6 +904,8 @@ bool gpu_merge_supports(const ms_tensor_params *p)
     case MS_METHOD_TIES_SPARSEGPT:
     case MS_METHOD_DARE_SPARSEGPT:
         return true;
+    case MS_METHOD_REGMEAN:
+        return gpu_regmean_supports(p);
     default:
         return gpu_interp_supports(p);
     }
@@ -912,6 +917,8 @@ uint64_t gpu_merge_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows)
         return UINT64_MAX;
     if (gpu_interp_supports(p))
         return gpu_interp_chunk_bytes(p, n_rows);
+    if (p->method == MS_METHOD_REGMEAN)
+        return gpu_regmean_chunk_bytes(p, n_rows);
     if (n_rows == 0 || p->cols == 0)
         return 0;
     gm_plan pl;

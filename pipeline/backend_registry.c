@@ -48,8 +48,9 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
 
 /* GPU code that has not yet run on a GPU stays off unless
  * MERGESTREAM_GPU_UNVERIFIED=1 (tests/gpu/device_check.sh sets it), so that
- * a user's merge never depends on it: now the Hessians' factorisations and
- * the saliency-keyed selection of ties_sparsegpt and dare_sparsegpt. The
+ * a user's merge never depends on it: now the Hessians' factorisations, the
+ * saliency-keyed selection of ties_sparsegpt and dare_sparsegpt, and
+ * regmean's solve. The
  * GPU tests call the gpu/ functions directly, without this gate. */
 static bool gpu_unverified_allowed(void)
 {
@@ -59,7 +60,8 @@ static bool gpu_unverified_allowed(void)
 
 bool ms_gpu_supports(const ms_tensor_params *p)
 {
-    bool unverified = p->method == MS_METHOD_TIES_SPARSEGPT || p->method == MS_METHOD_DARE_SPARSEGPT;
+    bool unverified = p->method == MS_METHOD_TIES_SPARSEGPT || p->method == MS_METHOD_DARE_SPARSEGPT ||
+                      p->method == MS_METHOD_REGMEAN;
     return gpu_merge_supports(p) && (!unverified || gpu_unverified_allowed());
 }
 

@@ -42,9 +42,9 @@ void ms_gpu_set_lanes(ms_gpu *g, unsigned lanes);
 uint64_t ms_gpu_free_estimate(ms_gpu *g);
 uint64_t ms_gpu_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 
-/* True when the GPU backend implements p's method (ties_sparsegpt and
- * dare_sparsegpt only with MERGESTREAM_GPU_UNVERIFIED=1 until they have
- * run on a GPU). */
+/* True when the GPU backend implements p's method (the Hessian-aware
+ * methods only with MERGESTREAM_GPU_UNVERIFIED=1 until they have run on a
+ * GPU). */
 bool ms_gpu_supports(const ms_tensor_params *p);
 
 /* One pass over one chunk (cpu_merge_run_pass's contract). On MS_GPU_OOM or

@@ -76,17 +76,54 @@ static inline void case_add_saliency(tcase *tc)
     }
 }
 
+/* Random Hessians (tc->hess) for a regmean case: the Gram matrix of cols
+ * + 3 random rows with column scales over three decades, one input dead in
+ * every other model; in one case in five the last model has none (the mean
+ * of the models). A random alpha. */
+static inline void case_add_hessians(tcase *tc)
+{
+    uint64_t n = tc->p.cols, N = n + 3;
+    tc->p.regmean_alpha = rng_next() % 2 ? 0.1 : rng_unit();
+    unsigned with = tc->p.n_models - (rng_next() % 5 == 0);
+    double *x = malloc(N * n * sizeof *x), *scale = malloc(n * sizeof *scale);
+    for (unsigned i = 1; i <= with; i++) {
+        float *H = malloc(n * n * sizeof *H);
+        for (uint64_t j = 0; j < n; j++)
+            scale[j] = pow(10.0, 3.0 * rng_unit() - 1.5);
+        for (uint64_t t = 0; t < N * n; t++)
+            x[t] = rng_gauss() * scale[t % n];
+        uint64_t dead = i % 2 ? n : rng_next() % n;
+        for (uint64_t a = 0; a < n; a++)
+            for (uint64_t b = 0; b <= a; b++) {
+                double sum = 0.0;
+                for (uint64_t t = 0; t < N; t++)
+                    sum += x[t * n + a] * x[t * n + b];
+                float h = a == dead || b == dead ? 0.0f : (float)(2.0 * sum / (double)N);
+                H[a * n + b] = H[b * n + a] = h;
+            }
+        tc->hess[i] = H;
+    }
+    free(x);
+    free(scale);
+}
+
 /* A merge state for tc; for a Hessian method, with tc->u for the models
- * that select by key. 0 or the first failure's negative errno. */
+ * that select by key and tc->hess (regmean; factored on the CPU). 0 or the
+ * first failure's negative errno. */
 static inline int case_state_open(const tcase *tc, ms_merge_state **st)
 {
     int rc = ms_merge_state_open(&tc->p, st);
     if (rc != 0 || !ms_merge_hessian_method(tc->p.method))
         return rc;
     rc = ms_hessian_state_open(*st, &tc->p);
-    for (unsigned i = 1; i <= tc->p.n_models && rc == 0; i++)
+    for (unsigned i = 1; i <= tc->p.n_models && rc == 0; i++) {
         if (tc->u[i] && ms_hessian_model_uses_u(*st, &tc->p, i))
             rc = ms_hessian_state_set_u(*st, &tc->p, i, tc->u[i]);
+        if (tc->hess[i])
+            rc = ms_hessian_state_add(*st, &tc->p, i, tc->hess[i], NULL);
+    }
+    if (rc == 0 && tc->p.method == MS_METHOD_REGMEAN)
+        rc = ms_hessian_state_finish(*st, &tc->p, NULL);
     return rc;
 }
 

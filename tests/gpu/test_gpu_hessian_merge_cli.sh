@@ -1,7 +1,7 @@
 # The Hessian-aware merges with a GPU, through the real binary: the Hessians'
-# Cholesky factorisations on the GPU and ties_sparsegpt / dare_sparsegpt's
-# saliency-keyed passes there give the CPU's bytes (regmean: its factor on
-# the GPU, its solve on the CPU). Until this has passed on a GPU both stay
+# Cholesky factorisations on the GPU, ties_sparsegpt / dare_sparsegpt's
+# saliency-keyed passes and regmean's solve there give the CPU's bytes.
+# Until this has passed on a GPU all of it stays
 # behind MERGESTREAM_GPU_UNVERIFIED=1: without it nothing of theirs runs on
 # the GPU. Then the fallbacks: every gpu_alloc fault walked (a "GPU out of
 # memory" line, the bytes unchanged) and a --gpu-memory-limit under one
@@ -53,7 +53,7 @@ for m in ties_sparsegpt dare_sparsegpt regmean; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"
   f=$(json_num "$WORK/gpu.json" hessian_factorisations_gpu); t=$(json_num "$WORK/gpu.json" tensors_gpu)
   [ "$f" -gt 0 ] || fail "$m: no Hessian was factored on the GPU"
-  [ "$m" = regmean ] || [ "$t" -gt 0 ] || fail "$m: no pass ran on the GPU"
+  [ "$t" -gt 0 ] || fail "$m: no pass ran on the GPU"
   same_bytes "$WORK/cpu_$m" "$WORK/gpu_$m"
   # a small staging pool (the sparsegpt tensors in row chunks), two CPU threads beside the GPU
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpuc_$m" --device cuda --max-memory 40M --threads 2 --quiet

@@ -6,7 +6,8 @@
  * the tie rule's eq_pos matters), NaN/Inf inputs.
  *
  * ties_sparsegpt and dare_sparsegpt too, with random saliency coefficients
- * (zero, tiny and huge ones among them) and some models on magnitude keys.
+ * (zero, tiny and huge ones among them) and some models on magnitude keys,
+ * and regmean with random Hessians (its solve, and the mean without one).
  *
  * Each case runs the CPU and the GPU side by side over the same chunks
  * (whole tensor, then random chunks that differ per pass) and compares the
@@ -290,6 +291,26 @@ static void test_dare_sparsegpt(void **state)
     check_method(&k_saliency_methods[1]);
 }
 
+/* regmean: the solve against the CPU's (whole rows in every chunk, widths
+ * around the solve's 32-column blocks and the 64-wide tiles), and the mean
+ * where a model has no Hessian. */
+static void test_regmean(void **state)
+{
+    (void)state;
+    static const method_def def = {"regmean", MS_METHOD_REGMEAN, MS_SPARSIFY_NONE, false, true, false};
+    static const uint64_t shapes[][2] = {{1, 1}, {3, 2}, {7, 31}, {64, 32}, {65, 33}, {130, 64},
+                                         {5, 65}, {200, 97}, {33, 128}, {70, 257}, {9, 300}};
+    for (unsigned k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        tcase tc;
+        case_make(&tc, &def, shapes[k][0], shapes[k][1], 1 + (unsigned)(rng_next() % 4), k % 2 ? 1 : -1,
+                  k_dtypes[k % 3]);
+        tc.p.rescale = false;
+        case_add_hessians(&tc);
+        check_case(&tc, k);
+        case_free(&tc);
+    }
+}
+
 /* Millions of elements: more tie segments than the scan has threads, many
  * L1 blocks per chunk, several della windows per chunk. */
 static void test_large(void **state)
@@ -479,8 +500,7 @@ static void test_chunk_bytes_bound(void **state)
     memset(&empty, 0, sizeof empty);
     empty.n_models = 1;
     assert_int_equal(gpu_merge_chunk_bytes(&empty, 5), 0);
-    /* the task-vector, saliency-keyed and interpolation methods run on the
-     * GPU, regmean and passthrough never */
+    /* every method runs on the GPU but passthrough (a planner's copy) */
     for (int m = 0; m < MS_METHOD_COUNT; m++) {
         ms_tensor_params q;
         memset(&q, 0, sizeof q);
@@ -493,7 +513,7 @@ static void test_chunk_bytes_bound(void **state)
             q.in_dtype[i] = ST_BF16;
         q.out_dtype = ST_BF16;
         bool want = m <= MS_METHOD_DELLA_LINEAR || (m >= MS_METHOD_SLERP && m <= MS_METHOD_ARCEE_FUSION) ||
-                    m == MS_METHOD_TIES_SPARSEGPT || m == MS_METHOD_DARE_SPARSEGPT;
+                    ms_merge_hessian_method((ms_method)m);
         assert_int_equal(gpu_merge_supports(&q), want);
         if (!want)
             assert_true(gpu_merge_chunk_bytes(&q, 1) == UINT64_MAX);
@@ -597,6 +617,7 @@ int main(void)
         cmocka_unit_test(test_della_linear),
         cmocka_unit_test(test_ties_sparsegpt),
         cmocka_unit_test(test_dare_sparsegpt),
+        cmocka_unit_test(test_regmean),
         cmocka_unit_test(test_large),
         cmocka_unit_test(test_concurrent_calls),
         cmocka_unit_test(test_chunk_bytes_bound),

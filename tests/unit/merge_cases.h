@@ -54,6 +54,7 @@ typedef struct tcase {
     ms_tensor_params p;
     void *in[MS_MAX_MODELS + 1];
     float *u[MS_MAX_MODELS + 1]; /* ties_sparsegpt, dare_sparsegpt: [cols] saliency coefficients, NULL: magnitude */
+    float *hess[MS_MAX_MODELS + 1]; /* regmean: [cols][cols] Hessians, NULL: none (the mean) */
     bool ties, wide, specials;
 } tcase;
 
@@ -170,8 +171,10 @@ static inline void case_free(tcase *tc)
     for (unsigned i = 0; i <= MS_MAX_MODELS; i++) {
         free(tc->in[i]);
         free(tc->u[i]);
+        free(tc->hess[i]);
         tc->in[i] = NULL;
         tc->u[i] = NULL;
+        tc->hess[i] = NULL;
     }
 }
 
