@@ -213,6 +213,17 @@ typedef struct cpu_llama_gemm {
     int (*stat_begin)(void *ctx, unsigned slot, uint64_t dim, uint64_t flush_rows);
     int (*stat_add)(void *ctx, unsigned slot, const float *x, uint64_t n_rows, uint64_t ldx);
     int (*stat_finish)(void *ctx, unsigned slot, cpu_hessian *h);
+    /* Optional, instead of stat_finish: the slot's sum straight into its
+     * output bytes. stat_rows(slot): rows added so far. stat_out(slot,
+     * scale, dst): enqueues scale * sum as cpu_hessian_rows_out writes it
+     * (the full symmetric dim x dim matrix, fp32, row-major; the same bits
+     * as stat_finish into a fresh accumulator and rows_out) into dst and
+     * frees the slot; 0 or -EIO (the sum is lost). stat_out_wait(): returns
+     * once every stat_out so far has landed in dst, 0 or -EIO; it may be
+     * called from another thread while the others run. */
+    uint64_t (*stat_rows)(void *ctx, unsigned slot);
+    int (*stat_out)(void *ctx, unsigned slot, double scale, float *dst);
+    int (*stat_out_wait)(void *ctx);
     /* Host memory for the batch buffers the GEMMs read and write (a GPU's
      * pinned memory copies two to five times faster than malloc's); NULL:
      * malloc. host_alloc may return NULL: then malloc is used. */

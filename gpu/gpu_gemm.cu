@@ -227,6 +227,14 @@ int gpu_gemm_open(int device, uint64_t memory_limit, gpu_gemm **out, char *why, 
         gpu_gemm_close(g);
         return -1;
     }
+    rc = cudaEventCreateWithFlags(&g->out_done, cudaEventDisableTiming);
+    if (rc != cudaSuccess) {
+        snprintf(why, why_len, "cudaEventCreate: %s", cudaGetErrorString(rc));
+        cudaGetLastError();
+        g->out_done = 0;
+        gpu_gemm_close(g);
+        return -1;
+    }
     cublasStatus_t st = cublasCreate(&g->blas);
     if (st == CUBLAS_STATUS_SUCCESS)
         st = cublasSetStream(g->blas, g->stream);
@@ -271,6 +279,8 @@ void gpu_gemm_close(gpu_gemm *g)
         cublasDestroy(g->blas);
     if (g->stream)
         cudaStreamDestroy(g->stream);
+    if (g->out_done)
+        cudaEventDestroy(g->out_done);
     if (g->stage_pinned)
         cudaFreeHost(g->stage);
     else

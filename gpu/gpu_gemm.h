@@ -113,6 +113,18 @@ int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, doub
 struct cpu_hessian;
 int gpu_gemm_stat_finish(gpu_gemm *g, unsigned slot, struct cpu_hessian *h);
 void gpu_gemm_stat_end(gpu_gemm *g, unsigned slot);
+/*   stat_out    instead of stat_finish: the slot's sum times scale as
+ *               cpu_hessian_rows_out writes it (the full symmetric dim x dim
+ *               matrix in fp32, row-major: the same bits as stat_finish into
+ *               a fresh accumulator, then rows_out) into dst, converted on
+ *               the device and copied back behind the caller's next calls
+ *               (dst pinned: else the copy waits), and the slot freed at
+ *               once. 0 or -EIO (sticky: the sum is lost).
+ *   stat_out_wait  returns once every stat_out so far has landed in dst: 0,
+ *               or -EIO. The one call that may run on another thread
+ *               while this object is in use. */
+int gpu_gemm_stat_out(gpu_gemm *g, unsigned slot, double scale, float *dst);
+int gpu_gemm_stat_out_wait(gpu_gemm *g);
 
 /* Pinned host memory (cudaMallocHost) for the forward pass's batch buffers:
  * their copies to and from the device run at full PCIe speed. NULL when it

@@ -57,6 +57,7 @@ struct gpu_gemm {
     uint64_t clock; /* for least-recently-used eviction */
     float *stage;   /* GG_STAGE_BYTES of host memory: pinned when stage_pinned, else malloc'ed */
     bool stage_pinned;
+    cudaEvent_t out_done; /* recorded after each gpu_gemm_stat_out's copy (0: not created) */
     bool broken;    /* a sticky error happened: every call returns -EIO */
     bool fail_next; /* tests */
     char err[256];

@@ -146,6 +146,55 @@ int gpu_gemm_stat_read(gpu_gemm *g, unsigned slot, uint64_t r0, uint64_t n, doub
     return rc == cudaSuccess ? 0 : gg_sticky(g, "statistics back from the device", CUBLAS_STATUS_SUCCESS, rc);
 }
 
+/* out = the full symmetric matrix of acc's upper triangle times scale, in
+ * fp32: cpu_hessian_rows_out's expression (an fp32 block that is not live
+ * adds 0.0). */
+__global__ static void k_stat_out(const double *acc, float *out, uint64_t dim, double scale)
+{
+    GPU_FOR_ELEMS(e, dim * dim)
+    {
+        uint64_t i = e / dim, j = e % dim;
+        double v = acc[i <= j ? e : j * dim + i] + 0.0;
+        out[e] = (float)(scale * v);
+    }
+}
+
+int gpu_gemm_stat_out(gpu_gemm *g, unsigned slot, double scale, float *dst)
+{
+    gg_stat *st = &g->stat[slot];
+    GPU_ASSERT(slot < GG_STATS && st->blk.ptr);
+    int rc0 = gg_check_usable(g);
+    if (rc0 < 0)
+        return rc0;
+    uint64_t n = st->dim * st->dim;
+    cudaError_t rc = st->in_block ? gg_stat_flush(g, st) : cudaSuccess;
+    if (rc == cudaSuccess) { /* the fp32 block is free once flushed: the output goes there */
+        k_stat_out<<<gpu_grid(n, 256, 65536), 256, 0, g->stream>>>((const double *)st->acc.ptr, (float *)st->blk.ptr,
+                                                                   st->dim, scale);
+        rc = cudaPeekAtLastError();
+    }
+    if (rc == cudaSuccess)
+        rc = cudaMemcpyAsync(dst, st->blk.ptr, (size_t)(n * 4), cudaMemcpyDeviceToHost, g->stream);
+    if (rc == cudaSuccess)
+        rc = cudaEventRecord(g->out_done, g->stream);
+    if (rc != cudaSuccess) {
+        gpu_gemm_stat_end(g, slot);
+        return gg_sticky(g, "statistics out of the device", CUBLAS_STATUS_SUCCESS, rc);
+    }
+    /* Back to the pool without waiting: everything that may take these
+     * blocks next runs on the same stream, after the copy. */
+    gg_give(g, &st->blk, 1);
+    gg_give(g, &st->acc, 1);
+    *st = gg_stat();
+    return 0;
+}
+
+int gpu_gemm_stat_out_wait(gpu_gemm *g)
+{
+    cudaError_t rc = cudaEventSynchronize(g->out_done);
+    return rc == cudaSuccess ? 0 : -EIO;
+}
+
 typedef struct gg_stat_source {
     gpu_gemm *g;
     unsigned slot;

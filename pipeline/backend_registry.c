@@ -48,9 +48,9 @@ int ms_gpu_open(uint64_t memory_limit, ms_gpu **out, char *why, size_t why_len)
 
 /* GPU code that has not yet run on a GPU stays off unless
  * MERGESTREAM_GPU_UNVERIFIED=1 (tests/gpu/device_check.sh sets it), so that
- * a user's merge never depends on it: now the Hessians' factorisations, the
- * saliency-keyed selection of ties_sparsegpt and dare_sparsegpt, and
- * regmean's solve. The
+ * a user's run never depends on it: now the Hessians' factorisations, the
+ * saliency-keyed selection of ties_sparsegpt and dare_sparsegpt, regmean's
+ * solve, and hessian's statistics converted on the device (stat_out). The
  * GPU tests call the gpu/ functions directly, without this gate. */
 static bool gpu_unverified_allowed(void)
 {
@@ -183,16 +183,32 @@ static int seam_stat_finish(void *ctx, unsigned slot, cpu_hessian *h)
 {
     return gpu_gemm_stat_finish((gpu_gemm *)ctx, slot, h);
 }
+static uint64_t seam_stat_rows(void *ctx, unsigned slot) { return gpu_gemm_stat_rows((const gpu_gemm *)ctx, slot); }
+
+static int seam_stat_out(void *ctx, unsigned slot, double scale, float *dst)
+{
+    return gpu_gemm_stat_out((gpu_gemm *)ctx, slot, scale, dst);
+}
+
+static int seam_stat_out_wait(void *ctx) { return gpu_gemm_stat_out_wait((gpu_gemm *)ctx); }
 static void seam_weights_changed(void *ctx) { gpu_gemm_forget_weights((gpu_gemm *)ctx); }
 static const char *seam_last_error(void *ctx) { return gpu_gemm_last_error((const gpu_gemm *)ctx); }
 
 cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g)
 {
-    return (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .attend = seam_attend,
+    cpu_llama_gemm seam = (cpu_llama_gemm){.ctx = g, .gemm = seam_gemm, .gram = seam_gram, .attend = seam_attend,
                             .layer = seam_layer, .stat_begin = seam_stat_begin, .stat_add = seam_stat_add,
-                            .stat_finish = seam_stat_finish, .host_alloc = seam_host_alloc,
+                            .stat_finish = seam_stat_finish, .stat_rows = seam_stat_rows,
+                            .stat_out = seam_stat_out, .stat_out_wait = seam_stat_out_wait,
+                            .host_alloc = seam_host_alloc,
                             .host_free = seam_host_free, .weights_changed = seam_weights_changed,
                             .last_error = seam_last_error};
+    if (!gpu_unverified_allowed()) { /* the statistics straight out of the device: not yet run on a GPU */
+        seam.stat_rows = NULL;
+        seam.stat_out = NULL;
+        seam.stat_out_wait = NULL;
+    }
+    return seam;
 }
 
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)

@@ -471,13 +471,17 @@ int ms_cmd_hessian(int argc, char **argv)
     for (size_t sh = 0; sh < st_plan_n_shards(plan); sh++) /* a full disk fails now, not after the run */
         if (st_writer_shard_open(w, sh, &err) < 0)
             goto fail;
-    if (ms_hessian_sink_open(w, plan, s.config.llama.n_layers, stats_buf, pool, &sink, &err) < 0)
+    cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
+    /* with a GPU the buffer is pinned: a layer's statistics come back into it at the bus's full speed */
+    ms_hessian_sink_mem pinned = {.alloc = seam.host_alloc, .free = seam.host_free, .ctx = seam.ctx};
+    if (ms_hessian_sink_open(w, plan, s.config.llama.n_layers, stats_buf, pool, gpu ? &pinned : NULL, &sink, &err) <
+        0)
         goto fail;
     ro.on_stats = ms_hessian_sink_stats;
+    ro.on_stats_device = ms_hessian_sink_stats_device;
     ro.stats_ctx = sink;
     ro.head_stats = true;
     ro.spill_dir = o.out_dir;
-    cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
     if (ms_llama_run(&s.src, &s.config.llama, s.calib, &ro, pool, gpu ? &seam : NULL, &res, &err) < 0)
         goto fail;
     double t_finish = ms_now_seconds(); /* the last writes, then the shards' fsync and the index */

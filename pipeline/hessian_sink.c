@@ -33,6 +33,9 @@ struct ms_hessian_sink {
     cpu_pool *pool;
     float *buf;
     uint64_t buf_floats;
+    void *(*buf_alloc)(void *ctx, uint64_t bytes); /* NULL: malloc */
+    void (*buf_free)(void *ctx, void *p);
+    void *buf_ctx;
     /* the piece being filled (the layer thread's) */
     sink_segment fill[MS_LLAMA_STAT_COUNT];
     unsigned n_fill;
@@ -42,6 +45,8 @@ struct ms_hessian_sink {
     pthread_cond_t cond;
     sink_segment job[MS_LLAMA_STAT_COUNT];
     unsigned n_job;
+    int (*job_wait)(void *ctx); /* the job's bytes are still on their way (a GPU's copy): wait first */
+    void *job_wait_ctx;
     bool busy, quit, failed;
     ms_error err; /* the writer's first failure */
     pthread_t thread;
@@ -84,9 +89,13 @@ static void *writer_main(void *arg)
         if (s->quit)
             break;
         unsigned n = s->n_job;
+        int (*job_wait)(void *) = s->job_wait;
+        void *job_wait_ctx = s->job_wait_ctx;
         pthread_mutex_unlock(&s->lock);
         ms_error err = {0};
         int rc = 0;
+        if (job_wait && (rc = job_wait(job_wait_ctx)) < 0)
+            ms_error_errno(&err, MS_EXIT_RUNTIME, -rc, "hessian", "the statistics did not come back from the GPU");
         for (unsigned i = 0; i < n && rc == 0; i++) /* the job is read-only while busy */
             rc = write_segment(s, &s->job[i], &err);
         pthread_mutex_lock(&s->lock);
@@ -154,6 +163,7 @@ static int flush_piece(ms_hessian_sink *s, ms_error *err)
     for (unsigned k = 0; k < s->n_fill; k++)
         s->job[k] = s->fill[k];
     s->n_job = s->n_fill;
+    s->job_wait = NULL;
     s->busy = true;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
@@ -162,16 +172,23 @@ static int flush_piece(ms_hessian_sink *s, ms_error *err)
     return 0;
 }
 
+/* The output tensor of layer's statistic k (the head's after the last layer's). */
+static size_t stat_tensor(const ms_hessian_sink *s, uint64_t layer, unsigned k, uint64_t d)
+{
+    size_t idx = layer < s->n_layers ? (size_t)(layer * MS_LLAMA_STAT_COUNT + k)
+                                     : (size_t)(s->n_layers * MS_LLAMA_STAT_COUNT);
+    const st_plan_tensor *pt = st_plan_tensor_at(s->plan, idx);
+    MS_ASSERT(pt->shape[0] == d && pt->shape[1] == d && d <= s->buf_floats);
+    return idx;
+}
+
 int ms_hessian_sink_stats(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err)
 {
     ms_hessian_sink *s = ctx;
     MS_ASSERT(n <= MS_LLAMA_STAT_COUNT);
     for (unsigned k = 0; k < n; k++) {
-        size_t idx = layer < s->n_layers ? (size_t)(layer * MS_LLAMA_STAT_COUNT + k)
-                                         : (size_t)(s->n_layers * MS_LLAMA_STAT_COUNT);
-        const st_plan_tensor *pt = st_plan_tensor_at(s->plan, idx);
         uint64_t d = cpu_hessian_dim(stats[k]);
-        MS_ASSERT(pt->shape[0] == d && pt->shape[1] == d && d <= s->buf_floats);
+        size_t idx = stat_tensor(s, layer, k, d);
         double scale = 2.0 / (double)cpu_hessian_rows(stats[k]);
         for (uint64_t r = 0; r < d;) {
             if (s->fill_floats + d > s->buf_floats && flush_piece(s, err) < 0)
@@ -188,10 +205,46 @@ int ms_hessian_sink_stats(void *ctx, uint64_t layer, cpu_hessian *const *stats, 
     return flush_piece(s, err);
 }
 
+int ms_hessian_sink_stats_device(void *ctx, uint64_t layer, const ms_llama_dev_stats *dev, ms_error *err)
+{
+    ms_hessian_sink *s = ctx;
+    MS_ASSERT(layer < s->n_layers && s->n_fill == 0);
+    uint64_t total = 0;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++)
+        total += dev->dim[k] * dev->dim[k];
+    if (total > s->buf_floats)
+        return 1; /* in pieces: through the host */
+    if (wait_idle(s, err) < 0)
+        return -1;
+    uint64_t off = 0;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        uint64_t d = dev->dim[k];
+        size_t idx = stat_tensor(s, layer, k, d);
+        float *data = s->buf + off;
+        int rc = dev->out(dev->ctx, k, 2.0 / (double)dev->rows[k], data);
+        if (rc < 0) {
+            const st_plan_tensor *pt = st_plan_tensor_at(s->plan, idx);
+            return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, pt->name,
+                                  "the statistics held on the GPU are lost; rerun with --device cpu");
+        }
+        s->job[k] = (sink_segment){.tensor = idx, .dim = d, .row0 = 0, .n_rows = d, .data = data, .first = true,
+                                   .last = true};
+        off += d * d;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->n_job = MS_LLAMA_STAT_COUNT;
+    s->job_wait = dev->wait;
+    s->job_wait_ctx = dev->wait_ctx;
+    s->busy = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
 int ms_hessian_sink_drain(ms_hessian_sink *s, ms_error *err) { return wait_idle(s, err); }
 
 int ms_hessian_sink_open(st_writer *w, const st_plan *plan, uint64_t n_layers, uint64_t buf_bytes, cpu_pool *pool,
-                         ms_hessian_sink **out, ms_error *err)
+                         const ms_hessian_sink_mem *mem, ms_hessian_sink **out, ms_error *err)
 {
     *out = NULL;
     ms_hessian_sink *s = calloc(1, sizeof *s);
@@ -200,7 +253,16 @@ int ms_hessian_sink_open(st_writer *w, const st_plan *plan, uint64_t n_layers, u
     *s = (ms_hessian_sink){.w = w, .plan = plan, .n_layers = n_layers, .pool = pool, .buf_floats = buf_bytes / 4};
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
-    s->buf = malloc((size_t)s->buf_floats * sizeof(float));
+    if (mem && mem->alloc) {
+        s->buf_alloc = mem->alloc;
+        s->buf_free = mem->free;
+        s->buf_ctx = mem->ctx;
+        s->buf = s->buf_alloc(s->buf_ctx, s->buf_floats * sizeof(float));
+    }
+    if (!s->buf) {
+        s->buf_alloc = NULL;
+        s->buf = malloc((size_t)s->buf_floats * sizeof(float));
+    }
     if (!s->buf || ms_hasher_init(&s->hasher) < 0) {
         ms_hessian_sink_close(s);
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, "hessian", "cannot allocate the output buffer (%.2f GB)",
@@ -230,6 +292,9 @@ void ms_hessian_sink_close(ms_hessian_sink *s)
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
     ms_hasher_free(&s->hasher);
-    free(s->buf);
+    if (s->buf_alloc)
+        s->buf_free(s->buf_ctx, s->buf);
+    else
+        free(s->buf);
     free(s);
 }

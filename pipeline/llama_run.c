@@ -859,6 +859,38 @@ static int layer_stats(run_state *s, cpu_hessian *const *h, uint64_t layer, uint
     return 0;
 }
 
+/* ms_llama_dev_stats' out over the GPU seam: the slot is no longer held
+ * here once handed out; a lost one ends the GPU's part of the run. */
+static int dev_stat_out(void *ctx, unsigned k, double scale, float *dst)
+{
+    run_state *s = ctx;
+    MS_ASSERT(k < MS_LLAMA_STAT_COUNT && s->dev_stat[k]);
+    s->dev_stat[k] = false;
+    int rc = s->gpu.stat_out(s->gpu.ctx, k, scale, dst);
+    if (rc < 0) {
+        s->res->gpu_disabled = true;
+        ms_log_warn("the statistics held on the GPU are lost (%s)", gpu_why(s));
+    }
+    return rc;
+}
+
+/* Offers the layer's statistics to on_stats_device when every one of them
+ * is held on the GPU with no row added on the host. Returns 0 (taken), 1
+ * (not offered, or declined) or -1 with err set. */
+static int dev_stats_offer(run_state *s, cpu_hessian *const *h, uint64_t layer, ms_error *err)
+{
+    if (!s->opt->on_stats_device || !s->gpu_on || !s->gpu.stat_out)
+        return 1;
+    ms_llama_dev_stats dev = {.out = dev_stat_out, .wait = s->gpu.stat_out_wait, .ctx = s, .wait_ctx = s->gpu.ctx};
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        if (!h[k] || !s->dev_stat[k] || cpu_hessian_rows(h[k]) != 0)
+            return 1;
+        dev.dim[k] = cpu_hessian_dim(h[k]);
+        dev.rows[k] = s->gpu.stat_rows(s->gpu.ctx, k);
+    }
+    return s->opt->on_stats_device(s->opt->stats_ctx, layer, &dev, err);
+}
+
 /* For a GPU seam that runs whole layers: the statistics this layer holds on
  * the GPU are added there, only the others' inputs come back (perplexity
  * needs none). */
@@ -1047,13 +1079,20 @@ static int run_layers(run_state *s, ms_error *err)
         }
         if (s->opt->on_stats) {
             double t_back = ms_now_seconds();
-            if (dev_stats_end(s, h, l, true, err) < 0)
+            int offered = dev_stats_offer(s, h, l, err); /* straight from the GPU into the output */
+            if (offered < 0)
                 goto fail;
-            s->res->stats_seconds += ms_now_seconds() - t_back;
-            double t0 = ms_now_seconds();
-            if (s->opt->on_stats(s->opt->stats_ctx, l, h, MS_LLAMA_STAT_COUNT, err) < 0)
-                goto fail;
-            s->res->output_seconds += ms_now_seconds() - t0;
+            if (offered == 0) {
+                s->res->output_seconds += ms_now_seconds() - t_back;
+            } else {
+                if (dev_stats_end(s, h, l, true, err) < 0)
+                    goto fail;
+                s->res->stats_seconds += ms_now_seconds() - t_back;
+                double t0 = ms_now_seconds();
+                if (s->opt->on_stats(s->opt->stats_ctx, l, h, MS_LLAMA_STAT_COUNT, err) < 0)
+                    goto fail;
+                s->res->output_seconds += ms_now_seconds() - t0;
+            }
         }
     }
     close_stats(h, MS_LLAMA_STAT_COUNT);

@@ -161,6 +161,22 @@ typedef struct ms_llama_tokens {
     int64_t *target;      /* n: the next token's id when it is real and adjacent, else -1 */
 } ms_llama_tokens;
 
+/* A decoder layer's statistics still held on the GPU (on_stats_device). */
+typedef struct ms_llama_dev_stats {
+    uint64_t dim[MS_LLAMA_STAT_COUNT];  /* statistic k is dim x dim */
+    uint64_t rows[MS_LLAMA_STAT_COUNT]; /* ... over rows rows: its output is scale = 2 / rows times the sum */
+    /* Statistic k's output bytes (scale * sum, the full symmetric matrix in
+     * fp32: what cpu_hessian_rows_out writes) into dst, enqueued. Each k
+     * once. 0, or a negative errno: the statistic is lost (err names why
+     * through the driver's log; the run must stop). */
+    int (*out)(void *ctx, unsigned k, double scale, float *dst);
+    /* Returns once every out so far has landed; any thread. 0 or a
+     * negative errno. */
+    int (*wait)(void *ctx);
+    void *ctx;      /* out's: valid during on_stats_device only */
+    void *wait_ctx; /* wait's: valid until ms_llama_run's caller closes its GPU seam */
+} ms_llama_dev_stats;
+
 typedef struct ms_llama_run_opts {
     uint64_t batch_size;  /* samples per batch, >= 1 */
     uint64_t act_budget;  /* bytes of residual stream kept in RAM; beyond it: a spill file */
@@ -178,6 +194,13 @@ typedef struct ms_llama_run_opts {
      * accumulators are the driver's; they are reset or freed after the call.
      * Returns 0 or -1 with err set (stops the run). */
     int (*on_stats)(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err);
+    /* Optional, with a GPU seam that has stat_out: a decoder layer whose
+     * statistics were all held on the GPU (no row of theirs added on the
+     * host) goes here instead, so that they need not come back through the
+     * host's fp64 matrices. Returns 0 (taken: the callee called dev->out
+     * for every statistic), 1 (declined, nothing taken: on_stats gets them
+     * as usual) or -1 with err set (stops the run). Same ctx. */
+    int (*on_stats_device)(void *ctx, uint64_t layer, const ms_llama_dev_stats *dev, ms_error *err);
     void *stats_ctx;
     bool head_stats;
     bool nll; /* run the head and sum the next-token NLL */

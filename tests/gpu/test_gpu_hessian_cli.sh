@@ -56,6 +56,13 @@ grep -qE '"device":[[:space:]]*"cuda"' "$WORK/gpu.json" || fail "hessian --devic
 [ "$(json_num "$WORK/gpu.json" batches_cpu)" -eq 0 ] || fail "batches fell back without a reason"
 [ "$(json_num "$WORK/gpu.json" n_tokens)" = "$(json_num "$WORK/cpu.json" n_tokens)" ] || fail "token counts differ"
 close_h "$WORK/cpu" "$WORK/gpu" "hessian cuda vs cpu" || fail "GPU statistics differ from the CPU's"
+# the statistics converted on the device (not yet run on a GPU: behind
+# MERGESTREAM_GPU_UNVERIFIED) against the same sums brought back through the
+# host: the same expression, the same bytes
+MERGESTREAM_GPU_UNVERIFIED=1 H -o "$WORK/gpu_out" --device cuda --quiet
+MERGESTREAM_GPU_UNVERIFIED=0 H -o "$WORK/gpu_host" --device cuda --quiet
+cmp -s "$WORK/gpu_out/hessians.safetensors" "$WORK/gpu_host/hessians.safetensors" ||
+  fail "statistics converted on the GPU differ from those converted on the host"
 # the comparison can fail: another model of the same shapes
 "$MS_GEN" base "$WORK/m2" --preset small --dtype bf16 --seed 6
 "$MS_BIN" hessian "$WORK/m2" --calib "$WORK/calib.txt" --batch-size 5 -o "$WORK/other" --device cpu --quiet

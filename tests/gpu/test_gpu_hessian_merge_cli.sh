@@ -45,11 +45,11 @@ json_num() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]
 for m in ties_sparsegpt dare_sparsegpt regmean; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
   # not verified on a GPU yet: off by default
-  "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/off_$m" --device cuda --json --quiet > "$WORK/off.json"
+  MERGESTREAM_GPU_UNVERIFIED=0 "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/off_$m" --device cuda --json --quiet > "$WORK/off.json"
   [ "$(json_num "$WORK/off.json" hessian_factorisations_gpu)" = 0 ] || fail "$m: factored on the GPU without MERGESTREAM_GPU_UNVERIFIED"
   [ "$(json_num "$WORK/off.json" tensors_gpu)" = 0 ] || fail "$m: passes on the GPU without MERGESTREAM_GPU_UNVERIFIED"
   same_bytes "$WORK/cpu_$m" "$WORK/off_$m"
-  export MERGESTREAM_GPU_UNVERIFIED=1
+  export MERGESTREAM_GPU_UNVERIFIED=1 # the rest of the loop
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/gpu_$m" --device cuda --json --quiet > "$WORK/gpu.json"
   f=$(json_num "$WORK/gpu.json" hessian_factorisations_gpu); t=$(json_num "$WORK/gpu.json" tensors_gpu)
   [ "$f" -gt 0 ] || fail "$m: no Hessian was factored on the GPU"
@@ -61,7 +61,6 @@ for m in ties_sparsegpt dare_sparsegpt regmean; do
   # a cap under one 688 x 688 factorisation (3.6 MiB): those on the CPU, the bytes unchanged
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/capped_$m" --device cuda --gpu-memory-limit 3M --json --quiet > "$WORK/capped.json"
   same_bytes "$WORK/cpu_$m" "$WORK/capped_$m"
-  unset MERGESTREAM_GPU_UNVERIFIED
   echo "$m: GPU bytes == CPU bytes ($f factorisations and $t tensors on the GPU; chunked; capped)"
 done
 

@@ -6,8 +6,13 @@
  * many tensors. The accumulators are reset and refilled for the next layer
  * as soon as the sink returns (as hessian does), so the writer must only
  * read what the sink converted. Every tensor's bytes and hash are compared
- * with cpu_hessian_rows_out's matrix made before the reset. The random seed
- * is printed; MS_TEST_SEED=N replays a run. */
+ * with cpu_hessian_rows_out's matrix made before the reset.
+ * The same layers through the GPU's way in (ms_hessian_sink_stats_device)
+ * with a fake device whose copies land only when the writer waits for them:
+ * the same bytes and hashes, the layer declined when the buffer cannot hold
+ * it, and a statistic lost on the device or a copy that fails reported.
+ * The random seed is printed; MS_TEST_SEED=N replays a run. */
+#include <errno.h>
 #include <ftw.h>
 #include <inttypes.h>
 #include <setjmp.h>
@@ -60,8 +65,54 @@ static void fill_stat(cpu_hessian *h, expected *want)
     cpu_hessian_rows_out(h, 2.0 / (double)cpu_hessian_rows(h), 0, d, want->data);
 }
 
+/* A GPU behind ms_llama_dev_stats: out() converts the statistic at once
+ * (the device's conversion) into a staging matrix, and only wait(), on the
+ * writer's thread, copies it into dst (the device-to-host copy). */
+typedef struct fake_dev {
+    cpu_hessian *const *h;
+    float *staged[MS_LLAMA_STAT_COUNT];
+    float *dst[MS_LLAMA_STAT_COUNT];
+    uint64_t bytes[MS_LLAMA_STAT_COUNT];
+    unsigned fail_out_at; /* 1 + the statistic whose out() fails; 0: none */
+    bool fail_wait;
+    unsigned waits;
+} fake_dev;
+
+static int fake_out(void *ctx, unsigned k, double scale, float *dst)
+{
+    fake_dev *f = ctx;
+    if (f->fail_out_at == k + 1)
+        return -EIO;
+    uint64_t d = cpu_hessian_dim(f->h[k]);
+    f->bytes[k] = d * d * sizeof(float);
+    f->staged[k] = malloc(f->bytes[k]);
+    cpu_hessian_rows_out(f->h[k], scale, 0, d, f->staged[k]);
+    f->dst[k] = dst;
+    memset(dst, 0xff, f->bytes[k]); /* NaNs until the copy lands */
+    return 0;
+}
+
+static int fake_wait(void *ctx)
+{
+    fake_dev *f = ctx;
+    f->waits++;
+    if (f->fail_wait)
+        return -EIO;
+    usleep(2000); /* the copy takes a while */
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        if (!f->staged[k])
+            continue;
+        memcpy(f->dst[k], f->staged[k], f->bytes[k]);
+        free(f->staged[k]);
+        f->staged[k] = NULL;
+    }
+    return 0;
+}
+
+/* device: the decoder layers through ms_hessian_sink_stats_device (the
+ * head always through the host, as hessian does). */
 static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t buf_bytes, unsigned threads,
-                     uint64_t shard_limit)
+                     uint64_t shard_limit, bool device)
 {
     char tmpl[] = "/tmp/ms_sink_test_XXXXXX";
     char *dir = mkdtemp(tmpl);
@@ -83,11 +134,13 @@ static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t bu
     assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
     cpu_pool *pool = g_pool[threads];
     ms_hessian_sink *sink = NULL;
-    if (ms_hessian_sink_open(w, plan, n_layers, buf_bytes, pool, &sink, &err) < 0)
+    if (ms_hessian_sink_open(w, plan, n_layers, buf_bytes, pool, NULL, &sink, &err) < 0)
         fail_msg("%s", err.msg);
 
     expected *want = calloc(n_tensors, sizeof *want);
     cpu_hessian *h[MS_LLAMA_STAT_COUNT] = {0};
+    fake_dev fake = {.h = h};
+    unsigned offered = 0, declined = 0;
     for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) /* flush 16: some statistics reach fp64 */
         assert_int_equal(cpu_hessian_open(ms_llama_stat_dim(cfg, (ms_llama_stat)k), 16, &h[k]), 0);
     for (uint64_t l = 0; l < n_layers; l++) {
@@ -95,9 +148,25 @@ static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t bu
             cpu_hessian_reset(h[k]);
             fill_stat(h[k], &want[l * MS_LLAMA_STAT_COUNT + k]);
         }
-        if (ms_hessian_sink_stats(sink, l, h, MS_LLAMA_STAT_COUNT, &err) < 0)
+        int rc = 1;
+        if (device) {
+            ms_llama_dev_stats dev = {.out = fake_out, .wait = fake_wait, .ctx = &fake, .wait_ctx = &fake};
+            for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+                dev.dim[k] = cpu_hessian_dim(h[k]);
+                dev.rows[k] = cpu_hessian_rows(h[k]);
+            }
+            rc = ms_hessian_sink_stats_device(sink, l, &dev, &err);
+            if (rc < 0)
+                fail_msg("layer %" PRIu64 " from the device: %s", l, err.msg);
+            offered++;
+            declined += rc == 1;
+        }
+        if (rc == 1 && ms_hessian_sink_stats(sink, l, h, MS_LLAMA_STAT_COUNT, &err) < 0)
             fail_msg("layer %" PRIu64 ": %s", l, err.msg);
     }
+    /* the device's way needs a buffer for the whole layer; a smaller one declines */
+    assert_int_equal(declined, buf_bytes / 4 < ms_hessian_layer_bytes(cfg) / 4 ? offered : 0);
+
     for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) { /* what the sink was handed changes at once */
         cpu_hessian_reset(h[k]);
         expected scratch;
@@ -114,6 +183,7 @@ static void run_case(const cpu_llama_config *cfg, uint64_t n_layers, uint64_t bu
         cpu_hessian_close(h[k]);
     if (ms_hessian_sink_drain(sink, &err) < 0)
         fail_msg("drain: %s", err.msg);
+    assert_int_equal(fake.waits, offered - declined); /* the writer waited for every layer from the device */
     ms_hessian_sink_close(sink);
     if (st_writer_finish(w, &err) < 0)
         fail_msg("finish: %s", err.msg);
@@ -166,7 +236,70 @@ static void test_sink_pieces(void **state)
         uint64_t shard_limit = rng_next() % 2 ? (uint64_t)1 << 40 : rnd_range(1, 4 * widest * widest);
         uint64_t n_layers = rnd_range(1, 4);
         for (unsigned t = 1; t <= 3; t++)
-            run_case(&cfg, n_layers, buf, t, shard_limit);
+            run_case(&cfg, n_layers, buf, t, shard_limit, false);
+        run_case(&cfg, n_layers, buf, 1 + round % 3, shard_limit, true);
+    }
+}
+
+/* A statistic lost on the device, and a copy that does not come back:
+ * each an error naming what happened, nothing written after it. */
+static void test_device_failures(void **state)
+{
+    (void)state;
+    cpu_llama_config cfg = {.hidden = 8, .n_heads = 2, .n_kv_heads = 1, .head_dim = 4, .intermediate = 12};
+    for (int wait_fails = 0; wait_fails <= 1; wait_fails++) {
+        char tmpl[] = "/tmp/ms_sink_fail_XXXXXX";
+        char *dir = mkdtemp(tmpl);
+        assert_non_null(dir);
+        ms_error err = {0};
+        st_plan *plan = NULL;
+        assert_int_equal(st_plan_create((uint64_t)1 << 40, &plan, &err), 0);
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            uint64_t d = ms_llama_stat_dim(&cfg, (ms_llama_stat)k), shape[2] = {d, d};
+            char name[32];
+            snprintf(name, sizeof name, "stat.%u", k);
+            assert_int_equal(st_plan_add_tensor(plan, name, ST_F32, 2, shape, NULL, &err), 0);
+        }
+        uint64_t shape[2] = {cfg.hidden, cfg.hidden};
+        assert_int_equal(st_plan_add_tensor(plan, "head", ST_F32, 2, shape, NULL, &err), 0);
+        assert_int_equal(st_plan_layout(plan, &err), 0);
+        st_writer *w = NULL;
+        assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
+        ms_hessian_sink *sink = NULL;
+        assert_int_equal(ms_hessian_sink_open(w, plan, 1, ms_hessian_layer_bytes(&cfg), g_pool[1], NULL, &sink, &err),
+                         0);
+        cpu_hessian *h[MS_LLAMA_STAT_COUNT] = {0};
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            assert_int_equal(cpu_hessian_open(ms_llama_stat_dim(&cfg, (ms_llama_stat)k), 0, &h[k]), 0);
+            expected e;
+            fill_stat(h[k], &e);
+            free(e.data);
+        }
+        fake_dev fake = {.h = h, .fail_out_at = wait_fails ? 0 : 3, .fail_wait = wait_fails};
+        ms_llama_dev_stats dev = {.out = fake_out, .wait = fake_wait, .ctx = &fake, .wait_ctx = &fake};
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            dev.dim[k] = cpu_hessian_dim(h[k]);
+            dev.rows[k] = cpu_hessian_rows(h[k]);
+        }
+        int rc = ms_hessian_sink_stats_device(sink, 0, &dev, &err);
+        if (!wait_fails) {
+            assert_int_equal(rc, -1);
+            assert_non_null(strstr(err.msg, "lost"));
+            assert_non_null(strstr(err.msg, "stat.2"));
+        } else {
+            assert_int_equal(rc, 0);
+            assert_int_equal(ms_hessian_sink_drain(sink, &err), -1);
+            assert_non_null(strstr(err.msg, "did not come back from the GPU"));
+            assert_int_equal(fake.waits, 1);
+        }
+        ms_hessian_sink_close(sink);
+        for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+            free(fake.staged[k]);
+            cpu_hessian_close(h[k]);
+        }
+        st_writer_abort(w);
+        st_plan_free(plan);
+        nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
     }
 }
 
@@ -175,6 +308,7 @@ int main(void)
     g_rng = test_seed("test_hessian_sink");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sink_pieces),
+        cmocka_unit_test(test_device_failures),
     };
     return cmocka_run_group_tests(tests, pools_open, pools_close);
 }

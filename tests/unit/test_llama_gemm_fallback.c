@@ -49,6 +49,12 @@ typedef struct fake_seam {
     bool gram_only;    /* only Gram calls count and fail */
     uint64_t forgets;  /* weights_changed calls */
     bool dev_stats;    /* offer stat_begin/add/finish */
+    bool dev_out;      /* and stat_rows/stat_out/stat_out_wait (the statistics straight into their output) */
+    uint64_t out_fail_at; /* 1-based stat_out call that fails with -EIO; 0: none */
+    uint64_t outs, waits;
+    float *pending[8];    /* converted by stat_out, copied to pending_dst by stat_out_wait */
+    float *pending_dst[8];
+    uint64_t pending_bytes[8];
     bool broken;       /* a -EIO happened: every later call fails (a sticky device error) */
     uint64_t stat_opens;
     fake_stat stat[8];
@@ -215,6 +221,55 @@ static int fake_stat_finish(void *ctx, unsigned slot, cpu_hessian *h)
     *st = (fake_stat){0};
     return rc;
 }
+/* The GPU's stat_out: converted now (the device's kernel: the full matrix
+ * of the upper triangle's sums, acc + 0.0 times scale, rounded once), copied
+ * into dst only when waited for. Not counted among the calls that fail in
+ * turn (it cannot run out of memory); it fails once the device is broken,
+ * or at out_fail_at. */
+static uint64_t fake_stat_rows_of(void *ctx, unsigned slot) { return ((fake_seam *)ctx)->stat[slot].rows; }
+
+static int fake_stat_out(void *ctx, unsigned slot, double scale, float *dst)
+{
+    fake_seam *f = ctx;
+    fake_stat *st = &f->stat[slot];
+    f->outs++;
+    int rc = 0;
+    if (f->broken || f->outs == f->out_fail_at) {
+        f->broken = true;
+        rc = -EIO;
+    } else {
+        fake_stat_flush(st);
+        uint64_t d = st->dim;
+        float *m = malloc(d * d * sizeof *m);
+        assert_non_null(m);
+        for (uint64_t i = 0; i < d; i++)
+            for (uint64_t j = 0; j < d; j++)
+                m[i * d + j] = (float)(scale * (st->acc[i <= j ? i * d + j : j * d + i] + 0.0));
+        assert_null(f->pending[slot]);
+        f->pending[slot] = m;
+        f->pending_dst[slot] = dst;
+        f->pending_bytes[slot] = d * d * sizeof *m;
+    }
+    free(st->blk);
+    free(st->acc);
+    *st = (fake_stat){0};
+    return rc;
+}
+
+static int fake_stat_out_wait(void *ctx)
+{
+    fake_seam *f = ctx;
+    f->waits++;
+    for (unsigned k = 0; k < 8; k++) {
+        if (!f->pending[k])
+            continue;
+        memcpy(f->pending_dst[k], f->pending[k], (size_t)f->pending_bytes[k]);
+        free(f->pending[k]);
+        f->pending[k] = NULL;
+    }
+    return 0;
+}
+
 static const char *fake_why(void *ctx) { (void)ctx; return "needs 1 MiB, 0 MiB free"; }
 
 /* ============================================================ a run */
@@ -223,6 +278,7 @@ typedef struct run_out {
     float *H;       /* every statistic, in order, concatenated */
     uint64_t n_H;   /* floats */
     ms_llama_result res;
+    uint64_t dev_layers; /* layers that came straight from the device (on_stats_device) */
 } run_out;
 
 static int collect(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigned n, ms_error *err)
@@ -238,6 +294,37 @@ static int collect(void *ctx, uint64_t layer, cpu_hessian *const *stats, unsigne
         cpu_hessian_rows_out(stats[k], 2.0 / (double)cpu_hessian_rows(stats[k]), 0, d, o->H + o->n_H);
         o->n_H += d * d;
     }
+    return 0;
+}
+
+/* on_stats_device as hessian's sink uses it: every statistic's bytes from
+ * the device into a buffer, the wait, then (here) appended. */
+static int collect_device(void *ctx, uint64_t layer, const ms_llama_dev_stats *dev, ms_error *err)
+{
+    run_out *o = ctx;
+    uint64_t total = 0;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++)
+        total += dev->dim[k] * dev->dim[k];
+    float *buf = malloc((size_t)total * sizeof *buf);
+    assert_non_null(buf);
+    uint64_t off = 0;
+    for (unsigned k = 0; k < MS_LLAMA_STAT_COUNT; k++) {
+        int rc = dev->out(dev->ctx, k, 2.0 / (double)dev->rows[k], buf + off);
+        if (rc < 0) {
+            free(buf);
+            return ms_error_errno(err, MS_EXIT_RUNTIME, -rc, "layer", "the statistics held on the GPU are lost");
+        }
+        off += dev->dim[k] * dev->dim[k];
+    }
+    assert_int_equal(dev->wait(dev->wait_ctx), 0);
+    float *grown = realloc(o->H, (size_t)(o->n_H + total) * sizeof(float));
+    assert_non_null(grown);
+    o->H = grown;
+    memcpy(o->H + o->n_H, buf, (size_t)total * sizeof(float));
+    o->n_H += total;
+    o->dev_layers++;
+    free(buf);
+    (void)layer;
     return 0;
 }
 
@@ -260,6 +347,12 @@ static int run(fake_seam *fake, run_out *o, ms_error *err)
         seam.stat_begin = fake_stat_begin;
         seam.stat_add = fake_stat_add;
         seam.stat_finish = fake_stat_finish;
+    }
+    if (fake && fake->dev_out) {
+        seam.stat_rows = fake_stat_rows_of;
+        seam.stat_out = fake_stat_out;
+        seam.stat_out_wait = fake_stat_out_wait;
+        opt.on_stats_device = collect_device;
     }
     return ms_llama_run(&g_s.src, &g_s.config.llama, g_s.calib, &opt, NULL, fake ? &seam : NULL, &o->res, err);
 }
@@ -371,8 +464,10 @@ static void fail_each_call(const run_out *want, fake_seam proto, uint64_t total,
                 fail_msg("%s: no fallback counted", what);
             (*completed)++;
         }
-        for (unsigned k = 0; k < 8; k++)
+        for (unsigned k = 0; k < 8; k++) {
             assert_null(f.stat[k].blk);
+            free(f.pending[k]); /* converted before the run stopped, never waited for */
+        }
         cpu_llama_close(f.layer_fw);
         free(got.H);
     }
@@ -435,6 +530,43 @@ static void test_whole_layer(void **state)
         cpu_llama_close(clean.layer_fw);
         free(got.H);
         fail_each_call_walks(&want, (fake_seam){.dev_stats = with_stats, .whole_layer = true}, clean.calls, label);
+    }
+    free(want.H);
+}
+
+/* Statistics held on the device and sent straight into their output bytes
+ * (on_stats_device, stat_out): bit for bit the CPU-only run's (the device's
+ * conversion is rows_out's expression), every decoder layer that way, the
+ * head through the host; with whole layers too. Then every call failing in
+ * turn (a layer with rows added on the host goes through the host), and a
+ * stat_out that fails: the run stops saying the statistics are lost. */
+static void test_dev_out(void **state)
+{
+    (void)state;
+    ms_error err = {0};
+    run_out want, got;
+    assert_int_equal(run(NULL, &want, &err), 0);
+    for (int whole = 0; whole <= 1; whole++) {
+        fake_seam clean = {.dev_stats = true, .dev_out = true, .whole_layer = whole};
+        const char *label = whole ? "whole layers, statistics out from the device" : "statistics out from the device";
+        assert_int_equal(run(&clean, &got, &err), 0);
+        same_as(&want, &got, label);
+        assert_int_equal(got.dev_layers, g_s.config.llama.n_layers);
+        assert_int_equal(clean.outs, g_s.config.llama.n_layers * MS_LLAMA_STAT_COUNT);
+        assert_int_equal(clean.waits, g_s.config.llama.n_layers);
+        cpu_llama_close(clean.layer_fw);
+        free(got.H);
+        fail_each_call_walks(&want, (fake_seam){.dev_stats = true, .dev_out = true, .whole_layer = whole},
+                             clean.calls, label);
+        fake_seam f = {.dev_stats = true, .dev_out = true, .whole_layer = whole, .out_fail_at = 6};
+        assert_int_equal(run(&f, &got, &err), -1);
+        assert_non_null(strstr(err.msg, "statistics held on the GPU are lost"));
+        for (unsigned k = 0; k < 8; k++) {
+            assert_null(f.stat[k].blk); /* every slot freed */
+            free(f.pending[k]);
+        }
+        cpu_llama_close(f.layer_fw);
+        free(got.H);
     }
     free(want.H);
 }
@@ -526,7 +658,8 @@ int main(void)
         cmocka_unit_test(test_oom_walk),      cmocka_unit_test(test_oom_from_walk),
         cmocka_unit_test(test_sticky_walk),   cmocka_unit_test(test_gram_oom_walk),
         cmocka_unit_test(test_gram_corrupt),  cmocka_unit_test(test_dev_stats),
-        cmocka_unit_test(test_host_alloc),    cmocka_unit_test(test_whole_layer),
+        cmocka_unit_test(test_host_alloc),
+        cmocka_unit_test(test_dev_out),    cmocka_unit_test(test_whole_layer),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
