@@ -239,7 +239,7 @@ static gpu_status ch_enqueue(gpu_backend *b, gpu_lane *l, const double *a, uint6
     double *mat = (double *)(dev + L->mat_off), *lanes = (double *)(dev + L->lanes_off);
     int *flag = (int *)(dev + L->flag_off);
     GPU_CHECK(cudaMemcpyAsync(mat, a, n * n * sizeof(double), cudaMemcpyHostToDevice, b->copy_in),
-             "copying a Hessian to the GPU");
+              "copying a Hessian to the GPU");
     GPU_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), b->copy_in), "clearing the factorisation's flag");
     GPU_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
     cudaStream_t s = b->compute;
@@ -264,10 +264,10 @@ static gpu_status ch_enqueue(gpu_backend *b, gpu_lane *l, const double *a, uint6
     GPU_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
     unsigned char *host = (unsigned char *)l->host_tmp;
     GPU_CHECK(cudaMemcpyAsync(host, flag, sizeof(int), cudaMemcpyDeviceToHost, b->copy_out),
-             "copying the factorisation's flag from the GPU");
+              "copying the factorisation's flag from the GPU");
     if (diag_only)
         GPU_CHECK(cudaMemcpyAsync(host + 8, lanes, n * sizeof(double), cudaMemcpyDeviceToHost, b->copy_out),
-                 "copying a Cholesky factor's diagonal from the GPU");
+                  "copying a Cholesky factor's diagonal from the GPU");
     GPU_CHECK(gpu_lane_wait(b, l), "running the Cholesky kernels");
     return GPU_OK;
 }
@@ -277,7 +277,7 @@ static gpu_status ch_copy_back(gpu_backend *b, gpu_lane *l, double *a, uint64_t 
                                const ch_layout *L, char *msg, size_t msg_len)
 {
     GPU_CHECK(cudaMemcpyAsync(a, dev + L->mat_off, n * n * sizeof(double), cudaMemcpyDeviceToHost, b->copy_out),
-             "copying a Cholesky factor from the GPU");
+              "copying a Cholesky factor from the GPU");
     GPU_CHECK(gpu_lane_wait(b, l), "copying a Cholesky factor from the GPU");
     return GPU_OK;
 }
@@ -336,7 +336,8 @@ gpu_status gpu_hessian_cholesky(gpu_backend *b, double *a, uint64_t n, bool diag
     gpu_status status;
     if (!gpu_lane_reserve(l, (size_t)(8 + n * sizeof(double)))) {
         if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " KiB of pinned host memory: out of memory", (8 + n * 8) / 1024 + 1);
+            snprintf(msg, msg_len, "needs %" PRIu64 " KiB of pinned host memory: out of memory",
+                     (8 + n * 8) / 1024 + 1);
         status = GPU_OOM;
     } else {
         ch_call k = {b, l, a, n, diag_only, not_pd, &L};

@@ -631,13 +631,13 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     for (unsigned i = 0; i <= p->n_models; i++)
         if (L->in_off[i] != GM_NONE)
             GPU_CHECK(cudaMemcpyAsync(data + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice,
-                                     b->copy_in),
-                     "copying inputs to the GPU");
+                      b->copy_in),
+                      "copying inputs to the GPU");
     for (unsigned i = 1; i <= p->n_models; i++)
         if (L->u_off[i] != GM_NONE)
             GPU_CHECK(cudaMemcpyAsync(data + L->u_off[i], st->hessian->u[i], p->cols * sizeof(float),
-                                     cudaMemcpyHostToDevice, b->copy_in),
-                     "copying saliency coefficients to the GPU");
+                      cudaMemcpyHostToDevice, b->copy_in),
+                      "copying saliency coefficients to the GPU");
     GPU_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
     cudaStream_t s = b->compute;
     if (b->fail_next) {
@@ -735,10 +735,10 @@ static gpu_status gm_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     GPU_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
     if (kind == MS_MERGE_PASS_APPLY)
         GPU_CHECK(cudaMemcpyAsync(c->out, data + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, b->copy_out),
-                 "copying the output from the GPU");
+                  "copying the output from the GPU");
     if (L->res_bytes)
         GPU_CHECK(cudaMemcpyAsync(l->host_tmp, work, L->res_bytes, cudaMemcpyDeviceToHost, b->copy_out),
-                 "copying results from the GPU");
+                  "copying results from the GPU");
     GPU_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
     return GPU_OK;
 }

@@ -809,18 +809,18 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     for (unsigned i = 0; i <= p->n_models; i++)
         if (L->in_off[i] != GI_NONE)
             GPU_CHECK(cudaMemcpyAsync(dev + L->in_off[i], c->in[i], L->in_bytes[i], cudaMemcpyHostToDevice, in),
-                     "copying inputs to the GPU");
+                      "copying inputs to the GPU");
     if (L->open_off != GI_NONE)
         GPU_CHECK(cudaMemcpyAsync(dev + L->open_off, is->line_open, L->open_bytes, cudaMemcpyHostToDevice, in),
-                 "copying column sums to the GPU");
+                  "copying column sums to the GPU");
     if (L->coef_off != GI_NONE) {
         const float *coef = is->line_cols ? is->line_coef : is->line_coef + c->row0 * 2;
         GPU_CHECK(cudaMemcpyAsync(dev + L->coef_off, coef, L->coef_bytes, cudaMemcpyHostToDevice, in),
-                 "copying line coefficients to the GPU");
+                  "copying line coefficients to the GPU");
     }
     if (L->klin_off != GI_NONE)
         GPU_CHECK(cudaMemcpyAsync(dev + L->klin_off, is->row_kl + c->row0, L->klin_bytes, cudaMemcpyHostToDevice, in),
-                 "copying row divergences to the GPU");
+                  "copying row divergences to the GPU");
     GPU_CHECK(gpu_lane_inputs_sent(b, l), "ordering the GPU streams");
 
     if (gi_take_poison(b)) {
@@ -888,10 +888,10 @@ static gpu_status gi_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
 
     if (L->out_off != GI_NONE)
         GPU_CHECK(cudaMemcpyAsync(c->out, dev + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, out),
-                 "copying the output from the GPU");
+                  "copying the output from the GPU");
     if (L->res_bytes)
         GPU_CHECK(cudaMemcpyAsync(l->host_tmp, dev, L->res_bytes, cudaMemcpyDeviceToHost, out),
-                 "copying results from the GPU");
+                  "copying results from the GPU");
     GPU_CHECK(gpu_lane_wait(b, l), "running the merge kernels");
     return GPU_OK;
 }

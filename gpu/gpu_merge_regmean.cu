@@ -347,7 +347,7 @@ static gpu_status rg_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
     if (solve) {
         for (unsigned i = 1; i <= nm; i++)
             GPU_CHECK(cudaMemcpyAsync(dev + L->g_off + (uint64_t)(i - 1) * nn * sizeof(float), hs->g[i],
-                                      nn * sizeof(float), cudaMemcpyHostToDevice, b->copy_in),
+                      nn * sizeof(float), cudaMemcpyHostToDevice, b->copy_in),
                       "copying regmean's Gram matrices to the GPU");
         GPU_CHECK(cudaMemcpyAsync(dev + L->l_off, hs->chol, nn * sizeof(double), cudaMemcpyHostToDevice, b->copy_in),
                   "copying regmean's Cholesky factor to the GPU");
