@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine check: one call on a machine with an NVIDIA GPU (the
-# `device` tool), about 5 minutes on an H100/H200 (FULL=1 adds the benches
+# `device` tool), about 6 minutes on an H100/H200 (FULL=1 adds the benches
 # marked below, about a minute more). Writes $OUT/summary.txt
 # (the figures for bench/RESULTS.md) and the logs beside it. Most important
 # first, every section appending to the summary as it goes, so a run cut
@@ -15,13 +15,13 @@
 #   3. Llama-3.2-1B-shaped TIES: GPU bytes == CPU bytes, and a merge while
 #      another process holds nearly all GPU memory; the Hessian-aware merges
 #      of a one-layer 1B-shaped model (Hessians factored on the GPU): same
-#      bytes, and their times on the GPU and the CPU; bench_cholesky at
-#      down_proj's n = 8192
+#      bytes, and their times on the GPU and the CPU
 #   4. bench (hot page cache): hessian tokens/s on the GPU against its GEMM
 #      peak (whole decoder layers on the device); TIES copy / GPU
 #      / CPU on every core; slerp and model_stock on GPU and CPU; FULL=1:
 #      TIES with one GPU lane and with the pool pageable, hessian on the
-#      CPU, and a cold CPU TIES with and without --direct-io
+#      CPU, and a cold CPU TIES with and without --direct-io; last,
+#      bench_cholesky at down_proj's n = 8192 on the CPU and the GPU
 #   5. every other test (unit, e2e: with a GPU present `--device auto` puts
 #      the e2e merges on it), run beside step 2 (neither is timed)
 # The device image has CMake, ninja, nvcc and PyTorch but not this project's
@@ -111,8 +111,6 @@ for m in ties_sparsegpt regmean; do
   note "1B-shaped layer, $m: $same; cpu $(w "$OUT/${m}_cpu.json" wall_seconds) s, cuda $(w "$OUT/${m}_gpu.json" wall_seconds) s ($(w "$OUT/${m}_gpu.json" hessian_factorisations_gpu) factorisations, $(w "$OUT/${m}_gpu.json" tensors_gpu) tensors on the GPU)"
 done
 rm -rf $H/cpu $H/gpu
-note "bench_cholesky --n 8192 (down_proj's Hessian; GPU seconds with the copies):"
-build-gpu/bench/bench_cholesky --n 8192 --no-old --gpu 2>&1 | sed 's/^/  /' | tee -a "$summary"
 
 # 4. bench, hot page cache
 hessian() { # LABEL DEVICE LAYERS SAMPLES: bench_hessian.sh's figures
@@ -150,4 +148,6 @@ if [ "${FULL:-0}" = 1 ] && [ "$(id -u)" -eq 0 ]; then
   cold "device=cpu page-cache" -- --device cpu
   cold "device=cpu direct-io" -- --device cpu --direct-io
 fi
+note "bench_cholesky --n 8192 (down_proj's Hessian; GPU seconds with the copies):"
+build-gpu/bench/bench_cholesky --n 8192 --no-old --gpu 2>&1 | sed 's/^/  /' | tee -a "$summary"
 note "elapsed: $(elapsed)"
