@@ -532,6 +532,64 @@ static void ref_regmean_row(const hcase *tc, const ms_hessian_state *hs, uint64_
         store(out, p->out_dtype, r * n + j, B[j] + (float)b[j]);
 }
 
+/* gpu_merge_regmean.cu's order of work, as plain loops over all rows at
+ * once: b summed per model in 32-wide k tiles, the forward substitution by
+ * 32-column blocks (the block's z row by row from the sums earlier blocks
+ * left, then the block's terms added into every later sum in k order), the
+ * backward one by blocks from the last (y inside the block in descending j,
+ * then the block's terms taken from every earlier z in descending j). taus
+ * [n_models][rows][dim] -> y [rows][dim]. The kernels run in
+ * tests/gpu/test_gpu_merge.c; this checks their decomposition's bits. */
+static void gpu_order_regmean(const ms_hessian_state *hs, unsigned n_models, const float *taus, uint64_t rows,
+                              double *y)
+{
+    enum { K = 32 };
+    uint64_t n = hs->dim;
+    const double *L = hs->chol;
+    double *B = calloc(rows * n, sizeof *B), *S = calloc(rows * n, sizeof *S);
+    assert_true(B && S);
+    for (unsigned i = 1; i <= n_models; i++) /* k_rg_accum */
+        for (uint64_t r = 0; r < rows; r++)
+            for (uint64_t j = 0; j < n; j++)
+                for (uint64_t k0 = 0; k0 < n; k0 += K)
+                    for (uint64_t k = k0; k < k0 + K && k < n; k++)
+                        B[r * n + j] = B[r * n + j] +
+                                       (double)hs->g[i][k * n + j] * (double)taus[((i - 1) * rows + r) * n + k];
+    double *Z = y;
+    for (uint64_t j0 = 0; j0 < n; j0 += K) {
+        uint64_t j1 = j0 + K < n ? j0 + K : n;
+        for (uint64_t r = 0; r < rows; r++) /* k_rg_fwd_diag */
+            for (uint64_t a = j0; a < j1; a++) {
+                double sum = S[r * n + a];
+                for (uint64_t c = j0; c < a; c++)
+                    sum = sum + L[a * n + c] * Z[r * n + c];
+                Z[r * n + a] = (B[r * n + a] - sum) / L[a * n + a];
+            }
+        for (uint64_t r = 0; r < rows; r++) /* k_rg_fwd_update */
+            for (uint64_t j = j1; j < n; j++)
+                for (uint64_t k = j0; k < j1; k++)
+                    S[r * n + j] = S[r * n + j] + L[j * n + k] * Z[r * n + k];
+    }
+    for (uint64_t j0 = (n - 1) / K * K;; j0 -= K) {
+        uint64_t j1 = j0 + K < n ? j0 + K : n;
+        for (uint64_t r = 0; r < rows; r++) /* k_rg_bwd_diag */
+            for (uint64_t a = j1; a-- > j0;) {
+                double v = Z[r * n + a] / L[a * n + a];
+                Z[r * n + a] = v;
+                for (uint64_t c = j0; c < a; c++)
+                    Z[r * n + c] = Z[r * n + c] - L[a * n + c] * v;
+            }
+        if (j0 == 0)
+            break;
+        for (uint64_t r = 0; r < rows; r++) /* k_rg_bwd_update */
+            for (uint64_t k = 0; k < j0; k++)
+                for (uint64_t j = j1; j-- > j0;)
+                    Z[r * n + k] = Z[r * n + k] - L[j * n + k] * Z[r * n + j];
+    }
+    free(B);
+    free(S);
+}
+
 static void check_regmean_exact(uint64_t rows, uint64_t cols, unsigned n)
 {
     hcase tc;
@@ -570,6 +628,18 @@ static void check_regmean_exact(uint64_t rows, uint64_t cols, unsigned n)
             fail();
         }
     }
+    /* the GPU kernels' order of work: the same fp64 bits */
+    float *all = malloc((size_t)n * rows * cols * sizeof *all);
+    assert_non_null(all);
+    for (unsigned i = 1; i <= n; i++)
+        for (uint64_t e = 0; e < rows * cols; e++)
+            all[(i - 1) * rows * cols + e] = ms_merge_delta(tc.in[i][e], tc.in[0][e]);
+    gpu_order_regmean(st->hessian, n, all, rows, y);
+    for (uint64_t e = 0; e < rows * cols; e++)
+        if (memcmp(&y[e], &y_ref[e], sizeof *y) != 0)
+            fail_msg("regmean in the GPU's order, %" PRIu64 " x %" PRIu64 ": row %" PRIu64 " col %" PRIu64
+                     " is %.17g, the scalar order gives %.17g", rows, cols, e / cols, e % cols, y[e], y_ref[e]);
+    free(all);
     ms_merge_state_close(st);
     free(y_ref);
     free(y);

@@ -5,7 +5,11 @@
  * triangle included) for every n, every thread count and the single-thread
  * entry point, on random SPD matrices, ill-conditioned ones, and matrices
  * that are not positive definite (-EDOM at the same pivot, `a` left in the
- * same state). The seed is printed; set MS_TEST_SEED to replay. */
+ * same state). Also the GPU kernels' decomposition of the same order
+ * (gpu/gpu_hessian_chol.cu), written here as plain loops in the kernels'
+ * order of work: it must give the same bits, which is the kernels' claim;
+ * the kernels themselves run in tests/gpu/test_gpu_cholesky.c. The seed is
+ * printed; set MS_TEST_SEED to replay. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -236,6 +240,93 @@ static void test_not_positive_definite(void **state)
     }
 }
 
+/* gpu_hessian_chol.cu's work, block by block of 32 columns [j0, j1): the
+ * prefix lanes of every row >= j0 over m < j0 in tiles of 32 m (lane
+ * mm & 7 inside a tile), the diagonal block as a wavefront (column s: row
+ * s's diagonal, then every row below it in the block), the rows below the
+ * block one after the other; each entry's lanes continued over
+ * [j0, 8 floor(k / 8)), folded, the tail added. Returns 0 or -EDOM. */
+static int gpu_order_cholesky(double *a, uint64_t n)
+{
+    enum { BLOCK = 32, TILE = 32 };
+    double *lanes = malloc(n * BLOCK * 8 * sizeof *lanes);
+    assert_non_null(lanes);
+    int rc = 0;
+    for (uint64_t j0 = 0; j0 < n && rc == 0; j0 += BLOCK) {
+        unsigned nk = (unsigned)(n - j0 < BLOCK ? n - j0 : BLOCK);
+        for (uint64_t i = j0; i < n; i++) /* k_ch_prefix */
+            for (unsigned c = 0; c < nk; c++) {
+                double *l = lanes + ((i - j0) * BLOCK + c) * 8;
+                for (unsigned q = 0; q < 8; q++)
+                    l[q] = 0.0;
+                for (uint64_t m0 = 0; m0 < j0; m0 += TILE)
+                    for (unsigned mm = 0; mm < TILE; mm++)
+                        l[mm & 7] = l[mm & 7] + a[i * n + m0 + mm] * a[(j0 + c) * n + m0 + mm];
+            }
+        /* the entry (row i, column j0 + c), reading row i's and row j0 + c's block entries from a */
+#define ENTRY_DOT(i, c)                                                                                     \
+    ({                                                                                                     \
+        const double *l_ = lanes + (((i) - j0) * BLOCK + (c)) * 8, *x_ = a + (i) * n + j0,                 \
+                     *y_ = a + (j0 + (c)) * n + j0;                                                         \
+        double v_[8];                                                                                      \
+        memcpy(v_, l_, sizeof v_);                                                                         \
+        unsigned end_ = (c) & ~7u;                                                                         \
+        for (unsigned m_ = 0; m_ < end_; m_ += 8)                                                          \
+            for (unsigned q_ = 0; q_ < 8; q_++)                                                            \
+                v_[q_] = v_[q_] + x_[m_ + q_] * y_[m_ + q_];                                               \
+        double s_ = ((v_[0] + v_[1]) + (v_[2] + v_[3])) + ((v_[4] + v_[5]) + (v_[6] + v_[7]));             \
+        for (unsigned m_ = end_; m_ < (c); m_++)                                                           \
+            s_ = s_ + x_[m_] * y_[m_];                                                                     \
+        s_;                                                                                                \
+    })
+        for (unsigned s = 0; s < nk && rc == 0; s++) { /* k_ch_diag */
+            uint64_t k = j0 + s;
+            double d = a[k * n + k] - ENTRY_DOT(k, s);
+            if (!(d > 0.0)) {
+                rc = -EDOM;
+                break;
+            }
+            a[k * n + k] = sqrt(d);
+            for (unsigned t = s + 1; t < nk; t++)
+                a[(j0 + t) * n + k] = (a[(j0 + t) * n + k] - ENTRY_DOT(j0 + t, s)) / a[k * n + k];
+        }
+        for (uint64_t i = j0 + nk; i < n && rc == 0; i++) /* k_ch_below */
+            for (unsigned c = 0; c < nk; c++)
+                a[i * n + j0 + c] = (a[i * n + j0 + c] - ENTRY_DOT(i, c)) / a[(j0 + c) * n + j0 + c];
+#undef ENTRY_DOT
+    }
+    free(lanes);
+    return rc;
+}
+
+/* The GPU kernels' decomposition gives the CPU's bits (factor and strict
+ * upper triangle), and fails where it fails. */
+static void test_gpu_order(void **state)
+{
+    (void)state;
+    static const uint64_t ns[] = {1, 2, 7, 8, 9, 31, 32, 33, 40, 64, 65, 100, 129, 257, 300};
+    for (size_t b = 0; b < sizeof ns / sizeof ns[0]; b++) {
+        uint64_t n = ns[b];
+        for (int bad = 0; bad <= 1; bad++) {
+            double *a = make_spd(n);
+            if (bad)
+                a[(n / 2) * n + n / 2] = -1.0;
+            size_t bytes = n * n * sizeof *a;
+            double *want = malloc(bytes), *got = malloc(bytes);
+            memcpy(want, a, bytes);
+            memcpy(got, a, bytes);
+            int rc_want = ms_hessian_cholesky(want, n), rc_got = gpu_order_cholesky(got, n);
+            assert_int_equal(rc_got, rc_want);
+            assert_int_equal(rc_want, bad ? -EDOM : 0);
+            if (!bad && memcmp(want, got, bytes) != 0)
+                fail_msg("n %" PRIu64 ": the GPU's order differs from the CPU's", n);
+            free(a);
+            free(want);
+            free(got);
+        }
+    }
+}
+
 int main(void)
 {
     g_rng = test_seed("test_hessian_cholesky");
@@ -243,6 +334,7 @@ int main(void)
         cmocka_unit_test(test_random_spd),
         cmocka_unit_test(test_ill_conditioned),
         cmocka_unit_test(test_not_positive_definite),
+        cmocka_unit_test(test_gpu_order),
     };
     return cmocka_run_group_tests(tests, pools_open, pools_close);
 }
