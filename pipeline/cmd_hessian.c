@@ -472,9 +472,10 @@ int ms_cmd_hessian(int argc, char **argv)
         if (st_writer_shard_open(w, sh, &err) < 0)
             goto fail;
     cpu_llama_gemm seam = gpu ? ms_gpu_gemm_seam(gpu) : cpu_llama_gemm_blas();
-    /* with a GPU the buffer is pinned: a layer's statistics come back into it at the bus's full speed */
+    /* where the GPU sends statistics straight into the buffer, it is pinned: they come at the bus's full speed */
     ms_hessian_sink_mem pinned = {.alloc = seam.host_alloc, .free = seam.host_free, .ctx = seam.ctx};
-    if (ms_hessian_sink_open(w, plan, s.config.llama.n_layers, stats_buf, pool, gpu ? &pinned : NULL, &sink, &err) <
+    bool pin = gpu && seam.stat_out && seam.host_alloc;
+    if (ms_hessian_sink_open(w, plan, s.config.llama.n_layers, stats_buf, pool, pin ? &pinned : NULL, &sink, &err) <
         0)
         goto fail;
     ro.on_stats = ms_hessian_sink_stats;
