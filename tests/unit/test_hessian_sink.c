@@ -241,6 +241,58 @@ static void test_sink_pieces(void **state)
     }
 }
 
+/* An allocator for the buffer (a GPU's pinned memory): used and given its
+ * block back at close; when it returns NULL, malloc. */
+typedef struct counting_alloc {
+    unsigned allocs, frees;
+    bool fail;
+    void *last;
+} counting_alloc;
+
+static void *count_alloc(void *ctx, uint64_t bytes)
+{
+    counting_alloc *c = ctx;
+    c->allocs++;
+    c->last = c->fail ? NULL : malloc((size_t)bytes);
+    return c->last;
+}
+
+static void count_free(void *ctx, void *p)
+{
+    counting_alloc *c = ctx;
+    assert_ptr_equal(p, c->last);
+    c->frees++;
+    free(p);
+}
+
+static void test_buffer_allocator(void **state)
+{
+    (void)state;
+    for (int fail = 0; fail <= 1; fail++) {
+        ms_error err = {0};
+        st_plan *plan = NULL;
+        assert_int_equal(st_plan_create((uint64_t)1 << 40, &plan, &err), 0);
+        uint64_t shape[2] = {4, 4};
+        assert_int_equal(st_plan_add_tensor(plan, "h", ST_F32, 2, shape, NULL, &err), 0);
+        assert_int_equal(st_plan_layout(plan, &err), 0);
+        char tmpl[] = "/tmp/ms_sink_alloc_XXXXXX";
+        char *dir = mkdtemp(tmpl);
+        assert_non_null(dir);
+        st_writer *w = NULL;
+        assert_int_equal(st_writer_open(plan, dir, &w, &err), 0);
+        counting_alloc c = {.fail = fail};
+        ms_hessian_sink_mem mem = {.alloc = count_alloc, .free = count_free, .ctx = &c};
+        ms_hessian_sink *sink = NULL;
+        assert_int_equal(ms_hessian_sink_open(w, plan, 0, 64, g_pool[1], &mem, &sink, &err), 0);
+        ms_hessian_sink_close(sink);
+        assert_int_equal(c.allocs, 1);
+        assert_int_equal(c.frees, fail ? 0 : 1); /* a failed allocation: malloc's block, freed by free */
+        st_writer_abort(w);
+        st_plan_free(plan);
+        nftw(dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+    }
+}
+
 /* A statistic lost on the device, and a copy that does not come back:
  * each an error naming what happened, nothing written after it. */
 static void test_device_failures(void **state)
@@ -309,6 +361,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sink_pieces),
         cmocka_unit_test(test_device_failures),
+        cmocka_unit_test(test_buffer_allocator),
     };
     return cmocka_run_group_tests(tests, pools_open, pools_close);
 }
