@@ -254,16 +254,18 @@ void ms_hessian_damp(const float *H, uint64_t n, double *h)
 }
 
 /* Factors a (built by build(ctx, a)) where f says: the device first, the
- * CPU when it declines, from a built anew. */
+ * CPU when it declines (from a built anew when the device may have
+ * overwritten it). */
 static int factor_with(double *a, uint64_t n, bool diag_only, const ms_hessian_factoriser *f,
                        void (*build)(const void *ctx, uint64_t n, double *a), const void *ctx)
 {
     build(ctx, n, a);
     if (f && f->device) {
         int rc = f->device(f->device_ctx, a, n, diag_only);
-        if (rc != -EAGAIN)
+        if (rc != -EAGAIN && rc != -ENODEV)
             return rc;
-        build(ctx, n, a);
+        if (rc == -EAGAIN)
+            build(ctx, n, a);
     }
     return ms_hessian_cholesky_pool(a, n, f ? f->pool : NULL);
 }

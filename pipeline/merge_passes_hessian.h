@@ -83,8 +83,9 @@ typedef struct ms_hessian_factoriser {
     cpu_pool *pool; /* the CPU's factorisations: NULL, the calling thread only */
     /* Factors a as ms_hessian_cholesky does; diag_only: only L's diagonal
      * is needed (the rest of a may be left as it was). Returns 0, -EDOM
-     * (not positive definite), or -EAGAIN: not done, a possibly overwritten
-     * (the caller builds it again for the CPU). */
+     * (not positive definite), -ENODEV: not done, a untouched (the CPU
+     * factors it), or -EAGAIN: not done, a possibly overwritten (the
+     * caller builds it again for the CPU). */
     int (*device)(void *ctx, double *a, uint64_t n, bool diag_only);
     void *device_ctx;
 } ms_hessian_factoriser;

@@ -450,13 +450,14 @@ static bool compute_pass_on_gpu(run_ctx *ctx, const ms_job *job, ms_merge_state 
 /* The Hessians' Cholesky factorisations (ms_hessian_factoriser's device)
  * under the same rules: on the GPU when it fits the live estimate, out of
  * memory one warning and the CPU, a sticky error the GPU off. The bits are
- * the same either way. */
+ * the same either way; only after a sticky error must the CPU's matrix be
+ * built again. */
 static int factor_on_gpu(void *vctx, double *a, uint64_t n, bool diag_only)
 {
     run_ctx *ctx = vctx;
     ms_gpu *gpu = ctx->env->gpu;
     if (!gpu || atomic_load(&ctx->gpu_disabled) || ms_gpu_cholesky_bytes(n) > ms_gpu_free_estimate(gpu))
-        return -EAGAIN;
+        return -ENODEV;
     char msg[256] = "";
     bool not_pd = false;
     switch (ms_gpu_cholesky(gpu, a, n, diag_only, &not_pd, msg, sizeof msg)) {
@@ -466,7 +467,7 @@ static int factor_on_gpu(void *vctx, double *a, uint64_t n, bool diag_only)
     case MS_GPU_OOM:
         atomic_fetch_add(&ctx->gpu_fallbacks, 1);
         ms_log_warn("GPU out of memory factoring a %" PRIu64 " x %" PRIu64 " Hessian (%s): using CPU", n, n, msg);
-        return -EAGAIN;
+        return -ENODEV; /* a unchanged */
     case MS_GPU_FATAL:
     default:
         atomic_store(&ctx->gpu_disabled, true);

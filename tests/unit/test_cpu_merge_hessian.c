@@ -673,7 +673,7 @@ static void test_regmean_exact(void **state)
 
 typedef enum fake_mode {
     FAKE_FACTOR,    /* factors (ms_hessian_cholesky); diag_only: NaN in the rest of the lower triangle */
-    FAKE_DECLINE,   /* -EAGAIN with a untouched (out of device memory) */
+    FAKE_DECLINE,   /* -ENODEV, a untouched (out of device memory) */
     FAKE_SCRIBBLE,  /* -EAGAIN with a overwritten (a sticky error while the factor came back) */
     FAKE_NOT_PD,    /* -EDOM */
 } fake_mode;
@@ -690,7 +690,7 @@ static int fake_factor(void *ctx, double *a, uint64_t n, bool diag_only)
     d->diag_only_calls += diag_only;
     switch (d->mode) {
     case FAKE_DECLINE:
-        return -EAGAIN;
+        return -ENODEV;
     case FAKE_SCRIBBLE:
         for (uint64_t e = 0; e < n * n; e++)
             a[e] = 1e300 * (double)(e % 7);
