@@ -35,7 +35,6 @@ int main(void)
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "gpu/gpu_backend.h"
 #include "pipeline/merge_passes_hessian.h"
@@ -243,10 +242,7 @@ static void test_concurrent(void **state)
 
 int main(void)
 {
-    const char *seed_env = getenv("MS_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_gpu_cholesky: seed %" PRIu64 " (MS_TEST_SEED replays)\n", seed);
-    g_rng = seed;
+    g_rng = test_seed("test_gpu_cholesky");
     char why[256];
     if (gpu_backend_open(0, 0, &g_gpu, why, sizeof why) != 0) {
         printf("SKIP: no usable GPU (%s)\n", why);

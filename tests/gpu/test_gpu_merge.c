@@ -45,7 +45,6 @@ int main(void)
 
 #include <pthread.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "gpu/gpu_merge_interp.h"
@@ -587,10 +586,7 @@ static void test_pinned_inputs(void **state)
 
 int main(void)
 {
-    const char *seed_env = getenv("MS_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_gpu_merge: seed %" PRIu64 " (MS_TEST_SEED replays)\n", seed);
-    g_rng = seed;
+    g_rng = test_seed("test_gpu_merge");
     char why[256];
     if (gpu_backend_open(0, 0, &g_gpu, why, sizeof why) != 0) {
         printf("SKIP: no usable GPU (%s)\n", why);

@@ -37,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cpu/hessian_accum.h"
@@ -1507,9 +1506,7 @@ static void test_model_split(void **state)
 
 int main(void)
 {
-    const char *seed = getenv("MS_TEST_SEED");
-    g_rng = seed ? strtoull(seed, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_llama_forward: MS_TEST_SEED=%" PRIu64 "\n", g_rng);
+    g_rng = test_seed("test_llama_forward");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_expf),
         cmocka_unit_test(test_hessian_accum),

@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cpu/dtype_convert.h"
 #include "pipeline/merge_math.h"
@@ -421,10 +420,7 @@ static void test_count_nonfinite(void **state)
 
 int main(void)
 {
-    const char *seed_env = getenv("MS_TEST_SEED");
-    uint64_t seed = seed_env ? strtoull(seed_env, NULL, 0) : (uint64_t)time(NULL);
-    printf("test_merge_math: seed %" PRIu64 "\n", seed);
-    g_rng = seed;
+    g_rng = test_seed("test_merge_math");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_philox_kat),
         cmocka_unit_test(test_philox_word_layout),

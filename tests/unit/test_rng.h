@@ -1,12 +1,26 @@
 /* The tests' random numbers: splitmix64 over one global state, seeded by the
- * test (test_pools.h's test_seed prints the seed so MS_TEST_SEED replays a
- * run). Include it in one test program's .c file (or one header it uses). */
+ * test (test_seed prints the seed so MS_TEST_SEED replays a run). Include it
+ * in one test program's .c file (or one header it uses). */
 #ifndef MS_TEST_RNG_H
 #define MS_TEST_RNG_H
 
+#include <inttypes.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
 
 static uint64_t g_rng;
+
+/* MS_TEST_SEED, else the time; printed with the test's name. */
+static inline uint64_t test_seed(const char *test_name)
+{
+    const char *env = getenv("MS_TEST_SEED");
+    uint64_t seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL);
+    printf("%s: seed %" PRIu64 " (MS_TEST_SEED=%" PRIu64 " replays it)\n", test_name, seed, seed);
+    fflush(stdout);
+    return seed;
+}
 
 static inline uint64_t rng_next(void) /* splitmix64 */
 {
