@@ -52,6 +52,38 @@ skip_without_gpu() {
   fi
 }
 
+# json_num FILE KEY: the number KEY has in the JSON of FILE (--json output).
+json_num() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]+$'; }
+
+# write_hessian_recipes: $WORK/{ties_sparsegpt,dare_sparsegpt,regmean}.yml
+# over ./models/{base,ft1,ft2} with the Hessians of ./h_ft1 and ./h_ft2
+# (density 0.3, random seed 3; regmean's alpha 0.2).
+write_hessian_recipes() {
+  local m
+  for m in ties_sparsegpt dare_sparsegpt; do
+    cat > "$WORK/$m.yml" <<EOR
+merge_method: $m
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {weight: 0.6, density: 0.3, hessian: ./h_ft1}
+  - model: ./models/ft2
+    parameters: {weight: 0.4, density: 0.3, hessian: ./h_ft2}
+random_seed: 3
+EOR
+  done
+  cat > "$WORK/regmean.yml" <<EOR
+merge_method: regmean
+base_model: ./models/base
+models:
+  - model: ./models/ft1
+    parameters: {hessian: ./h_ft1}
+  - model: ./models/ft2
+    parameters: {hessian: ./h_ft2}
+parameters: {alpha: 0.2}
+EOR
+}
+
 # walk_gpu_alloc RECIPE WANT_DIR MAX_N: merges RECIPE on the GPU with the
 # Nth device allocation failing (MERGESTREAM_FAULT=gpu_alloc:N), N = 1, 2, ...
 # until a run falls back no more (at most MAX_N runs): each run must finish,

@@ -90,19 +90,18 @@ done
 # are not read: at 34M with two threads (each worker's scratch comes out of
 # the pool) the embeddings (2^18 elements) are in chunks and there is room to
 # capture.
-json_number() { grep -oE "\"$1\":[[:space:]]*[0-9]+" "$2" | grep -oE '[0-9]+$'; }
 "$MS_BIN" merge "$S/ties.yml" -o "$S/once_less" --device cpu --max-memory 34M --threads 2 --json --quiet > "$S/once.json"
 "$MS_BIN" merge "$S/ties.yml" --dry-run --device cpu --max-memory 34M --threads 2 --json > "$S/once_dry.json"
-[ "$(json_number tensors_chunked_read_once_less "$S/once.json")" -ge 1 ] ||
+[ "$(json_num "$S/once.json" tensors_chunked_read_once_less)" -ge 1 ] ||
   fail "ties at 34M: no tensor in row chunks skipped HIST_LO's reads"
 # the captures' memory comes out of the pool, but never so much that another
 # tensor is cut into chunks (it would read them once per pass): the two
 # embeddings only, as without captures
-[ "$(json_number tensors_chunked "$S/once.json")" -eq 2 ] ||
+[ "$(json_num "$S/once.json" tensors_chunked)" -eq 2 ] ||
   fail "ties at 34M: the captures cut more tensors than the embeddings into row chunks"
-[ "$(json_number bytes_read "$S/once.json")" -lt "$(json_number bytes_to_read "$S/once_dry.json")" ] ||
+[ "$(json_num "$S/once.json" bytes_read)" -lt "$(json_num "$S/once_dry.json" bytes_to_read)" ] ||
   fail "ties at 34M: read as much as planned although HIST_LO was skipped"
-[ "$(json_number bytes_read "$S/once.json")" -eq "$(json_number bytes_to_read_at_least "$S/once_dry.json")" ] ||
+[ "$(json_num "$S/once.json" bytes_read)" -eq "$(json_num "$S/once_dry.json" bytes_to_read_at_least)" ] ||
   fail "ties at 34M: read more than --dry-run's bytes_to_read_at_least (every tensor in chunks captures here)"
 same_bytes "$S/whole_ties" "$S/once_less"
 # --direct-io: every tensor read once, whole, comes with O_DIRECT (the
@@ -116,8 +115,8 @@ evict_cache "$S/models"
 if grep -qE "cannot read it with O_DIRECT|already in the page cache" "$S/direct.err"; then
   echo "note: O_DIRECT refused here, or the page cache kept the inputs: the direct reads are not checked"
 else
-  [ "$(json_number bytes_read_direct "$S/direct.json")" -gt 0 ] || fail "--direct-io read nothing with O_DIRECT"
-  [ "$(json_number bytes_read_direct "$S/direct.json")" -lt "$(json_number bytes_read "$S/direct.json")" ] ||
+  [ "$(json_num "$S/direct.json" bytes_read_direct)" -gt 0 ] || fail "--direct-io read nothing with O_DIRECT"
+  [ "$(json_num "$S/direct.json" bytes_read_direct)" -lt "$(json_num "$S/direct.json" bytes_read)" ] ||
     fail "--direct-io at 34M read the embeddings' row chunks with O_DIRECT too"
   grep -q "GB with O_DIRECT)" "$S/direct.err" || fail "the summary does not say how much was read with O_DIRECT"
 fi
@@ -130,14 +129,14 @@ MERGESTREAM_DIRECT_REFUSE=1 "$MS_BIN" merge "$S/ties.yml" -o "$S/refused" --dire
   2> "$S/refused.err"
 grep -q "already in the page cache" "$S/refused.err" ||
   [ "$(grep -c "cannot read it with O_DIRECT" "$S/refused.err")" -eq 4 ] || fail "a refused O_DIRECT: not one line per input file"
-[ "$(json_number bytes_read_direct "$S/refused.json")" -eq 0 ] || fail "O_DIRECT refused, yet bytes read with it"
+[ "$(json_num "$S/refused.json" bytes_read_direct)" -eq 0 ] || fail "O_DIRECT refused, yet bytes read with it"
 same_bytes "$S/whole_ties" "$S/refused"
 cat "$S"/models/*/*.safetensors > /dev/null
 "$MS_BIN" merge "$S/ties.yml" -o "$S/cached" --direct-io --json > "$S/cached.json" 2> "$S/cached.err"
 grep -q -- "--direct-io: 4 input files are already in the page cache, read through it" "$S/cached.err" ||
   fail "--direct-io on cached inputs: no line saying they are read through the page cache"
-[ "$(json_number bytes_read_direct "$S/cached.json")" -eq 0 ] || fail "--direct-io read cached inputs from the disk"
-[ "$(json_number bytes_read_direct "$S/once.json")" -eq 0 ] || fail "read with O_DIRECT without --direct-io"
+[ "$(json_num "$S/cached.json" bytes_read_direct)" -eq 0 ] || fail "--direct-io read cached inputs from the disk"
+[ "$(json_num "$S/once.json" bytes_read_direct)" -eq 0 ] || fail "read with O_DIRECT without --direct-io"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
 "$MS_BIN" verify "$WORK/sharded" --quiet

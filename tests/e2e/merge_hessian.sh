@@ -12,30 +12,7 @@ for m in ft1 ft2; do
   "$MS_BIN" hessian "$M/$m" --calib "$WORK/calib.txt" -o "$WORK/h_$m" --quiet
 done
 
-recipe() { # FILE METHOD PARAMS
-  cat > "$1" <<EOR
-merge_method: $2
-base_model: ./models/base
-models:
-  - model: ./models/ft1
-    parameters: {weight: 0.6, $3 hessian: ./h_ft1}
-  - model: ./models/ft2
-    parameters: {weight: 0.4, $3 hessian: ./h_ft2}
-random_seed: 3
-EOR
-}
-recipe "$WORK/ties_sparsegpt.yml" ties_sparsegpt "density: 0.3,"
-recipe "$WORK/dare_sparsegpt.yml" dare_sparsegpt "density: 0.3,"
-cat > "$WORK/regmean.yml" <<EOR
-merge_method: regmean
-base_model: ./models/base
-models:
-  - model: ./models/ft1
-    parameters: {hessian: ./h_ft1}
-  - model: ./models/ft2
-    parameters: {hessian: ./h_ft2}
-parameters: {alpha: 0.2}
-EOR
+write_hessian_recipes
 sed 's/ties_sparsegpt/ties/; s/, hessian: .\/h_ft[12]//' "$WORK/ties_sparsegpt.yml" > "$WORK/ties.yml"
 
 for m in ties_sparsegpt dare_sparsegpt regmean; do

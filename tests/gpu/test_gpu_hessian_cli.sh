@@ -38,7 +38,6 @@ close_h() {
   return "$rc"
 }
 
-json_num() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]+$'; }
 
 # mean NLLs within 1e-4 relative
 close_nll() {

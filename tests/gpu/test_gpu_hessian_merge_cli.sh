@@ -17,30 +17,7 @@ write_calib "$WORK/calib.txt" 40 64 1000
 for m in ft1 ft2; do
   "$MS_BIN" hessian "$M/$m" --calib "$WORK/calib.txt" -o "$WORK/h_$m" --device cpu --quiet
 done
-for m in ties_sparsegpt dare_sparsegpt; do
-  cat > "$WORK/$m.yml" <<EOR
-merge_method: $m
-base_model: ./models/base
-models:
-  - model: ./models/ft1
-    parameters: {weight: 0.6, density: 0.3, hessian: ./h_ft1}
-  - model: ./models/ft2
-    parameters: {weight: 0.4, density: 0.2, hessian: ./h_ft2}
-random_seed: 3
-EOR
-done
-cat > "$WORK/regmean.yml" <<EOR
-merge_method: regmean
-base_model: ./models/base
-models:
-  - model: ./models/ft1
-    parameters: {hessian: ./h_ft1}
-  - model: ./models/ft2
-    parameters: {hessian: ./h_ft2}
-parameters: {alpha: 0.2}
-EOR
-
-json_num() { grep -oE "\"$2\":[[:space:]]*[-0-9.e+]+" "$1" | grep -oE '[-0-9.e+]+$'; }
+write_hessian_recipes
 
 for m in ties_sparsegpt dare_sparsegpt regmean; do
   "$MS_BIN" merge "$WORK/$m.yml" -o "$WORK/cpu_$m" --device cpu --quiet
