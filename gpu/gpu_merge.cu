@@ -841,6 +841,12 @@ static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_pa
 gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merge_state *st, unsigned pass,
                               const ms_chunk *c, char *msg, size_t msg_len)
 {
+    if (msg && msg_len)
+        msg[0] = '\0';
+    if (gpu_backend_is_broken(b, msg, msg_len))
+        return GPU_FATAL;
+    if (c->n_elems == 0) /* as the CPU: nothing, not even next_elem */
+        return GPU_OK;
     bool interp = gpu_interp_supports(p);
     if (interp || gpu_regmean_supports(p)) { /* gpu_merge_interp.cu, gpu_merge_regmean.cu */
         cudaError_t rc = cudaSetDevice(b->device);
@@ -859,12 +865,6 @@ gpu_status gpu_merge_run_pass(gpu_backend *b, const ms_tensor_params *p, ms_merg
     GPU_ASSERT(p->method == MS_METHOD_LINEAR || c->in[0]);
     GPU_ASSERT(p->n_models >= 1 && p->n_models <= MS_MAX_MODELS);
     GPU_ASSERT(gpu_merge_supports(p));
-    if (msg && msg_len)
-        msg[0] = '\0';
-    if (gpu_backend_is_broken(b, msg, msg_len))
-        return GPU_FATAL;
-    if (c->n_elems == 0)
-        return GPU_OK;
     ms_merge_pass_kind kind = st->pass[pass];
     gm_plan pl;
     gm_plan_from_state(p, st, &pl);

@@ -967,11 +967,24 @@ static uint64_t gi_mib_up(uint64_t bytes)
     return bytes / (1u << 20) + (bytes % (1u << 20) != 0);
 }
 
-static void gi_oom_msg(gpu_backend *b, uint64_t need, char *msg, size_t msg_len)
+typedef struct gi_call {
+    gpu_backend *b;
+    gpu_lane *l;
+    const ms_tensor_params *p;
+    ms_merge_state *st;
+    const gi_need *nd;
+    const gi_layout *L;
+    const ms_chunk *c;
+} gi_call;
+
+/* gpu_call_fn: the whole call, then its results into the state. */
+static gpu_status gi_call_run(void *ctx, unsigned char *dev, char *msg, size_t msg_len)
 {
-    if (msg && msg_len)
-        snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", gi_mib_up(need),
-                 gpu_backend_free_estimate(b) >> 20);
+    const gi_call *k = (const gi_call *)ctx;
+    gpu_status status = gi_enqueue(k->b, k->l, k->p, k->st->interp, k->nd, k->L, k->c, dev, msg, msg_len);
+    if (status == GPU_OK)
+        gi_fold(k->l, k->p, k->st, k->nd, k->L, k->c);
+    return status;
 }
 
 gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st,
@@ -982,13 +995,7 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
     GPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
     GPU_ASSERT(c->elem0 + c->n_elems <= p->numel);
     GPU_ASSERT(p->n_models >= 1 && p->n_models <= MS_MAX_MODELS);
-    GPU_ASSERT(gpu_interp_supports(p));
-    if (msg && msg_len)
-        msg[0] = '\0';
-    if (gpu_backend_is_broken(b, msg, msg_len))
-        return GPU_FATAL;
-    if (c->n_elems == 0) /* as the CPU: nothing, not even next_elem */
-        return GPU_OK;
+    GPU_ASSERT(gpu_interp_supports(p) && c->n_elems > 0);
     const ms_interp_state *is = st->interp;
     ms_merge_pass_kind kind = st->pass[pass];
     gi_need nd;
@@ -1020,30 +1027,8 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
                      gi_mib_up(L.res_bytes));
         return GPU_OOM;
     }
-    void *dev = NULL;
-    uint64_t dev_size = 0;
-    rc = gpu_backend_alloc(b, L.total, &dev, &dev_size);
-    if (rc != cudaSuccess) {
-        if (rc != cudaErrorMemoryAllocation)
-            return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
-        cudaGetLastError();
-        gpu_backend_trim(b);
-        gi_oom_msg(b, gpu_mempool_class_size(L.total), msg, msg_len);
-        return GPU_OOM;
-    }
-
-    gpu_status status = gi_enqueue(b, l, p, is, &nd, &L, c, (unsigned char *)dev, msg, msg_len);
-    if (status == GPU_OK) {
-        gi_fold(l, p, st, &nd, &L, c);
-    } else {
-        gpu_lane_abandon(b, l); /* nothing enqueued may still use the buffer */
-    }
-    gpu_backend_release(b, dev, dev_size);
-    if (status == GPU_OOM) { /* an allocation inside the runtime (rare): same contract */
-        gpu_backend_trim(b);
-        gi_oom_msg(b, dev_size, msg, msg_len);
-    }
-    return status;
+    gi_call k = {b, l, p, st, &nd, &L, c};
+    return gpu_backend_run_call(b, l, L.total, gi_call_run, &k, msg, msg_len);
 }
 
 bool gpu_interp_supports(const ms_tensor_params *p)

@@ -45,13 +45,15 @@ uint64_t gpu_interp_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 #ifdef __cplusplus
 }
 
-/* Runs pass `pass` of st's plan over chunk c on lane l (acquired by the
- * caller; p supported: gpu_interp_supports). Same contract as
+/* Runs pass `pass` of st's plan over chunk c (not empty) on lane l
+ * (acquired by the caller, after gpu_merge_run_pass's checks for every
+ * method: a broken backend, an empty chunk; p supported:
+ * gpu_interp_supports). Same contract as
  * cpu_merge_interp_run_pass: the same state updates (st->interp's sums, open
  * blocks, line sums, counts; st->next_elem) and the same output bytes. Blocks
  * until the call's work is done (gpu_lane_wait). On GPU_OOM / GPU_FATAL the
  * state is untouched and msg receives one line ("needs X MiB, Y MiB free" /
- * the CUDA error); GPU_FATAL also when the backend is already broken. */
+ * the CUDA error). */
 gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st,
                                unsigned pass, const ms_chunk *c, char *msg, size_t msg_len);
 

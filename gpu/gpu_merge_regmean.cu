@@ -441,13 +441,7 @@ gpu_status gpu_regmean_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_par
     GPU_ASSERT(pass < st->n_passes && st->pass[pass] == MS_MERGE_PASS_APPLY);
     GPU_ASSERT(c->elem0 == st->next_elem);
     GPU_ASSERT(c->elem0 == c->row0 * p->cols && c->n_elems == c->n_rows * p->cols);
-    GPU_ASSERT(c->elem0 + c->n_elems <= p->numel && c->in[0] && c->out);
-    if (msg && msg_len)
-        msg[0] = '\0';
-    if (gpu_backend_is_broken(b, msg, msg_len))
-        return GPU_FATAL;
-    if (c->n_elems == 0) /* as the CPU: nothing, not even next_elem */
-        return GPU_OK;
+    GPU_ASSERT(c->elem0 + c->n_elems <= p->numel && c->in[0] && c->out && c->n_elems > 0);
     const ms_hessian_state *hs = st->hessian;
     bool solve = hs && hs->regmean_solve;
     GPU_ASSERT(!solve || hs->dim == p->cols);

@@ -17,9 +17,11 @@ bool gpu_regmean_supports(const ms_tensor_params *p);
  * UINT64_MAX when unsupported or too large. */
 uint64_t gpu_regmean_chunk_bytes(const ms_tensor_params *p, uint64_t n_rows);
 
-/* The pass over chunk c (whole rows) on lane l, acquired by the caller.
- * cpu_merge_hessian_run_pass's contract; on GPU_OOM / GPU_FATAL the state
- * is untouched and msg says why. Blocks until the output is in c->out. */
+/* The pass over chunk c (whole rows, not empty) on lane l, acquired by the
+ * caller after the checks gpu_merge_run_pass makes for every method (a
+ * broken backend, an empty chunk). cpu_merge_hessian_run_pass's contract;
+ * on GPU_OOM / GPU_FATAL the state is untouched and msg says why. Blocks
+ * until the output is in c->out. */
 gpu_status gpu_regmean_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st,
                                 unsigned pass, const ms_chunk *c, char *msg, size_t msg_len);
 
