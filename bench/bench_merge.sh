@@ -2,7 +2,8 @@
 # Merge throughput against a copy of the same bytes, hot and cold page cache.
 #
 #   bench/bench_merge.sh [--size 400M | --preset llama-1b] [--method ties|slerp|model_stock] [--max-memory 1G]
-#                        [--dir DIR] [--hot-only|--cold-only] [--runs N] [--ram SIZE] [-- MERGE_OPTIONS]
+#                        [--dir DIR] [--hot-only|--cold-only] [--runs N] [--ram SIZE] [--disk-read RATE]
+#                        [-- MERGE_OPTIONS]
 #
 # Generates a bf16 base of about SIZE plus two fine-tunes (kept in DIR for
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
@@ -18,11 +19,16 @@
 # runs the copy and the merge in a memory cgroup of SIZE (root; cgroup v2 or
 # v1), page cache included: inputs larger than SIZE cannot stay cached, as on
 # a machine with less RAM than the model, so a tensor in row chunks reads
-# its chunks from the disk again for every pass. Needs a release build in
+# its chunks from the disk again for every pass. --disk-read RATE (bytes per
+# second, SI suffixes: 500M, 2G) runs both in a block-I/O cgroup that limits
+# reads from DIR's disk to RATE (root; cgroup v2 io.max or v1 blkio
+# throttle): a cold run then sees a disk of that speed whatever the VM's
+# disk does meanwhile, which shows up to which disk speed the merge keeps
+# pace with the copy on this machine's cores. Needs a release build in
 # build/ (or $MS_BUILD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1 ram=
+size=400M preset= method=ties maxmem=1G dir=/tmp/ms-bench extra=() hot_only=0 runs=1 ram= disk_read=
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -34,6 +40,7 @@ while [ $# -gt 0 ]; do
     --cold-only) hot_only=-1; shift ;;
     --runs) runs=$2; shift 2 ;;
     --ram) ram=$2; shift 2 ;;
+    --disk-read) disk_read=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -83,7 +90,7 @@ in_bytes=$(cat "${inputs[@]}" | wc -c)
 out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
 
 drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
-cg=
+cgs=() # the cgroups the copy and the merge run in
 if [ -n "$ram" ]; then
   bytes=$(numfmt --from=iec "$ram")
   if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
@@ -93,15 +100,37 @@ if [ -n "$ram" ]; then
   else
     echo "--ram needs root and a memory cgroup (v2 or v1)" >&2; exit 2
   fi
+  cgs+=("$cg")
 fi
-# runs "$@" inside the --ram cgroup, if any
-limited() { if [ -n "$cg" ]; then sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"; else "$@"; fi; }
+if [ -n "$disk_read" ]; then
+  rate=$(numfmt --from=si "$disk_read")
+  # the whole disk under DIR: throttling works on a disk's queue, not a partition's
+  src=$(findmnt -no SOURCE --target "$dir")
+  disk=$(lsblk -ndo PKNAME "$src" 2>/dev/null || true)
+  majmin=$(lsblk -ndo MAJ:MIN "${disk:+/dev/$disk}${disk:-$src}" | tr -d ' ')
+  if [ -z "$majmin" ]; then echo "--disk-read: no block device found under $dir ($src)" >&2; exit 2; fi
+  if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
+    cg=/sys/fs/cgroup/ms-bench; mkdir -p "$cg"; echo "$majmin rbps=$rate" > "$cg/io.max"
+  elif [ -d /sys/fs/cgroup/blkio ] && mkdir -p /sys/fs/cgroup/blkio/ms-bench 2>/dev/null; then
+    cg=/sys/fs/cgroup/blkio/ms-bench; echo "$majmin $rate" > "$cg/blkio.throttle.read_bps_device"
+  else
+    echo "--disk-read needs root and an io (v2) or blkio (v1) cgroup" >&2; exit 2
+  fi
+  [[ " ${cgs[*]-} " == *" $cg "* ]] || cgs+=("$cg")
+fi
+# runs "$@" inside the --ram and --disk-read cgroups, if any
+limited() {
+  if [ ${#cgs[@]} -gt 0 ]; then
+    sh -c 'for g in "$@"; do [ "$g" = -- ] && break; echo $$ > "$g/cgroup.procs" || exit 1; done
+           while [ "$1" != -- ]; do shift; done; shift; exec "$@"' sh "${cgs[@]}" -- "$@"
+  else "$@"; fi
+}
 states=(hot)
 if [ "$hot_only" != 1 ] && [ "$(id -u)" -eq 0 ] && drop; then
   if [ "$hot_only" = 0 ]; then states=(cold hot); else states=(cold); fi
 fi
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
-echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem${ram:+, RAM limited to $ram}"
+echo "inputs: ${#inputs[@]} files, $(numfmt --to=iec $in_bytes) bf16 ($method), max-memory $maxmem${ram:+, RAM limited to $ram}${disk_read:+, disk reads limited to ${disk_read}B/s}"
 # median of the numbers on stdin
 median() { sort -g | awk '{ v[NR] = $1 } END { print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 prepare() { if [ "$state" = cold ]; then drop; else sync; cat "${inputs[@]}" > /dev/null; fi; }
