@@ -91,16 +91,27 @@ out_bytes=$(cat "$m"/base/*.safetensors | wc -c)
 
 drop() { sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; }
 cgs=() # the cgroups the copy and the merge run in
+# a cgroup left by an earlier run would keep that run's limits
+rmdir /sys/fs/cgroup/ms-bench /sys/fs/cgroup/{memory,blkio}/ms-bench 2>/dev/null || true
+# cgroup_limit OPTION V2_CONTROLLER V2_FILE V2_VALUE V1_CONTROLLER V1_FILE V1_VALUE:
+# the cgroup ms-bench with one limit set, added to cgs
+cgroup_limit() {
+  local cg
+  if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
+    cg=/sys/fs/cgroup/ms-bench
+    echo "+$2" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    mkdir -p "$cg" && echo "$4" > "$cg/$3"
+  elif [ -d "/sys/fs/cgroup/$5" ] && mkdir -p "/sys/fs/cgroup/$5/ms-bench" 2>/dev/null; then
+    cg=/sys/fs/cgroup/$5/ms-bench
+    echo "$7" > "$cg/$6"
+  else
+    echo "$1 needs root and a $2 (v2) or $5 (v1) cgroup" >&2; exit 2
+  fi
+  [[ " ${cgs[*]-} " == *" $cg "* ]] || cgs+=("$cg")
+}
 if [ -n "$ram" ]; then
   bytes=$(numfmt --from=iec "$ram")
-  if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
-    cg=/sys/fs/cgroup/ms-bench; mkdir -p "$cg"; echo "$bytes" > "$cg/memory.max"
-  elif [ -d /sys/fs/cgroup/memory ] && mkdir -p /sys/fs/cgroup/memory/ms-bench 2>/dev/null; then
-    cg=/sys/fs/cgroup/memory/ms-bench; echo "$bytes" > "$cg/memory.limit_in_bytes"
-  else
-    echo "--ram needs root and a memory cgroup (v2 or v1)" >&2; exit 2
-  fi
-  cgs+=("$cg")
+  cgroup_limit --ram memory memory.max "$bytes" memory memory.limit_in_bytes "$bytes"
 fi
 if [ -n "$disk_read" ]; then
   rate=$(numfmt --from=si "$disk_read")
@@ -109,14 +120,7 @@ if [ -n "$disk_read" ]; then
   disk=$(lsblk -ndo PKNAME "$src" 2>/dev/null || true)
   majmin=$(lsblk -ndo MAJ:MIN "${disk:+/dev/$disk}${disk:-$src}" | tr -d ' ')
   if [ -z "$majmin" ]; then echo "--disk-read: no block device found under $dir ($src)" >&2; exit 2; fi
-  if [ -w /sys/fs/cgroup/cgroup.subtree_control ]; then
-    cg=/sys/fs/cgroup/ms-bench; mkdir -p "$cg"; echo "$majmin rbps=$rate" > "$cg/io.max"
-  elif [ -d /sys/fs/cgroup/blkio ] && mkdir -p /sys/fs/cgroup/blkio/ms-bench 2>/dev/null; then
-    cg=/sys/fs/cgroup/blkio/ms-bench; echo "$majmin $rate" > "$cg/blkio.throttle.read_bps_device"
-  else
-    echo "--disk-read needs root and an io (v2) or blkio (v1) cgroup" >&2; exit 2
-  fi
-  [[ " ${cgs[*]-} " == *" $cg "* ]] || cgs+=("$cg")
+  cgroup_limit --disk-read io io.max "$majmin rbps=$rate" blkio blkio.throttle.read_bps_device "$majmin $rate"
 fi
 # runs "$@" inside the --ram and --disk-read cgroups, if any
 limited() {
