@@ -9,9 +9,12 @@
 # reuse), then for each cache state runs the copy baseline (bench_copy: read
 # every input once, write one output-sized file, fsync) and the merge (TIES,
 # density 0.2, two fine-tunes), and prints one line each with seconds, GB/s,
-# the merge/copy ratio, CPU-seconds per GB of input, peak RSS and the per-stage
-# busy fractions (compute: summed over the compute workers, so up to 2 with a
-# GPU). "cold" drops the page cache (needs root); otherwise, or with
+# the merge/copy ratio (merge_s: the whole process, planning, pool setup and
+# the final verify included), run_s (the pipeline alone), read_x (bytes read
+# over input bytes: above 1 where tensors in row chunks are read again for
+# their apply pass and the page cache cannot keep them), CPU-seconds per GB
+# of input, peak RSS and the per-stage busy fractions of run_s (compute:
+# summed over the compute workers, so up to 2 with a GPU). "cold" drops the page cache (needs root); otherwise, or with
 # --hot-only, "hot" only; --cold-only skips "hot". --runs N repeats each cache state N times (copy and
 # merge in turn, in the order copy merge merge copy copy merge ...) and then
 # prints the medians of the copy, the merge and the per-run ratio: on a
@@ -143,7 +146,7 @@ measure_copy() { # sets c
   c=$(limited $copy "$dir/copy.out" "$out_bytes" "${inputs[@]}" | sed 's/.*copy_seconds=\([0-9.]*\).*/\1/')
   rm -f "$dir/copy.out"
 }
-measure_merge() { # sets wall, cpu_s, rss, rb, cb, wb
+measure_merge() { # sets wall, run_s, read_b, cpu_s, rss, rb, cb, wb
   rm -rf "$dir/out"
   prepare
   limited /usr/bin/time -v "$bin" merge "$m/recipe.yml" -o "$dir/out" --max-memory "$maxmem" --json --quiet "${extra[@]}" \
@@ -152,9 +155,10 @@ measure_merge() { # sets wall, cpu_s, rss, rb, cb, wb
   wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s}' "$dir/time.txt")
   cpu_s=$(awk -F': ' '/User time/ {u=$2} /System time/ {s=$2} END {print u + s}' "$dir/time.txt")
   rss=$(awk -F': ' '/Maximum resident/ {print $2}' "$dir/time.txt")
-  rb=$(grep -o '"read_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
-  cb=$(grep -o '"compute_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
-  wb=$(grep -o '"write_busy_seconds":[^,]*' "$dir/merge.json" | cut -d: -f2)
+  json() { grep -o "\"$1\":[^,]*" "$dir/merge.json" | cut -d: -f2; }
+  run_s=$(json wall_seconds) read_b=$(json bytes_read)
+  rb=$(json read_busy_seconds)
+  cb=$(json compute_busy_seconds) wb=$(json write_busy_seconds)
   rm -rf "$dir/out"
 }
 for state in "${states[@]}"; do
@@ -164,9 +168,10 @@ for state in "${states[@]}"; do
   # runs alternate slow and fast (memory the previous run freed), a fixed
   # order would put every copy on one side of that pattern
   if [ $((run % 2)) -eq 1 ]; then measure_copy; measure_merge; else measure_merge; measure_copy; fi
-  awk -v s="$state" -v c="$c" -v w="$wall" -v b="$in_bytes" -v cpu="$cpu_s" -v rss="$rss" -v rb="$rb" -v cb="$cb" -v wb="$wb" 'BEGIN {
-    printf "cache=%s copy_s=%.2f copy_GBps=%.2f merge_s=%.2f merge_GBps=%.2f ratio=%.2f cpu_s_per_GB=%.2f peak_rss_MiB=%.0f busy(read/compute/write)=%.2f/%.2f/%.2f\n",
-      s, c, b / c / 1e9, w, b / w / 1e9, w / c, cpu / (b / 1e9), rss / 1024, rb / w, cb / w, wb / w }'
+  awk -v s="$state" -v c="$c" -v w="$wall" -v b="$in_bytes" -v cpu="$cpu_s" -v rss="$rss" -v rb="$rb" -v cb="$cb" -v wb="$wb" \
+    -v run="$run_s" -v rd="$read_b" 'BEGIN {
+    printf "cache=%s copy_s=%.2f copy_GBps=%.2f merge_s=%.2f merge_GBps=%.2f ratio=%.2f run_s=%.2f read_x=%.2f cpu_s_per_GB=%.2f peak_rss_MiB=%.0f busy(read/compute/write)=%.2f/%.2f/%.2f\n",
+      s, c, b / c / 1e9, w, b / w / 1e9, w / c, run, rd / b, cpu / (b / 1e9), rss / 1024, rb / run, cb / run, wb / run }'
   echo "$c $wall" >> "$dir/runs.txt"
  done
  if [ "$runs" -gt 1 ]; then
