@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "cpu/cpu_capture.h"
+#include "cpu/cpu_arena.h"
 #include "cpu/cpu_kernel.h"
 #include "cpu/cpu_split.h"
 #include "cpu/cpu_merge_hessian.h"
@@ -29,7 +30,6 @@
 #define CPU_TASKS_PER_WORKER 4u              /* load balance */
 #define CPU_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* element windows: 2^24 */
 #define CPU_DELLA_WINDOW_ELEMS (1ull << 22)  /* della L1 windows (whole rows): mask bytes */
-#define CPU_ALIGN 64u
 #define HIST_SUBS 4u                         /* HIST_HI sub-histograms per worker */
 #define HIST_WORDS (2u * MS_MERGE_LO_BINS)   /* uint32 counters per worker: max(HI, LO) use */
 
@@ -70,26 +70,12 @@ typedef struct cpu_layout {
     bool hist, della;
     uint64_t cols;
     unsigned n_models, n_workers;
-    uint64_t worker_bytes; /* per worker, CPU_ALIGN multiple */
+    uint64_t worker_bytes; /* per worker, CPU_ARENA_ALIGN multiple */
     uint64_t max_tasks;    /* per window */
     uint64_t max_blocks;   /* blocks a window touches */
     uint64_t mask_bytes;   /* della L1 mask */
     uint64_t total;        /* everything, the cpu_scratch array included */
 } cpu_layout;
-
-static uint64_t align_up(uint64_t v)
-{
-    return (v + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN;
-}
-
-/* Adds n items of size bytes to *acc; false on overflow. */
-static bool layout_add(uint64_t *acc, uint64_t n, uint64_t size)
-{
-    uint64_t bytes;
-    if (__builtin_mul_overflow(n, size, &bytes) || bytes > UINT64_MAX - CPU_ALIGN)
-        return false;
-    return !__builtin_add_overflow(*acc, align_up(bytes), acc);
-}
 
 /* Fills lay for p and chunks of at most max_elems elements. False when the
  * sizes overflow. */
@@ -112,16 +98,16 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
     uint64_t w = 0;
     bool ok = true;
     for (int k = 0; k < 7; k++) /* base, x, out, t0..t3 */
-        ok = ok && layout_add(&w, span, sizeof(float));
-    ok = ok && layout_add(&w, (uint64_t)p->n_models * span, sizeof(float)) && /* W */
-         layout_add(&w, span, sizeof(uint32_t)) && layout_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
-         layout_add(&w, span, 1); /* keep */
+        ok = ok && cpu_arena_add(&w, span, sizeof(float));
+    ok = ok && cpu_arena_add(&w, (uint64_t)p->n_models * span, sizeof(float)) && /* W */
+         cpu_arena_add(&w, span, sizeof(uint32_t)) && cpu_arena_add(&w, span, sizeof(uint32_t)) && /* key, rnd */
+         cpu_arena_add(&w, span, 1); /* keep */
     if (hist)
-        ok = ok && layout_add(&w, HIST_WORDS, sizeof(uint32_t)) && /* hist, capture_key, capture_index */
-             layout_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t)) &&
-             layout_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t));
+        ok = ok && cpu_arena_add(&w, HIST_WORDS, sizeof(uint32_t)) && /* hist, capture_key, capture_index */
+             cpu_arena_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t)) &&
+             cpu_arena_add(&w, span + CPU_CAPTURE_SLACK, sizeof(uint32_t));
     for (int k = 0; k < 3 && della; k++) /* sort_a, sort_b, thr */
-        ok = ok && layout_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
+        ok = ok && cpu_arena_add(&w, p->cols ? p->cols : 1, sizeof(uint64_t));
     if (!ok)
         return false;
     lay->worker_bytes = w;
@@ -136,13 +122,13 @@ static bool layout_compute(const ms_tensor_params *p, bool hist, bool della, uns
     lay->max_blocks = win / MS_MERGE_BLOCK + 2;
     lay->max_tasks = (uint64_t)n_workers * CPU_TASKS_PER_WORKER; /* bound of part_elems and part_rows */
     uint64_t total = 0;
-    ok = layout_add(&total, n_workers, sizeof(cpu_scratch)) && layout_add(&total, n_workers, w) &&
-         layout_add(&total, lay->max_tasks * (MS_MAX_MODELS + 1) * 2, sizeof(uint64_t)) &&
-         layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
-         layout_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
-         layout_add(&total, lay->mask_bytes, 1);
+    ok = cpu_arena_add(&total, n_workers, sizeof(cpu_scratch)) && cpu_arena_add(&total, n_workers, w) &&
+         cpu_arena_add(&total, lay->max_tasks * (MS_MAX_MODELS + 1) * 2, sizeof(uint64_t)) &&
+         cpu_arena_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
+         cpu_arena_add(&total, (uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks, sizeof(double)) &&
+         cpu_arena_add(&total, lay->mask_bytes, 1);
     if (della) /* per-rank thresholds */
-        ok = ok && layout_add(&total, (uint64_t)p->n_models * (p->cols ? p->cols : 1), sizeof(uint64_t));
+        ok = ok && cpu_arena_add(&total, (uint64_t)p->n_models * (p->cols ? p->cols : 1), sizeof(uint64_t));
     lay->total = total;
     return ok;
 }
@@ -189,23 +175,19 @@ static double *ctx_blk(double *base, const cpu_ctx *x, unsigned model)
 static int ctx_alloc(cpu_ctx *x)
 {
     const cpu_layout *lay = &x->lay;
-    unsigned char *mem = aligned_alloc(CPU_ALIGN, (size_t)lay->total);
+    unsigned char *mem = aligned_alloc(CPU_ARENA_ALIGN, (size_t)lay->total);
     if (!mem)
         return -ENOMEM;
     x->mem = mem;
     uint64_t off = 0;
     x->scratch = (cpu_scratch *)(mem + off);
-    off += align_up((uint64_t)lay->n_workers * sizeof(cpu_scratch));
+    off += cpu_arena_align((uint64_t)lay->n_workers * sizeof(cpu_scratch));
     for (unsigned w = 0; w < lay->n_workers; w++) {
         cpu_scratch *s = &x->scratch[w];
         unsigned char *q = mem + off;
         size_t span = lay->span;
         uint64_t o = 0;
-#define CARVE(ptr, type, count)                                                                            \
-    do {                                                                                                   \
-        ptr = (type *)(q + o);                                                                             \
-        o += align_up((uint64_t)(count) * sizeof(type));                                                   \
-    } while (0)
+#define CARVE(ptr, type, count) CPU_ARENA_CARVE(ptr, type, count, q, o)
         s->span = span;
         CARVE(s->base, float, span);
         CARVE(s->x, float, span);
@@ -238,17 +220,17 @@ static int ctx_alloc(cpu_ctx *x)
         off += lay->worker_bytes;
     }
     x->eq = (uint64_t *)(mem + off);
-    off += align_up(lay->max_tasks * (MS_MAX_MODELS + 1) * 2 * sizeof(uint64_t));
+    off += cpu_arena_align(lay->max_tasks * (MS_MAX_MODELS + 1) * 2 * sizeof(uint64_t));
     x->blk_delta = (double *)(mem + off);
-    off += align_up((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
+    off += cpu_arena_align((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
     x->blk_tau = (double *)(mem + off);
-    off += align_up((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
+    off += cpu_arena_align((uint64_t)(MS_MAX_MODELS + 1) * lay->max_blocks * sizeof(double));
     x->mask = lay->mask_bytes ? mem + off : NULL;
-    off += align_up(lay->mask_bytes);
+    off += cpu_arena_align(lay->mask_bytes);
     x->della_thr = NULL;
     if (lay->della) {
         x->della_thr = (uint64_t *)(mem + off);
-        off += align_up((uint64_t)lay->n_models * (lay->cols ? lay->cols : 1) * sizeof(uint64_t));
+        off += cpu_arena_align((uint64_t)lay->n_models * (lay->cols ? lay->cols : 1) * sizeof(uint64_t));
     }
     CPU_ASSERT(off <= lay->total);
     return 0;
@@ -1492,5 +1474,5 @@ uint64_t cpu_merge_scratch_bytes(const ms_tensor_params *p, uint64_t n_rows, uns
     cpu_layout lay;
     if (!layout_compute(p, hist, della, n_threads, max_elems, &lay))
         return UINT64_MAX;
-    return lay.total + CPU_ALIGN;
+    return lay.total + CPU_ARENA_ALIGN;
 }

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_arena.h"
 #include "cpu/cpu_kernel.h"
 #include "cpu/cpu_split.h"
 #include "pipeline/merge_math.h"
@@ -38,7 +39,6 @@
 #define IX_GRAM_TILE 128u                     /* elements per lane and Gram tile: the lanes' vectors fit L1 */
 #define IX_TASKS_PER_WORKER 4u                /* load balance */
 #define IX_WINDOW_ELEMS (256ull * MS_MERGE_BLOCK) /* 2^24 */
-#define IX_ALIGN 64u
 
 /* Helpers of the cloned loops: inlined, so they compile for each clone's ISA. */
 #define IX_INLINE static inline __attribute__((always_inline))
@@ -90,19 +90,6 @@ typedef struct ix_layout {
     uint64_t total;
 } ix_layout;
 
-static uint64_t align_up(uint64_t v)
-{
-    return (v + IX_ALIGN - 1) / IX_ALIGN * IX_ALIGN;
-}
-
-static bool layout_add(uint64_t *acc, uint64_t n, uint64_t size)
-{
-    uint64_t bytes;
-    if (__builtin_mul_overflow(n, size, &bytes) || bytes > UINT64_MAX - IX_ALIGN)
-        return false;
-    return !__builtin_add_overflow(*acc, align_up(bytes), acc);
-}
-
 /* Sums per block of the method's statistics passes. */
 static unsigned layout_sums(const ms_tensor_params *p)
 {
@@ -139,20 +126,21 @@ static bool layout_compute(const ms_tensor_params *p, unsigned n_workers, ix_lay
     if (ranks)
         lay->hist_words = ranks * MS_MERGE_LO_BINS > MS_INTERP_HI_BINS ? ranks * MS_MERGE_LO_BINS : MS_INTERP_HI_BINS;
     uint64_t w = 0;
-    bool ok = layout_add(&w, (uint64_t)lay->nb * IX_LANES * IX_GRAM_TILE, sizeof(double)) &&
-              layout_add(&w, IX_TILE, sizeof(float)) && layout_add(&w, IX_TILE, sizeof(uint32_t)) &&
-              layout_add(&w, IX_TILE, 1) && layout_add(&w, lay->max_segs * lay->q, sizeof(double)) &&
-              layout_add(&w, lay->max_segs, sizeof(uint64_t)) && layout_add(&w, 2 * lay->row_cols, sizeof(double)) &&
-              layout_add(&w, lay->hist_words, sizeof(uint64_t));
+    bool ok = cpu_arena_add(&w, (uint64_t)lay->nb * IX_LANES * IX_GRAM_TILE, sizeof(double)) &&
+              cpu_arena_add(&w, IX_TILE, sizeof(float)) && cpu_arena_add(&w, IX_TILE, sizeof(uint32_t)) &&
+              cpu_arena_add(&w, IX_TILE, 1) && cpu_arena_add(&w, lay->max_segs * lay->q, sizeof(double)) &&
+              cpu_arena_add(&w, lay->max_segs, sizeof(uint64_t)) &&
+              cpu_arena_add(&w, 2 * lay->row_cols, sizeof(double)) &&
+              cpu_arena_add(&w, lay->hist_words, sizeof(uint64_t));
     if (!ok)
         return false;
     lay->worker_bytes = w;
     lay->max_blocks = g_window / MS_MERGE_BLOCK + 2;
     lay->max_tasks = (uint64_t)lay->n_workers * IX_TASKS_PER_WORKER;
     uint64_t total = 0;
-    ok = layout_add(&total, lay->n_workers, sizeof(ix_scratch)) && layout_add(&total, lay->n_workers, w) &&
-         layout_add(&total, lay->max_blocks * lay->q, sizeof(double)) &&
-         layout_add(&total, lay->max_tasks, sizeof(uint64_t));
+    ok = cpu_arena_add(&total, lay->n_workers, sizeof(ix_scratch)) && cpu_arena_add(&total, lay->n_workers, w) &&
+         cpu_arena_add(&total, lay->max_blocks * lay->q, sizeof(double)) &&
+         cpu_arena_add(&total, lay->max_tasks, sizeof(uint64_t));
     lay->total = total;
     return ok;
 }
@@ -162,7 +150,7 @@ uint64_t cpu_merge_interp_scratch_bytes(const ms_tensor_params *p, unsigned n_th
     ix_layout lay;
     if (!layout_compute(p, n_threads, &lay))
         return UINT64_MAX;
-    return lay.total + IX_ALIGN;
+    return lay.total + CPU_ARENA_ALIGN;
 }
 
 /* ============================================================ context */
@@ -185,23 +173,19 @@ static int ctx_alloc(ix_ctx *x)
     const ix_layout *lay = &x->lay;
     if (lay->total > SIZE_MAX)
         return -ENOMEM;
-    unsigned char *mem = aligned_alloc(IX_ALIGN, (size_t)lay->total);
+    unsigned char *mem = aligned_alloc(CPU_ARENA_ALIGN, (size_t)lay->total);
     if (!mem)
         return -ENOMEM;
     x->mem = mem;
     uint64_t off = 0;
     x->scratch = (ix_scratch *)mem;
-    off += align_up((uint64_t)lay->n_workers * sizeof(ix_scratch));
+    off += cpu_arena_align((uint64_t)lay->n_workers * sizeof(ix_scratch));
     for (unsigned w = 0; w < lay->n_workers; w++) {
         ix_scratch *s = &x->scratch[w];
         memset(s, 0, sizeof *s);
         unsigned char *q = mem + off;
         uint64_t o = 0;
-#define CARVE(ptr, type, count)                                                                            \
-    do {                                                                                                   \
-        ptr = (type *)(q + o);                                                                             \
-        o += align_up((uint64_t)(count) * sizeof(type));                                                   \
-    } while (0)
+#define CARVE(ptr, type, count) CPU_ARENA_CARVE(ptr, type, count, q, o)
         CARVE(s->v, float, (uint64_t)lay->nb * IX_LANES * IX_GRAM_TILE * 2); /* doubles */
         CARVE(s->out, float, IX_TILE);
         CARVE(s->key, uint32_t, IX_TILE);
@@ -215,9 +199,9 @@ static int ctx_alloc(ix_ctx *x)
         off += lay->worker_bytes;
     }
     x->blk = (double *)(mem + off);
-    off += align_up(lay->max_blocks * lay->q * sizeof(double));
+    off += cpu_arena_align(lay->max_blocks * lay->q * sizeof(double));
     x->task_pos = (uint64_t *)(mem + off);
-    off += align_up(lay->max_tasks * sizeof(uint64_t));
+    off += cpu_arena_align(lay->max_tasks * sizeof(uint64_t));
     CPU_ASSERT(off <= lay->total);
     return 0;
 }
