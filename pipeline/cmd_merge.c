@@ -59,7 +59,8 @@ static const char k_help[] =
     "      --gpu-memory-limit SIZE  most GPU memory this merge may hold (shared GPUs)\n"
     "      --gpu-lanes 1|2       tensors in flight on the GPU (default 2: one tensor's copies\n"
     "                            to and from the GPU overlap another's kernels; 1: no overlap)\n"
-    "      --no-verify           skip re-reading the output to check every hash at the end\n"
+    "      --no-verify           skip re-reading the output to check every hash (each shard\n"
+    "                            as it is committed, while cached; the last at the end)\n"
     "      --dry-run             check the recipe and every input's headers, print what the merge\n"
     "                            would do (with --json: per tensor), read and write nothing\n"
     "      --json                print the summary as JSON on stdout\n"
@@ -282,7 +283,9 @@ static int build_layout(const ms_plan *plan, uint64_t shard_size, st_plan **out,
     return st_plan_layout(*out, err);
 }
 
-static void print_summary(const merge_options *o, const ms_plan *plan, const ms_run_stats *s, const char *engine)
+/* vr: the final verify's result (NULL: --no-verify), which took verify_s. */
+static void print_summary(const merge_options *o, const ms_plan *plan, const ms_run_stats *s, const char *engine,
+                          const ms_verify_result *vr, double verify_s)
 {
     double gbps = s->wall_s > 0 ? (double)s->bytes_read / s->wall_s / 1e9 : 0;
     uint64_t rss = ms_peak_rss_bytes();
@@ -313,6 +316,13 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         cJSON_AddNumberToObject(j, "gb_per_second", gbps);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)rss);
         cJSON_AddStringToObject(j, "io_engine", engine);
+        if (vr) {
+            cJSON_AddNumberToObject(j, "verify_seconds", verify_s);
+            cJSON_AddNumberToObject(j, "shards_verified", vr->n_shards);
+            cJSON_AddNumberToObject(j, "shards_read_back_early", vr->n_shards_read_early);
+        } else {
+            cJSON_AddNullToObject(j, "verify_seconds");
+        }
         char *text = cJSON_Print(j);
         if (text)
             puts(text);
@@ -368,6 +378,11 @@ int ms_cmd_merge(int argc, char **argv)
     size_t n_kept = 0;
     ms_gpu *gpu = NULL;
     bool pool_pinned = false;
+    ms_shard_check *shard_check = NULL;
+    ms_shard_hashes *early = NULL;
+    size_t n_early = 0;
+    ms_verify_result vr = {0};
+    double verify_s = 0;
 
     uint64_t budget = ms_pool_capacity_for(o.max_memory);
     ms_plan_options popt = {.pool_bytes = budget, .threads = o.threads, .has_seed = o.has_seed, .seed = o.seed};
@@ -448,8 +463,10 @@ int ms_cmd_merge(int argc, char **argv)
                 plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
                 o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine),
                 direct_files ? ", O_DIRECT reads" : "");
+    if (!o.no_verify && ms_shard_check_open(o.out_dir, st_plan_n_shards(layout), &shard_check, &err) != 0)
+        goto fail;
     ms_run_env env = {.plan = plan, .layout = layout, .writer = writer, .pool = pool, .cpu = cpu, .engine = engine,
-                      .journal = journal, .skip_job = skip_job, .gpu = gpu,
+                      .journal = journal, .shard_check = shard_check, .skip_job = skip_job, .gpu = gpu,
                       .compute_workers = gpu ? o.gpu_lanes : compute_workers_for_tests(),
                       .readahead_cap = gpu ? UINT64_MAX : 0};
     if (ms_merge_run(&env, &stats, &err) != 0)
@@ -466,14 +483,16 @@ int ms_cmd_merge(int argc, char **argv)
      * error) the whole output goes, as for any failed run. */
     manifest_written = true;
     if (!o.no_verify) {
-        ms_verify_result vr;
-        if (ms_verify_output(o.out_dir, cpu, &vr, &err) != 0)
+        double t0 = ms_now_seconds();
+        if (ms_shard_check_finish(shard_check, &early, &n_early, &err) != 0 ||
+            ms_verify_output(o.out_dir, cpu, early, n_early, &vr, &err) != 0)
             goto fail;
+        verify_s = ms_now_seconds() - t0;
     }
     uint64_t merged = stats.tensors_cpu + stats.tensors_gpu + stats.tensors_mixed;
     if (merged > 0 && stats.tensors_equal_to_base == merged)
         ms_log_warn("the output equals the base model: every merged tensor came out identical to the base's");
-    print_summary(&o, plan, &stats, io_engine_name(engine));
+    print_summary(&o, plan, &stats, io_engine_name(engine), o.no_verify ? NULL : &vr, verify_s);
     st_writer_close(writer);
     writer = NULL;
     ms_side_files_free(&side);
@@ -483,6 +502,8 @@ int ms_cmd_merge(int argc, char **argv)
     goto done;
 fail:
     rc = ms_cli_fail(&err);
+    ms_shard_check_close(shard_check); /* before the files it reads go */
+    shard_check = NULL;
     /* A failure removes what this run wrote; shards kept from an earlier run
      * stay, and so does their journal, for another --resume. */
     ms_journal_close(journal, n_kept == 0);
@@ -498,6 +519,8 @@ fail:
     if (created_dir)
         rmdir(o.out_dir); /* only if empty: a failed run leaves no new directory behind */
 done:
+    ms_shard_check_close(shard_check);
+    ms_shard_hashes_free(early, n_early);
     ms_journal_close(journal, 0);
     ms_journal_shards_free(kept, n_kept);
     free(skip_job);

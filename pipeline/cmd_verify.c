@@ -38,7 +38,7 @@ int ms_cmd_verify(int argc, char **argv)
     cpu_pool *cpu = NULL; /* without threads the tensors are hashed one by one */
     if (cpu_pool_open(ncpu > 0 ? (unsigned)ncpu : 1, &cpu) != 0)
         cpu = NULL;
-    int rc = ms_verify_output(dir, cpu, &res, &err);
+    int rc = ms_verify_output(dir, cpu, NULL, 0, &res, &err);
     cpu_pool_close(cpu);
     if (rc != 0)
         return ms_cli_fail(&err);

@@ -78,7 +78,7 @@ typedef struct run_ctx {
     uint64_t bytes_read_direct; /* reader: of bytes_read, those read with O_DIRECT */
     uint64_t bytes_written;  /* writer */
     ms_tensor_result *results; /* compute (backend, nonfinite) */
-    bool *shard_recorded;    /* writer: shards already in the journal */
+    bool *shard_seen;        /* writer: shards already found final */
 } run_ctx;
 
 /* ================================================================ failure */
@@ -664,16 +664,22 @@ static void *compute_main(void *arg)
 
 /* ================================================================= writer */
 
-/* Once shard s is final (renamed), records it in the journal so a resumed
+/* Once shard s is final (renamed): posts it to be read back while the page
+ * cache holds it (shard_check.h) and records it in the journal so a resumed
  * run can keep it. Every tensor of a final shard has its hash by then: the
  * shard became final on its last byte, written just before this tensor's
  * hash was set, and the others finished earlier. */
-static int writer_record_shard(run_ctx *ctx, size_t s, ms_error *err)
+static int writer_shard_committed(run_ctx *ctx, size_t s, ms_error *err)
 {
     const ms_run_env *env = ctx->env;
-    if (!env->journal || ctx->shard_recorded[s] || !st_writer_shard_is_final(env->writer, s))
+    if (ctx->shard_seen[s] || !st_writer_shard_is_final(env->writer, s))
         return 0;
+    ctx->shard_seen[s] = true; /* a journal that fails fails the run */
     const st_plan_shard *sh = st_plan_shard_at(env->layout, s);
+    if (env->shard_check)
+        ms_shard_check_post(env->shard_check, sh->file_name);
+    if (!env->journal)
+        return 0;
     uint64_t *hashes = calloc(sh->n_tensors ? sh->n_tensors : 1, sizeof *hashes);
     if (!hashes)
         return ms_error_set(err, MS_EXIT_RUNTIME, sh->file_name, "out of memory");
@@ -682,7 +688,6 @@ static int writer_record_shard(run_ctx *ctx, size_t s, ms_error *err)
     uint64_t shard_hash = ms_shard_hash(sh->header, sh->header_bytes, hashes, sh->n_tensors);
     int rc = ms_journal_record(env->journal, env->layout, s, shard_hash, hashes, err);
     free(hashes);
-    ctx->shard_recorded[s] = rc == 0;
     return rc;
 }
 
@@ -711,7 +716,7 @@ static void *writer_main(void *arg)
         if (it->last_of_job) {
             st_writer_set_tensor_hash(env->writer, it->job_index, it->tensor_hash);
             ms_progress_step(&ctx->progress, job->name, ctx->results[it->job_index].backend, job->read_bytes);
-            if (writer_record_shard(ctx, st_plan_tensor_at(env->layout, it->job_index)->shard, &e) != 0) {
+            if (writer_shard_committed(ctx, st_plan_tensor_at(env->layout, it->job_index)->shard, &e) != 0) {
                 run_fail(ctx, &e);
                 item_free(ctx, it);
                 continue;
@@ -820,17 +825,17 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     ctx->dispatch_job = SIZE_MAX;
     ctx->dispatch_worker = ctx->n_workers - 1; /* the first job goes to worker 0 */
     ctx->results = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->results);
-    ctx->shard_recorded = calloc(st_plan_n_shards(env->layout), sizeof *ctx->shard_recorded);
+    ctx->shard_seen = calloc(st_plan_n_shards(env->layout), sizeof *ctx->shard_seen);
     ctx->pass_found = calloc(env->plan->n_jobs ? env->plan->n_jobs : 1, sizeof *ctx->pass_found);
     bool queues_ok = ms_queue_init(&ctx->write_q, RUN_QUEUE_DEPTH) == 0;
     for (unsigned w = 0; w < ctx->n_workers; w++)
         queues_ok = ms_queue_init(&ctx->compute_q[w], RUN_QUEUE_DEPTH) == 0 && queues_ok;
-    if (!ctx->results || !ctx->shard_recorded || !ctx->pass_found || !queues_ok) {
+    if (!ctx->results || !ctx->shard_seen || !ctx->pass_found || !queues_ok) {
         for (unsigned w = 0; w < ctx->n_workers; w++)
             ms_queue_destroy(&ctx->compute_q[w]);
         ms_queue_destroy(&ctx->write_q);
         free(ctx->results);
-        free(ctx->shard_recorded);
+        free(ctx->shard_seen);
         free(ctx->pass_found);
         free(ctx);
         return ms_error_set(err, MS_EXIT_RUNTIME, "merge", "out of memory");
@@ -934,7 +939,7 @@ int ms_merge_run(const ms_run_env *env, ms_run_stats *stats, ms_error *err)
     ms_queue_destroy(&ctx->write_q);
     pthread_mutex_destroy(&ctx->err_lock);
     pthread_mutex_destroy(&ctx->cpu_lock);
-    free(ctx->shard_recorded);
+    free(ctx->shard_seen);
     free(ctx->pass_found);
     pthread_mutex_destroy(&ctx->found_lock);
     pthread_cond_destroy(&ctx->found_cv);

@@ -29,6 +29,7 @@
 #include "pipeline/backend_registry.h"
 #include "pipeline/merge_journal.h"
 #include "pipeline/merge_plan.h"
+#include "pipeline/shard_check.h"
 #include "pipeline/staging_pool.h"
 
 typedef struct ms_tensor_result {
@@ -63,6 +64,7 @@ typedef struct ms_run_env {
     cpu_pool *cpu;
     io_engine *engine;
     ms_journal *journal;   /* finished shards are recorded here (may be NULL) */
+    ms_shard_check *shard_check; /* and posted here to be read back while cached (may be NULL) */
     const bool *skip_job;  /* resume: jobs whose shard was kept from an earlier run (may be NULL) */
     ms_gpu *gpu;           /* the GPU backend, or NULL: CPU only */
     unsigned compute_workers; /* 1 or 2 (0 is taken as 1): 2 overlaps tensors on a GPU */

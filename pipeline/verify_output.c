@@ -82,9 +82,40 @@ static int hash_tensors(const st_file *f, cpu_pool *cpu, ms_progress *progress, 
     return out;
 }
 
-/* Recomputes shard s's tensor hashes and shard hash and compares them. */
-static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progress *progress, const cJSON *tensors,
-                        const cJSON *shard_entry, const char *manifest_path, ms_error *err)
+void ms_shard_hashes_free(ms_shard_hashes *h, size_t n)
+{
+    for (size_t i = 0; h && i < n; i++) {
+        free(h[i].file);
+        free(h[i].hashes);
+    }
+    free(h);
+}
+
+/* The entry of early read from f's file, if that file is still the one it
+ * was read from (inode, size, mtime and ctime: any write since moves them). */
+static const ms_shard_hashes *early_for(const st_file *f, const ms_shard_hashes *early, size_t n_early)
+{
+    struct stat st;
+    if (!early || fstat(f->fd, &st) != 0)
+        return NULL;
+    for (size_t i = 0; i < n_early; i++) {
+        const ms_shard_hashes *e = &early[i];
+        if (strcmp(e->file, base_name(f->path)) != 0)
+            continue;
+        bool same = e->dev == (uint64_t)st.st_dev && e->ino == (uint64_t)st.st_ino &&
+                    e->size == (uint64_t)st.st_size && e->n_tensors == f->header.n_tensors &&
+                    e->mtime_ns == (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec &&
+                    e->ctime_ns == (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+        return same ? e : NULL;
+    }
+    return NULL;
+}
+
+/* Recomputes shard s's tensor hashes (or takes them from early) and its
+ * shard hash and compares them. */
+static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progress *progress,
+                        const ms_shard_hashes *early, const cJSON *tensors, const cJSON *shard_entry,
+                        const char *manifest_path, ms_error *err)
 {
     const st_file *f = m->shards[s];
     size_t n = f->header.n_tensors;
@@ -108,8 +139,14 @@ static int verify_shard(const ms_model *m, unsigned s, cpu_pool *cpu, ms_progres
                      cJSON_IsNumber(bytes) ? bytes->valuedouble : -1.0);
         goto done;
     }
-    if (hash_tensors(f, cpu, progress, hashes, err) != 0)
+    if (early) {
+        memcpy(hashes, early->hashes, n * sizeof *hashes);
+        for (size_t t = 0; t < n; t++)
+            ms_progress_step(progress, f->header.tensors[t].name, "hash",
+                             f->header.tensors[t].end - f->header.tensors[t].begin);
+    } else if (hash_tensors(f, cpu, progress, hashes, err) != 0) {
         goto done;
+    }
     for (size_t t = 0; t < n; t++) {
         const st_tensor *ti = &f->header.tensors[t];
         const cJSON *entry = cJSON_GetObjectItemCaseSensitive(tensors, ti->name);
@@ -154,7 +191,7 @@ done:
 }
 
 static int verify_against_manifest(const ms_model *m, const char *manifest_path, cpu_pool *cpu, ms_progress *progress,
-                                   ms_error *err)
+                                   const ms_shard_hashes *early, size_t n_early, ms_verify_result *res, ms_error *err)
 {
     char *text = NULL;
     size_t len = 0;
@@ -190,8 +227,10 @@ static int verify_against_manifest(const ms_model *m, const char *manifest_path,
             ms_error_set(err, MS_EXIT_DATA, m->shards[s]->path, "shard is not listed in %s", manifest_path);
             goto done;
         }
-        if (verify_shard(m, s, cpu, progress, tensors, entry, manifest_path, err) != 0)
+        const ms_shard_hashes *read_early = early_for(m->shards[s], early, n_early);
+        if (verify_shard(m, s, cpu, progress, read_early, tensors, entry, manifest_path, err) != 0)
             goto done;
+        res->n_shards_read_early += read_early != NULL;
     }
     rc = 0;
 done:
@@ -199,7 +238,8 @@ done:
     return rc;
 }
 
-int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_error *err)
+int ms_verify_output(const char *dir, cpu_pool *cpu, const ms_shard_hashes *early, size_t n_early,
+                     ms_verify_result *res, ms_error *err)
 {
     memset(res, 0, sizeof *res);
     ms_model *m = NULL;
@@ -218,7 +258,7 @@ int ms_verify_output(const char *dir, cpu_pool *cpu, ms_verify_result *res, ms_e
             bytes += m->shards[s]->file_size - m->shards[s]->data_start;
         ms_progress progress;
         ms_progress_init(&progress, m->n_tensors, bytes);
-        rc = verify_against_manifest(m, manifest, cpu, &progress, err);
+        rc = verify_against_manifest(m, manifest, cpu, &progress, early, n_early, res, err);
         ms_progress_finish(&progress);
         ms_progress_destroy(&progress);
     }

@@ -137,9 +137,18 @@ grep -q -- "--direct-io: 4 input files are already in the page cache, read throu
   fail "--direct-io on cached inputs: no line saying they are read through the page cache"
 [ "$(json_num "$S/cached.json" bytes_read_direct)" -eq 0 ] || fail "--direct-io read cached inputs from the disk"
 [ "$(json_num "$S/once.json" bytes_read_direct)" -eq 0 ] || fail "read with O_DIRECT without --direct-io"
-"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 100KB --quiet
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 40KB --json > "$WORK/sharded.json"
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
 "$MS_BIN" verify "$WORK/sharded" --quiet
+# the shards committed during the run were read back then, while cached,
+# and the final verify took those hashes (pipeline/shard_check.h)
+n_shards=$(ls "$WORK"/sharded/model-*.safetensors | wc -l)
+[ "$(json_num "$WORK/sharded.json" shards_verified)" -eq "$n_shards" ] || fail "the final verify did not see every shard"
+[ "$n_shards" -ge 4 ] && [ "$(json_num "$WORK/sharded.json" shards_read_back_early)" -ge 1 ] ||
+  fail "none of $n_shards shards was read back during the run"
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded_nv" --out-shard-size 40KB --no-verify --json > "$WORK/nv.json"
+grep -q '"verify_seconds":[[:space:]]*null' "$WORK/nv.json" || fail "--no-verify, yet a verify time"
+same_bytes "$WORK/sharded" "$WORK/sharded_nv"
 # the seed changes DARE's mask
 "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seed8" --random-seed 8 --quiet
 cmp -s "$WORK/out_dare_ties/model.safetensors" "$WORK/seed8/model.safetensors" && fail "--random-seed had no effect"
