@@ -1,11 +1,13 @@
 /* What the CUDA kernel files share (private to gpu/; include after
  * gpu/gpu_internal.h): loads and stores of tensor elements in their
  * safetensors dtypes (pipeline/merge_math.h's conversions, so the bits are
- * the CPU's), grid sizes and grid-stride loops, buffer layout, warp
+ * the CPU's), grid sizes and grid-stride loops (gpu_grid.cuh), buffer layout, warp
  * histogram counts, the fp64 sums' block ranges, the tie positions' scan,
  * the test-only trap kernel. */
 #ifndef MS_GPU_ELEM_CUH
 #define MS_GPU_ELEM_CUH
+
+#include "gpu/gpu_grid.cuh"
 
 /* Element j of a chunk buffer of dtype dt (F32, F16 or BF16) widened to fp32. */
 __device__ __forceinline__ float gpu_load(const void *p, int dt, uint64_t j)
@@ -27,14 +29,6 @@ __device__ __forceinline__ void gpu_store(void *p, int dt, uint64_t j, float v)
         ((uint16_t *)p)[j] = ms_merge_store_f16(v);
 }
 
-/* Blocks of `threads` for a grid-stride kernel over n elements: at least 1,
- * at most max_blocks. */
-static inline unsigned gpu_grid(uint64_t n, unsigned threads, unsigned max_blocks)
-{
-    uint64_t blocks = (n + threads - 1) / threads;
-    return (unsigned)(blocks < max_blocks ? (blocks ? blocks : 1) : max_blocks);
-}
-
 /* hist[bin] += 1 for every lane with `valid`, one atomic per distinct bin
  * in the warp (hot bins would otherwise serialise on their counter). Every
  * lane of the warp must call it (bins are below 0xffffffff). Integer
@@ -46,12 +40,6 @@ __device__ __forceinline__ void gpu_warp_count(unsigned long long *hist, uint32_
     if (valid && lane == (unsigned)(__ffs((int)peers) - 1))
         atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
 }
-
-/* Grid-stride loop: element j of n for this thread, then every
- * gridDim.x * blockDim.x further. */
-#define GPU_FOR_ELEMS(j, n)                                                                                \
-    for (uint64_t j = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; j < (n);                            \
-         j += (uint64_t)gridDim.x * blockDim.x)
 
 /* Grid-stride loop over whole warps (blockDim.x a multiple of 32): every
  * lane of a warp runs the same iterations (j may be past n: then it is not

@@ -26,10 +26,14 @@
  *                 updates in descending j)
  *   k_rg_out      out = B + (float)y
  *   k_rg_mean     without a solve (no Hessian for some model, S not
- *                 positive definite): the mean of the models. */
+ *                 positive definite): the mean of the models.
+ * The accumulation and the solves' kernels are in gpu_merge_regmean_kernels.cuh
+ * (tests/emu runs them on the CPU); this file has the element kernels and the
+ * host side. */
 #include "gpu/gpu_internal.h"
 #include "gpu/gpu_elem.cuh"
 #include "gpu/gpu_merge_regmean.h"
+#include "gpu/gpu_merge_regmean_kernels.cuh"
 
 extern "C" {
 #include "pipeline/merge_passes_hessian.h"
@@ -38,54 +42,8 @@ extern "C" {
 #include <inttypes.h>
 #include <string.h>
 
-#define RG_TILE 64u          /* rows and columns of a tiled kernel's thread block */
-#define RG_THREADS 256u      /* 16 x 16 threads, 4 x 4 outputs each */
-#define RG_K 32u             /* the inner index per shared tile; the solves' column blocks */
-#define RG_ROW_THREADS 128u  /* the row kernels: one thread per row */
 #define RG_ELEM_THREADS 256u
 #define RG_NONE UINT64_MAX
-
-static_assert(RG_THREADS == 256u && RG_TILE == 64u, "4 x 4 outputs per thread of a 16 x 16 block");
-
-__device__ __forceinline__ double rg_add_product(double s, double x, double y)
-{
-    return __dadd_rn(s, __dmul_rn(x, y));
-}
-
-__device__ __forceinline__ double rg_sub_product(double s, double x, double y)
-{
-    return __dsub_rn(s, __dmul_rn(x, y));
-}
-
-/* A thread's 4 x 4 outputs of a 64 x 64 tile at (r0, c0) of M [rows][n]:
- * rows r0 + ty + 16 p, columns c0 + tx + 16 q; those at rows >= rows or
- * columns >= cols are left out (loaded as 0.0, not stored). */
-__device__ __forceinline__ void rg_tile_load(double (*acc)[4], const double *M, uint64_t n, uint64_t r0, uint64_t c0,
-                                             uint64_t rows, uint64_t cols)
-{
-    unsigned tx = threadIdx.x % 16u, ty = threadIdx.x / 16u;
-#pragma unroll
-    for (unsigned p = 0; p < 4u; p++)
-#pragma unroll
-        for (unsigned q = 0; q < 4u; q++) {
-            uint64_t r = r0 + ty + 16u * p, c = c0 + tx + 16u * q;
-            acc[p][q] = r < rows && c < cols ? M[r * n + c] : 0.0;
-        }
-}
-
-__device__ __forceinline__ void rg_tile_store(double (*acc)[4], double *M, uint64_t n, uint64_t r0, uint64_t c0,
-                                              uint64_t rows, uint64_t cols)
-{
-    unsigned tx = threadIdx.x % 16u, ty = threadIdx.x / 16u;
-#pragma unroll
-    for (unsigned p = 0; p < 4u; p++)
-#pragma unroll
-        for (unsigned q = 0; q < 4u; q++) {
-            uint64_t r = r0 + ty + 16u * p, c = c0 + tx + 16u * q;
-            if (r < rows && c < cols)
-                M[r * n + c] = acc[p][q];
-        }
-}
 
 __global__ void k_rg_tau(const void *in, int dt, const void *base, int base_dt, float *tau, uint64_t count)
 {
@@ -93,157 +51,6 @@ __global__ void k_rg_tau(const void *in, int dt, const void *base, int base_dt, 
     {
         tau[j] = ms_merge_delta(gpu_load(in, dt, j), gpu_load(base, base_dt, j));
     }
-}
-
-/* B[r][j] += sum_k g[k][j] * tau[r][k], k ascending, for one model. */
-__global__ void k_rg_accum(const float *__restrict__ tau, const float *__restrict__ g, double *__restrict__ B,
-                           uint64_t rows, uint64_t n)
-{
-    __shared__ float st[RG_TILE][RG_K + 1]; /* tau[r0 + r][k0 + kk] */
-    __shared__ float sg[RG_K][RG_TILE];     /* g[k0 + kk][j0 + j] */
-    unsigned t = threadIdx.x, tx = t % 16u, ty = t / 16u;
-    uint64_t r0 = (uint64_t)blockIdx.y * RG_TILE, j0 = (uint64_t)blockIdx.x * RG_TILE;
-    double acc[4][4];
-    rg_tile_load(acc, B, n, r0, j0, rows, n);
-    for (uint64_t k0 = 0; k0 < n; k0 += RG_K) {
-        unsigned kn = (unsigned)(n - k0 < RG_K ? n - k0 : RG_K);
-        for (unsigned e = t; e < RG_TILE * RG_K; e += RG_THREADS) {
-            unsigned r = e / RG_K, kk = e % RG_K;
-            st[r][kk] = r0 + r < rows && kk < kn ? tau[(r0 + r) * n + k0 + kk] : 0.0f;
-            unsigned kg = e / RG_TILE, j = e % RG_TILE;
-            sg[kg][j] = kg < kn && j0 + j < n ? g[(k0 + kg) * n + j0 + j] : 0.0f;
-        }
-        __syncthreads();
-        for (unsigned kk = 0; kk < kn; kk++) {
-            double gv[4];
-#pragma unroll
-            for (unsigned q = 0; q < 4u; q++)
-                gv[q] = (double)sg[kk][tx + 16u * q];
-#pragma unroll
-            for (unsigned p = 0; p < 4u; p++) {
-                double tv = (double)st[ty + 16u * p][kk];
-#pragma unroll
-                for (unsigned q = 0; q < 4u; q++)
-                    acc[p][q] = rg_add_product(acc[p][q], gv[q], tv);
-            }
-        }
-        __syncthreads(); /* the tiles are rewritten next */
-    }
-    rg_tile_store(acc, B, n, r0, j0, rows, n);
-}
-
-/* The block's own lower triangle of L into sl (every thread of the block). */
-__device__ __forceinline__ void rg_load_block(double (*sl)[RG_K + 1], const double *L, uint64_t n, uint64_t j0,
-                                              unsigned nk)
-{
-    for (unsigned e = threadIdx.x; e < RG_K * RG_K; e += blockDim.x) {
-        unsigned a = e / RG_K, c = e % RG_K;
-        sl[a][c] = a < nk && c <= a ? L[(j0 + a) * n + j0 + c] : 0.0;
-    }
-    __syncthreads();
-}
-
-/* z over columns [j0, j0 + nk) of every row: S holds each s_j over k < j0. */
-__global__ void k_rg_fwd_diag(const double *L, uint64_t n, uint64_t rows, uint64_t j0, unsigned nk, const double *B,
-                              const double *S, double *Z)
-{
-    __shared__ double sl[RG_K][RG_K + 1];
-    rg_load_block(sl, L, n, j0, nk);
-    uint64_t r = (uint64_t)blockIdx.x * RG_ROW_THREADS + threadIdx.x;
-    if (r >= rows)
-        return;
-    const double *b = B + r * n + j0, *s_in = S + r * n + j0;
-    double *zr = Z + r * n + j0;
-    double z[RG_K];
-    for (unsigned a = 0; a < nk; a++) {
-        double s = s_in[a];
-        for (unsigned c = 0; c < a; c++)
-            s = rg_add_product(s, sl[a][c], z[c]);
-        z[a] = __ddiv_rn(__dsub_rn(b[a], s), sl[a][a]);
-        zr[a] = z[a];
-    }
-}
-
-/* S[r][j] += sum_{k in [j0, j0 + nk)} L[j][k] * Z[r][k], k ascending, for
- * j >= j1 = j0 + nk (blockIdx.x counts 64-column tiles from j1). */
-__global__ void k_rg_fwd_update(const double *__restrict__ L, uint64_t n, uint64_t rows, uint64_t j0, unsigned nk,
-                                const double *__restrict__ Z, double *__restrict__ S)
-{
-    __shared__ double sz[RG_TILE][RG_K + 1]; /* Z[r0 + r][j0 + kk] */
-    __shared__ double sl[RG_TILE][RG_K + 1]; /* L[jt + j][j0 + kk] */
-    unsigned t = threadIdx.x, tx = t % 16u, ty = t / 16u;
-    uint64_t r0 = (uint64_t)blockIdx.y * RG_TILE, jt = j0 + nk + (uint64_t)blockIdx.x * RG_TILE;
-    for (unsigned e = t; e < RG_TILE * RG_K; e += RG_THREADS) {
-        unsigned i = e / RG_K, kk = e % RG_K;
-        sz[i][kk] = r0 + i < rows && kk < nk ? Z[(r0 + i) * n + j0 + kk] : 0.0;
-        sl[i][kk] = jt + i < n && kk < nk ? L[(jt + i) * n + j0 + kk] : 0.0;
-    }
-    __syncthreads();
-    double acc[4][4];
-    rg_tile_load(acc, S, n, r0, jt, rows, n);
-    for (unsigned kk = 0; kk < nk; kk++) {
-#pragma unroll
-        for (unsigned p = 0; p < 4u; p++) {
-            double zv = sz[ty + 16u * p][kk];
-#pragma unroll
-            for (unsigned q = 0; q < 4u; q++)
-                acc[p][q] = rg_add_product(acc[p][q], sl[tx + 16u * q][kk], zv);
-        }
-    }
-    rg_tile_store(acc, S, n, r0, jt, rows, n);
-}
-
-/* y over columns [j0, j0 + nk) of every row, in place of z: j descending,
- * y_j = z_j / L_jj, then the block's z_k (k < j) less L_jk y_j. */
-__global__ void k_rg_bwd_diag(const double *L, uint64_t n, uint64_t rows, uint64_t j0, unsigned nk, double *Z)
-{
-    __shared__ double sl[RG_K][RG_K + 1];
-    rg_load_block(sl, L, n, j0, nk);
-    uint64_t r = (uint64_t)blockIdx.x * RG_ROW_THREADS + threadIdx.x;
-    if (r >= rows)
-        return;
-    double *zr = Z + r * n + j0;
-    double z[RG_K];
-    for (unsigned a = 0; a < nk; a++)
-        z[a] = zr[a];
-    for (unsigned a = nk; a-- > 0;) {
-        double y = __ddiv_rn(z[a], sl[a][a]);
-        z[a] = y;
-        for (unsigned c = 0; c < a; c++)
-            z[c] = rg_sub_product(z[c], sl[a][c], y);
-    }
-    for (unsigned a = 0; a < nk; a++)
-        zr[a] = z[a];
-}
-
-/* Z[r][k] -= L[j][k] * Y[r][j] for j = j0 + nk - 1 down to j0, every k < j0
- * (Y: the block's columns of Z, already y). */
-__global__ void k_rg_bwd_update(const double *__restrict__ L, uint64_t n, uint64_t rows, uint64_t j0, unsigned nk,
-                                double *__restrict__ Z)
-{
-    __shared__ double sy[RG_TILE][RG_K + 1]; /* Y[r0 + r][j0 + jj] */
-    __shared__ double sl[RG_K][RG_TILE + 1]; /* L[j0 + jj][kt + k] */
-    unsigned t = threadIdx.x, tx = t % 16u, ty = t / 16u;
-    uint64_t r0 = (uint64_t)blockIdx.y * RG_TILE, kt = (uint64_t)blockIdx.x * RG_TILE;
-    for (unsigned e = t; e < RG_TILE * RG_K; e += RG_THREADS) {
-        unsigned i = e / RG_K, jj = e % RG_K;
-        sy[i][jj] = r0 + i < rows && jj < nk ? Z[(r0 + i) * n + j0 + jj] : 0.0;
-        unsigned jl = e / RG_TILE, k = e % RG_TILE;
-        sl[jl][k] = jl < nk && kt + k < j0 ? L[(j0 + jl) * n + kt + k] : 0.0;
-    }
-    __syncthreads();
-    double acc[4][4];
-    rg_tile_load(acc, Z, n, r0, kt, rows, j0);
-    for (unsigned jj = nk; jj-- > 0;) {
-#pragma unroll
-        for (unsigned p = 0; p < 4u; p++) {
-            double yv = sy[ty + 16u * p][jj];
-#pragma unroll
-            for (unsigned q = 0; q < 4u; q++)
-                acc[p][q] = rg_sub_product(acc[p][q], sl[jj][tx + 16u * q], yv);
-        }
-    }
-    rg_tile_store(acc, Z, n, r0, kt, rows, j0);
 }
 
 __global__ void k_rg_out(const void *base, int base_dt, const double *Y, void *out, int out_dt, uint64_t count)
@@ -376,40 +183,15 @@ static gpu_status rg_enqueue(gpu_backend *b, gpu_lane *l, const ms_tensor_params
         double *B = (double *)(dev + L->b_off), *S = (double *)(dev + L->s_off), *Z = (double *)(dev + L->z_off);
         GPU_CHECK(cudaMemsetAsync(B, 0, count * sizeof(double), s), "clearing regmean's sums");
         GPU_CHECK(cudaMemsetAsync(S, 0, count * sizeof(double), s), "clearing regmean's sums");
-        dim3 tiles((unsigned)((n + RG_TILE - 1) / RG_TILE), (unsigned)((rows + RG_TILE - 1) / RG_TILE));
         for (unsigned i = 1; i <= nm; i++) {
             float *tau_i = tau + (uint64_t)(i - 1) * count;
             k_rg_tau<<<egrid, RG_ELEM_THREADS, 0, s>>>(dev + L->in_off[i], p->in_dtype[i], base, p->in_dtype[0],
                                                        tau_i, count);
-            GPU_CHECK(cudaSuccess, "regmean delta kernel");
-            k_rg_accum<<<tiles, RG_THREADS, 0, s>>>(tau_i, g + (uint64_t)(i - 1) * nn, B, rows, n);
-            GPU_CHECK(cudaSuccess, "regmean accumulation kernel");
+            rg_launch_accum(tau_i, g + (uint64_t)(i - 1) * nn, B, rows, n, s);
         }
-        unsigned row_blocks = (unsigned)((rows + RG_ROW_THREADS - 1) / RG_ROW_THREADS);
-        unsigned row_tiles = (unsigned)((rows + RG_TILE - 1) / RG_TILE);
-        for (uint64_t j0 = 0; j0 < n; j0 += RG_K) {
-            unsigned nk = (unsigned)(n - j0 < RG_K ? n - j0 : RG_K);
-            k_rg_fwd_diag<<<row_blocks, RG_ROW_THREADS, 0, s>>>(Lc, n, rows, j0, nk, B, S, Z);
-            GPU_CHECK(cudaSuccess, "regmean forward substitution kernel");
-            uint64_t after = n - j0 - nk;
-            if (after) {
-                dim3 grid((unsigned)((after + RG_TILE - 1) / RG_TILE), row_tiles);
-                k_rg_fwd_update<<<grid, RG_THREADS, 0, s>>>(Lc, n, rows, j0, nk, Z, S);
-                GPU_CHECK(cudaSuccess, "regmean forward update kernel");
-            }
-        }
-        for (uint64_t j0 = (n - 1) / RG_K * RG_K;; j0 -= RG_K) {
-            unsigned nk = (unsigned)(n - j0 < RG_K ? n - j0 : RG_K);
-            k_rg_bwd_diag<<<row_blocks, RG_ROW_THREADS, 0, s>>>(Lc, n, rows, j0, nk, Z);
-            GPU_CHECK(cudaSuccess, "regmean backward substitution kernel");
-            if (j0 == 0)
-                break;
-            dim3 grid((unsigned)((j0 + RG_TILE - 1) / RG_TILE), row_tiles);
-            k_rg_bwd_update<<<grid, RG_THREADS, 0, s>>>(Lc, n, rows, j0, nk, Z);
-            GPU_CHECK(cudaSuccess, "regmean backward update kernel");
-        }
+        rg_launch_solve(Lc, n, rows, B, S, Z, s);
         k_rg_out<<<egrid, RG_ELEM_THREADS, 0, s>>>(base, p->in_dtype[0], Z, dev + L->out_off, p->out_dtype, count);
-        GPU_CHECK(cudaSuccess, "regmean output kernel");
+        GPU_CHECK(cudaSuccess, "regmean kernels");
     }
     GPU_CHECK(gpu_lane_computed(b, l), "ordering the GPU streams");
     GPU_CHECK(cudaMemcpyAsync(c->out, dev + L->out_off, L->out_bytes, cudaMemcpyDeviceToHost, b->copy_out),
