@@ -371,9 +371,20 @@ static void test_ties_sparsegpt(void **state)
     (void)state;
     check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 7, 13, 2);
     check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 40, 24, 3);
-    g_captured = 0;
-    check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 300, 256, 3); /* numel > 65,536: blocks straddle chunks */
-    assert_true(g_captured >= 2); /* whole: the two saliency-keyed models */
+    /* numel > 65,536: blocks straddle chunks. The capture settles a bound
+     * only where HIST_HI's sample placed the threshold in the bins it kept,
+     * which a tensor's data decides (now and then a draw misleads it for a
+     * model: none in 30 seeds, one in a CI run, MS_TEST_SEED=1795828175;
+     * the selection then takes its second pass, the bytes the same): the
+     * capture must settle both saliency-keyed models' bounds for one of
+     * four tensors at least. */
+    for (int attempt = 0; attempt < 4; attempt++) {
+        g_captured = 0;
+        check_sparsegpt(MS_METHOD_TIES_SPARSEGPT, 300, 256, 3);
+        if (g_captured >= 2)
+            break;
+    }
+    assert_true(g_captured >= 2);
 }
 
 static void test_dare_sparsegpt(void **state)
