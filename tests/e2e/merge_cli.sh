@@ -141,11 +141,18 @@ grep -q -- "--direct-io: 4 input files are already in the page cache, read throu
 [ -f "$WORK/sharded/model.safetensors.index.json" ] || fail "no index for a sharded output"
 "$MS_BIN" verify "$WORK/sharded" --quiet
 # the shards committed during the run were read back then, while cached,
-# and the final verify took those hashes (pipeline/shard_check.h)
+# and the final verify took those hashes (pipeline/shard_check.h); the
+# thread that reads them may not get to one on a loaded machine before the
+# run ends, so up to three runs
 n_shards=$(ls "$WORK"/sharded/model-*.safetensors | wc -l)
 [ "$(json_num "$WORK/sharded.json" shards_verified)" -eq "$n_shards" ] || fail "the final verify did not see every shard"
-[ "$n_shards" -ge 4 ] && [ "$(json_num "$WORK/sharded.json" shards_read_back_early)" -ge 1 ] ||
-  fail "none of $n_shards shards was read back during the run"
+[ "$n_shards" -ge 4 ] || fail "only $n_shards shards"
+for try in 1 2 3; do
+  [ "$(json_num "$WORK/sharded.json" shards_read_back_early)" -ge 1 ] && break
+  [ "$try" -lt 3 ] || fail "none of $n_shards shards was read back during three runs"
+  rm -rf "$WORK/sharded"
+  "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded" --out-shard-size 40KB --json > "$WORK/sharded.json"
+done
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/sharded_nv" --out-shard-size 40KB --no-verify --json > "$WORK/nv.json"
 grep -q '"verify_seconds":[[:space:]]*null' "$WORK/nv.json" || fail "--no-verify, yet a verify time"
 same_bytes "$WORK/sharded" "$WORK/sharded_nv"
