@@ -164,10 +164,15 @@ uint64_t gpu_backend_free_estimate(gpu_backend *b)
     return est;
 }
 
-static void gpu_oom_msg(gpu_backend *b, uint64_t need, char *msg, size_t msg_len)
+static uint64_t mib_up(uint64_t bytes)
+{
+    return bytes / (1u << 20) + (bytes % (1u << 20) != 0);
+}
+
+void gpu_backend_oom_msg(gpu_backend *b, uint64_t need, char *msg, size_t msg_len)
 {
     if (msg && msg_len)
-        snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", (need + (1u << 20) - 1) >> 20,
+        snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", mib_up(need),
                  gpu_backend_free_estimate(b) >> 20);
 }
 
@@ -182,7 +187,7 @@ gpu_status gpu_backend_run_call(gpu_backend *b, gpu_lane *l, uint64_t bytes, gpu
             return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
         cudaGetLastError();
         gpu_backend_trim(b);
-        gpu_oom_msg(b, gpu_mempool_class_size(bytes), msg, msg_len);
+        gpu_backend_oom_msg(b, gpu_mempool_class_size(bytes), msg, msg_len);
         return GPU_OOM;
     }
     gpu_status status = enqueue(ctx, (unsigned char *)dev, msg, msg_len);
@@ -191,7 +196,7 @@ gpu_status gpu_backend_run_call(gpu_backend *b, gpu_lane *l, uint64_t bytes, gpu
     gpu_backend_release(b, dev, dev_size);
     if (status == GPU_OOM) {
         gpu_backend_trim(b);
-        gpu_oom_msg(b, dev_size, msg, msg_len);
+        gpu_backend_oom_msg(b, dev_size, msg, msg_len);
     }
     return status;
 }
@@ -269,6 +274,16 @@ bool gpu_lane_reserve(gpu_lane *l, size_t bytes)
     l->host_tmp = grown;
     l->host_tmp_len = bytes;
     return true;
+}
+
+gpu_status gpu_lane_reserve_results(gpu_lane *l, uint64_t bytes, char *msg, size_t msg_len)
+{
+    if (bytes <= SIZE_MAX && gpu_lane_reserve(l, (size_t)bytes))
+        return GPU_OK;
+    if (msg && msg_len)
+        snprintf(msg, msg_len, "needs %" PRIu64 " MiB of pinned host memory for GPU results: out of memory",
+                 mib_up(bytes));
+    return GPU_OOM;
 }
 
 cudaError_t gpu_lane_inputs_sent(gpu_backend *b, gpu_lane *l)

@@ -91,6 +91,14 @@ void gpu_lane_release(gpu_backend *b, gpu_lane *l);
  * out of (pinned) memory. */
 bool gpu_lane_reserve(gpu_lane *l, size_t bytes);
 
+/* gpu_lane_reserve for a call's results: GPU_OK, or GPU_OOM with msg "needs
+ * X MiB of pinned host memory for GPU results: out of memory". */
+gpu_status gpu_lane_reserve_results(gpu_lane *l, uint64_t bytes, char *msg, size_t msg_len);
+
+/* msg := "needs X MiB, Y MiB free": need rounded up to whole MiB, Y the live
+ * free-memory estimate (the GPU_OOM line's detail). */
+void gpu_backend_oom_msg(gpu_backend *b, uint64_t need, char *msg, size_t msg_len);
+
 /* The pool under the backend's lock (gpu_mempool_alloc / _release / _trim). */
 cudaError_t gpu_backend_alloc(gpu_backend *b, uint64_t bytes, void **out, uint64_t *out_size);
 void gpu_backend_release(gpu_backend *b, void *ptr, uint64_t size);

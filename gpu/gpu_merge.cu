@@ -783,23 +783,15 @@ static bool gm_dtype_ok(st_dtype dt)
     return dt == ST_F32 || dt == ST_F16 || dt == ST_BF16;
 }
 
-static uint64_t gm_mib_up(uint64_t bytes)
-{
-    return bytes / (1u << 20) + (bytes % (1u << 20) != 0);
-}
-
 /* gpu_merge_run_pass's device part, on lane l: device memory, the enqueued
  * call, the fold. */
 static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_params *p, ms_merge_state *st,
                                  const gm_plan *pl, const gm_layout *L, ms_merge_pass_kind kind, const ms_chunk *c,
                                  char *msg, size_t msg_len)
 {
-    if (!gpu_lane_reserve(l, (size_t)L->res_bytes)) {
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB of pinned host memory for GPU results: out of memory",
-                     gm_mib_up(L->res_bytes));
-        return GPU_OOM;
-    }
+    gpu_status reserved = gpu_lane_reserve_results(l, L->res_bytes, msg, msg_len);
+    if (reserved != GPU_OK)
+        return reserved;
     void *data = NULL, *work = NULL;
     uint64_t data_size = 0, work_size = 0;
     cudaError_t rc = gpu_backend_alloc(b, L->data_bytes, &data, &data_size);
@@ -811,13 +803,8 @@ static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_pa
             return gpu_backend_classify(b, rc, "cudaMalloc", msg, msg_len);
         gpu_backend_trim(b);
         cudaGetLastError();
-        if (msg && msg_len) {
-            uint64_t need = gpu_mempool_class_size(L->data_bytes);
-            uint64_t w = gpu_mempool_class_size(L->work_bytes);
-            need = need > UINT64_MAX - w ? UINT64_MAX : need + w;
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free", gm_mib_up(need),
-                     gpu_backend_free_estimate(b) >> 20);
-        }
+        uint64_t need = gpu_mempool_class_size(L->data_bytes), w = gpu_mempool_class_size(L->work_bytes);
+        gpu_backend_oom_msg(b, need > UINT64_MAX - w ? UINT64_MAX : need + w, msg, msg_len);
         return GPU_OOM;
     }
 
@@ -831,9 +818,7 @@ static gpu_status gm_run_on_lane(gpu_backend *b, gpu_lane *l, const ms_tensor_pa
     gpu_backend_release(b, data, data_size);
     if (status == GPU_OOM) { /* an allocation inside the runtime (rare): same contract */
         gpu_backend_trim(b);
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB, %" PRIu64 " MiB free",
-                     gm_mib_up(data_size + work_size), gpu_backend_free_estimate(b) >> 20);
+        gpu_backend_oom_msg(b, data_size + work_size, msg, msg_len);
     }
     return status;
 }

@@ -962,11 +962,6 @@ static bool gi_dtype_ok(st_dtype dt)
     return dt == ST_F32 || dt == ST_F16 || dt == ST_BF16;
 }
 
-static uint64_t gi_mib_up(uint64_t bytes)
-{
-    return bytes / (1u << 20) + (bytes % (1u << 20) != 0);
-}
-
 typedef struct gi_call {
     gpu_backend *b;
     gpu_lane *l;
@@ -1021,12 +1016,9 @@ gpu_status gpu_interp_run_pass(gpu_backend *b, gpu_lane *l, const ms_tensor_para
     cudaError_t rc = cudaSetDevice(b->device);
     if (rc != cudaSuccess)
         return gpu_backend_classify(b, rc, "cudaSetDevice", msg, msg_len);
-    if (L.res_bytes > SIZE_MAX || !gpu_lane_reserve(l, (size_t)L.res_bytes)) {
-        if (msg && msg_len)
-            snprintf(msg, msg_len, "needs %" PRIu64 " MiB of pinned host memory for GPU results: out of memory",
-                     gi_mib_up(L.res_bytes));
-        return GPU_OOM;
-    }
+    gpu_status reserved = gpu_lane_reserve_results(l, L.res_bytes, msg, msg_len);
+    if (reserved != GPU_OK)
+        return reserved;
     gi_call k = {b, l, p, st, &nd, &L, c};
     return gpu_backend_run_call(b, l, L.total, gi_call_run, &k, msg, msg_len);
 }
