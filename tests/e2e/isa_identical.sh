@@ -54,20 +54,7 @@ done
 a=$("$MS_BIN" perplexity "$M/ft1" --calib "$WORK/calib.txt" --quiet)
 b=$("$MS_OTHER_BIN" perplexity "$M/ft1" --calib "$WORK/calib.txt" --quiet)
 [ "$a" = "$b" ] || fail "perplexity: '$a' here, '$b' from the other build"
-for m in ties_sparsegpt regmean; do
-  write_recipe "$m" <<EOR
-merge_method: $m
-base_model: ./models/base
-models:
-  - model: ./models/ft1
-    parameters: {weight: 0.6, density: 0.3, hessian: ./h_ft1}
-  - model: ./models/ft2
-    parameters: {weight: 0.4, density: 0.3, hessian: ./h_ft2}
-parameters: {alpha: 0.2}
-EOR
-done
-sed -i '/alpha/d' "$WORK/ties_sparsegpt.yml"
-sed -i 's/weight: 0\.[64], density: 0\.3, //' "$WORK/regmean.yml"
+write_hessian_recipes
 
 n=0
 for m in ties dare_ties breadcrumbs_ties della task_arithmetic ties_sparsegpt regmean \
