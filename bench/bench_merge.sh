@@ -48,6 +48,14 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+# the sizes checked before anything is generated or measured
+bytes= rate=
+if [ -n "$ram" ] && ! bytes=$(numfmt --from=iec "$ram" 2>/dev/null); then
+  echo "bench_merge.sh: --ram: '$ram' is not a size (1G, 512M)" >&2; exit 2
+fi
+if [ -n "$disk_read" ] && ! rate=$(numfmt --from=si "$disk_read" 2>/dev/null); then
+  echo "bench_merge.sh: --disk-read: '$disk_read' is not a rate in bytes per second (500M, 2G)" >&2; exit 2
+fi
 b=${MS_BUILD:-build}
 bin=$b/pipeline/mergestream gen=$b/bench/gen_model copy=$b/bench/bench_copy
 mkdir -p "$dir"
@@ -113,11 +121,9 @@ cgroup_limit() {
   [[ " ${cgs[*]-} " == *" $cg "* ]] || cgs+=("$cg")
 }
 if [ -n "$ram" ]; then
-  bytes=$(numfmt --from=iec "$ram")
   cgroup_limit --ram memory memory.max "$bytes" memory memory.limit_in_bytes "$bytes"
 fi
 if [ -n "$disk_read" ]; then
-  rate=$(numfmt --from=si "$disk_read")
   # the whole disk under DIR: throttling works on a disk's queue, not a partition's
   src=$(findmnt -no SOURCE --target "$dir")
   disk=$(lsblk -ndo PKNAME "$src" 2>/dev/null || true)
