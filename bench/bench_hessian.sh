@@ -23,7 +23,10 @@
 # wall time, weight reads, statistics output and fsync included; the second
 # fraction leaves out the time the run waited on the output (a fixed ~330 MB
 # per layer at these shapes, whatever the token count, written while the
-# next layer runs). Prints one "key value" line per figure.
+# next layer runs). Prints one "key value" line per figure; with --device
+# cuda also where the device's stream spent the whole layers' time
+# (gpu_layer_split: CUDA events between the layer's steps) and how much of
+# the layers' wall time the host spent between the steps.
 set -euo pipefail
 DEVICE=cpu
 if [ "${1:-}" = "--device" ]; then DEVICE=${2:?--device needs cpu or cuda}; shift 2; fi
@@ -59,10 +62,15 @@ tokens=$(field n_tokens) gflop=$(field gflop) rss=$(field peak_rss_bytes) out_s=
 on_gpu=$(field batches_gpu) on_cpu=$(field batches_cpu) fallbacks=$(field gpu_fallbacks)
 lay_s=$(field layers_seconds) lin_s=$(field linear_gemm_seconds) att_s=$(field attention_seconds)
 stat_s=$(field statistics_seconds)
+# the device stream's seconds in whole layers, by phase (null on the CPU)
+ph=""
+if [ "$DEVICE" = cuda ]; then
+  for k in upload linear attention elementwise statistics idle download; do ph="$ph $(field "$k")"; done
+fi
 awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tokens" -v f="$gflop" \
   -v rss="$rss" -v layers="$LAYERS" -v threads="$THREADS" -v out_s="$out_s" -v x="$prefix" -v dev="$DEVICE" \
   -v gpu="$gpu_name" -v on_gpu="$on_gpu" -v on_cpu="$on_cpu" -v fb="$fallbacks" -v lay="$lay_s" -v lin="$lin_s" \
-  -v att="$att_s" -v st="$stat_s" 'BEGIN {
+  -v att="$att_s" -v st="$stat_s" -v ph="$ph" 'BEGIN {
   peak = p1 > p2 ? p1 : p2
   printf "model llama-3.2-1b-shapes layers %d, %d tokens, %d threads, device %s%s\n", layers, n, threads, dev,
     gpu != "" ? " (" gpu ")" : ""
@@ -79,5 +87,11 @@ awk -v p1="$p1" -v p2="$p2" -v g="$gflops" -v t="$tok_s" -v s="$secs" -v n="$tok
   printf "%sfraction_of_gemm_peak_without_output %.2f\n", x, f / (s - out_s) / peak
   if (dev == "cuda")
     printf "%sbatch_steps %d on the GPU, %d on the CPU, %d GPU fallbacks\n", x, on_gpu, on_cpu, fb
+  if (split(ph, p, " ") == 7) {
+    dev_s = 0; for (i = 1; i <= 7; i++) dev_s += p[i]
+    printf "%sgpu_layer_split upload %.2f s, linear %.2f, attention %.2f, elementwise %.2f, statistics %.2f, " \
+      "idle %.2f, download %.2f; the host between the steps %.2f (of the layers %.2f s)\n", \
+      x, p[1], p[2], p[3], p[4], p[5], p[6], p[7], lay - dev_s, lay
+  }
   printf "%speak_rss_gb %.2f\n", x, rss / 1e9
 }'

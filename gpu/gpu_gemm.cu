@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "gpu/gpu_device.h"
+#include "gpu/gpu_gram_blocks.cuh"
 #include "gpu/gpu_gemm.h"
 #include "gpu/gpu_mempool.h"
 
@@ -281,6 +282,8 @@ void gpu_gemm_close(gpu_gemm *g)
         cudaStreamDestroy(g->stream);
     if (g->out_done)
         cudaEventDestroy(g->out_done);
+    for (unsigned i = 0; i < GG_MARKS && g->marks_made; i++)
+        cudaEventDestroy(g->mark[i]);
     if (g->stage_pinned)
         cudaFreeHost(g->stage);
     else
@@ -440,6 +443,14 @@ static cudaError_t gg_gram_add_back(gpu_gemm *g, const float *d_g, uint64_t dim,
     return cudaSuccess;
 }
 
+cublasStatus_t gg_gram_enqueue(gpu_gemm *g, const float *A, uint64_t dim, uint64_t rows, uint64_t lda, float beta,
+                               float *C, uint64_t ldc)
+{
+    return gpu_gram_blocks(g->blas, g->gram_block, A, dim, rows, lda, beta, C, ldc);
+}
+
+void gpu_gemm_set_gram_block(gpu_gemm *g, uint64_t block) { g->gram_block = block; }
+
 int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, uint64_t ldx, float *c)
 {
     GPU_ASSERT(dim <= INT32_MAX && n_rows <= INT32_MAX && ldx >= dim);
@@ -465,9 +476,7 @@ int gpu_gemm_gram(gpu_gemm *g, const float *x, uint64_t n_rows, uint64_t dim, ui
         return gg_cuda_fail(g, rc, what, needs);
     }
     /* Column-major A = X^T [dim, n_rows]; G = A A^T, its lower triangle. */
-    const float one = 1.0f, zero = 0.0f;
-    cublasStatus_t st = cublasSsyrk(g->blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, (int)dim, (int)n_rows, &one,
-                                    (const float *)buf[0].ptr, (int)dim, &zero, (float *)buf[1].ptr, (int)dim);
+    cublasStatus_t st = gg_gram_enqueue(g, (const float *)buf[0].ptr, dim, n_rows, dim, 0.0f, (float *)buf[1].ptr, dim);
     if (st != CUBLAS_STATUS_SUCCESS) {
         gg_drain(g);
         gg_give(g, buf, 2);
@@ -512,6 +521,97 @@ void gpu_gemm_host_free(gpu_gemm *g, void *p)
 
 /* ================================================================ peak */
 
+/* One measured operation: enqueues one call on g's stream. */
+typedef cublasStatus_t (*gg_timed_fn)(gpu_gemm *g, const float *a, const float *b, float *c, const uint64_t *shape);
+
+/* The best rate (GFLOP/s) of `call` with `flops` per call, timed in groups
+ * of 10 calls with events for about `seconds` (at least two groups; the
+ * first warms up and is not counted). *rc: the first error. */
+static double gg_best_rate(gpu_gemm *g, cudaEvent_t t0, cudaEvent_t t1, gg_timed_fn call, const gg_buf *buf,
+                           const uint64_t *shape, double flops, double seconds, cudaError_t *rc)
+{
+    double best = -1, spent = 0;
+    for (unsigned rep = 0; *rc == cudaSuccess && (rep < 2 || spent < seconds); rep++) {
+        const unsigned calls = 10;
+        *rc = cudaEventRecord(t0, g->stream);
+        for (unsigned i = 0; i < calls && *rc == cudaSuccess; i++)
+            if (call(g, (const float *)buf[0].ptr, (const float *)buf[1].ptr, (float *)buf[2].ptr, shape) !=
+                CUBLAS_STATUS_SUCCESS)
+                *rc = cudaErrorLaunchFailure;
+        if (*rc == cudaSuccess)
+            *rc = cudaEventRecord(t1, g->stream);
+        if (*rc == cudaSuccess)
+            *rc = cudaEventSynchronize(t1);
+        float ms = 0;
+        if (*rc == cudaSuccess)
+            *rc = cudaEventElapsedTime(&ms, t0, t1);
+        if (*rc == cudaSuccess && ms > 0 && rep > 0) {
+            double rate = flops * calls / (ms * 1e-3) / 1e9;
+            best = rate > best ? rate : best;
+        }
+        spent += ms * 1e-3;
+    }
+    return best;
+}
+
+/* Three device buffers of max_elems floats each, the first two filled
+ * with a fixed pattern, and two timing events, for a measurement; the
+ * error of the first step that failed. */
+static cudaError_t gg_bench_setup(gpu_gemm *g, uint64_t max_elems, gg_buf *buf, cudaEvent_t *t0, cudaEvent_t *t1)
+{
+    float *host = (float *)malloc((size_t)max_elems * 4);
+    cudaError_t rc = host ? cudaSuccess : cudaErrorMemoryAllocation;
+    for (unsigned i = 0; i < 3 && rc == cudaSuccess; i++)
+        rc = gg_take(g, max_elems * 4, &buf[i]);
+    if (rc == cudaSuccess)
+        rc = cudaEventCreate(t0);
+    if (rc == cudaSuccess)
+        rc = cudaEventCreate(t1);
+    if (rc == cudaSuccess) {
+        for (uint64_t i = 0; i < max_elems; i++)
+            host[i] = (float)((i * 7919u) % 1000) * 1e-3f - 0.5f;
+        for (unsigned i = 0; i < 2 && rc == cudaSuccess; i++)
+            rc = cudaMemcpyAsync(buf[i].ptr, host, (size_t)max_elems * 4, cudaMemcpyHostToDevice, g->stream);
+        if (rc == cudaSuccess)
+            rc = cudaStreamSynchronize(g->stream); /* host is freed next */
+    }
+    free(host);
+    return rc;
+}
+
+/* gg_bench_setup's resources back; -1 with the error described when rc
+ * failed, else rate. */
+static double gg_bench_end(gpu_gemm *g, gg_buf *buf, cudaEvent_t t0, cudaEvent_t t1, cudaError_t rc, uint64_t bytes,
+                           double rate)
+{
+    gg_drain(g);
+    if (t0)
+        cudaEventDestroy(t0);
+    if (t1)
+        cudaEventDestroy(t1);
+    gg_give(g, buf, 3);
+    if (rc != cudaSuccess) {
+        gg_cuda_fail(g, rc, "rate measurement", bytes);
+        return -1;
+    }
+    return rate;
+}
+
+/* C [m, n] = A [m, k] B [n, k]^T as the linear layers call it; shape {m, n, k}. */
+static cublasStatus_t gg_timed_sgemm(gpu_gemm *g, const float *a, const float *b, float *c, const uint64_t *shape)
+{
+    const float one = 1.0f, zero = 0.0f;
+    int m = (int)shape[0], n = (int)shape[1], k = (int)shape[2];
+    return cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one, b, k, a, k, &zero, c, n);
+}
+
+/* The Gram update of the statistics; shape {dim, rows}. */
+static cublasStatus_t gg_timed_gram(gpu_gemm *g, const float *a, const float *b, float *c, const uint64_t *shape)
+{
+    (void)b;
+    return gg_gram_enqueue(g, a, shape[0], shape[1], shape[0], 1.0f, c, shape[0]);
+}
+
 double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds)
 {
     static const uint64_t k_shapes[][2] = {{2048, 2048}, {8192, 2048}, {2048, 8192}}; /* N x K */
@@ -520,56 +620,31 @@ double gpu_gemm_peak_gflops(gpu_gemm *g, double seconds)
         return -1;
     gg_buf buf[3] = {};
     cudaEvent_t t0 = NULL, t1 = NULL;
+    cudaError_t rc = gg_bench_setup(g, max_elems, buf, &t0, &t1);
     double best = -1;
-    float *host = (float *)malloc((size_t)max_elems * 4);
-    cudaError_t rc = host ? cudaSuccess : cudaErrorMemoryAllocation;
-    for (unsigned i = 0; i < 3 && rc == cudaSuccess; i++)
-        rc = gg_take(g, max_elems * 4, &buf[i]);
-    if (rc == cudaSuccess)
-        rc = cudaEventCreate(&t0);
-    if (rc == cudaSuccess)
-        rc = cudaEventCreate(&t1);
-    if (rc == cudaSuccess) {
-        for (uint64_t i = 0; i < max_elems; i++)
-            host[i] = (float)((i * 7919u) % 1000) * 1e-3f - 0.5f;
-        for (unsigned i = 0; i < 2 && rc == cudaSuccess; i++)
-            rc = cudaMemcpyAsync(buf[i].ptr, host, (size_t)max_elems * 4, cudaMemcpyHostToDevice, g->stream);
-    }
-    const float one = 1.0f, zero = 0.0f;
     for (unsigned s = 0; s < 3 && rc == cudaSuccess; s++) {
-        int n = (int)k_shapes[s][0], k = (int)k_shapes[s][1];
-        double spent = 0;
-        for (unsigned rep = 0; rc == cudaSuccess && (rep < 2 || spent < seconds / 3); rep++) {
-            const unsigned calls = 10;
-            rc = cudaEventRecord(t0, g->stream);
-            for (unsigned i = 0; i < calls && rc == cudaSuccess; i++)
-                if (cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, (int)m, k, &one, (const float *)buf[1].ptr, k,
-                                (const float *)buf[0].ptr, k, &zero, (float *)buf[2].ptr, n) != CUBLAS_STATUS_SUCCESS)
-                    rc = cudaErrorLaunchFailure;
-            if (rc == cudaSuccess)
-                rc = cudaEventRecord(t1, g->stream);
-            if (rc == cudaSuccess)
-                rc = cudaEventSynchronize(t1);
-            float ms = 0;
-            if (rc == cudaSuccess)
-                rc = cudaEventElapsedTime(&ms, t0, t1);
-            if (rc == cudaSuccess && ms > 0 && rep > 0) { /* rep 0 warms up */
-                double rate = 2.0 * (double)m * n * k * calls / (ms * 1e-3) / 1e9;
-                best = rate > best ? rate : best;
-            }
-            spent += ms * 1e-3;
-        }
+        const uint64_t shape[3] = {m, k_shapes[s][0], k_shapes[s][1]};
+        double r = gg_best_rate(g, t0, t1, gg_timed_sgemm, buf, shape, 2.0 * (double)m * shape[1] * shape[2],
+                                seconds / 3, &rc);
+        best = r > best ? r : best;
     }
-    gg_drain(g);
-    if (t0)
-        cudaEventDestroy(t0);
-    if (t1)
-        cudaEventDestroy(t1);
-    gg_give(g, buf, 3);
-    free(host);
-    if (rc != cudaSuccess) {
-        gg_cuda_fail(g, rc, "peak measurement", 3 * max_elems * 4);
+    return gg_bench_end(g, buf, t0, t1, rc, 3 * max_elems * 4, best);
+}
+
+double gpu_gemm_gram_gflops(gpu_gemm *g, uint64_t dim, uint64_t rows, uint64_t block, double seconds)
+{
+    GPU_ASSERT(dim >= 1 && rows >= 1 && dim <= INT32_MAX && rows <= INT32_MAX);
+    if (gg_check_usable(g) < 0)
         return -1;
-    }
-    return best;
+    uint64_t max_elems = dim * (dim > rows ? dim : rows), saved = g->gram_block;
+    gg_buf buf[3] = {};
+    cudaEvent_t t0 = NULL, t1 = NULL;
+    cudaError_t rc = gg_bench_setup(g, max_elems, buf, &t0, &t1);
+    const uint64_t shape[2] = {dim, rows};
+    g->gram_block = block;
+    double r = rc == cudaSuccess ? gg_best_rate(g, t0, t1, gg_timed_gram, buf, shape,
+                                                (double)dim * (double)(dim + 1) * (double)rows, seconds, &rc)
+                                 : -1;
+    g->gram_block = saved;
+    return gg_bench_end(g, buf, t0, t1, rc, 3 * max_elems * 4, r);
 }

@@ -152,9 +152,45 @@ int gpu_gemm_attend(gpu_gemm *g, const struct cpu_llama_attend_args *a);
 struct cpu_llama_layer_args;
 int gpu_gemm_layer(gpu_gemm *g, const struct cpu_llama_layer_args *a);
 
-/* Tests only: query rows per block of the scores (0: as many as fit 256 MiB),
- * so small sequences cross block boundaries. Call before any attention. */
-void gpu_gemm_set_attend_block_for_tests(uint64_t rows);
+/* Where the device's time went in whole layers (gpu_gemm_layer), summed
+ * over every call so far: CUDA events recorded between the layer's steps
+ * on its stream, so these are the stream's seconds (idle is the stream
+ * waiting between the layer's work and the copy back, i.e. the host's
+ * synchronisation), not the host's. Timing never fails a layer: a call
+ * whose events fail adds nothing. */
+typedef enum gpu_layer_phase {
+    GPU_LAYER_UPLOAD,      /* residual rows and positions up */
+    GPU_LAYER_LINEAR,      /* the four linear layers' cublasSgemm */
+    GPU_LAYER_ATTENTION,   /* scores, softmax, weighted values */
+    GPU_LAYER_ELEMENTWISE, /* RMSNorm, biases, RoPE, SwiGLU, residual adds */
+    GPU_LAYER_STATISTICS,  /* the Gram updates and their fp64 flushes */
+    GPU_LAYER_IDLE,        /* the stream waiting on the host before the copy back */
+    GPU_LAYER_DOWNLOAD,    /* residual rows (and inputs asked for) back */
+    GPU_LAYER_PHASES
+} gpu_layer_phase;
+const char *gpu_layer_phase_name(gpu_layer_phase p); /* "upload", "linear", ... */
+void gpu_gemm_layer_seconds(const gpu_gemm *g, double out[GPU_LAYER_PHASES]);
+
+/* Tuning (MERGESTREAM_GPU_ATTEND_ROWS) and tests: query rows per block of
+ * the scores (0: as many as fit 256 MiB). Smaller blocks skip more of the
+ * causal mask's zero half (each block's keys end at its last query) for
+ * more, smaller GEMMs; in tests small sequences cross block boundaries.
+ * Process-wide; call before any attention. */
+void gpu_gemm_set_attend_block_rows(uint64_t rows);
+
+/* Tuning (MERGESTREAM_GPU_GRAM_BLOCK): every Gram update of this object
+ * (gpu_gemm_gram, the statistics held on the device) by column blocks of
+ * `block` columns, a cublasSsyrk on each diagonal block and one
+ * cublasSgemm for the rows below it, in place of one cublasSsyrk over the
+ * whole matrix (block 0, the default). The same sums in another order:
+ * within rounding of each other. */
+void gpu_gemm_set_gram_block(gpu_gemm *g, uint64_t block);
+
+/* The Gram update's rate (useful GFLOP/s: dim (dim + 1) rows per update)
+ * on device-resident operands, dim x dim from rows rows, with column blocks
+ * of `block` (0: one cublasSsyrk), repeated for about `seconds`. Returns
+ * it, or -1 with gpu_gemm_last_error set. */
+double gpu_gemm_gram_gflops(gpu_gemm *g, uint64_t dim, uint64_t rows, uint64_t block, double seconds);
 
 /* Tests only (the sticky path on demand): the next gpu_gemm_sgemm or
  * gpu_gemm_gram fails as if the device had hit a sticky error (-EIO, the

@@ -8,10 +8,10 @@
 #define GA_SCORE_BYTES ((uint64_t)256 << 20) /* most device bytes of scores at once */
 #define GA_THREADS 256u
 
-/* Query rows per block of the scores (tests shrink it; 0: from GA_SCORE_BYTES). */
+/* Query rows per block of the scores (gpu_gemm_set_attend_block_rows; 0: from GA_SCORE_BYTES). */
 static uint64_t g_attend_block_rows = 0;
 
-void gpu_gemm_set_attend_block_for_tests(uint64_t rows) { g_attend_block_rows = rows; }
+void gpu_gemm_set_attend_block_rows(uint64_t rows) { g_attend_block_rows = rows; }
 
 /* Softmax of the scores of one block in place, one warp per row: row r =
  * rep * nq + i holds query q0 + i's scores against keys kl .. kl + nk - 1 of

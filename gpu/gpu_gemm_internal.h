@@ -21,6 +21,7 @@ extern "C" {
 #define GG_WEIGHTS 16u                         /* cached weights: a layer has up to 12 arrays with the RoPE table, an lm_head slice 1 */
 #define GG_STAGE_BYTES ((uint64_t)32 << 20)    /* host buffer the Gram result comes back through */
 #define GG_STATS 8u                            /* device statistics at once (a layer has 4) */
+#define GG_MARKS 16u                           /* events of a layer's phase clock */
 
 /* A weight kept on the device: the host matrix it was copied from. */
 typedef struct gg_weight {
@@ -58,6 +59,10 @@ struct gpu_gemm {
     float *stage;   /* GG_STAGE_BYTES of host memory: pinned when stage_pinned, else malloc'ed */
     bool stage_pinned;
     cudaEvent_t out_done; /* recorded after each gpu_gemm_stat_out's copy (0: not created) */
+    uint64_t gram_block;  /* gpu_gemm_set_gram_block */
+    cudaEvent_t mark[GG_MARKS]; /* whole layers' phase clock (gpu_gemm_layer.cu), made on first use */
+    bool marks_made, marks_failed;
+    double layer_s[GPU_LAYER_PHASES];
     bool broken;    /* a sticky error happened: every call returns -EIO */
     bool fail_next; /* tests */
     char err[256];
@@ -93,6 +98,13 @@ cudaError_t gg_upload(gpu_gemm *g, void *dev, const float *host, uint64_t rows, 
 cudaError_t gg_weight_get(gpu_gemm *g, const float *b, uint64_t rows, uint64_t cols, uint64_t ld, const void **dev);
 
 /* ================================================================ shared by the layer */
+
+/* gpu_gemm.cu: enqueues C += A A^T (or C = A A^T for beta 0): the lower
+ * triangle of the column-major C [dim, dim] (ldc) from the column-major A
+ * [dim, rows] (lda), by g->gram_block's column blocks
+ * (gpu_gemm_set_gram_block). Returns the first cuBLAS error. */
+cublasStatus_t gg_gram_enqueue(gpu_gemm *g, const float *A, uint64_t dim, uint64_t rows, uint64_t lda, float beta,
+                               float *C, uint64_t ldc);
 
 /* gpu_gemm_stats.cu: enqueues X^T X of n_rows device rows (leading
  * dimension ld) into slot st, split at its fp32 block boundaries. Returns

@@ -95,6 +95,90 @@ static cublasStatus_t gl_linear(gpu_gemm *g, uint64_t m, uint64_t n, uint64_t k,
                        (int)lda, &zero, C, (int)ldc);
 }
 
+/* ================================================================ phase clock */
+
+static const char *const k_phase_names[GPU_LAYER_PHASES] = {"upload", "linear", "attention", "elementwise",
+                                                               "statistics", "idle", "download"};
+
+const char *gpu_layer_phase_name(gpu_layer_phase p) { return p < GPU_LAYER_PHASES ? k_phase_names[p] : "?"; }
+
+void gpu_gemm_layer_seconds(const gpu_gemm *g, double out[GPU_LAYER_PHASES])
+{
+    for (unsigned p = 0; p < GPU_LAYER_PHASES; p++)
+        out[p] = g->layer_s[p];
+}
+
+/* One layer call's marks: event i ends the interval that began at event
+ * i - 1, which belongs to phase[i]. Off (n stays 0) when the events could
+ * not be made or recorded: timing never fails a layer. */
+typedef struct gl_clock {
+    gpu_gemm *g;
+    unsigned n;
+    bool on;
+    gpu_layer_phase phase[GG_MARKS];
+} gl_clock;
+
+static gl_clock gl_clock_start(gpu_gemm *g)
+{
+    gl_clock c = {.g = g, .n = 0, .on = false, .phase = {}};
+    if (!g->marks_made && !g->marks_failed) {
+        unsigned made = 0;
+        while (made < GG_MARKS && cudaEventCreate(&g->mark[made]) == cudaSuccess)
+            made++;
+        if (made < GG_MARKS) {
+            cudaGetLastError();
+            while (made > 0)
+                cudaEventDestroy(g->mark[--made]);
+            g->marks_failed = true;
+        }
+        g->marks_made = !g->marks_failed;
+    }
+    if (!g->marks_made)
+        return c;
+    if (cudaEventRecord(g->mark[0], g->stream) != cudaSuccess) {
+        cudaGetLastError();
+        return c;
+    }
+    c.on = true;
+    c.n = 1;
+    return c;
+}
+
+/* Ends the interval since the last mark as phase p. */
+static void gl_mark(gl_clock *c, gpu_layer_phase p)
+{
+    if (!c->on)
+        return;
+    GPU_ASSERT(c->n < GG_MARKS);
+    if (cudaEventRecord(c->g->mark[c->n], c->g->stream) != cudaSuccess) {
+        cudaGetLastError();
+        c->on = false;
+        return;
+    }
+    c->phase[c->n++] = p;
+}
+
+/* After the stream has finished the call's work: its intervals into
+ * g->layer_s (nothing when any of them cannot be read). */
+static void gl_clock_add(gl_clock *c)
+{
+    if (!c->on)
+        return;
+    double s[GPU_LAYER_PHASES] = {};
+    for (unsigned i = 1; i < c->n; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, c->g->mark[i - 1], c->g->mark[i]) != cudaSuccess) {
+            cudaGetLastError();
+            return;
+        }
+        s[c->phase[i]] += ms * 1e-3;
+    }
+    for (unsigned p = 0; p < GPU_LAYER_PHASES; p++)
+        c->g->layer_s[p] += s[p];
+}
+
+/* ================================================================ the layer */
+
 /* The layer's device operands. */
 enum { GL_X, GL_XN, GL_QKV, GL_ATTN, GL_PROJ, GL_XN2, GL_GU, GL_SCORES, GL_POS, GL_BUFS };
 
@@ -102,10 +186,11 @@ enum { GL_X, GL_XN, GL_QKV, GL_ATTN, GL_PROJ, GL_XN2, GL_GU, GL_SCORES, GL_POS, 
 enum { GW_ATTN_NORM, GW_QKV, GW_B_QKV, GW_O, GW_B_O, GW_MLP_NORM, GW_GU, GW_B_GU, GW_DOWN, GW_B_DOWN, GW_COS, GW_SIN,
        GW_COUNT };
 
-/* Enqueues the layer's work after its operands are up. Returns the first
- * launch error as a cuBLAS status (every one sticky from here). */
+/* Enqueues the layer's work after its operands are up, marking each
+ * phase's end on clk. Returns the first launch error as a cuBLAS status
+ * (every one sticky from here). */
 static cublasStatus_t gl_enqueue(gpu_gemm *g, const cpu_llama_layer_args *a, const cpu_llama_attend_args *aa,
-                                 float *const *d, const void *const *w)
+                                 float *const *d, const void *const *w, gl_clock *clk)
 {
     const cpu_llama_config *c = a->cfg;
     uint64_t T = a->b->n_tokens, H = c->hidden, Q = cpu_llama_q_dim(c), QKV = cpu_llama_qkv_rows(c),
@@ -121,7 +206,9 @@ static cublasStatus_t gl_enqueue(gpu_gemm *g, const cpu_llama_layer_args *a, con
     /* attention */
     k_rmsnorm<<<(unsigned)T, GL_THREADS, 0, g->stream>>>(d[GL_X], (const float *)w[GW_ATTN_NORM], d[GL_XN], H, eps);
     GL_TRY(GL_LAUNCHED());
+    gl_mark(clk, GPU_LAYER_ELEMENTWISE);
     GL_TRY(gl_linear(g, T, QKV, H, d[GL_XN], H, w[GW_QKV], d[GL_QKV], QKV));
+    gl_mark(clk, GPU_LAYER_LINEAR);
     if (w[GW_B_QKV]) {
         k_bias<<<gl_grid(T * QKV), GL_THREADS, 0, g->stream>>>(d[GL_QKV], (const float *)w[GW_B_QKV], T, QKV, QKV);
         GL_TRY(GL_LAUNCHED());
@@ -130,14 +217,19 @@ static cublasStatus_t gl_enqueue(gpu_gemm *g, const cpu_llama_layer_args *a, con
         d[GL_QKV], (const float *)w[GW_COS], (const float *)w[GW_SIN], (const uint32_t *)d[GL_POS], T,
         c->n_heads + c->n_kv_heads, hd, QKV);
     GL_TRY(GL_LAUNCHED());
+    gl_mark(clk, GPU_LAYER_ELEMENTWISE);
     GL_TRY(ga_enqueue(g, aa, d[GL_QKV], (const uint32_t *)d[GL_POS], d[GL_SCORES], d[GL_ATTN]));
+    gl_mark(clk, GPU_LAYER_ATTENTION);
     GL_TRY(gl_linear(g, T, H, Q, d[GL_ATTN], Q, w[GW_O], d[GL_PROJ], H));
+    gl_mark(clk, GPU_LAYER_LINEAR);
     k_residual<<<gl_grid(T * H), GL_THREADS, 0, g->stream>>>(d[GL_X], d[GL_PROJ], (const float *)w[GW_B_O], T, H);
     GL_TRY(GL_LAUNCHED());
     /* MLP */
     k_rmsnorm<<<(unsigned)T, GL_THREADS, 0, g->stream>>>(d[GL_X], (const float *)w[GW_MLP_NORM], d[GL_XN2], H, eps);
     GL_TRY(GL_LAUNCHED());
+    gl_mark(clk, GPU_LAYER_ELEMENTWISE);
     GL_TRY(gl_linear(g, T, 2 * II, H, d[GL_XN2], H, w[GW_GU], d[GL_GU], 2 * II));
+    gl_mark(clk, GPU_LAYER_LINEAR);
     if (w[GW_B_GU]) {
         k_bias<<<gl_grid(T * 2 * II), GL_THREADS, 0, g->stream>>>(d[GL_GU], (const float *)w[GW_B_GU], T, 2 * II,
                                                                   2 * II);
@@ -145,9 +237,12 @@ static cublasStatus_t gl_enqueue(gpu_gemm *g, const cpu_llama_layer_args *a, con
     }
     k_swiglu<<<gl_grid(T * II), GL_THREADS, 0, g->stream>>>(d[GL_GU], T, II);
     GL_TRY(GL_LAUNCHED());
+    gl_mark(clk, GPU_LAYER_ELEMENTWISE);
     GL_TRY(gl_linear(g, T, H, II, d[GL_GU], 2 * II, w[GW_DOWN], d[GL_PROJ], H));
+    gl_mark(clk, GPU_LAYER_LINEAR);
     k_residual<<<gl_grid(T * H), GL_THREADS, 0, g->stream>>>(d[GL_X], d[GL_PROJ], (const float *)w[GW_B_DOWN], T, H);
     GL_TRY(GL_LAUNCHED());
+    gl_mark(clk, GPU_LAYER_ELEMENTWISE);
     /* the statistics, from the inputs still on the device */
     const float *in[CPU_LLAMA_IN_COUNT] = {d[GL_XN], d[GL_ATTN], d[GL_XN2], d[GL_GU]};
     const uint64_t width[CPU_LLAMA_IN_COUNT] = {H, Q, H, II}, ld[CPU_LLAMA_IN_COUNT] = {H, Q, H, 2 * II};
@@ -159,6 +254,7 @@ static cublasStatus_t gl_enqueue(gpu_gemm *g, const cpu_llama_layer_args *a, con
         GPU_ASSERT(sl->blk.ptr && sl->dim == width[k]);
         GL_TRY(gg_stat_accumulate(g, sl, in[k], T, ld[k]));
     }
+    gl_mark(clk, GPU_LAYER_STATISTICS);
     return CUBLAS_STATUS_SUCCESS;
 #undef GL_TRY
 #undef GL_LAUNCHED
@@ -196,6 +292,7 @@ int gpu_gemm_layer(gpu_gemm *g, const cpu_llama_layer_args *a)
                                          {1, H},      {1, H},   {2 * II, H},      {1, 2 * II},
                                          {H, II},     {1, H},   {a->max_pos, rope_cols}, {a->max_pos, rope_cols}};
     const void *dw[GW_COUNT] = {};
+    gl_clock clk = gl_clock_start(g); /* "upload" counts the weights' copies too (a layer's first batch) */
     for (unsigned i = 0; i < GW_COUNT && rc == cudaSuccess; i++)
         if (host_w[i])
             rc = gg_weight_get(g, host_w[i], shape[i][0], shape[i][1], shape[i][1], &dw[i]);
@@ -216,18 +313,23 @@ int gpu_gemm_layer(gpu_gemm *g, const cpu_llama_layer_args *a)
     float *d[GL_BUFS];
     for (unsigned i = 0; i < GL_BUFS; i++)
         d[i] = (float *)buf[i].ptr;
-    cublasStatus_t st = gl_enqueue(g, a, &aa, d, dw);
+    gl_mark(&clk, GPU_LAYER_UPLOAD);
+    cublasStatus_t st = gl_enqueue(g, a, &aa, d, dw, &clk);
     rc = gg_drain(g);
     if (st == CUBLAS_STATUS_SUCCESS && rc == cudaSuccess) { /* the results back only now: a failure leaves x alone */
         const float *in[CPU_LLAMA_IN_COUNT] = {d[GL_XN], d[GL_ATTN], d[GL_XN2], d[GL_GU]};
         const uint64_t width[CPU_LLAMA_IN_COUNT] = {H, Q, H, II}, ld[CPU_LLAMA_IN_COUNT] = {H, Q, H, 2 * II};
+        gl_mark(&clk, GPU_LAYER_IDLE);
         rc = cudaMemcpyAsync(a->x, d[GL_X], (size_t)bytes[GL_X], cudaMemcpyDeviceToHost, g->stream);
         for (unsigned k = 0; k < CPU_LLAMA_IN_COUNT && rc == cudaSuccess; k++)
             if (a->input[k])
                 rc = cudaMemcpy2DAsync(a->input[k], (size_t)(a->input_ld[k] * 4), in[k], (size_t)(ld[k] * 4),
                                        (size_t)(width[k] * 4), (size_t)T, cudaMemcpyDeviceToHost, g->stream);
+        gl_mark(&clk, GPU_LAYER_DOWNLOAD);
         cudaError_t rc2 = gg_drain(g);
         rc = rc != cudaSuccess ? rc : rc2;
+        if (rc == cudaSuccess)
+            gl_clock_add(&clk);
     }
     gg_give(g, buf, GL_BUFS);
     /* the slots may hold part of this batch: sticky, whatever the error */

@@ -143,9 +143,37 @@ void ms_gpu_host_unregister(void *p) { (void)p; }
 #ifdef MERGESTREAM_HAVE_CUDA
 #include "gpu/gpu_gemm.h"
 
+/* A tuning variable's value: 0 when unset, else a whole number (true), or
+ * false with why set. */
+static bool tuning_env(const char *name, uint64_t *v, char *why, size_t why_len)
+{
+    const char *s = getenv(name);
+    *v = 0;
+    if (!s || !*s)
+        return true;
+    char *end = NULL;
+    unsigned long long n = strtoull(s, &end, 10);
+    if (*s == '-' || *end || n > ((uint64_t)1 << 31)) {
+        snprintf(why, why_len, "%s='%s' is not a whole number up to 2^31", name, s);
+        return false;
+    }
+    *v = n;
+    return true;
+}
+
 int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len)
 {
-    return gpu_gemm_open(0, memory_limit, (gpu_gemm **)out, why, why_len);
+    uint64_t attend_rows, gram_block;
+    *out = NULL;
+    if (!tuning_env("MERGESTREAM_GPU_ATTEND_ROWS", &attend_rows, why, why_len) ||
+        !tuning_env("MERGESTREAM_GPU_GRAM_BLOCK", &gram_block, why, why_len))
+        return -1;
+    int rc = gpu_gemm_open(0, memory_limit, (gpu_gemm **)out, why, why_len);
+    if (rc != 0)
+        return rc;
+    gpu_gemm_set_attend_block_rows(attend_rows);
+    gpu_gemm_set_gram_block((gpu_gemm *)*out, gpu_unverified_allowed() ? gram_block : 0);
+    return 0;
 }
 
 void ms_gpu_gemm_close(ms_gpu_gemm *g) { gpu_gemm_close((gpu_gemm *)g); }
@@ -219,6 +247,27 @@ double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t
     return r;
 }
 
+unsigned ms_gpu_gemm_layer_seconds(const ms_gpu_gemm *g, double *sec, const char **names, unsigned max)
+{
+    double all[GPU_LAYER_PHASES];
+    gpu_gemm_layer_seconds((const gpu_gemm *)g, all);
+    unsigned n = max < GPU_LAYER_PHASES ? max : GPU_LAYER_PHASES;
+    for (unsigned p = 0; p < n; p++) {
+        sec[p] = all[p];
+        names[p] = gpu_layer_phase_name((gpu_layer_phase)p);
+    }
+    return n;
+}
+
+double ms_gpu_gemm_gram_gflops(ms_gpu_gemm *g, uint64_t dim, uint64_t rows, uint64_t block, double seconds, char *why,
+                               size_t why_len)
+{
+    double r = gpu_gemm_gram_gflops((gpu_gemm *)g, dim, rows, block, seconds);
+    if (r < 0)
+        snprintf(why, why_len, "%s", gpu_gemm_last_error((const gpu_gemm *)g));
+    return r;
+}
+
 #else /* no CUDA: the forward pass stays on the CPU */
 
 int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len)
@@ -236,6 +285,20 @@ cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g) { (void)g; return cpu_llama_gemm
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len)
 {
     (void)g; (void)seconds;
+    snprintf(why, why_len, "built without CUDA");
+    return -1;
+}
+
+unsigned ms_gpu_gemm_layer_seconds(const ms_gpu_gemm *g, double *sec, const char **names, unsigned max)
+{
+    (void)g; (void)sec; (void)names; (void)max;
+    return 0;
+}
+
+double ms_gpu_gemm_gram_gflops(ms_gpu_gemm *g, uint64_t dim, uint64_t rows, uint64_t block, double seconds, char *why,
+                               size_t why_len)
+{
+    (void)g; (void)dim; (void)rows; (void)block; (void)seconds;
     snprintf(why, why_len, "built without CUDA");
     return -1;
 }

@@ -76,7 +76,12 @@ typedef struct ms_gpu_gemm ms_gpu_gemm;
 
 /* Opens GPU 0 for the forward pass with at most memory_limit bytes of device
  * buffers (0: no cap). Returns 0 and *out, or -1 with a one-line reason in
- * why ("built without CUDA", "no CUDA device", a driver error). */
+ * why ("built without CUDA", "no CUDA device", a driver error, a bad
+ * tuning variable). Tuning, for measurements (tests/gpu/device_check.sh):
+ * MERGESTREAM_GPU_ATTEND_ROWS=N query rows per block of attention scores,
+ * MERGESTREAM_GPU_GRAM_BLOCK=N Gram updates by N-column blocks (not yet run
+ * on a GPU: honoured only with MERGESTREAM_GPU_UNVERIFIED=1); see
+ * gpu/gpu_gemm.h. */
 int ms_gpu_gemm_open(uint64_t memory_limit, ms_gpu_gemm **out, char *why, size_t why_len);
 void ms_gpu_gemm_close(ms_gpu_gemm *g); /* NULL is a no-op */
 const char *ms_gpu_gemm_name(const ms_gpu_gemm *g);
@@ -89,5 +94,17 @@ cpu_llama_gemm ms_gpu_gemm_seam(ms_gpu_gemm *g);
 /* The device's best fp32 cublasSgemm rate in GFLOP/s (gpu_gemm_peak_gflops),
  * or -1 with why set. */
 double ms_gpu_gemm_peak_gflops(ms_gpu_gemm *g, double seconds, char *why, size_t why_len);
+
+/* Where the device's stream spent its time in whole decoder layers so far
+ * (gpu_gemm_layer_seconds): up to max phases' seconds into sec and their
+ * names ("upload", "linear", ...) into names. Returns how many (0 without
+ * CUDA). */
+unsigned ms_gpu_gemm_layer_seconds(const ms_gpu_gemm *g, double *sec, const char **names, unsigned max);
+
+/* The Gram update's rate in useful GFLOP/s (gpu_gemm_gram_gflops: dim x dim
+ * from rows rows, by column blocks of `block`, 0: one cublasSsyrk), or -1
+ * with why set. */
+double ms_gpu_gemm_gram_gflops(ms_gpu_gemm *g, uint64_t dim, uint64_t rows, uint64_t block, double seconds, char *why,
+                               size_t why_len);
 
 #endif

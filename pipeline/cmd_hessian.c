@@ -274,6 +274,14 @@ void ms_fwd_cli_backend_report(const ms_llama_result *r, const ms_gpu_gemm *gpu,
         cJSON_AddNumberToObject(j, "batches_cpu", (double)r->steps_cpu);
         cJSON_AddNumberToObject(j, "gpu_fallbacks", (double)r->gpu_fallbacks);
         cJSON_AddBoolToObject(j, "gpu_disabled", r->gpu_disabled);
+        /* the device's stream time in whole layers, by phase (its own clock: what the host waited on) */
+        double sec[16];
+        const char *names[16];
+        unsigned n_phases = gpu ? ms_gpu_gemm_layer_seconds(gpu, sec, names, 16) : 0;
+        cJSON *phases = n_phases ? cJSON_AddObjectToObject(j, "gpu_layer_seconds")
+                                 : cJSON_AddNullToObject(j, "gpu_layer_seconds");
+        for (unsigned p = 0; p < n_phases && phases; p++)
+            cJSON_AddNumberToObject(phases, names[p], sec[p]);
     }
     if (!gpu)
         snprintf(line, n, "on the CPU");

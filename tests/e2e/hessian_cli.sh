@@ -146,6 +146,11 @@ expect_fail 2 "-o DIR is required" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/ca
 if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_fail 2 "--device cuda: no usable GPU" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --device cuda
 fi
+# a bad GPU tuning variable: named, exit 2, before any GPU is looked for
+# (a build without CUDA has no GPU to tune: "built without CUDA")
+MERGESTREAM_GPU_GRAM_BLOCK=12x expect_fail 2 \
+  "MERGESTREAM_GPU_GRAM_BLOCK='12x' is not a whole number|built without CUDA" \
+  "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --device cuda
 cp -r "$WORK/m" "$WORK/gpt2"
 sed -i 's/LlamaForCausalLM/GPT2LMHeadModel/' "$WORK/gpt2/config.json"
 expect_fail 2 "architecture 'GPT2LMHeadModel' is not supported" \

@@ -17,7 +17,9 @@
 #      of a one-layer 1B-shaped model (Hessians factored on the GPU): same
 #      bytes, and their times on the GPU and the CPU
 #   4. bench (hot page cache): hessian tokens/s on the GPU against its GEMM
-#      peak (whole decoder layers on the device); TIES copy / GPU
+#      peak (whole decoder layers on the device, where the device's time
+#      went), the Gram updates' rates and the tuning variables' effect on a
+#      4-layer run; TIES copy / GPU
 #      / CPU on every core; slerp and model_stock on GPU and CPU; FULL=1:
 #      TIES with one GPU lane and with the pool pageable, hessian on the
 #      CPU, and a cold CPU TIES with and without --direct-io; last,
@@ -113,13 +115,23 @@ done
 rm -rf $H/cpu $H/gpu
 
 # 4. bench, hot page cache
-hessian() { # LABEL DEVICE LAYERS SAMPLES: bench_hessian.sh's figures
+hessian() { # LABEL DEVICE LAYERS SAMPLES [PATTERN]: bench_hessian.sh's figures (the lines matching PATTERN)
   LAYERS=$3 SAMPLES=$4 bash bench/bench_hessian.sh --device $2 build-gpu > "$OUT/hessian_$1.log" 2>&1
-  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -14 | sed "s/^/  $1: /" | tee -a "$summary"
+  grep -vE "^\s*$" "$OUT/hessian_$1.log" | tail -16 | grep -E -- "${5:-.}" | sed "s/^/  $1: /" | tee -a "$summary"
 }
-note "hessian (Llama-3.2-1B shapes: on the GPU all 16 layers, 32 x 2048 tokens; FULL=1 on the CPU 2 layers, 4 x 2048):"
-hessian cuda cuda 16 32
+note "hessian (Llama-3.2-1B shapes: on the GPU all 16 layers, 64 x 2048 tokens as the original's calibration; FULL=1 on the CPU 2 layers, 4 x 2048):"
+hessian cuda cuda 16 64
 [ "${FULL:-0}" = 1 ] && hessian cpu cpu 2 4
+# What would move the GPU's figure: the Gram updates' rate by column blocks
+# against one cublasSsyrk, and 4-layer runs with each tuning variable
+# (backend_registry.h) against none
+note "Gram updates on the device (bench_sgemm --cuda --gram):"
+build-gpu/bench/bench_sgemm --cuda --gram --seconds 3 2>&1 | grep -E "^(sgemm|gram)" | sed "s/^/  /" | tee -a "$summary"
+note "hessian tuning (4 layers, 32 x 2048 tokens):"
+sel="fraction_of_gemm_peak |gpu_layer_split"
+hessian tune-default cuda 4 32 "$sel"
+MERGESTREAM_GPU_GRAM_BLOCK=2048 hessian tune-gram2048 cuda 4 32 "$sel"
+MERGESTREAM_GPU_ATTEND_ROWS=512 hessian tune-attend512 cuda 4 32 "$sel"
 bench() { # LABEL BENCH_MERGE_ARGS...
   MS_BUILD=build-gpu bash bench/bench_merge.sh --preset llama-1b --max-memory 8G --dir /tmp/ms-bench --hot-only "${@:2}" \
     2>&1 | grep -E "cache=" | sed "s/^/  $1 /" | tee -a "$summary"

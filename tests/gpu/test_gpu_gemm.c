@@ -255,18 +255,24 @@ static void test_gram_random(void **state)
         uint64_t dim = rng_range(1, 260), n_rows = rng_range(1, 900), ldx = dim + rng_range(0, 7);
         float *x = rand_floats(n_rows * ldx), *c0 = rand_floats(dim * dim);
         float *gc = copy_floats(c0, dim * dim), *cc = copy_floats(c0, dim * dim);
+        /* one cublasSsyrk, or by column blocks (MERGESTREAM_GPU_GRAM_BLOCK) of any width */
+        uint64_t block = t % 3 == 0 ? 0 : rng_range(1, dim + 3);
+        gpu_gemm_set_gram_block(g, block);
         int rc = gpu_gemm_gram(g, x, n_rows, dim, ldx, gc);
         if (rc != 0)
             fail_msg("gpu_gemm_gram returned %d: %s", rc, gpu_gemm_last_error(g));
         assert_int_equal(cpu.gram(cpu.ctx, x, n_rows, dim, ldx, cc), 0);
         check_gram(x, n_rows, dim, ldx, c0, cc, "OpenBLAS");
-        check_gram(x, n_rows, dim, ldx, c0, gc, "GPU");
+        char who[64];
+        snprintf(who, sizeof who, "GPU, column blocks of %" PRIu64, block);
+        check_gram(x, n_rows, dim, ldx, c0, gc, who);
         free(x);
         free(c0);
         free(gc);
         free(cc);
     }
     /* A result larger than the host stage (32 MiB): it comes back in several row blocks. */
+    gpu_gemm_set_gram_block(g, 0);
     uint64_t dim = 3001, n_rows = 7, ldx = 3001;
     float *x = rand_floats(n_rows * ldx), *c0 = rand_floats(dim * dim), *gc = copy_floats(c0, dim * dim);
     assert_int_equal(gpu_gemm_gram(g, x, n_rows, dim, ldx, gc), 0);
@@ -429,6 +435,12 @@ static void test_peak(void **state)
     if (!(peak > 0))
         fail_msg("gpu_gemm_peak_gflops: %g (%s)", peak, gpu_gemm_last_error(g));
     printf("%s: fp32 cuBLAS peak %.0f GFLOP/s\n", gpu_gemm_device_name(g), peak);
+    for (uint64_t block = 0; block <= 300; block += 300) {
+        double gram = gpu_gemm_gram_gflops(g, 1000, 500, block, 0.1);
+        if (!(gram > 0))
+            fail_msg("gpu_gemm_gram_gflops (block %" PRIu64 "): %g (%s)", block, gram, gpu_gemm_last_error(g));
+        printf("Gram 1000 x 1000 from 500 rows, block %" PRIu64 ": %.0f GFLOP/s\n", block, gram);
+    }
     gpu_gemm_close(g);
 }
 
@@ -446,6 +458,8 @@ static void test_stats_on_device(void **state)
     for (unsigned round = 0; round < 4; round++) {
         uint64_t dim = rng_range(1, 300), ld = dim + rng_range(0, 3), rows = rng_range(1, 900);
         uint64_t flush = round == 0 ? 4096 : rng_range(1, 200);
+        uint64_t block = round < 2 ? 0 : rng_range(1, dim + 3); /* the Gram updates by column blocks */
+        gpu_gemm_set_gram_block(g, block);
         float *x = rand_floats(rows * ld);
         cpu_hessian *h = NULL;
         assert_int_equal(cpu_hessian_open(dim, flush, &h), 0);
@@ -476,8 +490,9 @@ static void test_stats_on_device(void **state)
         for (uint64_t i = 0; i < dim; i++) /* rows_out fills both triangles: compare the upper one */
             for (uint64_t j = 0; j < i; j++)
                 got[i * dim + j] = 0.0f;
-        char who[64];
-        snprintf(who, sizeof who, "device statistics, flush %" PRIu64 ", %" PRIu64 " rows on the host", flush, on_host);
+        char who[96];
+        snprintf(who, sizeof who, "device statistics, flush %" PRIu64 ", block %" PRIu64 ", %" PRIu64 " rows on the host",
+                 flush, block, on_host);
         check_gram(x, rows, dim, ld, zero, got, who);
         free(got);
         free(zero);
@@ -549,7 +564,7 @@ static void test_attend_layer(void **state)
         cpu_llama_gemm cpu_seam = cpu_llama_gemm_blas(), mixed = cpu_llama_gemm_blas();
         mixed.ctx = g;
         mixed.attend = attend_on_gpu;
-        gpu_gemm_set_attend_block_for_tests(round < 2 ? 0 : rng_range(1, 20));
+        gpu_gemm_set_attend_block_rows(round < 2 ? 0 : rng_range(1, 20));
         cpu_llama *m_cpu = NULL, *m_gpu = NULL;
         assert_int_equal(cpu_llama_open(&c, T, T, 400, NULL, &cpu_seam, &m_cpu), 0);
         assert_int_equal(cpu_llama_open(&c, T, T, 400, NULL, &mixed, &m_gpu), 0);
@@ -642,7 +657,7 @@ static void test_attend_layer(void **state)
         free(x_cpu);
         free(x_gpu);
     }
-    gpu_gemm_set_attend_block_for_tests(0);
+    gpu_gemm_set_attend_block_rows(0);
     /* out of device memory: -ENOMEM, the error says so, and the next call works */
     gpu_gemm *tiny = open_gpu(1 << 12);
     cpu_llama_config c = {.hidden = 16, .intermediate = 24, .n_layers = 1, .n_heads = 2, .n_kv_heads = 1,
