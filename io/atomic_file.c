@@ -40,6 +40,37 @@ int ms_pwrite_all(int fd, const void *buf, size_t len, uint64_t offset)
     return 0;
 }
 
+int ms_pread_all(int fd, void *buf, size_t len, uint64_t offset)
+{
+    unsigned char *p = buf;
+    while (len > 0) {
+        if (offset > (uint64_t)INT64_MAX)
+            return -EFBIG;
+        if (ms_fault_hit(MS_FAULT_READ))
+            return -EIO;
+        ssize_t n = pread(fd, p, len, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -ENODATA;
+        p += n;
+        len -= (size_t)n;
+        offset += (uint64_t)n;
+    }
+    return 0;
+}
+
+int ms_pread_exact(int fd, const char *path, void *buf, size_t len, uint64_t offset, ms_error *err)
+{
+    int rc = ms_pread_all(fd, buf, len, offset);
+    if (rc == -ENODATA)
+        return ms_error_set(err, MS_EXIT_DATA, path, "file ended early (changed while reading?)");
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, path, "read failed") : 0;
+}
+
 int ms_fsync_fd(int fd)
 {
     if (ms_fault_hit(MS_FAULT_FSYNC))

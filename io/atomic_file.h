@@ -46,6 +46,18 @@ int ms_fsync_parent_dir(const char *path, ms_error *err);
  * (-EIO for an injected fault or a write that makes no progress). */
 int ms_pwrite_all(int fd, const void *buf, size_t len, uint64_t offset);
 
+/* The reading side, for every reader of tensor bytes and spill files:
+ * pread(2)s exactly len bytes at offset, looping on short reads and EINTR;
+ * asks ms_fault_hit(MS_FAULT_READ) before each call. Returns 0, -errno
+ * (-EIO for an injected fault), or -ENODATA when the file ends first (it
+ * shrank since it was measured). */
+int ms_pread_all(int fd, void *buf, size_t len, uint64_t offset);
+
+/* ms_pread_all with its error in err, naming path: MS_EXIT_RUNTIME "read
+ * failed" with the errno, or MS_EXIT_DATA "file ended early (changed while
+ * reading?)". Returns 0 or -1. */
+int ms_pread_exact(int fd, const char *path, void *buf, size_t len, uint64_t offset, ms_error *err);
+
 /* fsync(2) behind ms_fault_hit(MS_FAULT_FSYNC). Returns 0 or -errno. */
 int ms_fsync_fd(int fd);
 

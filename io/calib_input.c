@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "io/ms_fault.h"
+#include "io/atomic_file.h"
 #include "io/small_file.h"
 #include "io/st_format.h"
 
@@ -93,23 +93,9 @@ static int read_tensor(const st_file *f, const st_tensor *t, unsigned char **out
     unsigned char *buf = malloc(len ? (size_t)len : 1);
     if (!buf)
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, f->path, "cannot read tensor '%s'", t->name);
-    uint64_t off = st_file_tensor_offset(f, t), done = 0;
-    while (done < len) {
-        if (ms_fault_hit(MS_FAULT_READ)) {
-            free(buf);
-            return ms_error_errno(err, MS_EXIT_RUNTIME, EIO, f->path, "read failed");
-        }
-        ssize_t n = pread(f->fd, buf + done, (size_t)(len - done), (off_t)(off + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int e = n < 0 ? errno : 0;
-            free(buf);
-            if (e)
-                return ms_error_errno(err, MS_EXIT_RUNTIME, e, f->path, "read failed");
-            return ms_error_set(err, MS_EXIT_DATA, f->path, "file ended early (changed while reading?)");
-        }
-        done += (uint64_t)n;
+    if (ms_pread_exact(f->fd, f->path, buf, (size_t)len, st_file_tensor_offset(f, t), err) < 0) {
+        free(buf);
+        return -1;
     }
     *out = buf;
     return 0;

@@ -15,7 +15,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "io/ms_fault.h"
+#include "io/atomic_file.h"
 
 #define KEY_PREFIX "base_model.model."
 
@@ -1323,18 +1323,8 @@ fail:
 int ms_peft_read_tensor(const ms_peft *a, const st_tensor *t, void *buf, ms_error *err)
 {
     const st_file *f = a->model->shards[0];
-    uint64_t off = st_file_tensor_offset(f, t), len = st_tensor_nbytes(t), done = 0;
-    if (ms_fault_hit(MS_FAULT_READ))
-        return ms_error_errno(err, MS_EXIT_RUNTIME, EIO, f->path, "cannot read tensor '%s'", t->name);
-    while (done < len) {
-        ssize_t n = pread(f->fd, (char *)buf + done, (size_t)(len - done), (off_t)(off + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return ms_error_errno(err, MS_EXIT_RUNTIME, errno, f->path, "cannot read tensor '%s'", t->name);
-        if (n == 0)
-            return ms_error_set(err, MS_EXIT_DATA, f->path, "file ends inside tensor '%s'", t->name);
-        done += (uint64_t)n;
-    }
-    return 0;
+    int rc = ms_pread_all(f->fd, buf, (size_t)st_tensor_nbytes(t), st_file_tensor_offset(f, t));
+    if (rc == -ENODATA)
+        return ms_error_set(err, MS_EXIT_DATA, f->path, "file ends inside tensor '%s'", t->name);
+    return rc < 0 ? ms_error_errno(err, MS_EXIT_RUNTIME, -rc, f->path, "cannot read tensor '%s'", t->name) : 0;
 }

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "io/atomic_file.h"
 #include "io/ms_fault.h"
 
 /* The largest integer accepted in a header. JSON numbers reach us as doubles,
@@ -872,29 +873,6 @@ int st_image_parse(const void *data, size_t size, const char *where, st_header *
                            err);
 }
 
-/* Reads exactly len bytes at offset. Returns 0, -errno, or -ENODATA when the
- * file ends first (it shrank since fstat). */
-static int read_full(int fd, void *buf, size_t len, uint64_t offset)
-{
-    char *p = buf;
-    while (len > 0) {
-        if (ms_fault_hit(MS_FAULT_READ))
-            return -EIO;
-        ssize_t r = pread(fd, p, len, (off_t)offset);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -ENODATA;
-        p += r;
-        len -= (size_t)r;
-        offset += (uint64_t)r;
-    }
-    return 0;
-}
-
 static bool path_has_suffix(const char *path, const char *suffix)
 {
     size_t n = strlen(path), m = strlen(suffix);
@@ -963,7 +941,7 @@ int st_file_open(const char *path, st_file **out, ms_error *err)
         goto fail;
     }
     unsigned char lenbuf[ST_LEN_FIELD_BYTES];
-    int rc = read_full(f->fd, lenbuf, sizeof lenbuf, 0);
+    int rc = ms_pread_all(f->fd, lenbuf, sizeof lenbuf, 0);
     if (rc != 0) {
         read_fail(rc, path, "header length", err);
         goto fail;
@@ -991,7 +969,7 @@ int st_file_open(const char *path, st_file **out, ms_error *err)
                        (unsigned long long)n);
         goto fail;
     }
-    rc = read_full(f->fd, json, (size_t)n, ST_LEN_FIELD_BYTES);
+    rc = ms_pread_all(f->fd, json, (size_t)n, ST_LEN_FIELD_BYTES);
     if (rc != 0) {
         read_fail(rc, path, "header", err);
         goto fail;

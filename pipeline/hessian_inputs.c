@@ -11,6 +11,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "io/atomic_file.h"
 #include "io/model_dir.h"
 #include "io/ms_fault.h"
 #include "io/st_format.h"
@@ -251,29 +252,12 @@ static int read_hessian(const st_file *f, const st_tensor *t, const char *weight
     uint64_t bytes = st_tensor_nbytes(t);
     if (bytes > SIZE_MAX || ms_fault_hit(MS_FAULT_HOST_ALLOC) || !(*out = malloc((size_t)bytes)))
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, f->path, "cannot read Hessian '%s'", t->name);
-    unsigned char *dst = (unsigned char *)*out;
-    uint64_t off = st_file_tensor_offset(f, t), done = 0;
-    while (done < bytes) {
-        if (ms_fault_hit(MS_FAULT_READ)) {
-            errno = EIO;
-            goto io_fail;
-        }
-        size_t want = bytes - done > (1u << 30) ? (1u << 30) : (size_t)(bytes - done);
-        ssize_t r = pread(f->fd, dst + done, want, (off_t)(off + done));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            if (r == 0)
-                errno = EIO; /* the file shrank */
-            goto io_fail;
-        }
-        done += (uint64_t)r;
-    }
-    return 0;
-io_fail:;
-    int e = errno;
+    int rc = ms_pread_all(f->fd, *out, (size_t)bytes, st_file_tensor_offset(f, t));
+    if (rc == 0)
+        return 0;
     free(*out);
     *out = NULL;
+    int e = rc == -ENODATA ? EIO : -rc; /* the file shrank */
     return ms_error_errno(err, MS_EXIT_RUNTIME, e, f->path, "cannot read Hessian '%s'", t->name);
 }
 
