@@ -64,15 +64,12 @@
  * Regular expressions (target_modules / exclude_modules as a string:
  * re.fullmatch; rank_pattern / alpha_pattern keys: re.match of
  * "(.*\.)?(KEY)$", first key in file order wins; layers_pattern) are Python
- * `re` syntax, run with POSIX regcomp(REG_EXTENDED) after a translation:
- * \d \w \s (and their negations, also inside [...]) become POSIX classes,
- * (?:...) and (?P<name>...) plain groups, lazy quantifiers (*? +? ?? {m,n}?)
- * greedy ones (the same strings match); backslash escapes of punctuation
- * become literals. Lookarounds, backreferences, \b \A \Z and inline flags are
- * refused (exit 2). "all-linear" selects every 2-D .weight except
- * embeddings (lora_embedding_* pairs never match it) and the output layer
- * (a top-level lm_head, embed_out, output, score or classifier), following
- * PEFT's _maybe_include_all_linear_layers.
+ * `re` syntax, run with POSIX regcomp(REG_EXTENDED) after io/py_regex.h's
+ * translation; what POSIX cannot express (lookarounds, backreferences, \b
+ * \A \Z, inline flags) is refused (exit 2). "all-linear" selects every 2-D
+ * .weight except embeddings (lora_embedding_* pairs never match it) and the
+ * output layer (a top-level lm_head, embed_out, output, score or
+ * classifier), following PEFT's _maybe_include_all_linear_layers.
  *
  * fan_in_fan_out is taken from the config for every LINEAR target (PEFT
  * overrides it per module class, which headers cannot show).
