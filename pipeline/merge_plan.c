@@ -342,16 +342,19 @@ static ms_job *plan_push_job(ms_plan *plan, size_t *cap, ms_error *err)
     return job;
 }
 
-/* One passthrough output tensor `out_name` from tensor t of source model i:
- * a byte copy, or (scale != 1, or a dtype change) a linear "merge" of that
- * one model with weight = scale, so the rounding is the kernels'. */
+/* One passthrough output tensor `out_name` from tensor t of source model i
+ * (0: the base, with scale 1): a byte copy, or (scale != 1, a dtype change,
+ * or a tensor the model's PEFT adapter changes) a linear "merge" of that one
+ * model with weight = scale, so the rounding is the kernels' and the
+ * adapter is applied as in every other method. */
 static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name, unsigned i, size_t t,
                                 ms_error *err)
 {
-    const ms_model *m = plan->models[i];
+    const ms_model *m = i == 0 ? plan->base : plan->models[i];
     const st_tensor *st = m->tensors[t].info;
+    const ms_lora_target *lora = plan->adapters[i] ? ms_peft_target(plan->adapters[i], st->name) : NULL;
     double scale = 1.0;
-    if (st_dtype_is_mergeable_float(st->dtype) &&
+    if (i > 0 && st_dtype_is_mergeable_float(st->dtype) &&
         ms_recipe_model_param(plan->recipe, i - 1, MS_PARAM_SCALE, st->name, plan->num_layers, &scale, err) != 0)
         return -1;
     ms_job *job = plan_push_job(plan, cap, err);
@@ -364,7 +367,8 @@ static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name
     memcpy(job->out_shape, st->shape, sizeof job->out_shape);
     job->out_dtype = plan_out_dtype(plan->recipe, st->dtype);
     const st_file *f = ms_model_tensor_file(m, t);
-    if (!st_dtype_is_mergeable_float(st->dtype) || st->numel == 0 || (scale == 1.0 && job->out_dtype == st->dtype)) {
+    if (!st_dtype_is_mergeable_float(st->dtype) || st->numel == 0 ||
+        (scale == 1.0 && job->out_dtype == st->dtype && !lora)) {
         plan_copy_job(job, f, st);
         return 0;
     }
@@ -378,13 +382,11 @@ static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name
     p->lambda = 1.0f;
     p->numel = st->numel;
     tensor_rows_cols(st, &p->rows, &p->cols);
-    p->in_dtype[1] = st->dtype;
     p->out_dtype = job->out_dtype;
-    p->model_rows[1] = p->rows;
     job->kind = MS_JOB_MERGE;
     job->n_inputs = 2;
-    job->in[1] = (ms_job_input){.file = f, .offset = st_file_tensor_offset(f, st),
-                                .row_bytes = (uint64_t)st_dtype_bits(st->dtype) / 8 * p->cols, .read_dtype = st->dtype};
+    if (plan_job_input_named(plan, job, 1, m, plan->adapters[i], st, st->name, err) != 0)
+        return -1;
     job->n_passes = ms_merge_pass_count(p);
     return 0;
 }
@@ -452,15 +454,8 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
                 if (plan_passthrough_job(plan, &cap, tn, src, (size_t)u, err) != 0)
                     return -1;
             } else if (plan->base) {
-                ms_job *job = plan_push_job(plan, &cap, err);
-                if (!job)
+                if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 0, t, err) != 0)
                     return -1;
-                const st_tensor *lt = lay->tensors[t].info;
-                job->name = lt->name;
-                job->out_ndim = lt->ndim;
-                memcpy(job->out_shape, lt->shape, sizeof job->out_shape);
-                job->out_dtype = lt->dtype;
-                plan_copy_job(job, ms_model_tensor_file(lay, t), lt);
             } else if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 1, t, err) != 0) {
                 return -1;
             }

@@ -36,6 +36,25 @@ EOR
 done
 cmp -s "$WORK/whole_ties/model.safetensors" "$M/base/model.safetensors" && fail "the adapters changed nothing"
 
+# passthrough of BASE+ADAPTER bakes the adapter in (DoRA included): every
+# tensor the bytes of a one-model linear merge with weight 1, and not the base's
+for a in a1 a2; do
+  printf 'merge_method: passthrough\nmodels:\n  - model: ./models/base+./models/%s\n' $a > "$WORK/pt_$a.yml"
+  printf 'merge_method: linear\nmodels:\n  - model: ./models/base+./models/%s\n    parameters: {weight: 1.0}\n' $a \
+    > "$WORK/lin_$a.yml"
+  "$MS_BIN" merge "$WORK/pt_$a.yml" -o "$WORK/pt_$a" --quiet
+  "$MS_BIN" merge "$WORK/lin_$a.yml" -o "$WORK/lin_$a" --quiet
+  same_bytes "$WORK/lin_$a" "$WORK/pt_$a"
+  cmp -s "$WORK/pt_$a/model.safetensors" "$M/base/model.safetensors" && fail "passthrough ignored adapter $a"
+done
+# ... and in slices: the adapted layers of the slice that names the adapter
+printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./models/base+./models/a1\n        layer_range: [0, 2]\n' \
+  > "$WORK/pt_slice.yml"
+"$MS_BIN" merge "$WORK/pt_slice.yml" -o "$WORK/pt_slice" --quiet
+"$MS_BIN" inspect "$WORK/pt_slice" --hash | grep '^model\.layers\.0\.self_attn\.q_proj' > "$WORK/slice_q.h"
+"$MS_BIN" inspect "$WORK/pt_a1" --hash | grep '^model\.layers\.0\.self_attn\.q_proj' | diff - "$WORK/slice_q.h" > /dev/null ||
+  fail "passthrough slices: the adapted q_proj differs from the adapted model's"
+
 # an adapter made for another base: exit 3 naming the adapter, module and shapes
 "$MS_GEN" base "$M/other" --preset small --dtype bf16 --seed 9 --hidden 128
 "$MS_GEN" lora "$M/other" "$M/a_other" --seed 5 --rank 4 --targets q_proj
