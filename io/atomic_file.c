@@ -40,6 +40,32 @@ int ms_pwrite_all(int fd, const void *buf, size_t len, uint64_t offset)
     return 0;
 }
 
+int ms_mkdir_parents(const char *path, ms_error *err)
+{
+    char buf[PATH_MAX];
+    size_t n = strlen(path);
+    if (n >= sizeof buf)
+        return ms_error_set(err, MS_EXIT_RUNTIME, path, "path too long");
+    memcpy(buf, path, n + 1);
+    while (n > 1 && buf[n - 1] == '/') /* "a/b/" names b */
+        buf[--n] = '\0';
+    char *last = strrchr(buf, '/');
+    if (!last || last == buf)
+        return 0; /* relative to ".", or right under "/" */
+    *last = '\0';
+    for (char *p = buf + 1; ; p++) {
+        bool end = *p == '\0';
+        if (*p == '/' || end) {
+            *p = '\0';
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                return ms_error_errno(err, MS_EXIT_RUNTIME, errno, buf, "cannot create the directory");
+            if (end)
+                return 0;
+            *p = '/';
+        }
+    }
+}
+
 int ms_pread_all(int fd, void *buf, size_t len, uint64_t offset)
 {
     unsigned char *p = buf;

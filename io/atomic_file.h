@@ -35,6 +35,12 @@ int ms_copy_file_atomic(const char *src, const char *dst, ms_error *err);
  * not an error. Returns 0 or -1 with err set (naming dir). */
 int ms_fsync_dir(const char *dir, ms_error *err);
 
+/* Creates every missing directory above path (mode 0755), as mkdir -p of
+ * its dirname: an output directory may name folders that do not exist yet.
+ * path itself is left to the caller. Returns 0 or -1 with err set
+ * (MS_EXIT_RUNTIME naming the directory that could not be made). */
+int ms_mkdir_parents(const char *path, ms_error *err);
+
 /* fsyncs the directory that holds path (its dirname, "." when path has no
  * slash). Same returns as ms_fsync_dir. */
 int ms_fsync_parent_dir(const char *path, ms_error *err);

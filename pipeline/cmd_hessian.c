@@ -16,6 +16,7 @@
 #include <cjson/cJSON.h>
 
 #include "cpu/llama_forward.h"
+#include "io/atomic_file.h"
 #include "io/st_writer.h"
 #include "pipeline/cli.h"
 #include "pipeline/cli_hessian.h"
@@ -468,6 +469,8 @@ int ms_cmd_hessian(int argc, char **argv)
     if (build_plan(&o, &s, &plan, &err) < 0)
         goto fail;
     if (!existed) {
+        if (ms_mkdir_parents(o.out_dir, &err) != 0)
+            goto fail;
         if (mkdir(o.out_dir, 0755) != 0) {
             ms_error_errno(&err, MS_EXIT_RUNTIME, errno, o.out_dir, "cannot create the output directory");
             goto fail;

@@ -404,7 +404,8 @@ int ms_cmd_merge(int argc, char **argv)
     }
     if (ms_pool_open(pool_size, &pool, &err) != 0)
         goto fail;
-    if (ms_output_dir_prepare(o.out_dir, o.force || o.resume, !o.resume, &created_dir, &err) != 0)
+    if (ms_output_dir_check_not_input(o.out_dir, plan, &err) != 0 ||
+        ms_output_dir_prepare(o.out_dir, o.force || o.resume, !o.resume, &created_dir, &err) != 0)
         goto fail;
     if (st_writer_open(layout, o.out_dir, &writer, &err) != 0)
         goto fail;

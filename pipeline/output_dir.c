@@ -12,17 +12,38 @@
 #include <cjson/cJSON.h>
 
 #include "io/atomic_file.h"
+#include "io/peft_adapter.h"
 #include "io/st_writer.h"
+#include "pipeline/hessian_inputs.h"
 #include "pipeline/manifest.h"
 
+/* The tokenizer files a merge copies (from the layout model or tokenizer_source). */
+static const char *const k_tokenizer_files[] = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+};
+
+/* A file a merge writes: what --force removes before the new merge, so that
+ * nothing of the previous one (a tokenizer file the new source lacks) is
+ * left beside it. */
 static bool is_merge_output_name(const char *name)
 {
-    return strncmp(name, "model", 5) == 0 && strstr(name, ".safetensors") != NULL;
+    if (strncmp(name, "model", 5) == 0 && strstr(name, ".safetensors") != NULL)
+        return true;
+    if (strcmp(name, MS_MANIFEST_NAME) == 0 || strcmp(name, "config.json") == 0 ||
+        strcmp(name, "generation_config.json") == 0)
+        return true;
+    for (size_t i = 0; i < sizeof k_tokenizer_files / sizeof k_tokenizer_files[0]; i++)
+        if (strcmp(name, k_tokenizer_files[i]) == 0)
+            return true;
+    return false;
 }
 
 int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err)
 {
     *created = false;
+    if (ms_mkdir_parents(dir, err) != 0)
+        return -1;
     if (mkdir(dir, 0755) == 0) {
         *created = true;
         return 0;
@@ -43,7 +64,7 @@ int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool
                               "or --resume to continue an interrupted merge", e->d_name);
             break;
         }
-        if (clear && (is_merge_output_name(e->d_name) || strcmp(e->d_name, MS_MANIFEST_NAME) == 0)) {
+        if (clear && is_merge_output_name(e->d_name)) {
             char path[PATH_MAX];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             if (unlink(path) != 0 && errno != ENOENT) {
@@ -91,6 +112,59 @@ static void model_dir_of(const ms_model *m, char *out, size_t n)
     } else {
         snprintf(out, n, "%s", m->path);
     }
+}
+
+/* The directory path lives in: path itself when it is a directory, else its dirname. */
+static void dir_of_path(const char *path, char *out, size_t n)
+{
+    struct stat st;
+    snprintf(out, n, "%s", path);
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return;
+    char *slash = strrchr(out, '/');
+    if (!slash)
+        snprintf(out, n, ".");
+    else if (slash == out)
+        out[1] = '\0';
+    else
+        *slash = '\0';
+}
+
+/* -1 with err set when path's directory is out_real (a realpath). */
+static int refuse_if_same(const char *out_dir, const char *out_real, const char *path, const char *what, ms_error *err)
+{
+    char d[PATH_MAX], real[PATH_MAX];
+    dir_of_path(path, d, sizeof d);
+    if (!realpath(d, real) || strcmp(real, out_real) != 0)
+        return 0;
+    return ms_error_set(err, MS_EXIT_USAGE, out_dir,
+                        "the output directory holds an input (%s '%s'): writing there would overwrite it; "
+                        "choose another -o", what, path);
+}
+
+int ms_output_dir_check_not_input(const char *dir, const ms_plan *plan, ms_error *err)
+{
+    char out_real[PATH_MAX];
+    if (!realpath(dir, out_real))
+        return 0; /* not there yet (or unreadable: preparing it will say so) */
+    for (unsigned i = 0; i < ms_plan_input_count(plan); i++) {
+        const ms_model *m = ms_plan_input_model(plan, i);
+        if (m && refuse_if_same(dir, out_real, m->path, "model", err) != 0)
+            return -1;
+    }
+    for (unsigned i = 0; i <= plan->n_models; i++) {
+        if (plan->adapters[i] && refuse_if_same(dir, out_real, ms_peft_path(plan->adapters[i]), "adapter", err) != 0)
+            return -1;
+        if (plan->hessians[i] &&
+            refuse_if_same(dir, out_real, ms_hessian_set_path(plan->hessians[i]), "Hessian set", err) != 0)
+            return -1;
+    }
+    for (unsigned s = 0; s < plan->recipe->n_slices; s++)
+        if (plan->slice_base_adapters[s] &&
+            refuse_if_same(dir, out_real, ms_peft_path(plan->slice_base_adapters[s]), "adapter", err) != 0)
+            return -1;
+    const char *tok = plan->recipe->tokenizer_source;
+    return tok ? refuse_if_same(dir, out_real, tok, "tokenizer_source", err) : 0;
 }
 
 static int write_config(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err)
@@ -142,10 +216,6 @@ static int copy_if_present(const char *src_dir, const char *dir, const char *nam
 
 int ms_output_dir_copy_side_files(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err)
 {
-    static const char *const k_tokenizer_files[] = {
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    };
     if (write_config(dir, plan, written, err) != 0)
         return -1;
     char layout_dir[PATH_MAX];

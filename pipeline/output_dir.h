@@ -12,9 +12,18 @@
 /* Creates dir if missing (*created says whether it did). An existing
  * non-empty dir is refused (MS_EXIT_USAGE, suggesting --force) unless
  * allow_existing; with clear, the files a merge writes (model*.safetensors*,
- * the index, mergestream.json) are removed first (--force; --resume keeps
- * them). Returns 0 or -1. */
+ * the index, mergestream.json, config.json, generation_config.json and the
+ * tokenizer files) are removed first (--force; --resume keeps them), so no
+ * file of an earlier merge stays beside the new one. Missing parent
+ * directories are created. Returns 0 or -1. */
 int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err);
+
+/* Refuses (MS_EXIT_USAGE) an output directory that is where one of the
+ * plan's inputs lives (a model's directory or a lone file's, an adapter's,
+ * a Hessian set's, the tokenizer_source), compared after realpath: --force
+ * would delete that input's weights, and its reads would race the writes.
+ * A dir that does not exist yet is no input's. Returns 0 or -1. */
+int ms_output_dir_check_not_input(const char *dir, const ms_plan *plan, ms_error *err);
 
 /* Side files written by ms_output_dir_copy_side_files, to remove on failure. */
 typedef struct ms_side_files {

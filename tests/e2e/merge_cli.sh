@@ -175,6 +175,25 @@ expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.weight' has XXH3" "$MS_BI
 # output directory rules
 expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --force --quiet
+# an input's directory as the output: refused, even with --force, and the input untouched
+cp -r "$M/ft1" "$WORK/ft1_before"
+expect_fail 2 "holds an input \(model '.*ft1'\).*choose another -o" \
+  "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/models/ft1/." --force
+same_bytes "$WORK/ft1_before" "$M/ft1"
+expect_fail 2 "holds an input \(model '.*base'\)" "$MS_BIN" merge "$WORK/ties.yml" -o "$M/base" --resume
+# --force leaves nothing of the earlier merge: a tokenizer file the new
+# tokenizer source lacks is gone
+cp -r "$M/ft1" "$WORK/tok_src"
+echo '{"<x>": 256}' > "$WORK/tok_src/added_tokens.json"
+{ cat "$WORK/ties.yml"; echo "tokenizer_source: ./tok_src"; } > "$WORK/tok.yml"
+"$MS_BIN" merge "$WORK/tok.yml" -o "$WORK/out_tok" --quiet
+[ -f "$WORK/out_tok/added_tokens.json" ] || fail "tokenizer_source: added_tokens.json not copied"
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_tok" --force --quiet
+[ -f "$WORK/out_tok/added_tokens.json" ] && fail "--force left the earlier merge's added_tokens.json"
+"$MS_BIN" verify "$WORK/out_tok" --quiet
+# missing parent directories of -o are created
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/deep/er/out" --quiet
+"$MS_BIN" verify "$WORK/deep/er/out" --quiet
 
 # --dry-run: the plan, nothing read or written (not even with -o); recipe
 # errors still fail
