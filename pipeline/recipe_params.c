@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "pipeline/merge_math.h"
+
 /* Where a resolved value came from. */
 typedef struct recipe_source {
     unsigned line;   /* line of the value used; 0 = the method default */
@@ -380,6 +382,16 @@ static int recipe_fill_params(const ms_recipe *r, const ms_recipe_slice *sl, con
                                    mname, err) < 0)
                 return -1;
         }
+    }
+    if (r->method == MS_METHOD_LINEAR && out->normalize) {
+        /* DESIGN.md: a zero sum is an error (the kernels divide by this very float sum) */
+        float wsum = ms_merge_weight_sum(&out->weight[1], out->n_models);
+        if (wsum == 0.0f)
+            return recipe_fail(r, models[0].line, err,
+                               "the weights of merge_method 'linear' sum to 0 on tensor '%s'; with normalize "
+                               "(the default) they are divided by their sum: change a weight or set "
+                               "normalize: false",
+                               tensor_name);
     }
     if (r->method == MS_METHOD_MULTISLERP && out->normalize_weights) {
         /* mergekit divides by the sum: a zero sum would make every weight infinite */

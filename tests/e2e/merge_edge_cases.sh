@@ -130,3 +130,14 @@ for nc in "" _nc; do
 done
 same_bytes "$WORK/out_grad" "$WORK/out_grad_nc"
 echo "merge_edge_cases: ok"
+
+# linear weights that sum to 0 on some tensor (with normalize, the default):
+# exit 2 naming the tensor before anything is written; normalize: false merges
+printf 'merge_method: linear\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n  - model: ./models/base\n    parameters:\n      weight: [{filter: mlp, value: -1}, {value: 0.5}]\n' > "$WORK/wsum0.yml"
+expect_fail 2 "wsum0.yml:3: the weights of merge_method 'linear' sum to 0 on tensor 'model.layers.0.mlp.*normalize: false" \
+  "$MS_BIN" merge "$WORK/wsum0.yml" -o "$WORK/o_wsum0"
+[ -e "$WORK/o_wsum0" ] && fail "the zero-sum recipe left an output directory"
+echo "parameters: {normalize: false}" >> "$WORK/wsum0.yml"
+"$MS_BIN" merge "$WORK/wsum0.yml" -o "$WORK/o_wsum0" --quiet 2> "$WORK/wsum0.err"
+grep -q "NaN/Inf" "$WORK/wsum0.err" && fail "normalize: false still produced NaN/Inf"
+true
