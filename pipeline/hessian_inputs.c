@@ -367,9 +367,9 @@ int ms_hessian_prepare(ms_merge_state *st, const ms_tensor_params *p, const char
         const st_tensor *t = NULL;
         if (!sets[i] || !set_locate(sets[i], name, &f, &t)) {
             if (!__atomic_exchange_n(&g_missing_logged, 1, __ATOMIC_RELAXED))
-                ms_log_info("%s: no Hessian for model %u%s%s: %s (logged once per run; other weights "
+                ms_log_info("%s: no Hessian for models[%u]%s%s: %s (logged once per run; other weights "
                             "without one fall back the same way)",
-                            name, i, sets[i] ? " in " : "", sets[i] ? sets[i]->path : "", fallback_what(p));
+                            name, i - 1, sets[i] ? " in " : "", sets[i] ? sets[i]->path : "", fallback_what(p));
             continue;
         }
         int rc = 0;

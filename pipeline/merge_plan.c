@@ -656,10 +656,23 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
                             err) != 0)
             goto fail;
     }
+    bool any_hessian = false;
     for (unsigned i = 1; i <= plan->n_models; i++) {
         const char *hp = r->models[i - 1].hessian_path;
         if (hp && ms_hessian_set_open(hp, &plan->hessians[i], err) < 0)
             goto fail;
+        any_hessian = any_hessian || hp;
+    }
+    if (ms_merge_hessian_method(r->method) && !any_hessian) {
+        /* per weight a missing Hessian falls back (logged); for the whole recipe it is a mistake */
+        char where[4200];
+        snprintf(where, sizeof where, "%s:%u", recipe_path, r->method_line);
+        ms_error_set(err, MS_EXIT_USAGE, where,
+                     "merge_method '%s' needs `hessian: DIR` on at least one model (made by `mergestream "
+                     "hessian`); without any it would merge as %s",
+                     ms_method_name(r->method),
+                     r->method == MS_METHOD_REGMEAN ? "the mean of the models" : "with magnitude trimming");
+        goto fail;
     }
     plan->layout = plan->base ? plan->base : plan->models[1];
     long layers = ms_model_config_int(plan->layout, "num_hidden_layers", -1);

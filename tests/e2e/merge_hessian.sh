@@ -36,6 +36,12 @@ sed 's|./h_ft1|./h_missing|' "$WORK/ties_sparsegpt.yml" > "$WORK/missing.yml"
 expect_fail 2 "missing.yml:5: .*h_missing" "$MS_BIN" merge "$WORK/missing.yml" -o "$WORK/o1"
 sed 's/ties_sparsegpt/ties/' "$WORK/ties_sparsegpt.yml" > "$WORK/wrong.yml"
 expect_fail 2 "wrong.yml:5: .*hessian" "$MS_BIN" merge "$WORK/wrong.yml" -o "$WORK/o2"
+# a Hessian-aware method with no `hessian:` on any model: an error, not a silent plain merge
+for m in ties_sparsegpt regmean; do
+  sed 's/, hessian: [^}]*}/}/; s/{hessian: [^}]*}/{}/' "$WORK/$m.yml" > "$WORK/none_$m.yml"
+  expect_fail 2 "none_$m.yml:1: merge_method '$m' needs \`hessian: DIR\` on at least one model" \
+    "$MS_BIN" merge "$WORK/none_$m.yml" -o "$WORK/o_none"
+done
 
 # Hessians written in shards (as for a large model) and `hessian:` naming the
 # file itself: the same bytes as the single-file directories
