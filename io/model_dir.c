@@ -302,6 +302,10 @@ int ms_model_open(const char *path, ms_model **out, ms_error *err)
             snprintf(p1, sizeof p1, "%s/config.json", m->path);
             if (path_is_file(p1) && json_load(p1, &m->config, err) != 0)
                 goto fail;
+            if (m->config && !cJSON_IsObject(m->config)) {
+                ms_error_set(err, MS_EXIT_DATA, p1, "not a JSON object (a model's config.json is one)");
+                goto fail;
+            }
             snprintf(p1, sizeof p1, "%s/%s", m->path, INDEX_NAME);
             snprintf(p2, sizeof p2, "%s/%s", m->path, SINGLE_NAME);
             if (path_is_file(p1)) {

@@ -1,4 +1,5 @@
 /* mergestream merge RECIPE -o DIR: plan, run the three stages, commit. */
+#include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -167,9 +168,10 @@ static int parse_options(int argc, char **argv, merge_options *o)
             break;
         case OPT_DIRECT: o->direct_io = true; break;
         case OPT_SEED:
+            errno = 0;
             o->seed = strtoull(optarg, &end, 10);
-            if (*end || optarg[0] == '-' || !optarg[0])
-                return ms_cli_usage_error("merge", "--random-seed: expected a non-negative integer, got '%s'", optarg);
+            if (*end || optarg[0] == '-' || !optarg[0] || errno == ERANGE)
+                return ms_cli_usage_error("merge", "--random-seed: expected an integer 0..2^64-1, got '%s'", optarg);
             o->has_seed = true;
             break;
         case OPT_DEVICE:

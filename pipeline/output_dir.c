@@ -169,8 +169,11 @@ int ms_output_dir_check_not_input(const char *dir, const ms_plan *plan, ms_error
 
 static int write_config(const char *dir, const ms_plan *plan, ms_side_files *written, ms_error *err)
 {
-    if (!plan->layout->config || plan->layout->kind != MS_MODEL_KIND_DIR)
+    if (!plan->layout->config || plan->layout->kind != MS_MODEL_KIND_DIR) {
+        ms_log_warn("%s has no config.json: neither has the output (transformers needs one to load it)",
+                    plan->layout->path);
         return 0;
+    }
     cJSON *cfg = cJSON_Duplicate(plan->layout->config, true);
     const ms_recipe *r = plan->recipe;
     const char *dt = r->has_out_dtype ? dtype_torch_name(r->out_dtype)

@@ -159,6 +159,9 @@ same_bytes "$WORK/sharded" "$WORK/sharded_nv"
 # the seed changes DARE's mask
 "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seed8" --random-seed 8 --quiet
 cmp -s "$WORK/out_dare_ties/model.safetensors" "$WORK/seed8/model.safetensors" && fail "--random-seed had no effect"
+# a seed past 2^64 - 1 is an error, not silently the largest seed
+expect_fail 2 "random-seed: expected an integer 0..2\^64-1, got '18446744073709551616'" \
+  "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seedbig" --random-seed 18446744073709551616
 
 # verify catches a changed tensor, naming the first one in file order
 offset_of() { # DIR TENSOR: the tensor's data offset in its shard
