@@ -301,8 +301,12 @@ static bool is_hessian_file(const char *name)
            fnmatch(HESSIAN_STEM "-*-of-*.safetensors*", name, 0) == 0;
 }
 
-/* Checks dir: missing (to be created) or without hessian files unless force.
- * With force, removes them. *exists says whether dir exists. */
+/* Checks dir: missing (to be created), or holding no finished hessian
+ * files unless force. Nothing is removed here: with force the earlier
+ * files stay until this run has committed its own (remove_stale), so a
+ * run that fails (a typo in MODEL, a bad calibration file, a kill) loses
+ * nothing. A .partial file is an interrupted run's: never a reason to
+ * refuse. *exists says whether dir exists. */
 static int outdir_check(const char *dir, bool force, bool *exists, ms_error *err)
 {
     struct stat st;
@@ -316,15 +320,33 @@ static int outdir_check(const char *dir, bool force, bool *exists, ms_error *err
         return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
     int rc = 0;
     struct dirent *e;
+    while (rc == 0 && !force && (e = readdir(d)))
+        if (is_hessian_file(e->d_name) && fnmatch("*.partial", e->d_name, 0) != 0)
+            rc = ms_error_set(err, MS_EXIT_USAGE, dir, "already holds %s (--force replaces it)", e->d_name);
+    closedir(d);
+    return rc;
+}
+
+/* After this run's files are committed: every other hessian file in dir (an
+ * earlier run's shards or index in another layout, an interrupted run's
+ * .partial files) is removed. Returns 0 or -1 with err set. */
+static int remove_stale(const char *dir, const st_plan *plan, ms_error *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
+    int rc = 0;
+    struct dirent *e;
     while (rc == 0 && (e = readdir(d))) {
         if (!is_hessian_file(e->d_name))
             continue;
-        if (!force) {
-            rc = ms_error_set(err, MS_EXIT_USAGE, dir, "already holds %s (--force replaces it)", e->d_name);
-            break;
-        }
+        bool ours = st_plan_has_index(plan) && strcmp(e->d_name, st_plan_index_name(plan)) == 0;
+        for (size_t sh = 0; sh < st_plan_n_shards(plan) && !ours; sh++)
+            ours = strcmp(e->d_name, st_plan_shard_at(plan, sh)->file_name) == 0;
+        if (ours)
+            continue;
         char *p = NULL;
-        if (asprintf(&p, "%s/%s", dir, e->d_name) < 0 || unlink(p) != 0)
+        if (asprintf(&p, "%s/%s", dir, e->d_name) < 0 || (unlink(p) != 0 && errno != ENOENT))
             rc = ms_error_errno(err, MS_EXIT_RUNTIME, p ? errno : ENOMEM, p ? p : dir, "cannot remove");
         free(p);
     }
@@ -506,6 +528,9 @@ int ms_cmd_hessian(int argc, char **argv)
     if (st_writer_finish(w, &err) < 0)
         goto fail;
     st_writer_close(w);
+    w = NULL;
+    if (remove_stale(o.out_dir, plan, &err) < 0)
+        goto fail;
     double finish_s = ms_now_seconds() - t_finish;
     res.seconds += finish_s;
     print_summary(&o, &s, &res, plan, finish_s, gpu);

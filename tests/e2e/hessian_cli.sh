@@ -58,6 +58,24 @@ expect_fail 2 "already holds hessians.safetensors" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h"
 "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h" --batch-size 2 --force --quiet
 cmp -s "$WORK/h/hessians.safetensors" "$WORK/h_spill/hessians.safetensors" || fail "--force rerun differs"
+# --force keeps the earlier files until the new run has committed its own: a
+# run that fails first (a bad calibration file, a missing model) loses nothing
+cp "$WORK/h/hessians.safetensors" "$WORK/h_before.safetensors"
+printf '1 2 x\n' > "$WORK/bad_calib.txt"
+expect_fail 3 "bad_calib.txt" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/bad_calib.txt" -o "$WORK/h" --force
+expect_fail 3 "" "$MS_BIN" hessian "$WORK/no_such_model" --calib "$WORK/calib.txt" -o "$WORK/h" --force
+cmp -s "$WORK/h/hessians.safetensors" "$WORK/h_before.safetensors" || fail "a failed --force run lost the Hessians"
+# an interrupted run's .partial does not block the next run, which removes it;
+# a --force run in another layout leaves none of the earlier shards or index
+: > "$WORK/h_shard/hessians-00009-of-00009.safetensors.partial"
+cp -r "$WORK/h_shard" "$WORK/h_relayout"
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h_relayout" --batch-size 2 --force --quiet
+[ "$(ls "$WORK/h_relayout" | grep -c hessians)" = 1 ] || fail "stale shards left: $(ls "$WORK/h_relayout")"
+cmp -s "$WORK/h_relayout/hessians.safetensors" "$WORK/h_before.safetensors" || fail "relayout run differs"
+mkdir "$WORK/h_partial"
+: > "$WORK/h_partial/hessians.safetensors.partial"
+"$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h_partial" --quiet
+[ "$(ls "$WORK/h_partial")" = hessians.safetensors ] || fail "after an interrupted run: $(ls "$WORK/h_partial")"
 
 # perplexity: a number above 1, the same with --json; --seq-len and --max-samples
 "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --quiet > "$WORK/ppl.txt"
