@@ -521,6 +521,12 @@ int ms_cmd_hessian(int argc, char **argv)
     double t_finish = ms_now_seconds(); /* the last writes, then the shards' fsync and the index */
     if (ms_hessian_sink_drain(sink, &err) < 0)
         goto fail;
+    size_t first_bad;
+    uint64_t n_bad = ms_hessian_sink_nonfinite(sink, &first_bad);
+    if (n_bad)
+        ms_log_warn("%" PRIu64 " of %zu statistics hold NaN or Inf, the first '%s': the model's weights or "
+                    "activations are not finite there",
+                    n_bad, st_plan_n_tensors(plan), st_plan_tensor_at(plan, first_bad)->name);
     ms_hessian_sink_close(sink);
     sink = NULL;
     if (ms_llama_session_check_unchanged(&s, &err) < 0)

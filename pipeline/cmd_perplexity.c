@@ -67,6 +67,11 @@ int ms_cmd_perplexity(int argc, char **argv)
         goto fail;
     }
     double mean = r.nll_sum / (double)r.n_predicted, ppl = exp(mean);
+    if (!isfinite(mean)) { /* a log-softmax is finite for finite logits: the model holds NaN or Inf */
+        ms_error_set(&err, MS_EXIT_DATA, o.model,
+                     "the mean NLL is %g: the model's weights or activations hold NaN or Inf", mean);
+        goto fail;
+    }
     double tok_s = r.seconds > 0 ? (double)r.n_tokens / r.seconds : 0;
     char where[256];
     ms_fwd_cli_backend_report(&r, gpu, NULL, where, sizeof where);

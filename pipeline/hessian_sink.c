@@ -3,6 +3,7 @@
 #include "pipeline/hessian_sink.h"
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -52,6 +53,11 @@ struct ms_hessian_sink {
     pthread_t thread;
     bool started;
     ms_hasher hasher; /* the writer's: the tensor it is writing */
+    /* the writer's, read after a drain: statistics with a NaN or Inf on the
+     * diagonal (a non-finite input reaches every diagonal entry it touches) */
+    uint64_t nonfinite_tensors;
+    size_t first_nonfinite;
+    size_t last_nonfinite_counted; /* + 1: 0 when none */
 };
 
 uint64_t ms_hessian_layer_bytes(const cpu_llama_config *cfg)
@@ -66,9 +72,24 @@ uint64_t ms_hessian_layer_bytes(const cpu_llama_config *cfg)
 
 /* ============================================================ the writer thread */
 
+/* Counts g's tensor once when a diagonal entry of g's rows is not finite. */
+static void check_diagonal(ms_hessian_sink *s, const sink_segment *g)
+{
+    if (s->last_nonfinite_counted == g->tensor + 1)
+        return;
+    for (uint64_t r = 0; r < g->n_rows; r++)
+        if (!isfinite(g->data[r * g->dim + g->row0 + r])) {
+            if (s->nonfinite_tensors++ == 0)
+                s->first_nonfinite = g->tensor;
+            s->last_nonfinite_counted = g->tensor + 1;
+            return;
+        }
+}
+
 static int write_segment(ms_hessian_sink *s, const sink_segment *g, ms_error *err)
 {
     uint64_t d = g->dim, len = g->n_rows * d * 4;
+    check_diagonal(s, g);
     if (g->first)
         ms_hasher_reset(&s->hasher);
     ms_hasher_update(&s->hasher, g->data, (size_t)len);
@@ -242,6 +263,12 @@ int ms_hessian_sink_stats_device(void *ctx, uint64_t layer, const ms_llama_dev_s
 }
 
 int ms_hessian_sink_drain(ms_hessian_sink *s, ms_error *err) { return wait_idle(s, err); }
+
+uint64_t ms_hessian_sink_nonfinite(const ms_hessian_sink *s, size_t *first_tensor)
+{
+    *first_tensor = s->first_nonfinite;
+    return s->nonfinite_tensors;
+}
 
 int ms_hessian_sink_open(st_writer *w, const st_plan *plan, uint64_t n_layers, uint64_t buf_bytes, cpu_pool *pool,
                          const ms_hessian_sink_mem *mem, ms_hessian_sink **out, ms_error *err)

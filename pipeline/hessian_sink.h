@@ -71,6 +71,11 @@ int ms_hessian_sink_stats_device(void *ctx, uint64_t layer, const ms_llama_dev_s
  * failure's message in err. */
 int ms_hessian_sink_drain(ms_hessian_sink *s, ms_error *err);
 
+/* After a drain: how many statistics (output tensors) hold a NaN or Inf on
+ * their diagonal, where any non-finite input row shows, and the plan index
+ * of the first in *first_tensor (when any). */
+uint64_t ms_hessian_sink_nonfinite(const ms_hessian_sink *s, size_t *first_tensor);
+
 /* Stops the writer after the write in progress (a failed run does not wait
  * for the rest) and frees the sink. NULL is a no-op. */
 void ms_hessian_sink_close(ms_hessian_sink *s);

@@ -109,3 +109,9 @@ write_calib() {
     line=""; for j in $(seq 1 "$3"); do line="$line $((RANDOM % 256))"; done; echo "$line"
   done > "$1"
 }
+
+# offset_of DIR TENSOR: the tensor's data offset in its shard (a one-shard model)
+offset_of() {
+  "$MS_BIN" inspect "$1" --json | awk -v n="$2" '$0 ~ "\"name\":[[:space:]]*\"" n "\"" { f = 1 }
+    f && /"offset"/ { gsub(/[^0-9]/, ""); print; exit }'
+}

@@ -164,10 +164,6 @@ expect_fail 2 "random-seed: expected an integer 0..2\^64-1, got '184467440737095
   "$MS_BIN" merge "$WORK/dare_ties.yml" -o "$WORK/seedbig" --random-seed 18446744073709551616
 
 # verify catches a changed tensor, naming the first one in file order
-offset_of() { # DIR TENSOR: the tensor's data offset in its shard
-  "$MS_BIN" inspect "$1" --json | awk -v n="$2" '$0 ~ "\"name\":[[:space:]]*\"" n "\"" { f = 1 }
-    f && /"offset"/ { gsub(/[^0-9]/, ""); print; exit }'
-}
 corrupt() { printf '\377\177' | dd of="$1/model.safetensors" bs=1 seek="$2" conv=notrunc status=none; }
 cp -r "$WORK/out_ties" "$WORK/corrupt"
 corrupt "$WORK/corrupt" $(( $(offset_of "$WORK/corrupt" model.layers.1.mlp.down_proj.weight) + 6 ))
