@@ -21,7 +21,8 @@ static const char k_help[] =
     "Validates PATH (a .safetensors file, a model directory with model.safetensors\n"
     "or sharded model.safetensors.index.json, an index file itself, a PEFT adapter\n"
     "directory, or the directory `mergestream hessian` wrote) and lists\n"
-    "its tensors: name, dtype, shape, bytes and shard, then totals.\n"
+    "its tensors: name, dtype, shape, bytes and shard, then totals and the first\n"
+    "shard's __metadata__ (hessian's sample and token counts, model, calibration).\n"
     "\n"
     "  --json     print one JSON object instead of the table\n"
     "  --hash     also read every tensor and print its XXH3-64 hash\n"
@@ -101,6 +102,10 @@ static int inspect_print_json(const ms_model *m, bool hash, ms_error *err)
     }
     cJSON_AddNumberToObject(root, "n_tensors", (double)m->n_tensors);
     cJSON_AddNumberToObject(root, "total_bytes", (double)m->total_bytes);
+    cJSON *meta = cJSON_AddObjectToObject(root, "metadata"); /* the first shard's __metadata__ */
+    const st_header *h0 = m->n_shards ? &m->shards[0]->header : NULL;
+    for (size_t k = 0; h0 && k < h0->n_meta; k++)
+        cJSON_AddStringToObject(meta, h0->meta_keys[k], h0->meta_values[k]);
     char *text = cJSON_Print(root);
     if (!text) {
         ms_error_set(err, MS_EXIT_RUNTIME, m->path, "out of memory");
@@ -139,6 +144,16 @@ static int inspect_print_table(const ms_model *m, bool hash, ms_error *err)
         if (per_dtype[d])
             printf(" %s %" PRIu64, st_dtype_name((st_dtype)d), per_dtype[d]);
     putchar('\n');
+    /* the first shard's __metadata__ beyond "format" (hessian's sample and token counts...), long values cut */
+    const st_header *h0 = m->n_shards ? &m->shards[0]->header : NULL;
+    for (size_t k = 0; h0 && k < h0->n_meta; k++) {
+        const char *v = h0->meta_values[k];
+        if (strcmp(h0->meta_keys[k], "format") == 0)
+            continue;
+        size_t len = strlen(v);
+        printf("metadata %s: %.*s%s\n", h0->meta_keys[k], len > 72 ? 72 : (int)len, v,
+               len > 72 ? "... (--json shows it whole)" : "");
+    }
     return 0;
 }
 

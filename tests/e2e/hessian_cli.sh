@@ -25,6 +25,10 @@ done > "$WORK/calib.txt"
 grep -q "9 tensors" "$WORK/inspect.txt" || fail "expected 9 tensors"
 grep -qE "^model.layers.1.mlp.down_proj +F32 +\[128, 128\]" "$WORK/inspect.txt" || fail "down_proj statistic"
 grep -qE "^model.layers.0.self_attn.qkv_input +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "qkv statistic"
+# the run's metadata (samples, tokens, model) read back without Python
+grep -qx "metadata n_samples: 9" "$WORK/inspect.txt" || fail "inspect: no n_samples metadata"
+grep -qx "metadata n_tokens: $tokens" "$WORK/inspect.txt" || fail "inspect: no n_tokens metadata"
+"$MS_BIN" inspect "$WORK/h" --json | grep -qE '"n_samples":[[:space:]]*"9"' || fail "inspect --json: no metadata"
 grep -qE "^lm_head +F32 +\[64, 64\]" "$WORK/inspect.txt" || fail "lm_head statistic"
 # inspect also takes the output directory itself
 "$MS_BIN" inspect "$WORK/h" | diff - "$WORK/inspect.txt" > /dev/null || fail "inspect DIR differs from inspect DIR/hessians.safetensors"
