@@ -24,7 +24,7 @@ static const char k_usage[] =
     "  perplexity MODEL --calib FILE\n"
     "                        mean token NLL and perplexity on calibration tokens\n"
     "\n"
-    "Run 'mergestream COMMAND --help' for a command's options.\n"
+    "Run 'mergestream COMMAND --help' (or 'mergestream help COMMAND') for a command's options.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
 
 int ms_cli_fail(const ms_error *err)
@@ -87,6 +87,23 @@ int ms_cli_bad_option(const char *cmd, int c, char **argv, const struct option *
     return ms_cli_usage_error(cmd, "unknown option '%s'", name);
 }
 
+static const struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+} k_commands[] = {
+    {"merge", ms_cmd_merge},     {"inspect", ms_cmd_inspect},       {"verify", ms_cmd_verify},
+    {"hessian", ms_cmd_hessian}, {"perplexity", ms_cmd_perplexity},
+};
+
+static int run_command(const char *cmd, int argc, char **argv)
+{
+    for (size_t i = 0; i < sizeof k_commands / sizeof k_commands[0]; i++)
+        if (strcmp(cmd, k_commands[i].name) == 0)
+            return k_commands[i].run(argc, argv);
+    fprintf(stderr, "mergestream: error: unknown command '%s' (see 'mergestream --help')\n", cmd);
+    return MS_EXIT_USAGE;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -94,6 +111,10 @@ int main(int argc, char **argv)
         return MS_EXIT_USAGE;
     }
     const char *cmd = argv[1];
+    if (strcmp(cmd, "help") == 0 && argc == 3) { /* "help COMMAND": the command's --help */
+        char *help_argv[] = {argv[2], "--help", NULL};
+        return run_command(argv[2], 2, help_argv);
+    }
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
         fputs(k_usage, stdout);
         return MS_EXIT_OK;
@@ -102,16 +123,5 @@ int main(int argc, char **argv)
         printf("mergestream %s\n", MERGESTREAM_VERSION);
         return MS_EXIT_OK;
     }
-    if (strcmp(cmd, "inspect") == 0)
-        return ms_cmd_inspect(argc - 1, argv + 1);
-    if (strcmp(cmd, "verify") == 0)
-        return ms_cmd_verify(argc - 1, argv + 1);
-    if (strcmp(cmd, "merge") == 0)
-        return ms_cmd_merge(argc - 1, argv + 1);
-    if (strcmp(cmd, "hessian") == 0)
-        return ms_cmd_hessian(argc - 1, argv + 1);
-    if (strcmp(cmd, "perplexity") == 0)
-        return ms_cmd_perplexity(argc - 1, argv + 1);
-    fprintf(stderr, "mergestream: error: unknown command '%s' (see 'mergestream --help')\n", cmd);
-    return MS_EXIT_USAGE;
+    return run_command(cmd, argc - 1, argv + 1);
 }

@@ -258,4 +258,8 @@ expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/
 expect_fail 2 "gpu-lanes: expected 1 or 2" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --gpu-lanes 3
 expect_fail 2 "option '--direct-io' takes no value" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o9" --direct-io=on
 "$MS_BIN" merge --help | grep -q "usage: mergestream merge" || fail "merge --help"
+for c in merge inspect verify hessian perplexity; do
+  "$MS_BIN" help $c | grep -q "usage: mergestream $c" || fail "help $c: not $c's help"
+done
+expect_fail 2 "unknown command 'nope'" "$MS_BIN" help nope
 echo "merge_cli: ok"
