@@ -223,7 +223,7 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
     uint64_t per_row = job_stage_row_bytes(job);
     uint64_t slack = job_chunk_slack(job);
     if (per_row + slack > pool_bytes)
-        return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
+        return ms_error_set(err, MS_EXIT_USAGE, job->name,
                             "one row needs %" PRIu64 " bytes of staging memory but the pool holds %" PRIu64
                             "; raise --max-memory",
                             per_row + slack, pool_bytes);
@@ -236,7 +236,7 @@ static int plan_chunking(ms_job *job, uint64_t pool_bytes, ms_error *err)
     for (unsigned i = 0; i < job->n_inputs && job->n_chunks > 1; i++) {
         const ms_lora_target *t = job->in[i].lora;
         if (t && t->magnitude && t->transposed) /* its column norms span every row (cpu_lora_needs_stats) */
-            return ms_error_set(err, MS_EXIT_RUNTIME, job->name,
+            return ms_error_set(err, MS_EXIT_USAGE, job->name,
                                 "a DoRA adapter over columns (fan_in_fan_out or embeddings) needs the whole tensor "
                                 "in one chunk (%.1f MiB of staging), but a chunk may take only a third of the "
                                 "%.1f MiB staging pool; raise --max-memory",
@@ -726,7 +726,7 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
     }
     if (plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES > opt->pool_bytes) {
         uint64_t need = MS_POOL_OVERHEAD_BYTES + plan->extra_bytes + MS_PLAN_MIN_POOL_BYTES; /* ms_pool_capacity_for */
-        ms_error_set(err, MS_EXIT_RUNTIME, recipe_path,
+        ms_error_set(err, MS_EXIT_USAGE, recipe_path,
                      "--max-memory is too small: this merge needs at least %" PRIu64 " MiB (%.1f MiB of merge "
                      "statistics and kernel scratch, %.0f MiB of staging, %.0f MiB for the program itself)",
                      (need + (1u << 20) - 1) >> 20, (double)plan->extra_bytes / 1048576.0,

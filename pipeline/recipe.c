@@ -1279,8 +1279,10 @@ static int recipe_read_file(const char *path, char **text, size_t *len, ms_error
     char *buf = NULL;
     size_t cap = 0, n = 0;
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot open the recipe");
+    if (!f) /* a recipe path that is wrong is the command line's mistake (exit 2), a disk error a runtime one */
+        return ms_error_errno(err, errno == ENOENT || errno == ENOTDIR || errno == EACCES ? MS_EXIT_USAGE
+                                                                                           : MS_EXIT_RUNTIME,
+                              errno, path, "cannot open the recipe");
     for (;;) {
         if (n == cap) {
             if (cap >= RECIPE_MAX_BYTES) {

@@ -272,8 +272,9 @@ typedef struct ms_recipe {
 
 /* Reads, parses and validates the recipe at path (model paths must exist;
  * nothing else about the models is opened). Returns 0 and *out (free with
- * ms_recipe_free), or -1 with err set: MS_EXIT_RUNTIME when the file cannot
- * be read, MS_EXIT_USAGE for anything wrong in it ("RECIPE:LINE: ...").
+ * ms_recipe_free), or -1 with err set: MS_EXIT_USAGE for a path that does
+ * not lead to a readable file and for anything wrong in it ("RECIPE:LINE:
+ * ..."), MS_EXIT_RUNTIME when reading it fails otherwise.
  * May log warnings (an ignored chat_template; parameters the method does
  * not use; a base model's parameters); touches no other global
  * state, so separate recipes may be loaded from separate threads. */

@@ -78,8 +78,8 @@ expect_fail 2 "bare.yml:4: .*PEFT adapter; name it as BASE_DIR\+ADAPTER_DIR" "$M
 "$MS_GEN" lora "$M/base" "$M/a3" --seed 6 --rank 4 --targets q_proj --dora --embeddings
 printf 'merge_method: linear\nmodels:\n  - model: ./models/base+./models/a3\n    parameters: {weight: 1.0}\n' > "$WORK/dora_cols.yml"
 want="model.embed_tokens.weight: a DoRA adapter over columns .*raise --max-memory"
-expect_fail 1 "$want" "$MS_BIN" merge "$WORK/dora_cols.yml" -o "$WORK/o4" --max-memory 28M --dry-run
-expect_fail 1 "$want" "$MS_BIN" merge "$WORK/dora_cols.yml" -o "$WORK/o4" --max-memory 28M
+expect_fail 2 "$want" "$MS_BIN" merge "$WORK/dora_cols.yml" -o "$WORK/o4" --max-memory 28M --dry-run
+expect_fail 2 "$want" "$MS_BIN" merge "$WORK/dora_cols.yml" -o "$WORK/o4" --max-memory 28M
 [ ! -e "$WORK/o4" ] || fail "a merge refused while planning left its output directory"
 "$MS_BIN" merge "$WORK/dora_cols.yml" -o "$WORK/dora_cols" --quiet
 cmp -s "$WORK/dora_cols/model.safetensors" "$M/base/model.safetensors" && fail "the DoRA embedding adapter changed nothing"
