@@ -960,6 +960,19 @@ int st_file_open(const char *path, st_file **out, ms_error *err)
                          "is a Python pickle (a PyTorch checkpoint?), not a safetensors file");
             goto fail;
         }
+        bool text = true; /* a JSON or text file given where weights belong */
+        for (unsigned i = 0; i < ST_LEN_FIELD_BYTES && text; i++)
+            text = (lenbuf[i] >= 0x20 && lenbuf[i] < 0x7f) || lenbuf[i] == '\n' || lenbuf[i] == '\r' ||
+                   lenbuf[i] == '\t';
+        if (text) {
+            char start[ST_LEN_FIELD_BYTES + 1];
+            for (unsigned i = 0; i < ST_LEN_FIELD_BYTES; i++)
+                start[i] = lenbuf[i] < 0x20 ? ' ' : (char)lenbuf[i]; /* one line */
+            start[ST_LEN_FIELD_BYTES] = '\0';
+            ms_error_set(err, MS_EXIT_DATA, path, "is a text file (it starts with \"%s\"), not a safetensors file",
+                         start);
+            goto fail;
+        }
     }
     if (header_len_check(n, f->file_size, path, err) != 0)
         goto fail;

@@ -2,7 +2,9 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #define P(id) (1u << (id))
@@ -162,12 +164,24 @@ ms_method_lookup_result ms_method_lookup(const char *name, ms_method *out)
     return MS_METHOD_UNKNOWN;
 }
 
+static char g_method_names[1024];
+
+static void join_method_names(void)
+{
+    size_t n = 0;
+    for (unsigned i = 0; i < MS_METHOD_COUNT; i++)
+        if (k_methods[i].name)
+            n += (size_t)snprintf(g_method_names + n, sizeof g_method_names - n, "%s%s", n ? ", " : "",
+                                  k_methods[i].name);
+    MS_ASSERT(n < sizeof g_method_names);
+}
+
 const char *ms_method_names(void)
 {
-    return "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, "
-           "breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher, "
-           "model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion, ties_sparsegpt, dare_sparsegpt, "
-           "regmean";
+    /* from the table, so that no method is left out of the messages that list them */
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, join_method_names);
+    return g_method_names;
 }
 
 bool ms_method_takes(ms_method m, ms_param_id p)

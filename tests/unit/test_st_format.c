@@ -1200,6 +1200,13 @@ static void test_open_errors(void **state)
     fclose(fp);
     open_expect(pkl, "pickle", MS_EXIT_DATA);
     free(pkl);
+    /* a JSON file (config.json given as weights): named as text, on one line */
+    char *txt = path_new(".safetensors");
+    fp = fopen(txt, "wb");
+    fputs("{\n  \"architectures\": [\"LlamaForCausalLM\"]\n}\n", fp);
+    fclose(fp);
+    open_expect(txt, "is a text file (it starts with \"{   \"arc\"), not a safetensors file", MS_EXIT_DATA);
+    free(txt);
     char *fifo = path_new(".safetensors");
     assert_int_equal(mkfifo(fifo, 0600), 0);
     open_expect(fifo, "not a regular file", MS_EXIT_DATA);
