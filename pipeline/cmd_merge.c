@@ -462,9 +462,10 @@ int ms_cmd_merge(int argc, char **argv)
         }
     }
     unsigned direct_files = o.direct_io ? ms_merge_open_direct(plan) : 0;
-    ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u threads, %.0f MiB staging, %s%s",
+    ms_log_info("merging %zu tensors (%.2f GB to read) with %s, %u thread%s, %.0f MiB staging, %s%s",
                 plan->n_jobs, (double)plan->total_read_bytes / 1e9, ms_method_name(plan->recipe->method),
-                o.threads, (double)ms_pool_capacity(pool) / 1048576.0, io_engine_name(engine),
+                o.threads, o.threads == 1 ? "" : "s", (double)ms_pool_capacity(pool) / 1048576.0,
+                io_engine_name(engine),
                 direct_files ? ", O_DIRECT reads" : "");
     if (!o.no_verify && ms_shard_check_open(o.out_dir, st_plan_n_shards(layout), &shard_check, &err) != 0)
         goto fail;

@@ -1099,9 +1099,9 @@ static int rp_slices(recipe_parser *p, const yaml_node_t *n, unsigned key_line)
                 span = len;
             else if (len != span)
                 return rp_fail(p, m->line,
-                               "%s.layer_range [%u, %u) spans %u layers but sources[0]'s spans %u: every source "
-                               "of a slice needs the same number of layers",
-                               m->label, m->layer_begin, m->layer_end, len, span);
+                               "%s.layer_range [%u, %u) spans %u layer%s but sources[0]'s spans %u: every "
+                               "source of a slice needs the same number of layers",
+                               m->label, m->layer_begin, m->layer_end, len, len == 1 ? "" : "s", span);
             if (base_used && same_model(m->path, m->adapter_path, base_path, base_adapter)) {
                 if (sl->has_base)
                     return rp_fail(p, m->line, "model '%s' (the base) is listed twice in slices[%zu]", m->name, i);

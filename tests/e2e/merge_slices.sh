@@ -291,7 +291,7 @@ slices:
       - {model: ./models/base, layer_range: [0, 2]}
       - {model: ./models/ft1, layer_range: [0, 1], parameters: {weight: 1}}
 EOR
-expect_fail 2 "len.yml:6: slices\[0\]\.sources\[1\]\.layer_range \[0, 1\) spans 1 layers but sources\[0\]'s spans 2" \
+expect_fail 2 "len.yml:6: slices\[0\]\.sources\[1\]\.layer_range \[0, 1\) spans 1 layer but sources\[0\]'s spans 2" \
   "$MS_BIN" merge "$WORK/len.yml" -o "$WORK/o1"
 cat > "$WORK/nobase.yml" <<'EOR'
 merge_method: slerp
