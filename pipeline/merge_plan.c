@@ -6,9 +6,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "cpu/cpu_merge.h"
 #include "cpu/lora_delta.h"
 #include "io/direct_read.h"
+#include "io/small_file.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/merge_passes_hessian.h"
 #include "pipeline/staging_pool.h"
@@ -391,6 +394,33 @@ static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name
     return 0;
 }
 
+/* tokenizer_source's tokenizer comes with the output, its embeddings do
+ * not: when that model's config.json gives another vocab_size than the
+ * layout model's, say so (mergekit resizes the embeddings; we do not). */
+static void plan_check_tokenizer_vocab(const ms_plan *plan)
+{
+    const char *tok = plan->recipe->tokenizer_source;
+    long have = ms_model_config_int(plan->layout, "vocab_size", -1);
+    if (!tok || have < 0)
+        return;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/config.json", tok);
+    char *text = NULL;
+    size_t len = 0;
+    ms_error ignored = {0};
+    if (ms_small_file_read(path, 1u << 24, &text, &len, &ignored) != 0)
+        return; /* no config: nothing to compare */
+    cJSON *cfg = cJSON_ParseWithLength(text, len);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "vocab_size");
+    if (cJSON_IsNumber(v) && (long)v->valuedouble != have)
+        ms_log_warn("tokenizer_source %s has vocab_size %ld but the merged embeddings have %ld rows (from %s): "
+                    "the output's tokenizer and embeddings disagree (mergekit resizes the embeddings; mergestream "
+                    "does not)",
+                    tok, (long)v->valuedouble, have, plan->layout->path);
+    cJSON_Delete(cfg);
+    free(text);
+}
+
 /* A model's layer count: config.json's num_hidden_layers, else inferred from names. */
 static unsigned plan_model_layers(const ms_model *m)
 {
@@ -675,6 +705,7 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         goto fail;
     }
     plan->layout = plan->base ? plan->base : plan->models[1];
+    plan_check_tokenizer_vocab(plan);
     long layers = ms_model_config_int(plan->layout, "num_hidden_layers", -1);
     plan->num_layers = layers > 0 ? (unsigned)layers : infer_num_layers(plan->layout);
     plan->seed = opt->has_seed ? opt->seed : r->has_random_seed ? r->random_seed : 0;
