@@ -129,7 +129,6 @@ for nc in "" _nc; do
   "$MS_BIN" merge "$WORK/grad$nc.yml" -o "$WORK/out_grad$nc" --quiet
 done
 same_bytes "$WORK/out_grad" "$WORK/out_grad_nc"
-echo "merge_edge_cases: ok"
 
 # linear weights that sum to 0 on some tensor (with normalize, the default):
 # exit 2 naming the tensor before anything is written; normalize: false merges
@@ -145,6 +144,6 @@ true
 # tokenizer_source with a larger vocabulary than the embeddings merged: said once
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 0.5, density: 0.5}\ntokenizer_source: ./models/ft2\n' > "$WORK/tokv.yml"
 "$MS_BIN" merge "$WORK/tokv.yml" -o "$WORK/o_tokv" --quiet 2> "$WORK/tokv.err"
-grep -q "tokenizer_source ./models/ft2 has vocab_size 264 but the merged embeddings have 256 rows" "$WORK/tokv.err" ||
+grep -q "tokenizer_source .*/models/ft2 has vocab_size 264 but the merged embeddings have 256 rows" "$WORK/tokv.err" ||
   { cat "$WORK/tokv.err"; fail "no vocab mismatch warning"; }
-true
+echo "merge_edge_cases: ok"
