@@ -400,6 +400,9 @@ int ms_cmd_merge(int argc, char **argv)
     if (build_layout(plan, o.shard_size, &layout, &err) != 0)
         goto fail;
     if (o.dry_run) { /* everything checked that can be without reading tensor data */
+        if (o.out_dir && (ms_output_dir_check_not_input(o.out_dir, plan, &err) != 0 ||
+                          ms_output_dir_check(o.out_dir, o.force || o.resume, &err) != 0))
+            goto fail;
         ms_merge_print_dry_run(plan, layout, pool_size, o.json);
         rc = MS_EXIT_OK;
         goto done;

@@ -39,6 +39,41 @@ static bool is_merge_output_name(const char *name)
     return false;
 }
 
+/* The first entry of the open directory d other than . and .., or NULL. */
+static const char *first_entry(DIR *d)
+{
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            return e->d_name;
+    return NULL;
+}
+
+static int refuse_not_empty(const char *dir, const char *entry, ms_error *err)
+{
+    return ms_error_set(err, MS_EXIT_USAGE, dir,
+                        "output directory is not empty (holds '%s'); use --force to overwrite it, "
+                        "or --resume to continue an interrupted merge", entry);
+}
+
+int ms_output_dir_check(const char *dir, bool allow_existing, ms_error *err)
+{
+    struct stat st;
+    if (stat(dir, &st) != 0)
+        return errno == ENOENT ? 0 : ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot access");
+    if (!S_ISDIR(st.st_mode))
+        return ms_error_set(err, MS_EXIT_USAGE, dir, "exists and is not a directory");
+    if (allow_existing)
+        return 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
+    const char *entry = first_entry(d);
+    int rc = entry ? refuse_not_empty(dir, entry, err) : 0;
+    closedir(d);
+    return rc;
+}
+
 int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err)
 {
     *created = false;
@@ -50,28 +85,22 @@ int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool
     }
     if (errno != EEXIST)
         return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot create the output directory");
+    if (ms_output_dir_check(dir, allow_existing, err) != 0)
+        return -1;
+    if (!clear)
+        return 0;
     DIR *d = opendir(dir);
     if (!d)
         return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot open the output directory");
     int rc = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+    const char *name;
+    while (rc == 0 && (name = first_entry(d)) != NULL) {
+        if (!is_merge_output_name(name))
             continue;
-        if (!allow_existing) {
-            rc = ms_error_set(err, MS_EXIT_USAGE, dir,
-                              "output directory is not empty (holds '%s'); use --force to overwrite it, "
-                              "or --resume to continue an interrupted merge", e->d_name);
-            break;
-        }
-        if (clear && is_merge_output_name(e->d_name)) {
-            char path[PATH_MAX];
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            if (unlink(path) != 0 && errno != ENOENT) {
-                rc = ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot remove");
-                break;
-            }
-        }
+        char path[PATH_MAX];
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (unlink(path) != 0 && errno != ENOENT)
+            rc = ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot remove");
     }
     closedir(d);
     return rc;

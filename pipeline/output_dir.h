@@ -18,6 +18,11 @@
  * directories are created. Returns 0 or -1. */
 int ms_output_dir_prepare(const char *dir, bool allow_existing, bool clear, bool *created, ms_error *err);
 
+/* ms_output_dir_prepare's checks alone, touching nothing (--dry-run): 0 for
+ * a dir that does not exist, or one that may be used (empty, or
+ * allow_existing); else -1 with its error. */
+int ms_output_dir_check(const char *dir, bool allow_existing, ms_error *err);
+
 /* Refuses (MS_EXIT_USAGE) an output directory that is where one of the
  * plan's inputs lives (a model's directory or a lone file's, an adapter's,
  * a Hessian set's, the tokenizer_source), compared after realpath: --force

@@ -203,6 +203,10 @@ grep -qE '"dry_run":[[:space:]]*true' "$WORK/dry.json" || fail "--dry-run: no dr
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/dry_out" --dry-run 2> "$WORK/dry.err"
 grep -q "dry run: ties over 3 models: .*nothing was read or written" "$WORK/dry.err" || { cat "$WORK/dry.err"; fail "--dry-run summary"; }
 [ ! -e "$WORK/dry_out" ] || fail "--dry-run created the output directory"
+# ... and refuses what the real run would: a non-empty -o without --force, an input's directory
+expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --dry-run
+"$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --dry-run --force 2> /dev/null
+expect_fail 2 "holds an input" "$MS_BIN" merge "$WORK/ties.yml" -o "$M/ft1" --dry-run --force
 
 # recipe errors: exit 2 naming the key and line
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1, densty: 0.2}\n' > "$WORK/typo.yml"
