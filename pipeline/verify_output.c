@@ -1,4 +1,6 @@
 /* Re-checking a merge output (pipeline/verify_output.h). */
+#include <dirent.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdbool.h>
@@ -14,16 +16,154 @@
 #include "io/model_dir.h"
 #include "io/range_hash.h"
 #include "io/small_file.h"
+#include "pipeline/merge_journal.h"
 #include "pipeline/progress.h"
 #include "pipeline/verify_output.h"
 
 #define MANIFEST_NAME "mergestream.json"
 #define MANIFEST_MAX_BYTES (256u << 20)
+#define INDEX_NAME "model.safetensors.index.json"
+#define INDEX_MAX_BYTES (64u << 20) /* as io/model_dir.c reads it */
 
 static const char *base_name(const char *path)
 {
     const char *slash = strrchr(path, '/');
     return slash ? slash + 1 : path;
+}
+
+static bool has_suffix(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+typedef bool (*entry_match)(const char *name, const void *ctx);
+
+/* The bytewise smallest name in dir that match accepts, into out (so that a
+ * message does not depend on readdir's order). Returns 1 when one matched, 0
+ * when none did, -1 with err set (MS_EXIT_RUNTIME) when dir cannot be listed. */
+static int first_entry(const char *dir, entry_match match, const void *ctx, char *out, size_t cap, ms_error *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot list the directory");
+    int found = 0;
+    const struct dirent *e;
+    for (errno = 0; (e = readdir(d)) != NULL; errno = 0) {
+        if (!match(e->d_name, ctx) || (found && strcmp(e->d_name, out) >= 0))
+            continue;
+        snprintf(out, cap, "%s", e->d_name);
+        found = 1;
+    }
+    if (errno != 0)
+        found = ms_error_errno(err, MS_EXIT_RUNTIME, errno, dir, "cannot list the directory");
+    closedir(d);
+    return found;
+}
+
+static bool is_partial(const char *name, const void *ctx)
+{
+    (void)ctx;
+    return has_suffix(name, ".partial");
+}
+
+int ms_verify_output_leftovers(const char *dir, ms_error *err)
+{
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return 0; /* ms_verify_output says what is wrong with it */
+    char tidy[PATH_MAX], path[PATH_MAX], name[NAME_MAX + 1];
+    snprintf(tidy, sizeof tidy, "%s", dir); /* "out/" and "out" alike in messages */
+    for (size_t len = strlen(tidy); len > 1 && tidy[len - 1] == '/'; len--)
+        tidy[len - 1] = '\0';
+    snprintf(path, sizeof path, "%s/%s", tidy, MS_JOURNAL_NAME);
+    if (lstat(path, &st) == 0)
+        return ms_error_set(err, MS_EXIT_DATA, path,
+                            "the merge looks interrupted (its resume journal is still here): "
+                            "`mergestream merge RECIPE -o %s --resume` would finish it",
+                            tidy);
+    int found = first_entry(tidy, is_partial, NULL, name, sizeof name, err);
+    if (found <= 0)
+        return found;
+    /* without the journal, merge --resume has nothing to resume from */
+    snprintf(path, sizeof path, "%s/%s", tidy, name);
+    return ms_error_set(err, MS_EXIT_DATA, path,
+                        "an unfinished shard: the merge looks interrupted, and without %s it cannot be "
+                        "resumed: `mergestream merge RECIPE -o %s --force` would redo it",
+                        MS_JOURNAL_NAME, tidy);
+}
+
+/* A model*.safetensors file in m's directory that is none of its shards: a
+ * loader that globs for shards, or a person, would take it for one. Shard
+ * paths are "<m->path>/<name in the index>" (io/model_dir.c). */
+static bool is_stray_shard(const char *name, const void *ctx)
+{
+    const ms_model *m = ctx;
+    if (strncmp(name, "model", 5) != 0 || !has_suffix(name, ".safetensors"))
+        return false;
+    size_t dir_len = strlen(m->path);
+    for (unsigned s = 0; s < m->n_shards; s++)
+        if (strcmp(m->shards[s]->path + dir_len + 1, name) == 0)
+            return false;
+    return true;
+}
+
+/* Refuses (MS_EXIT_DATA, naming the file) a stray shard beside a model
+ * directory's own ones; the first one by name. */
+static int check_no_stray_shards(const ms_model *m, bool sharded, ms_error *err)
+{
+    char name[NAME_MAX + 1], path[PATH_MAX];
+    int found = first_entry(m->path, is_stray_shard, m, name, sizeof name, err);
+    if (found <= 0)
+        return found;
+    snprintf(path, sizeof path, "%s/%s", m->path, name);
+    if (sharded)
+        return ms_error_set(err, MS_EXIT_DATA, path,
+                            "not a shard of this output (%s does not list it), yet a loader that globs "
+                            "model*.safetensors would read it",
+                            INDEX_NAME);
+    return ms_error_set(err, MS_EXIT_DATA, path,
+                        "not a shard of this output (model.safetensors holds all of it), yet a loader that "
+                        "globs model*.safetensors would read it");
+}
+
+/* The index m's shards were read from, into out: the directory's
+ * model.safetensors.index.json (io/model_dir.c prefers it to
+ * model.safetensors), or the index file verify was given. False: none. */
+static bool index_path_of(const ms_model *m, const char *given, char *out, size_t cap)
+{
+    struct stat st;
+    if (m->kind == MS_MODEL_KIND_INDEX) {
+        snprintf(out, cap, "%s", given);
+        return true;
+    }
+    snprintf(out, cap, "%s/%s", m->path, INDEX_NAME);
+    return m->kind == MS_MODEL_KIND_DIR && stat(out, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* The index's metadata.total_size must be the tensors' bytes (DESIGN.md,
+ * Output): tools size downloads and disks by it. Returns 0, or -1 with err
+ * set (MS_EXIT_DATA naming the index, the value found and the one expected). */
+static int check_total_size(const char *index_path, uint64_t want, ms_error *err)
+{
+    char *text = NULL;
+    size_t len = 0;
+    if (ms_small_file_read(index_path, INDEX_MAX_BYTES, &text, &len, err) != 0)
+        return -1;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    const cJSON *size =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "metadata"), "total_size");
+    int rc = 0;
+    if (!cJSON_IsNumber(size) || size->valuedouble != (double)want) {
+        char *found = size ? cJSON_PrintUnformatted(size) : NULL;
+        rc = ms_error_set(err, MS_EXIT_DATA, index_path,
+                          "metadata.total_size is %s, expected %" PRIu64 " (the bytes of its tensors)",
+                          found ? found : "missing", want);
+        free(found);
+    }
+    cJSON_Delete(root);
+    return rc;
 }
 
 static int manifest_hash(const cJSON *obj, const char *where, uint64_t *out, ms_error *err)
@@ -251,8 +391,14 @@ int ms_verify_output(const char *dir, cpu_pool *cpu, const ms_shard_hashes *earl
     res->have_manifest = m->kind == MS_MODEL_KIND_DIR && stat(manifest, &st) == 0;
     res->n_tensors = m->n_tensors;
     res->n_shards = m->n_shards;
+    char index[PATH_MAX];
+    bool sharded = index_path_of(m, dir, index, sizeof index);
     int rc = 0;
-    if (res->have_manifest) {
+    if (m->kind == MS_MODEL_KIND_DIR)
+        rc = check_no_stray_shards(m, sharded, err);
+    if (rc == 0 && sharded)
+        rc = check_total_size(index, m->total_bytes, err);
+    if (rc == 0 && res->have_manifest) {
         uint64_t bytes = 0;
         for (unsigned s = 0; s < m->n_shards; s++)
             bytes += m->shards[s]->file_size - m->shards[s]->data_start;

@@ -96,6 +96,68 @@ expect_fail 3 "moved/$S: tensor 'model.layers.0.mlp.gate_proj.weight' is in this
   "$MS_BIN" verify "$WORK/moved"
 "$MS_BIN" verify "$WORK/out" --quiet || fail "verify of the untouched output"
 
+# what a finished output must not hold (exit 3, one line naming the file):
+# an index whose metadata.total_size is not the tensors' bytes (DESIGN.md,
+# Output), a model*.safetensors file that is none of its shards (a loader
+# globbing for shards would read it), an interrupted merge's journal or
+# partial shard
+"$MS_BIN" inspect "$WORK/out" --json > "$WORK/out_inspect.json"
+total=$(json_num "$WORK/out_inspect.json" total_bytes)
+index_sed() { # NAME SED: a copy of the output with its index edited
+  cp -r "$WORK/out" "$WORK/$1"
+  sed -i -E "$2" "$WORK/$1/model.safetensors.index.json"
+  cmp -s "$WORK/out/model.safetensors.index.json" "$WORK/$1/model.safetensors.index.json" && fail "$1: index unchanged"
+  return 0
+}
+index_sed total "s/(\"total_size\":[[:space:]]*)$total\b/\1$((total + 2))/"
+expect_fail 3 "total/model.safetensors.index.json: metadata.total_size is $((total + 2)), expected $total " \
+  "$MS_BIN" verify "$WORK/total"
+index_sed no_total '/"total_size":/d'
+expect_fail 3 "no_total/model.safetensors.index.json: metadata.total_size is missing, expected $total " \
+  "$MS_BIN" verify "$WORK/no_total"
+cp -r "$WORK/out" "$WORK/stray"
+cp "$WORK/out/model-00004-of-00004.safetensors" "$WORK/stray/model-00007-of-00006.safetensors"
+expect_fail 3 "stray/model-00007-of-00006.safetensors: not a shard of this output \(model.safetensors.index.json does not list it\)" \
+  "$MS_BIN" verify "$WORK/stray"
+# beside a single model.safetensors, without a manifest (structure only)
+cp -r "$WORK/base" "$WORK/stray1"
+cp "$WORK/base/model.safetensors" "$WORK/stray1/model-00001-of-00002.safetensors"
+expect_fail 3 "stray1/model-00001-of-00002.safetensors: not a shard of this output \(model.safetensors holds all of it\)" \
+  "$MS_BIN" verify "$WORK/stray1"
+cp -r "$WORK/out" "$WORK/journal_left"
+echo "mergestream-journal 1 0123456789abcdef" > "$WORK/journal_left/mergestream.journal"
+expect_fail 3 "journal_left/mergestream.journal: the merge looks interrupted .*mergestream merge RECIPE -o .*/journal_left --resume. would finish it" \
+  "$MS_BIN" verify "$WORK/journal_left"
+cp -r "$WORK/out" "$WORK/partial_left"
+cp "$WORK/out/model-00002-of-00004.safetensors" "$WORK/partial_left/model-00002-of-00004.safetensors.partial"
+expect_fail 3 "partial_left/model-00002-of-00004.safetensors.partial: an unfinished shard: the merge looks interrupted.* -o .*/partial_left --force" \
+  "$MS_BIN" verify "$WORK/partial_left"
+# a merge killed mid-run: finished shards, a partial one and the journal,
+# no index or manifest yet (it said "no weights found")
+mkdir "$WORK/killed"
+cp "$WORK/out/model-00001-of-00004.safetensors" "$WORK/killed/"
+cp "$WORK/out/model-00002-of-00004.safetensors" "$WORK/killed/model-00002-of-00004.safetensors.partial"
+cp "$WORK/journal_left/mergestream.journal" "$WORK/killed/"
+expect_fail 3 "killed/mergestream.journal: the merge looks interrupted .*--resume. would finish it" \
+  "$MS_BIN" verify "$WORK/killed"
+
+# verify --json: one object on stdout, passed or not
+"$MS_BIN" verify "$WORK/out" --json --quiet > "$WORK/v.json" 2> "$WORK/v.err"
+[ ! -s "$WORK/v.err" ] || fail "verify --json --quiet wrote to stderr: $(cat "$WORK/v.err")"
+grep -qE '"command":[[:space:]]*"verify"' "$WORK/v.json" && grep -qE '"ok":[[:space:]]*true' "$WORK/v.json" &&
+  grep -qE '"error":[[:space:]]*null' "$WORK/v.json" && grep -qE '"manifest":[[:space:]]*true' "$WORK/v.json" ||
+  fail "verify --json of a valid output: $(cat "$WORK/v.json")"
+[ "$(json_num "$WORK/v.json" tensors)" -eq 21 ] && [ "$(json_num "$WORK/v.json" shards)" -eq 4 ] &&
+  json_num "$WORK/v.json" seconds > /dev/null || fail "verify --json counts: $(cat "$WORK/v.json")"
+expect_fail 3 "flipped/$S: tensor 'model.layers.0.mlp.gate_proj.weight' has XXH3" "$MS_BIN" verify "$WORK/flipped" --json
+grep -qE '"ok":[[:space:]]*false' "$WORK/out.txt" &&
+  grep -qE "\"error\":[[:space:]]*\".*flipped/$S: tensor 'model.layers.0.mlp.gate_proj.weight' has XXH3" "$WORK/out.txt" ||
+  fail "verify --json of a changed output: $(cat "$WORK/out.txt")"
+expect_fail 3 "journal_left/mergestream.journal" "$MS_BIN" verify "$WORK/journal_left" --json
+grep -qE '"ok":[[:space:]]*false' "$WORK/out.txt" && grep -qE '"error":[[:space:]]*".*journal_left/mergestream.journal' "$WORK/out.txt" ||
+  fail "verify --json of an interrupted merge: $(cat "$WORK/out.txt")"
+"$MS_BIN" verify --help | grep -q -- "--json" || fail "verify --help does not name --json"
+
 # usage errors: exit 2
 expect_fail 2 "expected exactly one PATH" "$MS_BIN" inspect
 expect_fail 2 "unknown command" "$MS_BIN" frobnicate
