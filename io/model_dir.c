@@ -308,11 +308,15 @@ int ms_model_open(const char *path, ms_model **out, ms_error *err)
             }
             snprintf(p1, sizeof p1, "%s/%s", m->path, INDEX_NAME);
             snprintf(p2, sizeof p2, "%s/%s", m->path, SINGLE_NAME);
-            if (path_is_file(p1)) {
-                if (model_open_sharded(m, p1, err) != 0)
-                    goto fail;
-            } else if (path_is_file(p2)) {
+            bool single = path_is_file(p2), index = path_is_file(p1);
+            if (single && index) /* transformers loads the single file then: so do we */
+                ms_log_warn("%s holds both %s and %s: reading %s, as transformers does", m->path, SINGLE_NAME,
+                            INDEX_NAME, SINGLE_NAME);
+            if (single) {
                 if (model_add_shard(m, p2, err) != 0 || model_index_tensors(m, err) != 0)
+                    goto fail;
+            } else if (index) {
+                if (model_open_sharded(m, p1, err) != 0)
                     goto fail;
             } else {
                 refuse_dir_without_weights(m->path, err);

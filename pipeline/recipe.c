@@ -195,6 +195,10 @@ static char *rp_join(const recipe_parser *p, const char *rel)
 
 static int rp_missing(const recipe_parser *p, unsigned line, const char *what, const char *text)
 {
+    if (text[0] == '~') /* a shell expands it; YAML and mergestream do not */
+        return rp_fail(p, line, "%s path '%s' does not exist: '~' is not expanded in a recipe (write the path "
+                                "out, or relative to the recipe's folder)",
+                       what, text);
     if (looks_like_hub_id(text))
         return rp_fail(p, line,
                        "%s '%s' is not a local path; mergestream does not download models "

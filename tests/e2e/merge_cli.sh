@@ -209,6 +209,9 @@ expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/ou
 expect_fail 2 "holds an input" "$MS_BIN" merge "$WORK/ties.yml" -o "$M/ft1" --dry-run --force
 
 # recipe errors: exit 2 naming the key and line
+printf 'merge_method: passthrough\nmodels:\n  - model: ~/no_such_model\n' > "$WORK/tilde.yml"
+expect_fail 2 "tilde.yml:3: model path '~/no_such_model' does not exist: '~' is not expanded" \
+  "$MS_BIN" merge "$WORK/tilde.yml" -o "$WORK/o1"
 printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1, densty: 0.2}\n' > "$WORK/typo.yml"
 expect_fail 2 "typo.yml:5: .*densty" "$MS_BIN" merge "$WORK/typo.yml" -o "$WORK/o1"
 printf 'merge_method: tiez\nbase_model: ./models/base\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 1}\n' > "$WORK/method.yml"

@@ -145,4 +145,14 @@ printf 'merge_method: ties\nbase_model: ./models/base\nmodels:\n  - model: ./mod
 "$MS_BIN" merge "$WORK/tokv.yml" -o "$WORK/o_tokv" --quiet 2> "$WORK/tokv.err"
 grep -q "tokenizer_source .*/models/ft2 has vocab_size 264 but the merged embeddings have 256 rows" "$WORK/tokv.err" ||
   { cat "$WORK/tokv.err"; fail "no vocab mismatch warning"; }
+# a directory with both model.safetensors and a sharded index: the single
+# file is read, as transformers reads it, with one warning
+cp -r "$M/base" "$WORK/both"
+"$MS_BIN" merge <(printf 'merge_method: passthrough\nmodels:\n  - model: %s\n' "$M/ft1") -o "$WORK/ft1_copy" --quiet
+cp "$WORK/ft1_copy/model.safetensors" "$WORK/both/model.safetensors"
+"$MS_BIN" inspect "$WORK/both" --hash 2> "$WORK/both.err" | grep '^model' > "$WORK/both.h"
+"$MS_BIN" inspect "$WORK/ft1_copy" --hash | grep '^model' | diff - "$WORK/both.h" > /dev/null ||
+  fail "with both files present, the index was read"
+grep -q "holds both model.safetensors and model.safetensors.index.json: reading model.safetensors" "$WORK/both.err" ||
+  { cat "$WORK/both.err"; fail "no warning for both files"; }
 echo "merge_edge_cases: ok"
