@@ -128,8 +128,9 @@ static int check_no_stray_shards(const ms_model *m, bool sharded, ms_error *err)
 }
 
 /* The index m's shards were read from, into out: the directory's
- * model.safetensors.index.json (io/model_dir.c prefers it to
- * model.safetensors), or the index file verify was given. False: none. */
+ * model.safetensors.index.json when there is no model.safetensors beside it
+ * (io/model_dir.c, like transformers, reads the single file when both are
+ * there), or the index file verify was given. False: none. */
 static bool index_path_of(const ms_model *m, const char *given, char *out, size_t cap)
 {
     struct stat st;
@@ -137,8 +138,11 @@ static bool index_path_of(const ms_model *m, const char *given, char *out, size_
         snprintf(out, cap, "%s", given);
         return true;
     }
+    snprintf(out, cap, "%s/model.safetensors", m->path);
+    if (m->kind != MS_MODEL_KIND_DIR || stat(out, &st) == 0)
+        return false;
     snprintf(out, cap, "%s/%s", m->path, INDEX_NAME);
-    return m->kind == MS_MODEL_KIND_DIR && stat(out, &st) == 0 && S_ISREG(st.st_mode);
+    return stat(out, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 /* The index's metadata.total_size must be the tensors' bytes (DESIGN.md,
