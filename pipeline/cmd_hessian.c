@@ -200,6 +200,13 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uin
     if (cal->n_truncated)
         ms_log_info("%s: %" PRIu64 " sample(s) truncated to %" PRIu64 " positions", o->calib, cal->n_truncated,
                     cal->seq_len);
+    if (cal->n_emptied)
+        ms_log_warn("%s: %" PRIu64 " of %" PRIu64 " sample(s) have no real token in their first %" PRIu64
+                    " positions and contribute nothing: --seq-len keeps each row's first positions (input_ids[:, :N]), "
+                    "so with left padding it drops the real tokens at the end",
+                    o->calib, cal->n_emptied, cal->n_read, cal->seq_len);
+    if (cal->n_empty)
+        ms_log_info("%s: %" PRIu64 " sample(s) with an all-zero attention_mask skipped", o->calib, cal->n_empty);
     uint64_t batch = o->batch_size ? o->batch_size : AUTO_BATCH_TOKENS / cal->seq_len;
     batch = batch < 1 ? 1 : batch > cal->n_samples ? cal->n_samples : batch;
     uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;

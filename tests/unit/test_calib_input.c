@@ -5,10 +5,16 @@
  * with every integer id dtype and mask dtype) and read back: the ids, the
  * mask, the real-token count must equal the generator's, with --seq-len
  * truncating and padding and --max-samples cutting, on both sides of each
- * boundary. Then every rejection: malformed ids, negative and overflowing
- * ids, mask values other than 0/1, shape and dtype mismatches, missing
- * input_ids, no samples, no real token, ids at and above the vocabulary.
- * The seed is printed; MS_TEST_SEED=N replays a run. */
+ * boundary, samples without a real token dropped and each row's origin
+ * (line or input_ids row) kept. Then every rejection: malformed ids,
+ * negative and overflowing ids, mask values other than 0/1, shape and dtype
+ * mismatches, missing input_ids, no samples, no real token, ids at and
+ * above the vocabulary, each naming its place as the user counts it (text:
+ * 1-based line and token; safetensors: input_ids[row][position]) with odd
+ * bytes escaped; a byte order mark; the format told by content, not by the
+ * name (a safetensors calib.bin, a PyTorch checkpoint refused as such);
+ * left padding cut by --seq-len. The seed is printed; MS_TEST_SEED=N
+ * replays a run. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -46,19 +52,23 @@ static const char *path_of(const char *name)
     return p;
 }
 
-static void write_text(const char *name, const char *text)
+static void write_bytes(const char *name, const void *data, size_t n)
 {
     FILE *f = fopen(path_of(name), "wb");
     assert_non_null(f);
-    fputs(text, f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
     assert_int_equal(fclose(f), 0);
 }
 
-/* A ragged sample set: lengths[s] real tokens, ids below max_id. */
+static void write_text(const char *name, const char *text) { write_bytes(name, text, strlen(text)); }
+
+/* A ragged sample set: lengths[s] real tokens, ids below max_id; line[s]:
+ * the 1-based line samples_to_text wrote sample s on. */
 typedef struct samples {
     uint64_t n, longest;
     uint64_t len[16];
     int64_t id[16][40];
+    uint64_t line[16];
 } samples;
 
 static void gen_samples(samples *s, uint64_t max_id)
@@ -73,41 +83,62 @@ static void gen_samples(samples *s, uint64_t max_id)
     }
 }
 
-/* c must hold s cut to max_samples and seq (0: defaults), right-padded. */
-static void expect_samples(const ms_calib *c, const samples *s, uint64_t max_samples, uint64_t seq)
+/* c must hold s cut to max_samples and seq (0: defaults), right-padded,
+ * without its empty samples; each row's origin is its line (text) or its
+ * index in s (safetensors). */
+static void expect_samples(const ms_calib *c, const samples *s, uint64_t max_samples, uint64_t seq, bool text)
 {
     uint64_t n = max_samples && max_samples < s->n ? max_samples : s->n;
-    uint64_t longest = 0;
-    for (uint64_t i = 0; i < n; i++)
+    uint64_t longest = 0, empty = 0;
+    for (uint64_t i = 0; i < n; i++) {
         longest = s->len[i] > longest ? s->len[i] : longest;
-    assert_int_equal(c->n_samples, n);
+        empty += s->len[i] == 0;
+    }
+    assert_int_equal(c->text, text);
+    assert_int_equal(c->n_read, n);
+    assert_int_equal(c->n_empty, empty);
+    assert_int_equal(c->n_emptied, 0); /* right padding keeps position 0 */
+    assert_int_equal(c->n_samples, n - empty);
     uint64_t want_seq = seq ? seq : longest;
     assert_int_equal(c->seq_len, want_seq);
-    uint64_t real = 0, truncated = 0;
+    uint64_t real = 0, truncated = 0, row = 0, max_pos = 0;
     for (uint64_t i = 0; i < n; i++) {
+        if (s->len[i] == 0)
+            continue;
         truncated += s->len[i] > want_seq;
+        assert_int_equal(c->origin[row], text ? s->line[i] : i);
         for (uint64_t p = 0; p < want_seq; p++) {
             bool r = p < s->len[i];
-            assert_int_equal(c->mask[i * want_seq + p], r);
+            assert_int_equal(c->mask[row * want_seq + p], r);
             if (r) {
-                assert_int_equal(c->ids[i * want_seq + p], s->id[i][p]);
+                assert_int_equal(c->ids[row * want_seq + p], s->id[i][p]);
                 real++;
+                max_pos = p + 1 > max_pos ? p + 1 : max_pos;
             }
         }
+        row++;
     }
     assert_int_equal(c->n_real, real);
     assert_int_equal(c->n_truncated, truncated);
+    assert_int_equal(c->max_position, max_pos);
 }
 
-static void samples_to_text(const samples *s, const char *name)
+static void samples_to_text(samples *s, const char *name)
 {
     char *buf = malloc(1 << 16);
     size_t used = 0;
+    uint64_t line = 1;
+    if (below(4) == 0)
+        used += (size_t)sprintf(buf + used, "\xef\xbb\xbf"); /* a UTF-8 byte order mark is skipped */
     for (uint64_t i = 0; i < s->n; i++) {
-        if (below(3) == 0)
+        s->line[i] = 0;
+        if (below(3) == 0) {
             used += (size_t)sprintf(buf + used, below(2) ? "\n" : "  \t \n"); /* blank lines are skipped */
+            line++;
+        }
         if (s->len[i] == 0)
             continue; /* an empty sample cannot be written as text */
+        s->line[i] = line++;
         if (below(2))
             used += (size_t)sprintf(buf + used, " ");
         for (uint64_t p = 0; p < s->len[i]; p++)
@@ -214,23 +245,24 @@ static void test_text_round_trip(void **state)
     for (int round = 0; round < 40; round++) {
         samples s;
         gen_samples(&s, round % 2 ? 200000 : 50);
+        samples_to_text(&s, "calib.txt");
         /* text cannot carry an empty sample: drop them from the expectation */
         samples t = {0};
         for (uint64_t i = 0; i < s.n; i++)
             if (s.len[i]) {
                 t.len[t.n] = s.len[i];
+                t.line[t.n] = s.line[i];
                 memcpy(t.id[t.n], s.id[i], sizeof s.id[i]);
                 t.longest = s.len[i] > t.longest ? s.len[i] : t.longest;
                 t.n++;
             }
-        samples_to_text(&s, "calib.txt");
         uint64_t longest = t.longest;
         /* both sides of the seq_len boundary, and the max_samples cut */
         uint64_t seqs[] = {0, longest, longest - 1 ? longest - 1 : 1, longest + 1, 1};
         uint64_t maxs[] = {0, t.n, t.n > 1 ? t.n - 1 : 1, t.n + 1, 1};
         for (int k = 0; k < 5; k++) {
             ms_calib *c = load_ok("calib.txt", maxs[k], seqs[k]);
-            expect_samples(c, &t, maxs[k], seqs[k]);
+            expect_samples(c, &t, maxs[k], seqs[k], true);
             ms_calib_free(c);
         }
     }
@@ -245,8 +277,8 @@ static void test_safetensors_round_trip(void **state)
         samples s;
         st_dtype idt = k_ids[round % 8], mdt = k_masks[round % 5];
         gen_samples(&s, idt == ST_U8 || idt == ST_I8 ? 100 : 30000);
-        /* names: ".safetensors", and another name sniffed by content */
-        const char *name = round % 3 ? "calib.safetensors" : "calib-st.dat";
+        /* names: ".safetensors", and others sniffed by content (".bin" too) */
+        const char *name = round % 3 ? "calib.safetensors" : round % 2 ? "calib-st.dat" : "calib.bin";
         samples_to_st(&s, name, idt, mdt);
         uint64_t seqs[] = {0, s.longest, s.longest > 1 ? s.longest - 1 : 1, s.longest + 3};
         uint64_t maxs[] = {0, s.n, s.n > 1 ? s.n - 1 : 1, s.n + 1};
@@ -270,7 +302,7 @@ static void test_safetensors_round_trip(void **state)
             /* the file's width is longest + 0..2 columns of padding */
             if (seqs[k] == 0)
                 assert_true(c->seq_len >= s.longest && c->seq_len <= s.longest + 2);
-            expect_samples(c, &s, maxs[k], c->seq_len);
+            expect_samples(c, &s, maxs[k], c->seq_len, false);
             ms_calib_free(c);
         }
     }
@@ -296,7 +328,7 @@ static void test_rejections(void **state)
 {
     (void)state;
     write_text("letters.txt", "1 2 3\n4 x5 6\n");
-    load_fails("letters.txt", MS_EXIT_DATA, "line 2, token 1: 'x5'");
+    load_fails("letters.txt", MS_EXIT_DATA, "line 2, token 2: 'x5'");
     write_text("negative.txt", "1 -2 3\n");
     load_fails("negative.txt", MS_EXIT_DATA, "'-2'");
     write_text("big.txt", "9223372036854775807\n9223372036854775808\n");
@@ -357,12 +389,281 @@ static void test_vocab_check(void **state)
     assert_int_equal(ms_calib_check_vocab(c, 10, &err), 0);
     assert_int_equal(ms_calib_check_vocab(c, 9, &err), -1);
     assert_int_equal(err.exit_code, MS_EXIT_DATA);
-    if (!strstr(err.msg, "sample 1, position 1: token id 9 is not below the vocabulary size 9"))
+    if (!strstr(err.msg, "line 2, token 2: id 9 is not below the vocabulary size 9"))
         fail_msg("%s", err.msg);
     /* padding ids are not checked: the text's padding is 0, make it huge */
     c->ids[1 * c->seq_len + 2] = 1000;
     assert_int_equal(c->mask[1 * c->seq_len + 2], 0);
     assert_int_equal(ms_calib_check_vocab(c, 10, &err), 0);
+    ms_calib_free(c);
+}
+
+/* Where an error is: text by 1-based line and token, as an editor shows
+ * them (blank lines counted, a truncated line too); safetensors by the
+ * indices into input_ids, whatever rows before it were dropped. */
+static void test_error_locations(void **state)
+{
+    (void)state;
+    ms_error err = {0};
+    write_text("where.txt", "1 2 3\n\n\n4 5 200\n7 300 9\n");
+    ms_calib *c = load_ok("where.txt", 0, 0);
+    assert_int_equal(ms_calib_check_vocab(c, 256, &err), -1);
+    assert_int_equal(err.exit_code, MS_EXIT_DATA);
+    if (!strstr(err.msg, "line 5, token 2: id 300 is not below the vocabulary size 256"))
+        fail_msg("%s", err.msg);
+    ms_calib_free(c);
+    /* CRLF, leading blanks, --seq-len cutting the line after the bad id */
+    write_text("where2.txt", "\r\n  \t 0 1\r\n\r\n 5  6   7 999 8 9\r\n");
+    c = load_ok("where2.txt", 0, 4);
+    assert_int_equal(ms_calib_check_vocab(c, 256, &err), -1);
+    if (!strstr(err.msg, "line 4, token 4: id 999 is not below"))
+        fail_msg("%s", err.msg);
+    ms_calib_free(c);
+    write_text("where3.txt", "1 2 3\n\n\n4 5 x\n");
+    load_fails("where3.txt", MS_EXIT_DATA, "line 4, token 3: 'x' is not a token id");
+
+    /* safetensors: row 1 has no real token (dropped), the bad id is at [3][17] */
+    enum { N = 4, W = 20 };
+    int64_t ids[N * W], mask[N * W];
+    for (int i = 0; i < N * W; i++) {
+        ids[i] = i % 200;
+        mask[i] = i / W != 1;
+    }
+    ids[3 * W + 17] = 300;
+    ids[1 * W + 5] = 9999; /* under padding: never read */
+    raw_tensor t[2] = {{"input_ids", ST_I64, 2, {N, W}, ids}, {"attention_mask", ST_I64, 2, {N, W}, mask}};
+    write_st("where.safetensors", t, 2);
+    c = load_ok("where.safetensors", 0, 0);
+    assert_int_equal(c->n_samples, 3);
+    assert_int_equal(c->origin[2], 3);
+    assert_int_equal(ms_calib_check_vocab(c, 256, &err), -1);
+    if (!strstr(err.msg, "input_ids[3][17]: id 300 is not below the vocabulary size 256"))
+        fail_msg("%s", err.msg);
+    ms_calib_free(c);
+    /* a 1-D input_ids is indexed once */
+    t[0] = (raw_tensor){"input_ids", ST_I64, 1, {W, 0}, ids + 3 * W};
+    write_st("where1d.safetensors", t, 1);
+    c = load_ok("where1d.safetensors", 0, 0);
+    assert_int_equal(ms_calib_check_vocab(c, 256, &err), -1);
+    if (!strstr(err.msg, "input_ids[17]: id 300"))
+        fail_msg("%s", err.msg);
+    ms_calib_free(c);
+    int64_t neg[W];
+    memcpy(neg, ids, sizeof neg);
+    neg[6] = -1;
+    t[0] = (raw_tensor){"input_ids", ST_I64, 1, {W, 0}, neg};
+    write_st("neg1d.safetensors", t, 1);
+    load_fails("neg1d.safetensors", MS_EXIT_DATA, "input_ids[6]: token id is negative");
+}
+
+/* A NUL, a byte order mark or any other odd byte shows as \xHH; a leading
+ * UTF-8 byte order mark is skipped, a UTF-16 one named. */
+static void test_odd_bytes(void **state)
+{
+    (void)state;
+    write_bytes("nul.txt", "1 2\0 3\n", 7);
+    load_fails("nul.txt", MS_EXIT_DATA, "line 1, token 2: '2\\x00' is not a token id");
+    write_text("bommid.txt", "1 2\n3 \xef\xbb\xbf" "4\n");
+    load_fails("bommid.txt", MS_EXIT_DATA, "line 2, token 2: '\\xef\\xbb\\xbf4'");
+    write_text("quote.txt", "1 'a\\\n");
+    load_fails("quote.txt", MS_EXIT_DATA, "'\\x27a\\x5c'");
+    char longtok[64];
+    memset(longtok, 'z', sizeof longtok - 2);
+    longtok[sizeof longtok - 2] = '\n';
+    longtok[sizeof longtok - 1] = 0;
+    write_text("long.txt", longtok);
+    load_fails("long.txt", MS_EXIT_DATA, "'zzzzzzzzzzzzzzzzzzzzzzzz...' is not");
+
+    write_text("bom.txt", "\xef\xbb\xbf" "5 6 7\n\n8 9\n");
+    ms_calib *c = load_ok("bom.txt", 0, 0);
+    assert_int_equal(c->n_samples, 2);
+    assert_int_equal(c->seq_len, 3);
+    assert_int_equal(c->ids[0], 5);
+    assert_int_equal(c->origin[1], 3);
+    ms_calib_free(c);
+    write_text("bomx.txt", "\xef\xbb\xbf" "5 x\n");
+    load_fails("bomx.txt", MS_EXIT_DATA, "line 1, token 2: 'x'");
+    write_text("bomonly.txt", "\xef\xbb\xbf\n");
+    load_fails("bomonly.txt", MS_EXIT_DATA, "no calibration samples");
+    write_bytes("utf16.txt", "\xff\xfe" "1\0 \0" "2\0", 8);
+    load_fails("utf16.txt", MS_EXIT_DATA, "UTF-16");
+}
+
+/* The format comes from the content: a safetensors file called .bin is
+ * read; a text file called .bin is text; a PyTorch checkpoint, whatever its
+ * name, is not a calibration file (and not advice to convert a model). */
+static void test_format_by_content(void **state)
+{
+    (void)state;
+    int64_t ids[6] = {1, 2, 3, 4, 5, 6};
+    raw_tensor t = {"input_ids", ST_I64, 2, {2, 3}, ids};
+    write_st("calib.bin", &t, 1);
+    ms_calib *c = load_ok("calib.bin", 0, 0);
+    assert_false(c->text);
+    assert_int_equal(c->n_samples, 2);
+    assert_int_equal(c->n_real, 6);
+    assert_memory_equal(c->ids, ids, sizeof ids);
+    ms_calib_free(c);
+    write_st("calib.pt", &t, 1);
+    c = load_ok("calib.pt", 0, 0);
+    ms_calib_free(c);
+    write_text("ids.bin", "1 2\n3\n");
+    c = load_ok("ids.bin", 0, 0);
+    assert_true(c->text);
+    assert_int_equal(c->n_real, 3);
+    ms_calib_free(c);
+
+    static const char zip[] = "PK\x03\x04\x14\0\0\0\0\0archive/data.pkl";
+    static const char pickle[] = "\x80\x02\x8a\x0a" "lZ\xfc\x9c" "F\xf9 j\xa8P\x19.";
+    write_bytes("model.bin", zip, sizeof zip - 1);
+    load_fails("model.bin", MS_EXIT_DATA, "is a PyTorch checkpoint (a zip archive), not a calibration file");
+    write_bytes("legacy.pt", pickle, sizeof pickle - 1);
+    load_fails("legacy.pt", MS_EXIT_DATA, "is a PyTorch checkpoint (a pickle), not a calibration file");
+    load_fails("legacy.pt", MS_EXIT_DATA, "text file");
+    /* a checkpoint called .safetensors, and a damaged .safetensors, named as such */
+    write_bytes("zip.safetensors", zip, sizeof zip - 1);
+    load_fails("zip.safetensors", MS_EXIT_DATA, "PyTorch checkpoint (a zip archive)");
+    write_bytes("short.safetensors", "\x05\0\0", 3);
+    load_fails("short.safetensors", MS_EXIT_DATA, "header too small");
+    write_bytes("long.safetensors", "\xff\0\0\0\0\0\0\0{}", 10);
+    load_fails("long.safetensors", MS_EXIT_DATA, "invalid header length");
+    write_bytes("junk.safetensors", "\x02\0\0\0\0\0\0\0{x", 10);
+    load_fails("junk.safetensors", MS_EXIT_DATA, "junk.safetensors");
+}
+
+/* Left padding and --seq-len: the first seq_len positions of each row are
+ * kept (input_ids[:, :N]); a row whose real tokens all lie past them is
+ * counted as emptied and dropped, and a file where every row is is an
+ * error that says why. max_position is the real tokens' extent, not the
+ * padded width. */
+enum { LEFT_N = 6, LEFT_W = 30 };
+
+/* LEFT_N rows of LEFT_W positions, row s's lens[s] real tokens at the end. */
+static void write_left_padded(const char *name, const uint64_t *lens)
+{
+    enum { N = LEFT_N, W = LEFT_W };
+    int64_t ids[N * W];
+    uint8_t mask[N * W];
+    for (uint64_t s = 0; s < N; s++)
+        for (uint64_t p = 0; p < W; p++) {
+            mask[s * W + p] = p >= W - lens[s];
+            ids[s * W + p] = mask[s * W + p] ? (int64_t)(s * 40 + p) : 0;
+        }
+    raw_tensor t[2] = {{"input_ids", ST_I64, 2, {N, W}, ids}, {"attention_mask", ST_BOOL, 2, {N, W}, mask}};
+    write_st(name, t, 2);
+}
+
+static void test_left_padding(void **state)
+{
+    (void)state;
+    static const uint64_t lens[LEFT_N] = {30, 12, 5, 25, 8, 10}, short_lens[LEFT_N] = {12, 5, 25, 8, 10, 3};
+    write_left_padded("left.safetensors", lens);
+    ms_calib *c = load_ok("left.safetensors", 0, 20);
+    assert_int_equal(c->n_read, 6);
+    assert_int_equal(c->n_samples, 3); /* lengths 30, 12, 25 keep some of positions 0..19 */
+    assert_int_equal(c->n_emptied, 3);
+    assert_int_equal(c->n_empty, 0);
+    assert_int_equal(c->n_truncated, 6);
+    assert_int_equal(c->n_real, 20 + 2 + 15);
+    assert_int_equal(c->max_position, 20);
+    assert_int_equal(c->origin[0], 0);
+    assert_int_equal(c->origin[1], 1);
+    assert_int_equal(c->origin[2], 3);
+    for (uint64_t p = 0; p < 20; p++) {
+        assert_int_equal(c->mask[1 * 20 + p], p >= 18);
+        if (p >= 18)
+            assert_int_equal(c->ids[1 * 20 + p], 1 * 40 + p);
+        assert_int_equal(c->mask[2 * 20 + p], p >= 5);
+    }
+    ms_calib_free(c);
+    /* the whole width: nothing emptied, nothing cut */
+    c = load_ok("left.safetensors", 0, 0);
+    assert_int_equal(c->n_samples, 6);
+    assert_int_equal(c->n_emptied + c->n_truncated, 0);
+    assert_int_equal(c->max_position, 30);
+    ms_calib_free(c);
+    /* every row emptied: an error naming the cause */
+    ms_error err = {0};
+    ms_calib_options o = {0, 5};
+    write_left_padded("left-short.safetensors", short_lens);
+    c = (ms_calib *)1;
+    assert_int_equal(ms_calib_load(path_of("left-short.safetensors"), &o, &c, &err), -1);
+    assert_null(c);
+    assert_int_equal(err.exit_code, MS_EXIT_DATA);
+    if (!strstr(err.msg, "no real token in the first 5 positions") || !strstr(err.msg, "left padding") ||
+        !strstr(err.msg, "6 sample(s)"))
+        fail_msg("%s", err.msg);
+    o = (ms_calib_options){2, 19}; /* rows 0 and 1: row 1's 12 tokens start at 18 */
+    c = NULL;
+    assert_int_equal(ms_calib_load(path_of("left.safetensors"), &o, &c, &err), 0);
+    assert_int_equal(c->n_samples, 2);
+    assert_int_equal(c->n_emptied, 0);
+    ms_calib_free(c);
+    o = (ms_calib_options){3, 18};
+    c = NULL;
+    assert_int_equal(ms_calib_load(path_of("left.safetensors"), &o, &c, &err), 0);
+    assert_int_equal(c->n_samples, 1);
+    assert_int_equal(c->n_emptied, 2);
+    ms_calib_free(c);
+}
+
+/* Short samples padded to a long --seq-len: max_position is the longest
+ * real extent, which is what max_position_embeddings must cover. */
+static void test_max_position(void **state)
+{
+    (void)state;
+    write_text("short.txt", "1 2 3\n4 5\n");
+    ms_calib *c = load_ok("short.txt", 0, 100);
+    assert_int_equal(c->seq_len, 100);
+    assert_int_equal(c->max_position, 3);
+    ms_calib_free(c);
+    c = load_ok("short.txt", 0, 2);
+    assert_int_equal(c->max_position, 2);
+    ms_calib_free(c);
+    enum { N = 2, W = 100 };
+    int64_t ids[N * W] = {0}, mask[N * W] = {0};
+    for (int p = 0; p < 60; p++)
+        mask[p] = 1;
+    for (int p = 10; p < 40; p++)
+        mask[W + p] = 1; /* a hole at the start: positions are raw */
+    raw_tensor t[2] = {{"input_ids", ST_I64, 2, {N, W}, ids}, {"attention_mask", ST_I64, 2, {N, W}, mask}};
+    write_st("pad100.safetensors", t, 2);
+    c = load_ok("pad100.safetensors", 0, 0);
+    assert_int_equal(c->seq_len, 100);
+    assert_int_equal(c->max_position, 60);
+    ms_calib_free(c);
+}
+
+/* n_samples counts the samples that reach the forward pass: an all-zero
+ * attention_mask row is read (n_read, and it counts for --max-samples, as
+ * input_ids[:N] does) but dropped. */
+static void test_empty_rows_dropped(void **state)
+{
+    (void)state;
+    enum { N = 6, W = 4 };
+    int64_t ids[N * W], mask[N * W];
+    for (int i = 0; i < N * W; i++) {
+        ids[i] = i;
+        mask[i] = i / W != 2;
+    }
+    raw_tensor t[2] = {{"input_ids", ST_I64, 2, {N, W}, ids}, {"attention_mask", ST_I64, 2, {N, W}, mask}};
+    write_st("gap.safetensors", t, 2);
+    ms_calib *c = load_ok("gap.safetensors", 0, 0);
+    assert_int_equal(c->n_read, 6);
+    assert_int_equal(c->n_samples, 5);
+    assert_int_equal(c->n_empty, 1);
+    assert_int_equal(c->n_emptied, 0);
+    assert_int_equal(c->n_real, 20);
+    static const uint64_t origin[5] = {0, 1, 3, 4, 5};
+    for (int s = 0; s < 5; s++) {
+        assert_int_equal(c->origin[s], origin[s]);
+        assert_int_equal(c->ids[s * W], (int64_t)origin[s] * W);
+        assert_int_equal(c->mask[s * W + W - 1], 1);
+    }
+    ms_calib_free(c);
+    c = load_ok("gap.safetensors", 3, 0);
+    assert_int_equal(c->n_read, 3);
+    assert_int_equal(c->n_samples, 2);
     ms_calib_free(c);
 }
 
@@ -379,6 +680,12 @@ int main(void)
         cmocka_unit_test(test_safetensors_round_trip),
         cmocka_unit_test(test_rejections),
         cmocka_unit_test(test_vocab_check),
+        cmocka_unit_test(test_error_locations),
+        cmocka_unit_test(test_odd_bytes),
+        cmocka_unit_test(test_format_by_content),
+        cmocka_unit_test(test_left_padding),
+        cmocka_unit_test(test_max_position),
+        cmocka_unit_test(test_empty_rows_dropped),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     char cmd[128];
