@@ -421,6 +421,27 @@ static void plan_check_tokenizer_vocab(const ms_plan *plan)
     free(text);
 }
 
+/* The output has the layout model's tensors: one line per merged model
+ * that has tensors the layout lacks (a value head, a vision tower), as they
+ * are not merged and not written. */
+static void plan_note_extra_tensors(const ms_plan *plan)
+{
+    for (unsigned i = 1; i <= plan->n_models; i++) {
+        const ms_model *m = plan->models[i];
+        if (m == plan->layout)
+            continue;
+        size_t extra = 0, first = 0;
+        for (size_t t = 0; t < m->n_tensors; t++)
+            if (ms_model_find(plan->layout, m->tensors[t].info->name) < 0 && extra++ == 0)
+                first = t;
+        if (extra)
+            ms_log_warn("%s ('%s') has %zu tensor%s %s lacks (the first '%s'): %s not in the output",
+                        plan->recipe->models[i - 1].label, plan->recipe->models[i - 1].name, extra,
+                        extra == 1 ? "" : "s", plan->layout->path, m->tensors[first].info->name,
+                        extra == 1 ? "it is" : "they are");
+    }
+}
+
 /* A model's layer count: config.json's num_hidden_layers, else inferred from names. */
 static unsigned plan_model_layers(const ms_model *m)
 {
@@ -723,6 +744,8 @@ int ms_plan_build(const char *recipe_path, const ms_plan_options *opt, ms_plan *
         if (plan_slice_jobs(plan, err) != 0)
             goto fail;
     }
+    if (r->method != MS_METHOD_PASSTHROUGH && !r->has_slices)
+        plan_note_extra_tensors(plan);
     for (size_t t = 0; t < lay->n_tensors && r->method != MS_METHOD_PASSTHROUGH && !r->has_slices; t++) {
         const st_tensor *lt = lay->tensors[t].info;
         ms_job *job = &plan->jobs[plan->n_jobs++];

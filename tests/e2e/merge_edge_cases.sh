@@ -155,4 +155,10 @@ cp "$WORK/ft1_copy/model.safetensors" "$WORK/both/model.safetensors"
   fail "with both files present, the index was read"
 grep -q "holds both model.safetensors and model.safetensors.index.json: reading model.safetensors" "$WORK/both.err" ||
   { cat "$WORK/both.err"; fail "no warning for both files"; }
+# a model with a tensor the base lacks (here lm_head beside a tied base): one line, it is not written
+"$MS_GEN" base "$M/tied" --preset tiny --dtype bf16 --seed 1 --tie-embeddings
+printf 'merge_method: task_arithmetic\nbase_model: ./models/tied\nmodels:\n  - model: ./models/ft1\n    parameters: {weight: 0.5}\n' > "$WORK/extra.yml"
+"$MS_BIN" merge "$WORK/extra.yml" -o "$WORK/o_extra" --quiet 2> "$WORK/extra.err"
+grep -q "models\[0\] ('./models/ft1') has 1 tensor .*models/tied lacks (the first 'lm_head.weight'): it is not in the output" \
+  "$WORK/extra.err" || { cat "$WORK/extra.err"; fail "no line for the tensor the base lacks"; }
 echo "merge_edge_cases: ok"
