@@ -194,9 +194,9 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uin
     if (s->adapter)
         ms_log_info("%s: adapter %s applied on the fly to %zu tensors of %s", label, ms_peft_path(s->adapter),
                     ms_peft_n_targets(s->adapter), s->model->path);
-    if (s->config.max_position_embeddings && cal->seq_len > s->config.max_position_embeddings)
-        ms_log_warn("%s: samples of %" PRIu64 " positions exceed max_position_embeddings (%" PRIu64 ")", o->calib,
-                    cal->seq_len, s->config.max_position_embeddings);
+    if (s->config.max_position_embeddings && cal->max_position > s->config.max_position_embeddings)
+        ms_log_warn("%s: real tokens reach position %" PRIu64 ", past max_position_embeddings (%" PRIu64 ")",
+                    o->calib, cal->max_position - 1, s->config.max_position_embeddings);
     if (cal->n_truncated)
         ms_log_info("%s: %" PRIu64 " sample(s) truncated to %" PRIu64 " positions", o->calib, cal->n_truncated,
                     cal->seq_len);

@@ -129,7 +129,7 @@ typedef struct ms_llama_run_opts {
 } ms_llama_run_opts;
 
 typedef struct ms_llama_result {
-    uint64_t n_samples;   /* samples read (empty ones included) */
+    uint64_t n_samples;   /* the calibration set's samples (io/calib_input.c drops those without a real token) */
     uint64_t n_tokens;    /* real tokens: the N of H = 2/N sum x x^T */
     uint64_t n_predicted; /* tokens with a target (nll) */
     double nll_sum;       /* sum of -log p(target) over them, fp64 in token order */

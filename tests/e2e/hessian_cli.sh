@@ -55,6 +55,16 @@ expect_fail 2 "already holds hessians.safetensors" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h"
 "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h" --batch-size 2 --force --quiet
 cmp -s "$WORK/h/hessians.safetensors" "$WORK/h_spill/hessians.safetensors" || fail "--force rerun differs"
+# max_position_embeddings is checked against the real tokens, not the padded width
+cp -r "$WORK/m" "$WORK/m_short"
+sed -i 's/"max_position_embeddings":[^,]*/"max_position_embeddings": 32/' "$WORK/m_short/config.json"
+seq 1 10 | tr '\n' ' ' > "$WORK/ten.txt"; echo >> "$WORK/ten.txt"
+"$MS_BIN" perplexity "$WORK/m_short" --calib "$WORK/ten.txt" --seq-len 64 2> "$WORK/mp.err" > /dev/null
+grep -q "max_position_embeddings" "$WORK/mp.err" && { cat "$WORK/mp.err"; fail "warned for padding past the model's positions"; }
+seq 1 40 | tr '\n' ' ' > "$WORK/forty.txt"; echo >> "$WORK/forty.txt"
+"$MS_BIN" perplexity "$WORK/m_short" --calib "$WORK/forty.txt" 2> "$WORK/mp.err" > /dev/null
+grep -q "real tokens reach position 39, past max_position_embeddings (32)" "$WORK/mp.err" ||
+  { cat "$WORK/mp.err"; fail "no warning for tokens past max_position_embeddings"; }
 # a NaN in a weight: hessian names the first statistic it reaches, perplexity fails (exit 3)
 cp -r "$WORK/m" "$WORK/m_nan"
 printf '\xc0\x7f' | dd of="$WORK/m_nan/model.safetensors" bs=1 conv=notrunc status=none \
@@ -150,10 +160,10 @@ expect_fail 3 "is not a PEFT adapter directory" "$MS_BIN" perplexity "$WORK/m+$W
 expect_fail 3 "calib-missing.txt: cannot open the calibration file" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib-missing.txt" -o "$WORK/bad"
 echo "1 2 3 256 4" > "$WORK/oov.txt"
-expect_fail 3 "sample 0, position 3: token id 256 is not below the vocabulary size 256" \
+expect_fail 3 "line 1, token 4: id 256 is not below the vocabulary size 256" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/oov.txt" -o "$WORK/bad"
 echo "1 2 x3" > "$WORK/junk.txt"
-expect_fail 3 "line 1, token 2: 'x3'" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/junk.txt"
+expect_fail 3 "line 1, token 3: 'x3'" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/junk.txt"
 expect_fail 2 "--seq-len: expected an integer" \
   "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/bad" --seq-len 0
 expect_fail 2 "--seq-len: expected an integer" \
