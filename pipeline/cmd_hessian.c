@@ -49,7 +49,8 @@ static const char k_help[] =
     "  -o, --output DIR      output directory (created if missing)\n"
     "  --max-samples N       use the first N samples\n"
     "  --seq-len N           pad or truncate every sample to N positions\n"
-    "  --batch-size N        samples per batch (default: about 2048 tokens)\n"
+    "  --batch-size N        samples per batch (default: about 2048 tokens, fewer where\n"
+    "                        --max-memory would not hold one layer beside them)\n"
     "  --max-memory SIZE     memory for weights, statistics and activations; activations\n"
     "                        beyond it go to a temporary file in DIR (default: a quarter\n"
     "                        of RAM, at most 8G). A layer's statistics are written while\n"
@@ -174,6 +175,20 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
     return 0;
 }
 
+/* One layer's weights and the working memory of a batch of `batch` samples
+ * (ms_llama_fixed_bytes), plus what the model source holds; UINT64_MAX on
+ * overflow. */
+static uint64_t fixed_bytes(const ms_llama_session *s, uint64_t batch, bool stats, bool need_head)
+{
+    const ms_calib *cal = s->calib;
+    uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;
+    uint64_t seq = cal->seq_len < rows ? cal->seq_len : rows;
+    uint64_t fixed = ms_llama_fixed_bytes(&s->config.llama, stats, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
+    if (fixed != UINT64_MAX)
+        fixed = fixed + s->src.host_bytes < fixed ? UINT64_MAX : fixed + s->src.host_bytes;
+    return fixed;
+}
+
 int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uint64_t *stats_buf, bool gpu,
                      ms_llama_session *s, cpu_pool **pool, ms_llama_run_opts *ro, ms_error *err)
 {
@@ -209,11 +224,15 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uin
         ms_log_info("%s: %" PRIu64 " sample(s) with an all-zero attention_mask skipped", o->calib, cal->n_empty);
     uint64_t batch = o->batch_size ? o->batch_size : AUTO_BATCH_TOKENS / cal->seq_len;
     batch = batch < 1 ? 1 : batch > cal->n_samples ? cal->n_samples : batch;
-    uint64_t rows = batch * cal->seq_len < cal->n_real ? batch * cal->seq_len : cal->n_real;
-    uint64_t seq = cal->seq_len < rows ? cal->seq_len : rows;
-    uint64_t fixed = ms_llama_fixed_bytes(c, stats_buf != NULL, need_head, cal->n_real, 0, rows, seq, cal->seq_len);
-    if (fixed != UINT64_MAX)
-        fixed = fixed + s->src.host_bytes < fixed ? UINT64_MAX : fixed + s->src.host_bytes;
+    uint64_t fixed = fixed_bytes(s, batch, stats_buf != NULL, need_head);
+    /* the default batch halves until one layer's memory, with a piece of the statistics' output,
+     * fits --max-memory, or is one sample (a given batch is the user's) */
+    uint64_t least_out = stats_buf ? STATS_PIECE_BYTES : 0;
+    uint64_t budget = o->max_memory > least_out ? o->max_memory - least_out : 0;
+    while (!o->batch_size && batch > 1 && fixed >= budget) {
+        batch = (batch + 1) / 2;
+        fixed = fixed_bytes(s, batch, stats_buf != NULL, need_head);
+    }
     uint64_t act = cal->n_real * c->hidden * 4;
     if (stats_buf) {
         /* The statistics' output buffer: a whole layer's where that leaves
@@ -240,9 +259,10 @@ int ms_fwd_cli_setup(const ms_fwd_cli *o, const char *label, bool need_head, uin
     if (prefetch)
         fixed += second;
     if (fixed >= o->max_memory)
-        ms_log_warn("one layer's weights, statistics and batch scratch take %.2f GB, more than --max-memory "
-                    "(%.2f GB): activations go to a temporary file",
-                    (double)fixed / 1e9, (double)o->max_memory / 1e9);
+        ms_log_warn("%s: one layer's weights and working memory for a batch of %" PRIu64 " sample%s take %.2f GB, "
+                    "more than --max-memory (%.2f GB), which the run will exceed%s",
+                    label, batch, batch == 1 ? "" : "s", (double)fixed / 1e9, (double)o->max_memory / 1e9,
+                    o->batch_size > 1 ? ": a smaller --batch-size lowers the batch's share" : "");
     *ro = (ms_llama_run_opts){.batch_size = batch, .act_budget = fixed < o->max_memory ? o->max_memory - fixed : 0,
                               .label = label, .prefetch_weights = prefetch};
     ms_log_info("%s: %s (%s, %" PRIu64 " layers), %" PRIu64 " samples x %" PRIu64 " positions, %" PRIu64

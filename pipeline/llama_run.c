@@ -886,9 +886,9 @@ int ms_llama_run(const ms_llama_source *src, const cpu_llama_config *cfg, const 
     res->spilled = s.act.ram == NULL;
     res->act_bytes = s.tok.n * cfg->hidden * 4;
     if (res->spilled && opt->label)
-        ms_log_info("%s: the residual stream (%.2f GB) exceeds the memory budget: spilling it to a temporary file "
-                    "in %s",
-                    opt->label, (double)res->act_bytes / 1e9, s.act.where);
+        ms_log_info("%s: the residual stream (%.1f MB) does not fit the %.1f MB --max-memory leaves beside one "
+                    "layer: spilling it to a temporary file in %s",
+                    opt->label, (double)res->act_bytes / 1e6, (double)opt->act_budget / 1e6, s.act.where);
 
     s.prog = (run_progress){.label = opt->label, .tty = isatty(STDERR_FILENO), .start = t_start, .last = t_start,
                             .n_samples = s.tok.n_samples, .n_tokens = s.tok.n, .passes = cfg->n_layers + 1};
