@@ -117,8 +117,16 @@ int ms_fwd_cli_parse(const char *cmd, const char *help, bool with_output, int ar
         if (output_only && !with_output) /* named from the table: argv[optind - 1] may be the option's value */
             return ms_cli_usage_error(cmd, "unknown option '--%s'", k_opts[longindex].name);
         switch (c) {
-        case OPT_CALIB: o->calib = optarg; break;
-        case 'o': o->out_dir = optarg; break;
+        case OPT_CALIB:
+            if (o->calib) /* two calibration files: not silently the last */
+                return ms_cli_usage_error(cmd, "--calib given twice ('%s', '%s')", o->calib, optarg);
+            o->calib = optarg;
+            break;
+        case 'o':
+            if (o->out_dir)
+                return ms_cli_usage_error(cmd, "-o given twice ('%s', '%s')", o->out_dir, optarg);
+            o->out_dir = optarg;
+            break;
         case OPT_MAXS:
             if (parse_count(cmd, "--max-samples", optarg, UINT32_MAX, &o->calib_opt.max_samples) != 0)
                 return MS_EXIT_USAGE;
