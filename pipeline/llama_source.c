@@ -388,11 +388,26 @@ const char *ms_llama_head_name(const cpu_llama_config *c)
     return c->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
 }
 
-int ms_llama_check(const ms_llama_source *src, const cpu_llama_config *cfg, bool need_head, ms_error *err)
+int ms_llama_check(const ms_llama_source *src, cpu_llama_config *cfg, bool need_head, ms_error *err)
 {
     if (expect(src, "model.embed_tokens.weight", 2, cfg->vocab, cfg->hidden, err) < 0 ||
         expect(src, "model.norm.weight", 1, cfg->hidden, 0, err) < 0)
         return -1;
+    if (need_head && cfg->tie_embeddings) {
+        /* transformers 5 does not tie a checkpoint that has both (it warns
+         * when they differ); equal ones give the same logits either way */
+        unsigned ndim = 0;
+        uint64_t shape[2] = {0, 0};
+        int rc = src->find(src->ctx, "lm_head.weight", &ndim, shape, err);
+        if (rc < 0)
+            return -1;
+        if (rc == 1) {
+            cfg->tie_embeddings = false;
+            ms_log_warn("%s: config.json ties the embeddings (tie_word_embeddings) but lm_head.weight is present: "
+                        "the head is lm_head.weight, not model.embed_tokens.weight, as transformers 5 does",
+                        src->where);
+        }
+    }
     if (need_head && !cfg->tie_embeddings && expect(src, "lm_head.weight", 2, cfg->vocab, cfg->hidden, err) < 0)
         return -1;
     cpu_llama_layer none = {0};

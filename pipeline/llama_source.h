@@ -87,9 +87,12 @@ int ms_llama_model_split(const char *model, char **base, char **adapter, ms_erro
 /* Checks, before any data is read, that src has every tensor the pass needs
  * with the shape cfg implies (model.embed_tokens.weight, every layer's norms,
  * projections and the biases cfg names, model.norm.weight, and lm_head.weight
- * when need_head and the embeddings are not tied). Returns 0, or -1 with err
- * set (MS_EXIT_DATA naming the tensor and both shapes). */
-int ms_llama_check(const ms_llama_source *src, const cpu_llama_config *cfg, bool need_head, ms_error *err);
+ * when need_head and the embeddings are not tied). With need_head, a cfg that
+ * ties the embeddings over a src that has lm_head.weight is untied
+ * (cfg->tie_embeddings cleared, one warning naming both tensors), as
+ * transformers 5 loads such a checkpoint. Returns 0, or -1 with err set
+ * (MS_EXIT_DATA naming the tensor and both shapes). */
+int ms_llama_check(const ms_llama_source *src, cpu_llama_config *cfg, bool need_head, ms_error *err);
 
 /* The tensor the head's rows come from: lm_head.weight, or the embedding
  * when the model ties them. */

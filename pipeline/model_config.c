@@ -14,6 +14,7 @@ static const struct {
 };
 #define N_ARCHS (sizeof k_archs / sizeof k_archs[0])
 #define SUPPORTED_ARCHS "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+#define MS_MISTRAL_DEFAULT_WINDOW 4096 /* MistralConfig.sliding_window's default */
 
 const char *ms_arch_name(ms_arch arch)
 {
@@ -183,9 +184,19 @@ int ms_model_config_parse(const cJSON *cfg, const char *where, ms_model_config *
         get_pos(cfg, "rope_theta", 10000.0, &c->rope_theta, where, "config", err) < 0)
         return -1;
     c->rope_kind = CPU_ROPE_DEFAULT;
+    /* transformers 5 takes `rope_scaling or rope_parameters`: a non-empty
+     * rope_scaling replaces rope_parameters whole (its rope_theta too, which
+     * then comes from rope_scaling, else the top level, else 10000); an
+     * empty one counts as absent. */
     const cJSON *params = field(cfg, "rope_parameters"), *scaling = field(cfg, "rope_scaling");
-    if (params ? parse_rope(params, "rope_parameters", where, c, err) < 0
-               : scaling && parse_rope(scaling, "rope_scaling", where, c, err) < 0)
+    if (cJSON_IsObject(scaling) && !scaling->child)
+        scaling = NULL;
+    if (params && cJSON_IsObject(scaling) && !cJSON_Compare(params, scaling, true))
+        ms_log_warn("%s: both rope_scaling and rope_parameters are present and differ: using rope_scaling, as "
+                    "transformers does (rope_parameters is ignored)",
+                    where);
+    if (scaling ? parse_rope(scaling, "rope_scaling", where, c, err) < 0
+                : params && parse_rope(params, "rope_parameters", where, c, err) < 0)
         return -1;
     if (get_bool(cfg, "tie_word_embeddings", false, &c->tie_embeddings, where, err) < 0)
         return -1;
@@ -206,11 +217,16 @@ int ms_model_config_parse(const cJSON *cfg, const char *where, ms_model_config *
         break;
     }
     case MS_ARCH_MISTRAL:
-        if (field(cfg, "sliding_window") &&
-            get_uint(cfg, "sliding_window", 0, 1ull << 32, &c->sliding_window, where, err) < 0)
+        /* absent is MistralConfig's default window; only null turns it off */
+        if (!cJSON_GetObjectItemCaseSensitive(cfg, "sliding_window"))
+            c->sliding_window = MS_MISTRAL_DEFAULT_WINDOW;
+        else if (field(cfg, "sliding_window") &&
+                 get_uint(cfg, "sliding_window", 0, 1ull << 32, &c->sliding_window, where, err) < 0)
             return -1;
         break;
     case MS_ARCH_QWEN2: {
+        /* Qwen2Config drops sliding_window unless use_sliding_window, whose
+         * default is false */
         bool sliding = false;
         if (get_bool(cfg, "use_sliding_window", false, &sliding, where, err) < 0)
             return -1;

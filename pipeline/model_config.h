@@ -13,19 +13,29 @@
  *   rope_scaling / rope_parameters null or {"rope_type" (or "type"): "default" |
  *                                  "linear" | "llama3", "factor", "low_freq_factor",
  *                                  "high_freq_factor",
- *                                  "original_max_position_embeddings"};
- *                                  rope_parameters (transformers >= 5) may
- *                                  also carry rope_theta, and wins over both
- *   tie_word_embeddings            default false
+ *                                  "original_max_position_embeddings"}; either
+ *                                  may carry rope_theta, which wins over the
+ *                                  top level's. With both present, a
+ *                                  non-empty rope_scaling is used whole and
+ *                                  rope_parameters ignored, as transformers
+ *                                  5 does (one warning when they differ)
+ *   tie_word_embeddings            default false; when true over a
+ *                                  checkpoint that also has lm_head.weight,
+ *                                  ms_llama_check unties them
+ *                                  (pipeline/llama_source.h)
  *   attention_bias, mlp_bias       Llama: biases on q/k/v/o and on the MLP
  *                                  (default false); Qwen2 always has q/k/v
  *                                  biases and none elsewhere
  *   hidden_act                     must be "silu" when present
- *   sliding_window                 Mistral: null or a window (applied to
- *                                  every layer, as transformers does); Qwen2:
+ *   sliding_window                 Mistral: a window (applied to every
+ *                                  layer, as transformers does), default
+ *                                  4096 as MistralConfig's; null is none.
+ *                                  Qwen2: ignored (no window) unless
+ *                                  use_sliding_window (default false), and
  *                                  use_sliding_window true is refused
  *   max_position_embeddings        informational (0 when absent)
  *
+ * Both rope objects present and differing is logged (ms_log_warn), once.
  * Errors: MS_EXIT_USAGE (2) for what is valid but not supported (another
  * architecture, another rope type or activation, Qwen2's sliding window),
  * naming the value and what is supported; MS_EXIT_DATA (3) for a missing or

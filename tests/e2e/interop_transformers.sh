@@ -1,7 +1,11 @@
 # Interoperability: `mergestream perplexity` and `mergestream hessian` against
 # Hugging Face transformers' own forward pass (torch, float32 on the CPU), on
 # generated float32 models: Llama with and without tied embeddings, Llama with
-# llama3 rope scaling, Mistral, and Qwen2 with q/k/v biases. Calibration
+# llama3 rope scaling, Mistral without and with a sliding window, and Qwen2
+# with q/k/v biases; then configs transformers 5 reads its own way: a tied
+# config over a checkpoint that also has lm_head.weight (the head is
+# lm_head.weight) and both rope_scaling and rope_parameters (rope_scaling is
+# used), each with our one warning line. Calibration
 # lines of different lengths go through mergestream in padded batches of 4
 # and through transformers one unpadded line at a time. The mean token NLL
 # must agree to 1e-7 relative, and every layer's statistics H = 2/N sum x x^T
@@ -30,10 +34,12 @@ awk 'BEGIN { srand(3); for (i = 0; i < 12; i++) { n = 3 + int(rand() * 68); s = 
 "$MS_GEN" base llama3 --preset small --dtype f32 --seed 7
 "$MS_GEN" base mistral --preset small --dtype f32 --seed 8
 "$MS_GEN" base qwen2 --preset small --dtype f32 --seed 9
+"$MS_GEN" base mistral8 --preset small --dtype f32 --seed 10
+"$MS_GEN" base ropeboth --preset small --dtype f32 --seed 11
 # the architectures gen_model does not write: config.json edits, and Qwen2's
 # q/k/v biases added to the weights
 "$PY" - <<'PYEOF'
-import json, torch
+import json, shutil, torch
 from safetensors.torch import load_file, save_file
 
 def edit(d, f):
@@ -49,6 +55,17 @@ def llama3(c):
 def mistral(c):
     c.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
 
+def mistral8(c):
+    c.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8)
+
+def tiedhead(c):
+    c["tie_word_embeddings"] = True
+
+def ropeboth(c):
+    c["rope_theta"] = 500.0
+    c["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 77.0}
+    c["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+
 def qwen2(c):
     c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False, sliding_window=None)
     for k in ("attention_bias", "mlp_bias", "head_dim"):
@@ -57,6 +74,10 @@ def qwen2(c):
 edit("llama3", llama3)
 edit("mistral", mistral)
 edit("qwen2", qwen2)
+edit("mistral8", mistral8)
+shutil.copytree("llama", "tiedhead")
+edit("tiedhead", tiedhead)
+edit("ropeboth", ropeboth)
 t = load_file("qwen2/model.safetensors")
 g = torch.Generator().manual_seed(0)
 layers = json.load(open("qwen2/config.json"))["num_hidden_layers"]
@@ -120,15 +141,21 @@ sys.exit(0 if ok else 1)
 PYEOF
 
 fails=0
-for d in llama tied llama3 mistral qwen2; do
-  nll=$("$MS_BIN" perplexity "$d" --calib calib.txt --batch-size 4 --device cpu --json --quiet |
-    grep -oE '"mean_nll":[[:space:]]*[-0-9.e+]+' | grep -oE '[-0-9.e+]+$')
+for d in llama tied llama3 mistral qwen2 mistral8 tiedhead ropeboth; do
+  nll=$("$MS_BIN" perplexity "$d" --calib calib.txt --batch-size 4 --device cpu --json --quiet 2> "ppl_$d.err" |
+    grep -oE '"mean_nll":[[:space:]]*[-0-9.e+]+' | grep -oE '[-0-9.e+]+$') ||
+    { cat "ppl_$d.err" >&2; fail "perplexity of $d failed"; }
   "$MS_BIN" hessian "$d" --calib calib.txt --batch-size 4 --device cpu -o "h_$d" --quiet
   printf '%-8s ' "$d:"
   "$PY" reference.py "$d" calib.txt "$nll" "h_$d/hessians.safetensors" 2> "ref_$d.err" ||
     { fails=$((fails + 1)); tail -3 "ref_$d.err"; }
 done
 [ "$fails" -eq 0 ] || fail "$fails model(s) disagree with transformers"
+[ "$(grep -c 'warning: .*lm_head.weight is present: the head is lm_head.weight, not model.embed_tokens.weight' \
+  ppl_tiedhead.err)" -eq 1 ] || { cat ppl_tiedhead.err >&2; fail "tiedhead: not one warning on the head"; }
+[ "$(grep -c 'warning: .*both rope_scaling and rope_parameters .*using rope_scaling' ppl_ropeboth.err)" -eq 1 ] ||
+  { cat ppl_ropeboth.err >&2; fail "ropeboth: not one warning on the rope objects"; }
+! grep -h 'warning' ppl_llama.err ppl_mistral8.err || fail "a warning for a plain config"
 
 # a merge's output directory (bf16, three shards and an index) is a model
 # transformers loads as it is: the class and dtype from config.json, every

@@ -14,7 +14,10 @@
  * padding changes nothing (bit for bit) while a reference that lets padding
  * in differs; batch size 1 vs all at once vs the spill file; small Hessian
  * flush blocks and vocabulary slices; the accumulator against X^T X in
- * float64; exp; config.json errors. BASE+ADAPTER (ms_llama_source_lora):
+ * float64; exp; config.json errors; config.json keys absent or in conflict
+ * read as transformers 5.24 reads them (Mistral's default window, Qwen2's
+ * none, rope_scaling beside rope_parameters, a tied config over a checkpoint
+ * with lm_head.weight, each warning once). BASE+ADAPTER (ms_llama_source_lora):
  * PEFT adapters written here (LoRA on every projection with modules_to_save;
  * BF16 rsLoRA with DoRA on projections and a tied embedding) give what the
  * model merged here in float64 and written as F32 gives, against the
@@ -560,7 +563,7 @@ static void got_free(got_out *g)
 }
 
 /* One run over src (checked, as the commands do) with every output. */
-static void run_source(const ms_llama_source *src, const cpu_llama_config *c, const ms_calib *cal,
+static void run_source(const ms_llama_source *src, cpu_llama_config *c, const ms_calib *cal,
                        const run_knobs *kn, got_out *g)
 {
     ms_error err = {0};
@@ -1017,8 +1020,8 @@ static void test_config(void **state)
     assert_true(mc.llama.rms_eps == 1e-6 && mc.llama.rope_theta == 10000.0);
     assert_false(mc.llama.tie_embeddings || mc.llama.qkv_bias);
     assert_int_equal(mc.llama.rope_kind, CPU_ROPE_DEFAULT);
-    /* model_type alone; Qwen2 biases; rope_parameters wins over rope_scaling */
-    assert_int_equal(parse_text("{\"model_type\":\"qwen2\"," BASE_CFG ",\"rope_scaling\":{\"type\":\"yarn\"},"
+    /* model_type alone; Qwen2 biases; rope_parameters' rope_theta wins over the top level's */
+    assert_int_equal(parse_text("{\"model_type\":\"qwen2\"," BASE_CFG ",\"rope_theta\":5.0,\"rope_scaling\":null,"
                                 "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":77.0}}",
                                 &mc, &err),
                      0);
@@ -1040,6 +1043,9 @@ static void test_config(void **state)
         {"{\"model_type\":\"gemma\"," BASE_CFG "}", MS_EXIT_USAGE, "gemma"},
         {"{\"architectures\":[\"LlamaForCausalLM\"]," BASE_CFG ",\"rope_scaling\":{\"rope_type\":\"yarn\"}}",
          MS_EXIT_USAGE, "yarn"},
+        {"{\"architectures\":[\"LlamaForCausalLM\"]," BASE_CFG ",\"rope_scaling\":{\"type\":\"yarn\"},"
+         "\"rope_parameters\":{\"rope_type\":\"default\"}}",
+         MS_EXIT_USAGE, "rope_scaling: rope type 'yarn'"}, /* transformers would run yarn */
         {"{\"architectures\":[\"LlamaForCausalLM\"]," BASE_CFG ",\"hidden_act\":\"gelu\"}", MS_EXIT_USAGE, "gelu"},
         {"{\"architectures\":[\"Qwen2ForCausalLM\"]," BASE_CFG ",\"use_sliding_window\":true}", MS_EXIT_USAGE,
          "use_sliding_window"},
@@ -1071,6 +1077,200 @@ static void test_config(void **state)
     }
     assert_int_equal(ms_model_config_parse(NULL, "dir", &mc, &err), -1);
     assert_int_equal(err.exit_code, MS_EXIT_DATA);
+}
+
+/* Runs fn with stderr going to a temp file; what it wrote goes to out. */
+static void capture_stderr(void (*fn)(void *), void *arg, char *out, size_t size)
+{
+    fflush(stderr);
+    char path[] = "/tmp/ms_test_llama_forward_err_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    unlink(path);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    assert_true(dup2(fd, 2) == 2);
+    fn(arg);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    ssize_t n = pread(fd, out, size - 1, 0);
+    out[n > 0 ? n : 0] = '\0';
+    close(fd);
+}
+
+typedef struct parse_call {
+    const char *json;
+    ms_model_config mc;
+    ms_error err;
+    int rc;
+} parse_call;
+
+static void do_parse(void *arg)
+{
+    parse_call *p = arg;
+    p->rc = parse_text(p->json, &p->mc, &p->err);
+}
+
+/* Parses json with stderr captured into log; fails unless it parses. */
+static ms_model_config parse_logged(const char *json, char *log, size_t size)
+{
+    parse_call p = {.json = json};
+    capture_stderr(do_parse, &p, log, size);
+    if (p.rc != 0)
+        fail_msg("%s: %s", json, p.err.msg);
+    return p.mc;
+}
+
+#define LLAMA_CFG "{\"architectures\":[\"LlamaForCausalLM\"]," BASE_CFG
+#define MISTRAL_CFG "{\"architectures\":[\"MistralForCausalLM\"]," BASE_CFG
+#define QWEN2_CFG "{\"architectures\":[\"Qwen2ForCausalLM\"]," BASE_CFG
+
+/* What transformers 5.24's config classes make of keys that are absent or
+ * conflicting (checked against MistralConfig, Qwen2Config and
+ * convert_rope_params_to_dict). */
+static void test_config_transformers(void **state)
+{
+    (void)state;
+    char log[1024];
+    ms_model_config mc;
+    /* Mistral: no sliding_window key is MistralConfig's 4096; null is none */
+    mc = parse_logged(MISTRAL_CFG "}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 4096);
+    mc = parse_logged(MISTRAL_CFG ",\"sliding_window\":null}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 0);
+    mc = parse_logged(MISTRAL_CFG ",\"sliding_window\":16}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 16);
+    /* Qwen2: no window unless use_sliding_window, whatever sliding_window says */
+    mc = parse_logged(QWEN2_CFG "}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 0);
+    mc = parse_logged(QWEN2_CFG ",\"sliding_window\":16}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 0);
+    mc = parse_logged(QWEN2_CFG ",\"sliding_window\":16,\"use_sliding_window\":false}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 0);
+    /* Llama has no window */
+    mc = parse_logged(LLAMA_CFG ",\"sliding_window\":16}", log, sizeof log);
+    assert_int_equal(mc.llama.sliding_window, 0);
+
+    /* rope: a non-empty rope_scaling replaces rope_parameters whole, its
+     * rope_theta included (then from rope_scaling, else the top level, else
+     * 10000), with one warning naming both and the one used */
+#define PARAMS ",\"rope_parameters\":{\"rope_type\":\"linear\",\"factor\":2.0,\"rope_theta\":77.0}"
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":4.0},"
+                                       "\"rope_theta\":500.0}",
+                      log, sizeof log);
+    assert_int_equal(mc.llama.rope_kind, CPU_ROPE_LINEAR);
+    assert_true(mc.llama.rope_factor == 4.0 && mc.llama.rope_theta == 500.0);
+    if (!strstr(log, "config.json") || !strstr(log, "rope_scaling and rope_parameters") ||
+        !strstr(log, "using rope_scaling") || strchr(log, '\n') != strrchr(log, '\n'))
+        fail_msg("not one warning naming both rope objects and the one used: '%s'", log);
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":{\"type\":\"linear\",\"factor\":4.0}}", log, sizeof log);
+    assert_true(mc.llama.rope_factor == 4.0 && mc.llama.rope_theta == 10000.0);
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":{\"rope_type\":\"default\",\"rope_theta\":333.0},"
+                                       "\"rope_theta\":500.0}",
+                      log, sizeof log);
+    assert_int_equal(mc.llama.rope_kind, CPU_ROPE_DEFAULT);
+    assert_true(mc.llama.rope_theta == 333.0);
+    assert_non_null(strstr(log, "using rope_scaling"));
+    /* rope_scaling null or {}: rope_parameters, silently */
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":null,\"rope_theta\":500.0}", log, sizeof log);
+    assert_true(mc.llama.rope_kind == CPU_ROPE_LINEAR && mc.llama.rope_factor == 2.0 && mc.llama.rope_theta == 77.0);
+    assert_string_equal(log, "");
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":{},\"rope_theta\":500.0}", log, sizeof log);
+    assert_true(mc.llama.rope_kind == CPU_ROPE_LINEAR && mc.llama.rope_factor == 2.0 && mc.llama.rope_theta == 77.0);
+    assert_string_equal(log, "");
+    /* the same object twice: nothing to warn about */
+    mc = parse_logged(LLAMA_CFG PARAMS ",\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0,"
+                                       "\"rope_theta\":77.0}}",
+                      log, sizeof log);
+    assert_true(mc.llama.rope_factor == 2.0 && mc.llama.rope_theta == 77.0);
+    assert_string_equal(log, "");
+    /* an empty rope_parameters beside rope_scaling */
+    mc = parse_logged(LLAMA_CFG ",\"rope_parameters\":{},\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":4.0},"
+                                "\"rope_theta\":500.0}",
+                      log, sizeof log);
+    assert_true(mc.llama.rope_factor == 4.0 && mc.llama.rope_theta == 500.0);
+#undef PARAMS
+}
+
+typedef struct check_call {
+    const ms_llama_source *src;
+    cpu_llama_config *c;
+    bool need_head;
+    ms_error err;
+    int rc;
+} check_call;
+
+static void do_check(void *arg)
+{
+    check_call *k = arg;
+    k->rc = ms_llama_check(k->src, k->c, k->need_head, &k->err);
+}
+
+/* tie_word_embeddings true over a checkpoint that also has lm_head.weight:
+ * transformers 5.24 does not tie them and its head is lm_head.weight (it
+ * warns); so does the pass, with one warning naming both tensors. Without
+ * the head (hessian) nothing changes and nothing is said. */
+static void test_tied_config_with_head(void **state)
+{
+    (void)state;
+    tmodel m;
+    memset(&m, 0, sizeof m);
+    m.arch = MS_ARCH_LLAMA;
+    m.dtype = ST_F32;
+    m.c = (cpu_llama_config){.hidden = 32, .intermediate = 48, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
+                             .head_dim = 8, .vocab = 43, .rms_eps = 1e-5, .rope_theta = 10000};
+    gen_weights(&m); /* untied: with lm_head.weight */
+    m.c.tie_embeddings = true;
+    write_model(&m, false); /* config.json says tied */
+
+    ms_error err = {0};
+    ms_model *mm = NULL;
+    assert_int_equal(ms_model_open(m.dir, &mm, &err), 0);
+    ms_model_config mc;
+    assert_int_equal(ms_model_config_parse(mm->config, m.dir, &mc, &err), 0);
+    assert_true(mc.llama.tie_embeddings);
+    ms_llama_source src;
+    assert_int_equal(ms_llama_source_model(mm, &src, &err), 0);
+    char log[1024];
+    check_call k = {.src = &src, .c = &mc.llama, .need_head = false};
+    capture_stderr(do_check, &k, log, sizeof log);
+    assert_int_equal(k.rc, 0);
+    assert_true(mc.llama.tie_embeddings);
+    assert_string_equal(log, "");
+    k.need_head = true;
+    capture_stderr(do_check, &k, log, sizeof log);
+    if (k.rc != 0)
+        fail_msg("%s", k.err.msg);
+    assert_false(mc.llama.tie_embeddings);
+    assert_string_equal(ms_llama_head_name(&mc.llama), "lm_head.weight");
+    if (!strstr(log, m.dir) || !strstr(log, "tie_word_embeddings") || !strstr(log, "lm_head.weight") ||
+        !strstr(log, "model.embed_tokens.weight") || !strstr(log, "the head is lm_head.weight") ||
+        strchr(log, '\n') != strrchr(log, '\n'))
+        fail_msg("not one warning naming both tensors and the one used: '%s'", log);
+    ms_llama_source_close(&src);
+    ms_model_close(mm);
+
+    /* the whole pass: logits and NLL from lm_head.weight, not the embedding */
+    ms_calib *cal = make_calib(5, 11, m.c.vocab, true);
+    tmodel untied = m, tied = m;
+    untied.c.tie_embeddings = false;
+    ref_out r, r_tied;
+    ref_forward(&untied, cal, false, &r);
+    ref_forward(&tied, cal, false, &r_tied);
+    double d = rel_diff(r_tied.logits, r.logits, cal->n_samples * cal->seq_len * m.c.vocab);
+    if (!(d > 100 * TOL))
+        fail_msg("the head's choice changes the logits by only %.3g", d);
+    got_out g;
+    run_knobs kn = {.batch_size = 2, .act_budget = UINT64_MAX, .threads = 2};
+    run_model(&m, cal, &kn, &g);
+    compare(&untied, cal, &g, &r);
+    got_free(&g);
+    ref_free(&untied, &r);
+    ref_free(&tied, &r_tied);
+    ms_calib_free(cal);
+    remove_dir(m.dir);
+    free_weights(&m);
 }
 
 /* A missing tensor and a wrong shape are found before any data is read. */
@@ -1511,6 +1711,8 @@ int main(void)
         cmocka_unit_test(test_expf),
         cmocka_unit_test(test_hessian_accum),
         cmocka_unit_test(test_config),
+        cmocka_unit_test(test_config_transformers),
+        cmocka_unit_test(test_tied_config_with_head),
         cmocka_unit_test(test_check_weights),
         cmocka_unit_test(test_models_vs_reference),
         cmocka_unit_test(test_padding_excluded),
