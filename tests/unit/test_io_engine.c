@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "test_capture.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -651,26 +653,6 @@ static void test_config_limits(void **state)
 }
 
 /* ---------------------------------------------------------------- registration, fallback */
-
-/* Runs fn with stderr going to a temp file; returns what it wrote. */
-static void capture_stderr(void (*fn)(void *), void *arg, char *out, size_t size)
-{
-    fflush(stderr);
-    char path[] = "/tmp/ms_test_io_engine_err_XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    unlink(path);
-    int saved = dup(2);
-    assert_true(saved >= 0);
-    dup2(fd, 2);
-    fn(arg);
-    fflush(stderr);
-    dup2(saved, 2);
-    close(saved);
-    ssize_t n = pread(fd, out, size - 1, 0);
-    out[n > 0 ? n : 0] = '\0';
-    close(fd);
-}
 
 typedef struct open_call {
     io_engine_config cfg;

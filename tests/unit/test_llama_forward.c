@@ -31,6 +31,8 @@
 
 #include <cmocka.h>
 
+#include "test_capture.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <ftw.h>
@@ -1079,26 +1081,6 @@ static void test_config(void **state)
     assert_int_equal(err.exit_code, MS_EXIT_DATA);
 }
 
-/* Runs fn with stderr going to a temp file; what it wrote goes to out. */
-static void capture_stderr(void (*fn)(void *), void *arg, char *out, size_t size)
-{
-    fflush(stderr);
-    char path[] = "/tmp/ms_test_llama_forward_err_XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    unlink(path);
-    int saved = dup(2);
-    assert_true(saved >= 0);
-    assert_true(dup2(fd, 2) == 2);
-    fn(arg);
-    fflush(stderr);
-    dup2(saved, 2);
-    close(saved);
-    ssize_t n = pread(fd, out, size - 1, 0);
-    out[n > 0 ? n : 0] = '\0';
-    close(fd);
-}
-
 typedef struct parse_call {
     const char *json;
     ms_model_config mc;
@@ -1134,23 +1116,27 @@ static void test_config_transformers(void **state)
     (void)state;
     char log[1024];
     ms_model_config mc;
-    /* Mistral: no sliding_window key is MistralConfig's 4096; null is none */
-    mc = parse_logged(MISTRAL_CFG "}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 4096);
-    mc = parse_logged(MISTRAL_CFG ",\"sliding_window\":null}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 0);
-    mc = parse_logged(MISTRAL_CFG ",\"sliding_window\":16}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 16);
-    /* Qwen2: no window unless use_sliding_window, whatever sliding_window says */
-    mc = parse_logged(QWEN2_CFG "}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 0);
-    mc = parse_logged(QWEN2_CFG ",\"sliding_window\":16}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 0);
-    mc = parse_logged(QWEN2_CFG ",\"sliding_window\":16,\"use_sliding_window\":false}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 0);
-    /* Llama has no window */
-    mc = parse_logged(LLAMA_CFG ",\"sliding_window\":16}", log, sizeof log);
-    assert_int_equal(mc.llama.sliding_window, 0);
+    static const struct {
+        const char *json;
+        uint64_t window;
+    } k_windows[] = {
+        /* Mistral: no sliding_window key is MistralConfig's 4096; null is none */
+        {MISTRAL_CFG "}", 4096},
+        {MISTRAL_CFG ",\"sliding_window\":null}", 0},
+        {MISTRAL_CFG ",\"sliding_window\":16}", 16},
+        /* Qwen2: no window unless use_sliding_window, whatever sliding_window says */
+        {QWEN2_CFG "}", 0},
+        {QWEN2_CFG ",\"sliding_window\":16}", 0},
+        {QWEN2_CFG ",\"sliding_window\":16,\"use_sliding_window\":false}", 0},
+        /* Llama has no window */
+        {LLAMA_CFG ",\"sliding_window\":16}", 0},
+    };
+    for (size_t i = 0; i < sizeof k_windows / sizeof k_windows[0]; i++) {
+        mc = parse_logged(k_windows[i].json, log, sizeof log);
+        if (mc.llama.sliding_window != k_windows[i].window)
+            fail_msg("%s: sliding window %" PRIu64 ", want %" PRIu64, k_windows[i].json,
+                     (uint64_t)mc.llama.sliding_window, k_windows[i].window);
+    }
 
     /* rope: a non-empty rope_scaling replaces rope_parameters whole, its
      * rope_theta included (then from rope_scaling, else the top level, else
