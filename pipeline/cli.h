@@ -11,6 +11,11 @@ int ms_cmd_inspect(int argc, char **argv);
 int ms_cmd_verify(int argc, char **argv);
 int ms_cmd_merge(int argc, char **argv);
 
+/* --json: prints j (indented, one object) on stdout and frees it; a print
+ * that fails for lack of memory prints nothing. */
+struct cJSON;
+void ms_cli_print_json(struct cJSON *j);
+
 /* Prints err's one-line message and returns its exit code (1 if unset). */
 int ms_cli_fail(const ms_error *err);
 

@@ -488,11 +488,7 @@ static void print_summary(const ms_fwd_cli *o, const ms_llama_session *s, const 
         cJSON_AddBoolToObject(j, "activations_spilled", r->spilled);
         ms_fwd_cli_backend_report(r, gpu, j, where, sizeof where);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)ms_peak_rss_bytes());
-        char *text = cJSON_Print(j);
-        if (text)
-            puts(text);
-        free(text);
-        cJSON_Delete(j);
+        ms_cli_print_json(j);
     }
     ms_log_info("hessian: %" PRIu64 " samples, %" PRIu64 " tokens, %zu tensors (%.2f GB) in %s; %.1f s, %.0f "
                 "tokens/s, %.1f GFLOP/s, peak RSS %.2f GB; %s",

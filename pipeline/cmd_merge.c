@@ -325,11 +325,7 @@ static void print_summary(const merge_options *o, const ms_plan *plan, const ms_
         } else {
             cJSON_AddNullToObject(j, "verify_seconds");
         }
-        char *text = cJSON_Print(j);
-        if (text)
-            puts(text);
-        free(text);
-        cJSON_Delete(j);
+        ms_cli_print_json(j);
     }
     if (ms_log_is_quiet())
         return;

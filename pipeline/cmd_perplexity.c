@@ -89,11 +89,7 @@ int ms_cmd_perplexity(int argc, char **argv)
         cJSON_AddNumberToObject(j, "tokens_per_second", tok_s);
         ms_fwd_cli_backend_report(&r, gpu, j, where, sizeof where);
         cJSON_AddNumberToObject(j, "peak_rss_bytes", (double)ms_peak_rss_bytes());
-        char *text = cJSON_Print(j);
-        if (text)
-            puts(text);
-        free(text);
-        cJSON_Delete(j);
+        ms_cli_print_json(j);
     } else {
         printf("perplexity %.6f  mean NLL %.6f nats over %" PRIu64 " predicted tokens (%" PRIu64 " samples, %" PRIu64
                " tokens)\n",

@@ -44,11 +44,7 @@ static void verify_print_json(const char *dir, const ms_verify_result *res, doub
         cJSON_AddStringToObject(j, "error", err->msg[0] ? err->msg : "unknown error");
     else
         cJSON_AddNullToObject(j, "error");
-    char *text = cJSON_Print(j);
-    if (text)
-        puts(text);
-    free(text);
-    cJSON_Delete(j);
+    ms_cli_print_json(j);
 }
 
 int ms_cmd_verify(int argc, char **argv)

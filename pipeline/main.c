@@ -2,7 +2,10 @@
 #include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include <cjson/cJSON.h>
 
 #include "pipeline/cli.h"
 #include "pipeline/cli_hessian.h"
@@ -26,6 +29,15 @@ static const char k_usage[] =
     "\n"
     "Run 'mergestream COMMAND --help' (or 'mergestream help COMMAND') for a command's options.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
+
+void ms_cli_print_json(cJSON *j)
+{
+    char *text = cJSON_Print(j);
+    if (text)
+        puts(text);
+    free(text);
+    cJSON_Delete(j);
+}
 
 int ms_cli_fail(const ms_error *err)
 {

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "pipeline/cli.h"
 #include "pipeline/merge_passes.h"
 #include "pipeline/method_table.h"
 
@@ -71,11 +72,7 @@ void ms_merge_print_dry_run(const ms_plan *plan, const st_plan *layout, uint64_t
         cJSON *list = cJSON_AddArrayToObject(j, "jobs");
         for (size_t k = 0; k < plan->n_jobs; k++)
             cJSON_AddItemToArray(list, job_json(&plan->jobs[k]));
-        char *text = cJSON_Print(j);
-        if (text)
-            puts(text);
-        free(text);
-        cJSON_Delete(j);
+        ms_cli_print_json(j);
         return;
     }
     char least[96] = "";
