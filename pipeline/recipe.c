@@ -191,6 +191,116 @@ static char *rp_join(const recipe_parser *p, const char *rel)
 }
 
 /* ------------------------------------------------------------------------ */
+/* YAML merge keys                                                           */
+
+static bool is_merge_key(const yaml_node_t *k)
+{
+    return k->type == YAML_SCALAR_NODE &&
+           ((k->data.scalar.style == YAML_PLAIN_SCALAR_STYLE && k->data.scalar.length == 2 &&
+             memcmp(k->data.scalar.value, "<<", 2) == 0) ||
+            (k->tag && strcmp((const char *)k->tag, "tag:yaml.org,2002:merge") == 0));
+}
+
+static bool scalar_equal(const yaml_node_t *a, const yaml_node_t *b)
+{
+    return a->type == YAML_SCALAR_NODE && b->type == YAML_SCALAR_NODE && a->data.scalar.length == b->data.scalar.length &&
+           memcmp(a->data.scalar.value, b->data.scalar.value, a->data.scalar.length) == 0;
+}
+
+/* Whether mapping m has a pair whose key equals key (other than merge keys). */
+static bool mapping_has_key(const recipe_parser *p, const yaml_node_t *m, const yaml_node_t *key)
+{
+    for (const yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key);
+        if (!is_merge_key(k) && scalar_equal(k, key))
+            return true;
+    }
+    return false;
+}
+
+/* Whether mapping m still holds a merge key. */
+static bool has_merge_key(const recipe_parser *p, const yaml_node_t *m)
+{
+    for (const yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++)
+        if (is_merge_key(rp_node(p, pr->key)))
+            return true;
+    return false;
+}
+
+/* Appends to mapping `target` (a node index) every pair of mapping src whose
+ * key target does not have yet: explicit keys and earlier sources win, as
+ * in YAML's merge key type (PyYAML, and so mergekit, reads it so). */
+static int merge_pairs(recipe_parser *p, int target, const yaml_node_t *src)
+{
+    for (const yaml_node_pair_t *pr = src->data.mapping.pairs.start; pr < src->data.mapping.pairs.top; pr++) {
+        int k = pr->key, v = pr->value;
+        if (mapping_has_key(p, rp_node(p, target), rp_node(p, k)))
+            continue;
+        if (!yaml_document_append_mapping_pair(p->doc, target, k, v))
+            return rp_nomem(p);
+    }
+    return 0;
+}
+
+/* Expands mapping node `index`'s merge keys (`<<: *anchor` or a list of
+ * them) once their sources hold none. Returns 1 when it expanded one, 0
+ * when it must wait for a source, -1 with the error set. */
+static int expand_one(recipe_parser *p, int index)
+{
+    yaml_node_t *m = rp_node(p, index);
+    for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *k = rp_node(p, pr->key), *v = rp_node(p, pr->value);
+        if (!is_merge_key(k))
+            continue;
+        const yaml_node_item_t *items = v->type == YAML_SEQUENCE_NODE ? v->data.sequence.items.start : NULL;
+        size_t n = items ? (size_t)(v->data.sequence.items.top - items) : 1;
+        for (size_t i = 0; i < n; i++) {
+            const yaml_node_t *src = items ? rp_node(p, items[i]) : v;
+            if (src->type != YAML_MAPPING_NODE)
+                return rp_fail(p, node_line(k), "the value of '<<' must be a mapping (an alias of one) or a list "
+                                                "of them");
+            if (has_merge_key(p, src))
+                return 0;
+        }
+        yaml_node_pair_t merge = *pr; /* out of the list first: appending may move it */
+        m->data.mapping.pairs.top--;
+        memmove(pr, pr + 1, (size_t)(m->data.mapping.pairs.top - pr) * sizeof *pr);
+        const yaml_node_t *mv = rp_node(p, merge.value);
+        items = mv->type == YAML_SEQUENCE_NODE ? mv->data.sequence.items.start : NULL;
+        for (size_t i = 0; i < n; i++)
+            if (merge_pairs(p, index, items ? rp_node(p, items[i]) : mv) < 0)
+                return -1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Every mapping's merge keys, sources first (an anchor is defined before
+ * its aliases, so the passes end). Returns 0 or -1 with the error set. */
+static int rp_expand_merge_keys(recipe_parser *p)
+{
+    int n_nodes = (int)(p->doc->nodes.top - p->doc->nodes.start);
+    for (bool again = true; again;) {
+        again = false;
+        for (int i = 1; i <= n_nodes; i++) {
+            yaml_node_t *m = rp_node(p, i);
+            if (m->type != YAML_MAPPING_NODE || !has_merge_key(p, m))
+                continue;
+            int rc = expand_one(p, i);
+            if (rc < 0)
+                return -1;
+            again = again || rc > 0;
+        }
+    }
+    for (int i = 1; i <= n_nodes; i++) {
+        const yaml_node_t *m = rp_node(p, i);
+        if (m->type == YAML_MAPPING_NODE && has_merge_key(p, m))
+            return rp_fail(p, node_line(m), "a '<<' merge key refers back to its own mapping");
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Paths                                                                     */
 
 static int rp_missing(const recipe_parser *p, unsigned line, const char *what, const char *text)
@@ -1420,7 +1530,7 @@ int ms_recipe_load(const char *path, ms_recipe **out, ms_error *err)
         goto fail;
     }
 
-    if (rp_root(&p, root) < 0)
+    if (rp_expand_merge_keys(&p) < 0 || rp_root(&p, root) < 0)
         goto fail;
 
     yaml_document_delete(&doc);

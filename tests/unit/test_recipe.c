@@ -1855,6 +1855,47 @@ static void test_yaml_aliases_and_styles(void **state)
     ms_recipe_free(NULL);
 }
 
+/* YAML merge keys, as PyYAML (and so mergekit) reads them: `<<: *anchor`
+ * and `<<: [*a, *b]` give a mapping the pairs it does not have itself,
+ * earlier sources first; a merged mapping may itself merge; anything but a
+ * mapping as the value is a recipe error. */
+static void test_yaml_merge_keys(void **state)
+{
+    (void)state;
+    ms_recipe *r = load_ok(Y("merge_method: dare_ties")
+                           Y("base_model: models/base")
+                           Y("models:")
+                           Y("  - model: models/ft1")
+                           Y("    parameters: &p {weight: 0.5, density: 0.25}")
+                           Y("  - model: models/ft2")
+                           Y("    parameters:")
+                           Y("      <<: *p")
+                           Y("      weight: 0.3"));
+    ms_tensor_params tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.weight[1] == 0.5f && tp.weight[2] == 0.3f); /* the explicit key wins */
+    assert_true(tp.density[1] == 0.25 && tp.density[2] == 0.25);
+    ms_recipe_free(r);
+    r = load_ok(Y("merge_method: dare_ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: &a {weight: 0.5}")
+                Y("  - model: models/ft2")
+                Y("    parameters: &b {<<: *a, density: 0.75, weight: 0.9}")
+                Y("  - model: models/ft3")
+                Y("    parameters: {<<: [*a, *b]}"));
+    tp = params_ok(r, "model.norm.weight", 2);
+    assert_true(tp.weight[2] == 0.9f && tp.density[2] == 0.75);
+    assert_true(tp.weight[3] == 0.5f && tp.density[3] == 0.75); /* *a comes first: its weight */
+    ms_recipe_free(r);
+    expect_fail(Y("merge_method: ties")
+                Y("base_model: models/base")
+                Y("models:")
+                Y("  - model: models/ft1")
+                Y("    parameters: {<<: 3, weight: 1}"),
+                5, "the value of '<<' must be a mapping", NULL);
+}
+
 /* The shipped examples (examples/NAME.yml) load against a models/{base,ft1,ft2} folder
  * (MS_SRC is set by ctest; skipped when run by hand without it). */
 static void test_examples_load(void **state)
@@ -2322,6 +2363,7 @@ int main(void)
         cmocka_unit_test(test_error_yaml),
         cmocka_unit_test(test_error_unreadable),
         cmocka_unit_test(test_yaml_aliases_and_styles),
+        cmocka_unit_test(test_yaml_merge_keys),
         cmocka_unit_test(test_examples_load),
         cmocka_unit_test(test_interp_methods),
         cmocka_unit_test(test_interp_errors),
