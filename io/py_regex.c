@@ -141,7 +141,7 @@ const char *ms_py_regex_to_ere(const char *py, char **out)
     const char *why = NULL;
     size_t i = 0;
     sb_puts(&b, "");
-    while (py[i] && !why) {
+    while (!why && py[i]) { /* why first: a trailing backslash leaves i past the NUL */
         char c = py[i];
         if (c == '\\') {
             char e = py[i + 1];
