@@ -349,16 +349,22 @@ static ms_job *plan_push_job(ms_plan *plan, size_t *cap, ms_error *err)
  * (0: the base, with scale 1): a byte copy, or (scale != 1, a dtype change,
  * or a tensor the model's PEFT adapter changes) a linear "merge" of that one
  * model with weight = scale, so the rounding is the kernels' and the
- * adapter is applied as in every other method. */
+ * adapter is applied as in every other method. A scale gradient is read at
+ * grad_t, the position in the source's slice, or (grad_t < 0, a whole model)
+ * at the tensor's layer in the model. */
 static int plan_passthrough_job(ms_plan *plan, size_t *cap, const char *out_name, unsigned i, size_t t,
-                                ms_error *err)
+                                double grad_t, ms_error *err)
 {
     const ms_model *m = i == 0 ? plan->base : plan->models[i];
     const st_tensor *st = m->tensors[t].info;
     const ms_lora_target *lora = plan->adapters[i] ? ms_peft_target(plan->adapters[i], st->name) : NULL;
     double scale = 1.0;
-    if (i > 0 && st_dtype_is_mergeable_float(st->dtype) &&
-        ms_recipe_model_param(plan->recipe, i - 1, MS_PARAM_SCALE, st->name, plan->num_layers, &scale, err) != 0)
+    int rc = 0;
+    if (i > 0 && st_dtype_is_mergeable_float(st->dtype))
+        rc = grad_t >= 0 ? ms_recipe_model_param_at(plan->recipe, i - 1, MS_PARAM_SCALE, st->name, grad_t, &scale, err)
+                         : ms_recipe_model_param(plan->recipe, i - 1, MS_PARAM_SCALE, st->name, plan->num_layers,
+                                                 &scale, err);
+    if (rc != 0)
         return -1;
     ms_job *job = plan_push_job(plan, cap, err);
     if (!job)
@@ -502,12 +508,12 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
                     return ms_error_set(err, MS_EXIT_DATA, plan->recipe->source_path,
                                         "tensor '%s' is missing from '%s' (%s)", tn, r->models[src - 1].name,
                                         r->models[src - 1].label);
-                if (plan_passthrough_job(plan, &cap, tn, src, (size_t)u, err) != 0)
+                if (plan_passthrough_job(plan, &cap, tn, src, (size_t)u, 0.0, err) != 0) /* as mergekit: t = 0 */
                     return -1;
             } else if (plan->base) {
-                if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 0, t, err) != 0)
+                if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 0, t, -1.0, err) != 0)
                     return -1;
-            } else if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 1, t, err) != 0) {
+            } else if (plan_passthrough_job(plan, &cap, lay->tensors[t].info->name, 1, t, -1.0, err) != 0) {
                 return -1;
             }
             continue;
@@ -522,12 +528,15 @@ static int plan_passthrough_jobs(ms_plan *plan, ms_error *err)
             unsigned a = rm->has_layer_range ? rm->layer_begin : 0;
             unsigned b = a + (rm->has_layer_range ? rm->layer_end - rm->layer_begin : out_layers);
             for (unsigned src_layer = a; src_layer < b; src_layer++, out_layer++) {
+                /* a slice's gradients run over its own layers (t = k / (n - 1), 1 for one layer) */
+                double grad_t = !rm->has_layer_range ? -1.0 : b - a > 1 ? (double)(src_layer - a) / (double)(b - a - 1)
+                                                                        : 1.0;
                 for (size_t u = 0; u < m->n_tensors; u++) {
                     unsigned l;
                     if (!layer_name_split(m->tensors[u].info->name, &l, &rest) || l != src_layer)
                         continue;
                     if (plan_layer_name(plan, name, sizeof name, out_layer, rest, err) != 0 ||
-                        plan_passthrough_job(plan, &cap, name, i, u, err) != 0)
+                        plan_passthrough_job(plan, &cap, name, i, u, grad_t, err) != 0)
                         return -1;
                 }
             }

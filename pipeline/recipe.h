@@ -332,5 +332,10 @@ int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char
  * Returns 0, or -1 with err naming the recipe line and the tensor. */
 int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,
                           unsigned num_hidden_layers, double *out, ms_error *err);
+/* The same with gradients read at t in [0, 1] (a slice's position: t = k /
+ * (n - 1) at the slice's layer k) instead of the tensor's layer in the
+ * whole model. */
+int ms_recipe_model_param_at(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name, double t,
+                             double *out, ms_error *err);
 
 #endif

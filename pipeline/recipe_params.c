@@ -426,12 +426,18 @@ int ms_recipe_slice_tensor_params(const ms_recipe *r, unsigned slice, const char
                               err);
 }
 
+int ms_recipe_model_param_at(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name, double t,
+                             double *out, ms_error *err)
+{
+    MS_ASSERT(model < r->n_models && ms_method_takes(r->method, id) && t >= 0.0 && t <= 1.0);
+    recipe_source src;
+    const ms_recipe_model *m = &r->models[model];
+    return recipe_resolve_checked(r, recipe_model_slice(r, m), m, id, tensor_name, t, out, &src, err);
+}
+
 int ms_recipe_model_param(const ms_recipe *r, unsigned model, ms_param_id id, const char *tensor_name,
                           unsigned num_hidden_layers, double *out, ms_error *err)
 {
-    MS_ASSERT(model < r->n_models && ms_method_takes(r->method, id));
-    recipe_source src;
-    double t = ms_recipe_tensor_t(tensor_name, num_hidden_layers);
-    const ms_recipe_model *m = &r->models[model];
-    return recipe_resolve_checked(r, recipe_model_slice(r, m), m, id, tensor_name, t, out, &src, err);
+    return ms_recipe_model_param_at(r, model, id, tensor_name, ms_recipe_tensor_t(tensor_name, num_hidden_layers),
+                                    out, err);
 }

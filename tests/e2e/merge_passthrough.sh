@@ -85,6 +85,34 @@ diff <(grep -v '^model\.layers\.' "$WORK/copy_base.h") <(grep -v '^model\.layers
   fail "passthrough with a base: non-layer tensors are not the base's"
 grep -vq '^model\.layers\.' "$WORK/copy_base.h" || fail "passthrough with a base: no non-layer tensors"
 
+# a scale gradient in a slice runs over the slice's own layers (t = k / (n - 1)):
+# layers 1..3 of a 4-layer model with scale [1, 0] are scaled 1, 0.5, 0, the
+# same layers as the one-layer slices with those scales give
+"$MS_GEN" base "$M/four" --preset tiny --layers 4 --dtype bf16 --seed 7
+cat > "$WORK/grad.yml" <<EOR
+merge_method: passthrough
+slices:
+  - sources:
+      - model: ./models/four
+        layer_range: [1, 4]
+        parameters: {scale: [1.0, 0.0]}
+EOR
+cat > "$WORK/steps.yml" <<EOR
+merge_method: passthrough
+slices:
+  - sources:
+      - {model: ./models/four, layer_range: [1, 2], parameters: {scale: 1.0}}
+  - sources:
+      - {model: ./models/four, layer_range: [2, 3], parameters: {scale: 0.5}}
+  - sources:
+      - {model: ./models/four, layer_range: [3, 4], parameters: {scale: 0.0}}
+EOR
+"$MS_BIN" merge "$WORK/grad.yml" -o "$WORK/grad" --quiet
+"$MS_BIN" merge "$WORK/steps.yml" -o "$WORK/steps" --quiet
+diff <(hashes "$WORK/grad" | grep '^model\.layers\.') <(hashes "$WORK/steps" | grep '^model\.layers\.') > /dev/null ||
+  fail "a slice's scale gradient is not read over the slice's layers"
+hashes "$WORK/grad" | grep -q '^model\.layers\.0\.' || fail "no layers in the gradient output"
+
 # errors: exit 2 naming the key and its line
 printf 'merge_method: passthrough\nslices:\n  - sources:\n      - model: ./models/ft\n        layer_range: [0, 9]\n' > "$WORK/range.yml"
 expect_fail 2 "range.yml:3: slices\[0\] layer_range \[0, 9\) is out of bounds" "$MS_BIN" merge "$WORK/range.yml" -o "$WORK/o1"
