@@ -532,8 +532,11 @@ static void finish_key_hi(ms_interp_state *is, const ms_tensor_params *p)
     MS_ASSERT(total == p->numel); /* the pass saw every element once */
     if (p->method == MS_METHOD_SCE) {
         MS_ASSERT(is->n_zero <= p->numel);
-        double kd = floor(p->select_topk * (double)(p->numel - is->n_zero));
-        is->k = kd > 0.0 ? (kd >= (double)p->numel ? p->numel : (uint64_t)kd) : 0;
+        /* mergekit's int(count_nonzero(var) * select_topk): an int64 tensor times a Python float
+         * is a float32 tensor, so the product is rounded to fp32 before the truncation (with a
+         * gradient, 0.49999999999999994 becomes 0.5 there) */
+        float kf = (float)(p->numel - is->n_zero) * (float)p->select_topk;
+        is->k = kf > 0.0f ? (kf >= (float)p->numel ? p->numel : (uint64_t)kf) : 0;
         if (is->k == 0 || is->k == p->numel) {
             is->sel = is->k == 0 ? MS_INTERP_SEL_NONE : MS_INTERP_SEL_ALL;
             is->n_ranks = 0;

@@ -82,8 +82,9 @@
  *
  * sce (base + n >= 1 models; select_topk in (0, 1], default 1). With
  * select_topk < 1, the element variance over models (ms_interp_sce_var) is
- * a selection key: KEY_HI also counts its zeros; k = floor(select_topk *
- * (numel - zeros)) in fp64 (mergekit rounds that product in fp32); the k
+ * a selection key: KEY_HI also counts its zeros; k = the truncation of
+ * (numel - zeros) * select_topk rounded to fp32, as mergekit's
+ * int(count_nonzero(var) * select_topk) computes it on a float32 tensor; the k
  * elements of largest variance are kept, NaN above +Inf, ties by smaller
  * flat index (exact, by histogram selection as for ties). tau_i = d_i * m
  * with m = 0 or 1 (mergekit multiplies, so a dropped NaN stays NaN). SUMSQ:

@@ -439,7 +439,8 @@ static inline void refi_ram(const ms_tensor_params *p, const refi_in *v, float *
 
 /* ============================================================== sce */
 
-/* sce's mask: keep[e] = 1 for the top floor(select_topk * nonzero) variances. */
+/* sce's mask: keep[e] = 1 for the top k variances, k = mergekit's
+ * int(count_nonzero * select_topk), a product its tensors make in fp32. */
 static inline void refi_sce_keep(const ms_tensor_params *p, const refi_in *v, unsigned char *keep)
 {
     unsigned n = p->n_models;
@@ -461,7 +462,8 @@ static inline void refi_sce_keep(const ms_tensor_params *p, const refi_in *v, un
         it[e] = (ref_item){ref_key(var), e};
         zeros += var == 0.0f;
     }
-    uint64_t k = (uint64_t)floor(p->select_topk * (double)(N - zeros));
+    float kf = (float)(N - zeros) * (float)p->select_topk;
+    uint64_t k = kf >= (float)N ? N : (uint64_t)kf;
     qsort(it, N, sizeof *it, ref_cmp_desc);
     memset(keep, 0, N);
     for (uint64_t r = 0; r < k; r++)

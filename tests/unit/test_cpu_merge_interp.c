@@ -650,6 +650,13 @@ static void test_selection_by_hand(void **state)
         if (e != 0 && e != 1 && e != 5)
             assert_true(out[e] == 0.0f);
     assert_true(out[5] != 0.0f && out[0] != 0.0f);
+    /* a select_topk just below 1/2 (a gradient's 0.49999999999999994): k
+     * is mergekit's int() of the fp32 product, 8 * 0.5 = 4, not 3 */
+    tc.p.select_topk = nextafter(0.5, 0.0);
+    run_cpu(&tc, out, g_pool[3], true);
+    refi_merge(&tc.p, (const void *const *)tc.in, want);
+    assert_memory_equal(out, want, sizeof out);
+    assert_true(out[2] != 0.0f && out[3] == 0.0f);
     case_free(&tc);
 
     /* arcee_fusion on 1 row of 9 with kl > 0: importance = |d| * kl; ranks
