@@ -1,4 +1,5 @@
 /* mergestream merge RECIPE -o DIR: plan, run the three stages, commit. */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -34,8 +35,9 @@ static const char k_help[] =
     "       mergestream merge RECIPE DIR [OPTIONS]       (mergekit-yaml's order)\n"
     "\n"
     "Merges the models named by RECIPE (mergekit-style YAML: merge_method, base_model,\n"
-    "models, parameters, dtype, out_dtype, tokenizer_source, random_seed) into DIR,\n"
-    "streaming tensor by tensor through a staging pool of --max-memory bytes.\n"
+    "models or slices, parameters, dtype, out_dtype, tokenizer_source, random_seed)\n"
+    "into DIR, streaming tensor by tensor through a staging pool of --max-memory\n"
+    "bytes.\n"
     "Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,\n"
     "breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher,\n"
     "model_stock, sce, nearswap, ram, ramplus_tl, arcee_fusion, ties_sparsegpt,\n"
@@ -71,6 +73,13 @@ static const char k_help[] =
     "Sizes: K/M/G/T are powers of 1024 (512M, 4G), KB/MB/GB/TB powers of 1000 (5GB).\n"
     "Same recipe + seed = same output bytes, whatever the thread count or memory budget.\n"
     "Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 invalid input data.\n";
+
+/* "5B": mergekit's spelling of 5 billion (its --out-shard-size). */
+static bool is_mergekit_billions(const char *s)
+{
+    size_t n = strlen(s);
+    return n >= 2 && s[n - 1] == 'B' && isdigit((unsigned char)s[n - 2]);
+}
 
 typedef enum merge_device { DEVICE_AUTO, DEVICE_CPU, DEVICE_CUDA } merge_device;
 
@@ -152,7 +161,9 @@ static int parse_options(int argc, char **argv, merge_options *o)
             break;
         case OPT_SHARD:
             if (ms_size_parse(optarg, &o->shard_size) != 0 || o->shard_size == 0)
-                return ms_cli_usage_error("merge", "--out-shard-size: bad size '%s'", optarg);
+                return ms_cli_usage_error("merge", "--out-shard-size: bad size '%s'%s", optarg,
+                                          is_mergekit_billions(optarg) ? " (mergekit's 1B, a billion bytes, is 1GB here)"
+                                                                       : "");
             break;
         case OPT_THREADS:
             v = strtoull(optarg, &end, 10);

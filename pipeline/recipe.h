@@ -102,8 +102,9 @@
  *
  * The base. For task-vector methods (all but linear) base_model is required;
  * if it also appears in `models` (mergekit's examples list it, usually
- * without parameters) that entry is dropped from the merged list, and it must
- * not carry parameters (mergekit ignores them; we refuse rather than ignore).
+ * without parameters) that entry is dropped from the merged list; parameters
+ * it carries are ignored, as mergekit ignores them, with a warning naming
+ * their line.
  * For linear the base is optional and takes no part in the sum; listing it in
  * `models` makes it a regular model of the sum. nuslerp, multislerp and
  * karcher take an optional base (method_table.h's optional_base): when

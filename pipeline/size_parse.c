@@ -20,8 +20,7 @@ int ms_size_parse(const char *text, uint64_t *out)
         static const struct { const char *suffix; uint64_t mult; } k_units[] = {
             {"K", 1ull << 10}, {"M", 1ull << 20}, {"G", 1ull << 30}, {"T", 1ull << 40},
             {"KB", 1000ull}, {"MB", 1000000ull}, {"GB", 1000000000ull}, {"TB", 1000000000000ull},
-            {"B", 1},
-        };
+        }; /* no "B": mergekit's --out-shard-size reads "1B" as a billion, bytes would surprise */
         bool found = false;
         for (size_t i = 0; i < sizeof k_units / sizeof k_units[0]; i++) {
             if (strcmp(end, k_units[i].suffix) == 0) {

@@ -262,6 +262,8 @@ same_bytes "$WORK/rerun" "$WORK/positional"
 expect_fail 2 "not both" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" -o "$WORK/o8"
 expect_fail 2 "expected RECIPE and -o DIR" "$MS_BIN" merge "$WORK/ties.yml" "$WORK/o7" "$WORK/o8"
 expect_fail 2 "max-memory: bad size" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 12Q
+expect_fail 2 "bad size '1B' \\(mergekit's 1B, a billion bytes, is 1GB here\\)" \
+  "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --out-shard-size 1B
 expect_fail 2 "max-memory is too small: this merge needs at least" \
   "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/o5" --max-memory 1M
 expect_fail 2 "no_such.yml: cannot open the recipe" "$MS_BIN" merge "$WORK/no_such.yml" -o "$WORK/o5"
