@@ -109,73 +109,13 @@ static int64_t int_at(const unsigned char *p, st_dtype d, uint64_t i, bool *ok)
     }
 }
 
-/* A safetensors file, opened with st_file_open's header checks but not its
- * refusal of *.bin / *.pt names as PyTorch checkpoints: a calibration file
- * may be called anything, its content decides (calib_sniff). */
-typedef struct calib_st {
-    int fd;
-    uint64_t data_start; /* 8 + the header's length */
-    st_header header;
-} calib_st;
-
-static void calib_st_close(calib_st *f)
-{
-    if (f->fd >= 0)
-        close(f->fd);
-    st_header_free(&f->header);
-    f->fd = -1;
-}
-
-/* Returns 0 with *f open (close with calib_st_close, also after a failure),
- * or -1 with err set. */
-static int calib_st_open(const char *path, calib_st *f, ms_error *err)
-{
-    char *json = NULL;
-    struct stat st;
-    unsigned char lenbuf[8];
-    *f = (calib_st){.fd = open(path, O_RDONLY | O_CLOEXEC)};
-    if (f->fd < 0)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot open");
-    if (fstat(f->fd, &st) != 0)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, errno, path, "cannot stat");
-    uint64_t size = (uint64_t)st.st_size;
-    if (size < sizeof lenbuf)
-        return ms_error_set(err, MS_EXIT_DATA, path,
-                            "header too small: the file is %" PRIu64 " bytes, shorter than the 8-byte header "
-                            "length field",
-                            size);
-    if (ms_pread_exact(f->fd, path, lenbuf, sizeof lenbuf, 0, err) < 0)
-        return -1;
-    uint64_t n = 0;
-    for (int i = 7; i >= 0; i--)
-        n = n << 8 | lenbuf[i];
-    if (n > ST_MAX_HEADER_BYTES)
-        return ms_error_set(err, MS_EXIT_DATA, path,
-                            "header too large: the length field says %" PRIu64 " bytes, the limit is %llu", n,
-                            ST_MAX_HEADER_BYTES);
-    if (n > size - sizeof lenbuf)
-        return ms_error_set(err, MS_EXIT_DATA, path,
-                            "invalid header length: %" PRIu64 " bytes run past the end of the file (file is %" PRIu64
-                            " bytes)",
-                            n, size);
-    json = malloc((size_t)n + 1);
-    if (!json)
-        return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "reading a %" PRIu64 "-byte header", n);
-    int rc = ms_pread_exact(f->fd, path, json, (size_t)n, sizeof lenbuf, err);
-    if (rc == 0)
-        rc = st_header_parse(json, (size_t)n, size, path, &f->header, err) == 0 ? 0 : -1;
-    free(json);
-    f->data_start = sizeof lenbuf + n;
-    return rc;
-}
-
-static int read_tensor(const calib_st *f, const char *path, const st_tensor *t, unsigned char **out, ms_error *err)
+static int read_tensor(const st_file *f, const char *path, const st_tensor *t, unsigned char **out, ms_error *err)
 {
     uint64_t len = st_tensor_nbytes(t);
     unsigned char *buf = malloc(len ? (size_t)len : 1);
     if (!buf)
         return ms_error_errno(err, MS_EXIT_RUNTIME, ENOMEM, path, "cannot read tensor '%s'", t->name);
-    if (ms_pread_exact(f->fd, path, buf, (size_t)len, f->data_start + t->begin, err) < 0) {
+    if (ms_pread_exact(f->fd, path, buf, (size_t)len, st_file_tensor_offset(f, t), err) < 0) {
         free(buf);
         return -1;
     }
@@ -195,16 +135,16 @@ static const char *st_where(char *buf, size_t cap, const char *name, unsigned nd
 
 static int load_safetensors(const char *path, const ms_calib_options *opt, ms_calib **out, ms_error *err)
 {
-    calib_st f;
+    st_file *f = NULL; /* named anything: its content decides (calib_sniff) */
     unsigned char *ids = NULL, *mask = NULL;
     ms_calib *c = NULL;
     char where[96];
-    if (calib_st_open(path, &f, err) < 0)
+    if (st_file_open_any_name(path, &f, err) < 0)
         goto fail;
-    long ii = st_header_find(&f.header, "input_ids");
-    long mi = st_header_find(&f.header, "attention_mask");
-    const st_tensor *ti = ii >= 0 ? &f.header.tensors[ii] : NULL;
-    const st_tensor *tm = mi >= 0 ? &f.header.tensors[mi] : NULL;
+    long ii = st_header_find(&f->header, "input_ids");
+    long mi = st_header_find(&f->header, "attention_mask");
+    const st_tensor *ti = ii >= 0 ? &f->header.tensors[ii] : NULL;
+    const st_tensor *tm = mi >= 0 ? &f->header.tensors[mi] : NULL;
     uint64_t n_file, seq_file;
     if (!ti) {
         ms_error_set(err, MS_EXIT_DATA, path, "no \"input_ids\" tensor");
@@ -237,7 +177,7 @@ static int load_safetensors(const char *path, const ms_calib_options *opt, ms_ca
     if (calib_alloc(path, n, seq, &c, err) < 0)
         goto fail;
     c->ids_ndim = ti->ndim;
-    if (read_tensor(&f, path, ti, &ids, err) < 0 || (tm && read_tensor(&f, path, tm, &mask, err) < 0))
+    if (read_tensor(f, path, ti, &ids, err) < 0 || (tm && read_tensor(f, path, tm, &mask, err) < 0))
         goto fail;
     /* Row s of the file goes to row `kept` of c: rows without a real token
      * within seq are dropped (they would only count as samples). */
@@ -286,13 +226,13 @@ static int load_safetensors(const char *path, const ms_calib_options *opt, ms_ca
     c->n_samples = kept;
     free(ids);
     free(mask);
-    calib_st_close(&f);
+    st_file_close(f);
     *out = c;
     return 0;
 fail:
     free(ids);
     free(mask);
-    calib_st_close(&f);
+    st_file_close(f);
     ms_calib_free(c);
     return -1;
 }

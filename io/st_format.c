@@ -890,17 +890,19 @@ static int read_fail(int rc, const char *path, const char *what, ms_error *err)
 
 int st_file_open(const char *path, st_file **out, ms_error *err)
 {
+    *out = NULL;
+    if (path_has_suffix(path, ".bin") || path_has_suffix(path, ".pt") || path_has_suffix(path, ".pth"))
+        return ms_error_set(err, MS_EXIT_DATA, path,
+                            "PyTorch checkpoint files (.bin, .pt) are not supported: convert the "
+                            "model to .safetensors first");
+    return st_file_open_any_name(path, out, err);
+}
+
+int st_file_open_any_name(const char *path, st_file **out, ms_error *err)
+{
     st_file *f = NULL;
     char *json = NULL;
     *out = NULL;
-
-    if (path_has_suffix(path, ".bin") || path_has_suffix(path, ".pt") ||
-        path_has_suffix(path, ".pth")) {
-        ms_error_set(err, MS_EXIT_DATA, path,
-                     "PyTorch checkpoint files (.bin, .pt) are not supported: convert the "
-                     "model to .safetensors first");
-        goto fail;
-    }
     f = calloc(1, sizeof *f);
     if (f)
         f->fd = f->direct_fd = -1;

@@ -137,6 +137,11 @@ typedef struct st_file {
  * MS_EXIT_RUNTIME for an I/O error or out of memory (the message ends with
  * strerror). Reads go through the fault seam (MS_FAULT_READ). */
 int st_file_open(const char *path, st_file **out, ms_error *err);
+
+/* st_file_open without its refusal of *.bin / *.pt / *.pth names, for files
+ * whose name says nothing of their format (a calibration file): the content
+ * decides, and a zip or pickle is still named as one by its first bytes. */
+int st_file_open_any_name(const char *path, st_file **out, ms_error *err);
 /* Closes the descriptors and frees everything; st_file_close(NULL) is a no-op. */
 void st_file_close(st_file *f);
 
