@@ -54,22 +54,6 @@ static int refuse_pickle(const char *path, ms_error *err)
                         "convert the model to safetensors first");
 }
 
-/* Reads and parses a JSON file of at most MAX_JSON_BYTES. Caller owns *out. */
-static int json_load(const char *path, cJSON **out, ms_error *err)
-{
-    char *text = NULL;
-    size_t len = 0;
-    if (ms_small_file_read(path, MAX_JSON_BYTES, &text, &len, err) != 0)
-        return -1;
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, false);
-    free(text);
-    if (!j)
-        return ms_error_set(err, MS_EXIT_DATA, path, "not valid JSON");
-    *out = j;
-    return 0;
-}
-
 /* A shard name from an index must stay inside the model directory. */
 static bool shard_name_is_safe(const char *name)
 {
@@ -148,7 +132,7 @@ static int model_open_sharded(ms_model *m, const char *index_path, ms_error *err
     cJSON *index = NULL;
     char **names = NULL;
     size_t n_names = 0;
-    if (json_load(index_path, &index, err) != 0)
+    if (ms_small_file_json(index_path, MAX_JSON_BYTES, &index, err) != 0)
         goto done;
     cJSON *map = cJSON_GetObjectItemCaseSensitive(index, "weight_map");
     if (!cJSON_IsObject(map)) {
@@ -284,7 +268,7 @@ int ms_model_open(const char *path, ms_model **out, ms_error *err)
         snprintf(p2, sizeof p2, "%s/%s", m->path, ADAPTER_WEIGHTS);
         if (path_is_file(p1)) {
             m->kind = MS_MODEL_KIND_ADAPTER;
-            if (json_load(p1, &m->config, err) != 0)
+            if (ms_small_file_json(p1, MAX_JSON_BYTES, &m->config, err) != 0)
                 goto fail;
             if (!path_is_file(p2)) {
                 char bin[PATH_MAX];
@@ -300,7 +284,7 @@ int ms_model_open(const char *path, ms_model **out, ms_error *err)
         } else {
             m->kind = MS_MODEL_KIND_DIR;
             snprintf(p1, sizeof p1, "%s/config.json", m->path);
-            if (path_is_file(p1) && json_load(p1, &m->config, err) != 0)
+            if (path_is_file(p1) && ms_small_file_json(p1, MAX_JSON_BYTES, &m->config, err) != 0)
                 goto fail;
             if (m->config && !cJSON_IsObject(m->config)) {
                 ms_error_set(err, MS_EXIT_DATA, p1, "not a JSON object (a model's config.json is one)");

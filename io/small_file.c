@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 int ms_small_file_read(const char *path, size_t max_bytes, char **out, size_t *len, ms_error *err)
 {
     *out = NULL;
@@ -58,4 +60,20 @@ done:
     free(buf);
     close(fd);
     return rc;
+}
+
+int ms_small_file_json(const char *path, size_t max_bytes, cJSON **out, ms_error *err)
+{
+    char *text = NULL;
+    size_t len = 0;
+    *out = NULL;
+    if (ms_small_file_read(path, max_bytes, &text, &len, err) != 0)
+        return -1;
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, false);
+    free(text);
+    if (!j)
+        return ms_error_set(err, MS_EXIT_DATA, path, "not valid JSON");
+    *out = j;
+    return 0;
 }

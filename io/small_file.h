@@ -11,4 +11,10 @@
  * set (MS_EXIT_RUNTIME for I/O errors, MS_EXIT_DATA for a missing file). */
 int ms_small_file_read(const char *path, size_t max_bytes, char **out, size_t *len, ms_error *err);
 
+/* ms_small_file_read, then parsed as JSON: 0 and *out (cJSON_Delete it), or
+ * -1 with err set (ms_small_file_read's errors; MS_EXIT_DATA "not valid
+ * JSON" naming path). */
+struct cJSON;
+int ms_small_file_json(const char *path, size_t max_bytes, struct cJSON **out, ms_error *err);
+
 #endif

@@ -411,12 +411,10 @@ static void plan_check_tokenizer_vocab(const ms_plan *plan)
         return;
     char path[4200];
     snprintf(path, sizeof path, "%s/config.json", tok);
-    char *text = NULL;
-    size_t len = 0;
+    cJSON *cfg = NULL;
     ms_error ignored = {0};
-    if (ms_small_file_read(path, 1u << 24, &text, &len, &ignored) != 0)
-        return; /* no config: nothing to compare */
-    cJSON *cfg = cJSON_ParseWithLength(text, len);
+    if (ms_small_file_json(path, 1u << 24, &cfg, &ignored) != 0)
+        return; /* no config (or not JSON): nothing to compare */
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "vocab_size");
     if (cJSON_IsNumber(v) && (long)v->valuedouble != have)
         ms_log_warn("tokenizer_source %s has vocab_size %ld but the merged embeddings have %ld rows (from %s): "
@@ -424,7 +422,6 @@ static void plan_check_tokenizer_vocab(const ms_plan *plan)
                     "does not)",
                     tok, (long)v->valuedouble, have, plan->layout->path);
     cJSON_Delete(cfg);
-    free(text);
 }
 
 /* The output has the layout model's tensors: one line per merged model

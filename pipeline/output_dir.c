@@ -128,20 +128,6 @@ static const char *dtype_torch_name(st_dtype d)
     }
 }
 
-/* The directory a model path lives in (a model dir itself, or a file's dir). */
-static void model_dir_of(const ms_model *m, char *out, size_t n)
-{
-    if (m->kind == MS_MODEL_KIND_FILE) {
-        snprintf(out, n, "%s", m->path);
-        char *slash = strrchr(out, '/');
-        if (slash)
-            *slash = '\0';
-        else
-            snprintf(out, n, ".");
-    } else {
-        snprintf(out, n, "%s", m->path);
-    }
-}
 
 /* The directory path lives in: path itself when it is a directory, else its dirname. */
 static void dir_of_path(const char *path, char *out, size_t n)
@@ -251,7 +237,7 @@ int ms_output_dir_copy_side_files(const char *dir, const ms_plan *plan, ms_side_
     if (write_config(dir, plan, written, err) != 0)
         return -1;
     char layout_dir[PATH_MAX];
-    model_dir_of(plan->layout, layout_dir, sizeof layout_dir);
+    dir_of_path(plan->layout->path, layout_dir, sizeof layout_dir);
     if (copy_if_present(layout_dir, dir, "generation_config.json", written, err) != 0)
         return -1;
     const char *tok_dir = plan->recipe->tokenizer_source ? plan->recipe->tokenizer_source : layout_dir;

@@ -150,12 +150,9 @@ static bool index_path_of(const ms_model *m, const char *given, char *out, size_
  * set (MS_EXIT_DATA naming the index, the value found and the one expected). */
 static int check_total_size(const char *index_path, uint64_t want, ms_error *err)
 {
-    char *text = NULL;
-    size_t len = 0;
-    if (ms_small_file_read(index_path, INDEX_MAX_BYTES, &text, &len, err) != 0)
+    cJSON *root = NULL; /* io/model_dir.c has parsed it already: its shards came from it */
+    if (ms_small_file_json(index_path, INDEX_MAX_BYTES, &root, err) != 0)
         return -1;
-    cJSON *root = cJSON_ParseWithLength(text, len);
-    free(text);
     const cJSON *size =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "metadata"), "total_size");
     int rc = 0;
