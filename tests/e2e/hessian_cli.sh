@@ -175,6 +175,7 @@ expect_fail 2 "perplexity: unknown option '--out-shard-size'" \
 expect_fail 2 "--calib FILE is required" "$MS_BIN" hessian "$WORK/m" -o "$WORK/bad"
 expect_fail 2 "-o DIR is required" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt"
 expect_fail 2 "--calib given twice" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --calib "$WORK/ten.txt"
+expect_fail 2 "-o given twice" "$MS_BIN" hessian "$WORK/m" --calib "$WORK/calib.txt" -o "$WORK/h1" -o "$WORK/h2"
 # --device cuda where no GPU is usable: one line, exit 2 (skipped on a GPU machine)
 if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_fail 2 "--device cuda: no usable GPU" "$MS_BIN" perplexity "$WORK/m" --calib "$WORK/calib.txt" --device cuda

@@ -174,6 +174,14 @@ expect_fail 3 "tensor 'model.layers.0.self_attn.q_proj.weight' has XXH3" "$MS_BI
 # output directory rules
 expect_fail 2 "not empty.*--force" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties"
 "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/out_ties" --force --quiet
+# a file where DIR should be: exit 2 naming it
+: > "$WORK/a_file"
+expect_fail 2 "a_file: exists and is not a directory" "$MS_BIN" merge "$WORK/ties.yml" -o "$WORK/a_file" --force
+# a model whose config.json is not a JSON object: exit 3 naming the file
+cp -r "$M/ft1" "$WORK/models/ft_badcfg"
+echo '[1, 2]' > "$WORK/models/ft_badcfg/config.json"
+printf 'merge_method: passthrough\nmodels:\n  - model: ./models/ft_badcfg\n' > "$WORK/badcfg.yml"
+expect_fail 3 "ft_badcfg/config.json: not a JSON object" "$MS_BIN" merge "$WORK/badcfg.yml" -o "$WORK/o_badcfg"
 # an input's directory as the output: refused, even with --force, and the input untouched
 cp -r "$M/ft1" "$WORK/ft1_before"
 expect_fail 2 "holds an input \(model '.*ft1'\).*choose another -o" \
